@@ -1,0 +1,91 @@
+//! Every close code and `error.code` string of the client contract, in one place.
+//!
+//! Clients program against these values, so they never change meaning once shipped; add new ones
+//! at the end and document them in the README's client contract.
+
+/// WebSocket close codes the node sends.
+pub mod code {
+    /// Normal closure (client asked to close, or the node ended the session cleanly).
+    pub const NORMAL: u16 = 1000;
+    /// A frame larger than `--max-frame-bytes` arrived.
+    pub const FRAME_TOO_LARGE: u16 = 1009;
+    /// The node is draining (deploy or shutdown); reconnect to another node.
+    pub const DRAIN: u16 = 4001;
+    /// The socket's outbound queue passed `--max-buffered-bytes`.
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// `code` strings carried by `{"op":"error"}` frames and by HTTP error bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The frame is not valid JSON (text) or MessagePack (binary), or not a map.
+    BadFrame,
+    /// `op` names no known command.
+    UnknownOp,
+    /// A field is missing or has the wrong type.
+    BadField,
+    /// A room name is empty, longer than 128 bytes, or has control characters.
+    BadRoom,
+    /// A user id is empty, longer than 128 bytes, or has control characters.
+    BadUser,
+    /// `data` cannot be carried (for example MessagePack that has no JSON form).
+    BadData,
+    /// Joining would pass `--max-rooms-per-conn`.
+    TooManyRooms,
+    /// `leave` for a room this connection has not joined.
+    NotJoined,
+    /// The bus cannot take the command right now (Redis unreachable, subscription not in place).
+    Unavailable,
+    /// Missing or wrong credentials (HTTP only).
+    Unauthorized,
+}
+
+impl ErrorCode {
+    /// The stable wire string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::BadField => "bad_field",
+            ErrorCode::BadRoom => "bad_room",
+            ErrorCode::BadUser => "bad_user",
+            ErrorCode::BadData => "bad_data",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Unauthorized => "unauthorized",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a session ended; the label of `shardcast_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    Normal,
+    SlowConsumer,
+    FrameTooLarge,
+    Idle,
+    Auth,
+    Drain,
+    Error,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Normal => "normal",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::FrameTooLarge => "frame_too_large",
+            CloseReason::Idle => "idle",
+            CloseReason::Auth => "auth",
+            CloseReason::Drain => "drain",
+            CloseReason::Error => "error",
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! Node configuration: one documented struct, read from flags, `SHARDCAST_*` environment variables
+//! and an optional TOML file, in that order of precedence, then checked as a whole.
+//!
+//! Every setting arrives as text and is parsed in [`Settings::resolve`], so a bad configuration is
+//! reported with every offending setting named at once, before any port is bound.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::names;
+
+/// Command-line flags. Each has a `SHARDCAST_*` environment variable and a key of the same name
+/// (with `_` for `-`) in the `--config` TOML file.
+#[derive(Debug, Default, Parser, Deserialize)]
+#[command(
+    name = "shardcast",
+    version,
+    about = "WebSocket fan-out node over Redis Cluster sharded pub/sub"
+)]
+#[serde(default, deny_unknown_fields)]
+pub struct Args {
+    /// TOML file with any of the settings below (flags and environment variables win over it).
+    #[arg(long, env = "SHARDCAST_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address for WebSocket and HTTP. [default: 127.0.0.1:8080]
+    #[arg(long, env = "SHARDCAST_LISTEN")]
+    pub listen: Option<String>,
+
+    /// Redis Cluster seed URLs, comma-separated (redis://host:port). Unset: embedded in-process bus.
+    #[arg(long, env = "SHARDCAST_REDIS", value_delimiter = ',')]
+    pub redis: Vec<String>,
+
+    /// This node's id, carried in every envelope it publishes. [default: random 8 hex digits]
+    #[arg(long, env = "SHARDCAST_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Prefix of room channels: <prefix><room>:shard<N>. [default: ws:room:]
+    #[arg(long, env = "SHARDCAST_CHANNEL_PREFIX")]
+    pub channel_prefix: Option<String>,
+
+    /// Prefix of per-user direct-message channels: <prefix><user>. [default: ws:user:]
+    #[arg(long, env = "SHARDCAST_USER_CHANNEL_PREFIX")]
+    pub user_channel_prefix: Option<String>,
+
+    /// Shard channels per room unless the room is named by --hot-room. [default: 1]
+    #[arg(long, env = "SHARDCAST_DEFAULT_SHARDS")]
+    pub default_shards: Option<String>,
+
+    /// A hot room and its shard count, NAME=N (repeatable; the variable takes a comma list).
+    #[arg(long, env = "SHARDCAST_HOT_ROOM", value_delimiter = ',')]
+    pub hot_room: Vec<String>,
+
+    /// Outbound bytes a socket may have queued before it is closed with 4008. [default: 1MiB]
+    #[arg(long, env = "SHARDCAST_MAX_BUFFERED_BYTES")]
+    pub max_buffered_bytes: Option<String>,
+
+    /// Largest client frame accepted; a larger one closes the socket with 1009. [default: 64KiB]
+    #[arg(long, env = "SHARDCAST_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<String>,
+
+    /// Rooms one connection may be in at once. [default: 100]
+    #[arg(long, env = "SHARDCAST_MAX_ROOMS_PER_CONN")]
+    pub max_rooms_per_conn: Option<String>,
+
+    /// Key required as `Authorization: Bearer <key>` by POST /publish. [default: none, open]
+    #[arg(long, env = "SHARDCAST_API_KEY")]
+    pub api_key: Option<String>,
+
+    /// Delivery workers between the bus and the sockets. [default: number of CPUs]
+    #[arg(long, env = "SHARDCAST_WORKERS")]
+    pub workers: Option<String>,
+
+    /// Envelopes each delivery worker may have queued; past it the bus reader drops and counts. [default: 16384]
+    #[arg(long, env = "SHARDCAST_WORKER_QUEUE")]
+    pub worker_queue: Option<String>,
+
+    /// How long a join waits for the room's subscriptions before answering `unavailable`. [default: 5s]
+    #[arg(long, env = "SHARDCAST_JOIN_TIMEOUT")]
+    pub join_timeout: Option<String>,
+
+    /// How long a room stays subscribed after its last local member left. [default: 1s]
+    #[arg(long, env = "SHARDCAST_UNSUBSCRIBE_DELAY")]
+    pub unsubscribe_delay: Option<String>,
+
+    /// How long a closing socket may take to accept its close frame before it is cut. [default: 2s]
+    #[arg(long, env = "SHARDCAST_CLOSE_GRACE")]
+    pub close_grace: Option<String>,
+
+    /// Timeout of one Redis command (publish, subscribe). [default: 2s]
+    #[arg(long, env = "SHARDCAST_REDIS_TIMEOUT")]
+    pub redis_timeout: Option<String>,
+}
+
+/// The validated configuration every part of the node reads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub redis: Vec<String>,
+    pub node_id: String,
+    pub channel_prefix: String,
+    pub user_channel_prefix: String,
+    pub default_shards: u32,
+    pub hot_rooms: HashMap<String, u32>,
+    pub max_buffered_bytes: usize,
+    pub max_frame_bytes: usize,
+    pub max_rooms_per_conn: usize,
+    pub api_key: Option<String>,
+    pub workers: usize,
+    pub worker_queue: usize,
+    pub join_timeout: Duration,
+    pub unsubscribe_delay: Duration,
+    pub close_grace: Duration,
+    pub redis_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            redis: Vec::new(),
+            node_id: random_node_id(),
+            channel_prefix: "ws:room:".into(),
+            user_channel_prefix: "ws:user:".into(),
+            default_shards: 1,
+            hot_rooms: HashMap::new(),
+            max_buffered_bytes: 1 << 20,
+            max_frame_bytes: 64 << 10,
+            max_rooms_per_conn: 100,
+            api_key: None,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            worker_queue: 16_384,
+            join_timeout: Duration::from_secs(5),
+            unsubscribe_delay: Duration::from_secs(1),
+            close_grace: Duration::from_secs(2),
+            redis_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Every problem found in a configuration, one line each.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// The most shards one room may have; past this a room is better split by the application.
+pub const MAX_SHARDS: u32 = 1024;
+
+impl Args {
+    /// Reads the `--config` file, if any, under the flags and environment variables.
+    pub fn with_file(self) -> Result<Args, ConfigError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError(vec![format!("--config {}: {e}", path.display())]))?;
+        let file: Args = toml::from_str(&text)
+            .map_err(|e| ConfigError(vec![format!("--config {}: {e}", path.display())]))?;
+        Ok(self.over(file))
+    }
+
+    /// `self` wins over `base` setting by setting.
+    fn over(self, base: Args) -> Args {
+        fn list(a: Vec<String>, b: Vec<String>) -> Vec<String> {
+            if a.is_empty() {
+                b
+            } else {
+                a
+            }
+        }
+        Args {
+            config: self.config,
+            listen: self.listen.or(base.listen),
+            redis: list(self.redis, base.redis),
+            node_id: self.node_id.or(base.node_id),
+            channel_prefix: self.channel_prefix.or(base.channel_prefix),
+            user_channel_prefix: self.user_channel_prefix.or(base.user_channel_prefix),
+            default_shards: self.default_shards.or(base.default_shards),
+            hot_room: list(self.hot_room, base.hot_room),
+            max_buffered_bytes: self.max_buffered_bytes.or(base.max_buffered_bytes),
+            max_frame_bytes: self.max_frame_bytes.or(base.max_frame_bytes),
+            max_rooms_per_conn: self.max_rooms_per_conn.or(base.max_rooms_per_conn),
+            api_key: self.api_key.or(base.api_key),
+            workers: self.workers.or(base.workers),
+            worker_queue: self.worker_queue.or(base.worker_queue),
+            join_timeout: self.join_timeout.or(base.join_timeout),
+            unsubscribe_delay: self.unsubscribe_delay.or(base.unsubscribe_delay),
+            close_grace: self.close_grace.or(base.close_grace),
+            redis_timeout: self.redis_timeout.or(base.redis_timeout),
+        }
+    }
+
+    /// Parses and checks every setting, reporting all problems at once.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let mut errors = Vec::new();
+        let mut c = Config::default();
+        macro_rules! set {
+            ($flag:literal, $raw:expr, $parse:expr, |$v:ident| $apply:expr) => {
+                if let Some(raw) = $raw {
+                    match $parse(raw.trim()) {
+                        Ok($v) => $apply,
+                        Err(e) => errors.push(format!("--{} {:?}: {}", $flag, raw, e)),
+                    }
+                }
+            };
+        }
+        set!(
+            "listen",
+            self.listen,
+            |s: &str| s
+                .parse::<SocketAddr>()
+                .map_err(|e| format!("{e} (expected HOST:PORT)")),
+            |v| c.listen = v
+        );
+        set!(
+            "node-id",
+            self.node_id,
+            |s: &str| names::check(s)
+                .map(|_| s.to_owned())
+                .map_err(|e| e.to_string()),
+            |v| c.node_id = v
+        );
+        set!("channel-prefix", self.channel_prefix, prefix, |v| c
+            .channel_prefix =
+            v);
+        set!(
+            "user-channel-prefix",
+            self.user_channel_prefix,
+            prefix,
+            |v| c.user_channel_prefix = v
+        );
+        set!("default-shards", self.default_shards, shards, |v| c
+            .default_shards =
+            v);
+        set!(
+            "max-buffered-bytes",
+            self.max_buffered_bytes,
+            |s| size(s, 1024),
+            |v| c.max_buffered_bytes = v
+        );
+        set!(
+            "max-frame-bytes",
+            self.max_frame_bytes,
+            |s| size(s, 128),
+            |v| c.max_frame_bytes = v
+        );
+        set!("max-rooms-per-conn", self.max_rooms_per_conn, count, |v| {
+            c.max_rooms_per_conn = v
+        });
+        set!("workers", self.workers, count, |v| c.workers = v);
+        set!("worker-queue", self.worker_queue, count, |v| c
+            .worker_queue =
+            v);
+        set!("join-timeout", self.join_timeout, duration, |v| c
+            .join_timeout =
+            v);
+        set!(
+            "unsubscribe-delay",
+            self.unsubscribe_delay,
+            |s: &str| humantime::parse_duration(s).map_err(|e| e.to_string()),
+            |v| c.unsubscribe_delay = v
+        );
+        set!("close-grace", self.close_grace, duration, |v| c
+            .close_grace =
+            v);
+        set!("redis-timeout", self.redis_timeout, duration, |v| c
+            .redis_timeout =
+            v);
+        set!(
+            "api-key",
+            self.api_key,
+            |s: &str| if s.is_empty() {
+                Err("must not be empty".to_string())
+            } else {
+                Ok(s.to_owned())
+            },
+            |v| c.api_key = Some(v)
+        );
+        for raw in self.redis {
+            set!("redis", Some(raw), redis_url, |v| c.redis.push(v));
+        }
+        for raw in self.hot_room {
+            set!("hot-room", Some(raw), hot_room, |v| {
+                c.hot_rooms.insert(v.0, v.1);
+            });
+        }
+        if errors.is_empty() {
+            Ok(c)
+        } else {
+            Err(ConfigError(errors))
+        }
+    }
+}
+
+fn redis_url(s: &str) -> Result<String, String> {
+    if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
+        return Err("expected redis://HOST:PORT".into());
+    }
+    Ok(s.to_owned())
+}
+
+fn hot_room(s: &str) -> Result<(String, u32), String> {
+    let (room, n) = s.split_once('=').ok_or("expected NAME=N")?;
+    names::check(room).map_err(|e| format!("room: {e}"))?;
+    Ok((room.to_owned(), shards(n)?))
+}
+
+fn prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 64 || s.chars().any(char::is_control) {
+        return Err("must be 1 to 64 bytes without control characters".into());
+    }
+    Ok(s.to_owned())
+}
+
+fn shards(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if (1..=MAX_SHARDS).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {MAX_SHARDS}")),
+    }
+}
+
+fn count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err("expected a whole number above 0".into()),
+    }
+}
+
+/// Bytes, with an optional unit: `65536`, `64KiB`, `1MiB`, `1MB`.
+pub fn size(s: &str, min: usize) -> Result<usize, String> {
+    let n = s
+        .parse::<bytesize::ByteSize>()
+        .map_err(|e| format!("{e} (expected bytes such as 65536, 64KiB or 1MiB)"))?
+        .as_u64();
+    let n = usize::try_from(n).map_err(|_| "too large".to_string())?;
+    if n < min {
+        return Err(format!("must be at least {min} bytes"));
+    }
+    Ok(n)
+}
+
+/// A duration such as `500ms` or `10s`, above zero.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (expected a duration such as 500ms or 10s)"))?;
+    if d.is_zero() {
+        return Err("must be above zero".into());
+    }
+    Ok(d)
+}
+
+fn random_node_id() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+impl Config {
+    /// Shard channels of `room`.
+    pub fn shards_of(&self, room: &str) -> u32 {
+        self.hot_rooms
+            .get(room)
+            .copied()
+            .unwrap_or(self.default_shards)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["shardcast"];
+        argv.extend_from_slice(args);
+        Args::try_parse_from(argv).unwrap().resolve()
+    }
+
+    #[test]
+    fn defaults_hold_without_flags() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.max_buffered_bytes, 1 << 20);
+        assert_eq!(c.max_frame_bytes, 64 << 10);
+        assert_eq!(c.channel_prefix, "ws:room:");
+        assert_eq!(c.default_shards, 1);
+        assert!(c.redis.is_empty());
+        assert_eq!(c.node_id.len(), 8);
+    }
+
+    #[test]
+    fn sizes_durations_and_hot_rooms_parse() {
+        let c = parse(&[
+            "--max-buffered-bytes",
+            "2MiB",
+            "--max-frame-bytes",
+            "4096",
+            "--join-timeout",
+            "500ms",
+            "--hot-room",
+            "stadium=16",
+            "--hot-room",
+            "odds=4",
+            "--redis",
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+        ])
+        .unwrap();
+        assert_eq!(c.max_buffered_bytes, 2 << 20);
+        assert_eq!(c.max_frame_bytes, 4096);
+        assert_eq!(c.join_timeout, Duration::from_millis(500));
+        assert_eq!(c.shards_of("stadium"), 16);
+        assert_eq!(c.shards_of("odds"), 4);
+        assert_eq!(c.shards_of("lobby"), 1);
+        assert_eq!(c.redis.len(), 2);
+    }
+
+    #[test]
+    fn every_bad_setting_is_named_at_once() {
+        let err = parse(&[
+            "--listen",
+            "nowhere",
+            "--default-shards",
+            "0",
+            "--max-buffered-bytes",
+            "lots",
+            "--hot-room",
+            "stadium",
+            "--close-grace",
+            "0s",
+            "--redis",
+            "http://x",
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        for name in [
+            "--listen",
+            "--default-shards",
+            "--max-buffered-bytes",
+            "--hot-room",
+            "--close-grace",
+            "--redis",
+        ] {
+            assert!(text.contains(name), "{name} missing from: {text}");
+        }
+        assert_eq!(err.0.len(), 6, "{text}");
+    }
+
+    #[test]
+    fn file_settings_sit_under_flags() {
+        let dir = std::env::temp_dir().join(format!("shardcast-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("node.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nmax_frame_bytes = \"8KiB\"\nhot_room = [\"stadium=8\"]\n",
+        )
+        .unwrap();
+        let args = Args::try_parse_from([
+            "shardcast",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:9100",
+        ])
+        .unwrap();
+        let c = args.with_file().unwrap().resolve().unwrap();
+        assert_eq!(c.listen.port(), 9100);
+        assert_eq!(c.max_frame_bytes, 8192);
+        assert_eq!(c.shards_of("stadium"), 8);
+        std::fs::write(&path, "listn = \"x\"\n").unwrap();
+        let args = Args::try_parse_from(["shardcast", "--config", path.to_str().unwrap()]).unwrap();
+        assert!(args.with_file().unwrap_err().to_string().contains("listn"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

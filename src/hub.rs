@@ -1,0 +1,310 @@
+//! This node's registry: which sockets are connected and which local sockets are in which topic
+//! (a room, or a user's direct-message inbox). It knows nothing of Redis: it asks the interest
+//! manager for subscriptions and is told when they are in place.
+//!
+//! Fan-out ([`Hub::deliver`]) reads a topic's members under the map's shard read lock and pushes
+//! one shared frame per encoding into each member's gate. Pushing never waits, so the lock is held
+//! for the loop only and never across an `.await`; joins and leaves of that topic wait for the loop.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use axum::extract::ws::Message;
+use dashmap::DashMap;
+use indexmap::IndexMap;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    envelope::{Envelope, Kind},
+    frame::{broadcast_frame, Encoding},
+    gate::{Gate, Push},
+    metrics as m,
+};
+
+type Hasher = ahash::RandomState;
+
+pub type SessionId = u64;
+
+/// Something local sockets can be in: a room, or the inbox of one user's sockets.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Topic {
+    Room(Arc<str>),
+    User(Arc<str>),
+}
+
+/// One local socket as fan-out sees it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub gate: Arc<Gate>,
+    pub encoding: Encoding,
+}
+
+/// Requests to the interest manager.
+#[derive(Debug)]
+pub enum Interest {
+    /// A topic got its first local member and needs its channels subscribed.
+    Want(Topic),
+    /// A topic lost its last local member; unsubscribe unless someone joins meanwhile.
+    Idle(Topic),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    #[error("subscription not in place within {0:?}")]
+    Timeout(Duration),
+    #[error("subscription failed: {0}")]
+    Bus(String),
+    #[error("the node is shutting down")]
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SubState {
+    Unsubscribed,
+    Pending,
+    Subscribed,
+}
+
+#[derive(Debug)]
+struct Entry {
+    members: IndexMap<SessionId, Member, Hasher>,
+    state: SubState,
+    waiters: Vec<oneshot::Sender<Result<(), JoinError>>>,
+}
+
+/// A cheap handle on the registry.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    topics: DashMap<Topic, Entry, Hasher>,
+    sessions: DashMap<SessionId, Member, Hasher>,
+    next_id: AtomicU64,
+    interest: mpsc::UnboundedSender<Interest>,
+}
+
+/// What one [`Hub::deliver`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub delivered: usize,
+    pub bytes: usize,
+    pub overflowed: usize,
+    pub unencodable: usize,
+}
+
+impl Hub {
+    /// A hub and the receiving end of its interest requests (for the interest manager).
+    pub fn new() -> (Hub, mpsc::UnboundedReceiver<Interest>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hub = Hub {
+            inner: Arc::new(Inner {
+                topics: DashMap::with_hasher(Hasher::new()),
+                sessions: DashMap::with_hasher(Hasher::new()),
+                next_id: AtomicU64::new(1),
+                interest: tx,
+            }),
+        };
+        (hub, rx)
+    }
+
+    /// Registers a socket; it is in no topic yet.
+    pub fn register(&self, member: Member) -> SessionId {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        self.inner.sessions.insert(id, member);
+        id
+    }
+
+    /// Forgets a socket and takes it out of `topics`.
+    pub fn unregister(&self, id: SessionId, topics: impl IntoIterator<Item = Topic>) {
+        for topic in topics {
+            self.leave(&topic, id);
+        }
+        self.inner.sessions.remove(&id);
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.inner.sessions.len()
+    }
+
+    /// Topics with local members (or waiting for their unsubscribe delay).
+    pub fn topics(&self) -> usize {
+        self.inner.topics.len()
+    }
+
+    /// Every registered socket, for draining.
+    pub fn members(&self) -> Vec<Member> {
+        self.inner
+            .sessions
+            .iter()
+            .map(|e| e.value().clone())
+            .collect()
+    }
+
+    /// Adds a registered socket to a topic and waits until the topic's channels are subscribed,
+    /// so that anything published after this returns reaches the socket.
+    pub async fn join(
+        &self,
+        topic: Topic,
+        id: SessionId,
+        timeout: Duration,
+    ) -> Result<(), JoinError> {
+        let Some(member) = self.inner.sessions.get(&id).map(|m| m.clone()) else {
+            return Err(JoinError::Closed);
+        };
+        let wait = {
+            let mut entry = self
+                .inner
+                .topics
+                .entry(topic.clone())
+                .or_insert_with(|| Entry {
+                    members: IndexMap::with_hasher(Hasher::new()),
+                    state: SubState::Unsubscribed,
+                    waiters: Vec::new(),
+                });
+            entry.members.insert(id, member);
+            match entry.state {
+                SubState::Subscribed => None,
+                SubState::Pending => {
+                    let (tx, rx) = oneshot::channel();
+                    entry.waiters.push(tx);
+                    Some(rx)
+                }
+                SubState::Unsubscribed => {
+                    let (tx, rx) = oneshot::channel();
+                    entry.waiters.push(tx);
+                    entry.state = SubState::Pending;
+                    if self
+                        .inner
+                        .interest
+                        .send(Interest::Want(topic.clone()))
+                        .is_err()
+                    {
+                        entry.members.swap_remove(&id);
+                        return Err(JoinError::Closed);
+                    }
+                    Some(rx)
+                }
+            }
+        };
+        let Some(rx) = wait else { return Ok(()) };
+        let outcome = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(JoinError::Closed),
+            Err(_) => Err(JoinError::Timeout(timeout)),
+        };
+        if outcome.is_err() {
+            self.leave(&topic, id);
+        }
+        outcome
+    }
+
+    /// Takes a socket out of a topic; true when it was in it.
+    pub fn leave(&self, topic: &Topic, id: SessionId) -> bool {
+        let Some(mut entry) = self.inner.topics.get_mut(topic) else {
+            return false;
+        };
+        let was = entry.members.swap_remove(&id).is_some();
+        if was && entry.members.is_empty() {
+            drop(entry);
+            let _ = self.inner.interest.send(Interest::Idle(topic.clone()));
+        }
+        was
+    }
+
+    /// Called by the interest manager once a topic's subscription attempt finished.
+    pub fn subscribed(&self, topic: &Topic, result: Result<(), JoinError>) {
+        let Some(mut entry) = self.inner.topics.get_mut(topic) else {
+            return;
+        };
+        entry.state = if result.is_ok() {
+            SubState::Subscribed
+        } else {
+            SubState::Unsubscribed
+        };
+        for waiter in entry.waiters.drain(..) {
+            let _ = waiter.send(result.clone());
+        }
+    }
+
+    /// Whether a topic has an entry (members, or a pending unsubscribe).
+    pub fn has_topic(&self, topic: &Topic) -> bool {
+        self.inner.topics.contains_key(topic)
+    }
+
+    /// Rooms with local members.
+    pub fn rooms(&self) -> usize {
+        self.inner
+            .topics
+            .iter()
+            .filter(|e| matches!(e.key(), Topic::Room(_)))
+            .count()
+    }
+
+    /// Called by the interest manager after the unsubscribe delay: drops the topic if it is still
+    /// empty. True when it was dropped (and the manager should unsubscribe its channels).
+    pub fn remove_if_idle(&self, topic: &Topic) -> bool {
+        self.inner
+            .topics
+            .remove_if(topic, |_, e| e.members.is_empty())
+            .is_some()
+    }
+
+    /// Hands one message to every local member of its topic: one frame per encoding in use,
+    /// built on first need, shared by every socket.
+    pub fn deliver(&self, env: &Envelope) -> Delivery {
+        let topic = match env.kind {
+            Kind::Room => Topic::Room(env.target.as_str().into()),
+            Kind::Direct => Topic::User(env.target.as_str().into()),
+        };
+        let mut out = Delivery::default();
+        let Some(entry) = self.inner.topics.get(&topic) else {
+            return out;
+        };
+        let mut frames: [Option<Option<(Message, usize)>>; 2] = [None, None];
+        for member in entry.members.values() {
+            let built = frames[member.encoding.index()].get_or_insert_with(
+                || match broadcast_frame(member.encoding, env) {
+                    Ok(frame) => {
+                        let len = crate::gate::frame_len(&frame);
+                        Some((frame, len))
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, topic = ?topic, "message cannot be encoded");
+                        None
+                    }
+                },
+            );
+            let Some((frame, len)) = built else {
+                out.unencodable += 1;
+                continue;
+            };
+            match member.gate.push(frame.clone()) {
+                Push::Queued => {
+                    out.delivered += 1;
+                    out.bytes += *len;
+                }
+                Push::Overflow => out.overflowed += 1,
+                Push::Closed => {}
+            }
+        }
+        drop(entry);
+        m::delivered(&out);
+        out
+    }
+
+    /// Per-socket queued bytes, for the sampled queue metrics.
+    pub fn queue_depths(&self) -> Vec<usize> {
+        self.inner
+            .sessions
+            .iter()
+            .map(|e| e.value().gate.queued())
+            .collect()
+    }
+}

@@ -1,0 +1,132 @@
+//! shardcast: a WebSocket fan-out node. Many identical nodes run behind a plain load balancer;
+//! clients join rooms on any node and receive every message published to a room on any node. Nodes
+//! never talk to each other: Redis Cluster sharded pub/sub carries one envelope per message per
+//! interested node, and each node serializes a message once per encoding for all its sockets.
+//!
+//! # Layout
+//! - [`config`]: settings, their defaults and validation.
+//! - [`server`]: HTTP and WebSocket routes on one listener.
+//! - [`session`]: one socket: reader, writer, commands.
+//! - [`frame`]: client frames in JSON and MessagePack; [`envelope`]: the bus envelope.
+//! - [`names`]: what a room or user name may be; [`close`]: close and error codes.
+//! - [`gate`]: the per-socket byte budget.
+//! - [`hub`]: local sockets and topics, fan-out.
+//! - [`interest`]: subscribe on first member, unsubscribe after the last.
+//! - [`bus`]: the seam to other nodes: [`bus::redis`] (Redis Cluster) and [`bus::memory`] (embedded).
+//! - [`node`]: the shared handle; [`shutdown`]: the drain; [`metrics`]: names and recorder.
+
+pub mod bus;
+pub mod close;
+pub mod config;
+pub mod envelope;
+pub mod frame;
+pub mod gate;
+pub mod hub;
+pub mod interest;
+pub mod metrics;
+pub mod names;
+pub mod node;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    bus::{memory::MemoryBus, redis::RedisBus, Bus, BusError, Dispatch, Naming},
+    config::Config,
+    hub::Hub,
+    node::Node,
+};
+
+/// How often gauges of local state are sampled.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves a node on `listener` until `shutdown` is cancelled, then drains and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let tracker = TaskTracker::new();
+    let internal = CancellationToken::new();
+    let (hub, interest_rx) = Hub::new();
+    let dispatch = Dispatch::start(
+        hub.clone(),
+        config.workers,
+        config.worker_queue,
+        &tracker,
+        internal.clone(),
+    );
+    let bus = if config.redis.is_empty() {
+        tracing::info!("no --redis: running alone on the embedded in-process bus");
+        Bus::Memory(MemoryBus::new(dispatch))
+    } else {
+        Bus::Redis(
+            RedisBus::connect(
+                &config.redis,
+                config.redis_timeout,
+                dispatch,
+                &tracker,
+                internal.clone(),
+            )
+            .await?,
+        )
+    };
+    let bus = Arc::new(bus);
+    let naming = Naming::new(
+        &config.channel_prefix,
+        &config.user_channel_prefix,
+        config.default_shards,
+        config.hot_rooms.clone(),
+    );
+    tracker.spawn(interest::run(
+        hub.clone(),
+        bus.clone(),
+        naming.clone(),
+        interest_rx,
+        config.unsubscribe_delay,
+        internal.clone(),
+    ));
+    tracker.spawn(sample(hub.clone(), internal.clone()));
+    let node = Node::new(config, hub, bus.clone(), naming, metrics::handle());
+
+    let app = server::router(node.clone());
+    let drained = {
+        let node = node.clone();
+        async move {
+            shutdown.cancelled().await;
+            shutdown::drain(&node).await;
+        }
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(drained)
+        .await?;
+
+    bus.close().await;
+    internal.cancel();
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+async fn sample(hub: Hub, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SAMPLE_EVERY) => {}
+            _ = cancel.cancelled() => return,
+        }
+        metrics::sample(hub.rooms(), hub.topics(), &hub.queue_depths());
+    }
+}

@@ -1,0 +1,58 @@
+//! The rules for room names, user ids and node ids: what may become part of a Redis channel name
+//! and of every frame a client receives.
+
+/// Longest room or user name, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("longer than {MAX_NAME_BYTES} bytes")]
+    TooLong,
+    #[error("has a control character")]
+    Control,
+}
+
+/// Checks a room name, user id or node id.
+pub fn check(name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        Err(NameError::Empty)
+    } else if name.len() > MAX_NAME_BYTES {
+        Err(NameError::TooLong)
+    } else if name.chars().any(char::is_control) {
+        Err(NameError::Control)
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_ordinary_names() {
+        for ok in [
+            "stadium",
+            "match:42",
+            "ü-bahn",
+            "a b",
+            &"x".repeat(MAX_NAME_BYTES),
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn refuses_empty_long_and_control() {
+        assert_eq!(check(""), Err(NameError::Empty));
+        assert_eq!(
+            check(&"x".repeat(MAX_NAME_BYTES + 1)),
+            Err(NameError::TooLong)
+        );
+        assert_eq!(check("a\nb"), Err(NameError::Control));
+        assert_eq!(check("a\u{0}b"), Err(NameError::Control));
+        assert_eq!(check("\u{7f}"), Err(NameError::Control));
+    }
+}

@@ -1,0 +1,83 @@
+//! The handle every part of a running node shares: configuration, hub, bus, channel naming and
+//! the drain flag. Cheap to clone.
+
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::{
+    bus::{Bus, Naming},
+    config::Config,
+    hub::Hub,
+};
+
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    hub: Hub,
+    bus: Arc<Bus>,
+    naming: Naming,
+    metrics: PrometheusHandle,
+    draining: AtomicBool,
+}
+
+impl Node {
+    pub fn new(
+        config: Config,
+        hub: Hub,
+        bus: Arc<Bus>,
+        naming: Naming,
+        metrics: PrometheusHandle,
+    ) -> Node {
+        Node {
+            inner: Arc::new(Inner {
+                config,
+                hub,
+                bus,
+                naming,
+                metrics,
+                draining: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.inner.bus
+    }
+
+    pub fn naming(&self) -> &Naming {
+        &self.inner.naming
+    }
+
+    pub fn metrics(&self) -> &PrometheusHandle {
+        &self.inner.metrics
+    }
+
+    /// Ready for traffic: not draining and the bus usable.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.inner.bus.is_ready()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.inner.draining.store(true, Ordering::Release);
+    }
+}

@@ -1,0 +1,178 @@
+//! HTTP and WebSocket on one listener: `/ws`, `/publish`, `/healthz`, `/readyz`, `/metrics`.
+//! Requests are checked here and turned into hub and bus calls; errors map to the wire here only.
+
+use std::{collections::HashMap, sync::Arc};
+
+use axum::{
+    body::Bytes,
+    extract::{DefaultBodyLimit, Query, State, WebSocketUpgrade},
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+
+use crate::{
+    close::ErrorCode,
+    envelope::Kind,
+    frame::{Data, Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK},
+    gate::Gate,
+    hub::Member,
+    metrics as m, names,
+    node::Node,
+    session::{self, Membership, READ_BUFFER_BYTES, WRITE_BUFFER_BYTES},
+};
+
+pub fn router(node: Node) -> Router {
+    let body_limit = node.config().max_frame_bytes;
+    Router::new()
+        .route("/ws", get(upgrade))
+        .route(
+            "/publish",
+            post(publish).layer(DefaultBodyLimit::max(body_limit)),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(node)
+}
+
+/// An HTTP error with the contract's `code`.
+struct ApiError(StatusCode, ErrorCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "code": self.1.as_str(), "message": self.2 });
+        (self.0, Json(body)).into_response()
+    }
+}
+
+async fn upgrade(
+    State(node): State<Node>,
+    Query(query): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if node.is_draining() {
+        return ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "node is draining".into(),
+        )
+        .into_response();
+    }
+    let user: Arc<str> = match query.get("user") {
+        Some(user) => match names::check(user) {
+            Ok(()) => user.as_str().into(),
+            Err(e) => {
+                return ApiError(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadUser,
+                    format!("`user` {e}"),
+                )
+                .into_response()
+            }
+        },
+        None => format!("anon-{:016x}", rand::random::<u64>()).into(),
+    };
+    let ws = ws.protocols([PROTOCOL_JSON, PROTOCOL_MSGPACK]);
+    let encoding = ws
+        .selected_protocol()
+        .and_then(|p| p.to_str().ok())
+        .and_then(Encoding::from_protocol)
+        .unwrap_or(Encoding::Json);
+    let config = node.config();
+    let gate = Arc::new(Gate::new(config.max_buffered_bytes));
+    let id = node.hub().register(Member {
+        gate: gate.clone(),
+        encoding,
+    });
+    let membership = Membership::new(node.hub().clone(), id, user);
+    // Direct messages reach the socket from the moment its upgrade is answered.
+    if let Err(e) = node
+        .hub()
+        .join(membership.user_topic(), id, config.join_timeout)
+        .await
+    {
+        return ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            e.to_string(),
+        )
+        .into_response();
+    }
+    let max_frame = config.max_frame_bytes;
+    ws.read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        .max_message_size(max_frame)
+        .max_frame_size(max_frame)
+        .on_upgrade(move |socket| session::serve(socket, node, gate, encoding, membership))
+}
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    room: String,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    from: Option<String>,
+}
+
+async fn publish(
+    State(node): State<Node>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    if let Some(key) = &node.config().api_key {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+            metrics::counter!(m::AUTH_FAILURES).increment(1);
+            return Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "missing or wrong API key".into(),
+            ));
+        }
+    }
+    let bad = |code: ErrorCode, msg: String| ApiError(StatusCode::BAD_REQUEST, code, msg);
+    let body: PublishBody = serde_json::from_slice(&body).map_err(|e| {
+        bad(
+            ErrorCode::BadFrame,
+            format!("expected {{\"room\":R,\"data\":D}}: {e}"),
+        )
+    })?;
+    names::check(&body.room).map_err(|e| bad(ErrorCode::BadRoom, format!("`room` {e}")))?;
+    let from = body.from.unwrap_or_else(|| "server".into());
+    names::check(&from).map_err(|e| bad(ErrorCode::BadUser, format!("`from` {e}")))?;
+    let data = Data {
+        format: Encoding::Json,
+        bytes: Bytes::copy_from_slice(body.data.get().as_bytes()),
+    };
+    session::publish(&node, Kind::Room, body.room, &from, data, None)
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.code, e.message))?;
+    m::published("http");
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn readyz(State(node): State<Node>) -> (StatusCode, &'static str) {
+    if node.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else if node.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "bus unavailable\n")
+    }
+}
+
+async fn metrics(State(node): State<Node>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        node.metrics().render(),
+    )
+}
