@@ -1,0 +1,158 @@
+//! Nodes fanned out over a real Redis Cluster (started by the tests through `redis-cluster/up`).
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{config, eventually, Client, Cluster, Node};
+use serde_json::{json, Value};
+use shardcast::bus::shard_for;
+
+/// Collects `n` `msg` frames and checks each sender's sequence numbers arrive in order, once.
+async fn collect(client: &mut Client, room: &str, n: usize) -> HashMap<String, Vec<u64>> {
+    let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
+    for _ in 0..n {
+        let v = client.recv().await.expect("socket open");
+        assert_eq!(v["op"], "msg", "{v}");
+        assert_eq!(v["room"], room);
+        let from = v["from"].as_str().unwrap().to_string();
+        seen.entry(from).or_default().push(v["data"]["seq"].as_u64().unwrap());
+    }
+    for (from, seqs) in &seen {
+        let expected: Vec<u64> = (0..seqs.len() as u64).collect();
+        assert_eq!(seqs, &expected, "messages of {from} out of order, lost or repeated");
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_deliver_every_message_once_in_order() {
+    let cluster = Cluster::shared();
+    let base = config(Some(cluster), "three");
+    let nodes = [
+        Node::start(base.clone()).await,
+        Node::start(base.clone()).await,
+        Node::start(base.clone()).await,
+    ];
+    let mut members = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for j in 0..2 {
+            let mut c = Client::connect(&node.ws(&format!("?user=member-{i}-{j}"))).await;
+            c.join("match").await;
+            members.push(c);
+        }
+    }
+    const PER_SENDER: u64 = 100;
+    let mut senders = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        senders.push(Client::connect(&node.ws(&format!("?user=sender-{i}"))).await);
+    }
+    // Publish without waiting for each ok, interleaving the three senders.
+    for seq in 0..PER_SENDER {
+        for s in senders.iter_mut() {
+            s.send(json!({"op":"pub","room":"match","data":{"seq":seq}})).await;
+        }
+    }
+    for m in members.iter_mut() {
+        let seen = collect(m, "match", 3 * PER_SENDER as usize).await;
+        assert_eq!(seen.len(), 3);
+    }
+    // Exactly once: nothing more arrives after a marker published last.
+    senders[0].publish("match", json!({"marker":true})).await;
+    for m in members.iter_mut() {
+        let v = m.recv().await.unwrap();
+        assert_eq!(v["data"], json!({"marker":true}), "an extra frame arrived: {v}");
+    }
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_room_spreads_over_eight_shard_channels_and_unsubscribes_after() {
+    let cluster = Cluster::shared();
+    let mut base = config(Some(cluster), "hot");
+    base.hot_rooms.insert("stadium".into(), 8);
+    let prefix = base.channel_prefix.clone();
+    let nodes = [Node::start(base.clone()).await, Node::start(base.clone()).await];
+    let mut viewers = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for j in 0..2 {
+            let mut c = Client::connect(&node.ws(&format!("?user=viewer-{i}-{j}"))).await;
+            c.join("stadium").await;
+            viewers.push(c);
+        }
+    }
+    let expected: Vec<String> = (0..8).map(|n| format!("{prefix}stadium:shard{n}")).collect();
+    assert_eq!(cluster.shard_channels(&format!("{prefix}*")), expected);
+
+    const SENDERS: usize = 16;
+    const EACH: u64 = 20;
+    let names: Vec<String> = (0..SENDERS).map(|i| format!("fan-{i}")).collect();
+    let shards: std::collections::HashSet<u32> = names.iter().map(|n| shard_for(n, 8)).collect();
+    assert!(shards.len() >= 5, "senders cover only shards {shards:?}");
+    let mut senders = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        senders.push(Client::connect(&nodes[i % 2].ws(&format!("?user={name}"))).await);
+    }
+    for seq in 0..EACH {
+        for s in senders.iter_mut() {
+            s.send(json!({"op":"pub","room":"stadium","data":{"seq":seq}})).await;
+        }
+    }
+    for v in viewers.iter_mut() {
+        let seen = collect(v, "stadium", SENDERS * EACH as usize).await;
+        assert_eq!(seen.len(), SENDERS);
+    }
+    drop(viewers);
+    eventually("shard channels unsubscribed", || async { cluster.shard_channels(&format!("{prefix}*")).is_empty() }).await;
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_message_reaches_both_tabs_on_two_nodes() {
+    let cluster = Cluster::shared();
+    let base = config(Some(cluster), "dm");
+    let user_prefix = base.user_channel_prefix.clone();
+    let a = Node::start(base.clone()).await;
+    let b = Node::start(base.clone()).await;
+    let mut tab1 = Client::connect(&a.ws("?user=carol")).await;
+    let mut tab2 = Client::connect(&b.ws("?user=carol")).await;
+    let mut dave = Client::connect(&a.ws("?user=dave")).await;
+    // Both nodes hold carol's channel, once each in the cluster.
+    assert_eq!(cluster.shard_channels(&format!("{user_prefix}carol")), vec![format!("{user_prefix}carol")]);
+    let r = dave.request(json!({"op":"dm","to":"carol","data":{"hi":1}})).await;
+    assert_eq!(r["op"], "ok");
+    for tab in [&mut tab1, &mut tab2] {
+        assert_eq!(tab.recv().await.unwrap(), json!({"op":"dm","from":"dave","data":{"hi":1}}));
+    }
+    // The sender got nothing but its ok.
+    let r = dave.request(json!({"op":"ping"})).await;
+    assert_eq!(r["op"], "pong");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn msgpack_and_json_clients_share_a_room_across_nodes() {
+    let cluster = Cluster::shared();
+    let base = config(Some(cluster), "enc");
+    let a = Node::start(base.clone()).await;
+    let b = Node::start(base.clone()).await;
+    let mut json_client = Client::connect_with(&a.ws("?user=j"), Some("shardcast.v1.json")).await;
+    let mut mp_client = Client::connect_with(&b.ws("?user=m"), Some("shardcast.v1.msgpack")).await;
+    json_client.join("mixed").await;
+    mp_client.join("mixed").await;
+    json_client.publish("mixed", json!({"odds":[1.5, 2.25], "s":"é"})).await;
+    mp_client.publish("mixed", json!({"n": -3})).await;
+    for c in [&mut json_client, &mut mp_client] {
+        let first: Value = c.recv().await.unwrap();
+        assert_eq!(first, json!({"op":"msg","room":"mixed","from":"j","data":{"odds":[1.5, 2.25], "s":"é"}}));
+        let second: Value = c.recv().await.unwrap();
+        assert_eq!(second, json!({"op":"msg","room":"mixed","from":"m","data":{"n":-3}}));
+    }
+    a.stop().await;
+    b.stop().await;
+}

@@ -1,0 +1,276 @@
+//! Test harness: a real Redis Cluster started by `redis-cluster/up`, real nodes on 127.0.0.1:0,
+//! real WebSocket clients over real sockets. Every wait has a deadline.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    path::PathBuf,
+    process::Command,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use shardcast::config::Config;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::{
+    tungstenite::{client::IntoClientRequest, protocol::CloseFrame, Message},
+    MaybeTlsStream, WebSocketStream,
+};
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A Redis Cluster of redis-server processes on loopback, stopped on drop and, should the test
+/// process die first, by the watcher `redis-cluster/up --owner-pid` leaves behind.
+pub struct Cluster {
+    dir: PathBuf,
+    pub url: String,
+    pub ports: Vec<u16>,
+}
+
+impl Cluster {
+    pub fn start(masters: u32, replicas: u32) -> Cluster {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("shardcast-test-{}-{n}", std::process::id()));
+        let mut last_err = String::new();
+        for _ in 0..3 {
+            let out = Command::new(repo().join("redis-cluster/up"))
+                .args(["--port", "auto", "--node-timeout", "2000"])
+                .args(["--masters", &masters.to_string(), "--replicas", &replicas.to_string()])
+                .arg("--dir")
+                .arg(&dir)
+                .args(["--owner-pid", &std::process::id().to_string()])
+                .output()
+                .expect("run redis-cluster/up");
+            if out.status.success() {
+                let url = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().trim().to_string();
+                let ports = std::fs::read_to_string(dir.join("ports")).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+                return Cluster { dir, url, ports };
+            }
+            // A port picked as free may have been taken meanwhile: try again with others.
+            last_err = String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        panic!("redis-cluster/up failed: {last_err}");
+    }
+
+    /// One cluster shared by the tests of a binary; each test uses its own channel prefix.
+    pub fn shared() -> &'static Cluster {
+        static SHARED: OnceLock<Cluster> = OnceLock::new();
+        SHARED.get_or_init(|| Cluster::start(3, 0))
+    }
+
+    pub fn redis_cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").arg("-p").arg(port.to_string()).args(args).output().expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `PUBSUB SHARDCHANNELS pattern` over every node, sorted.
+    pub fn shard_channels(&self, pattern: &str) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .ports
+            .iter()
+            .flat_map(|p| self.redis_cli(*p, &["pubsub", "shardchannels", pattern]).lines().map(str::to_owned).collect::<Vec<_>>())
+            .filter(|l| !l.is_empty())
+            .collect();
+        all.sort();
+        all
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("redis-cluster/down")).arg("--dir").arg(&self.dir).output();
+    }
+}
+
+/// A unique channel prefix per test, so tests sharing a cluster never see each other.
+pub fn prefix(test: &str) -> (String, String) {
+    let tag = format!("{test}-{:06x}", rand::random::<u32>() & 0xffffff);
+    (format!("t:{tag}:room:"), format!("t:{tag}:user:"))
+}
+
+pub fn config(redis: Option<&Cluster>, test: &str) -> Config {
+    let (room, user) = prefix(test);
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        redis: redis.map(|c| vec![c.url.clone()]).unwrap_or_default(),
+        channel_prefix: room,
+        user_channel_prefix: user,
+        unsubscribe_delay: Duration::from_millis(200),
+        workers: 2,
+        ..Config::default()
+    }
+}
+
+/// A node served in this process on an ephemeral port.
+pub struct Node {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Node {
+    pub async fn start(config: Config) -> Node {
+        let listener = TcpListener::bind(config.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            shardcast::run(listener, config, token).await.expect("node run");
+        });
+        let node = Node { addr, shutdown, task: Some(task) };
+        node.wait_ready().await;
+        node
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn ws(&self, query: &str) -> String {
+        format!("ws://{}/ws{query}", self.addr)
+    }
+
+    pub async fn wait_ready(&self) {
+        let http = reqwest::Client::new();
+        eventually("node ready", || async {
+            http.get(self.url("/readyz")).send().await.map(|r| r.status() == 200).unwrap_or(false)
+        })
+        .await;
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task).await.expect("node stops").unwrap();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Polls `check` until it holds, failing the test at the deadline.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client speaking the contract in JSON or MessagePack.
+pub struct Client {
+    pub ws: Ws,
+    msgpack: bool,
+    next_id: i64,
+    /// Frames that arrived while waiting for a reply.
+    inbox: VecDeque<Value>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        Client::connect_with(url, None).await
+    }
+
+    pub async fn connect_with(url: &str, protocol: Option<&str>) -> Client {
+        let mut req = url.into_client_request().unwrap();
+        if let Some(p) = protocol {
+            req.headers_mut().insert("Sec-WebSocket-Protocol", p.parse().unwrap());
+        }
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await.expect("connect in time").expect("connect");
+        Client { ws, msgpack: protocol == Some("shardcast.v1.msgpack"), next_id: 1, inbox: VecDeque::new() }
+    }
+
+    pub fn from_ws(ws: Ws) -> Client {
+        Client { ws, msgpack: false, next_id: 1, inbox: VecDeque::new() }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        let msg = if self.msgpack {
+            Message::Binary(rmp_serde::to_vec_named(&v).unwrap().into())
+        } else {
+            Message::Text(v.to_string().into())
+        };
+        self.ws.send(msg).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, msg: Message) {
+        self.ws.send(msg).await.unwrap();
+    }
+
+    /// The next contract frame (skipping pings), decoded; `None` once the socket closed.
+    pub async fn recv(&mut self) -> Option<Value> {
+        if let Some(v) = self.inbox.pop_front() {
+            return Some(v);
+        }
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("frame in time")?;
+            match msg.ok()? {
+                Message::Text(t) => return Some(serde_json::from_str(&t).expect("JSON frame")),
+                Message::Binary(b) => return Some(rmp_serde::from_slice(&b).expect("MessagePack frame")),
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends a command with an id and returns its `ok` or `error`, keeping other frames.
+    pub async fn request(&mut self, mut v: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        v["id"] = json!(id);
+        self.send(v).await;
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("reply in time").expect("open").unwrap();
+            let v: Value = match msg {
+                Message::Text(t) => serde_json::from_str(&t).unwrap(),
+                Message::Binary(b) => rmp_serde::from_slice(&b).unwrap(),
+                Message::Close(f) => panic!("closed while waiting for a reply: {f:?}"),
+                _ => continue,
+            };
+            if v["id"] == json!(id) {
+                return v;
+            }
+            self.inbox.push_back(v);
+        }
+    }
+
+    pub async fn join(&mut self, room: &str) {
+        let r = self.request(json!({"op":"join","room":room})).await;
+        assert_eq!(r["op"], "ok", "join {room}: {r}");
+    }
+
+    pub async fn publish(&mut self, room: &str, data: Value) {
+        let r = self.request(json!({"op":"pub","room":room,"data":data})).await;
+        assert_eq!(r["op"], "ok", "pub {room}: {r}");
+    }
+
+    /// Reads until the close frame and returns its code.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next()).await.expect("close in time") {
+                Some(Ok(Message::Close(Some(CloseFrame { code, .. })))) => return Some(code.into()),
+                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+}
