@@ -156,3 +156,84 @@ async fn msgpack_and_json_clients_share_a_room_across_nodes() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_is_dropped_with_4008_while_a_fast_one_misses_nothing() {
+    let cluster = Cluster::shared();
+    let mut base = config(Some(cluster), "slow");
+    base.max_buffered_bytes = 256 << 10;
+    base.close_grace = std::time::Duration::from_secs(15);
+    let node = Node::start(base).await;
+
+    // The slow client keeps a tiny receive window and then stops reading altogether.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(node.addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(node.ws("?user=slow"), tokio_tungstenite::MaybeTlsStream::Plain(stream)).await.unwrap();
+    let mut slow = Client::from_ws(ws);
+    slow.join("feed").await;
+    let mut fast = Client::connect(&node.ws("?user=fast")).await;
+    fast.join("feed").await;
+
+    const N: u64 = 2500;
+    let reader = tokio::spawn(async move {
+        for seq in 0..N {
+            let Some(v) = fast.recv().await else { panic!("fast client closed at seq {seq}: {:?}", fast.close_code().await) };
+            assert_eq!(v["data"]["seq"], seq);
+        }
+    });
+    let mut publisher = Client::connect(&node.ws("?user=pub")).await;
+    let pad = "x".repeat(4000);
+    for seq in 0..N {
+        // Each publish waits for its ok, a pace a reading client keeps up with.
+        publisher.publish("feed", json!({"seq":seq,"pad":pad})).await;
+    }
+    // ~10 MB went out: far past the slow socket's budget plus what the kernel buffers hold.
+    reader.await.unwrap();
+    // The slow client reads what was already in flight, then the 4008 close.
+    assert_eq!(slow.close_code().await, Some(4008));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_publish_needs_the_key_when_one_is_set() {
+    let cluster = Cluster::shared();
+    let mut base = config(Some(cluster), "http");
+    base.api_key = Some("s3cret".into());
+    let a = Node::start(base.clone()).await;
+    let b = Node::start(base.clone()).await;
+    let mut viewer = Client::connect(&b.ws("?user=v")).await;
+    viewer.join("scores").await;
+    let http = reqwest::Client::new();
+    let body = json!({"room":"scores","data":{"home":2,"away":1}});
+    let r = http.post(a.url("/publish")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "unauthorized");
+    let r = http.post(a.url("/publish")).bearer_auth("wrong").json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.post(a.url("/publish")).bearer_auth("s3cret").json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(viewer.recv().await.unwrap(), json!({"op":"msg","room":"scores","from":"server","data":{"home":2,"away":1}}));
+    let r = http
+        .post(a.url("/publish"))
+        .bearer_auth("s3cret")
+        .json(&json!({"room":"scores","from":"bot","data":[1]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(viewer.recv().await.unwrap()["from"], "bot");
+    for (bad, code) in [
+        (json!({"data":1}), "bad_frame"),
+        (json!({"room":"","data":1}), "bad_room"),
+        (json!({"room":"r","data":1,"from":"a\nb"}), "bad_user"),
+    ] {
+        let r = http.post(a.url("/publish")).bearer_auth("s3cret").json(&bad).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        assert_eq!(r.json::<Value>().await.unwrap()["code"], code, "{bad}");
+    }
+    let r = http.post(a.url("/publish")).bearer_auth("s3cret").body("{nope").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    a.stop().await;
+    b.stop().await;
+}

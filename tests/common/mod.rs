@@ -223,10 +223,20 @@ impl Client {
         }
         loop {
             let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("frame in time")?;
-            match msg.ok()? {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("socket error: {e}");
+                    return None;
+                }
+            };
+            match msg {
                 Message::Text(t) => return Some(serde_json::from_str(&t).expect("JSON frame")),
                 Message::Binary(b) => return Some(rmp_serde::from_slice(&b).expect("MessagePack frame")),
-                Message::Close(_) => return None,
+                Message::Close(f) => {
+                    eprintln!("closed: {f:?}");
+                    return None;
+                }
                 _ => continue,
             }
         }

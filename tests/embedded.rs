@@ -1,0 +1,133 @@
+//! One node on the embedded in-process bus: the contract, bad input, and start-up checks.
+
+mod common;
+
+use common::{config, Client, Node};
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_and_direct_messages_work_on_one_node() {
+    let node = Node::start(config(None, "solo")).await;
+    let mut a = Client::connect(&node.ws("?user=ann")).await;
+    let mut b = Client::connect(&node.ws("?user=bob")).await;
+    let mut b2 = Client::connect_with(&node.ws("?user=bob"), Some("shardcast.v1.msgpack")).await;
+    a.join("lobby").await;
+    b.join("lobby").await;
+    for seq in 0..50 {
+        a.send(json!({"op":"pub","room":"lobby","data":{"seq":seq}})).await;
+    }
+    for c in [&mut a, &mut b] {
+        for seq in 0..50 {
+            assert_eq!(c.recv().await.unwrap(), json!({"op":"msg","room":"lobby","from":"ann","data":{"seq":seq}}));
+        }
+    }
+    let r = a.request(json!({"op":"dm","to":"bob","data":"psst"})).await;
+    assert_eq!(r["op"], "ok");
+    assert_eq!(b.recv().await.unwrap(), json!({"op":"dm","from":"ann","data":"psst"}));
+    assert_eq!(b2.recv().await.unwrap(), json!({"op":"dm","from":"ann","data":"psst"}));
+    // Leaving stops delivery; leaving twice is refused.
+    let r = b.request(json!({"op":"leave","room":"lobby"})).await;
+    assert_eq!(r["op"], "ok");
+    let r = b.request(json!({"op":"leave","room":"lobby"})).await;
+    assert_eq!(r["code"], "not_joined");
+    a.publish("lobby", json!("after")).await;
+    assert_eq!(a.recv().await.unwrap()["data"], "after");
+    assert_eq!(b.request(json!({"op":"ping"})).await["op"], "pong");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_an_error_frame_and_keeps_the_connection() {
+    let mut cfg = config(None, "bad");
+    cfg.max_rooms_per_conn = 2;
+    cfg.max_frame_bytes = 4096;
+    let node = Node::start(cfg).await;
+    let mut bystander = Client::connect(&node.ws("?user=calm")).await;
+    bystander.join("r").await;
+    let mut c = Client::connect(&node.ws("?user=troll")).await;
+    let cases: Vec<(Message, &str)> = vec![
+        (Message::Text("{not json".into()), "bad_frame"),
+        (Message::Text("[]".into()), "bad_field"),
+        (Message::Text("17".into()), "bad_frame"),
+        (Message::Text(r#"{"op":"fly"}"#.into()), "unknown_op"),
+        (Message::Text(r#"{"room":"r"}"#.into()), "bad_field"),
+        (Message::Text(r#"{"op":"join"}"#.into()), "bad_field"),
+        (Message::Text(r#"{"op":"join","room":12}"#.into()), "bad_field"),
+        (Message::Text(r#"{"op":"pub","room":"r"}"#.into()), "bad_field"),
+        (Message::Text(r#"{"op":"join","room":""}"#.into()), "bad_room"),
+        (Message::Text(format!(r#"{{"op":"join","room":"{}"}}"#, "x".repeat(129)).into()), "bad_room"),
+        (Message::Text(r#"{"op":"join","room":"tab\there"}"#.into()), "bad_room"),
+        (Message::Text(r#"{"op":"dm","to":"","data":1}"#.into()), "bad_user"),
+        (Message::Text(r#"{"op":"dm","to":"x\u0000","data":1}"#.into()), "bad_user"),
+        (Message::Binary(vec![0xc1, 0xff, 0x00, 0x13].into()), "bad_frame"),
+        (Message::Binary(rmp_serde::to_vec_named(&json!({"op":"leave"})).unwrap().into()), "bad_field"),
+    ];
+    for (frame, code) in cases {
+        let shown = format!("{frame:?}");
+        c.send_raw(frame).await;
+        let v = c.recv().await.expect("still connected");
+        assert_eq!(v["op"], "error", "{shown}: {v}");
+        assert_eq!(v["code"], code, "{shown}: {v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    // Errors carry the command's id when it had one.
+    let v = c.request(json!({"op":"join","room":""})).await;
+    assert_eq!((v["code"].clone(), v["id"].is_i64()), (json!("bad_room"), true));
+    let v = c.request(json!({"op":"ping","x":1})).await;
+    assert_eq!(v["op"], "pong");
+    c.join("a").await;
+    c.join("b").await;
+    assert_eq!(c.request(json!({"op":"join","room":"c"})).await["code"], "too_many_rooms");
+    // The bystander saw none of it and still gets messages.
+    c.publish("r", json!({"still":"fine"})).await;
+    assert_eq!(bystander.recv().await.unwrap()["data"], json!({"still":"fine"}));
+
+    // A frame over --max-frame-bytes closes with 1009.
+    c.ws.send(Message::Text("y".repeat(5000).into())).await.unwrap();
+    assert_eq!(c.close_code().await, Some(1009));
+    bystander.publish("r", json!(2)).await;
+    assert_eq!(bystander.recv().await.unwrap()["data"], json!(2));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_upgrades_are_refused_before_the_socket_opens() {
+    let node = Node::start(config(None, "upgrade")).await;
+    for query in ["?user=", "?user=%07bell"] {
+        let err = tokio_tungstenite::connect_async(node.ws(query)).await.unwrap_err();
+        match err {
+            tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 400, "{query}"),
+            other => panic!("{query}: {other}"),
+        }
+    }
+    let http = reqwest::Client::new();
+    assert_eq!(http.get(node.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(http.get(node.url("/readyz")).send().await.unwrap().status(), 200);
+    let r = http.post(node.url("/publish")).json(&json!({"room":"r","data":null})).send().await.unwrap();
+    assert_eq!(r.status(), 202, "open without --api-key");
+    let r = http.post(node.url("/publish")).body(vec![b'1'; 70_000]).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    let metrics = http.get(node.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("shardcast_messages_published_total"), "{metrics}");
+    node.stop().await;
+}
+
+#[test]
+fn a_bad_setting_stops_the_node_before_it_binds() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardcast"))
+        .args(["--listen", "127.0.0.1:1", "--default-shards", "zero", "--max-buffered-bytes", "1x", "--hot-room", "a"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for name in ["--default-shards", "--max-buffered-bytes", "--hot-room"] {
+        assert!(err.contains(name), "{name} not named in: {err}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardcast")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--listen", "--redis", "--hot-room", "--max-buffered-bytes", "--max-frame-bytes", "--api-key", "SHARDCAST_REDIS"] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+}
