@@ -30,6 +30,10 @@ pub struct Args {
     #[arg(long, env = "SHARDCAST_LISTEN")]
     pub listen: Option<String>,
 
+    /// Extra address serving only GET /metrics (the main listener serves it too). [default: none]
+    #[arg(long, env = "SHARDCAST_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+
     /// Redis Cluster seed URLs, comma-separated (redis://host:port). Unset: embedded in-process bus.
     #[arg(long, env = "SHARDCAST_REDIS", value_delimiter = ',')]
     pub redis: Vec<String>,
@@ -99,6 +103,7 @@ pub struct Args {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
     pub redis: Vec<String>,
     pub node_id: String,
     pub channel_prefix: String,
@@ -121,6 +126,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_listen: None,
             redis: Vec::new(),
             node_id: random_node_id(),
             channel_prefix: "ws:room:".into(),
@@ -174,6 +180,7 @@ impl Args {
         Args {
             config: self.config,
             listen: self.listen.or(base.listen),
+            metrics_listen: self.metrics_listen.or(base.metrics_listen),
             redis: list(self.redis, base.redis),
             node_id: self.node_id.or(base.node_id),
             channel_prefix: self.channel_prefix.or(base.channel_prefix),

@@ -102,6 +102,17 @@ pub async fn run(
     tracker.spawn(sample(hub.clone(), internal.clone()));
     let node = Node::new(config, hub, bus.clone(), naming, metrics::handle());
 
+    if let Some(addr) = node.config().metrics_listen {
+        let listener = TcpListener::bind(addr).await?;
+        let app = server::metrics_router(node.clone());
+        let stop = internal.clone();
+        tracker.spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        });
+    }
     let app = server::router(node.clone());
     let drained = {
         let node = node.clone();

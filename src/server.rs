@@ -40,6 +40,11 @@ pub fn router(node: Node) -> Router {
         .with_state(node)
 }
 
+/// Only `GET /metrics`, for `--metrics-listen`.
+pub fn metrics_router(node: Node) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(node)
+}
+
 /// An HTTP error with the contract's `code`.
 struct ApiError(StatusCode, ErrorCode, String);
 
