@@ -23,6 +23,11 @@ async fn main() -> anyhow::Result<()> {
             "auth is off: POST /publish is open and clients name themselves with ?user="
         );
     }
+    // Every socket is a file: take the hard limit, not the (often 1024) soft one.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::info!(open_files = n, "file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
