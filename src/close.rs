@@ -9,8 +9,14 @@ pub mod code {
     pub const NORMAL: u16 = 1000;
     /// A frame larger than `--max-frame-bytes` arrived.
     pub const FRAME_TOO_LARGE: u16 = 1009;
+    /// Rate limit exceeded again and again (see `--command-rate`).
+    pub const POLICY: u16 = 1008;
     /// The node is draining (deploy or shutdown); reconnect to another node.
     pub const DRAIN: u16 = 4001;
+    /// Nothing (not even a pong) came from the client within `--idle-timeout`.
+    pub const IDLE: u16 = 4002;
+    /// The connection's token expired (`exp`); reconnect with a fresh one.
+    pub const TOKEN_EXPIRED: u16 = 4003;
     /// The socket's outbound queue passed `--max-buffered-bytes`.
     pub const SLOW_CONSUMER: u16 = 4008;
 }
@@ -38,6 +44,10 @@ pub enum ErrorCode {
     Unavailable,
     /// Missing or wrong credentials (HTTP only).
     Unauthorized,
+    /// The token does not allow this room, or publishing.
+    Forbidden,
+    /// More commands than `--command-rate` allows; slow down.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -54,6 +64,8 @@ impl ErrorCode {
             ErrorCode::NotJoined => "not_joined",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }
@@ -74,6 +86,7 @@ pub enum CloseReason {
     Auth,
     Drain,
     Error,
+    RateLimited,
 }
 
 impl CloseReason {
@@ -86,6 +99,20 @@ impl CloseReason {
             CloseReason::Auth => "auth",
             CloseReason::Drain => "drain",
             CloseReason::Error => "error",
+            CloseReason::RateLimited => "rate_limited",
+        }
+    }
+
+    /// The reason a close the node sends with `code` is counted under.
+    pub fn for_code(close_code: u16) -> CloseReason {
+        match close_code {
+            code::DRAIN => CloseReason::Drain,
+            code::IDLE => CloseReason::Idle,
+            code::TOKEN_EXPIRED => CloseReason::Auth,
+            code::SLOW_CONSUMER => CloseReason::SlowConsumer,
+            code::FRAME_TOO_LARGE => CloseReason::FrameTooLarge,
+            code::POLICY => CloseReason::RateLimited,
+            _ => CloseReason::Normal,
         }
     }
 }

@@ -97,6 +97,46 @@ pub struct Args {
     /// Timeout of one Redis command (publish, subscribe). [default: 2s]
     #[arg(long, env = "SHARDCAST_REDIS_TIMEOUT")]
     pub redis_timeout: Option<String>,
+
+    /// How often the node pings every socket. [default: 20s]
+    #[arg(long, env = "SHARDCAST_PING_INTERVAL")]
+    pub ping_interval: Option<String>,
+
+    /// A socket silent this long (no frame, no pong) is closed as dead. [default: 60s]
+    #[arg(long, env = "SHARDCAST_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+
+    /// On shutdown, how long to wait for clients to leave before closing anyway. [default: 10s]
+    #[arg(long, env = "SHARDCAST_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+
+    /// On shutdown, clients are told to reconnect after a random delay up to this. [default: 5s]
+    #[arg(long, env = "SHARDCAST_DRAIN_JITTER")]
+    pub drain_jitter: Option<String>,
+
+    /// Most WebSocket connections this node holds; past it, upgrades get 503. [default: 100000]
+    #[arg(long, env = "SHARDCAST_MAX_CONNECTIONS")]
+    pub max_connections: Option<String>,
+
+    /// Commands per second one connection may send, sustained. [default: 100]
+    #[arg(long, env = "SHARDCAST_COMMAND_RATE")]
+    pub command_rate: Option<String>,
+
+    /// Commands one connection may send in a burst above the rate. [default: 200]
+    #[arg(long, env = "SHARDCAST_COMMAND_BURST")]
+    pub command_burst: Option<String>,
+
+    /// HS256 secret: WebSocket upgrades then need a JWT (?token= or Authorization: Bearer). [default: none]
+    #[arg(long, env = "SHARDCAST_JWT_SECRET")]
+    pub jwt_secret: Option<String>,
+
+    /// PEM file of an RSA (RS256) or EC P-256 (ES256) public key, instead of --jwt-secret. [default: none]
+    #[arg(long, env = "SHARDCAST_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<String>,
+
+    /// Origins allowed to open a WebSocket from a browser, comma-separated; others get 403. [default: any]
+    #[arg(long, env = "SHARDCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
 }
 
 /// The validated configuration every part of the node reads.
@@ -120,6 +160,24 @@ pub struct Config {
     pub unsubscribe_delay: Duration,
     pub close_grace: Duration,
     pub redis_timeout: Duration,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub drain_jitter: Duration,
+    pub max_connections: usize,
+    pub command_rate: u32,
+    pub command_burst: u32,
+    pub jwt: Option<JwtKey>,
+    pub allowed_origins: Vec<String>,
+}
+
+/// Where JWT signatures are checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwtKey {
+    /// HS256 with this secret.
+    Secret(String),
+    /// RS256 or ES256 with this PEM public key.
+    PublicKeyPem(String),
 }
 
 impl Default for Config {
@@ -143,6 +201,15 @@ impl Default for Config {
             unsubscribe_delay: Duration::from_secs(1),
             close_grace: Duration::from_secs(2),
             redis_timeout: Duration::from_secs(2),
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
+            drain_jitter: Duration::from_secs(5),
+            max_connections: 100_000,
+            command_rate: 100,
+            command_burst: 200,
+            jwt: None,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -163,8 +230,8 @@ impl Args {
         };
         let text = std::fs::read_to_string(&path)
             .map_err(|e| ConfigError(vec![format!("--config {}: {e}", path.display())]))?;
-        let file: Args = toml::from_str(&text)
-            .map_err(|e| ConfigError(vec![format!("--config {}: {e}", path.display())]))?;
+        let file: Args =
+            toml::from_str(&text).map_err(|e| ConfigError(vec![format!("--config {}: {e}", path.display())]))?;
         Ok(self.over(file))
     }
 
@@ -197,6 +264,16 @@ impl Args {
             unsubscribe_delay: self.unsubscribe_delay.or(base.unsubscribe_delay),
             close_grace: self.close_grace.or(base.close_grace),
             redis_timeout: self.redis_timeout.or(base.redis_timeout),
+            ping_interval: self.ping_interval.or(base.ping_interval),
+            idle_timeout: self.idle_timeout.or(base.idle_timeout),
+            drain_timeout: self.drain_timeout.or(base.drain_timeout),
+            drain_jitter: self.drain_jitter.or(base.drain_jitter),
+            max_connections: self.max_connections.or(base.max_connections),
+            command_rate: self.command_rate.or(base.command_rate),
+            command_burst: self.command_burst.or(base.command_burst),
+            jwt_secret: self.jwt_secret.or(base.jwt_secret),
+            jwt_public_key: self.jwt_public_key.or(base.jwt_public_key),
+            allowed_origins: list(self.allowed_origins, base.allowed_origins),
         }
     }
 
@@ -204,95 +281,65 @@ impl Args {
     pub fn resolve(self) -> Result<Config, ConfigError> {
         let mut errors = Vec::new();
         let mut c = Config::default();
+        // set!(flag, raw, parser => field): parse when given, else keep the default.
         macro_rules! set {
-            ($flag:literal, $raw:expr, $parse:expr, |$v:ident| $apply:expr) => {
+            ($flag:literal, $raw:expr, $parse:expr => $($field:tt)+) => {
                 if let Some(raw) = $raw {
                     match $parse(raw.trim()) {
-                        Ok($v) => $apply,
-                        Err(e) => errors.push(format!("--{} {:?}: {}", $flag, raw, e)),
+                        Ok(v) => c.$($field)+ = v,
+                        Err(e) => errors.push(bad($flag, &raw, e)),
                     }
                 }
             };
         }
-        set!(
-            "listen",
-            self.listen,
-            |s: &str| s
-                .parse::<SocketAddr>()
-                .map_err(|e| format!("{e} (expected HOST:PORT)")),
-            |v| c.listen = v
-        );
-        set!(
-            "node-id",
-            self.node_id,
-            |s: &str| names::check(s)
-                .map(|_| s.to_owned())
-                .map_err(|e| e.to_string()),
-            |v| c.node_id = v
-        );
-        set!("channel-prefix", self.channel_prefix, prefix, |v| c
-            .channel_prefix =
-            v);
-        set!(
-            "user-channel-prefix",
-            self.user_channel_prefix,
-            prefix,
-            |v| c.user_channel_prefix = v
-        );
-        set!("default-shards", self.default_shards, shards, |v| c
-            .default_shards =
-            v);
-        set!(
-            "max-buffered-bytes",
-            self.max_buffered_bytes,
-            |s| size(s, 1024),
-            |v| c.max_buffered_bytes = v
-        );
-        set!(
-            "max-frame-bytes",
-            self.max_frame_bytes,
-            |s| size(s, 128),
-            |v| c.max_frame_bytes = v
-        );
-        set!("max-rooms-per-conn", self.max_rooms_per_conn, count, |v| {
-            c.max_rooms_per_conn = v
-        });
-        set!("workers", self.workers, count, |v| c.workers = v);
-        set!("worker-queue", self.worker_queue, count, |v| c
-            .worker_queue =
-            v);
-        set!("join-timeout", self.join_timeout, duration, |v| c
-            .join_timeout =
-            v);
-        set!(
-            "unsubscribe-delay",
-            self.unsubscribe_delay,
-            |s: &str| humantime::parse_duration(s).map_err(|e| e.to_string()),
-            |v| c.unsubscribe_delay = v
-        );
-        set!("close-grace", self.close_grace, duration, |v| c
-            .close_grace =
-            v);
-        set!("redis-timeout", self.redis_timeout, duration, |v| c
-            .redis_timeout =
-            v);
-        set!(
-            "api-key",
-            self.api_key,
-            |s: &str| if s.is_empty() {
-                Err("must not be empty".to_string())
-            } else {
-                Ok(s.to_owned())
-            },
-            |v| c.api_key = Some(v)
-        );
+        set!("listen", self.listen, addr => listen);
+        set!("metrics-listen", self.metrics_listen, |s| addr(s).map(Some) => metrics_listen);
+        set!("node-id", self.node_id, name => node_id);
+        set!("channel-prefix", self.channel_prefix, prefix => channel_prefix);
+        set!("user-channel-prefix", self.user_channel_prefix, prefix => user_channel_prefix);
+        set!("default-shards", self.default_shards, shards => default_shards);
+        set!("max-buffered-bytes", self.max_buffered_bytes, |s| size(s, 1024) => max_buffered_bytes);
+        set!("max-frame-bytes", self.max_frame_bytes, |s| size(s, 128) => max_frame_bytes);
+        set!("max-rooms-per-conn", self.max_rooms_per_conn, count => max_rooms_per_conn);
+        set!("workers", self.workers, count => workers);
+        set!("worker-queue", self.worker_queue, count => worker_queue);
+        set!("join-timeout", self.join_timeout, duration => join_timeout);
+        set!("unsubscribe-delay", self.unsubscribe_delay, duration_or_zero => unsubscribe_delay);
+        set!("close-grace", self.close_grace, duration => close_grace);
+        set!("redis-timeout", self.redis_timeout, duration => redis_timeout);
+        set!("ping-interval", self.ping_interval, duration => ping_interval);
+        set!("idle-timeout", self.idle_timeout, duration => idle_timeout);
+        set!("drain-timeout", self.drain_timeout, duration => drain_timeout);
+        set!("drain-jitter", self.drain_jitter, duration_or_zero => drain_jitter);
+        set!("max-connections", self.max_connections, count => max_connections);
+        set!("command-rate", self.command_rate, rate => command_rate);
+        set!("command-burst", self.command_burst, rate => command_burst);
+        set!("api-key", self.api_key, |s| secret(s).map(Some) => api_key);
+        set!("jwt-secret", self.jwt_secret, |s| secret(s).map(|s| Some(JwtKey::Secret(s))) => jwt);
+        set!("jwt-public-key", self.jwt_public_key, |s| public_key(s).map(Some) => jwt);
         for raw in self.redis {
-            set!("redis", Some(raw), redis_url, |v| c.redis.push(v));
+            match redis_url(raw.trim()) {
+                Ok(url) => c.redis.push(url),
+                Err(e) => errors.push(bad("redis", &raw, e)),
+            }
         }
         for raw in self.hot_room {
-            set!("hot-room", Some(raw), hot_room, |v| {
-                c.hot_rooms.insert(v.0, v.1);
-            });
+            match hot_room(raw.trim()) {
+                Ok((room, n)) => drop(c.hot_rooms.insert(room, n)),
+                Err(e) => errors.push(bad("hot-room", &raw, e)),
+            }
+        }
+        for raw in self.allowed_origins {
+            match origin(raw.trim()) {
+                Ok(o) => c.allowed_origins.push(o),
+                Err(e) => errors.push(bad("allowed-origins", &raw, e)),
+            }
+        }
+        if c.idle_timeout <= c.ping_interval {
+            errors.push(format!(
+                "--idle-timeout ({:?}) must be longer than --ping-interval ({:?})",
+                c.idle_timeout, c.ping_interval
+            ));
         }
         if errors.is_empty() {
             Ok(c)
@@ -300,6 +347,49 @@ impl Args {
             Err(ConfigError(errors))
         }
     }
+}
+
+fn bad(flag: &str, raw: &str, e: String) -> String {
+    format!("--{flag} {raw:?}: {e}")
+}
+
+fn addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|e| format!("{e} (expected HOST:PORT)"))
+}
+
+fn name(s: &str) -> Result<String, String> {
+    names::check(s).map(|_| s.to_owned()).map_err(|e| e.to_string())
+}
+
+fn secret(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(s.to_owned())
+}
+
+fn rate(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err("expected a whole number above 0".into()),
+    }
+}
+
+fn origin(s: &str) -> Result<String, String> {
+    if !(s.starts_with("http://") || s.starts_with("https://")) || s.ends_with('/') {
+        return Err("expected an origin such as https://example.com".into());
+    }
+    Ok(s.to_owned())
+}
+
+fn public_key(path: &str) -> Result<JwtKey, String> {
+    let pem = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    crate::auth::decoding_key(&JwtKey::PublicKeyPem(pem.clone())).map_err(|e| e.to_string())?;
+    Ok(JwtKey::PublicKeyPem(pem))
+}
+
+fn duration_or_zero(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected a duration such as 500ms or 10s)"))
 }
 
 fn redis_url(s: &str) -> Result<String, String> {
@@ -351,8 +441,7 @@ pub fn size(s: &str, min: usize) -> Result<usize, String> {
 
 /// A duration such as `500ms` or `10s`, above zero.
 pub fn duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{e} (expected a duration such as 500ms or 10s)"))?;
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (expected a duration such as 500ms or 10s)"))?;
     if d.is_zero() {
         return Err("must be above zero".into());
     }
@@ -366,10 +455,7 @@ fn random_node_id() -> String {
 impl Config {
     /// Shard channels of `room`.
     pub fn shards_of(&self, room: &str) -> u32 {
-        self.hot_rooms
-            .get(room)
-            .copied()
-            .unwrap_or(self.default_shards)
+        self.hot_rooms.get(room).copied().unwrap_or(self.default_shards)
     }
 }
 

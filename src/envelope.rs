@@ -73,13 +73,11 @@ impl Envelope {
     /// Decodes an envelope; `data` is a slice of `buf`, not a copy.
     pub fn decode(buf: &Bytes) -> Result<Envelope, DecodeError> {
         let mut rd: &[u8] = buf;
-        let len =
-            decode::read_array_len(&mut rd).map_err(|_| DecodeError::Malformed("not an array"))?;
+        let len = decode::read_array_len(&mut rd).map_err(|_| DecodeError::Malformed("not an array"))?;
         if len < 1 {
             return Err(DecodeError::Malformed("empty array"));
         }
-        let version: u64 =
-            decode::read_int(&mut rd).map_err(|_| DecodeError::Malformed("version"))?;
+        let version: u64 = decode::read_int(&mut rd).map_err(|_| DecodeError::Malformed("version"))?;
         if version != u64::from(VERSION) {
             return Err(DecodeError::Version(version));
         }
@@ -174,11 +172,7 @@ mod tests {
     fn overhead_is_within_budget() {
         for size in [0usize, 16, 300, 70_000] {
             let env = sample(&vec![b'1'; size]);
-            assert!(
-                overhead(&env) <= 48,
-                "size {size}: {} bytes",
-                overhead(&env)
-            );
+            assert!(overhead(&env) <= 48, "size {size}: {} bytes", overhead(&env));
         }
     }
 

@@ -149,13 +149,8 @@ pub fn decode_text(text: &str) -> Result<Request, FrameError> {
 
 /// Decodes a binary frame (MessagePack).
 pub fn decode_binary(bytes: &[u8]) -> Result<Request, FrameError> {
-    let wire: Wire<rmpv::Value> = rmp_serde::from_slice(bytes).map_err(|e| {
-        FrameError::new(
-            None,
-            ErrorCode::BadFrame,
-            format!("malformed MessagePack: {e}"),
-        )
-    })?;
+    let wire: Wire<rmpv::Value> = rmp_serde::from_slice(bytes)
+        .map_err(|e| FrameError::new(None, ErrorCode::BadFrame, format!("malformed MessagePack: {e}")))?;
     let id = wire.id.as_ref().and_then(|l| match l {
         Loose::Ok(n) => Some(*n),
         Loose::Bad(_) => None,
@@ -165,13 +160,8 @@ pub fn decode_binary(bytes: &[u8]) -> Result<Request, FrameError> {
         rmpv::encode::write_value(&mut out, &value)
             .map_err(|e| FrameError::new(id, ErrorCode::BadData, e.to_string()))?;
         // Reject at the source what no JSON subscriber could receive.
-        msgpack_to_json(&out).map_err(|e| {
-            FrameError::new(
-                id,
-                ErrorCode::BadData,
-                format!("data has no JSON form: {e}"),
-            )
-        })?;
+        msgpack_to_json(&out)
+            .map_err(|e| FrameError::new(id, ErrorCode::BadData, format!("data has no JSON form: {e}")))?;
         Ok(Data {
             format: Encoding::MsgPack,
             bytes: Bytes::from(out),
@@ -179,45 +169,20 @@ pub fn decode_binary(bytes: &[u8]) -> Result<Request, FrameError> {
     })
 }
 
-fn build<D>(
-    wire: Wire<D>,
-    data: impl FnOnce(D) -> Result<Data, FrameError>,
-) -> Result<Request, FrameError> {
+fn build<D>(wire: Wire<D>, data: impl FnOnce(D) -> Result<Data, FrameError>) -> Result<Request, FrameError> {
     let id = match wire.id {
         None => None,
         Some(Loose::Ok(n)) => Some(n),
-        Some(Loose::Bad(_)) => {
-            return Err(FrameError::new(
-                None,
-                ErrorCode::BadField,
-                "`id` must be an integer",
-            ))
-        }
+        Some(Loose::Bad(_)) => return Err(FrameError::new(None, ErrorCode::BadField, "`id` must be an integer")),
     };
     let op = match wire.op {
         Some(Loose::Ok(op)) => op,
-        Some(Loose::Bad(_)) => {
-            return Err(FrameError::new(
-                id,
-                ErrorCode::BadField,
-                "`op` must be a string",
-            ))
-        }
-        None => {
-            return Err(FrameError::new(
-                id,
-                ErrorCode::BadField,
-                "missing field `op`",
-            ))
-        }
+        Some(Loose::Bad(_)) => return Err(FrameError::new(id, ErrorCode::BadField, "`op` must be a string")),
+        None => return Err(FrameError::new(id, ErrorCode::BadField, "missing field `op`")),
     };
     let data = |present: Present<D>| match present.0 {
         Some(d) => data(d),
-        None => Err(FrameError::new(
-            id,
-            ErrorCode::BadField,
-            "missing field `data`",
-        )),
+        None => Err(FrameError::new(id, ErrorCode::BadField, "missing field `data`")),
     };
     let command = match op.as_str() {
         "join" => Command::Join {
@@ -253,12 +218,7 @@ fn build<D>(
     Ok(Request { id, command })
 }
 
-fn name(
-    id: Option<i64>,
-    field: Option<Loose<String>>,
-    key: &str,
-    code: ErrorCode,
-) -> Result<String, FrameError> {
+fn name(id: Option<i64>, field: Option<Loose<String>>, key: &str, code: ErrorCode) -> Result<String, FrameError> {
     match field {
         Some(Loose::Ok(s)) => match names::check(&s) {
             Ok(()) => Ok(s),
@@ -309,8 +269,7 @@ pub fn json_to_msgpack(data: &[u8]) -> Result<Vec<u8>, TranscodeError> {
     let mut out = Vec::with_capacity(data.len());
     let mut de = serde_json::Deserializer::from_slice(data);
     let mut ser = rmp_serde::Serializer::new(&mut out);
-    serde_transcode::transcode(&mut de, &mut ser)
-        .map_err(|e| TranscodeError::MsgPack(e.to_string()))?;
+    serde_transcode::transcode(&mut de, &mut ser).map_err(|e| TranscodeError::MsgPack(e.to_string()))?;
     de.end()?;
     Ok(out)
 }
@@ -364,8 +323,7 @@ pub fn broadcast_frame(encoding: Encoding, env: &Envelope) -> Result<Message, Tr
             out.extend_from_slice(b",\"data\":");
             out.extend_from_slice(data);
             out.push(b'}');
-            let text = Utf8Bytes::try_from(Bytes::from(out))
-                .map_err(|e| TranscodeError::MsgPack(e.to_string()))?;
+            let text = Utf8Bytes::try_from(Bytes::from(out)).map_err(|e| TranscodeError::MsgPack(e.to_string()))?;
             Ok(Message::Text(text))
         }
         Encoding::MsgPack => {
@@ -437,9 +395,7 @@ impl<'a> Reply<'a> {
     pub fn encode(&self, encoding: Encoding) -> Message {
         match encoding {
             Encoding::Json => Message::Text(serde_json::to_string(self).unwrap_or_default().into()),
-            Encoding::MsgPack => {
-                Message::Binary(rmp_serde::to_vec_named(self).unwrap_or_default().into())
-            }
+            Encoding::MsgPack => Message::Binary(rmp_serde::to_vec_named(self).unwrap_or_default().into()),
         }
     }
 }
@@ -459,9 +415,7 @@ mod tests {
             r,
             Request {
                 id: Some(7),
-                command: Command::Join {
-                    room: "stadium".into()
-                }
+                command: Command::Join { room: "stadium".into() }
             }
         );
         let r = decode_text(r#"{"op":"pub","room":"s","data":{"a":[1, 2]}}"#).unwrap();
@@ -476,13 +430,8 @@ mod tests {
             }
         );
         let r = decode_text(r#"{"op":"dm","to":"bob","data":null}"#).unwrap();
-        assert!(
-            matches!(r.command, Command::Dm { ref to, ref data } if to == "bob" && &data.bytes[..] == b"null")
-        );
-        assert_eq!(
-            decode_text(r#"{"op":"ping"}"#).unwrap().command,
-            Command::Ping
-        );
+        assert!(matches!(r.command, Command::Dm { ref to, ref data } if to == "bob" && &data.bytes[..] == b"null"));
+        assert_eq!(decode_text(r#"{"op":"ping"}"#).unwrap().command, Command::Ping);
         assert_eq!(
             decode_text(r#"{"op":"leave","room":"s"}"#).unwrap().command,
             Command::Leave { room: "s".into() }
@@ -507,9 +456,7 @@ mod tests {
         .unwrap();
         let r = decode_binary(&bytes).unwrap();
         assert_eq!(r.id, Some(3));
-        let Command::Pub { data, .. } = r.command else {
-            panic!()
-        };
+        let Command::Pub { data, .. } = r.command else { panic!() };
         assert_eq!(data.format, Encoding::MsgPack);
         assert_eq!(msgpack_to_json(&data.bytes).unwrap(), br#"[1,"x"]"#);
     }
@@ -518,10 +465,7 @@ mod tests {
     fn bad_input_gets_stable_codes_and_keeps_the_id() {
         assert_eq!(err("{not json").code, ErrorCode::BadFrame);
         assert_eq!(err("42").code, ErrorCode::BadFrame);
-        assert_eq!(
-            err(r#"{"op":"join","room":"a"} trailing"#).code,
-            ErrorCode::BadFrame
-        );
+        assert_eq!(err(r#"{"op":"join","room":"a"} trailing"#).code, ErrorCode::BadFrame);
         let e = err(r#"{"op":"fly","id":5}"#);
         assert_eq!((e.code, e.id), (ErrorCode::UnknownOp, Some(5)));
         let e = err(r#"{"op":"join","id":6}"#);
@@ -531,16 +475,10 @@ mod tests {
         assert_eq!(err(r#"{"op":"ping","id":"x"}"#).code, ErrorCode::BadField);
         assert_eq!(err(r#"{"op":"pub","room":"a"}"#).code, ErrorCode::BadField);
         assert_eq!(err(r#"{"op":"join","room":""}"#).code, ErrorCode::BadRoom);
-        assert_eq!(
-            err(r#"{"op":"join","room":"a\u0007"}"#).code,
-            ErrorCode::BadRoom
-        );
+        assert_eq!(err(r#"{"op":"join","room":"a\u0007"}"#).code, ErrorCode::BadRoom);
         let long = format!(r#"{{"op":"join","room":"{}"}}"#, "r".repeat(129));
         assert_eq!(err(&long).code, ErrorCode::BadRoom);
-        assert_eq!(
-            err(r#"{"op":"dm","to":"","data":1}"#).code,
-            ErrorCode::BadUser
-        );
+        assert_eq!(err(r#"{"op":"dm","to":"","data":1}"#).code, ErrorCode::BadUser);
         assert_eq!(
             decode_binary(b"\xc1\xff\x00garbage").unwrap_err().code,
             ErrorCode::BadFrame
@@ -620,10 +558,7 @@ mod tests {
                 ..env(format, b"", Kind::Room)
             };
             for enc in Encoding::ALL {
-                assert!(
-                    broadcast_frame(enc, &e).is_err(),
-                    "{format:?} {data:?} as {enc:?}"
-                );
+                assert!(broadcast_frame(enc, &e).is_err(), "{format:?} {data:?} as {enc:?}");
             }
         }
     }
@@ -634,10 +569,7 @@ mod tests {
         let Message::Text(t) = Reply::error(&e).encode(Encoding::Json) else {
             panic!()
         };
-        assert_eq!(
-            t.as_str(),
-            r#"{"op":"error","id":9,"code":"bad_room","message":"bad"}"#
-        );
+        assert_eq!(t.as_str(), r#"{"op":"error","id":9,"code":"bad_room","message":"bad"}"#);
         let Message::Binary(b) = Reply::op("ok", Some(1)).encode(Encoding::MsgPack) else {
             panic!()
         };

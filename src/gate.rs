@@ -197,10 +197,7 @@ mod tests {
         assert_eq!(gate.push(text(30)), Push::Overflow);
         assert!(gate.is_overflowed());
         assert_eq!(gate.push(text(1)), Push::Closed);
-        assert!(matches!(
-            gate.next(&mut VecDeque::new()).await,
-            Next::Overflow
-        ));
+        assert!(matches!(gate.next(&mut VecDeque::new()).await, Next::Overflow));
     }
 
     #[tokio::test]
@@ -237,10 +234,7 @@ mod tests {
         let mut buf = VecDeque::new();
         assert!(matches!(gate.next(&mut buf).await, Next::Frames(10)));
         buf.clear();
-        assert!(matches!(
-            gate.next(&mut buf).await,
-            Next::Close(Some((4001, "drain")))
-        ));
+        assert!(matches!(gate.next(&mut buf).await, Next::Close(Some((4001, "drain")))));
     }
 
     #[tokio::test(start_paused = true)]

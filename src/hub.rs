@@ -140,34 +140,21 @@ impl Hub {
 
     /// Every registered socket, for draining.
     pub fn members(&self) -> Vec<Member> {
-        self.inner
-            .sessions
-            .iter()
-            .map(|e| e.value().clone())
-            .collect()
+        self.inner.sessions.iter().map(|e| e.value().clone()).collect()
     }
 
     /// Adds a registered socket to a topic and waits until the topic's channels are subscribed,
     /// so that anything published after this returns reaches the socket.
-    pub async fn join(
-        &self,
-        topic: Topic,
-        id: SessionId,
-        timeout: Duration,
-    ) -> Result<(), JoinError> {
+    pub async fn join(&self, topic: Topic, id: SessionId, timeout: Duration) -> Result<(), JoinError> {
         let Some(member) = self.inner.sessions.get(&id).map(|m| m.clone()) else {
             return Err(JoinError::Closed);
         };
         let wait = {
-            let mut entry = self
-                .inner
-                .topics
-                .entry(topic.clone())
-                .or_insert_with(|| Entry {
-                    members: IndexMap::with_hasher(Hasher::new()),
-                    state: SubState::Unsubscribed,
-                    waiters: Vec::new(),
-                });
+            let mut entry = self.inner.topics.entry(topic.clone()).or_insert_with(|| Entry {
+                members: IndexMap::with_hasher(Hasher::new()),
+                state: SubState::Unsubscribed,
+                waiters: Vec::new(),
+            });
             entry.members.insert(id, member);
             match entry.state {
                 SubState::Subscribed => None,
@@ -180,12 +167,7 @@ impl Hub {
                     let (tx, rx) = oneshot::channel();
                     entry.waiters.push(tx);
                     entry.state = SubState::Pending;
-                    if self
-                        .inner
-                        .interest
-                        .send(Interest::Want(topic.clone()))
-                        .is_err()
-                    {
+                    if self.inner.interest.send(Interest::Want(topic.clone())).is_err() {
                         entry.members.swap_remove(&id);
                         return Err(JoinError::Closed);
                     }
@@ -269,8 +251,8 @@ impl Hub {
         };
         let mut frames: [Option<Option<(Message, usize)>>; 2] = [None, None];
         for member in entry.members.values() {
-            let built = frames[member.encoding.index()].get_or_insert_with(
-                || match broadcast_frame(member.encoding, env) {
+            let built =
+                frames[member.encoding.index()].get_or_insert_with(|| match broadcast_frame(member.encoding, env) {
                     Ok(frame) => {
                         let len = crate::gate::frame_len(&frame);
                         Some((frame, len))
@@ -279,8 +261,7 @@ impl Hub {
                         tracing::debug!(error = %e, topic = ?topic, "message cannot be encoded");
                         None
                     }
-                },
-            );
+                });
             let Some((frame, len)) = built else {
                 out.unencodable += 1;
                 continue;
@@ -301,10 +282,6 @@ impl Hub {
 
     /// Per-socket queued bytes, for the sampled queue metrics.
     pub fn queue_depths(&self) -> Vec<usize> {
-        self.inner
-            .sessions
-            .iter()
-            .map(|e| e.value().gate.queued())
-            .collect()
+        self.inner.sessions.iter().map(|e| e.value().gate.queued()).collect()
     }
 }

@@ -74,8 +74,7 @@ pub async fn run(
             .drain(..)
             .filter(|t| seen.insert(t.clone()) && hub.has_topic(t))
             .collect();
-        let (ready, new): (Vec<Topic>, Vec<Topic>) =
-            todo.into_iter().partition(|t| subscribed.contains(t));
+        let (ready, new): (Vec<Topic>, Vec<Topic>) = todo.into_iter().partition(|t| subscribed.contains(t));
         for t in ready {
             hub.subscribed(&t, Ok(()));
         }

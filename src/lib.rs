@@ -9,12 +9,14 @@
 //! - [`session`]: one socket: reader, writer, commands.
 //! - [`frame`]: client frames in JSON and MessagePack; [`envelope`]: the bus envelope.
 //! - [`names`]: what a room or user name may be; [`close`]: close and error codes.
+//! - [`auth`]: tokens and what they grant.
 //! - [`gate`]: the per-socket byte budget.
 //! - [`hub`]: local sockets and topics, fan-out.
 //! - [`interest`]: subscribe on first member, unsubscribe after the last.
 //! - [`bus`]: the seam to other nodes: [`bus::redis`] (Redis Cluster) and [`bus::memory`] (embedded).
 //! - [`node`]: the shared handle; [`shutdown`]: the drain; [`metrics`]: names and recorder.
 
+pub mod auth;
 pub mod bus;
 pub mod close;
 pub mod config;
@@ -51,14 +53,12 @@ pub enum RunError {
     Bus(#[from] BusError),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
 }
 
 /// Serves a node on `listener` until `shutdown` is cancelled, then drains and returns.
-pub async fn run(
-    listener: TcpListener,
-    config: Config,
-    shutdown: CancellationToken,
-) -> Result<(), RunError> {
+pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     let tracker = TaskTracker::new();
     let internal = CancellationToken::new();
     let (hub, interest_rx) = Hub::new();
@@ -100,14 +100,17 @@ pub async fn run(
         internal.clone(),
     ));
     tracker.spawn(sample(hub.clone(), internal.clone()));
-    let node = Node::new(config, hub, bus.clone(), naming, metrics::handle());
+    let verifier = config.jwt.as_ref().map(auth::Verifier::new).transpose()?;
+    let node = Node::new(config, hub, bus.clone(), naming, metrics::handle(), verifier);
 
     if let Some(addr) = node.config().metrics_listen {
         let listener = TcpListener::bind(addr).await?;
         let app = server::metrics_router(node.clone());
         let stop = internal.clone();
         tracker.spawn(async move {
-            let served = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "metrics listener failed");
             }
@@ -121,9 +124,7 @@ pub async fn run(
             shutdown::drain(&node).await;
         }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(drained)
-        .await?;
+    axum::serve(listener, app).with_graceful_shutdown(drained).await?;
 
     bus.close().await;
     internal.cancel();

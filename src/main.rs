@@ -7,9 +7,7 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     let config = match Args::parse().with_file().and_then(|a| a.resolve()) {
         Ok(c) => c,
@@ -19,9 +17,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     if config.api_key.is_none() {
-        tracing::warn!(
-            "auth is off: POST /publish is open and clients name themselves with ?user="
-        );
+        tracing::warn!("auth is off: POST /publish is open and clients name themselves with ?user=");
     }
     // Every socket is a file: take the hard limit, not the (often 1024) soft one.
     match rlimit::increase_nofile_limit(u64::MAX) {

@@ -33,13 +33,7 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_names() {
-        for ok in [
-            "stadium",
-            "match:42",
-            "ü-bahn",
-            "a b",
-            &"x".repeat(MAX_NAME_BYTES),
-        ] {
+        for ok in ["stadium", "match:42", "ü-bahn", "a b", &"x".repeat(MAX_NAME_BYTES)] {
             assert_eq!(check(ok), Ok(()), "{ok}");
         }
     }
@@ -47,10 +41,7 @@ mod tests {
     #[test]
     fn refuses_empty_long_and_control() {
         assert_eq!(check(""), Err(NameError::Empty));
-        assert_eq!(
-            check(&"x".repeat(MAX_NAME_BYTES + 1)),
-            Err(NameError::TooLong)
-        );
+        assert_eq!(check(&"x".repeat(MAX_NAME_BYTES + 1)), Err(NameError::TooLong));
         assert_eq!(check("a\nb"), Err(NameError::Control));
         assert_eq!(check("a\u{0}b"), Err(NameError::Control));
         assert_eq!(check("\u{7f}"), Err(NameError::Control));

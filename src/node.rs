@@ -9,6 +9,7 @@ use std::sync::{
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::{
+    auth::Verifier,
     bus::{Bus, Naming},
     config::Config,
     hub::Hub,
@@ -25,6 +26,7 @@ struct Inner {
     bus: Arc<Bus>,
     naming: Naming,
     metrics: PrometheusHandle,
+    verifier: Option<Verifier>,
     draining: AtomicBool,
 }
 
@@ -35,7 +37,9 @@ impl Node {
         bus: Arc<Bus>,
         naming: Naming,
         metrics: PrometheusHandle,
+        verifier: Option<Verifier>,
     ) -> Node {
+        let draining = AtomicBool::new(false);
         Node {
             inner: Arc::new(Inner {
                 config,
@@ -43,9 +47,15 @@ impl Node {
                 bus,
                 naming,
                 metrics,
-                draining: AtomicBool::new(false),
+                verifier,
+                draining,
             }),
         }
+    }
+
+    /// The token checker, when auth is configured.
+    pub fn verifier(&self) -> Option<&Verifier> {
+        self.inner.verifier.as_ref()
     }
 
     pub fn config(&self) -> &Config {

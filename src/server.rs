@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
 use crate::{
+    auth::Grants,
     close::ErrorCode,
     envelope::Kind,
     frame::{Data, Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK},
@@ -30,10 +31,7 @@ pub fn router(node: Node) -> Router {
     let body_limit = node.config().max_frame_bytes;
     Router::new()
         .route("/ws", get(upgrade))
-        .route(
-            "/publish",
-            post(publish).layer(DefaultBodyLimit::max(body_limit)),
-        )
+        .route("/publish", post(publish).layer(DefaultBodyLimit::max(body_limit)))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -55,32 +53,71 @@ impl IntoResponse for ApiError {
     }
 }
 
+fn refuse(status: StatusCode, code: ErrorCode, reason: &'static str, message: String) -> Response {
+    m::upgrade_refused(reason);
+    ApiError(status, code, message).into_response()
+}
+
 async fn upgrade(
     State(node): State<Node>,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let config = node.config();
     if node.is_draining() {
-        return ApiError(
+        return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable,
+            "draining",
             "node is draining".into(),
-        )
-        .into_response();
+        );
     }
-    let user: Arc<str> = match query.get("user") {
-        Some(user) => match names::check(user) {
-            Ok(()) => user.as_str().into(),
-            Err(e) => {
-                return ApiError(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::BadUser,
-                    format!("`user` {e}"),
-                )
-                .into_response()
+    if node.hub().sessions() >= config.max_connections {
+        let msg = format!("node holds its maximum of {} connections", config.max_connections);
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "capacity", msg);
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let allowed = &config.allowed_origins;
+        if !allowed.is_empty() && !allowed.iter().any(|a| a.as_bytes() == origin.as_bytes()) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                "origin",
+                "origin not allowed".into(),
+            );
+        }
+    }
+    let grants = match node.verifier() {
+        Some(verifier) => {
+            let token = query.get("token").map(String::as_str).or_else(|| bearer(&headers));
+            let Some(token) = token else {
+                return refuse(
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::Unauthorized,
+                    "auth",
+                    "missing token".into(),
+                );
+            };
+            match verifier.verify(token) {
+                Ok(grants) => grants,
+                Err(e) => return refuse(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "auth", e.to_string()),
             }
+        }
+        None => match query.get("user") {
+            Some(user) => match names::check(user) {
+                Ok(()) => Grants::open(user.as_str().into()),
+                Err(e) => {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::BadUser,
+                        "bad_user",
+                        format!("`user` {e}"),
+                    )
+                }
+            },
+            None => Grants::open(format!("anon-{:016x}", rand::random::<u64>()).into()),
         },
-        None => format!("anon-{:016x}", rand::random::<u64>()).into(),
     };
     let ws = ws.protocols([PROTOCOL_JSON, PROTOCOL_MSGPACK]);
     let encoding = ws
@@ -88,25 +125,20 @@ async fn upgrade(
         .and_then(|p| p.to_str().ok())
         .and_then(Encoding::from_protocol)
         .unwrap_or(Encoding::Json);
-    let config = node.config();
     let gate = Arc::new(Gate::new(config.max_buffered_bytes));
     let id = node.hub().register(Member {
         gate: gate.clone(),
         encoding,
     });
-    let membership = Membership::new(node.hub().clone(), id, user);
+    let membership = Membership::new(node.hub().clone(), id, grants);
     // Direct messages reach the socket from the moment its upgrade is answered.
-    if let Err(e) = node
-        .hub()
-        .join(membership.user_topic(), id, config.join_timeout)
-        .await
-    {
-        return ApiError(
+    if let Err(e) = node.hub().join(membership.user_topic(), id, config.join_timeout).await {
+        return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable,
+            "unavailable",
             e.to_string(),
-        )
-        .into_response();
+        );
     }
     let max_frame = config.max_frame_bytes;
     ws.read_buffer_size(READ_BUFFER_BYTES)
@@ -114,6 +146,14 @@ async fn upgrade(
         .max_message_size(max_frame)
         .max_frame_size(max_frame)
         .on_upgrade(move |socket| session::serve(socket, node, gate, encoding, membership))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
 }
 
 #[derive(Deserialize)]
@@ -124,17 +164,9 @@ struct PublishBody<'a> {
     from: Option<String>,
 }
 
-async fn publish(
-    State(node): State<Node>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<StatusCode, ApiError> {
+async fn publish(State(node): State<Node>, headers: HeaderMap, body: Bytes) -> Result<StatusCode, ApiError> {
     if let Some(key) = &node.config().api_key {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+        let given = bearer(&headers).unwrap_or("");
         if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
             metrics::counter!(m::AUTH_FAILURES).increment(1);
             return Err(ApiError(
@@ -145,12 +177,8 @@ async fn publish(
         }
     }
     let bad = |code: ErrorCode, msg: String| ApiError(StatusCode::BAD_REQUEST, code, msg);
-    let body: PublishBody = serde_json::from_slice(&body).map_err(|e| {
-        bad(
-            ErrorCode::BadFrame,
-            format!("expected {{\"room\":R,\"data\":D}}: {e}"),
-        )
-    })?;
+    let body: PublishBody = serde_json::from_slice(&body)
+        .map_err(|e| bad(ErrorCode::BadFrame, format!("expected {{\"room\":R,\"data\":D}}: {e}")))?;
     names::check(&body.room).map_err(|e| bad(ErrorCode::BadRoom, format!("`room` {e}")))?;
     let from = body.from.unwrap_or_else(|| "server".into());
     names::check(&from).map_err(|e| bad(ErrorCode::BadUser, format!("`from` {e}")))?;

@@ -5,14 +5,19 @@
 use std::{
     collections::{HashSet, VecDeque},
     pin::pin,
-    sync::Arc,
-    time::Duration,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use bytes::Bytes;
 use futures_util::{stream::SplitSink, SinkExt, StreamExt};
 
 use crate::{
+    auth::Grants,
     close::{code, CloseReason, ErrorCode},
     envelope::{self, Envelope, Kind},
     frame::{decode_binary, decode_text, Command, Data, Encoding, FrameError, Reply, Request},
@@ -29,26 +34,26 @@ pub const READ_BUFFER_BYTES: usize = 4 << 10;
 /// end of every batch anyway, so this only bounds the buffer a burst leaves behind.
 pub const WRITE_BUFFER_BYTES: usize = 16 << 10;
 
-/// A registered socket's place in the hub; leaving every topic on drop.
+/// A registered socket's place in the hub and its rights; leaves every topic on drop.
 pub struct Membership {
     hub: Hub,
     id: SessionId,
-    user: Arc<str>,
+    grants: Grants,
     rooms: HashSet<Arc<str>>,
 }
 
 impl Membership {
-    pub fn new(hub: Hub, id: SessionId, user: Arc<str>) -> Membership {
+    pub fn new(hub: Hub, id: SessionId, grants: Grants) -> Membership {
         Membership {
             hub,
             id,
-            user,
+            grants,
             rooms: HashSet::new(),
         }
     }
 
     pub fn user_topic(&self) -> Topic {
-        Topic::User(self.user.clone())
+        Topic::User(self.grants.user.clone())
     }
 }
 
@@ -58,35 +63,115 @@ impl Drop for Membership {
             .rooms
             .drain()
             .map(Topic::Room)
-            .chain([Topic::User(self.user.clone())]);
+            .chain([Topic::User(self.grants.user.clone())]);
         self.hub.unregister(self.id, topics);
     }
 }
 
+/// A token bucket over one connection's commands.
+struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+    /// Commands refused since the bucket last had a token.
+    refused: u32,
+}
+
+/// What the bucket says about one command.
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    Yes,
+    Refuse,
+    /// Refused as often as the burst in a row: close the connection.
+    Close,
+}
+
+impl RateLimit {
+    fn new(rate: u32, burst: u32, now: Instant) -> RateLimit {
+        RateLimit {
+            rate: rate as f64,
+            burst: burst as f64,
+            tokens: burst as f64,
+            last: now,
+            refused: 0,
+        }
+    }
+
+    fn admit(&mut self, now: Instant) -> Admit {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused = 0;
+            Admit::Yes
+        } else {
+            self.refused += 1;
+            if self.refused as f64 > self.burst {
+                Admit::Close
+            } else {
+                Admit::Refuse
+            }
+        }
+    }
+}
+
 /// Runs a connection until it closes.
-pub async fn serve(
-    socket: WebSocket,
-    node: Node,
-    gate: Arc<Gate>,
-    encoding: Encoding,
-    mut membership: Membership,
-) {
+pub async fn serve(socket: WebSocket, node: Node, gate: Arc<Gate>, encoding: Encoding, mut membership: Membership) {
     m::connection_opened();
     let (sink, mut stream) = socket.split();
-    let grace = node.config().close_grace;
+    let config = node.config();
+    let grace = config.close_grace;
+    let started = Instant::now();
+    // Milliseconds since `started` when the client was last heard from.
+    let heard = AtomicU64::new(0);
     let mut writer = pin!(write(sink, gate.clone(), grace));
+    let expires = membership.grants.expires.map(|exp| {
+        let left = exp.saturating_sub(envelope::now_us() / 1_000_000);
+        tokio::time::Instant::now() + Duration::from_secs(left)
+    });
+    let mut expiry = pin!(async move {
+        match expires {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    });
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + config.ping_interval, config.ping_interval);
     let reason = {
-        let reader = read(&mut stream, &node, &gate, encoding, &mut membership);
-        tokio::select! {
-            end = &mut writer => end,
-            reason = reader => {
-                match reason {
-                    CloseReason::FrameTooLarge => gate.close(Some((code::FRAME_TOO_LARGE, "frame too large"))),
-                    CloseReason::Normal => gate.close(None),
-                    _ => gate.close(Some((code::NORMAL, ""))),
+        let mut reader = pin!(read(
+            &mut stream,
+            &node,
+            &gate,
+            encoding,
+            &mut membership,
+            &heard,
+            started
+        ));
+        loop {
+            tokio::select! {
+                end = &mut writer => break end,
+                reason = &mut reader => {
+                    match reason {
+                        CloseReason::FrameTooLarge => gate.close(Some((code::FRAME_TOO_LARGE, "frame too large"))),
+                        CloseReason::RateLimited => gate.close(Some((code::POLICY, "rate limited"))),
+                        CloseReason::Normal => gate.close(None),
+                        _ => gate.close(Some((code::NORMAL, ""))),
+                    }
+                    let _ = tokio::time::timeout(grace, &mut writer).await;
+                    break reason;
                 }
-                let _ = tokio::time::timeout(grace, &mut writer).await;
-                reason
+                _ = ping.tick() => {
+                    let silent = started.elapsed().saturating_sub(Duration::from_millis(heard.load(Ordering::Relaxed)));
+                    if silent > config.idle_timeout {
+                        gate.close(Some((code::IDLE, "idle timeout")));
+                    } else {
+                        gate.push(Message::Ping(Bytes::new()));
+                    }
+                }
+                _ = &mut expiry => {
+                    gate.close(Some((code::TOKEN_EXPIRED, "token expired")));
+                }
             }
         }
     };
@@ -100,19 +185,36 @@ async fn read(
     gate: &Gate,
     encoding: Encoding,
     membership: &mut Membership,
+    heard: &AtomicU64,
+    started: Instant,
 ) -> CloseReason {
+    let config = node.config();
+    let mut limit = RateLimit::new(config.command_rate, config.command_burst, Instant::now());
     while let Some(msg) = stream.next().await {
+        heard.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         let request = match msg {
             Ok(Message::Text(t)) => decode_text(&t),
             Ok(Message::Binary(b)) => decode_binary(&b),
-            // Tungstenite answers pings by itself; pongs need nothing.
+            // Tungstenite answers pings by itself; a pong only proves the client is alive.
             Ok(Message::Ping(_) | Message::Pong(_)) => continue,
             Ok(Message::Close(_)) => return CloseReason::Normal,
             Err(e) => return classify(e),
         };
-        let reply = match request {
-            Ok(request) => run(request, node, membership).await,
-            Err(e) => Err(e),
+        let reply = match limit.admit(Instant::now()) {
+            Admit::Yes => match request {
+                Ok(request) => run(request, node, membership).await,
+                Err(e) => Err(e),
+            },
+            Admit::Refuse => {
+                let id = request.as_ref().ok().and_then(|r| r.id);
+                m::rate_limited();
+                Err(FrameError::new(
+                    id,
+                    ErrorCode::RateLimited,
+                    format!("more than {} commands per second", config.command_rate),
+                ))
+            }
+            Admit::Close => return CloseReason::RateLimited,
         };
         let frame = match &reply {
             Ok(Some(reply)) => reply.encode(encoding),
@@ -131,28 +233,28 @@ fn classify(e: axum::Error) -> CloseReason {
     use tokio_tungstenite::tungstenite::Error as WsError;
     match e.into_inner().downcast::<WsError>() {
         Ok(e) if matches!(*e, WsError::Capacity(_)) => CloseReason::FrameTooLarge,
-        Ok(e) if matches!(*e, WsError::ConnectionClosed | WsError::AlreadyClosed) => {
-            CloseReason::Normal
-        }
+        Ok(e) if matches!(*e, WsError::ConnectionClosed | WsError::AlreadyClosed) => CloseReason::Normal,
         _ => CloseReason::Error,
     }
 }
 
 /// Runs one command; `Ok(None)` means nothing to answer.
-async fn run(
-    request: Request,
-    node: &Node,
-    membership: &mut Membership,
-) -> Result<Option<Reply<'static>>, FrameError> {
+async fn run(request: Request, node: &Node, membership: &mut Membership) -> Result<Option<Reply<'static>>, FrameError> {
     let id = request.id;
-    let ok =
-        |op: &'static str| Ok(Some(Reply::op(op, id)).filter(|_| id.is_some() || op == "pong"));
+    let ok = |op: &'static str| Ok(Some(Reply::op(op, id)).filter(|_| id.is_some() || op == "pong"));
     match request.command {
         Command::Ping => ok("pong"),
         Command::Join { room } => {
             let room: Arc<str> = room.into();
             if membership.rooms.contains(&room) {
                 return ok("ok");
+            }
+            if !membership.grants.may_join(&room) {
+                return Err(FrameError::new(
+                    id,
+                    ErrorCode::Forbidden,
+                    format!("the token does not allow room {room:?}"),
+                ));
             }
             let max = node.config().max_rooms_per_conn;
             if membership.rooms.len() >= max {
@@ -163,11 +265,7 @@ async fn run(
                 ));
             }
             node.hub()
-                .join(
-                    Topic::Room(room.clone()),
-                    membership.id,
-                    node.config().join_timeout,
-                )
+                .join(Topic::Room(room.clone()), membership.id, node.config().join_timeout)
                 .await
                 .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
             membership.rooms.insert(room);
@@ -184,13 +282,18 @@ async fn run(
             node.hub().leave(&Topic::Room(room), membership.id);
             ok("ok")
         }
+        Command::Pub { .. } | Command::Dm { .. } if !membership.grants.may_publish() => Err(FrameError::new(
+            id,
+            ErrorCode::Forbidden,
+            "the token does not allow publishing",
+        )),
         Command::Pub { room, data } => {
-            publish(node, Kind::Room, room, &membership.user, data, id).await?;
+            publish(node, Kind::Room, room, &membership.grants.user, data, id).await?;
             m::published("ws");
             ok("ok")
         }
         Command::Dm { to, data } => {
-            publish(node, Kind::Direct, to, &membership.user, data, id).await?;
+            publish(node, Kind::Direct, to, &membership.grants.user, data, id).await?;
             m::published("ws");
             ok("ok")
         }
@@ -233,11 +336,7 @@ enum Flushed {
 }
 
 /// Drains the gate into the socket until the gate overflows or closes, or the socket fails.
-async fn write(
-    mut sink: SplitSink<WebSocket, Message>,
-    gate: Arc<Gate>,
-    grace: Duration,
-) -> CloseReason {
+async fn write(mut sink: SplitSink<WebSocket, Message>, gate: Arc<Gate>, grace: Duration) -> CloseReason {
     let mut buf = VecDeque::new();
     loop {
         match gate.next(&mut buf).await {
@@ -311,4 +410,30 @@ async fn close(
     }));
     let _ = tokio::time::timeout(grace, sink.send(frame)).await;
     why
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_admits_a_burst_then_the_rate_then_closes() {
+        let t0 = Instant::now();
+        let mut l = RateLimit::new(10, 5, t0);
+        for _ in 0..5 {
+            assert_eq!(l.admit(t0), Admit::Yes);
+        }
+        assert_eq!(l.admit(t0), Admit::Refuse);
+        // 100 ms at 10/s buys one command.
+        assert_eq!(l.admit(t0 + Duration::from_millis(100)), Admit::Yes);
+        let t1 = t0 + Duration::from_millis(100);
+        for _ in 0..5 {
+            assert_eq!(l.admit(t1), Admit::Refuse);
+        }
+        assert_eq!(l.admit(t1), Admit::Close);
+        // A full second refills the burst, never beyond it.
+        let mut l = RateLimit::new(10, 5, t0);
+        assert_eq!(l.admit(t0 + Duration::from_secs(60)), Admit::Yes);
+        assert!(l.tokens <= 5.0);
+    }
 }

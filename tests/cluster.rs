@@ -105,7 +105,10 @@ async fn hot_room_spreads_over_eight_shard_channels_and_unsubscribes_after() {
         assert_eq!(seen.len(), SENDERS);
     }
     drop(viewers);
-    eventually("shard channels unsubscribed", || async { cluster.shard_channels(&format!("{prefix}*")).is_empty() }).await;
+    eventually("shard channels unsubscribed", || async {
+        cluster.shard_channels(&format!("{prefix}*")).is_empty()
+    })
+    .await;
     for n in nodes {
         n.stop().await;
     }
@@ -122,11 +125,17 @@ async fn direct_message_reaches_both_tabs_on_two_nodes() {
     let mut tab2 = Client::connect(&b.ws("?user=carol")).await;
     let mut dave = Client::connect(&a.ws("?user=dave")).await;
     // Both nodes hold carol's channel, once each in the cluster.
-    assert_eq!(cluster.shard_channels(&format!("{user_prefix}carol")), vec![format!("{user_prefix}carol")]);
+    assert_eq!(
+        cluster.shard_channels(&format!("{user_prefix}carol")),
+        vec![format!("{user_prefix}carol")]
+    );
     let r = dave.request(json!({"op":"dm","to":"carol","data":{"hi":1}})).await;
     assert_eq!(r["op"], "ok");
     for tab in [&mut tab1, &mut tab2] {
-        assert_eq!(tab.recv().await.unwrap(), json!({"op":"dm","from":"dave","data":{"hi":1}}));
+        assert_eq!(
+            tab.recv().await.unwrap(),
+            json!({"op":"dm","from":"dave","data":{"hi":1}})
+        );
     }
     // The sender got nothing but its ok.
     let r = dave.request(json!({"op":"ping"})).await;
@@ -149,7 +158,10 @@ async fn msgpack_and_json_clients_share_a_room_across_nodes() {
     mp_client.publish("mixed", json!({"n": -3})).await;
     for c in [&mut json_client, &mut mp_client] {
         let first: Value = c.recv().await.unwrap();
-        assert_eq!(first, json!({"op":"msg","room":"mixed","from":"j","data":{"odds":[1.5, 2.25], "s":"é"}}));
+        assert_eq!(
+            first,
+            json!({"op":"msg","room":"mixed","from":"j","data":{"odds":[1.5, 2.25], "s":"é"}})
+        );
         let second: Value = c.recv().await.unwrap();
         assert_eq!(second, json!({"op":"msg","room":"mixed","from":"m","data":{"n":-3}}));
     }
@@ -169,7 +181,10 @@ async fn slow_consumer_is_dropped_with_4008_while_a_fast_one_misses_nothing() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(node.addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(node.ws("?user=slow"), tokio_tungstenite::MaybeTlsStream::Plain(stream)).await.unwrap();
+    let (ws, _) =
+        tokio_tungstenite::client_async(node.ws("?user=slow"), tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
     let mut slow = Client::from_ws(ws);
     slow.join("feed").await;
     let mut fast = Client::connect(&node.ws("?user=fast")).await;
@@ -178,7 +193,9 @@ async fn slow_consumer_is_dropped_with_4008_while_a_fast_one_misses_nothing() {
     const N: u64 = 2500;
     let reader = tokio::spawn(async move {
         for seq in 0..N {
-            let Some(v) = fast.recv().await else { panic!("fast client closed at seq {seq}: {:?}", fast.close_code().await) };
+            let Some(v) = fast.recv().await else {
+                panic!("fast client closed at seq {seq}: {:?}", fast.close_code().await)
+            };
             assert_eq!(v["data"]["seq"], seq);
         }
     });
@@ -209,11 +226,26 @@ async fn http_publish_needs_the_key_when_one_is_set() {
     let r = http.post(a.url("/publish")).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "unauthorized");
-    let r = http.post(a.url("/publish")).bearer_auth("wrong").json(&body).send().await.unwrap();
+    let r = http
+        .post(a.url("/publish"))
+        .bearer_auth("wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let r = http.post(a.url("/publish")).bearer_auth("s3cret").json(&body).send().await.unwrap();
+    let r = http
+        .post(a.url("/publish"))
+        .bearer_auth("s3cret")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
-    assert_eq!(viewer.recv().await.unwrap(), json!({"op":"msg","room":"scores","from":"server","data":{"home":2,"away":1}}));
+    assert_eq!(
+        viewer.recv().await.unwrap(),
+        json!({"op":"msg","room":"scores","from":"server","data":{"home":2,"away":1}})
+    );
     let r = http
         .post(a.url("/publish"))
         .bearer_auth("s3cret")
@@ -228,11 +260,23 @@ async fn http_publish_needs_the_key_when_one_is_set() {
         (json!({"room":"","data":1}), "bad_room"),
         (json!({"room":"r","data":1,"from":"a\nb"}), "bad_user"),
     ] {
-        let r = http.post(a.url("/publish")).bearer_auth("s3cret").json(&bad).send().await.unwrap();
+        let r = http
+            .post(a.url("/publish"))
+            .bearer_auth("s3cret")
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 400, "{bad}");
         assert_eq!(r.json::<Value>().await.unwrap()["code"], code, "{bad}");
     }
-    let r = http.post(a.url("/publish")).bearer_auth("s3cret").body("{nope").send().await.unwrap();
+    let r = http
+        .post(a.url("/publish"))
+        .bearer_auth("s3cret")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     a.stop().await;
     b.stop().await;

@@ -20,7 +20,10 @@ async fn rooms_and_direct_messages_work_on_one_node() {
     }
     for c in [&mut a, &mut b] {
         for seq in 0..50 {
-            assert_eq!(c.recv().await.unwrap(), json!({"op":"msg","room":"lobby","from":"ann","data":{"seq":seq}}));
+            assert_eq!(
+                c.recv().await.unwrap(),
+                json!({"op":"msg","room":"lobby","from":"ann","data":{"seq":seq}})
+            );
         }
     }
     let r = a.request(json!({"op":"dm","to":"bob","data":"psst"})).await;
@@ -57,12 +60,21 @@ async fn bad_input_gets_an_error_frame_and_keeps_the_connection() {
         (Message::Text(r#"{"op":"join","room":12}"#.into()), "bad_field"),
         (Message::Text(r#"{"op":"pub","room":"r"}"#.into()), "bad_field"),
         (Message::Text(r#"{"op":"join","room":""}"#.into()), "bad_room"),
-        (Message::Text(format!(r#"{{"op":"join","room":"{}"}}"#, "x".repeat(129)).into()), "bad_room"),
+        (
+            Message::Text(format!(r#"{{"op":"join","room":"{}"}}"#, "x".repeat(129)).into()),
+            "bad_room",
+        ),
         (Message::Text(r#"{"op":"join","room":"tab\there"}"#.into()), "bad_room"),
         (Message::Text(r#"{"op":"dm","to":"","data":1}"#.into()), "bad_user"),
-        (Message::Text(r#"{"op":"dm","to":"x\u0000","data":1}"#.into()), "bad_user"),
+        (
+            Message::Text(r#"{"op":"dm","to":"x\u0000","data":1}"#.into()),
+            "bad_user",
+        ),
         (Message::Binary(vec![0xc1, 0xff, 0x00, 0x13].into()), "bad_frame"),
-        (Message::Binary(rmp_serde::to_vec_named(&json!({"op":"leave"})).unwrap().into()), "bad_field"),
+        (
+            Message::Binary(rmp_serde::to_vec_named(&json!({"op":"leave"})).unwrap().into()),
+            "bad_field",
+        ),
     ];
     for (frame, code) in cases {
         let shown = format!("{frame:?}");
@@ -79,7 +91,10 @@ async fn bad_input_gets_an_error_frame_and_keeps_the_connection() {
     assert_eq!(v["op"], "pong");
     c.join("a").await;
     c.join("b").await;
-    assert_eq!(c.request(json!({"op":"join","room":"c"})).await["code"], "too_many_rooms");
+    assert_eq!(
+        c.request(json!({"op":"join","room":"c"})).await["code"],
+        "too_many_rooms"
+    );
     // The bystander saw none of it and still gets messages.
     c.publish("r", json!({"still":"fine"})).await;
     assert_eq!(bystander.recv().await.unwrap()["data"], json!({"still":"fine"}));
@@ -105,11 +120,28 @@ async fn bad_upgrades_are_refused_before_the_socket_opens() {
     let http = reqwest::Client::new();
     assert_eq!(http.get(node.url("/healthz")).send().await.unwrap().status(), 200);
     assert_eq!(http.get(node.url("/readyz")).send().await.unwrap().status(), 200);
-    let r = http.post(node.url("/publish")).json(&json!({"room":"r","data":null})).send().await.unwrap();
+    let r = http
+        .post(node.url("/publish"))
+        .json(&json!({"room":"r","data":null}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202, "open without --api-key");
-    let r = http.post(node.url("/publish")).body(vec![b'1'; 70_000]).send().await.unwrap();
+    let r = http
+        .post(node.url("/publish"))
+        .body(vec![b'1'; 70_000])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 413);
-    let metrics = http.get(node.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("shardcast_messages_published_total"), "{metrics}");
     node.stop().await;
 }
@@ -117,7 +149,16 @@ async fn bad_upgrades_are_refused_before_the_socket_opens() {
 #[test]
 fn a_bad_setting_stops_the_node_before_it_binds() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardcast"))
-        .args(["--listen", "127.0.0.1:1", "--default-shards", "zero", "--max-buffered-bytes", "1x", "--hot-room", "a"])
+        .args([
+            "--listen",
+            "127.0.0.1:1",
+            "--default-shards",
+            "zero",
+            "--max-buffered-bytes",
+            "1x",
+            "--hot-room",
+            "a",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -125,9 +166,20 @@ fn a_bad_setting_stops_the_node_before_it_binds() {
     for name in ["--default-shards", "--max-buffered-bytes", "--hot-room"] {
         assert!(err.contains(name), "{name} not named in: {err}");
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardcast")).arg("--help").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardcast"))
+        .arg("--help")
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--listen", "--redis", "--hot-room", "--max-buffered-bytes", "--max-frame-bytes", "--api-key", "SHARDCAST_REDIS"] {
+    for flag in [
+        "--listen",
+        "--redis",
+        "--hot-room",
+        "--max-buffered-bytes",
+        "--max-frame-bytes",
+        "--api-key",
+        "SHARDCAST_REDIS",
+    ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
 }

@@ -43,12 +43,7 @@ pub struct Naming {
 }
 
 impl Naming {
-    pub fn new(
-        room_prefix: &str,
-        user_prefix: &str,
-        default_shards: u32,
-        hot_rooms: HashMap<String, u32>,
-    ) -> Naming {
+    pub fn new(room_prefix: &str, user_prefix: &str, default_shards: u32, hot_rooms: HashMap<String, u32>) -> Naming {
         Naming {
             room_prefix: room_prefix.into(),
             user_prefix: user_prefix.into(),
@@ -58,10 +53,7 @@ impl Naming {
     }
 
     pub fn shards(&self, room: &str) -> u32 {
-        self.hot_rooms
-            .get(room)
-            .copied()
-            .unwrap_or(self.default_shards)
+        self.hot_rooms.get(room).copied().unwrap_or(self.default_shards)
     }
 
     /// `<prefix><room>:shard<N>`
@@ -77,9 +69,7 @@ impl Naming {
     /// Every channel a topic's members need.
     pub fn channels(&self, topic: &Topic) -> Vec<String> {
         match topic {
-            Topic::Room(room) => (0..self.shards(room))
-                .map(|n| self.room_channel(room, n))
-                .collect(),
+            Topic::Room(room) => (0..self.shards(room)).map(|n| self.room_channel(room, n)).collect(),
             Topic::User(user) => vec![self.user_channel(user)],
         }
     }
@@ -225,17 +215,9 @@ mod tests {
 
     #[test]
     fn channel_names() {
-        let n = Naming::new(
-            "ws:room:",
-            "ws:user:",
-            1,
-            HashMap::from([("stadium".to_string(), 4)]),
-        );
+        let n = Naming::new("ws:room:", "ws:user:", 1, HashMap::from([("stadium".to_string(), 4)]));
         assert_eq!(n.room_channel("lobby", 0), "ws:room:lobby:shard0");
-        assert_eq!(
-            n.channels(&Topic::Room("lobby".into())),
-            vec!["ws:room:lobby:shard0"]
-        );
+        assert_eq!(n.channels(&Topic::Room("lobby".into())), vec!["ws:room:lobby:shard0"]);
         assert_eq!(
             n.channels(&Topic::Room("stadium".into())),
             vec![

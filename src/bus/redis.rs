@@ -67,12 +67,7 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
 fn config(urls: &[String], resp3: bool) -> Result<Config, BusError> {
     let mut hosts = Vec::new();
     for url in urls {
-        hosts.extend(
-            Config::from_url_clustered(url)
-                .map_err(unavailable)?
-                .server
-                .hosts(),
-        );
+        hosts.extend(Config::from_url_clustered(url).map_err(unavailable)?.server.hosts());
     }
     let mut config = Config::from_url_clustered(&urls[0]).map_err(unavailable)?;
     config.server = ServerConfig::Clustered {
@@ -105,10 +100,7 @@ fn build(urls: &[String], resp3: bool, timeout: Duration) -> Result<Client, BusE
 fn group_by_slot(channels: Vec<String>) -> HashMap<u16, Vec<String>> {
     let mut groups: HashMap<u16, Vec<String>> = HashMap::new();
     for c in channels {
-        groups
-            .entry(redis_keyslot(c.as_bytes()))
-            .or_default()
-            .push(c);
+        groups.entry(redis_keyslot(c.as_bytes())).or_default().push(c);
     }
     groups
 }
@@ -146,10 +138,7 @@ impl RedisBus {
         })
         .await;
         if up.is_err() {
-            tracing::warn!(
-                ?urls,
-                "Redis Cluster not reachable yet; retrying in the background"
-            );
+            tracing::warn!(?urls, "Redis Cluster not reachable yet; retrying in the background");
         }
         let bus = RedisBus { inner };
         m::bus_up(bus.is_ready());
@@ -225,12 +214,7 @@ impl RedisBus {
             m::subscriptions(t.channels);
         }
         // Untracked first: if the owner is unreachable its subscriptions die with the connection.
-        let results = join_all(
-            groups
-                .into_values()
-                .map(|g| self.inner.subscriber.sunsubscribe(g)),
-        )
-        .await;
+        let results = join_all(groups.into_values().map(|g| self.inner.subscriber.sunsubscribe(g))).await;
         results
             .into_iter()
             .collect::<Result<Vec<_>, _>>()
@@ -243,11 +227,7 @@ impl RedisBus {
         let i = &self.inner;
         i.publisher.is_connected()
             && i.subscriber.is_connected()
-            && i.tracked
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .stale
-                .is_empty()
+            && i.tracked.lock().unwrap_or_else(|p| p.into_inner()).stale.is_empty()
     }
 
     pub async fn close(&self) {
@@ -303,12 +283,7 @@ async fn watch_reconnects(
                 m::bus_reconnect();
                 tracing::info!(%server, "Redis connection rebuilt; resubscribing its slots");
                 let mut t = inner.tracked.lock().unwrap_or_else(|p| p.into_inner());
-                let slots: Vec<u16> = t
-                    .owner
-                    .iter()
-                    .filter(|(_, o)| **o == server)
-                    .map(|(s, _)| *s)
-                    .collect();
+                let slots: Vec<u16> = t.owner.iter().filter(|(_, o)| **o == server).map(|(s, _)| *s).collect();
                 t.stale.extend(slots);
                 drop(t);
                 inner.wake.notify_one();
@@ -343,12 +318,7 @@ async fn reconcile(inner: Arc<Inner>, cancel: CancellationToken) {
         }
         let ready = inner.publisher.is_connected()
             && inner.subscriber.is_connected()
-            && inner
-                .tracked
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .stale
-                .is_empty();
+            && inner.tracked.lock().unwrap_or_else(|p| p.into_inner()).stale.is_empty();
         if ready != was_ready {
             m::bus_up(ready);
             was_ready = ready;
@@ -368,8 +338,7 @@ async fn resubscribe_moved(inner: &Inner) {
             .filter_map(|(slot, channels)| {
                 let now = state.get_server(*slot).cloned();
                 let moved = now.as_ref() != t.owner.get(slot);
-                (moved || t.stale.contains(slot))
-                    .then(|| (*slot, channels.iter().cloned().collect(), now))
+                (moved || t.stale.contains(slot)).then(|| (*slot, channels.iter().cloned().collect(), now))
             })
             .collect()
     };
