@@ -5,10 +5,13 @@
 
 use std::sync::OnceLock;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::{close::CloseReason, hub::Delivery};
+use crate::{
+    close::{CloseReason, ErrorCode},
+    hub::Delivery,
+};
 
 // Connections.
 pub const CONNECTIONS_OPEN: &str = "shardcast_connections_open";
@@ -48,16 +51,13 @@ pub fn handle() -> PrometheusHandle {
                 .set_buckets_for_metric(
                     Matcher::Full(LATENCY.into()),
                     &[
-                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                        5.0,
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     ],
                 )
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(QUEUE_DEPTH.into()),
-                        &[
-                            0.0, 1024.0, 8192.0, 65536.0, 262144.0, 524288.0, 1048576.0, 4194304.0,
-                        ],
+                        &[0.0, 1024.0, 8192.0, 65536.0, 262144.0, 524288.0, 1048576.0, 4194304.0],
                     )
                 })
                 .expect("bucket lists are not empty");
@@ -65,9 +65,231 @@ pub fn handle() -> PrometheusHandle {
             let handle = recorder.handle();
             // Another recorder may be installed already (an embedding application); ours still renders.
             let _ = metrics::set_global_recorder(recorder);
+            describe();
             handle
         })
         .clone()
+}
+
+// Every value the bounded labels take, so each series exists (at zero) from start-up. A variant
+// added to `CloseReason` or `ErrorCode` stops the `*_slot` matches compiling until it has a slot,
+// and the const checks below then fail until it is in the list at that slot.
+pub const CLOSE_REASONS: [CloseReason; 8] = [
+    CloseReason::Normal,
+    CloseReason::SlowConsumer,
+    CloseReason::FrameTooLarge,
+    CloseReason::Idle,
+    CloseReason::Auth,
+    CloseReason::Drain,
+    CloseReason::Error,
+    CloseReason::RateLimited,
+];
+/// Codes a socket's command can fail with (`unauthorized` is HTTP only).
+pub const BAD_FRAME_CODES: [ErrorCode; 11] = [
+    ErrorCode::BadFrame,
+    ErrorCode::UnknownOp,
+    ErrorCode::BadField,
+    ErrorCode::BadRoom,
+    ErrorCode::BadUser,
+    ErrorCode::BadData,
+    ErrorCode::TooManyRooms,
+    ErrorCode::NotJoined,
+    ErrorCode::Unavailable,
+    ErrorCode::Forbidden,
+    ErrorCode::RateLimited,
+];
+pub const PUBLISH_SOURCES: [&str; 2] = ["ws", "http"];
+pub const DROP_REASONS: [&str; 3] = ["queue_full", "lagged", "undecodable"];
+pub const UPGRADE_REFUSED_REASONS: [&str; 6] = ["auth", "origin", "capacity", "draining", "bad_user", "unavailable"];
+
+const fn close_reason_slot(r: CloseReason) -> usize {
+    match r {
+        CloseReason::Normal => 0,
+        CloseReason::SlowConsumer => 1,
+        CloseReason::FrameTooLarge => 2,
+        CloseReason::Idle => 3,
+        CloseReason::Auth => 4,
+        CloseReason::Drain => 5,
+        CloseReason::Error => 6,
+        CloseReason::RateLimited => 7,
+    }
+}
+
+const fn bad_frame_slot(c: ErrorCode) -> usize {
+    match c {
+        ErrorCode::BadFrame => 0,
+        ErrorCode::UnknownOp => 1,
+        ErrorCode::BadField => 2,
+        ErrorCode::BadRoom => 3,
+        ErrorCode::BadUser => 4,
+        ErrorCode::BadData => 5,
+        ErrorCode::TooManyRooms => 6,
+        ErrorCode::NotJoined => 7,
+        ErrorCode::Unavailable => 8,
+        ErrorCode::Forbidden => 9,
+        ErrorCode::RateLimited => 10,
+        ErrorCode::Unauthorized => usize::MAX,
+    }
+}
+
+const _: () = {
+    let mut i = 0;
+    while i < CLOSE_REASONS.len() {
+        assert!(close_reason_slot(CLOSE_REASONS[i]) == i);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < BAD_FRAME_CODES.len() {
+        assert!(bad_frame_slot(BAD_FRAME_CODES[i]) == i);
+        i += 1;
+    }
+};
+
+/// Help text and units for every metric, and a zero for every series, so dashboards and `rate()`
+/// work before the first event. `shardcast_bus_up` is left to the bus, which sets it on connect:
+/// a zero here would read as "bus down" on a node that never sets it (the embedded bus).
+pub fn describe() {
+    describe_gauge!(CONNECTIONS_OPEN, Unit::Count, "WebSocket connections open now.");
+    describe_counter!(
+        CONNECTIONS_ACCEPTED,
+        Unit::Count,
+        "WebSocket connections accepted (upgraded)."
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        Unit::Count,
+        "WebSocket connections closed, by reason."
+    );
+    describe_gauge!(
+        ROOMS_LOCAL,
+        Unit::Count,
+        "Rooms with local members (sampled every second)."
+    );
+    describe_gauge!(
+        TOPICS_LOCAL,
+        Unit::Count,
+        "Rooms and user inboxes with local members (sampled every second)."
+    );
+    describe_gauge!(
+        SUBSCRIPTIONS,
+        Unit::Count,
+        "Bus channels (room shards and user inboxes) this node is subscribed to."
+    );
+    describe_counter!(
+        PUBLISHED,
+        Unit::Count,
+        "Messages this node handed to the bus, by source (ws or http)."
+    );
+    describe_counter!(
+        BUS_RECEIVED,
+        Unit::Count,
+        "Envelopes received from the bus and decoded."
+    );
+    describe_counter!(
+        BUS_DROPPED,
+        Unit::Count,
+        "Bus messages dropped before delivery, by reason."
+    );
+    describe_counter!(
+        DELIVERIES,
+        Unit::Count,
+        "Frames queued to local sockets (one per message per socket)."
+    );
+    describe_counter!(DELIVERED_BYTES, Unit::Bytes, "Bytes queued to local sockets.");
+    describe_counter!(
+        UNENCODABLE,
+        Unit::Count,
+        "Deliveries skipped because the message has no form in the socket's encoding."
+    );
+    describe_histogram!(
+        LATENCY,
+        Unit::Seconds,
+        "Time from publish (envelope timestamp) to fan-out on this node."
+    );
+    describe_counter!(
+        SLOW_CONSUMER_DROPS,
+        Unit::Count,
+        "Sockets closed with 4008 because their queued bytes passed the budget."
+    );
+    describe_gauge!(
+        QUEUED_BYTES,
+        Unit::Bytes,
+        "Outbound bytes queued over all local sockets (sampled every second)."
+    );
+    describe_histogram!(
+        QUEUE_DEPTH,
+        Unit::Bytes,
+        "Per-socket outbound queued bytes (sampled every second)."
+    );
+    describe_gauge!(
+        BUS_UP,
+        Unit::Count,
+        "1 when the bus is connected and every subscription is in place, else 0."
+    );
+    describe_counter!(BUS_PUBLISH_ERRORS, Unit::Count, "Publishes the bus refused or failed.");
+    describe_counter!(BUS_RECONNECTS, Unit::Count, "Redis connections rebuilt.");
+    describe_counter!(
+        BUS_RESUBSCRIPTIONS,
+        Unit::Count,
+        "Channels subscribed again after a reconnect or slot move."
+    );
+    describe_counter!(
+        BAD_FRAMES,
+        Unit::Count,
+        "Client commands refused with an error frame, by error code."
+    );
+    describe_counter!(
+        AUTH_FAILURES,
+        Unit::Count,
+        "Requests and upgrades refused for missing or wrong credentials."
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        Unit::Count,
+        "Client commands refused by the per-connection rate limit."
+    );
+    describe_counter!(
+        UPGRADES_REFUSED,
+        Unit::Count,
+        "WebSocket upgrades refused before the socket opened, by reason."
+    );
+
+    for name in [
+        CONNECTIONS_ACCEPTED,
+        BUS_RECEIVED,
+        DELIVERIES,
+        DELIVERED_BYTES,
+        UNENCODABLE,
+        SLOW_CONSUMER_DROPS,
+        BUS_PUBLISH_ERRORS,
+        BUS_RECONNECTS,
+        BUS_RESUBSCRIPTIONS,
+        AUTH_FAILURES,
+        RATE_LIMITED,
+    ] {
+        counter!(name).increment(0);
+    }
+    for name in [CONNECTIONS_OPEN, ROOMS_LOCAL, TOPICS_LOCAL, SUBSCRIPTIONS, QUEUED_BYTES] {
+        gauge!(name).increment(0.0);
+    }
+    for reason in CLOSE_REASONS {
+        counter!(CONNECTIONS_CLOSED, "reason" => reason.as_str()).increment(0);
+    }
+    for source in PUBLISH_SOURCES {
+        counter!(PUBLISHED, "source" => source).increment(0);
+    }
+    for reason in DROP_REASONS {
+        counter!(BUS_DROPPED, "reason" => reason).increment(0);
+    }
+    for code in BAD_FRAME_CODES {
+        counter!(BAD_FRAMES, "code" => code.as_str()).increment(0);
+    }
+    for reason in UPGRADE_REFUSED_REASONS {
+        counter!(UPGRADES_REFUSED, "reason" => reason).increment(0);
+    }
+    // Registering a histogram renders it with empty buckets.
+    let _ = histogram!(LATENCY);
+    let _ = histogram!(QUEUE_DEPTH);
 }
 
 pub fn connection_opened() {
@@ -136,5 +358,21 @@ pub fn sample(rooms: usize, topics: usize, depths: &[usize]) {
     let h = histogram!(QUEUE_DEPTH);
     for d in depths {
         h.record(*d as f64);
+    }
+}
+
+// Limits and auth (appended by the security work).
+pub const RATE_LIMITED: &str = "shardcast_rate_limited_total";
+pub const UPGRADES_REFUSED: &str = "shardcast_upgrades_refused_total";
+
+pub fn rate_limited() {
+    counter!(RATE_LIMITED).increment(1);
+}
+
+/// An upgrade refused before the socket opened: `auth`, `origin`, `capacity`, `draining`, `bad_user`, `unavailable`.
+pub fn upgrade_refused(reason: &'static str) {
+    counter!(UPGRADES_REFUSED, "reason" => reason).increment(1);
+    if reason == "auth" {
+        counter!(AUTH_FAILURES).increment(1);
     }
 }
