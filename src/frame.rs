@@ -546,6 +546,13 @@ mod tests {
     }
 
     #[test]
+    fn transcoding_keeps_every_float_digit() {
+        // Found by tests/fuzz.rs: without exact float parsing the last digit was lost.
+        let mp = json_to_msgpack(b"{\"\":2.3906368994147834e-39}").unwrap();
+        assert_eq!(msgpack_to_json(&mp).unwrap(), b"{\"\":2.3906368994147834e-39}");
+    }
+
+    #[test]
     fn broken_data_from_a_backend_is_refused() {
         for (format, data) in [
             (Encoding::Json, &b"{\"a\":"[..]),

@@ -137,6 +137,7 @@ pub async fn serve(socket: WebSocket, node: Node, gate: Arc<Gate>, encoding: Enc
             None => std::future::pending().await,
         }
     });
+    let mut expired = false;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + config.ping_interval, config.ping_interval);
     let reason = {
         let mut reader = pin!(read(
@@ -169,7 +170,8 @@ pub async fn serve(socket: WebSocket, node: Node, gate: Arc<Gate>, encoding: Enc
                         gate.push(Message::Ping(Bytes::new()));
                     }
                 }
-                _ = &mut expiry => {
+                _ = &mut expiry, if !expired => {
+                    expired = true;
                     gate.close(Some((code::TOKEN_EXPIRED, "token expired")));
                 }
             }

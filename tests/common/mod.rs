@@ -51,8 +51,17 @@ impl Cluster {
                 .output()
                 .expect("run redis-cluster/up");
             if out.status.success() {
-                let url = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().trim().to_string();
-                let ports = std::fs::read_to_string(dir.join("ports")).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+                let url = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .last()
+                    .unwrap()
+                    .trim()
+                    .to_string();
+                let ports = std::fs::read_to_string(dir.join("ports"))
+                    .unwrap()
+                    .lines()
+                    .map(|l| l.parse().unwrap())
+                    .collect();
                 return Cluster { dir, url, ports };
             }
             // A port picked as free may have been taken meanwhile: try again with others.
@@ -68,7 +77,12 @@ impl Cluster {
     }
 
     pub fn redis_cli(&self, port: u16, args: &[&str]) -> String {
-        let out = Command::new("redis-cli").arg("-p").arg(port.to_string()).args(args).output().expect("redis-cli");
+        let out = Command::new("redis-cli")
+            .arg("-p")
+            .arg(port.to_string())
+            .args(args)
+            .output()
+            .expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -77,7 +91,12 @@ impl Cluster {
         let mut all: Vec<String> = self
             .ports
             .iter()
-            .flat_map(|p| self.redis_cli(*p, &["pubsub", "shardchannels", pattern]).lines().map(str::to_owned).collect::<Vec<_>>())
+            .flat_map(|p| {
+                self.redis_cli(*p, &["pubsub", "shardchannels", pattern])
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
             .filter(|l| !l.is_empty())
             .collect();
         all.sort();
@@ -87,7 +106,10 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = Command::new(repo().join("redis-cluster/down")).arg("--dir").arg(&self.dir).output();
+        let _ = Command::new(repo().join("redis-cluster/down"))
+            .arg("--dir")
+            .arg(&self.dir)
+            .output();
     }
 }
 
@@ -126,7 +148,11 @@ impl Node {
         let task = tokio::spawn(async move {
             shardcast::run(listener, config, token).await.expect("node run");
         });
-        let node = Node { addr, shutdown, task: Some(task) };
+        let node = Node {
+            addr,
+            shutdown,
+            task: Some(task),
+        };
         node.wait_ready().await;
         node
     }
@@ -142,7 +168,11 @@ impl Node {
     pub async fn wait_ready(&self) {
         let http = reqwest::Client::new();
         eventually("node ready", || async {
-            http.get(self.url("/readyz")).send().await.map(|r| r.status() == 200).unwrap_or(false)
+            http.get(self.url("/readyz"))
+                .send()
+                .await
+                .map(|r| r.status() == 200)
+                .unwrap_or(false)
         })
         .await;
     }
@@ -183,6 +213,8 @@ pub struct Client {
     next_id: i64,
     /// Frames that arrived while waiting for a reply.
     inbox: VecDeque<Value>,
+    /// The close code `recv` saw, if it saw one.
+    pub closed_with: Option<u16>,
 }
 
 impl Client {
@@ -195,12 +227,27 @@ impl Client {
         if let Some(p) = protocol {
             req.headers_mut().insert("Sec-WebSocket-Protocol", p.parse().unwrap());
         }
-        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await.expect("connect in time").expect("connect");
-        Client { ws, msgpack: protocol == Some("shardcast.v1.msgpack"), next_id: 1, inbox: VecDeque::new() }
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        Client {
+            ws,
+            msgpack: protocol == Some("shardcast.v1.msgpack"),
+            next_id: 1,
+            inbox: VecDeque::new(),
+            closed_with: None,
+        }
     }
 
     pub fn from_ws(ws: Ws) -> Client {
-        Client { ws, msgpack: false, next_id: 1, inbox: VecDeque::new() }
+        Client {
+            ws,
+            msgpack: false,
+            next_id: 1,
+            inbox: VecDeque::new(),
+            closed_with: None,
+        }
     }
 
     pub async fn send(&mut self, v: Value) {
@@ -222,7 +269,9 @@ impl Client {
             return Some(v);
         }
         loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("frame in time")?;
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("frame in time")?;
             let msg = match msg {
                 Ok(m) => m,
                 Err(e) => {
@@ -234,7 +283,7 @@ impl Client {
                 Message::Text(t) => return Some(serde_json::from_str(&t).expect("JSON frame")),
                 Message::Binary(b) => return Some(rmp_serde::from_slice(&b).expect("MessagePack frame")),
                 Message::Close(f) => {
-                    eprintln!("closed: {f:?}");
+                    self.closed_with = f.map(|f| f.code.into());
                     return None;
                 }
                 _ => continue,
@@ -249,7 +298,11 @@ impl Client {
         v["id"] = json!(id);
         self.send(v).await;
         loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("reply in time").expect("open").unwrap();
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("reply in time")
+                .expect("open")
+                .unwrap();
             let v: Value = match msg {
                 Message::Text(t) => serde_json::from_str(&t).unwrap(),
                 Message::Binary(b) => rmp_serde::from_slice(&b).unwrap(),

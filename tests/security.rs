@@ -1,0 +1,191 @@
+//! Who may connect, join and publish, and the limits against abuse, against a real node.
+
+mod common;
+
+use common::{config, Client, Node};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use shardcast::config::JwtKey;
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+
+const SECRET: &str = "test-secret-not-for-production";
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn hs256(claims: Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// The HTTP status an upgrade was refused with.
+async fn refused(req: impl IntoClientRequest + Unpin) -> u16 {
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("upgrade was accepted"),
+    }
+}
+
+async fn jwt_node() -> Node {
+    let mut cfg = config(None, "jwt");
+    cfg.jwt = Some(JwtKey::Secret(SECRET.into()));
+    Node::start(cfg).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_need_a_valid_token() {
+    let node = jwt_node().await;
+    assert_eq!(refused(node.ws("?user=mallory")).await, 401, "no token");
+    assert_eq!(refused(node.ws("?token=garbage")).await, 401, "malformed");
+    let expired = hs256(json!({"sub":"ann","exp":now() - 60}));
+    assert_eq!(refused(node.ws(&format!("?token={expired}"))).await, 401, "expired");
+    let forged = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub":"ann","exp":now() + 600}),
+        &EncodingKey::from_secret(b"another secret"),
+    )
+    .unwrap();
+    assert_eq!(
+        refused(node.ws(&format!("?token={forged}"))).await,
+        401,
+        "wrong signature"
+    );
+
+    // A valid token by query or header; `sub` names the user and `?user=` is ignored.
+    let ann = hs256(json!({"sub":"ann","exp":now() + 600,"pub":true}));
+    let mut a = Client::connect(&node.ws(&format!("?token={ann}&user=mallory"))).await;
+    let mut req = node.ws("").into_client_request().unwrap();
+    let bob = hs256(json!({"sub":"bob","exp":now() + 600}));
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {bob}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut b = Client::from_ws(ws);
+    assert_eq!(a.request(json!({"op":"dm","to":"bob","data":1})).await["op"], "ok");
+    assert_eq!(b.recv().await.unwrap(), json!({"op":"dm","from":"ann","data":1}));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_limit_rooms_and_publishing() {
+    let node = jwt_node().await;
+    let viewer = hs256(json!({"sub":"viewer","exp":now() + 600,"rooms":["match:*"]}));
+    let mut v = Client::connect(&node.ws(&format!("?token={viewer}"))).await;
+    v.join("match:42").await;
+    let r = v.request(json!({"op":"join","room":"backstage"})).await;
+    assert_eq!(r["code"], "forbidden", "{r}");
+    let r = v.request(json!({"op":"pub","room":"match:42","data":"spam"})).await;
+    assert_eq!(r["code"], "forbidden", "no pub claim: {r}");
+    let r = v.request(json!({"op":"dm","to":"anyone","data":"spam"})).await;
+    assert_eq!(r["code"], "forbidden", "{r}");
+    let caster = hs256(json!({"sub":"caster","exp":now() + 600,"pub":true}));
+    let mut c = Client::connect(&node.ws(&format!("?token={caster}"))).await;
+    c.publish("match:42", json!({"goal":true})).await;
+    // The viewer got the caster's message, and nothing from its own refused publish.
+    assert_eq!(
+        v.recv().await.unwrap(),
+        json!({"op":"msg","room":"match:42","from":"caster","data":{"goal":true}})
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_connection_is_closed_when_its_token_expires() {
+    let node = jwt_node().await;
+    let short = hs256(json!({"sub":"brief","exp":now() + 2}));
+    let mut c = Client::connect(&node.ws(&format!("?token={short}"))).await;
+    c.join("r").await;
+    assert_eq!(c.close_code().await, Some(4003));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn es256_public_keys_are_accepted() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys");
+    let mut cfg = config(None, "es256");
+    cfg.jwt = Some(JwtKey::PublicKeyPem(
+        std::fs::read_to_string(dir.join("es256-test-public.pem")).unwrap(),
+    ));
+    let node = Node::start(cfg).await;
+    let private = std::fs::read(dir.join("es256-test-private.pem")).unwrap();
+    let token = encode(
+        &Header::new(Algorithm::ES256),
+        &json!({"sub":"ec","exp":now() + 600}),
+        &EncodingKey::from_ec_pem(&private).unwrap(),
+    )
+    .unwrap();
+    let mut c = Client::connect(&node.ws(&format!("?token={token}"))).await;
+    assert_eq!(c.request(json!({"op":"ping"})).await["op"], "pong");
+    // An HS256 token signed with the public key's text is refused (no algorithm confusion).
+    let pem = std::fs::read(dir.join("es256-test-public.pem")).unwrap();
+    let confused = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub":"x","exp":now() + 600}),
+        &EncodingKey::from_secret(&pem),
+    )
+    .unwrap();
+    assert_eq!(refused(node.ws(&format!("?token={confused}"))).await, 401);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_origins_are_checked() {
+    let mut cfg = config(None, "origin");
+    cfg.allowed_origins = vec!["https://stadium.example".into()];
+    let node = Node::start(cfg).await;
+    let with_origin = |origin: &str| {
+        let mut req = node.ws("?user=o").into_client_request().unwrap();
+        req.headers_mut().insert("Origin", origin.parse().unwrap());
+        req
+    };
+    assert_eq!(refused(with_origin("https://evil.example")).await, 403);
+    let (ws, _) = tokio_tungstenite::connect_async(with_origin("https://stadium.example"))
+        .await
+        .unwrap();
+    drop(ws);
+    // Non-browser clients send no Origin and are not refused for it.
+    Client::connect(&node.ws("?user=cli")).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_and_command_rate_are_enforced() {
+    let mut cfg = config(None, "limits");
+    cfg.max_connections = 2;
+    cfg.command_rate = 5;
+    cfg.command_burst = 5;
+    let node = Node::start(cfg).await;
+    let mut a = Client::connect(&node.ws("?user=a")).await;
+    let _b = Client::connect(&node.ws("?user=b")).await;
+    assert_eq!(refused(node.ws("?user=c")).await, 503, "third connection over the cap");
+
+    // A burst passes, then commands are refused with rate_limited, then the flood is cut with 1008.
+    let mut codes = Vec::new();
+    for i in 0..5 {
+        a.send(json!({"op":"ping","id":i})).await;
+    }
+    for _ in 0..5 {
+        codes.push(a.recv().await.unwrap()["op"].as_str().unwrap().to_string());
+    }
+    assert!(codes.iter().all(|c| c == "pong"), "{codes:?}");
+    for i in 0..20 {
+        a.send(json!({"op":"ping","id":100 + i})).await;
+    }
+    let mut limited = 0;
+    while let Some(v) = a.recv().await {
+        if v["code"] == "rate_limited" {
+            limited += 1;
+        }
+    }
+    assert!(limited >= 1, "no rate_limited error before the close");
+    assert_eq!(a.closed_with, Some(1008));
+    node.stop().await;
+}
