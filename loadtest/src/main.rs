@@ -1,1 +1,592 @@
-fn main() {}
+//! shardcast-loadtest: opens many WebSocket clients against one or more shardcast nodes, runs a
+//! scenario for a fixed time, and reports deliveries, losses, latency and the nodes' CPU and
+//! memory. Every phase has a deadline, so a run always ends by itself.
+
+mod conn;
+mod procfs;
+mod report;
+mod stats;
+mod wire;
+
+use std::{
+    collections::BTreeMap,
+    io::IsTerminal,
+    net::{IpAddr, Ipv4Addr},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::{sync::watch, time::Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::{
+    conn::{Ctx, NodeUrl, Outcome, Phase, Publisher, Spec, Via},
+    report::{mib, AuxUsage, Connections, Delivery, Latency, NodeUsage, Publish, Report},
+    stats::{Latencies, Tally},
+    wire::{Encoding, Target},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// One hot room: many subscribers, a few publishers.
+    Stadium,
+    /// Many small rooms: every client publishes to and subscribes to its room.
+    Chat,
+    /// Direct messages: each user sends to the next, who is connected to another node.
+    Dm,
+    /// Connections only, to measure memory per connection.
+    Idle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Encodings {
+    Json,
+    Msgpack,
+    /// Every other connection in MessagePack (exercises transcoding).
+    Mixed,
+}
+
+/// Load generator for shardcast nodes (traffic to loopback nodes only).
+#[derive(Debug, Parser)]
+#[command(name = "shardcast-loadtest", version)]
+struct Args {
+    /// What load to generate.
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// A node's WebSocket URL; repeat to spread clients over several nodes.
+    #[arg(long = "url", default_value = "ws://127.0.0.1:8080/ws")]
+    urls: Vec<String>,
+    /// Loopback source addresses to connect from, 127.0.0.2 onwards (each has its own ~28k ports).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=250))]
+    source_addrs: u8,
+    /// Clients: subscribers (stadium), room members (chat), users (dm) or connections (idle).
+    /// Default: 2000, 10000, 2000, 18000.
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Publishing connections of the stadium (not subscribed).
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
+    /// Rooms of the chat scenario.
+    #[arg(long, default_value_t = 1000)]
+    rooms: usize,
+    /// The stadium's room (give it shards on the nodes with --hot-room NAME=N).
+    #[arg(long, default_value = "stadium")]
+    room: String,
+    /// Prefix of generated user and chat room names.
+    #[arg(long, default_value = "lt")]
+    prefix: String,
+    /// Messages published per second, all publishers together. Default: 200 (stadium),
+    /// 2000 (chat), 1000 (dm).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Size of each message's data.
+    #[arg(long, default_value_t = 128)]
+    payload_bytes: usize,
+    #[arg(long, value_enum, default_value_t = Encodings::Json)]
+    encoding: Encodings,
+    /// How publishers publish; `http` is `POST /publish` (rooms only).
+    #[arg(long, value_enum, default_value_t = Via::Ws)]
+    publish_via: Via,
+    /// Seconds of publishing (or of holding the connections, for idle).
+    #[arg(long, default_value_t = 20.0)]
+    duration: f64,
+    /// At most this many seconds after publishing stops to wait for the last deliveries.
+    #[arg(long, default_value_t = 5.0)]
+    drain: f64,
+    /// New connections per second while ramping up.
+    #[arg(long, default_value_t = 2000.0)]
+    ramp_per_sec: f64,
+    /// Seconds one connection may take to connect and join.
+    #[arg(long, default_value_t = 10.0)]
+    connect_timeout: f64,
+    /// A node process to report CPU and memory of; repeatable.
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+    /// Another process (e.g. redis-server) to report CPU of; repeatable.
+    #[arg(long = "aux-pid")]
+    aux_pids: Vec<u32>,
+    /// Runtime worker threads of the load generator.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The whole run's connections and who publishes to whom.
+struct Plan {
+    specs: Vec<Spec>,
+    /// Per publisher: how many connections should receive each of its messages.
+    fan: Vec<u64>,
+    rate: f64,
+}
+
+fn period(publishers: usize, rate: f64) -> Duration {
+    Duration::from_secs_f64(publishers as f64 / rate)
+}
+
+fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
+    let clients = args.clients.unwrap_or(match args.scenario {
+        Scenario::Stadium | Scenario::Dm => 2000,
+        Scenario::Chat => 10_000,
+        Scenario::Idle => 18_000,
+    });
+    let rate = args.rate.unwrap_or(match args.scenario {
+        Scenario::Stadium => 200.0,
+        Scenario::Chat => 2000.0,
+        Scenario::Dm => 1000.0,
+        Scenario::Idle => 0.0,
+    });
+    if args.scenario != Scenario::Idle && !(rate > 0.0 && rate.is_finite()) {
+        bail!("--rate must be positive");
+    }
+    if args.scenario == Scenario::Dm && args.publish_via == Via::Http {
+        bail!("POST /publish only publishes to rooms: dm needs --publish-via ws");
+    }
+    if clients == 0 {
+        bail!("--clients must be positive");
+    }
+    let pre = &args.prefix;
+    let base = |idx: usize, node: usize, user: String| Spec {
+        idx,
+        node: node % nodes,
+        source: IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            2 + (idx % usize::from(args.source_addrs)) as u8,
+        )),
+        user,
+        encoding: match args.encoding {
+            Encodings::Json => Encoding::Json,
+            Encodings::Msgpack => Encoding::Msgpack,
+            Encodings::Mixed if idx.is_multiple_of(2) => Encoding::Json,
+            Encodings::Mixed => Encoding::Msgpack,
+        },
+        ws: true,
+        join: None,
+        publish: None,
+        expect: 0..0,
+    };
+    let via = args.publish_via;
+    let mut specs = Vec::new();
+    let mut fan = Vec::new();
+    match args.scenario {
+        Scenario::Stadium => {
+            let pubs = args.publishers.max(1);
+            for i in 0..clients {
+                specs.push(Spec {
+                    join: Some(args.room.clone()),
+                    expect: 0..pubs as u32,
+                    ..base(i, i, format!("{pre}-u{i}"))
+                });
+            }
+            for j in 0..pubs {
+                let every = period(pubs, rate);
+                specs.push(Spec {
+                    ws: via == Via::Ws,
+                    publish: Some(Publisher {
+                        id: j as u32,
+                        target: Target::Room(args.room.clone()),
+                        via,
+                        period: every,
+                        offset: every.mul_f64(j as f64 / pubs as f64),
+                    }),
+                    ..base(clients + j, j, format!("{pre}-p{j}"))
+                });
+                fan.push(clients as u64);
+            }
+        }
+        Scenario::Chat => {
+            let rooms = args.rooms.clamp(1, clients);
+            let per_room = clients.div_ceil(rooms);
+            let every = period(clients, rate);
+            for i in 0..clients {
+                let r = i / per_room;
+                let members = (r * per_room) as u32..((r + 1) * per_room).min(clients) as u32;
+                fan.push(members.len() as u64);
+                specs.push(Spec {
+                    join: Some(format!("{pre}-r{r}")),
+                    publish: Some(Publisher {
+                        id: i as u32,
+                        target: Target::Room(format!("{pre}-r{r}")),
+                        via,
+                        period: every,
+                        offset: every.mul_f64(i as f64 / clients as f64),
+                    }),
+                    expect: members,
+                    ..base(i, i, format!("{pre}-u{i}"))
+                });
+            }
+        }
+        Scenario::Dm => {
+            if clients < 2 {
+                bail!("dm needs at least 2 clients");
+            }
+            let every = period(clients, rate);
+            for i in 0..clients {
+                let prev = ((i + clients - 1) % clients) as u32;
+                fan.push(1);
+                specs.push(Spec {
+                    publish: Some(Publisher {
+                        id: i as u32,
+                        target: Target::User(format!("{pre}-u{}", (i + 1) % clients)),
+                        via,
+                        period: every,
+                        offset: every.mul_f64(i as f64 / clients as f64),
+                    }),
+                    expect: prev..prev + 1,
+                    ..base(i, i, format!("{pre}-u{i}"))
+                });
+            }
+        }
+        Scenario::Idle => {
+            for i in 0..clients {
+                specs.push(base(i, i, format!("{pre}-u{i}")));
+            }
+        }
+    }
+    Ok(Plan { specs, fan, rate })
+}
+
+async fn resolve(url: &str) -> anyhow::Result<NodeUrl> {
+    let req = url.into_client_request().with_context(|| format!("bad --url {url}"))?;
+    let uri = req.uri();
+    if uri.scheme_str() != Some("ws") {
+        bail!("--url {url}: only ws:// is supported");
+    }
+    let host = uri.host().context("no host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let addr = tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .with_context(|| format!("{host} does not resolve"))?;
+    if !addr.ip().is_loopback() {
+        bail!("--url {url}: only loopback nodes may be loaded ({addr})");
+    }
+    Ok(NodeUrl {
+        ws: url.to_string(),
+        addr,
+        publish: format!("http://{host}:{port}/publish"),
+    })
+}
+
+fn bar(len: u64, template: &str) -> ProgressBar {
+    let target = if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bar = ProgressBar::with_draw_target(Some(len), target);
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+fn samples(pids: &[u32]) -> anyhow::Result<Vec<procfs::Sample>> {
+    pids.iter().map(|p| procfs::sample(*p)).collect()
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+async fn run(args: Args) -> anyhow::Result<Report> {
+    let mut nodes = Vec::new();
+    for u in &args.urls {
+        nodes.push(resolve(u).await?);
+    }
+    let plan = plan(&args, nodes.len())?;
+    let publishers = plan.fan.len();
+    let ctx = Arc::new(Ctx {
+        nodes,
+        payload_bytes: args.payload_bytes,
+        connect_timeout: Duration::from_secs_f64(args.connect_timeout),
+        latencies: Latencies::new(16),
+        http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
+        sent: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
+        publish_errors: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        ready: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        closed: AtomicUsize::new(0),
+    });
+    let before = samples(&args.pids)?;
+    let (phase_tx, phase_rx) = watch::channel(Phase::Ramp);
+
+    // Ramp: start connections at the set rate, then wait until each is ready or has failed.
+    let total = plan.specs.len();
+    let ramp_start = Instant::now();
+    let progress = bar(total as u64, "{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed})");
+    progress.set_prefix("connect");
+    let mut handles = Vec::with_capacity(total);
+    let mut specs = plan.specs.clone().into_iter();
+    let ramp_deadline =
+        ramp_start + Duration::from_secs_f64(total as f64 / args.ramp_per_sec.max(1.0) + args.connect_timeout + 5.0);
+    loop {
+        let due = ((ramp_start.elapsed().as_secs_f64() * args.ramp_per_sec) as usize + 1).min(total);
+        while handles.len() < due {
+            let Some(spec) = specs.next() else { break };
+            handles.push(tokio::spawn(conn::run(spec, ctx.clone(), phase_rx.clone())));
+        }
+        let ready = ctx.ready.load(Ordering::Relaxed);
+        let failed = ctx.failed.load(Ordering::Relaxed);
+        progress.set_position((ready + failed) as u64);
+        progress.set_message(format!("failed {failed}"));
+        if ready + failed >= total || Instant::now() >= ramp_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    progress.finish_and_clear();
+    let ramp_s = ramp_start.elapsed().as_secs_f64();
+
+    // Run: publish for the duration (or hold the connections, for idle).
+    let start = samples(&args.pids)?;
+    let aux_start = samples(&args.aux_pids)?;
+    let own_start = procfs::own()?;
+    let run_start = Instant::now();
+    let _ = phase_tx.send(Phase::Run(run_start));
+    let duration = Duration::from_secs_f64(args.duration.max(0.0));
+    let progress = bar(duration.as_secs(), "{prefix:>8} [{bar:30}] {pos}/{len} s {msg}");
+    progress.set_prefix(format!("{:?}", args.scenario).to_lowercase());
+    while run_start.elapsed() < duration {
+        let left = duration.saturating_sub(run_start.elapsed());
+        tokio::time::sleep(left.min(Duration::from_millis(250))).await;
+        let t = run_start.elapsed().as_secs_f64();
+        let delivered = ctx.delivered.load(Ordering::Relaxed);
+        progress.set_position(t as u64);
+        progress.set_message(format!(
+            "delivered {delivered} ({:.0}/s), closed {}",
+            delivered as f64 / t.max(1e-3),
+            ctx.closed.load(Ordering::Relaxed)
+        ));
+    }
+    let _ = phase_tx.send(Phase::Quiet);
+    let duration_s = run_start.elapsed().as_secs_f64();
+
+    // Drain: wait for every expected delivery, for a bounded time.
+    let sent: Vec<u64> = ctx.sent.iter().map(|s| s.load(Ordering::Relaxed)).collect();
+    let expected: u64 = sent.iter().zip(&plan.fan).map(|(s, f)| s * f).sum();
+    let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain.max(0.0));
+    progress.set_prefix("drain");
+    while ctx.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let end = samples(&args.pids)?;
+    let aux_end = samples(&args.aux_pids)?;
+    let own_end = procfs::own()?;
+    let measured_s = run_start.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+
+    // Finish: close everything and gather what each connection saw.
+    let _ = phase_tx.send(Phase::Finish);
+    let mut outcomes = Vec::with_capacity(total);
+    for h in handles {
+        // Each task ends within its close wait after Finish (or its connect timeout).
+        outcomes.push(h.await.unwrap_or_else(|_| Outcome {
+            failure: Some("task panicked".into()),
+            ..Outcome::default()
+        }));
+    }
+    // Connections never started (the ramp deadline passed) count as failed.
+    outcomes.extend(specs.map(|_| Outcome {
+        failure: Some("not started".into()),
+        ..Outcome::default()
+    }));
+
+    let mut tally = Tally::default();
+    let (mut lost, mut lost_on_closed, mut unexpected) = (0, 0, 0);
+    let (mut error_frames, mut reconnect_frames, mut unparsed_frames) = (0, 0, 0);
+    let mut failed = BTreeMap::new();
+    let mut closed_by_node = BTreeMap::new();
+    let mut connected = 0;
+    for (spec, out) in plan.specs.iter().zip(&outcomes) {
+        if let Some(f) = &out.failure {
+            *failed.entry(f.clone()).or_insert(0) += 1;
+            continue;
+        }
+        connected += 1;
+        tally.add(&out.tally);
+        error_frames += out.error_frames;
+        reconnect_frames += out.reconnects;
+        unparsed_frames += out.unparsed;
+        let missing: u64 = spec
+            .expect
+            .clone()
+            .map(|p| {
+                let got = out.streams.iter().find(|(q, _)| *q == p);
+                got.map_or(sent[p as usize], |(_, s)| s.lost(sent[p as usize]))
+            })
+            .sum();
+        unexpected += out
+            .streams
+            .iter()
+            .filter(|(p, _)| !spec.expect.contains(p))
+            .map(|(_, s)| s.distinct)
+            .sum::<u64>();
+        match &out.closed {
+            Some(why) => {
+                *closed_by_node.entry(why.clone()).or_insert(0) += 1;
+                lost_on_closed += missing;
+            }
+            None => lost += missing,
+        }
+    }
+
+    let hist = ctx.latencies.merged();
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let node_cpu_ns: u64 = start
+        .iter()
+        .zip(&end)
+        .map(|(a, b)| b.cpu_ns.saturating_sub(a.cpu_ns))
+        .sum();
+    let rss_growth: i64 = before.iter().zip(&end).map(|(a, b)| b.rss as i64 - a.rss as i64).sum();
+    let sent_total: u64 = sent.iter().sum();
+    Ok(Report {
+        scenario: format!("{:?}", args.scenario).to_lowercase(),
+        urls: args.urls.clone(),
+        encoding: format!("{:?}", args.encoding).to_lowercase(),
+        publish_via: format!("{:?}", args.publish_via).to_lowercase(),
+        payload_bytes: args.payload_bytes,
+        duration_s,
+        measured_s,
+        connections: Connections {
+            planned: total,
+            connected,
+            failed,
+            closed_by_node,
+            ramp_s,
+        },
+        publish: Publish {
+            publishers,
+            target_rate: if publishers == 0 { 0.0 } else { plan.rate },
+            sent: sent_total,
+            rate: sent_total as f64 / duration_s,
+            errors: ctx.publish_errors.load(Ordering::Relaxed),
+        },
+        delivery: Delivery {
+            expected,
+            received: tally.received,
+            rate: tally.received as f64 / duration_s,
+            lost,
+            lost_on_closed,
+            gap_missing: tally.gap_missing,
+            reordered: tally.reordered,
+            duplicates: tally.duplicates,
+            unexpected,
+            error_frames,
+            reconnect_frames,
+            unparsed_frames,
+        },
+        latency_ms: Latency {
+            count: hist.len(),
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: hist.max() as f64 / 1000.0,
+        },
+        nodes: args
+            .pids
+            .iter()
+            .enumerate()
+            .map(|(i, pid)| NodeUsage {
+                pid: *pid,
+                cpu_s: secs(end[i].cpu_ns.saturating_sub(start[i].cpu_ns)),
+                rss_before_mib: mib(before[i].rss),
+                rss_mib: mib(end[i].rss),
+                hwm_mib: mib(end[i].hwm),
+            })
+            .collect(),
+        node_cpu_s: secs(node_cpu_ns),
+        node_cpu_ns_per_frame: (tally.received > 0 && !args.pids.is_empty())
+            .then(|| node_cpu_ns as f64 / tally.received as f64),
+        node_rss_bytes_per_conn: (connected > 0 && !args.pids.is_empty()).then(|| rss_growth as f64 / connected as f64),
+        aux: args
+            .aux_pids
+            .iter()
+            .enumerate()
+            .map(|(i, pid)| AuxUsage {
+                pid: *pid,
+                cpu_s: secs(aux_end[i].cpu_ns.saturating_sub(aux_start[i].cpu_ns)),
+            })
+            .collect(),
+        loadtest_cpu_s: secs(own_end.cpu_ns.saturating_sub(own_start.cpu_ns)),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // Every connection is a file: take the hard limit.
+    let files = rlimit::increase_nofile_limit(u64::MAX).context("raising the open-files limit")?;
+    let needed = args.clients.unwrap_or(18_000) as u64 + args.publishers as u64 + 64;
+    if files < needed {
+        eprintln!("warning: open-files limit {files} may be too low for this run");
+    }
+    let json = args.json;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(run(args))?;
+    // Tasks still closing sockets are dropped with the runtime, without waiting.
+    runtime.shutdown_background();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Args {
+        Args::parse_from(line.split_whitespace())
+    }
+
+    #[test]
+    fn stadium_plan_spreads_subscribers_and_publishers() {
+        let a = args("lt stadium --clients 10 --publishers 2 --rate 100 --source-addrs 3");
+        let p = plan(&a, 2).unwrap();
+        assert_eq!(p.specs.len(), 12);
+        assert_eq!(p.fan, vec![10, 10]);
+        let subs = &p.specs[..10];
+        assert!(subs
+            .iter()
+            .all(|s| s.join.as_deref() == Some("stadium") && s.expect == (0..2)));
+        assert_eq!(subs.iter().filter(|s| s.node == 1).count(), 5);
+        assert_eq!(subs[4].source, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)));
+        let pubs: Vec<_> = p.specs[10..].iter().map(|s| s.publish.clone().unwrap()).collect();
+        assert_eq!(pubs[0].period, Duration::from_millis(20));
+        assert_eq!(pubs[1].offset, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn chat_rooms_span_nodes_and_dm_partners_too() {
+        let p = plan(&args("lt chat --clients 100 --rooms 10 --rate 50"), 2).unwrap();
+        assert_eq!(p.fan, vec![10; 100]);
+        let room3: Vec<_> = p.specs.iter().filter(|s| s.join.as_deref() == Some("lt-r3")).collect();
+        assert_eq!(room3.len(), 10);
+        assert!(room3.iter().any(|s| s.node == 0) && room3.iter().any(|s| s.node == 1));
+        assert!(room3.iter().all(|s| s.expect == (30..40)));
+        assert_eq!(room3[0].publish.as_ref().unwrap().period, Duration::from_secs(2));
+
+        let d = plan(&args("lt dm --clients 4 --rate 4"), 2).unwrap();
+        let s1 = &d.specs[1];
+        assert_eq!(s1.publish.as_ref().unwrap().target, Target::User("lt-u2".into()));
+        assert_eq!(s1.expect, 0..1);
+        assert_ne!(d.specs[1].node, d.specs[2].node);
+        assert!(plan(&args("lt dm --publish-via http"), 2).is_err());
+    }
+}

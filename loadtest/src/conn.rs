@@ -1,0 +1,364 @@
+//! One client connection: connect from a chosen loopback source address, join, then read and
+//! (for publishers) publish on a timer until told to stop. Everything it saw comes back as an
+//! [`Outcome`]; a connection the node closes is counted, never a panic.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    ops::Range,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
+use futures_util::{SinkExt, StreamExt};
+use tokio::{
+    net::{TcpSocket, TcpStream},
+    sync::watch,
+    time::{interval_at, timeout, Instant, Interval, MissedTickBehavior},
+};
+use tokio_tungstenite::{
+    client_async_with_config,
+    tungstenite::{client::IntoClientRequest, http::HeaderValue, protocol::WebSocketConfig, Message},
+    WebSocketStream,
+};
+
+use crate::{
+    stats::{Latencies, Stream, Tally},
+    wire::{self, Encoding, Inbound, Stamp, Target},
+};
+
+/// Where the run is; every connection task follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Connecting and joining.
+    Ramp,
+    /// Publishing, first ticks counted from this instant.
+    Run(Instant),
+    /// Publishing stopped; waiting for the last deliveries.
+    Quiet,
+    /// Close and report.
+    Finish,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    Ws,
+    Http,
+}
+
+/// One node the load is spread over.
+#[derive(Debug, Clone)]
+pub struct NodeUrl {
+    pub ws: String,
+    pub addr: SocketAddr,
+    pub publish: String,
+}
+
+/// A connection's publishing role.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    pub id: u32,
+    pub target: Target,
+    pub via: Via,
+    pub period: Duration,
+    /// Delay of the first publish after the run starts, to spread publishers over a period.
+    pub offset: Duration,
+}
+
+/// One planned connection.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub idx: usize,
+    pub node: usize,
+    pub source: IpAddr,
+    pub user: String,
+    pub encoding: Encoding,
+    /// Whether it holds a WebSocket (an HTTP-only publisher does not).
+    pub ws: bool,
+    pub join: Option<String>,
+    pub publish: Option<Publisher>,
+    /// Publishers whose every message this connection must receive.
+    pub expect: Range<u32>,
+}
+
+/// State shared by every connection task.
+pub struct Ctx {
+    pub nodes: Vec<NodeUrl>,
+    pub payload_bytes: usize,
+    pub connect_timeout: Duration,
+    pub latencies: Latencies,
+    pub http: reqwest::Client,
+    /// Per publisher: messages accepted so far (the next sequence number).
+    pub sent: Vec<AtomicU64>,
+    pub publish_errors: AtomicU64,
+    pub delivered: AtomicU64,
+    pub ready: AtomicUsize,
+    pub failed: AtomicUsize,
+    pub closed: AtomicUsize,
+}
+
+/// What one connection saw.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub connected: bool,
+    /// Why connecting or joining failed.
+    pub failure: Option<String>,
+    /// How the node ended an established connection before the run was over (close code, `eof`
+    /// or `error`).
+    pub closed: Option<String>,
+    pub tally: Tally,
+    pub streams: Vec<(u32, Stream)>,
+    pub error_frames: u64,
+    pub reconnects: u64,
+    pub unparsed: u64,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// How long the final close handshake may take.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+
+fn ws_config() -> WebSocketConfig {
+    // Small buffers: thousands of connections share this process, and frames are small.
+    WebSocketConfig::default()
+        .read_buffer_size(8 << 10)
+        .write_buffer_size(0)
+}
+
+async fn connect(spec: &Spec, ctx: &Ctx) -> anyhow::Result<Ws> {
+    let node = &ctx.nodes[spec.node];
+    let socket = match spec.source {
+        IpAddr::V4(_) => TcpSocket::new_v4(),
+        IpAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .context("socket")?;
+    socket
+        .bind(SocketAddr::new(spec.source, 0))
+        .with_context(|| format!("bind {}", spec.source))?;
+    let stream = socket.connect(node.addr).await.context("connect")?;
+    stream.set_nodelay(true)?;
+    let sep = if node.ws.contains('?') { '&' } else { '?' };
+    let mut req = format!("{}{sep}user={}", node.ws, spec.user).into_client_request()?;
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static(spec.encoding.protocol()),
+    );
+    let (ws, _) = client_async_with_config(req, stream, Some(ws_config()))
+        .await
+        .context("handshake")?;
+    Ok(ws)
+}
+
+/// The first few words of an error, as a failure class.
+fn class(e: &anyhow::Error) -> String {
+    let s = format!("{e:#}");
+    s.split(['(', ':'])
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(":")
+        .trim()
+        .to_string()
+}
+
+struct Conn<'a> {
+    spec: &'a Spec,
+    ctx: &'a Ctx,
+    out: Outcome,
+}
+
+impl Conn<'_> {
+    fn on_frame(&mut self, inbound: Inbound) -> Option<i64> {
+        match inbound {
+            Inbound::Msg(stamp) => {
+                let now = wire::now_us();
+                self.ctx
+                    .latencies
+                    .record(self.spec.idx, now.saturating_sub(stamp.ts_us));
+                let streams = &mut self.out.streams;
+                let i = match streams.iter().position(|(p, _)| *p == stamp.publisher) {
+                    Some(i) => i,
+                    None => {
+                        streams.push((stamp.publisher, Stream::default()));
+                        streams.len() - 1
+                    }
+                };
+                self.out.tally.count(streams[i].1.observe(stamp.seq));
+                self.ctx.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Inbound::Ok(id) => return Some(id),
+            Inbound::Error => self.out.error_frames += 1,
+            Inbound::Reconnect => self.out.reconnects += 1,
+            Inbound::Other => self.out.unparsed += 1,
+        }
+        None
+    }
+
+    /// Handles what the socket yielded; `Err` with the reason when the connection ended.
+    fn on_message(
+        &mut self,
+        msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) -> Result<Option<i64>, String> {
+        match msg {
+            Some(Ok(Message::Text(t))) => Ok(self.on_frame(wire::scan_json(&t))),
+            Some(Ok(Message::Binary(b))) => Ok(self.on_frame(wire::scan_msgpack(&b))),
+            Some(Ok(Message::Close(frame))) => Err(frame.map_or("close".into(), |f| u16::from(f.code).to_string())),
+            Some(Ok(_)) => Ok(None),
+            Some(Err(_)) => Err("error".into()),
+            None => Err("eof".into()),
+        }
+    }
+
+    async fn join(&mut self, ws: &mut Ws, room: &str) -> anyhow::Result<()> {
+        ws.send(wire::join_frame(self.spec.encoding, room, 1)).await?;
+        let errors = self.out.error_frames;
+        loop {
+            match self.on_message(ws.next().await) {
+                Ok(Some(1)) => return Ok(()),
+                Ok(_) if self.out.error_frames > errors => anyhow::bail!("join refused"),
+                Ok(_) => {}
+                Err(why) => anyhow::bail!("closed during join: {why}"),
+            }
+        }
+    }
+
+    /// Publishes the next message, counting it as sent once accepted (a WebSocket send that
+    /// went out, or a 202); `Err` when the socket failed.
+    async fn publish(&mut self, ws: Option<&mut Ws>, p: &Publisher) -> Result<(), String> {
+        let seq = self.ctx.sent[p.id as usize].load(Ordering::Relaxed);
+        let stamp = Stamp {
+            publisher: p.id,
+            seq,
+            ts_us: wire::now_us(),
+        };
+        let size = self.ctx.payload_bytes;
+        let accepted = match (p.via, ws) {
+            (Via::Ws, Some(ws)) => {
+                let frame = wire::publish_frame(self.spec.encoding, &p.target, stamp, size);
+                ws.send(frame).await.map_err(|_| "error".to_string())?;
+                true
+            }
+            _ => {
+                let Target::Room(room) = &p.target else {
+                    unreachable!("plans only publish to rooms over HTTP")
+                };
+                let body = wire::http_body(room, &self.spec.user, stamp, size);
+                let url = &self.ctx.nodes[self.spec.node].publish;
+                let sent = self
+                    .ctx
+                    .http
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                matches!(sent, Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED)
+            }
+        };
+        if accepted {
+            self.ctx.sent[p.id as usize].store(seq + 1, Ordering::Relaxed);
+        } else {
+            self.ctx.publish_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+async fn tick(t: &mut Option<Interval>) {
+    match t {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn ticker(phase: Phase, p: Option<&Publisher>) -> Option<Interval> {
+    let (Phase::Run(start), Some(p)) = (phase, p) else {
+        return None;
+    };
+    let mut t = interval_at(start + p.offset, p.period);
+    t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    Some(t)
+}
+
+/// Runs one planned connection until [`Phase::Finish`] or until the node ends it.
+pub async fn run(spec: Spec, ctx: Arc<Ctx>, mut phase: watch::Receiver<Phase>) -> Outcome {
+    let mut c = Conn {
+        spec: &spec,
+        ctx: &ctx,
+        out: Outcome::default(),
+    };
+    let mut ws = None;
+    if spec.ws {
+        let setup = async {
+            let mut ws = connect(&spec, &ctx).await?;
+            if let Some(room) = &spec.join {
+                c.join(&mut ws, room).await?;
+            }
+            anyhow::Ok(ws)
+        };
+        match timeout(ctx.connect_timeout, setup).await {
+            Ok(Ok(s)) => ws = Some(s),
+            Ok(Err(e)) => c.out.failure = Some(class(&e)),
+            Err(_) => c.out.failure = Some("timeout".into()),
+        }
+        if c.out.failure.is_some() {
+            ctx.failed.fetch_add(1, Ordering::Relaxed);
+            return c.out;
+        }
+    }
+    c.out.connected = true;
+    ctx.ready.fetch_add(1, Ordering::Relaxed);
+
+    let publisher = spec.publish.clone();
+    let mut timer = ticker(*phase.borrow_and_update(), publisher.as_ref());
+    loop {
+        tokio::select! {
+            biased;
+            changed = phase.changed() => {
+                let now = *phase.borrow_and_update();
+                match now {
+                    _ if changed.is_err() => break,
+                    Phase::Run(_) => timer = ticker(now, publisher.as_ref()),
+                    Phase::Quiet => timer = None,
+                    Phase::Finish => break,
+                    Phase::Ramp => {}
+                }
+            }
+            msg = async {
+                match ws.as_mut() {
+                    Some(ws) => ws.next().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Err(why) = c.on_message(msg) {
+                    c.out.closed = Some(why);
+                    ctx.closed.fetch_add(1, Ordering::Relaxed);
+                    return c.out;
+                }
+            }
+            _ = tick(&mut timer), if timer.is_some() => {
+                let p = publisher.as_ref().expect("a timer only with a publisher");
+                if let Err(why) = c.publish(ws.as_mut(), p).await {
+                    c.out.closed = Some(why);
+                    ctx.closed.fetch_add(1, Ordering::Relaxed);
+                    return c.out;
+                }
+            }
+        }
+    }
+    if let Some(mut ws) = ws {
+        // Close first and let the node end the TCP connection, so TIME_WAIT stays on its side
+        // and the next run can reuse this source address's ports.
+        let _ = timeout(CLOSE_WAIT, async {
+            let _ = ws.close(None).await;
+            while ws.next().await.is_some() {}
+        })
+        .await;
+    }
+    c.out
+}

@@ -1,0 +1,208 @@
+//! The run's results: a table for people, JSON for scripts.
+
+use std::{collections::BTreeMap, fmt::Write};
+
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub urls: Vec<String>,
+    pub encoding: String,
+    pub publish_via: String,
+    pub payload_bytes: usize,
+    /// Publishing window, seconds.
+    pub duration_s: f64,
+    /// Publishing window plus the drain until the last delivery, seconds.
+    pub measured_s: f64,
+    pub connections: Connections,
+    pub publish: Publish,
+    pub delivery: Delivery,
+    pub latency_ms: Latency,
+    pub nodes: Vec<NodeUsage>,
+    pub node_cpu_s: f64,
+    /// Node CPU over the measured window divided by frames delivered in it.
+    pub node_cpu_ns_per_frame: Option<f64>,
+    /// Growth of the nodes' resident memory since before the first connection, per connection.
+    pub node_rss_bytes_per_conn: Option<f64>,
+    pub aux: Vec<AuxUsage>,
+    pub loadtest_cpu_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Connections {
+    pub planned: usize,
+    pub connected: usize,
+    /// Connect or join failures by class.
+    pub failed: BTreeMap<String, u64>,
+    /// Established connections the node ended before the run was over, by close code.
+    pub closed_by_node: BTreeMap<String, u64>,
+    pub ramp_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Publish {
+    pub publishers: usize,
+    pub target_rate: f64,
+    pub sent: u64,
+    pub rate: f64,
+    /// Publishes refused (HTTP status other than 202, or a failed request).
+    pub errors: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Delivery {
+    /// Sent messages times their planned receivers.
+    pub expected: u64,
+    pub received: u64,
+    pub rate: f64,
+    /// Messages never received by a connection that stayed open.
+    pub lost: u64,
+    /// Messages not received by connections the node closed (counted apart).
+    pub lost_on_closed: u64,
+    /// Sequence numbers skipped when a later one arrived first.
+    pub gap_missing: u64,
+    pub reordered: u64,
+    pub duplicates: u64,
+    /// Messages from publishers a connection was not expecting.
+    pub unexpected: u64,
+    pub error_frames: u64,
+    pub reconnect_frames: u64,
+    pub unparsed_frames: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeUsage {
+    pub pid: u32,
+    pub cpu_s: f64,
+    pub rss_before_mib: f64,
+    pub rss_mib: f64,
+    pub hwm_mib: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AuxUsage {
+    pub pid: u32,
+    pub cpu_s: f64,
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB
+}
+
+fn counts(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "0".into();
+    }
+    m.iter()
+        .map(|(k, v)| format!("{v} ({k})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let c = &self.connections;
+        let p = &self.publish;
+        let d = &self.delivery;
+        let l = &self.latency_ms;
+        let mut row = |k: &str, v: String| {
+            let _ = writeln!(s, "{k:<24} {v}");
+        };
+        row(
+            "scenario",
+            format!(
+                "{} ({} encoding, publish via {}, {} B payload)",
+                self.scenario, self.encoding, self.publish_via, self.payload_bytes
+            ),
+        );
+        row("nodes", self.urls.join(" "));
+        row(
+            "connections",
+            format!(
+                "{} of {} in {:.1} s; failed {}; closed by node {}",
+                c.connected,
+                c.planned,
+                c.ramp_s,
+                counts(&c.failed),
+                counts(&c.closed_by_node)
+            ),
+        );
+        row(
+            "published",
+            format!(
+                "{} by {} publishers in {:.1} s = {:.0}/s (target {:.0}/s); errors {}",
+                p.sent, p.publishers, self.duration_s, p.rate, p.target_rate, p.errors
+            ),
+        );
+        row(
+            "delivered",
+            format!("{} of {} expected = {:.0}/s", d.received, d.expected, d.rate),
+        );
+        row(
+            "lost",
+            format!(
+                "{} (on closed connections {}); gaps {}, reordered {}, duplicates {}, unexpected {}",
+                d.lost, d.lost_on_closed, d.gap_missing, d.reordered, d.duplicates, d.unexpected
+            ),
+        );
+        row(
+            "frames",
+            format!(
+                "error {}, reconnect {}, unparsed {}",
+                d.error_frames, d.reconnect_frames, d.unparsed_frames
+            ),
+        );
+        row(
+            "latency ms",
+            format!(
+                "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (n={})",
+                l.p50, l.p90, l.p99, l.p999, l.max, l.count
+            ),
+        );
+        for n in &self.nodes {
+            row(
+                &format!("node pid {}", n.pid),
+                format!(
+                    "cpu {:.2} s; rss {:.1} MiB (before {:.1}), peak {:.1} MiB",
+                    n.cpu_s, n.rss_mib, n.rss_before_mib, n.hwm_mib
+                ),
+            );
+        }
+        if !self.nodes.is_empty() {
+            row(
+                "node cpu",
+                format!(
+                    "{:.2} s over {:.1} s = {} per delivered frame",
+                    self.node_cpu_s,
+                    self.measured_s,
+                    self.node_cpu_ns_per_frame
+                        .map_or("n/a".into(), |ns| format!("{ns:.0} ns"))
+                ),
+            );
+            row(
+                "node rss per conn",
+                self.node_rss_bytes_per_conn
+                    .map_or("n/a".into(), |b| format!("{b:.0} bytes")),
+            );
+        }
+        for a in &self.aux {
+            row(&format!("aux pid {}", a.pid), format!("cpu {:.2} s", a.cpu_s));
+        }
+        row("loadtest cpu", format!("{:.2} s", self.loadtest_cpu_s));
+        s
+    }
+}

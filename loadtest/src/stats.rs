@@ -1,0 +1,239 @@
+//! Delivery accounting: per-publisher sequence tracking on each subscriber (gaps, duplicates,
+//! reorders) and the shared latency histogram.
+
+use std::{ops::Range, sync::Mutex};
+
+use hdrhistogram::Histogram;
+
+/// Gaps one stream remembers; past this the oldest gap is forgotten, and a message filling it
+/// later is counted as a duplicate instead of a reorder.
+const MAX_GAPS: usize = 1024;
+
+/// What one received sequence number was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// The next one expected.
+    InOrder,
+    /// Ahead of the next expected: this many were skipped (so far).
+    Gap(u64),
+    /// Behind: it fills an earlier gap.
+    Late,
+    /// Already received.
+    Duplicate,
+}
+
+/// The messages of one publisher as one subscriber received them.
+#[derive(Debug, Default, Clone)]
+pub struct Stream {
+    /// One past the highest sequence number received.
+    next: u64,
+    /// Sequence numbers below `next` not received yet, as sorted disjoint ranges.
+    gaps: Vec<Range<u64>>,
+    /// Distinct sequence numbers received.
+    pub distinct: u64,
+}
+
+impl Stream {
+    pub fn observe(&mut self, seq: u64) -> Seen {
+        if seq >= self.next {
+            let skipped = seq - self.next;
+            if skipped > 0 {
+                if self.gaps.len() == MAX_GAPS {
+                    self.gaps.remove(0);
+                }
+                self.gaps.push(self.next..seq);
+            }
+            self.next = seq + 1;
+            self.distinct += 1;
+            return if skipped == 0 {
+                Seen::InOrder
+            } else {
+                Seen::Gap(skipped)
+            };
+        }
+        // Gaps are sorted and disjoint: find the one that could hold `seq`.
+        let i = self.gaps.partition_point(|g| g.end <= seq);
+        match self.gaps.get(i) {
+            Some(g) if g.start <= seq => {
+                let g = g.clone();
+                match (g.start == seq, g.end == seq + 1) {
+                    (true, true) => {
+                        self.gaps.remove(i);
+                    }
+                    (true, false) => self.gaps[i].start = seq + 1,
+                    (false, true) => self.gaps[i].end = seq,
+                    (false, false) => {
+                        self.gaps[i].end = seq;
+                        self.gaps.insert(i + 1, seq + 1..g.end);
+                    }
+                }
+                self.distinct += 1;
+                Seen::Late
+            }
+            _ => Seen::Duplicate,
+        }
+    }
+
+    /// Messages of `0..sent` never received.
+    pub fn lost(&self, sent: u64) -> u64 {
+        sent.saturating_sub(self.distinct)
+    }
+}
+
+/// Counters of one connection, summed over all at the end.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub received: u64,
+    /// Sequence numbers skipped when a later one arrived first (some may arrive late after).
+    pub gap_missing: u64,
+    pub reordered: u64,
+    pub duplicates: u64,
+}
+
+impl Tally {
+    pub fn count(&mut self, seen: Seen) {
+        self.received += 1;
+        match seen {
+            Seen::InOrder => {}
+            Seen::Gap(n) => self.gap_missing += n,
+            Seen::Late => self.reordered += 1,
+            Seen::Duplicate => self.duplicates += 1,
+        }
+    }
+
+    pub fn add(&mut self, other: &Tally) {
+        self.received += other.received;
+        self.gap_missing += other.gap_missing;
+        self.reordered += other.reordered;
+        self.duplicates += other.duplicates;
+    }
+}
+
+/// End-to-end latency in microseconds, 1 µs to 10 min at 3 significant digits, sharded so the
+/// runtime's threads rarely meet on a lock.
+pub struct Latencies {
+    shards: Vec<Mutex<Histogram<u64>>>,
+}
+
+const MAX_US: u64 = 600_000_000;
+
+impl Latencies {
+    pub fn new(shards: usize) -> Latencies {
+        let one = || Mutex::new(Histogram::new_with_bounds(1, MAX_US, 3).expect("valid bounds"));
+        Latencies {
+            shards: (0..shards.max(1)).map(|_| one()).collect(),
+        }
+    }
+
+    pub fn record(&self, shard: usize, us: u64) {
+        let mut h = self.shards[shard % self.shards.len()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        h.saturating_record(us.clamp(1, MAX_US));
+    }
+
+    pub fn merged(&self) -> Histogram<u64> {
+        let mut all = Histogram::new_with_bounds(1, MAX_US, 3).expect("valid bounds");
+        for s in &self.shards {
+            let h = s.lock().unwrap_or_else(|p| p.into_inner());
+            all.add(&*h).expect("same bounds");
+        }
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(seqs: &[u64]) -> (Stream, Tally) {
+        let mut s = Stream::default();
+        let mut t = Tally::default();
+        for &q in seqs {
+            t.count(s.observe(q));
+        }
+        (s, t)
+    }
+
+    #[test]
+    fn in_order_stream_has_nothing_to_report() {
+        let (s, t) = feed(&[0, 1, 2, 3]);
+        assert_eq!(
+            t,
+            Tally {
+                received: 4,
+                ..Tally::default()
+            }
+        );
+        assert_eq!((s.distinct, s.lost(4)), (4, 0));
+    }
+
+    #[test]
+    fn gaps_count_the_skipped_and_the_tail_counts_as_lost() {
+        let (s, t) = feed(&[0, 1, 4, 5, 9]);
+        assert_eq!(t.gap_missing, 2 + 3);
+        assert_eq!((t.reordered, t.duplicates), (0, 0));
+        // Ten were sent (0..10): 2, 3, 6, 7, 8 never came.
+        assert_eq!(s.lost(10), 5);
+        // And an eleventh that never came at all is lost without any gap.
+        assert_eq!(s.lost(11), 6);
+    }
+
+    #[test]
+    fn late_arrivals_fill_gaps_and_repeats_are_duplicates() {
+        let (s, t) = feed(&[0, 5, 2, 1, 4, 3, 3, 5, 0, 6]);
+        assert_eq!(t.received, 10);
+        assert_eq!(t.gap_missing, 4);
+        assert_eq!(t.reordered, 4);
+        assert_eq!(t.duplicates, 3);
+        assert_eq!(s.lost(7), 0);
+        assert!(s.gaps.is_empty());
+    }
+
+    #[test]
+    fn a_late_message_in_the_middle_splits_its_gap() {
+        let (mut s, _) = feed(&[0, 10]);
+        assert_eq!(s.observe(5), Seen::Late);
+        assert_eq!(s.gaps, vec![1..5, 6..10]);
+        assert_eq!(s.observe(5), Seen::Duplicate);
+        assert_eq!(s.observe(1), Seen::Late);
+        assert_eq!(s.observe(9), Seen::Late);
+        assert_eq!(s.gaps, vec![2..5, 6..9]);
+        assert_eq!(s.lost(11), 6);
+    }
+
+    #[test]
+    fn a_stream_that_starts_late_counts_the_start_as_a_gap() {
+        let (s, t) = feed(&[3, 4]);
+        assert_eq!(t.gap_missing, 3);
+        assert_eq!(s.lost(5), 3);
+    }
+
+    #[test]
+    fn gap_memory_is_bounded() {
+        let mut s = Stream::default();
+        for i in 0..(MAX_GAPS as u64 + 10) {
+            s.observe(i * 2);
+        }
+        assert_eq!(s.gaps.len(), MAX_GAPS);
+        // The oldest gaps were forgotten: their late message counts as a duplicate.
+        assert_eq!(s.observe(1), Seen::Duplicate);
+        assert_eq!(s.observe(2 * MAX_GAPS as u64 + 17), Seen::Late);
+    }
+
+    #[test]
+    fn latencies_merge_across_shards() {
+        let l = Latencies::new(4);
+        for i in 0..1000u64 {
+            l.record(i as usize, i + 1);
+        }
+        l.record(0, 0);
+        l.record(1, u64::MAX);
+        let h = l.merged();
+        assert_eq!(h.len(), 1002);
+        assert_eq!(h.min(), 1);
+        assert!(h.max() >= MAX_US);
+        let p50 = h.value_at_quantile(0.5);
+        assert!((495..=505).contains(&p50), "{p50}");
+    }
+}
