@@ -144,38 +144,12 @@ impl Hub {
     }
 
     /// Adds a registered socket to a topic and waits until the topic's channels are subscribed,
-    /// so that anything published after this returns reaches the socket.
+    /// so that anything published after this returns reaches the socket. On failure the socket is
+    /// taken out of the topic again.
     pub async fn join(&self, topic: Topic, id: SessionId, timeout: Duration) -> Result<(), JoinError> {
-        let Some(member) = self.inner.sessions.get(&id).map(|m| m.clone()) else {
-            return Err(JoinError::Closed);
+        let Some(rx) = self.enter(&topic, id)? else {
+            return Ok(());
         };
-        let wait = {
-            let mut entry = self.inner.topics.entry(topic.clone()).or_insert_with(|| Entry {
-                members: IndexMap::with_hasher(Hasher::new()),
-                state: SubState::Unsubscribed,
-                waiters: Vec::new(),
-            });
-            entry.members.insert(id, member);
-            match entry.state {
-                SubState::Subscribed => None,
-                SubState::Pending => {
-                    let (tx, rx) = oneshot::channel();
-                    entry.waiters.push(tx);
-                    Some(rx)
-                }
-                SubState::Unsubscribed => {
-                    let (tx, rx) = oneshot::channel();
-                    entry.waiters.push(tx);
-                    entry.state = SubState::Pending;
-                    if self.inner.interest.send(Interest::Want(topic.clone())).is_err() {
-                        entry.members.swap_remove(&id);
-                        return Err(JoinError::Closed);
-                    }
-                    Some(rx)
-                }
-            }
-        };
-        let Some(rx) = wait else { return Ok(()) };
         let outcome = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(JoinError::Closed),
@@ -185,6 +159,42 @@ impl Hub {
             self.leave(&topic, id);
         }
         outcome
+    }
+
+    /// Adds a registered socket to a topic without waiting: the subscription is made, and retried
+    /// while the bus is down, in the background.
+    pub fn join_later(&self, topic: Topic, id: SessionId) -> Result<(), JoinError> {
+        self.enter(&topic, id).map(drop)
+    }
+
+    /// Inserts the member; returns a receiver when the topic is not subscribed yet.
+    fn enter(
+        &self,
+        topic: &Topic,
+        id: SessionId,
+    ) -> Result<Option<oneshot::Receiver<Result<(), JoinError>>>, JoinError> {
+        let Some(member) = self.inner.sessions.get(&id).map(|m| m.clone()) else {
+            return Err(JoinError::Closed);
+        };
+        let mut entry = self.inner.topics.entry(topic.clone()).or_insert_with(|| Entry {
+            members: IndexMap::with_hasher(Hasher::new()),
+            state: SubState::Unsubscribed,
+            waiters: Vec::new(),
+        });
+        entry.members.insert(id, member);
+        if entry.state == SubState::Subscribed {
+            return Ok(None);
+        }
+        let (tx, rx) = oneshot::channel();
+        entry.waiters.push(tx);
+        if entry.state == SubState::Unsubscribed {
+            entry.state = SubState::Pending;
+            if self.inner.interest.send(Interest::Want(topic.clone())).is_err() {
+                entry.members.swap_remove(&id);
+                return Err(JoinError::Closed);
+            }
+        }
+        Ok(Some(rx))
     }
 
     /// Takes a socket out of a topic; true when it was in it.
@@ -218,6 +228,19 @@ impl Hub {
     /// Whether a topic has an entry (members, or a pending unsubscribe).
     pub fn has_topic(&self, topic: &Topic) -> bool {
         self.inner.topics.contains_key(topic)
+    }
+
+    /// Topics with members whose subscription failed and is not being retried yet: marks them
+    /// pending again and returns them, for the interest manager's retry.
+    pub fn take_unsubscribed(&self) -> Vec<Topic> {
+        let mut out = Vec::new();
+        for mut e in self.inner.topics.iter_mut() {
+            if e.state == SubState::Unsubscribed && !e.members.is_empty() {
+                e.state = SubState::Pending;
+                out.push(e.key().clone());
+            }
+        }
+        out
     }
 
     /// Rooms with local members.

@@ -18,6 +18,8 @@ use crate::{
 
 /// Requests handled per round; bounds the work between two looks at cancellation.
 const BATCH: usize = 4096;
+/// How often topics whose subscription failed (the bus was down) are tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 pub async fn run(
     hub: Hub,
@@ -31,8 +33,10 @@ pub async fn run(
     let mut subscribed: HashSet<Topic> = HashSet::new();
     let mut wants: Vec<Topic> = Vec::new();
     let mut checks: Vec<Topic> = Vec::new();
+    let mut retry = tokio::time::interval(RETRY_EVERY);
     loop {
         tokio::select! {
+            _ = retry.tick() => wants.extend(hub.take_unsubscribed()),
             n = async {
                 let mut batch = Vec::new();
                 let n = requests.recv_many(&mut batch, BATCH).await;
@@ -86,8 +90,9 @@ pub async fn run(
                     hub.subscribed(&t, Ok(()));
                 }
                 Err(e) => {
-                    tracing::warn!(topic = ?t, error = %e, "subscribe failed");
-                    // Drop whatever part did subscribe; the joiners are told and may retry.
+                    tracing::warn!(topic = ?t, error = %e, "subscribe failed; retrying while it has members");
+                    // Drop whatever part did subscribe; waiting joiners are told, and members that
+                    // did not wait (a socket's own inbox) keep the topic wanted for the next retry.
                     let _ = bus.unsubscribe(naming.channels(&t)).await;
                     hub.subscribed(&t, Err(JoinError::Bus(e.to_string())));
                 }

@@ -5,7 +5,9 @@
 
 use std::sync::OnceLock;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Histogram, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::{
@@ -66,10 +68,30 @@ pub fn handle() -> PrometheusHandle {
             // Another recorder may be installed already (an embedding application); ours still renders.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            HOT.get_or_init(|| HotPath {
+                bus_received: counter!(BUS_RECEIVED),
+                latency: histogram!(LATENCY),
+                deliveries: counter!(DELIVERIES),
+                delivered_bytes: counter!(DELIVERED_BYTES),
+                unencodable: counter!(UNENCODABLE),
+            });
             handle
         })
         .clone()
 }
+
+/// Handles of the metrics recorded once per message, registered when the recorder is installed:
+/// recording through a handle skips the registry lookup each `counter!` call makes. Until then
+/// (no recorder) these records are skipped, as the macros would be no-ops.
+struct HotPath {
+    bus_received: Counter,
+    latency: Histogram,
+    deliveries: Counter,
+    delivered_bytes: Counter,
+    unencodable: Counter,
+}
+
+static HOT: OnceLock<HotPath> = OnceLock::new();
 
 // Every value the bounded labels take, so each series exists (at zero) from start-up. A variant
 // added to `CloseReason` or `ErrorCode` stops the `*_slot` matches compiling until it has a slot,
@@ -314,8 +336,10 @@ pub fn publish_error() {
 }
 
 pub fn bus_received(latency_s: f64) {
-    counter!(BUS_RECEIVED).increment(1);
-    histogram!(LATENCY).record(latency_s.max(0.0));
+    if let Some(h) = HOT.get() {
+        h.bus_received.increment(1);
+        h.latency.record(latency_s.max(0.0));
+    }
 }
 
 pub fn bus_dropped(reason: &'static str, n: u64) {
@@ -323,10 +347,12 @@ pub fn bus_dropped(reason: &'static str, n: u64) {
 }
 
 pub fn delivered(d: &Delivery) {
-    counter!(DELIVERIES).increment(d.delivered as u64);
-    counter!(DELIVERED_BYTES).increment(d.bytes as u64);
-    if d.unencodable > 0 {
-        counter!(UNENCODABLE).increment(d.unencodable as u64);
+    if let Some(h) = HOT.get() {
+        h.deliveries.increment(d.delivered as u64);
+        h.delivered_bytes.increment(d.bytes as u64);
+        if d.unencodable > 0 {
+            h.unencodable.increment(d.unencodable as u64);
+        }
     }
 }
 

@@ -131,8 +131,14 @@ async fn upgrade(
         encoding,
     });
     let membership = Membership::new(node.hub().clone(), id, grants);
-    // Direct messages reach the socket from the moment its upgrade is answered.
-    if let Err(e) = node.hub().join(membership.user_topic(), id, config.join_timeout).await {
+    // With the bus up, direct messages reach the socket from the moment its upgrade is answered.
+    // With it down the socket is still served, and its inbox is subscribed once the bus is back.
+    let joined = if node.bus().is_ready() {
+        node.hub().join(membership.user_topic(), id, config.join_timeout).await
+    } else {
+        node.hub().join_later(membership.user_topic(), id)
+    };
+    if let Err(e) = joined {
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable,

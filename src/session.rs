@@ -151,7 +151,12 @@ pub async fn serve(socket: WebSocket, node: Node, gate: Arc<Gate>, encoding: Enc
         ));
         loop {
             tokio::select! {
-                end = &mut writer => break end,
+                end = &mut writer => {
+                    // The close frame is out: let the client answer it before the socket is dropped,
+                    // so it reads a clean close rather than a reset.
+                    let _ = tokio::time::timeout(grace, &mut reader).await;
+                    break end;
+                }
                 reason = &mut reader => {
                     match reason {
                         CloseReason::FrameTooLarge => gate.close(Some((code::FRAME_TOO_LARGE, "frame too large"))),

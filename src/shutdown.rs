@@ -1,6 +1,10 @@
-//! The drain sequence, in one place. On shutdown the node: turns `/readyz` to 503 and refuses new
-//! upgrades (HTTP keeps answering so the load balancer sees it), tells every client to reconnect,
-//! closes each socket with 4001, waits for them to go (bounded), then leaves the bus.
+//! The drain sequence, in one place. On shutdown the node:
+//! 1. turns `/readyz` to 503 and refuses new upgrades with 503 (HTTP keeps answering, so the load
+//!    balancer sees it);
+//! 2. tells every client `{"op":"reconnect","after_ms":T}`, with T drawn over `--drain-jitter`, and
+//!    closes each socket with 4001 at its T, so the fleet sees reconnects spread out, not a storm;
+//! 3. waits for the sockets to go, up to `--drain-timeout` in all;
+//! 4. returns, after which `run` leaves the bus (unsubscribe and quit) and the process exits 0.
 
 use std::time::Duration;
 
@@ -9,24 +13,37 @@ use crate::{close::code, frame::Reply, node::Node};
 /// Runs the drain phases; returns when every session is gone or the deadline passed.
 pub async fn drain(node: &Node) {
     node.start_draining();
-    let members = node.hub().members();
-    tracing::info!(sessions = members.len(), "draining");
-    // Spread reconnects over the jitter window so the rest of the fleet sees no storm.
+    let start = tokio::time::Instant::now();
+    let deadline = start + node.config().drain_timeout;
     let jitter_ms = node.config().drain_jitter.as_millis() as u64;
-    for member in &members {
-        let after_ms = if jitter_ms == 0 {
-            0
-        } else {
-            rand::random_range(0..=jitter_ms)
-        };
+    let mut members: Vec<_> = node
+        .hub()
+        .members()
+        .into_iter()
+        .map(|m| {
+            (
+                if jitter_ms == 0 {
+                    0
+                } else {
+                    rand::random_range(0..=jitter_ms)
+                },
+                m,
+            )
+        })
+        .collect();
+    tracing::info!(sessions = members.len(), "draining");
+    for (after_ms, member) in &members {
         let notice = Reply {
-            after_ms: Some(after_ms),
+            after_ms: Some(*after_ms),
             ..Reply::op("reconnect", None)
         };
         member.gate.push(notice.encode(member.encoding));
+    }
+    members.sort_by_key(|(after_ms, _)| *after_ms);
+    for (after_ms, member) in &members {
+        tokio::time::sleep_until((start + Duration::from_millis(*after_ms)).min(deadline)).await;
         member.gate.close(Some((code::DRAIN, "node draining")));
     }
-    let deadline = tokio::time::Instant::now() + node.config().drain_timeout;
     while node.hub().sessions() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

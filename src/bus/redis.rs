@@ -22,7 +22,7 @@ use fred::{
     clients::Client,
     interfaces::{ClientLike, ClusterInterface, EventInterface, PubsubInterface},
     prelude::{Builder, Config, ReconnectPolicy, Server, ServerConfig, Value},
-    types::RespVersion,
+    types::{config::ClusterDiscoveryPolicy, RespVersion},
     util::redis_keyslot,
 };
 use futures_util::future::join_all;
@@ -70,10 +70,14 @@ fn config(urls: &[String], resp3: bool) -> Result<Config, BusError> {
         hosts.extend(Config::from_url_clustered(url).map_err(unavailable)?.server.hosts());
     }
     let mut config = Config::from_url_clustered(&urls[0]).map_err(unavailable)?;
+    // Discover the topology from every node seen, not only the seeds: a dead seed master must not
+    // leave the client unable to find the replica that replaced it.
     config.server = ServerConfig::Clustered {
         hosts,
-        policy: Default::default(),
+        policy: ClusterDiscoveryPolicy::UseCache,
     };
+    // Redis down when the node starts is not fatal: keep retrying with the reconnect policy.
+    config.fail_fast = false;
     if resp3 {
         config.version = RespVersion::RESP3;
     }

@@ -141,6 +141,31 @@ pub struct Node {
 
 impl Node {
     pub async fn start(config: Config) -> Node {
+        let node = Node::start_unready(config).await;
+        node.wait_ready().await;
+        node
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn ws(&self, query: &str) -> String {
+        format!("ws://{}/ws{query}", self.addr)
+    }
+
+    /// A node that is not expected to be ready (its Redis is down); waits until it answers.
+    pub async fn start_unready(config: Config) -> Node {
+        // SHARDCAST_TEST_LOG=debug (any tracing filter) shows the nodes' logs in failing tests.
+        static LOGS: OnceLock<()> = OnceLock::new();
+        LOGS.get_or_init(|| {
+            if let Ok(filter) = std::env::var("SHARDCAST_TEST_LOG") {
+                let _ = tracing_subscriber::fmt()
+                    .with_env_filter(filter)
+                    .with_test_writer()
+                    .try_init();
+            }
+        });
         let listener = TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -153,16 +178,9 @@ impl Node {
             shutdown,
             task: Some(task),
         };
-        node.wait_ready().await;
+        let url = node.url("/healthz");
+        eventually("node answers", || async { status(&url).await == 200 }).await;
         node
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    pub fn ws(&self, query: &str) -> String {
-        format!("ws://{}/ws{query}", self.addr)
     }
 
     pub async fn wait_ready(&self) {
@@ -336,4 +354,126 @@ impl Client {
             }
         }
     }
+}
+
+/// A loopback port that was free a moment ago (and whose cluster-bus port, +10000, too).
+pub fn free_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl Cluster {
+    /// A cluster on the given ports (the first `masters` become masters).
+    pub fn start_on(ports: &[u16], masters: u32, replicas: u32, node_timeout_ms: u32) -> Cluster {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1000);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("shardcast-test-{}-{n}", std::process::id()));
+        let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let out = Command::new(repo().join("redis-cluster/up"))
+            .args([
+                "--ports",
+                &list.join(","),
+                "--node-timeout",
+                &node_timeout_ms.to_string(),
+            ])
+            .args(["--masters", &masters.to_string(), "--replicas", &replicas.to_string()])
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--owner-pid", &std::process::id().to_string()])
+            .output()
+            .expect("run redis-cluster/up");
+        assert!(
+            out.status.success(),
+            "redis-cluster/up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+            .to_string();
+        Cluster {
+            dir,
+            url,
+            ports: ports.to_vec(),
+        }
+    }
+
+    /// The port of the master serving `slot`.
+    pub fn owner_of(&self, slot: u16) -> u16 {
+        // redis-cli prints `CLUSTER SLOTS` one field per line: start, end, ip, port, id, ...
+        let slots = self.redis_cli(self.ports[0], &["cluster", "slots"]);
+        let lines: Vec<&str> = slots.lines().collect();
+        let mut i = 0;
+        while i + 3 < lines.len() {
+            if let (Ok(start), Ok(end)) = (lines[i].parse::<u16>(), lines[i + 1].parse::<u16>()) {
+                if (start..=end).contains(&slot) {
+                    return lines[i + 3].parse().unwrap();
+                }
+            }
+            i += 1;
+        }
+        panic!("no owner for slot {slot} in {slots}");
+    }
+}
+
+/// A node running as its own process (for signals and exit codes); killed on drop.
+pub struct Process {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    pub fn spawn(args: &[&str]) -> Process {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_shardcast"))
+            .args(["--listen", &addr.to_string()])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn shardcast");
+        Process { child, addr }
+    }
+
+    pub fn ws(&self, query: &str) -> String {
+        format!("ws://{}/ws{query}", self.addr)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET a URL's status, 0 when nothing answers.
+pub async fn status(url: &str) -> u16 {
+    reqwest::Client::new()
+        .get(url)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
 }
