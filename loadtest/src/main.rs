@@ -206,9 +206,12 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
         Scenario::Chat => {
             let rooms = args.rooms.clamp(1, clients);
             let per_room = clients.div_ceil(rooms);
+            let slots = per_room * clients.div_ceil(per_room);
             let every = period(clients, rate);
             for i in 0..clients {
                 let r = i / per_room;
+                // Members of a room publish evenly spread over the period, not back to back.
+                let slot = (i % per_room) * clients.div_ceil(per_room) + r;
                 let members = (r * per_room) as u32..((r + 1) * per_room).min(clients) as u32;
                 fan.push(members.len() as u64);
                 specs.push(Spec {
@@ -218,7 +221,7 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
                         target: Target::Room(format!("{pre}-r{r}")),
                         via,
                         period: every,
-                        offset: every.mul_f64(i as f64 / clients as f64),
+                        offset: every.mul_f64(slot as f64 / slots as f64),
                     }),
                     expect: members,
                     ..base(i, i, format!("{pre}-u{i}"))
@@ -580,7 +583,10 @@ mod tests {
         assert_eq!(room3.len(), 10);
         assert!(room3.iter().any(|s| s.node == 0) && room3.iter().any(|s| s.node == 1));
         assert!(room3.iter().all(|s| s.expect == (30..40)));
-        assert_eq!(room3[0].publish.as_ref().unwrap().period, Duration::from_secs(2));
+        let r3: Vec<_> = room3.iter().map(|s| s.publish.clone().unwrap()).collect();
+        assert_eq!(r3[0].period, Duration::from_secs(2));
+        // Ten members of a room, a tenth of the period apart.
+        assert_eq!(r3[1].offset - r3[0].offset, Duration::from_millis(200));
 
         let d = plan(&args("lt dm --clients 4 --rate 4"), 2).unwrap();
         let s1 = &d.specs[1];
