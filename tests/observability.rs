@@ -130,8 +130,8 @@ async fn start_node(
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardcast"));
         cmd.args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--redis", &cluster.url])
-            .args(["--channel-prefix", &room_prefix])
-            .args(["--user-channel-prefix", &user_prefix])
+            .args(["--channel-prefix", room_prefix])
+            .args(["--user-channel-prefix", user_prefix])
             .args(["--hot-room", &format!("{ROOM}=4")])
             .args(["--workers", "2", "--unsubscribe-delay", "200ms"])
             .args(extra)

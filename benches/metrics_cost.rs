@@ -1,0 +1,180 @@
+//! What recording metrics costs next to the fan-out it measures.
+//!
+//! One room message fanned out to N local sockets through `Hub::deliver`, preceded by the record
+//! the delivery worker makes for each message it receives (`metrics::bus_received`), so one
+//! iteration makes every per-message record of the delivery path. Variants:
+//!
+//! - `fanout/no_recorder/N`: no metrics recorder installed, so the `metrics` macros are no-ops.
+//! - `fanout/prometheus/N`: the node's Prometheus recorder (`metrics::handle()`) installed.
+//! - `record_only`: the recording calls of one message alone, recorder installed: the numerator of
+//!   the cost ratio, free of the fan-out's noise.
+//! - `sample/10000`: the once-a-second sampling of 10,000 sockets (gauges and the per-socket queue
+//!   depth histogram), to compare with one second.
+//!
+//! A recorder cannot be uninstalled, so the variants run in one process in the order of
+//! `criterion_group!` below: every no-recorder bench runs before the first bench that installs one
+//! (and checks that none is). Only `deliver` is timed; draining the sockets' queues between
+//! iterations, as their writers would, is not.
+//!
+//! `cargo bench --bench metrics_cost -- --warm-up-time 1 --measurement-time 3`
+
+use std::{
+    collections::VecDeque,
+    future::Future,
+    hint::black_box,
+    pin::pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    task::{Context, Poll, Waker},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use shardcast::{
+    envelope::{Envelope, Kind},
+    frame::Encoding,
+    gate::{Gate, Next},
+    hub::{Delivery, Hub, Interest, Member, Topic},
+    metrics,
+};
+
+const ROOM: &str = "stadium";
+const SIZES: [usize; 2] = [100, 10_000];
+/// Far above what one iteration queues: the queues are drained after every iteration.
+const BUDGET: usize = 1 << 30;
+
+static RECORDER: AtomicBool = AtomicBool::new(false);
+
+fn install_recorder() {
+    metrics::handle();
+    RECORDER.store(true, Ordering::SeqCst);
+}
+
+/// A hub with `n` JSON sockets in `ROOM`, and a typical score update for it.
+struct Fanout {
+    hub: Hub,
+    gates: Vec<Arc<Gate>>,
+    env: Envelope,
+    buf: VecDeque<axum::extract::ws::Message>,
+}
+
+impl Fanout {
+    fn new(n: usize) -> Fanout {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let (hub, mut interest) = Hub::new();
+        let gates = rt.block_on(async {
+            // The interest manager's part: the room's channels are "subscribed" at once.
+            let subscriber = hub.clone();
+            tokio::spawn(async move {
+                while let Some(request) = interest.recv().await {
+                    if let Interest::Want(topic) = request {
+                        subscriber.subscribed(&topic, Ok(()));
+                    }
+                }
+            });
+            let mut gates = Vec::with_capacity(n);
+            for _ in 0..n {
+                let gate = Arc::new(Gate::new(BUDGET));
+                let id = hub.register(Member {
+                    gate: gate.clone(),
+                    encoding: Encoding::Json,
+                });
+                let joined = hub.join(Topic::Room(ROOM.into()), id, Duration::from_secs(5)).await;
+                joined.expect("joined");
+                gates.push(gate);
+            }
+            gates
+        });
+        let env = Envelope {
+            kind: Kind::Room,
+            origin: "bench".into(),
+            target: ROOM.into(),
+            from: "scoreboard".into(),
+            ts_us: shardcast::envelope::now_us(),
+            format: Encoding::Json,
+            data: Bytes::from_static(br#"{"home":2,"away":1,"minute":67,"event":"goal","by":"No. 9"}"#),
+        };
+        Fanout {
+            hub,
+            gates,
+            env,
+            buf: VecDeque::new(),
+        }
+    }
+
+    /// What the delivery worker does for one message.
+    fn deliver(&self) -> Delivery {
+        metrics::bus_received(0.0012);
+        self.hub.deliver(&self.env)
+    }
+
+    /// Empties every socket's queue, as its writer would after flushing.
+    fn drain(&mut self) {
+        let mut cx = Context::from_waker(Waker::noop());
+        for gate in &self.gates {
+            let next = pin!(gate.next(&mut self.buf)).poll(&mut cx);
+            let Poll::Ready(Next::Frames(bytes)) = next else {
+                panic!("a delivered frame is queued");
+            };
+            gate.release(bytes);
+            self.buf.clear();
+        }
+    }
+
+    /// Times `iters` fan-outs, draining untimed after each.
+    fn run(&mut self, iters: u64) -> Duration {
+        let mut timed = Duration::ZERO;
+        for _ in 0..iters {
+            let start = Instant::now();
+            let d = black_box(self.deliver());
+            timed += start.elapsed();
+            assert_eq!(d.delivered, self.gates.len());
+            self.drain();
+        }
+        timed
+    }
+}
+
+fn fanout(c: &mut Criterion, variant: &str) {
+    let mut group = c.benchmark_group("fanout");
+    for n in SIZES {
+        let mut f = Fanout::new(n);
+        group.bench_function(BenchmarkId::new(variant, n), |b| b.iter_custom(|iters| f.run(iters)));
+    }
+    group.finish();
+}
+
+fn no_recorder(c: &mut Criterion) {
+    assert!(!RECORDER.load(Ordering::SeqCst), "a recorder is installed already");
+    fanout(c, "no_recorder");
+}
+
+fn prometheus(c: &mut Criterion) {
+    install_recorder();
+    fanout(c, "prometheus");
+    let d = Delivery {
+        delivered: 10_000,
+        bytes: 1_000_000,
+        overflowed: 0,
+        unencodable: 0,
+    };
+    c.bench_function("record_only", |b| {
+        b.iter(|| {
+            metrics::bus_received(black_box(0.0012));
+            metrics::delivered(black_box(&d));
+        })
+    });
+    let depths: Vec<usize> = (0..10_000).map(|i| (i % 7) * 512).collect();
+    c.bench_function("sample/10000", |b| {
+        b.iter(|| metrics::sample(black_box(1), black_box(10_001), black_box(&depths)))
+    });
+}
+
+criterion_group!(benches, no_recorder, prometheus);
+criterion_main!(benches);
