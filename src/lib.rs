@@ -59,6 +59,8 @@ pub enum RunError {
 
 /// Serves a node on `listener` until `shutdown` is cancelled, then drains and returns.
 pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    // The recorder first, so what the bus records while connecting is kept.
+    let metrics = metrics::handle();
     let tracker = TaskTracker::new();
     let internal = CancellationToken::new();
     let (hub, interest_rx) = Hub::new();
@@ -71,11 +73,13 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     );
     let bus = if config.redis.is_empty() {
         tracing::info!("no --redis: running alone on the embedded in-process bus");
+        metrics::bus_up(true);
         Bus::Memory(MemoryBus::new(dispatch))
     } else {
         Bus::Redis(
             RedisBus::connect(
                 &config.redis,
+                &config.node_id,
                 config.redis_timeout,
                 dispatch,
                 &tracker,
@@ -101,7 +105,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     ));
     tracker.spawn(sample(hub.clone(), internal.clone()));
     let verifier = config.jwt.as_ref().map(auth::Verifier::new).transpose()?;
-    let node = Node::new(config, hub, bus.clone(), naming, metrics::handle(), verifier);
+    let node = Node::new(config, hub, bus.clone(), naming, metrics, verifier);
 
     if let Some(addr) = node.config().metrics_listen {
         let listener = TcpListener::bind(addr).await?;

@@ -387,14 +387,7 @@ async fn write(mut sink: SplitSink<WebSocket, Message>, gate: Arc<Gate>, grace: 
                 )
                 .await
             }
-            Next::Close(Some((c, why))) => {
-                let reason = if c == code::DRAIN {
-                    CloseReason::Drain
-                } else {
-                    CloseReason::Normal
-                };
-                return close(&mut sink, c, why, grace, reason).await;
-            }
+            Next::Close(Some((c, why))) => return close(&mut sink, c, why, grace, CloseReason::for_code(c)).await,
             Next::Close(None) => {
                 let _ = tokio::time::timeout(grace, sink.close()).await;
                 return CloseReason::Normal;

@@ -1,20 +1,36 @@
 //! The Redis Cluster bus: sharded pub/sub only (SPUBLISH, SSUBSCRIBE, SUNSUBSCRIBE).
 //!
-//! Two fred clients per node: one publishes, one subscribes (RESP3, so its connections also answer
-//! commands). Each keeps one connection per master, so the node's Redis connections are bounded by
-//! the cluster's masters, whatever the number of rooms or shards.
+//! # One link per master
+//! The node keeps one [`Link`] per cluster master: a publishing and a subscribing connection (two
+//! fred clients in centralized mode), so its Redis connections are bounded by the number of masters,
+//! whatever the number of rooms or shards. The bus routes each channel to its slot's master itself,
+//! from `CLUSTER SLOTS` read through any live link.
 //!
-//! fred does not keep sharded subscriptions alive by itself (see the README's operations section):
-//! it drops the server's `sunsubscribe` push on a slot move and resubscribes nothing when a master
-//! fails over. So this bus tracks every channel by hash slot and owner, and a reconciler re-reads
-//! the topology every second (and at once after any reconnect), subscribing again wherever a slot's
-//! owner changed or its connection was rebuilt. All subscription changes go through one async lock,
-//! so a resubscription never races an unsubscription of the same channel.
+//! Why not one cluster-mode client: fred runs one router task per client, and while it reconnects
+//! to a dead master every command and message of that client waits, so a master's death stalled
+//! every room for seconds (measured: 3.3 s with a 1 s node timeout). With a link per master, a dead
+//! master stalls only the rooms whose shard channels live on it.
+//!
+//! # Keeping subscriptions alive
+//! fred does not keep sharded subscriptions alive by itself: Redis drops them on a slot move (with a
+//! `sunsubscribe` push fred discards) and they die with a failed master. So the bus tracks every
+//! channel by hash slot and by the master it was subscribed on; a reconciler re-reads the topology
+//! every second (and at once after any reconnect or MOVED) and subscribes again wherever a slot's
+//! master changed or its connection was rebuilt. Every subscription change goes through one async
+//! lock, so a resubscription never races an unsubscription of the same channel.
+//!
+//! # Liveness
+//! A connection can look healthy and deliver nothing. Each link publishes a probe on a channel of
+//! its own master whenever its subscriber has been quiet for a second and expects it back within
+//! the command timeout; a link that misses it is rebuilt and `/readyz` reports 503 until it is back.
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -22,7 +38,7 @@ use fred::{
     clients::Client,
     interfaces::{ClientLike, ClusterInterface, EventInterface, PubsubInterface},
     prelude::{Builder, Config, ReconnectPolicy, Server, ServerConfig, Value},
-    types::{config::ClusterDiscoveryPolicy, RespVersion},
+    types::RespVersion,
     util::redis_keyslot,
 };
 use futures_util::future::join_all;
@@ -32,22 +48,52 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{BusError, Dispatch};
 use crate::metrics as m;
 
-/// How often the reconciler re-reads the cluster topology.
+/// How often the reconciler re-reads the cluster topology; faster while something is broken, so
+/// a promoted replica is picked up soon after the cluster elects it.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
-/// Messages fred may buffer for the reader task before it reports them lagged (and lost).
+const RECONCILE_WHILE_DOWN: Duration = Duration::from_millis(200);
+/// A link whose subscriber heard nothing for this long is probed.
+const PROBE_WHEN_QUIET: Duration = Duration::from_secs(1);
+/// Messages fred may buffer for a link's reader before it reports them lagged (and lost).
 const MESSAGE_BUFFER: usize = 1 << 16;
+const SLOTS: usize = 16384;
 
 pub struct RedisBus {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    publisher: Client,
-    subscriber: Client,
+    seeds: Vec<Server>,
+    timeout: Duration,
+    dispatch: Dispatch,
+    /// Probe channels start with this; unique per node so nodes never answer each other's probes.
+    probe_prefix: String,
+    started: Instant,
+    links: Mutex<HashMap<Server, Arc<Link>>>,
+    /// The master of every slot, as last read from the cluster.
+    routes: RwLock<Vec<Option<Server>>>,
     /// Serializes subscribe, unsubscribe and resubscribe.
     ops: tokio::sync::Mutex<()>,
     tracked: Mutex<Tracked>,
     wake: Notify,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+/// The connections to one master.
+struct Link {
+    server: Server,
+    publisher: Client,
+    subscriber: Client,
+    /// The probe channel (a slot of this master).
+    probe: Mutex<Option<String>>,
+    /// A probe was sent and has not come back yet.
+    probing: AtomicBool,
+    /// The last probe came back (or none was needed yet).
+    alive: AtomicBool,
+    /// Milliseconds since the bus started when the subscriber last received anything.
+    heard_ms: AtomicU64,
+    stop: CancellationToken,
 }
 
 #[derive(Default)]
@@ -64,41 +110,24 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(e.to_string())
 }
 
-fn config(urls: &[String], resp3: bool) -> Result<Config, BusError> {
-    let mut hosts = Vec::new();
-    for url in urls {
-        hosts.extend(Config::from_url_clustered(url).map_err(unavailable)?.server.hosts());
-    }
-    let mut config = Config::from_url_clustered(&urls[0]).map_err(unavailable)?;
-    // Discover the topology from every node seen, not only the seeds: a dead seed master must not
-    // leave the client unable to find the replica that replaced it.
-    config.server = ServerConfig::Clustered {
-        hosts,
-        policy: ClusterDiscoveryPolicy::UseCache,
-    };
-    // Redis down when the node starts is not fatal: keep retrying with the reconnect policy.
-    config.fail_fast = false;
-    if resp3 {
-        config.version = RespVersion::RESP3;
-    }
-    Ok(config)
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every update under these locks is a single step, so a panic elsewhere leaves them consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn build(urls: &[String], resp3: bool, timeout: Duration) -> Result<Client, BusError> {
-    Builder::from_config(config(urls, resp3)?)
-        .with_performance_config(|p| {
-            p.default_command_timeout = timeout;
-            p.broadcast_channel_capacity = MESSAGE_BUFFER;
-        })
-        .with_connection_config(|c| {
-            c.connection_timeout = timeout;
-            c.internal_command_timeout = timeout;
-            c.max_command_attempts = 2;
-        })
-        // Capped, jittered exponential backoff, forever.
-        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-        .build()
-        .map_err(unavailable)
+/// A Redis command that gives up after `timeout` whatever fred's own retries and reconnects do,
+/// so a caller (a publishing client, a join) always gets an answer in bounded time.
+async fn bounded<T>(
+    timeout: Duration,
+    command: impl std::future::Future<Output = Result<T, fred::error::Error>>,
+) -> Result<T, fred::error::Error> {
+    match tokio::time::timeout(timeout, command).await {
+        Ok(r) => r,
+        Err(_) => Err(fred::error::Error::new(
+            fred::error::ErrorKind::Timeout,
+            "no answer from Redis in time",
+        )),
+    }
 }
 
 fn group_by_slot(channels: Vec<String>) -> HashMap<u16, Vec<String>> {
@@ -109,70 +138,113 @@ fn group_by_slot(channels: Vec<String>) -> HashMap<u16, Vec<String>> {
     groups
 }
 
+/// Parses `CLUSTER SLOTS` into the master of every slot.
+fn parse_slots(value: Value) -> Option<Vec<Option<Server>>> {
+    let Value::Array(ranges) = value else { return None };
+    let mut routes = vec![None; SLOTS];
+    for range in ranges {
+        let Value::Array(fields) = range else { return None };
+        let (start, end) = (fields.first()?.as_i64()?, fields.get(1)?.as_i64()?);
+        let Value::Array(master) = fields.get(2)? else {
+            return None;
+        };
+        let host = master.first()?.as_string()?;
+        let port = u16::try_from(master.get(1)?.as_i64()?).ok()?;
+        let server = Server::new(host, port);
+        for slot in start.max(0)..=end.min(SLOTS as i64 - 1) {
+            routes[slot as usize] = Some(server.clone());
+        }
+    }
+    Some(routes)
+}
+
 impl RedisBus {
-    /// Connects to the cluster and starts the reader and the reconciler. Redis being unreachable is
-    /// not an error: the clients keep retrying and `is_ready` stays false until they connect.
+    /// Connects to the cluster and starts the reconciler. Redis being unreachable is not an error:
+    /// the links keep retrying and `is_ready` stays false until the cluster answers.
     pub async fn connect(
         urls: &[String],
+        node_id: &str,
         timeout: Duration,
         dispatch: Dispatch,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<RedisBus, BusError> {
-        let publisher = build(urls, false, timeout)?;
-        let subscriber = build(urls, true, timeout)?;
+        let mut seeds = Vec::new();
+        for url in urls {
+            seeds.extend(Config::from_url_centralized(url).map_err(unavailable)?.server.hosts());
+        }
         let inner = Arc::new(Inner {
-            publisher,
-            subscriber,
+            seeds,
+            timeout,
+            dispatch,
+            probe_prefix: format!("shardcast:probe:{node_id}:{:08x}:", rand::random::<u32>()),
+            started: Instant::now(),
+            links: Mutex::new(HashMap::new()),
+            routes: RwLock::new(vec![None; SLOTS]),
             ops: tokio::sync::Mutex::new(()),
             tracked: Mutex::new(Tracked::default()),
             wake: Notify::new(),
+            tracker: tracker.clone(),
+            cancel,
         });
-        // Subscribe to events before connecting so the first ones are not missed.
-        let messages = inner.subscriber.message_rx();
-        let reconnects = inner.subscriber.reconnect_rx();
-        inner.publisher.connect();
-        inner.subscriber.connect();
-        tracker.spawn(read_messages(messages, dispatch, cancel.clone()));
-        tracker.spawn(watch_reconnects(inner.clone(), reconnects, cancel.clone()));
-        tracker.spawn(reconcile(inner.clone(), cancel));
-        let up = tokio::time::timeout(timeout, async {
-            let _ = inner.publisher.wait_for_connect().await;
-            let _ = inner.subscriber.wait_for_connect().await;
-        })
-        .await;
-        if up.is_err() {
+        if tokio::time::timeout(timeout, inner.refresh())
+            .await
+            .map_or(true, |ok| !ok)
+        {
             tracing::warn!(?urls, "Redis Cluster not reachable yet; retrying in the background");
         }
+        tracker.spawn(reconcile(inner.clone()));
         let bus = RedisBus { inner };
         m::bus_up(bus.is_ready());
         Ok(bus)
     }
 
     pub async fn publish(&self, channel: String, payload: Bytes) -> Result<(), BusError> {
-        if !self.inner.publisher.is_connected() {
-            return Err(BusError::Unavailable("not connected to Redis".into()));
+        let slot = redis_keyslot(channel.as_bytes());
+        let mut moved_once = false;
+        loop {
+            let link = self
+                .inner
+                .link_for(slot)
+                .ok_or_else(|| unavailable("no master known for the channel's slot"))?;
+            if !link.publisher.is_connected() {
+                return Err(unavailable(format!("not connected to {}", link.server)));
+            }
+            let sent = bounded(
+                self.inner.timeout,
+                link.publisher.spublish::<Value, _, _>(channel.clone(), payload.clone()),
+            );
+            match sent.await {
+                Ok(_) => return Ok(()),
+                // The slot moved: learn where, and try once more there.
+                Err(e) if !moved_once && e.details().starts_with("MOVED") => {
+                    moved_once = true;
+                    self.inner.refresh().await;
+                    self.inner.wake.notify_one();
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
         }
-        self.inner
-            .publisher
-            .spublish::<Value, _, _>(channel, payload)
-            .await
-            .map(drop)
-            .map_err(unavailable)
     }
 
     pub async fn subscribe(&self, channels: Vec<String>) -> Result<(), BusError> {
         let _op = self.inner.ops.lock().await;
-        let groups = group_by_slot(channels);
-        let results = join_all(groups.into_iter().map(|(slot, group)| async move {
-            let r = self.inner.subscriber.ssubscribe(group.clone()).await;
-            (slot, group, r)
+        let mut work = Vec::new();
+        for (slot, group) in group_by_slot(channels) {
+            let link = self
+                .inner
+                .link_for(slot)
+                .ok_or_else(|| unavailable("no master known for a channel's slot"))?;
+            work.push((slot, group, link));
+        }
+        let results = join_all(work.into_iter().map(|(slot, group, link)| async move {
+            let r = bounded(self.inner.timeout, link.subscriber.ssubscribe(group.clone())).await;
+            (slot, group, link.server.clone(), r)
         }))
         .await;
         let mut failed = None;
-        let owners = self.inner.subscriber.cached_cluster_state();
-        let mut t = self.inner.tracked.lock().unwrap_or_else(|p| p.into_inner());
-        for (slot, group, r) in results {
+        let mut t = lock(&self.inner.tracked);
+        for (slot, group, server, r) in results {
             match r {
                 Ok(()) => {
                     let set = t.by_slot.entry(slot).or_default();
@@ -180,9 +252,7 @@ impl RedisBus {
                     set.extend(group);
                     let added = set.len() - before;
                     t.channels += added;
-                    if let Some(owner) = owners.as_ref().and_then(|o| o.get_server(slot)) {
-                        t.owner.insert(slot, owner.clone());
-                    }
+                    t.owner.insert(slot, server);
                 }
                 Err(e) => failed = Some(e),
             }
@@ -197,28 +267,43 @@ impl RedisBus {
     pub async fn unsubscribe(&self, channels: Vec<String>) -> Result<(), BusError> {
         let _op = self.inner.ops.lock().await;
         let groups = group_by_slot(channels);
+        let mut work = Vec::new();
         {
-            let mut t = self.inner.tracked.lock().unwrap_or_else(|p| p.into_inner());
-            for (slot, group) in &groups {
-                if let Some(set) = t.by_slot.get_mut(slot) {
-                    let before = set.len();
-                    for c in group {
-                        set.remove(c);
-                    }
-                    let removed = before - set.len();
-                    let empty = set.is_empty();
-                    t.channels -= removed;
-                    if empty {
-                        t.by_slot.remove(slot);
-                        t.owner.remove(slot);
-                        t.stale.remove(slot);
-                    }
+            let mut t = lock(&self.inner.tracked);
+            for (slot, group) in groups {
+                let Some(set) = t.by_slot.get_mut(&slot) else { continue };
+                let before = set.len();
+                for c in &group {
+                    set.remove(c);
+                }
+                let removed = before - set.len();
+                let empty = set.is_empty();
+                t.channels -= removed;
+                let owner = if empty {
+                    t.by_slot.remove(&slot);
+                    t.stale.remove(&slot);
+                    t.owner.remove(&slot)
+                } else {
+                    t.owner.get(&slot).cloned()
+                };
+                if let Some(owner) = owner {
+                    work.push((owner, group));
                 }
             }
             m::subscriptions(t.channels);
         }
         // Untracked first: if the owner is unreachable its subscriptions die with the connection.
-        let results = join_all(groups.into_values().map(|g| self.inner.subscriber.sunsubscribe(g))).await;
+        let links: Vec<_> = work
+            .into_iter()
+            .filter_map(|(server, group)| Some((lock(&self.inner.links).get(&server)?.clone(), group)))
+            .collect();
+        let timeout = self.inner.timeout;
+        let results = join_all(
+            links
+                .iter()
+                .map(|(link, group)| bounded(timeout, link.subscriber.sunsubscribe(group.clone()))),
+        )
+        .await;
         results
             .into_iter()
             .collect::<Result<Vec<_>, _>>()
@@ -226,32 +311,202 @@ impl RedisBus {
             .map_err(unavailable)
     }
 
-    /// Connected both ways, and every tracked channel subscribed on its current owner.
+    /// Every master linked and answering its probe, and every tracked channel subscribed on its
+    /// slot's current master.
     pub fn is_ready(&self) -> bool {
-        let i = &self.inner;
-        i.publisher.is_connected()
-            && i.subscriber.is_connected()
-            && i.tracked.lock().unwrap_or_else(|p| p.into_inner()).stale.is_empty()
+        self.inner.is_ready()
     }
 
     pub async fn close(&self) {
-        let _ = self.inner.subscriber.quit().await;
-        let _ = self.inner.publisher.quit().await;
+        let links: Vec<_> = lock(&self.inner.links).drain().map(|(_, l)| l).collect();
+        join_all(links.iter().map(|l| async move {
+            l.stop.cancel();
+            let _ = l.subscriber.quit().await;
+            let _ = l.publisher.quit().await;
+        }))
+        .await;
+    }
+}
+
+impl Inner {
+    fn link_for(&self, slot: u16) -> Option<Arc<Link>> {
+        let server = self.routes.read().unwrap_or_else(|p| p.into_inner())[slot as usize].clone()?;
+        lock(&self.links).get(&server).cloned()
+    }
+
+    fn is_ready(&self) -> bool {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let masters: HashSet<&Server> = routes.iter().flatten().collect();
+        if routes.iter().any(Option::is_none) {
+            return false;
+        }
+        let links = lock(&self.links);
+        let linked = masters.iter().all(|s| {
+            links.get(*s).is_some_and(|l| {
+                l.publisher.is_connected() && l.subscriber.is_connected() && l.alive.load(Ordering::Relaxed)
+            })
+        });
+        linked && lock(&self.tracked).stale.is_empty()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Reads the slot map through any answering link (or a seed) and links every master in it.
+    /// True when the topology was read.
+    async fn refresh(self: &Arc<Self>) -> bool {
+        let mut candidates: Vec<Arc<Link>> = lock(&self.links).values().cloned().collect();
+        candidates.sort_by_key(|l| !l.publisher.is_connected());
+        let mut routes = None;
+        for link in candidates.iter().filter(|l| l.publisher.is_connected()) {
+            let read = tokio::time::timeout(self.timeout, link.publisher.cluster_slots::<Value>()).await;
+            if let Ok(Ok(v)) = read {
+                routes = parse_slots(v);
+                if routes.is_some() {
+                    break;
+                }
+            }
+        }
+        if routes.is_none() {
+            for seed in &self.seeds {
+                let Ok(client) = build(seed, false, self.timeout, false) else {
+                    continue;
+                };
+                client.connect();
+                let read = tokio::time::timeout(self.timeout, async {
+                    client.wait_for_connect().await.ok()?;
+                    client.cluster_slots::<Value>().await.ok()
+                })
+                .await;
+                let _ = client.quit().await;
+                if let Ok(Some(v)) = read {
+                    routes = parse_slots(v);
+                    if routes.is_some() {
+                        break;
+                    }
+                }
+            }
+        }
+        let Some(routes) = routes else { return false };
+        let masters: HashSet<Server> = routes.iter().flatten().cloned().collect();
+        {
+            let mut links = lock(&self.links);
+            for server in &masters {
+                if !links.contains_key(server) {
+                    match Link::start(self, server.clone()) {
+                        Ok(link) => drop(links.insert(server.clone(), link)),
+                        Err(e) => tracing::warn!(%server, error = %e, "cannot link a master"),
+                    }
+                }
+            }
+            // A server that is no longer a master (failed, or demoted to replica) is let go.
+            let gone: Vec<Server> = links.keys().filter(|s| !masters.contains(*s)).cloned().collect();
+            for server in gone {
+                if let Some(link) = links.remove(&server) {
+                    tracing::info!(%server, "no longer a master; closing its link");
+                    link.stop.cancel();
+                    self.tracker.spawn(async move {
+                        let _ = link.subscriber.quit().await;
+                        let _ = link.publisher.quit().await;
+                    });
+                }
+            }
+        }
+        // Each link probes on a channel of a slot it owns.
+        let links: Vec<Arc<Link>> = lock(&self.links).values().cloned().collect();
+        for link in links {
+            let owned = |c: &String| routes[redis_keyslot(c.as_bytes()) as usize].as_ref() == Some(&link.server);
+            let current = lock(&link.probe).clone();
+            if current.as_ref().is_some_and(owned) {
+                continue;
+            }
+            let channel = (0u32..)
+                .map(|n| format!("{}{n}", self.probe_prefix))
+                .find(owned)
+                .expect("every master owns some slot");
+            if link.subscriber.ssubscribe(channel.clone()).await.is_ok() {
+                *lock(&link.probe) = Some(channel);
+            }
+        }
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
+        true
+    }
+}
+
+fn build(server: &Server, resp3: bool, timeout: Duration, retry: bool) -> Result<Client, BusError> {
+    let mut config = Config {
+        server: ServerConfig::Centralized { server: server.clone() },
+        // A master down when the node starts is not fatal: keep retrying with the reconnect policy.
+        fail_fast: !retry,
+        ..Config::default()
+    };
+    if resp3 {
+        config.version = RespVersion::RESP3;
+    }
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_performance_config(|p| {
+            p.default_command_timeout = timeout;
+            p.broadcast_channel_capacity = MESSAGE_BUFFER;
+        })
+        .with_connection_config(|c| {
+            c.connection_timeout = timeout;
+            c.internal_command_timeout = timeout;
+            c.max_command_attempts = 2;
+        });
+    if retry {
+        // Capped, jittered exponential backoff, forever.
+        builder.set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+    }
+    builder.build().map_err(unavailable)
+}
+
+impl Link {
+    fn start(bus: &Arc<Inner>, server: Server) -> Result<Arc<Link>, BusError> {
+        let publisher = build(&server, false, bus.timeout, true)?;
+        let subscriber = build(&server, true, bus.timeout, true)?;
+        let link = Arc::new(Link {
+            server,
+            publisher,
+            subscriber,
+            probe: Mutex::new(None),
+            probing: AtomicBool::new(false),
+            alive: AtomicBool::new(true),
+            heard_ms: AtomicU64::new(bus.now_ms()),
+            stop: bus.cancel.child_token(),
+        });
+        // Listen before connecting so the first events are not missed.
+        let messages = link.subscriber.message_rx();
+        let reconnects = link.subscriber.reconnect_rx();
+        let moves = link.publisher.error_rx();
+        link.publisher.connect();
+        link.subscriber.connect();
+        bus.tracker.spawn(read_messages(bus.clone(), link.clone(), messages));
+        bus.tracker
+            .spawn(watch_link(bus.clone(), link.clone(), reconnects, moves));
+        Ok(link)
     }
 }
 
 async fn read_messages(
+    bus: Arc<Inner>,
+    link: Arc<Link>,
     mut rx: tokio::sync::broadcast::Receiver<fred::types::Message>,
-    dispatch: Dispatch,
-    cancel: CancellationToken,
 ) {
     loop {
         let msg = tokio::select! {
             msg = rx.recv() => msg,
-            _ = cancel.cancelled() => return,
+            _ = link.stop.cancelled() => return,
         };
+        link.heard_ms.store(bus.now_ms(), Ordering::Relaxed);
         match msg {
             Ok(msg) => {
+                if msg.channel.starts_with(bus.probe_prefix.as_str()) {
+                    link.probing.store(false, Ordering::Relaxed);
+                    link.alive.store(true, Ordering::Relaxed);
+                    continue;
+                }
                 let payload = match msg.value {
                     Value::Bytes(b) => b,
                     Value::String(s) => s.into_inner(),
@@ -260,11 +515,11 @@ async fn read_messages(
                         continue;
                     }
                 };
-                dispatch.dispatch(msg.channel.as_bytes(), payload);
+                bus.dispatch.dispatch(msg.channel.as_bytes(), payload);
             }
             // fred's buffer overflowed: these messages are lost; keep reading.
             Err(RecvError::Lagged(n)) => {
-                tracing::warn!(lost = n, "Redis message reader lagged");
+                tracing::warn!(server = %link.server, lost = n, "Redis message reader lagged");
                 m::bus_dropped("lagged", n);
             }
             Err(RecvError::Closed) => return,
@@ -272,57 +527,58 @@ async fn read_messages(
     }
 }
 
-async fn watch_reconnects(
-    inner: Arc<Inner>,
-    mut rx: tokio::sync::broadcast::Receiver<Server>,
-    cancel: CancellationToken,
+/// Marks a link's slots for resubscription when its subscriber reconnects, and wakes the
+/// reconciler when its publisher is redirected (the topology changed).
+async fn watch_link(
+    bus: Arc<Inner>,
+    link: Arc<Link>,
+    mut reconnects: tokio::sync::broadcast::Receiver<Server>,
+    mut errors: tokio::sync::broadcast::Receiver<(fred::error::Error, Option<Server>)>,
 ) {
     loop {
-        let server = tokio::select! {
-            s = rx.recv() => s,
-            _ = cancel.cancelled() => return,
-        };
-        match server {
-            Ok(server) => {
-                m::bus_reconnect();
-                tracing::info!(%server, "Redis connection rebuilt; resubscribing its slots");
-                let mut t = inner.tracked.lock().unwrap_or_else(|p| p.into_inner());
-                let slots: Vec<u16> = t.owner.iter().filter(|(_, o)| **o == server).map(|(s, _)| *s).collect();
-                t.stale.extend(slots);
-                drop(t);
-                inner.wake.notify_one();
-            }
-            // Missed events: treat every slot as suspect.
-            Err(RecvError::Lagged(_)) => {
-                let mut t = inner.tracked.lock().unwrap_or_else(|p| p.into_inner());
-                let slots: Vec<u16> = t.by_slot.keys().copied().collect();
-                t.stale.extend(slots);
-                drop(t);
-                inner.wake.notify_one();
-            }
-            Err(RecvError::Closed) => return,
+        tokio::select! {
+            r = reconnects.recv() => match r {
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    m::bus_reconnect();
+                    tracing::info!(server = %link.server, "Redis connection rebuilt; resubscribing its slots");
+                    let mut t = lock(&bus.tracked);
+                    let slots: Vec<u16> = t.owner.iter().filter(|(_, o)| **o == link.server).map(|(s, _)| *s).collect();
+                    t.stale.extend(slots);
+                    drop(t);
+                    // Its probe subscription died with the connection too.
+                    *lock(&link.probe) = None;
+                    bus.wake.notify_one();
+                }
+                Err(RecvError::Closed) => return,
+            },
+            e = errors.recv() => match e {
+                Ok(_) | Err(RecvError::Lagged(_)) => bus.wake.notify_one(),
+                Err(RecvError::Closed) => return,
+            },
+            _ = link.stop.cancelled() => return,
         }
     }
 }
 
-/// Keeps every tracked channel subscribed on its slot's current owner.
-async fn reconcile(inner: Arc<Inner>, cancel: CancellationToken) {
+/// Keeps the topology fresh, every tracked channel subscribed on its slot's master, and every
+/// link probed.
+async fn reconcile(bus: Arc<Inner>) {
     let mut was_ready = false;
     loop {
+        let every = if was_ready {
+            RECONCILE_EVERY
+        } else {
+            RECONCILE_WHILE_DOWN
+        };
         tokio::select! {
-            _ = tokio::time::sleep(RECONCILE_EVERY) => {}
-            _ = inner.wake.notified() => {}
-            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+            _ = bus.wake.notified() => {}
+            _ = bus.cancel.cancelled() => return,
         }
-        if inner.subscriber.is_connected() {
-            if let Err(e) = inner.subscriber.sync_cluster().await {
-                tracing::debug!(error = %e, "cluster topology refresh failed");
-            }
-            resubscribe_moved(&inner).await;
-        }
-        let ready = inner.publisher.is_connected()
-            && inner.subscriber.is_connected()
-            && inner.tracked.lock().unwrap_or_else(|p| p.into_inner()).stale.is_empty();
+        bus.refresh().await;
+        resubscribe_moved(&bus).await;
+        probe(&bus).await;
+        let ready = bus.is_ready();
         if ready != was_ready {
             m::bus_up(ready);
             was_ready = ready;
@@ -330,40 +586,38 @@ async fn reconcile(inner: Arc<Inner>, cancel: CancellationToken) {
     }
 }
 
-async fn resubscribe_moved(inner: &Inner) {
-    let _op = inner.ops.lock().await;
-    let Some(state) = inner.subscriber.cached_cluster_state() else {
-        return;
-    };
-    let work: Vec<(u16, Vec<String>, Option<Server>)> = {
-        let t = inner.tracked.lock().unwrap_or_else(|p| p.into_inner());
+async fn resubscribe_moved(bus: &Inner) {
+    let _op = bus.ops.lock().await;
+    let work: Vec<(u16, Vec<String>, Arc<Link>)> = {
+        let routes = bus.routes.read().unwrap_or_else(|p| p.into_inner());
+        let links = lock(&bus.links);
+        let t = lock(&bus.tracked);
         t.by_slot
             .iter()
             .filter_map(|(slot, channels)| {
-                let now = state.get_server(*slot).cloned();
-                let moved = now.as_ref() != t.owner.get(slot);
-                (moved || t.stale.contains(slot)).then(|| (*slot, channels.iter().cloned().collect(), now))
+                let now = routes[*slot as usize].as_ref()?;
+                let moved = Some(now) != t.owner.get(slot);
+                let link = links.get(now)?.clone();
+                (moved || t.stale.contains(slot)).then(|| (*slot, channels.iter().cloned().collect(), link))
             })
             .collect()
     };
     if work.is_empty() {
         return;
     }
-    let results = join_all(work.into_iter().map(|(slot, channels, owner)| async move {
+    let results = join_all(work.into_iter().map(|(slot, channels, link)| async move {
         let n = channels.len();
-        let r = inner.subscriber.ssubscribe(channels).await;
-        (slot, n, owner, r)
+        let r = bounded(bus.timeout, link.subscriber.ssubscribe(channels)).await;
+        (slot, n, link.server.clone(), r)
     }))
     .await;
-    let mut t = inner.tracked.lock().unwrap_or_else(|p| p.into_inner());
-    for (slot, n, owner, r) in results {
+    let mut t = lock(&bus.tracked);
+    for (slot, n, server, r) in results {
         match r {
             Ok(()) => {
                 t.stale.remove(&slot);
-                if let Some(owner) = owner {
-                    tracing::info!(slot, %owner, channels = n, "resubscribed");
-                    t.owner.insert(slot, owner);
-                }
+                tracing::info!(slot, %server, channels = n, "resubscribed");
+                t.owner.insert(slot, server);
                 m::resubscribed(n);
             }
             Err(e) => {
@@ -371,5 +625,59 @@ async fn resubscribe_moved(inner: &Inner) {
                 t.stale.insert(slot);
             }
         }
+    }
+}
+
+/// Publishes a probe on every link whose subscriber has been quiet; a link whose previous probe
+/// never came back is rebuilt.
+async fn probe(bus: &Arc<Inner>) {
+    let links: Vec<Arc<Link>> = lock(&bus.links).values().cloned().collect();
+    let now = bus.now_ms();
+    for link in links {
+        let quiet = now.saturating_sub(link.heard_ms.load(Ordering::Relaxed)) >= PROBE_WHEN_QUIET.as_millis() as u64;
+        if !quiet || !link.subscriber.is_connected() {
+            continue;
+        }
+        let Some(channel) = lock(&link.probe).clone() else {
+            continue;
+        };
+        // Quiet for a whole period since the last probe was sent: it did not come back.
+        if link.probing.swap(false, Ordering::Relaxed) {
+            tracing::warn!(server = %link.server, "pub/sub probe lost; rebuilding the connection");
+            link.alive.store(false, Ordering::Relaxed);
+            let subscriber = link.subscriber.clone();
+            bus.tracker.spawn(async move { subscriber.force_reconnection().await });
+            link.heard_ms.store(now, Ordering::Relaxed);
+            continue;
+        }
+        link.probing.store(true, Ordering::Relaxed);
+        if link
+            .publisher
+            .spublish::<Value, _, _>(channel, Bytes::from_static(b"probe"))
+            .await
+            .is_err()
+        {
+            link.alive.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_slots_parse_into_a_full_map() {
+        let node = |port: i64| Value::Array(vec![Value::from("127.0.0.1"), Value::Integer(port), Value::from("id")]);
+        let v = Value::Array(vec![
+            Value::Array(vec![Value::Integer(0), Value::Integer(5460), node(7000), node(7003)]),
+            Value::Array(vec![Value::Integer(5461), Value::Integer(16383), node(7001)]),
+        ]);
+        let routes = parse_slots(v).unwrap();
+        assert_eq!(routes[0], Some(Server::new("127.0.0.1", 7000)));
+        assert_eq!(routes[5460], Some(Server::new("127.0.0.1", 7000)));
+        assert_eq!(routes[5461], Some(Server::new("127.0.0.1", 7001)));
+        assert_eq!(routes[16383], Some(Server::new("127.0.0.1", 7001)));
+        assert!(parse_slots(Value::Integer(1)).is_none());
     }
 }

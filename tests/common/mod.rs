@@ -128,6 +128,12 @@ pub fn config(redis: Option<&Cluster>, test: &str) -> Config {
         user_channel_prefix: user,
         unsubscribe_delay: Duration::from_millis(200),
         workers: 2,
+        // Stopping a node in a test need not spread reconnects (the drain has its own test).
+        drain_jitter: Duration::ZERO,
+        close_grace: Duration::from_secs(1),
+        // Tests publish in bursts; the rate limit has its own test.
+        command_rate: 1_000_000,
+        command_burst: 1_000_000,
         ..Config::default()
     }
 }
