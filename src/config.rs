@@ -134,6 +134,14 @@ pub struct Args {
     #[arg(long, env = "SHARDCAST_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<String>,
 
+    /// Longest room or user name accepted, in bytes (at most 128). [default: 128]
+    #[arg(long, env = "SHARDCAST_MAX_NAME_BYTES")]
+    pub max_name_bytes: Option<String>,
+
+    /// Room and user names only of ASCII letters, digits and - _ . : @ (true or false). [default: false]
+    #[arg(long, env = "SHARDCAST_ASCII_NAMES")]
+    pub ascii_names: Option<String>,
+
     /// Origins allowed to open a WebSocket from a browser, comma-separated; others get 403. [default: any]
     #[arg(long, env = "SHARDCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
@@ -169,6 +177,7 @@ pub struct Config {
     pub command_burst: u32,
     pub jwt: Option<JwtKey>,
     pub allowed_origins: Vec<String>,
+    pub names: names::Policy,
 }
 
 /// Where JWT signatures are checked against.
@@ -210,6 +219,7 @@ impl Default for Config {
             command_burst: 200,
             jwt: None,
             allowed_origins: Vec::new(),
+            names: names::Policy::default(),
         }
     }
 }
@@ -274,6 +284,8 @@ impl Args {
             jwt_secret: self.jwt_secret.or(base.jwt_secret),
             jwt_public_key: self.jwt_public_key.or(base.jwt_public_key),
             allowed_origins: list(self.allowed_origins, base.allowed_origins),
+            max_name_bytes: self.max_name_bytes.or(base.max_name_bytes),
+            ascii_names: self.ascii_names.or(base.ascii_names),
         }
     }
 
@@ -314,6 +326,8 @@ impl Args {
         set!("max-connections", self.max_connections, count => max_connections);
         set!("command-rate", self.command_rate, rate => command_rate);
         set!("command-burst", self.command_burst, rate => command_burst);
+        set!("max-name-bytes", self.max_name_bytes, name_bytes => names.max_bytes);
+        set!("ascii-names", self.ascii_names, boolean => names.ascii_only);
         set!("api-key", self.api_key, |s| secret(s).map(Some) => api_key);
         set!("jwt-secret", self.jwt_secret, |s| secret(s).map(|s| Some(JwtKey::Secret(s))) => jwt);
         set!("jwt-public-key", self.jwt_public_key, |s| public_key(s).map(Some) => jwt);
@@ -359,6 +373,17 @@ fn addr(s: &str) -> Result<SocketAddr, String> {
 
 fn name(s: &str) -> Result<String, String> {
     names::check(s).map(|_| s.to_owned()).map_err(|e| e.to_string())
+}
+
+fn name_bytes(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=names::MAX_NAME_BYTES).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {}", names::MAX_NAME_BYTES)),
+    }
+}
+
+fn boolean(s: &str) -> Result<bool, String> {
+    s.parse().map_err(|_| "expected true or false".to_string())
 }
 
 fn secret(s: &str) -> Result<String, String> {

@@ -12,6 +12,39 @@ pub enum NameError {
     TooLong,
     #[error("has a control character")]
     Control,
+    #[error("longer than {0} bytes")]
+    Longer(usize),
+    #[error("may only have ASCII letters, digits and - _ . : @")]
+    Alphabet,
+}
+
+/// The node's own, stricter rules on top of [`check`] (`--max-name-bytes`, `--ascii-names`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub max_bytes: usize,
+    pub ascii_only: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_bytes: MAX_NAME_BYTES,
+            ascii_only: false,
+        }
+    }
+}
+
+impl Policy {
+    pub fn check(&self, name: &str) -> Result<(), NameError> {
+        check(name)?;
+        if name.len() > self.max_bytes {
+            return Err(NameError::Longer(self.max_bytes));
+        }
+        if self.ascii_only && !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b)) {
+            return Err(NameError::Alphabet);
+        }
+        Ok(())
+    }
 }
 
 /// Checks a room name, user id or node id.
@@ -36,6 +69,20 @@ mod tests {
         for ok in ["stadium", "match:42", "ü-bahn", "a b", &"x".repeat(MAX_NAME_BYTES)] {
             assert_eq!(check(ok), Ok(()), "{ok}");
         }
+    }
+
+    #[test]
+    fn a_policy_narrows_length_and_alphabet() {
+        let p = Policy {
+            max_bytes: 8,
+            ascii_only: true,
+        };
+        assert_eq!(p.check("match:42"), Ok(()));
+        assert_eq!(p.check("a@b.c-d_e"), Err(NameError::Longer(8)));
+        assert_eq!(p.check("ü"), Err(NameError::Alphabet));
+        assert_eq!(p.check("a b"), Err(NameError::Alphabet));
+        assert_eq!(p.check(""), Err(NameError::Empty));
+        assert_eq!(Policy::default().check("ü b"), Ok(()));
     }
 
     #[test]

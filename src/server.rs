@@ -22,7 +22,7 @@ use crate::{
     frame::{Data, Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK},
     gate::Gate,
     hub::Member,
-    metrics as m, names,
+    metrics as m,
     node::Node,
     session::{self, Membership, READ_BUFFER_BYTES, WRITE_BUFFER_BYTES},
 };
@@ -100,12 +100,20 @@ async fn upgrade(
                 );
             };
             match verifier.verify(token) {
+                Ok(grants) if config.names.check(&grants.user).is_err() => {
+                    return refuse(
+                        StatusCode::UNAUTHORIZED,
+                        ErrorCode::Unauthorized,
+                        "auth",
+                        "`sub` breaks the name rules".into(),
+                    );
+                }
                 Ok(grants) => grants,
                 Err(e) => return refuse(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "auth", e.to_string()),
             }
         }
         None => match query.get("user") {
-            Some(user) => match names::check(user) {
+            Some(user) => match config.names.check(user) {
                 Ok(()) => Grants::open(user.as_str().into()),
                 Err(e) => {
                     return refuse(
@@ -185,9 +193,14 @@ async fn publish(State(node): State<Node>, headers: HeaderMap, body: Bytes) -> R
     let bad = |code: ErrorCode, msg: String| ApiError(StatusCode::BAD_REQUEST, code, msg);
     let body: PublishBody = serde_json::from_slice(&body)
         .map_err(|e| bad(ErrorCode::BadFrame, format!("expected {{\"room\":R,\"data\":D}}: {e}")))?;
-    names::check(&body.room).map_err(|e| bad(ErrorCode::BadRoom, format!("`room` {e}")))?;
+    let policy = node.config().names;
+    policy
+        .check(&body.room)
+        .map_err(|e| bad(ErrorCode::BadRoom, format!("`room` {e}")))?;
     let from = body.from.unwrap_or_else(|| "server".into());
-    names::check(&from).map_err(|e| bad(ErrorCode::BadUser, format!("`from` {e}")))?;
+    policy
+        .check(&from)
+        .map_err(|e| bad(ErrorCode::BadUser, format!("`from` {e}")))?;
     let data = Data {
         format: Encoding::Json,
         bytes: Bytes::copy_from_slice(body.data.get().as_bytes()),

@@ -248,6 +248,13 @@ fn classify(e: axum::Error) -> CloseReason {
 /// Runs one command; `Ok(None)` means nothing to answer.
 async fn run(request: Request, node: &Node, membership: &mut Membership) -> Result<Option<Reply<'static>>, FrameError> {
     let id = request.id;
+    let names = node.config().names;
+    let named = |name: &str, code: ErrorCode| names.check(name).map_err(|e| FrameError::new(id, code, e.to_string()));
+    match &request.command {
+        Command::Join { room } | Command::Pub { room, .. } => named(room, ErrorCode::BadRoom)?,
+        Command::Dm { to, .. } => named(to, ErrorCode::BadUser)?,
+        Command::Leave { .. } | Command::Ping => {}
+    }
     let ok = |op: &'static str| Ok(Some(Reply::op(op, id)).filter(|_| id.is_some() || op == "pong"));
     match request.command {
         Command::Ping => ok("pong"),

@@ -189,3 +189,35 @@ async fn connection_cap_and_command_rate_are_enforced() {
     assert_eq!(a.closed_with, Some(1008));
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_length_and_alphabet_can_be_narrowed() {
+    let mut cfg = config(None, "names");
+    cfg.names = shardcast::names::Policy {
+        max_bytes: 12,
+        ascii_only: true,
+    };
+    let node = Node::start(cfg).await;
+    assert_eq!(refused(node.ws("?user=%C3%BCber")).await, 400, "non-ASCII user");
+    assert_eq!(refused(node.ws("?user=thirteen-char")).await, 400, "user over 12 bytes");
+    let mut c = Client::connect(&node.ws("?user=fan@home")).await;
+    c.join("match:42").await;
+    for (frame, code) in [
+        (json!({"op":"join","room":"über"}), "bad_room"),
+        (json!({"op":"join","room":"a room"}), "bad_room"),
+        (json!({"op":"pub","room":"x".repeat(13),"data":1}), "bad_room"),
+        (json!({"op":"dm","to":"dü","data":1}), "bad_user"),
+    ] {
+        let r = c.request(frame.clone()).await;
+        assert_eq!(r["code"], code, "{frame}: {r}");
+    }
+    let http = reqwest::Client::new();
+    let r = http
+        .post(node.url("/publish"))
+        .json(&json!({"room":"über","data":1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    node.stop().await;
+}
