@@ -54,8 +54,11 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 const RECONCILE_WHILE_DOWN: Duration = Duration::from_millis(200);
 /// A link whose subscriber heard nothing for this long is probed.
 const PROBE_WHEN_QUIET: Duration = Duration::from_secs(1);
-/// Messages fred may buffer for a link's reader before it reports them lagged (and lost).
-const MESSAGE_BUFFER: usize = 1 << 16;
+/// Messages fred may buffer for a link's reader before it reports them lagged (and lost). fred
+/// sizes every one of a client's event channels by this and allocates them up front, so only the
+/// subscribing client gets a large one.
+const MESSAGE_BUFFER: usize = 8192;
+const EVENT_BUFFER: usize = 64;
 const SLOTS: usize = 16384;
 
 pub struct RedisBus {
@@ -434,21 +437,23 @@ impl Inner {
     }
 }
 
-fn build(server: &Server, resp3: bool, timeout: Duration, retry: bool) -> Result<Client, BusError> {
+/// A centralized client to one server; a subscriber speaks RESP3 (so its connection also answers
+/// commands) and gets the large message buffer.
+fn build(server: &Server, subscriber: bool, timeout: Duration, retry: bool) -> Result<Client, BusError> {
     let mut config = Config {
         server: ServerConfig::Centralized { server: server.clone() },
         // A master down when the node starts is not fatal: keep retrying with the reconnect policy.
         fail_fast: !retry,
         ..Config::default()
     };
-    if resp3 {
+    if subscriber {
         config.version = RespVersion::RESP3;
     }
     let mut builder = Builder::from_config(config);
     builder
         .with_performance_config(|p| {
             p.default_command_timeout = timeout;
-            p.broadcast_channel_capacity = MESSAGE_BUFFER;
+            p.broadcast_channel_capacity = if subscriber { MESSAGE_BUFFER } else { EVENT_BUFFER };
         })
         .with_connection_config(|c| {
             c.connection_timeout = timeout;
