@@ -330,3 +330,55 @@ async fn a_migrated_slot_is_subscribed_again_on_its_new_owner() {
     }
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_master_is_caught_by_the_probe_not_by_tcp() {
+    // A long node timeout: the cluster itself does not notice a master frozen for a few seconds.
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let cluster = Cluster::start_on(&ports, 3, 0, 30_000);
+    let cfg = config(Some(&cluster), "probe");
+    let channel = format!("{}lobby:shard0", cfg.channel_prefix);
+    let node = Node::start(cfg).await;
+    let mut viewer = Client::connect(&node.ws("?user=v")).await;
+    viewer.join("lobby").await;
+    let owner = cluster.owner_of(redis_slot(&cluster, &channel));
+    let pid = cluster.redis_cli(owner, &["info", "server"]);
+    let pid = pid
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    // Frozen: its TCP connections stay open, nothing comes back.
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let ready = node.url("/readyz");
+    let frozen = Instant::now();
+    eventually("readyz 503 once the probe is lost", || async {
+        status(&ready).await == 503
+    })
+    .await;
+    let noticed = frozen.elapsed();
+    assert!(std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    eventually("ready again", || async { status(&ready).await == 200 }).await;
+    eprintln!("probe: a frozen master was noticed after {noticed:?}");
+    let mut sender = Client::connect(&node.ws("?user=s")).await;
+    let mut n = 0;
+    loop {
+        n += 1;
+        sender.publish("lobby", json!({"n": n})).await;
+        if let Ok(Some(v)) = tokio::time::timeout(Duration::from_millis(500), viewer.recv()).await {
+            assert_eq!(v["op"], "msg");
+            break;
+        }
+        assert!(n < 20, "the room never flowed again");
+    }
+    node.stop().await;
+}
