@@ -372,28 +372,10 @@ async fn write(mut sink: SplitSink<WebSocket, Message>, gate: Arc<Gate>, grace: 
                 match flushed {
                     Flushed::Done(Ok(())) => gate.release(bytes),
                     Flushed::Done(Err(_)) => return CloseReason::Error,
-                    Flushed::Overflow => {
-                        return close(
-                            &mut sink,
-                            code::SLOW_CONSUMER,
-                            "slow consumer",
-                            grace,
-                            CloseReason::SlowConsumer,
-                        )
-                        .await
-                    }
+                    Flushed::Overflow => return slow_consumer(&mut sink, grace).await,
                 }
             }
-            Next::Overflow => {
-                return close(
-                    &mut sink,
-                    code::SLOW_CONSUMER,
-                    "slow consumer",
-                    grace,
-                    CloseReason::SlowConsumer,
-                )
-                .await
-            }
+            Next::Overflow => return slow_consumer(&mut sink, grace).await,
             Next::Close(Some((c, why))) => return close(&mut sink, c, why, grace, CloseReason::for_code(c)).await,
             Next::Close(None) => {
                 let _ = tokio::time::timeout(grace, sink.close()).await;
@@ -401,6 +383,17 @@ async fn write(mut sink: SplitSink<WebSocket, Message>, gate: Arc<Gate>, grace: 
             }
         }
     }
+}
+
+async fn slow_consumer(sink: &mut SplitSink<WebSocket, Message>, grace: Duration) -> CloseReason {
+    close(
+        sink,
+        code::SLOW_CONSUMER,
+        "slow consumer",
+        grace,
+        CloseReason::SlowConsumer,
+    )
+    .await
 }
 
 /// Sends a close frame if the socket takes it within `grace`; the connection is dropped after.

@@ -296,15 +296,21 @@ fn redis_slot(cluster: &Cluster, key: &str) -> u16 {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_migrated_slot_is_subscribed_again_on_its_new_owner() {
+/// Three masters, a node, and a viewer in room `lobby`; returns them with the lobby's channel.
+async fn lobby(test: &str, node_timeout_ms: u32) -> (Vec<u16>, Cluster, Node, Client, String) {
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let cluster = Cluster::start_on(&ports, 3, 0, 2000);
-    let cfg = config(Some(&cluster), "migrate");
+    let cluster = Cluster::start_on(&ports, 3, 0, node_timeout_ms);
+    let cfg = config(Some(&cluster), test);
     let channel = format!("{}lobby:shard0", cfg.channel_prefix);
     let node = Node::start(cfg).await;
     let mut viewer = Client::connect(&node.ws("?user=v")).await;
     viewer.join("lobby").await;
+    (ports, cluster, node, viewer, channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrated_slot_is_subscribed_again_on_its_new_owner() {
+    let (ports, cluster, node, mut viewer, channel) = lobby("migrate", 2000).await;
     let mut sender = Client::connect(&node.ws("?user=s")).await;
     let slot = redis_slot(&cluster, &channel);
     let from = cluster.owner_of(slot);
@@ -334,13 +340,7 @@ async fn a_migrated_slot_is_subscribed_again_on_its_new_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_master_is_caught_by_the_probe_not_by_tcp() {
     // A long node timeout: the cluster itself does not notice a master frozen for a few seconds.
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let cluster = Cluster::start_on(&ports, 3, 0, 30_000);
-    let cfg = config(Some(&cluster), "probe");
-    let channel = format!("{}lobby:shard0", cfg.channel_prefix);
-    let node = Node::start(cfg).await;
-    let mut viewer = Client::connect(&node.ws("?user=v")).await;
-    viewer.join("lobby").await;
+    let (_, cluster, node, mut viewer, channel) = lobby("probe", 30_000).await;
     let owner = cluster.owner_of(redis_slot(&cluster, &channel));
     let pid = cluster.redis_cli(owner, &["info", "server"]);
     let pid = pid

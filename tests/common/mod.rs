@@ -37,37 +37,52 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(masters: u32, replicas: u32) -> Cluster {
+        let mut last_err = String::new();
+        for _ in 0..3 {
+            match Cluster::up(&["--port", "auto"], masters, replicas, 2000) {
+                Ok(cluster) => return cluster,
+                // A port picked as free may have been taken meanwhile: try again with others.
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("redis-cluster/up failed: {last_err}");
+    }
+
+    /// A cluster on the given ports (the first `masters` become masters).
+    pub fn start_on(ports: &[u16], masters: u32, replicas: u32, node_timeout_ms: u32) -> Cluster {
+        let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+        Cluster::up(&["--ports", &list.join(",")], masters, replicas, node_timeout_ms).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Runs `redis-cluster/up` in a fresh directory, stopped with this process at the latest.
+    fn up(ports: &[&str], masters: u32, replicas: u32, node_timeout_ms: u32) -> Result<Cluster, String> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("shardcast-test-{}-{n}", std::process::id()));
-        let mut last_err = String::new();
-        for _ in 0..3 {
-            let out = Command::new(repo().join("redis-cluster/up"))
-                .args(["--port", "auto", "--node-timeout", "2000"])
-                .args(["--masters", &masters.to_string(), "--replicas", &replicas.to_string()])
-                .arg("--dir")
-                .arg(&dir)
-                .args(["--owner-pid", &std::process::id().to_string()])
-                .output()
-                .expect("run redis-cluster/up");
-            if out.status.success() {
-                let url = String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .last()
-                    .unwrap()
-                    .trim()
-                    .to_string();
-                let ports = std::fs::read_to_string(dir.join("ports"))
-                    .unwrap()
-                    .lines()
-                    .map(|l| l.parse().unwrap())
-                    .collect();
-                return Cluster { dir, url, ports };
-            }
-            // A port picked as free may have been taken meanwhile: try again with others.
-            last_err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let out = Command::new(repo().join("redis-cluster/up"))
+            .args(ports)
+            .args(["--node-timeout", &node_timeout_ms.to_string()])
+            .args(["--masters", &masters.to_string(), "--replicas", &replicas.to_string()])
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--owner-pid", &std::process::id().to_string()])
+            .output()
+            .expect("run redis-cluster/up");
+        if !out.status.success() {
+            return Err(format!("redis-cluster/up: {}", String::from_utf8_lossy(&out.stderr)));
         }
-        panic!("redis-cluster/up failed: {last_err}");
+        let url = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let ports = std::fs::read_to_string(dir.join("ports"))
+            .unwrap()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect();
+        Ok(Cluster { dir, url, ports })
     }
 
     /// One cluster shared by the tests of a binary; each test uses its own channel prefix.
@@ -374,41 +389,14 @@ pub fn free_port() -> u16 {
 }
 
 impl Cluster {
-    /// A cluster on the given ports (the first `masters` become masters).
-    pub fn start_on(ports: &[u16], masters: u32, replicas: u32, node_timeout_ms: u32) -> Cluster {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1000);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("shardcast-test-{}-{n}", std::process::id()));
-        let list: Vec<String> = ports.iter().map(u16::to_string).collect();
-        let out = Command::new(repo().join("redis-cluster/up"))
-            .args([
-                "--ports",
-                &list.join(","),
-                "--node-timeout",
-                &node_timeout_ms.to_string(),
-            ])
-            .args(["--masters", &masters.to_string(), "--replicas", &replicas.to_string()])
-            .arg("--dir")
-            .arg(&dir)
-            .args(["--owner-pid", &std::process::id().to_string()])
-            .output()
-            .expect("run redis-cluster/up");
-        assert!(
-            out.status.success(),
-            "redis-cluster/up: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let url = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap()
+    /// The process id of the redis-server on `port`.
+    pub fn pid(&self, port: u16) -> String {
+        let info = self.redis_cli(port, &["info", "server"]);
+        info.lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .expect("process_id")
             .trim()
-            .to_string();
-        Cluster {
-            dir,
-            url,
-            ports: ports.to_vec(),
-        }
+            .to_string()
     }
 
     /// The port of the master serving `slot`.
