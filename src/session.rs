@@ -255,13 +255,14 @@ async fn run(request: Request, node: &Node, membership: &mut Membership) -> Resu
         Command::Dm { to, .. } => named(to, ErrorCode::BadUser)?,
         Command::Leave { .. } | Command::Ping => {}
     }
-    let ok = |op: &'static str| Ok(Some(Reply::op(op, id)).filter(|_| id.is_some() || op == "pong"));
+    // `ok` answers only commands that carried an id; a ping is always answered.
+    let ok = || Ok(id.map(|_| Reply::op("ok", id)));
     match request.command {
-        Command::Ping => ok("pong"),
+        Command::Ping => Ok(Some(Reply::op("pong", id))),
         Command::Join { room } => {
             let room: Arc<str> = room.into();
             if membership.rooms.contains(&room) {
-                return ok("ok");
+                return ok();
             }
             if !membership.grants.may_join(&room) {
                 return Err(FrameError::new(
@@ -283,7 +284,7 @@ async fn run(request: Request, node: &Node, membership: &mut Membership) -> Resu
                 .await
                 .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
             membership.rooms.insert(room);
-            ok("ok")
+            ok()
         }
         Command::Leave { room } => {
             let Some(room) = membership.rooms.take(room.as_str()) else {
@@ -294,7 +295,7 @@ async fn run(request: Request, node: &Node, membership: &mut Membership) -> Resu
                 ));
             };
             node.hub().leave(&Topic::Room(room), membership.id);
-            ok("ok")
+            ok()
         }
         Command::Pub { .. } | Command::Dm { .. } if !membership.grants.may_publish() => Err(FrameError::new(
             id,
@@ -304,12 +305,12 @@ async fn run(request: Request, node: &Node, membership: &mut Membership) -> Resu
         Command::Pub { room, data } => {
             publish(node, Kind::Room, room, &membership.grants.user, data, id).await?;
             m::published("ws");
-            ok("ok")
+            ok()
         }
         Command::Dm { to, data } => {
             publish(node, Kind::Direct, to, &membership.grants.user, data, id).await?;
             m::published("ws");
-            ok("ok")
+            ok()
         }
     }
 }
