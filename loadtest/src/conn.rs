@@ -123,9 +123,10 @@ type Ws = WebSocketStream<TcpStream>;
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
 
 fn ws_config() -> WebSocketConfig {
-    // Small buffers: thousands of connections share this process, and frames are small.
+    // Small buffers: thousands of connections share this process, and frames are small
+    // (tungstenite also zero-fills the read buffer's free part on every read).
     WebSocketConfig::default()
-        .read_buffer_size(8 << 10)
+        .read_buffer_size(4 << 10)
         .write_buffer_size(0)
 }
 
