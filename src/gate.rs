@@ -147,6 +147,13 @@ impl Gate {
         }
     }
 
+    /// Appends whatever is queued now to `buf` without waiting; returns its bytes (to release).
+    pub fn take(&self, buf: &mut VecDeque<Message>) -> usize {
+        let mut st = self.lock();
+        buf.append(&mut st.frames);
+        std::mem::take(&mut st.pending)
+    }
+
     /// Waits until the gate overflows; lets a writer stuck on a full socket give up.
     pub async fn overflowed(&self) {
         loop {
@@ -198,6 +205,22 @@ mod tests {
         assert!(gate.is_overflowed());
         assert_eq!(gate.push(text(1)), Push::Closed);
         assert!(matches!(gate.next(&mut VecDeque::new()).await, Next::Overflow));
+    }
+
+    #[tokio::test]
+    async fn take_gathers_what_arrived_meanwhile() {
+        let gate = Gate::new(1000);
+        gate.push(text(10));
+        let mut buf = VecDeque::new();
+        let Next::Frames(first) = gate.next(&mut buf).await else {
+            panic!()
+        };
+        gate.push(text(20));
+        gate.push(text(30));
+        assert_eq!(first + gate.take(&mut buf), 60);
+        assert_eq!(buf.len(), 3);
+        assert_eq!(gate.take(&mut buf), 0);
+        assert_eq!(gate.queued(), 60, "counted until released");
     }
 
     #[tokio::test]

@@ -34,6 +34,7 @@ pub mod shutdown;
 
 use std::{sync::Arc, time::Duration};
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -128,6 +129,10 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
             shutdown::drain(&node).await;
         }
     };
+    // Small frames go out at once rather than waiting on Nagle for the previous one's ACK.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).with_graceful_shutdown(drained).await?;
 
     bus.close().await;

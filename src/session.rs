@@ -28,8 +28,9 @@ use crate::{
 };
 
 /// Tungstenite's read chunk. Its default (128 KiB) suits a few busy sockets; a stadium node holds
-/// many mostly idle ones, and client frames are small.
-pub const READ_BUFFER_BYTES: usize = 4 << 10;
+/// many mostly idle ones, client frames are small, and tungstenite allocates this per socket up
+/// front (and zero-fills its free part on every read).
+pub const READ_BUFFER_BYTES: usize = 512;
 /// How much tungstenite gathers before writing to the socket mid-batch; the writer flushes at the
 /// end of every batch anyway, so this only bounds the buffer a burst leaves behind.
 pub const WRITE_BUFFER_BYTES: usize = 16 << 10;
@@ -126,7 +127,7 @@ pub async fn serve(socket: WebSocket, node: Node, gate: Arc<Gate>, encoding: Enc
     let started = Instant::now();
     // Milliseconds since `started` when the client was last heard from.
     let heard = AtomicU64::new(0);
-    let mut writer = pin!(write(sink, gate.clone(), grace));
+    let mut writer = pin!(write(sink, gate.clone(), grace, config.write_coalesce));
     let expires = membership.grants.expires.map(|exp| {
         let left = exp.saturating_sub(envelope::now_us() / 1_000_000);
         tokio::time::Instant::now() + Duration::from_secs(left)
@@ -209,7 +210,9 @@ async fn read(
         };
         let reply = match limit.admit(Instant::now()) {
             Admit::Yes => match request {
-                Ok(request) => run(request, node, membership).await,
+                // Boxed: a command's future lives only while it runs, instead of in every idle
+                // session's state.
+                Ok(request) => Box::pin(run(request, node, membership)).await,
                 Err(e) => Err(e),
             },
             Admit::Refuse => {
@@ -351,11 +354,24 @@ enum Flushed {
 }
 
 /// Drains the gate into the socket until the gate overflows or closes, or the socket fails.
-async fn write(mut sink: SplitSink<WebSocket, Message>, gate: Arc<Gate>, grace: Duration) -> CloseReason {
+async fn write(
+    mut sink: SplitSink<WebSocket, Message>,
+    gate: Arc<Gate>,
+    grace: Duration,
+    coalesce: Duration,
+) -> CloseReason {
     let mut buf = VecDeque::new();
     loop {
         match gate.next(&mut buf).await {
-            Next::Frames(bytes) => {
+            Next::Frames(mut bytes) => {
+                // Let more frames gather so one write carries many (`--write-coalesce`).
+                if !coalesce.is_zero() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(coalesce) => {}
+                        _ = gate.overflowed() => return slow_consumer(&mut sink, grace).await,
+                    }
+                    bytes += gate.take(&mut buf);
+                }
                 let flushed = {
                     let io = async {
                         for frame in buf.drain(..) {

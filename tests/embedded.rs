@@ -183,3 +183,23 @@ fn a_bad_setting_stops_the_node_before_it_binds() {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_writes_deliver_everything_in_order() {
+    let mut cfg = config(None, "coalesce");
+    cfg.write_coalesce = std::time::Duration::from_millis(20);
+    let node = Node::start(cfg).await;
+    let mut a = Client::connect(&node.ws("?user=a")).await;
+    let mut b = Client::connect_with(&node.ws("?user=b"), Some("shardcast.v1.msgpack")).await;
+    a.join("r").await;
+    b.join("r").await;
+    for seq in 0..200 {
+        a.send(json!({"op":"pub","room":"r","data":seq})).await;
+    }
+    for c in [&mut a, &mut b] {
+        for seq in 0..200 {
+            assert_eq!(c.recv().await.unwrap()["data"], seq);
+        }
+    }
+    node.stop().await;
+}
