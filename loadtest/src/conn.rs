@@ -154,15 +154,12 @@ async fn connect(spec: &Spec, ctx: &Ctx) -> anyhow::Result<Ws> {
     Ok(ws)
 }
 
-/// The first few words of an error, as a failure class.
+/// An error without its details in parentheses (OS error numbers, addresses), as a failure class:
+/// `connect: Connection refused`, `handshake: HTTP error: 503 Service Unavailable`.
 fn class(e: &anyhow::Error) -> String {
     let s = format!("{e:#}");
-    s.split(['(', ':'])
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(":")
-        .trim()
-        .to_string()
+    let s = s.split('(').next().unwrap_or_default().trim();
+    s.chars().take(80).collect()
 }
 
 struct Conn<'a> {
