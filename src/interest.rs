@@ -7,7 +7,6 @@
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use futures_util::future::join_all;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -66,10 +65,12 @@ pub async fn run(
             .drain(..)
             .filter(|t| hub.remove_if_idle(t) && subscribed.remove(t))
             .collect();
-        let results = join_all(idle.iter().map(|t| bus.unsubscribe(naming.channels(t)))).await;
-        for (t, r) in idle.iter().zip(results) {
-            if let Err(e) = r {
-                tracing::warn!(topic = ?t, error = %e, "unsubscribe failed");
+        if !idle.is_empty() {
+            if let Err(e) = bus
+                .unsubscribe(idle.iter().flat_map(|t| naming.channels(t)).collect())
+                .await
+            {
+                tracing::warn!(topics = idle.len(), error = %e, "unsubscribe failed");
             }
         }
 
@@ -82,8 +83,13 @@ pub async fn run(
         for t in ready {
             hub.subscribed(&t, Ok(()));
         }
-        let results = join_all(new.iter().map(|t| bus.subscribe(naming.channels(t)))).await;
-        for (t, r) in new.into_iter().zip(results) {
+        if new.is_empty() {
+            continue;
+        }
+        // One round for the whole batch: a burst of connections costs one SSUBSCRIBE per slot.
+        let channels: Vec<Vec<String>> = new.iter().map(|t| naming.channels(t)).collect();
+        let results = bus.subscribe(&channels).await;
+        for ((t, channels), r) in new.into_iter().zip(channels).zip(results) {
             match r {
                 Ok(()) => {
                     subscribed.insert(t.clone());
@@ -93,7 +99,7 @@ pub async fn run(
                     tracing::warn!(topic = ?t, error = %e, "subscribe failed; retrying while it has members");
                     // Drop whatever part did subscribe; waiting joiners are told, and members that
                     // did not wait (a socket's own inbox) keep the topic wanted for the next retry.
-                    let _ = bus.unsubscribe(naming.channels(&t)).await;
+                    let _ = bus.unsubscribe(channels).await;
                     hub.subscribed(&t, Err(JoinError::Bus(e.to_string())));
                 }
             }

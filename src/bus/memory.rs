@@ -27,12 +27,12 @@ impl MemoryBus {
         Ok(())
     }
 
-    pub fn subscribe(&self, channels: Vec<String>) -> Result<(), BusError> {
-        for c in channels {
-            self.channels.insert(c);
+    pub fn subscribe(&self, topics: &[Vec<String>]) -> Vec<Result<(), BusError>> {
+        for c in topics.iter().flatten() {
+            self.channels.insert(c.clone());
         }
         m::subscriptions(self.channels.len());
-        Ok(())
+        topics.iter().map(|_| Ok(())).collect()
     }
 
     pub fn unsubscribe(&self, channels: Vec<String>) -> Result<(), BusError> {

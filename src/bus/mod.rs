@@ -101,10 +101,11 @@ impl Bus {
         result
     }
 
-    pub async fn subscribe(&self, channels: Vec<String>) -> Result<(), BusError> {
+    /// Subscribes the channels of several topics at once; one result per topic.
+    pub async fn subscribe(&self, topics: &[Vec<String>]) -> Vec<Result<(), BusError>> {
         match self {
-            Bus::Memory(b) => b.subscribe(channels),
-            Bus::Redis(b) => b.subscribe(channels).await,
+            Bus::Memory(b) => b.subscribe(topics),
+            Bus::Redis(b) => b.subscribe(topics).await,
         }
     }
 

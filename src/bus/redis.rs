@@ -230,41 +230,51 @@ impl RedisBus {
         }
     }
 
-    pub async fn subscribe(&self, channels: Vec<String>) -> Result<(), BusError> {
+    /// Subscribes every topic's channels in one round: grouped by slot, one SSUBSCRIBE per slot,
+    /// all concurrent (fred pipelines them). One result per topic: a topic fails when any of its
+    /// slots did, so a dead master fails only the topics with channels on it.
+    pub async fn subscribe(&self, topics: &[Vec<String>]) -> Vec<Result<(), BusError>> {
         let _op = self.inner.ops.lock().await;
+        let mut failed: HashMap<u16, BusError> = HashMap::new();
         let mut work = Vec::new();
-        for (slot, group) in group_by_slot(channels) {
-            let link = self
-                .inner
-                .link_for(slot)
-                .ok_or_else(|| unavailable("no master known for a channel's slot"))?;
-            work.push((slot, group, link));
+        for (slot, group) in group_by_slot(topics.iter().flatten().cloned().collect()) {
+            match self.inner.link_for(slot) {
+                Some(link) => work.push((slot, group, link)),
+                None => drop(failed.insert(slot, unavailable("no master known for a channel's slot"))),
+            }
         }
+        let timeout = self.inner.timeout;
         let results = join_all(work.into_iter().map(|(slot, group, link)| async move {
-            let r = bounded(self.inner.timeout, link.subscriber.ssubscribe(group.clone())).await;
+            let r = bounded(timeout, link.subscriber.ssubscribe(group.clone())).await;
             (slot, group, link.server.clone(), r)
         }))
         .await;
-        let mut failed = None;
-        let mut t = lock(&self.inner.tracked);
-        for (slot, group, server, r) in results {
-            match r {
-                Ok(()) => {
-                    let set = t.by_slot.entry(slot).or_default();
-                    let before = set.len();
-                    set.extend(group);
-                    let added = set.len() - before;
-                    t.channels += added;
-                    t.owner.insert(slot, server);
+        {
+            let mut t = lock(&self.inner.tracked);
+            for (slot, group, server, r) in results {
+                match r {
+                    Ok(()) => {
+                        let set = t.by_slot.entry(slot).or_default();
+                        let before = set.len();
+                        set.extend(group);
+                        let added = set.len() - before;
+                        t.channels += added;
+                        t.owner.insert(slot, server);
+                    }
+                    Err(e) => drop(failed.insert(slot, unavailable(e))),
                 }
-                Err(e) => failed = Some(e),
             }
+            m::subscriptions(t.channels);
         }
-        m::subscriptions(t.channels);
-        match failed {
-            None => Ok(()),
-            Some(e) => Err(unavailable(e)),
-        }
+        topics
+            .iter()
+            .map(
+                |channels| match channels.iter().find_map(|c| failed.get(&redis_keyslot(c.as_bytes()))) {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(()),
+                },
+            )
+            .collect()
     }
 
     pub async fn unsubscribe(&self, channels: Vec<String>) -> Result<(), BusError> {
