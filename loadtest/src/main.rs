@@ -5,6 +5,7 @@
 mod conn;
 mod procfs;
 mod report;
+mod soak;
 mod stats;
 mod wire;
 
@@ -42,6 +43,9 @@ enum Scenario {
     Dm,
     /// Connections only, to measure memory per connection.
     Idle,
+    /// Steady publishing with churn of reconnects and joins; samples the nodes' RSS and open files
+    /// (give --pid) and says whether they stayed flat after warm-up.
+    Soak,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -117,6 +121,15 @@ struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// soak: clients that leave and reconnect (into another room) per second.
+    #[arg(long, default_value_t = 20.0)]
+    churn_per_sec: f64,
+    /// soak: seconds before RSS and open files must stay flat. Default: a quarter of --duration.
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// soak: seconds between samples of the nodes' RSS and open files.
+    #[arg(long, default_value_t = 5.0)]
+    sample_every: f64,
 }
 
 /// The whole run's connections and who publishes to whom.
@@ -136,12 +149,14 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
         Scenario::Stadium | Scenario::Dm => 2000,
         Scenario::Chat => 10_000,
         Scenario::Idle => 18_000,
+        Scenario::Soak => 1000,
     });
     let rate = args.rate.unwrap_or(match args.scenario {
         Scenario::Stadium => 200.0,
         Scenario::Chat => 2000.0,
         Scenario::Dm => 1000.0,
         Scenario::Idle => 0.0,
+        Scenario::Soak => 500.0,
     });
     if args.scenario != Scenario::Idle && !(rate > 0.0 && rate.is_finite()) {
         bail!("--rate must be positive");
@@ -254,6 +269,7 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
                 specs.push(base(i, i, format!("{pre}-u{i}")));
             }
         }
+        Scenario::Soak => bail!("the soak scenario has its own runner"),
     }
     Ok(Plan { specs, fan, rate })
 }
@@ -539,6 +555,16 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(args.threads.max(1))
         .enable_all()
         .build()?;
+    if args.scenario == Scenario::Soak {
+        let report = runtime.block_on(soak_run(&args))?;
+        runtime.shutdown_background();
+        if json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", report.table());
+        }
+        return Ok(());
+    }
     let report = runtime.block_on(run(args))?;
     // Tasks still closing sockets are dropped with the runtime, without waiting.
     runtime.shutdown_background();
@@ -548,6 +574,30 @@ fn main() -> anyhow::Result<()> {
         print!("{}", report.table());
     }
     Ok(())
+}
+
+async fn soak_run(args: &Args) -> anyhow::Result<soak::SoakReport> {
+    let mut nodes = Vec::new();
+    for u in &args.urls {
+        let n = resolve(u).await?;
+        nodes.push((n.ws, n.addr));
+    }
+    let duration = Duration::from_secs_f64(args.duration.max(1.0));
+    soak::run(soak::Plan {
+        nodes,
+        source_addrs: args.source_addrs,
+        clients: args.clients.unwrap_or(1000).max(1),
+        rooms: args.rooms.max(1),
+        rate: args.rate.unwrap_or(500.0).max(0.001),
+        churn_per_sec: args.churn_per_sec.max(0.001),
+        payload_bytes: args.payload_bytes,
+        duration,
+        warmup: args.warmup.map(Duration::from_secs_f64).unwrap_or(duration / 4),
+        sample_every: Duration::from_secs_f64(args.sample_every.max(0.1)),
+        pids: args.pids.clone(),
+        prefix: args.prefix.clone(),
+    })
+    .await
 }
 
 #[cfg(test)]
