@@ -275,8 +275,10 @@ async fn a_master_dies_and_only_its_shards_pause() {
         "failover: shard resumed {resumed:?} after the kill (node timeout {NODE_TIMEOUT_MS} ms); {refused} publishes refused \
          with `unavailable`, {silent} acknowledged but lost in the window; healthy masters' shards paused at most {stall:?}"
     );
+    // The bar is node timeout + 2 s (met on a quiet machine: 2.6 to 2.9 s); a second of slack
+    // keeps a loaded machine's slower election from failing the run.
     assert!(
-        resumed < Duration::from_millis(NODE_TIMEOUT_MS + 2000 + 2000),
+        resumed < Duration::from_millis(NODE_TIMEOUT_MS + 2000 + 1000),
         "resumed only after {resumed:?}"
     );
     assert!(
