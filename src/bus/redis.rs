@@ -332,10 +332,11 @@ impl RedisBus {
 
     pub async fn close(&self) {
         let links: Vec<_> = lock(&self.inner.links).drain().map(|(_, l)| l).collect();
+        let timeout = self.inner.timeout;
         join_all(links.iter().map(|l| async move {
             l.stop.cancel();
-            let _ = l.subscriber.quit().await;
-            let _ = l.publisher.quit().await;
+            let _ = tokio::time::timeout(timeout, l.subscriber.quit()).await;
+            let _ = tokio::time::timeout(timeout, l.publisher.quit()).await;
         }))
         .await;
     }
@@ -438,7 +439,10 @@ impl Inner {
                 .map(|n| format!("{}{n}", self.probe_prefix))
                 .find(owned)
                 .expect("every master owns some slot");
-            if link.subscriber.ssubscribe(channel.clone()).await.is_ok() {
+            if bounded(self.timeout, link.subscriber.ssubscribe(channel.clone()))
+                .await
+                .is_ok()
+            {
                 *lock(&link.probe) = Some(channel);
             }
         }
@@ -666,12 +670,12 @@ async fn probe(bus: &Arc<Inner>) {
             continue;
         }
         link.probing.store(true, Ordering::Relaxed);
-        if link
-            .publisher
-            .spublish::<Value, _, _>(channel, Bytes::from_static(b"probe"))
-            .await
-            .is_err()
-        {
+        let sent = bounded(
+            bus.timeout,
+            link.publisher
+                .spublish::<Value, _, _>(channel, Bytes::from_static(b"probe")),
+        );
+        if sent.await.is_err() {
             link.alive.store(false, Ordering::Relaxed);
         }
     }
