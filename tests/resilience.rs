@@ -203,19 +203,9 @@ async fn a_master_dies_and_only_its_shards_pause() {
         names.iter().all(|n| seen.iter().any(|(f, _, _)| f == n))
     })
     .await;
-    let pid = cluster.redis_cli(victim, &["info", "server"]);
-    let pid = pid
-        .lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let pid = cluster.pid(victim);
     let killed = Instant::now();
-    assert!(std::process::Command::new("kill")
-        .args(["-9", &pid])
-        .status()
-        .unwrap()
-        .success());
+    signal(&pid, "-9");
     eventually("sender 0's shard resumes", || async {
         seen.lock()
             .unwrap()
@@ -290,6 +280,18 @@ async fn a_master_dies_and_only_its_shards_pause() {
     reader.abort();
 }
 
+/// Sends a signal to a redis-server of the test's cluster.
+fn signal(pid: &str, sig: &str) {
+    assert!(
+        std::process::Command::new("kill")
+            .args([sig, pid])
+            .status()
+            .unwrap()
+            .success(),
+        "kill {sig} {pid}"
+    );
+}
+
 fn redis_slot(cluster: &Cluster, key: &str) -> u16 {
     cluster
         .redis_cli(cluster.ports[0], &["cluster", "keyslot", key])
@@ -344,19 +346,9 @@ async fn a_frozen_master_is_caught_by_the_probe_not_by_tcp() {
     // A long node timeout: the cluster itself does not notice a master frozen for a few seconds.
     let (_, cluster, node, mut viewer, channel) = lobby("probe", 30_000).await;
     let owner = cluster.owner_of(redis_slot(&cluster, &channel));
-    let pid = cluster.redis_cli(owner, &["info", "server"]);
-    let pid = pid
-        .lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let pid = cluster.pid(owner);
     // Frozen: its TCP connections stay open, nothing comes back.
-    assert!(std::process::Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    signal(&pid, "-STOP");
     let ready = node.url("/readyz");
     let frozen = Instant::now();
     eventually("readyz 503 once the probe is lost", || async {
@@ -364,11 +356,7 @@ async fn a_frozen_master_is_caught_by_the_probe_not_by_tcp() {
     })
     .await;
     let noticed = frozen.elapsed();
-    assert!(std::process::Command::new("kill")
-        .args(["-CONT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    signal(&pid, "-CONT");
     eventually("ready again", || async { status(&ready).await == 200 }).await;
     eprintln!("probe: a frozen master was noticed after {noticed:?}");
     let mut sender = Client::connect(&node.ws("?user=s")).await;

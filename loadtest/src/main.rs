@@ -555,23 +555,19 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(args.threads.max(1))
         .enable_all()
         .build()?;
-    if args.scenario == Scenario::Soak {
+    let (json_text, table) = if args.scenario == Scenario::Soak {
         let report = runtime.block_on(soak_run(&args))?;
-        runtime.shutdown_background();
-        if json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
-        } else {
-            print!("{}", report.table());
-        }
-        return Ok(());
-    }
-    let report = runtime.block_on(run(args))?;
+        (serde_json::to_string_pretty(&report)?, report.table())
+    } else {
+        let report = runtime.block_on(run(args))?;
+        (serde_json::to_string_pretty(&report)?, report.table())
+    };
     // Tasks still closing sockets are dropped with the runtime, without waiting.
     runtime.shutdown_background();
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{json_text}");
     } else {
-        print!("{}", report.table());
+        print!("{table}");
     }
     Ok(())
 }
