@@ -373,12 +373,14 @@ async fn write(
                     bytes += gate.take(&mut buf);
                 }
                 let flushed = {
-                    let io = async {
+                    // Boxed like a command: its state exists only while a batch is being written,
+                    // not in every idle session.
+                    let io = Box::pin(async {
                         for frame in buf.drain(..) {
                             sink.feed(frame).await?;
                         }
                         sink.flush().await
-                    };
+                    });
                     // A client that stopped reading leaves the flush pending; overflow ends the wait.
                     tokio::select! {
                         r = io => Flushed::Done(r),
@@ -393,7 +395,9 @@ async fn write(
                 }
             }
             Next::Overflow => return slow_consumer(&mut sink, grace).await,
-            Next::Close(Some((c, why))) => return close(&mut sink, c, why, grace, CloseReason::for_code(c)).await,
+            Next::Close(Some((c, why))) => {
+                return Box::pin(close(&mut sink, c, why, grace, CloseReason::for_code(c))).await
+            }
             Next::Close(None) => {
                 let _ = tokio::time::timeout(grace, sink.close()).await;
                 return CloseReason::Normal;
