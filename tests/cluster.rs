@@ -281,3 +281,26 @@ async fn http_publish_needs_the_key_when_one_is_set() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_master_cluster_from_the_scripts_carries_rooms() {
+    // redis-cli refuses to create fewer than 3 masters; `redis-cluster/up` assembles it by hand.
+    let cluster = Cluster::start(2, 0);
+    assert!(cluster
+        .redis_cli(cluster.ports[0], &["cluster", "info"])
+        .contains("cluster_state:ok"));
+    let mut cfg = config(Some(&cluster), "two");
+    cfg.hot_rooms.insert("stadium".into(), 4);
+    let a = Node::start(cfg.clone()).await;
+    let b = Node::start(cfg).await;
+    let mut viewer = Client::connect(&b.ws("?user=v")).await;
+    viewer.join("stadium").await;
+    let mut sender = Client::connect(&a.ws("?user=s")).await;
+    for seq in 0..20 {
+        sender.publish("stadium", json!({"seq": seq})).await;
+    }
+    let seen = collect(&mut viewer, "stadium", 20).await;
+    assert_eq!(seen["s"].len(), 20);
+    a.stop().await;
+    b.stop().await;
+}
