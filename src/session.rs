@@ -183,6 +183,18 @@ pub async fn serve(socket: WebSocket, node: Node, gate: Arc<Gate>, encoding: Enc
             }
         }
     };
+    // The node closed on a policy (rate, frame size) while the client may still be sending: read
+    // until its answering close, so it sees our close frame instead of a reset.
+    if matches!(reason, CloseReason::RateLimited | CloseReason::FrameTooLarge) {
+        let _ = tokio::time::timeout(grace, async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
     m::connection_closed(reason);
     drop(membership);
 }
