@@ -486,13 +486,6 @@ fn random_node_id() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 
-impl Config {
-    /// Shard channels of `room`.
-    pub fn shards_of(&self, room: &str) -> u32 {
-        self.hot_rooms.get(room).copied().unwrap_or(self.default_shards)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,9 +528,9 @@ mod tests {
         assert_eq!(c.max_buffered_bytes, 2 << 20);
         assert_eq!(c.max_frame_bytes, 4096);
         assert_eq!(c.join_timeout, Duration::from_millis(500));
-        assert_eq!(c.shards_of("stadium"), 16);
-        assert_eq!(c.shards_of("odds"), 4);
-        assert_eq!(c.shards_of("lobby"), 1);
+        assert_eq!(c.hot_rooms.get("stadium"), Some(&16));
+        assert_eq!(c.hot_rooms.get("odds"), Some(&4));
+        assert_eq!((c.hot_rooms.get("lobby"), c.default_shards), (None, 1));
         assert_eq!(c.redis.len(), 2);
     }
 
@@ -593,7 +586,7 @@ mod tests {
         let c = args.with_file().unwrap().resolve().unwrap();
         assert_eq!(c.listen.port(), 9100);
         assert_eq!(c.max_frame_bytes, 8192);
-        assert_eq!(c.shards_of("stadium"), 8);
+        assert_eq!(c.hot_rooms.get("stadium"), Some(&8));
         std::fs::write(&path, "listn = \"x\"\n").unwrap();
         let args = Args::try_parse_from(["shardcast", "--config", path.to_str().unwrap()]).unwrap();
         assert!(args.with_file().unwrap_err().to_string().contains("listn"));

@@ -37,6 +37,16 @@ pub enum Topic {
     User(Arc<str>),
 }
 
+impl Topic {
+    /// The topic an envelope of `kind` addressed to `target` belongs to.
+    pub fn of(kind: Kind, target: &str) -> Topic {
+        match kind {
+            Kind::Room => Topic::Room(target.into()),
+            Kind::Direct => Topic::User(target.into()),
+        }
+    }
+}
+
 /// One local socket as fan-out sees it.
 #[derive(Debug, Clone)]
 pub struct Member {
@@ -264,10 +274,7 @@ impl Hub {
     /// Hands one message to every local member of its topic: one frame per encoding in use,
     /// built on first need, shared by every socket.
     pub fn deliver(&self, env: &Envelope) -> Delivery {
-        let topic = match env.kind {
-            Kind::Room => Topic::Room(env.target.as_str().into()),
-            Kind::Direct => Topic::User(env.target.as_str().into()),
-        };
+        let topic = Topic::of(env.kind, &env.target);
         let mut out = Delivery::default();
         let Some(entry) = self.inner.topics.get(&topic) else {
             return out;

@@ -340,11 +340,7 @@ pub async fn publish(
     data: Data,
     id: Option<i64>,
 ) -> Result<(), FrameError> {
-    let topic = match kind {
-        Kind::Room => Topic::Room(target.as_str().into()),
-        Kind::Direct => Topic::User(target.as_str().into()),
-    };
-    let channel = node.naming().publish_channel(&topic, from);
+    let channel = node.naming().publish_channel(&Topic::of(kind, &target), from);
     let env = Envelope {
         kind,
         origin: node.config().node_id.clone(),

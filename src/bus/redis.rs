@@ -133,6 +133,10 @@ async fn bounded<T>(
     }
 }
 
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
 fn group_by_slot(channels: Vec<String>) -> HashMap<u16, Vec<String>> {
     let mut groups: HashMap<u16, Vec<String>> = HashMap::new();
     for c in channels {
@@ -344,12 +348,12 @@ impl RedisBus {
 
 impl Inner {
     fn link_for(&self, slot: u16) -> Option<Arc<Link>> {
-        let server = self.routes.read().unwrap_or_else(|p| p.into_inner())[slot as usize].clone()?;
+        let server = read(&self.routes)[slot as usize].clone()?;
         lock(&self.links).get(&server).cloned()
     }
 
     fn is_ready(&self) -> bool {
-        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let routes = read(&self.routes);
         let masters: HashSet<&Server> = routes.iter().flatten().collect();
         if routes.iter().any(Option::is_none) {
             return false;
@@ -608,7 +612,7 @@ async fn reconcile(bus: Arc<Inner>) {
 async fn resubscribe_moved(bus: &Inner) {
     let _op = bus.ops.lock().await;
     let work: Vec<(u16, Vec<String>, Arc<Link>)> = {
-        let routes = bus.routes.read().unwrap_or_else(|p| p.into_inner());
+        let routes = read(&bus.routes);
         let links = lock(&bus.links);
         let t = lock(&bus.tracked);
         t.by_slot
