@@ -103,6 +103,17 @@ impl CloseReason {
         }
     }
 
+    /// The close frame the node sends after its reader ended for this reason (`None`: answer the
+    /// client's own close). The inverse of [`CloseReason::for_code`] for these reasons.
+    pub fn frame(self) -> Option<(u16, &'static str)> {
+        match self {
+            CloseReason::Normal => None,
+            CloseReason::FrameTooLarge => Some((code::FRAME_TOO_LARGE, "frame too large")),
+            CloseReason::RateLimited => Some((code::POLICY, "rate limited")),
+            _ => Some((code::NORMAL, "")),
+        }
+    }
+
     /// The reason a close the node sends with `code` is counted under.
     pub fn for_code(close_code: u16) -> CloseReason {
         match close_code {
@@ -114,5 +125,19 @@ impl CloseReason {
             code::POLICY => CloseReason::RateLimited,
             _ => CloseReason::Normal,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reader_closes_are_counted_under_their_own_reason() {
+        for reason in [CloseReason::FrameTooLarge, CloseReason::RateLimited] {
+            let (c, _) = reason.frame().unwrap();
+            assert_eq!(CloseReason::for_code(c), reason);
+        }
+        assert_eq!(CloseReason::Normal.frame(), None);
     }
 }

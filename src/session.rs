@@ -159,12 +159,7 @@ pub async fn serve(socket: WebSocket, node: Node, gate: Arc<Gate>, encoding: Enc
                     break end;
                 }
                 reason = &mut reader => {
-                    match reason {
-                        CloseReason::FrameTooLarge => gate.close(Some((code::FRAME_TOO_LARGE, "frame too large"))),
-                        CloseReason::RateLimited => gate.close(Some((code::POLICY, "rate limited"))),
-                        CloseReason::Normal => gate.close(None),
-                        _ => gate.close(Some((code::NORMAL, ""))),
-                    }
+                    gate.close(reason.frame());
                     let _ = tokio::time::timeout(grace, &mut writer).await;
                     break reason;
                 }
