@@ -336,13 +336,7 @@ impl RedisBus {
 
     pub async fn close(&self) {
         let links: Vec<_> = lock(&self.inner.links).drain().map(|(_, l)| l).collect();
-        let timeout = self.inner.timeout;
-        join_all(links.iter().map(|l| async move {
-            l.stop.cancel();
-            let _ = tokio::time::timeout(timeout, l.subscriber.quit()).await;
-            let _ = tokio::time::timeout(timeout, l.publisher.quit()).await;
-        }))
-        .await;
+        join_all(links.iter().map(|l| l.quit(self.inner.timeout))).await;
     }
 }
 
@@ -374,8 +368,7 @@ impl Inner {
     /// Reads the slot map through any answering link (or a seed) and links every master in it.
     /// True when the topology was read.
     async fn refresh(self: &Arc<Self>) -> bool {
-        let mut candidates: Vec<Arc<Link>> = lock(&self.links).values().cloned().collect();
-        candidates.sort_by_key(|l| !l.publisher.is_connected());
+        let candidates: Vec<Arc<Link>> = lock(&self.links).values().cloned().collect();
         let mut routes = None;
         for link in candidates.iter().filter(|l| l.publisher.is_connected()) {
             let read = tokio::time::timeout(self.timeout, link.publisher.cluster_slots::<Value>()).await;
@@ -423,11 +416,8 @@ impl Inner {
             for server in gone {
                 if let Some(link) = links.remove(&server) {
                     tracing::info!(%server, "no longer a master; closing its link");
-                    link.stop.cancel();
-                    self.tracker.spawn(async move {
-                        let _ = link.subscriber.quit().await;
-                        let _ = link.publisher.quit().await;
-                    });
+                    let timeout = self.timeout;
+                    self.tracker.spawn(async move { link.quit(timeout).await });
                 }
             }
         }
@@ -486,6 +476,13 @@ fn build(server: &Server, subscriber: bool, timeout: Duration, retry: bool) -> R
 }
 
 impl Link {
+    /// Stops the link's tasks and closes both connections, each within `timeout`.
+    async fn quit(&self, timeout: Duration) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(timeout, self.subscriber.quit()).await;
+        let _ = tokio::time::timeout(timeout, self.publisher.quit()).await;
+    }
+
     fn start(bus: &Arc<Inner>, server: Server) -> Result<Arc<Link>, BusError> {
         let publisher = build(&server, false, bus.timeout, true)?;
         let subscriber = build(&server, true, bus.timeout, true)?;
