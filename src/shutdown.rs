@@ -20,16 +20,7 @@ pub async fn drain(node: &Node) {
         .hub()
         .members()
         .into_iter()
-        .map(|m| {
-            (
-                if jitter_ms == 0 {
-                    0
-                } else {
-                    rand::random_range(0..=jitter_ms)
-                },
-                m,
-            )
-        })
+        .map(|m| (rand::random_range(0..=jitter_ms), m))
         .collect();
     tracing::info!(sessions = members.len(), "draining");
     for (after_ms, member) in &members {
