@@ -5,39 +5,32 @@
 //!   spliced (same encoding) or transcoded (the other).
 //! - `deliver/<mix>/10000`: `Hub::deliver` of one room message to 10,000 local sockets' gates,
 //!   throughput in sockets, so criterion's "elem/s" inverted is nanoseconds per socket. Only the
-//!   `deliver` call is timed. Every 16 deliveries the bench drains every gate the way a socket's
-//!   writer does (`Gate::next` then `Gate::release`), untimed, so queues stay a few frames deep,
-//!   never near the budget, and keep the capacity a writer leaves them with: steady state.
-//! - `gate/push`: queueing one frame into a gate (timed 64 pushes at a time, then drained untimed);
-//!   `gate/push_next_release`: one frame's whole trip through a gate, push, hand-over to the
-//!   writer, release.
+//!   `deliver` call is timed; the gates it asks to flush are flushed untimed after every delivery,
+//!   as a delivery worker does after its batch, so every push finds an empty queue: steady state.
+//! - `deliver_flush/<mix>/10000`: the same with the flushes timed, into an outlet that takes every
+//!   byte at once (the user-space half of a write: lock, gather, hand over; no system call).
+//! - `gate/push`: queueing one frame into a gate (timed 64 pushes at a time, flushed untimed);
+//!   `gate/push_flush`: one frame's whole trip through a gate, push and flush.
 //!
 //! `cargo bench --bench fanout` (add `-- --warm-up-time 1 --measurement-time 3` for a quick run)
 
+mod support;
+
 use std::{
-    collections::VecDeque,
-    future::Future,
     hint::black_box,
-    pin::pin,
-    sync::Arc,
-    task::{Context, Poll, Waker},
     time::{Duration, Instant},
 };
 
-use axum::extract::ws::Message;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use shardcast::{
     envelope::{Envelope, Kind},
     frame::{broadcast_frame, json_to_msgpack, Encoding},
-    gate::{Gate, Next},
     hub::{Hub, Interest, Member, Topic},
 };
 
 const SOCKETS: usize = 10_000;
 const BUDGET: usize = 1 << 20;
-/// Deliveries between two drains of every gate.
-const DRAIN_EVERY: u64 = 16;
 
 /// A 128-byte JSON payload, like the loadtest's.
 fn json_payload() -> Bytes {
@@ -98,32 +91,9 @@ fn label(e: Encoding) -> &'static str {
     }
 }
 
-/// Polls a future that is known to be ready (a gate's `next` with frames queued, or the end).
-fn ready<F: Future>(f: F) -> F::Output {
-    let mut cx = Context::from_waker(Waker::noop());
-    match pin!(f).poll(&mut cx) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("expected a ready future"),
-    }
-}
-
-/// Empties a gate as the socket's writer would, keeping `buf`'s capacity for the next time.
-fn drain(gate: &Gate, buf: &mut VecDeque<Message>) {
-    if gate.queued() == 0 {
-        return;
-    }
-    match ready(gate.next(buf)) {
-        Next::Frames(bytes) => {
-            buf.clear();
-            gate.release(bytes);
-        }
-        other => panic!("gate not open: {other:?}"),
-    }
-}
-
 /// A hub whose topics are subscribed as soon as asked, with `SOCKETS` members in "stadium",
 /// every `msgpack_every`-th of them (if any) speaking MessagePack.
-fn stadium(rt: &tokio::runtime::Runtime, msgpack_every: Option<usize>) -> (Hub, Vec<Arc<Gate>>) {
+fn stadium(rt: &tokio::runtime::Runtime, msgpack_every: Option<usize>) -> Hub {
     let (hub, mut interest) = Hub::new();
     let subscriber = hub.clone();
     rt.spawn(async move {
@@ -134,7 +104,7 @@ fn stadium(rt: &tokio::runtime::Runtime, msgpack_every: Option<usize>) -> (Hub, 
         }
     });
     let topic = Topic::Room("stadium".into());
-    let gates: Vec<_> = (0..SOCKETS).map(|_| Arc::new(Gate::new(BUDGET))).collect();
+    let gates: Vec<_> = (0..SOCKETS).map(|_| support::gate(BUDGET)).collect();
     rt.block_on(async {
         for (i, gate) in gates.iter().enumerate() {
             let encoding = match msgpack_every {
@@ -150,7 +120,7 @@ fn stadium(rt: &tokio::runtime::Runtime, msgpack_every: Option<usize>) -> (Hub, 
                 .expect("joins");
         }
     });
-    (hub, gates)
+    hub
 }
 
 fn bench_deliver(c: &mut Criterion) {
@@ -159,39 +129,40 @@ fn bench_deliver(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let env = envelope(Encoding::Json);
-    let mut g = c.benchmark_group("deliver");
-    g.throughput(Throughput::Elements(SOCKETS as u64));
-    for (name, msgpack_every) in [("json", None), ("mixed", Some(2))] {
-        let (hub, gates) = stadium(&rt, msgpack_every);
-        let mut buf = VecDeque::new();
-        g.bench_function(BenchmarkId::new(name, SOCKETS), |b| {
-            b.iter_custom(|iters| {
-                let mut timed = Duration::ZERO;
-                for i in 0..iters {
-                    let start = Instant::now();
-                    let d = hub.deliver(black_box(&env));
-                    timed += start.elapsed();
-                    assert_eq!(d.delivered, SOCKETS);
-                    if i % DRAIN_EVERY == DRAIN_EVERY - 1 || i == iters - 1 {
-                        for gate in &gates {
-                            drain(gate, &mut buf);
+    for (group, timed_flush) in [("deliver", false), ("deliver_flush", true)] {
+        let mut g = c.benchmark_group(group);
+        g.throughput(Throughput::Elements(SOCKETS as u64));
+        for (name, msgpack_every) in [("json", None), ("mixed", Some(2))] {
+            let hub = stadium(&rt, msgpack_every);
+            let mut flush = Vec::with_capacity(SOCKETS);
+            g.bench_function(BenchmarkId::new(name, SOCKETS), |b| {
+                b.iter_custom(|iters| {
+                    let mut timed = Duration::ZERO;
+                    for _ in 0..iters {
+                        let start = Instant::now();
+                        let d = hub.deliver(black_box(&env), &mut flush);
+                        if !timed_flush {
+                            timed += start.elapsed();
                         }
+                        for gate in flush.drain(..) {
+                            gate.flush();
+                        }
+                        if timed_flush {
+                            timed += start.elapsed();
+                        }
+                        assert_eq!(d.delivered, SOCKETS);
                     }
-                }
-                timed
-            })
-        });
+                    timed
+                })
+            });
+        }
+        g.finish();
     }
-    g.finish();
 }
 
 fn bench_gate(c: &mut Criterion) {
-    let Message::Text(text) = broadcast_frame(Encoding::Json, &envelope(Encoding::Json)).expect("encodes") else {
-        unreachable!("JSON frames are text")
-    };
-    let frame = Message::Text(text);
-    let gate = Gate::new(BUDGET);
-    let mut buf = VecDeque::new();
+    let frame = broadcast_frame(Encoding::Json, &envelope(Encoding::Json)).expect("encodes");
+    let gate = support::gate(BUDGET);
     let mut g = c.benchmark_group("gate");
     g.bench_function("push", |b| {
         b.iter_custom(|iters| {
@@ -204,16 +175,16 @@ fn bench_gate(c: &mut Criterion) {
                     black_box(gate.push(frame.clone()));
                 }
                 timed += start.elapsed();
-                drain(&gate, &mut buf);
+                gate.flush();
                 left -= n;
             }
             timed
         })
     });
-    g.bench_function("push_next_release", |b| {
+    g.bench_function("push_flush", |b| {
         b.iter(|| {
             gate.push(frame.clone());
-            drain(&gate, &mut buf);
+            gate.flush();
         })
     });
     g.finish();

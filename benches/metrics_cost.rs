@@ -13,21 +13,19 @@
 //!
 //! A recorder cannot be uninstalled, so the variants run in one process in the order of
 //! `criterion_group!` below: every no-recorder bench runs before the first bench that installs one
-//! (and checks that none is). Only `deliver` is timed; draining the sockets' queues between
-//! iterations, as their writers would, is not.
+//! (and checks that none is). Only `deliver` is timed; flushing the sockets' queues between
+//! iterations, as the delivery worker does, is not.
 //!
 //! `cargo bench --bench metrics_cost -- --warm-up-time 1 --measurement-time 3`
 
+mod support;
+
 use std::{
-    collections::VecDeque,
-    future::Future,
     hint::black_box,
-    pin::pin,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    task::{Context, Poll, Waker},
     time::{Duration, Instant},
 };
 
@@ -36,14 +34,14 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use shardcast::{
     envelope::{Envelope, Kind},
     frame::Encoding,
-    gate::{Gate, Next},
+    gate::Gate,
     hub::{Delivery, Hub, Interest, Member, Topic},
     metrics,
 };
 
 const ROOM: &str = "stadium";
 const SIZES: [usize; 2] = [100, 10_000];
-/// Far above what one iteration queues: the queues are drained after every iteration.
+/// Far above what one iteration queues: the queues are flushed after every iteration.
 const BUDGET: usize = 1 << 30;
 
 static RECORDER: AtomicBool = AtomicBool::new(false);
@@ -58,7 +56,7 @@ struct Fanout {
     hub: Hub,
     gates: Vec<Arc<Gate>>,
     env: Envelope,
-    buf: VecDeque<axum::extract::ws::Message>,
+    flush: Vec<Arc<Gate>>,
 }
 
 impl Fanout {
@@ -80,7 +78,7 @@ impl Fanout {
             });
             let mut gates = Vec::with_capacity(n);
             for _ in 0..n {
-                let gate = Arc::new(Gate::new(BUDGET));
+                let gate = support::gate(BUDGET);
                 let id = hub.register(Member {
                     gate: gate.clone(),
                     encoding: Encoding::Json,
@@ -104,26 +102,21 @@ impl Fanout {
             hub,
             gates,
             env,
-            buf: VecDeque::new(),
+            flush: Vec::with_capacity(n),
         }
     }
 
     /// What the delivery worker does for one message.
-    fn deliver(&self) -> Delivery {
+    fn deliver(&mut self) -> Delivery {
         metrics::bus_received(0.0012);
-        self.hub.deliver(&self.env)
+        self.hub.deliver(&self.env, &mut self.flush)
     }
 
-    /// Empties every socket's queue, as its writer would after flushing.
+    /// Empties every socket's queue, as the delivery worker does after its batch.
     fn drain(&mut self) {
-        let mut cx = Context::from_waker(Waker::noop());
-        for gate in &self.gates {
-            let next = pin!(gate.next(&mut self.buf)).poll(&mut cx);
-            let Poll::Ready(Next::Frames(bytes)) = next else {
-                panic!("a delivered frame is queued");
-            };
-            gate.release(bytes);
-            self.buf.clear();
+        assert_eq!(self.flush.len(), self.gates.len(), "every queue was empty before");
+        for gate in self.flush.drain(..) {
+            gate.flush();
         }
     }
 

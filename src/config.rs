@@ -98,8 +98,10 @@ pub struct Args {
     #[arg(long, env = "SHARDCAST_REDIS_TIMEOUT")]
     pub redis_timeout: Option<String>,
 
-    /// How long a socket's writer waits for more frames before writing, so one write carries many;
-    /// trades latency for CPU under heavy fan-out. 0 writes at once. [default: 0ms]
+    /// How long a delivery worker gathers messages before writing them out, so one write per socket
+    /// carries every frame of the window; trades latency for CPU under heavy fan-out. 0 writes what
+    /// each batch (whatever waited in the worker's queue) queued as soon as it is delivered.
+    /// [default: 0ms]
     #[arg(long, env = "SHARDCAST_WRITE_COALESCE")]
     pub write_coalesce: Option<String>,
 

@@ -4,7 +4,6 @@
 //! answers in the negotiated encoding. Broadcast frames are built here once per message and
 //! encoding, splicing the publisher's `data` bytes in unchanged when the encodings match.
 
-use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
 use serde::{de::IgnoredAny, Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
@@ -13,6 +12,7 @@ use crate::{
     close::ErrorCode,
     envelope::{Envelope, Kind},
     names,
+    wire::Payload,
 };
 
 /// The `Sec-WebSocket-Protocol` that selects JSON text frames (also the default).
@@ -292,7 +292,7 @@ fn check_msgpack(data: &[u8]) -> Result<(), TranscodeError> {
 }
 
 /// Builds the `msg` (room) or `dm` frame of an envelope in one encoding.
-pub fn broadcast_frame(encoding: Encoding, env: &Envelope) -> Result<Message, TranscodeError> {
+pub fn broadcast_frame(encoding: Encoding, env: &Envelope) -> Result<Bytes, TranscodeError> {
     let op = match env.kind {
         Kind::Room => "msg",
         Kind::Direct => "dm",
@@ -310,21 +310,21 @@ pub fn broadcast_frame(encoding: Encoding, env: &Envelope) -> Result<Message, Tr
                     &converted
                 }
             };
-            let mut out = Vec::with_capacity(40 + env.target.len() + env.from.len() + data.len());
-            out.extend_from_slice(b"{\"op\":\"");
-            out.extend_from_slice(op.as_bytes());
-            out.push(b'"');
+            let mut out = Payload::with_capacity(40 + env.target.len() + env.from.len() + data.len());
+            out.put(b"{\"op\":\"");
+            out.put(op.as_bytes());
+            out.put(b"\"");
             if env.kind == Kind::Room {
-                out.extend_from_slice(b",\"room\":");
+                out.put(b",\"room\":");
                 serde_json::to_writer(&mut out, &env.target)?;
             }
-            out.extend_from_slice(b",\"from\":");
+            out.put(b",\"from\":");
             serde_json::to_writer(&mut out, &env.from)?;
-            out.extend_from_slice(b",\"data\":");
-            out.extend_from_slice(data);
-            out.push(b'}');
-            let text = Utf8Bytes::try_from(Bytes::from(out)).map_err(|e| TranscodeError::MsgPack(e.to_string()))?;
-            Ok(Message::Text(text))
+            out.put(b",\"data\":");
+            // Checked or produced by serde_json above, so UTF-8, as a text frame must be.
+            out.put(data);
+            out.put(b"}");
+            Ok(out.text())
         }
         Encoding::MsgPack => {
             let converted;
@@ -338,7 +338,7 @@ pub fn broadcast_frame(encoding: Encoding, env: &Envelope) -> Result<Message, Tr
                     &converted
                 }
             };
-            let mut out = Vec::with_capacity(32 + env.target.len() + env.from.len() + data.len());
+            let mut out = Payload::with_capacity(32 + env.target.len() + env.from.len() + data.len());
             let room = env.kind == Kind::Room;
             // Writes into a Vec cannot fail.
             let _ = rmp::encode::write_map_len(&mut out, if room { 4 } else { 3 });
@@ -351,8 +351,8 @@ pub fn broadcast_frame(encoding: Encoding, env: &Envelope) -> Result<Message, Tr
             let _ = rmp::encode::write_str(&mut out, "from");
             let _ = rmp::encode::write_str(&mut out, &env.from);
             let _ = rmp::encode::write_str(&mut out, "data");
-            out.extend_from_slice(data);
-            Ok(Message::Binary(Bytes::from(out)))
+            out.put(data);
+            Ok(out.binary())
         }
     }
 }
@@ -392,10 +392,18 @@ impl<'a> Reply<'a> {
         }
     }
 
-    pub fn encode(&self, encoding: Encoding) -> Message {
+    /// The reply's wire frame. A reply is a few fields of known types: serializing it cannot fail.
+    pub fn encode(&self, encoding: Encoding) -> Bytes {
+        let mut out = Payload::with_capacity(64);
         match encoding {
-            Encoding::Json => Message::Text(serde_json::to_string(self).unwrap_or_default().into()),
-            Encoding::MsgPack => Message::Binary(rmp_serde::to_vec_named(self).unwrap_or_default().into()),
+            Encoding::Json => {
+                let _ = serde_json::to_writer(&mut out, self);
+                out.text()
+            }
+            Encoding::MsgPack => {
+                let _ = rmp_serde::encode::write_named(&mut out, self);
+                out.binary()
+            }
         }
     }
 }
@@ -403,6 +411,7 @@ impl<'a> Reply<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_tungstenite::tungstenite::Message;
 
     fn err(text: &str) -> FrameError {
         decode_text(text).unwrap_err()
@@ -503,6 +512,21 @@ mod tests {
         assert_eq!(decode_binary(&b).unwrap_err().code, ErrorCode::BadData);
     }
 
+    /// The payload of a text frame, read as a client reads it.
+    fn text(frame: Bytes) -> String {
+        match crate::wire::tests::read_all(&frame).as_slice() {
+            [Message::Text(t)] => t.to_string(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn binary(frame: Bytes) -> Bytes {
+        match crate::wire::tests::read_all(&frame).as_slice() {
+            [Message::Binary(b)] => b.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn env(format: Encoding, data: &'static [u8], kind: Kind) -> Envelope {
         Envelope {
             kind,
@@ -518,16 +542,9 @@ mod tests {
     #[test]
     fn broadcast_frames_in_both_encodings() {
         let json = env(Encoding::Json, br#"{"s":[1,0]}"#, Kind::Room);
-        let Message::Text(t) = broadcast_frame(Encoding::Json, &json).unwrap() else {
-            panic!()
-        };
-        assert_eq!(
-            t.as_str(),
-            r#"{"op":"msg","room":"st\"adium","from":"al","data":{"s":[1,0]}}"#
-        );
-        let Message::Binary(b) = broadcast_frame(Encoding::MsgPack, &json).unwrap() else {
-            panic!()
-        };
+        let t = text(broadcast_frame(Encoding::Json, &json).unwrap());
+        assert_eq!(t, r#"{"op":"msg","room":"st\"adium","from":"al","data":{"s":[1,0]}}"#);
+        let b = binary(broadcast_frame(Encoding::MsgPack, &json).unwrap());
         let v: serde_json::Value = rmp_serde::from_slice(&b).unwrap();
         assert_eq!(
             v,
@@ -535,13 +552,9 @@ mod tests {
         );
 
         let mp = env(Encoding::MsgPack, &[0x92, 0x01, 0xa1, b'x'], Kind::Direct);
-        let Message::Text(t) = broadcast_frame(Encoding::Json, &mp).unwrap() else {
-            panic!()
-        };
-        assert_eq!(t.as_str(), r#"{"op":"dm","from":"al","data":[1,"x"]}"#);
-        let Message::Binary(b) = broadcast_frame(Encoding::MsgPack, &mp).unwrap() else {
-            panic!()
-        };
+        let t = text(broadcast_frame(Encoding::Json, &mp).unwrap());
+        assert_eq!(t, r#"{"op":"dm","from":"al","data":[1,"x"]}"#);
+        let b = binary(broadcast_frame(Encoding::MsgPack, &mp).unwrap());
         assert!(b.ends_with(&[0xa4, b'd', b'a', b't', b'a', 0x92, 0x01, 0xa1, b'x']));
     }
 
@@ -573,13 +586,9 @@ mod tests {
     #[test]
     fn replies_in_both_encodings() {
         let e = FrameError::new(Some(9), ErrorCode::BadRoom, "bad");
-        let Message::Text(t) = Reply::error(&e).encode(Encoding::Json) else {
-            panic!()
-        };
-        assert_eq!(t.as_str(), r#"{"op":"error","id":9,"code":"bad_room","message":"bad"}"#);
-        let Message::Binary(b) = Reply::op("ok", Some(1)).encode(Encoding::MsgPack) else {
-            panic!()
-        };
+        let t = text(Reply::error(&e).encode(Encoding::Json));
+        assert_eq!(t, r#"{"op":"error","id":9,"code":"bad_room","message":"bad"}"#);
+        let b = binary(Reply::op("ok", Some(1)).encode(Encoding::MsgPack));
         let v: serde_json::Value = rmp_serde::from_slice(&b).unwrap();
         assert_eq!(v, serde_json::json!({"op":"ok","id":1}));
     }

@@ -1,72 +1,159 @@
-//! The per-socket outbound queue, bounded by bytes like a browser's `bufferedAmount`.
+//! The per-socket outbound queue, bounded by bytes like a browser's `bufferedAmount`, and the
+//! socket's write side.
 //!
-//! Producers (the fan-out loop, the session's own replies) never wait: [`Gate::push`] either queues
-//! a frame or, when the frame would pass the budget, frees the whole queue and marks the gate
-//! overflowed so the writer closes the socket with 4008. Bytes stay counted from the push until the
-//! writer's flush of them completes, so a socket whose kernel buffer is full keeps its frames counted
-//! and overflows instead of growing the node's memory.
+//! Producers never wait: [`Gate::push`] either queues a wire-ready frame ([`crate::wire`]) or, when
+//! the frame would pass the budget, frees the queue and marks the gate overflowed so the session
+//! closes the socket with 4008. Whoever pushed the first frame into an empty queue flushes it: the
+//! delivery worker once per batch of messages (so one `writev` carries every frame the batch queued
+//! for that socket), the session right away for its own replies. A flush writes without waiting;
+//! what the kernel does not take stays queued and counted, the gate turns congested, and the
+//! session's writer finishes the job when the socket is writable again. So a client that stops
+//! reading keeps its bytes counted and overflows instead of growing the node's memory.
 //!
-//! A std `Mutex` guards the queue: it is held for a push or a swap only, never across an `.await`,
-//! and it is per socket, so it is never contended by more than one producer and the writer.
+//! A std `Mutex` guards the queue and every write, so frames reach the socket in queue order
+//! whoever writes them. It is per socket and held for a push or one non-blocking write, never across
+//! an `.await`.
 
-use std::{collections::VecDeque, sync::Mutex};
+use std::{
+    collections::VecDeque,
+    io::{self, IoSlice},
+    sync::{Mutex, OnceLock},
+    task::{Context, Poll},
+};
 
-use axum::extract::ws::Message;
-use tokio::sync::Notify;
+use bytes::{Buf, Bytes};
+use tokio::{net::tcp::OwnedWriteHalf, sync::Notify};
+
+/// Frames handed to one `writev` at most.
+const MAX_SLICES: usize = 64;
+
+/// Where a gate's frames go: the socket's write half (or, in benches and tests, a stand-in).
+pub trait Outlet: Send + Sync + 'static {
+    /// Writes what the kernel takes now, without waiting; `WouldBlock` when it takes nothing.
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Ready when a write may make progress again.
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Outlet for OwnedWriteHalf {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        OwnedWriteHalf::try_write_vectored(self, bufs)
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.as_ref().poll_write_ready(cx)
+    }
+}
 
 /// What became of a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
-    Queued,
+    /// Queued; with `flush`, the queue was empty and the pusher must call [`Gate::flush`] (now, or
+    /// after its batch).
+    Queued { flush: bool },
     /// This push passed the budget: the queue was freed and the socket is being dropped.
     Overflow,
-    /// The gate was already overflowed or closing; the frame was discarded.
+    /// The gate was already overflowed, closing or broken; the frame was discarded.
     Closed,
 }
 
-/// What the writer must do next.
-#[derive(Debug)]
+/// What the session's writer must do next.
+#[derive(Debug, PartialEq, Eq)]
 pub enum Next {
-    /// Write the frames now in the writer's buffer, then call [`Gate::release`] with this many bytes.
-    Frames(usize),
+    /// The kernel did not take everything: [`Gate::drain`] the rest.
+    Congested,
     /// Close with 4008 and end.
     Overflow,
-    /// Write the frames already handed over, then close with this frame (or just end) and stop.
+    /// Write what is queued, then close with this frame (or just end) and stop.
     Close(Option<(u16, &'static str)>),
+    /// A write failed: the connection is gone.
+    Broken,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Status {
     Open,
     Overflowed,
     Closing(Option<(u16, &'static str)>),
+    Broken,
 }
 
 #[derive(Debug)]
 struct State {
-    frames: VecDeque<Message>,
-    /// Bytes queued plus bytes handed to the writer and not yet flushed.
+    frames: VecDeque<Bytes>,
+    /// Bytes of `frames`: queued and not yet taken by the kernel.
     queued: usize,
-    /// Bytes of `frames` alone.
-    pending: usize,
+    /// The front frame is partly written; it must be finished before anything else goes out.
+    partial: bool,
+    /// A write left frames behind; the writer drains them when the socket is writable.
+    congested: bool,
     status: Status,
 }
 
-#[derive(Debug)]
+impl State {
+    /// Writes queued frames until the queue is empty (`Ok(true)`) or the kernel takes no more.
+    fn write(&mut self, outlet: &dyn Outlet) -> io::Result<bool> {
+        while !self.frames.is_empty() {
+            let result = {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let n = self.frames.len().min(MAX_SLICES);
+                for (slice, frame) in slices.iter_mut().zip(&self.frames) {
+                    *slice = IoSlice::new(frame);
+                }
+                outlet.try_write_vectored(&slices[..n])
+            };
+            match result {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => self.consume(written),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    fn consume(&mut self, mut written: usize) {
+        self.queued = self.queued.saturating_sub(written);
+        while let Some(front) = self.frames.front_mut() {
+            if written < front.len() {
+                front.advance(written);
+                self.partial = written > 0 || self.partial;
+                return;
+            }
+            written -= front.len();
+            self.frames.pop_front();
+            self.partial = false;
+        }
+    }
+
+    /// Frees the queue, but for a partly written frame, which the socket needs whole.
+    fn free(&mut self) {
+        let head = if self.partial { self.frames.pop_front() } else { None };
+        self.frames = VecDeque::new();
+        self.queued = 0;
+        if let Some(head) = head {
+            self.queued = head.len();
+            self.frames.push_back(head);
+        }
+    }
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("state", &self.state)
+            .field("budget", &self.budget)
+            .field("attached", &self.outlet.get().is_some())
+            .finish()
+    }
+}
+
 pub struct Gate {
     state: Mutex<State>,
     notify: Notify,
     budget: usize,
-}
-
-/// Bytes a frame counts for against the budget.
-pub fn frame_len(msg: &Message) -> usize {
-    match msg {
-        Message::Text(t) => t.len(),
-        Message::Binary(b) => b.len(),
-        Message::Ping(b) | Message::Pong(b) => b.len(),
-        Message::Close(_) => 2,
-    }
+    outlet: OnceLock<Box<dyn Outlet>>,
 }
 
 impl Gate {
@@ -75,11 +162,13 @@ impl Gate {
             state: Mutex::new(State {
                 frames: VecDeque::new(),
                 queued: 0,
-                pending: 0,
+                partial: false,
+                congested: false,
                 status: Status::Open,
             }),
             notify: Notify::new(),
             budget,
+            outlet: OnceLock::new(),
         }
     }
 
@@ -88,31 +177,63 @@ impl Gate {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Connects the socket's write side (once the upgrade completed) and flushes what waited for it.
+    pub fn attach(&self, outlet: Box<dyn Outlet>) {
+        if self.outlet.set(outlet).is_ok() {
+            self.flush();
+        }
+    }
+
     /// Queues a frame without waiting.
-    pub fn push(&self, msg: Message) -> Push {
-        let len = frame_len(&msg);
+    pub fn push(&self, frame: Bytes) -> Push {
+        let len = frame.len();
         let mut st = self.lock();
         if !matches!(st.status, Status::Open) {
             return Push::Closed;
         }
         if st.queued + len > self.budget {
             st.status = Status::Overflowed;
-            st.frames = VecDeque::new();
-            st.pending = 0;
+            st.free();
             drop(st);
             self.notify.notify_one();
             return Push::Overflow;
         }
         st.queued += len;
-        st.pending += len;
-        st.frames.push_back(msg);
-        let first = st.frames.len() == 1;
-        drop(st);
-        // The writer drains everything each time, so only the first frame of a batch needs a wake.
-        if first {
-            self.notify.notify_one();
+        st.frames.push_back(frame);
+        Push::Queued {
+            flush: st.frames.len() == 1 && !st.congested,
         }
-        Push::Queued
+    }
+
+    /// Queues a frame and writes the queue now: for a session's own replies and pings.
+    pub fn send(&self, frame: Bytes) -> Push {
+        let pushed = self.push(frame);
+        if matches!(pushed, Push::Queued { .. }) {
+            self.flush();
+        }
+        pushed
+    }
+
+    /// Writes what is queued, without waiting. Leaves the rest to the writer when the kernel's
+    /// buffer is full (or to [`Gate::attach`] before the socket is connected).
+    pub fn flush(&self) {
+        let Some(outlet) = self.outlet.get() else {
+            return;
+        };
+        let mut st = self.lock();
+        if st.congested || st.frames.is_empty() {
+            return;
+        }
+        match st.write(outlet.as_ref()) {
+            Ok(true) => return,
+            Ok(false) => st.congested = true,
+            Err(_) => {
+                st.status = Status::Broken;
+                st.free();
+            }
+        }
+        drop(st);
+        self.notify.notify_one();
     }
 
     /// Asks the writer to send what is queued, then `frame` (if any), then stop. The first close wins.
@@ -125,21 +246,18 @@ impl Gate {
         self.notify.notify_one();
     }
 
-    /// Waits for work; moves queued frames into `buf` (which must be empty).
-    pub async fn next(&self, buf: &mut VecDeque<Message>) -> Next {
+    /// Waits until the writer has something to do.
+    pub async fn next(&self) -> Next {
         loop {
-            // Registered before the check, so a push between the check and the wait is not missed.
+            // Registered before the check, so a change between the check and the wait is not missed.
             let notified = self.notify.notified();
             {
-                let mut st = self.lock();
+                let st = self.lock();
                 match st.status {
                     Status::Overflowed => return Next::Overflow,
-                    Status::Open | Status::Closing(_) if !st.frames.is_empty() => {
-                        std::mem::swap(&mut st.frames, buf);
-                        let bytes = std::mem::take(&mut st.pending);
-                        return Next::Frames(bytes);
-                    }
+                    Status::Broken => return Next::Broken,
                     Status::Closing(frame) => return Next::Close(frame),
+                    Status::Open if st.congested => return Next::Congested,
                     Status::Open => {}
                 }
             }
@@ -147,11 +265,37 @@ impl Gate {
         }
     }
 
-    /// Appends whatever is queued now to `buf` without waiting; returns its bytes (to release).
-    pub fn take(&self, buf: &mut VecDeque<Message>) -> usize {
+    /// Writes everything queued, waiting for the socket as long as it takes (callers bound it).
+    pub async fn drain(&self) -> io::Result<()> {
+        let Some(outlet) = self.outlet.get() else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        loop {
+            std::future::poll_fn(|cx| outlet.poll_write_ready(cx)).await?;
+            let mut st = self.lock();
+            match st.write(outlet.as_ref()) {
+                Ok(true) => {
+                    st.congested = false;
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    st.status = Status::Broken;
+                    st.free();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Queues the session's last frame behind whatever is queued (past the budget and the status:
+    /// a close frame always goes out after the frames before it), for [`Gate::drain`].
+    pub fn finish(&self, frame: Bytes) {
         let mut st = self.lock();
-        buf.append(&mut st.frames);
-        std::mem::take(&mut st.pending)
+        if !matches!(st.status, Status::Broken) {
+            st.queued += frame.len();
+            st.frames.push_back(frame);
+        }
     }
 
     /// Waits until the gate overflows; lets a writer stuck on a full socket give up.
@@ -169,12 +313,6 @@ impl Gate {
         matches!(self.lock().status, Status::Overflowed)
     }
 
-    /// The writer flushed `bytes` to the socket.
-    pub fn release(&self, bytes: usize) {
-        let mut st = self.lock();
-        st.queued = st.queued.saturating_sub(bytes);
-    }
-
     /// Bytes counted against the budget now.
     pub fn queued(&self) -> usize {
         self.lock().queued
@@ -183,92 +321,184 @@ impl Gate {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        sync::{Arc, Mutex},
+        task::Waker,
+        time::Duration,
+    };
+
     use super::*;
 
-    fn text(n: usize) -> Message {
-        Message::Text("x".repeat(n).into())
+    /// A socket stand-in whose kernel buffer takes `room` more bytes.
+    #[derive(Default)]
+    struct Pipe {
+        room: usize,
+        out: Vec<u8>,
+        writes: usize,
+        fail: bool,
+        waker: Option<Waker>,
     }
 
-    #[tokio::test]
-    async fn counts_bytes_until_released() {
-        let gate = Gate::new(100);
-        assert_eq!(gate.push(text(40)), Push::Queued);
-        assert_eq!(gate.push(text(40)), Push::Queued);
-        let mut buf = VecDeque::new();
-        let Next::Frames(bytes) = gate.next(&mut buf).await else {
-            panic!()
-        };
-        assert_eq!((bytes, buf.len()), (80, 2));
-        // Handed to the writer but not flushed: still counted.
-        assert_eq!(gate.queued(), 80);
-        assert_eq!(gate.push(text(30)), Push::Overflow);
-        assert!(gate.is_overflowed());
-        assert_eq!(gate.push(text(1)), Push::Closed);
-        assert!(matches!(gate.next(&mut VecDeque::new()).await, Next::Overflow));
-    }
+    #[derive(Clone, Default)]
+    struct TestOutlet(Arc<Mutex<Pipe>>);
 
-    #[tokio::test]
-    async fn take_gathers_what_arrived_meanwhile() {
-        let gate = Gate::new(1000);
-        gate.push(text(10));
-        let mut buf = VecDeque::new();
-        let Next::Frames(first) = gate.next(&mut buf).await else {
-            panic!()
-        };
-        gate.push(text(20));
-        gate.push(text(30));
-        assert_eq!(first + gate.take(&mut buf), 60);
-        assert_eq!(buf.len(), 3);
-        assert_eq!(gate.take(&mut buf), 0);
-        assert_eq!(gate.queued(), 60, "counted until released");
-    }
-
-    #[tokio::test]
-    async fn release_makes_room() {
-        let gate = Gate::new(100);
-        assert_eq!(gate.push(text(60)), Push::Queued);
-        let mut buf = VecDeque::new();
-        let Next::Frames(bytes) = gate.next(&mut buf).await else {
-            panic!()
-        };
-        gate.release(bytes);
-        assert_eq!(gate.queued(), 0);
-        assert_eq!(gate.push(text(90)), Push::Queued);
-    }
-
-    #[tokio::test]
-    async fn overflow_frees_the_queue() {
-        let gate = Gate::new(1000);
-        for _ in 0..9 {
-            gate.push(text(100));
+    impl TestOutlet {
+        fn with_room(room: usize) -> TestOutlet {
+            let o = TestOutlet::default();
+            o.0.lock().unwrap().room = room;
+            o
         }
-        assert_eq!(gate.push(text(200)), Push::Overflow);
-        let st = gate.lock();
-        assert!(st.frames.is_empty() && st.frames.capacity() == 0);
+
+        fn open(&self, room: usize) {
+            let mut p = self.0.lock().unwrap();
+            p.room += room;
+            if let Some(w) = p.waker.take() {
+                w.wake();
+            }
+        }
+
+        fn out(&self) -> Vec<u8> {
+            self.0.lock().unwrap().out.clone()
+        }
+    }
+
+    impl Outlet for TestOutlet {
+        fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            let mut p = self.0.lock().unwrap();
+            if p.fail {
+                return Err(io::ErrorKind::ConnectionReset.into());
+            }
+            if p.room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            p.writes += 1;
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(p.room - n);
+                p.out.extend_from_slice(&b[..take]);
+                n += take;
+            }
+            p.room -= n;
+            Ok(n)
+        }
+
+        fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let mut p = self.0.lock().unwrap();
+            if p.room > 0 {
+                Poll::Ready(Ok(()))
+            } else {
+                p.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    fn frame(byte: u8, n: usize) -> Bytes {
+        Bytes::from(vec![byte; n])
     }
 
     #[tokio::test]
-    async fn close_flushes_queued_frames_first() {
+    async fn counts_bytes_until_the_kernel_takes_them() {
+        let gate = Gate::new(100);
+        assert_eq!(gate.push(frame(1, 40)), Push::Queued { flush: true });
+        assert_eq!(gate.push(frame(2, 40)), Push::Queued { flush: false });
+        // No socket yet: everything stays queued and counted.
+        gate.flush();
+        assert_eq!(gate.queued(), 80);
+        assert_eq!(gate.push(frame(3, 30)), Push::Overflow);
+        assert!(gate.is_overflowed());
+        assert_eq!(gate.queued(), 0, "the queue is freed");
+        assert_eq!(gate.push(frame(4, 1)), Push::Closed);
+        assert_eq!(gate.next().await, Next::Overflow);
+    }
+
+    #[tokio::test]
+    async fn one_write_carries_the_whole_queue_in_order() {
         let gate = Gate::new(1000);
-        gate.push(text(10));
+        for b in 1..=3 {
+            gate.push(frame(b, 10));
+        }
+        let outlet = TestOutlet::with_room(1 << 20);
+        gate.attach(Box::new(outlet.clone()));
+        assert_eq!(outlet.0.lock().unwrap().writes, 1);
+        let expect: Vec<u8> = [frame(1, 10), frame(2, 10), frame(3, 10)].concat();
+        assert_eq!(outlet.out(), expect);
+        assert_eq!(gate.queued(), 0);
+        // The queue is empty again: the next push asks for a flush.
+        assert_eq!(gate.send(frame(4, 5)), Push::Queued { flush: true });
+        assert_eq!(outlet.out().len(), 35);
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_congests_then_overflow_keeps_the_partly_written_frame() {
+        let gate = Gate::new(200);
+        let outlet = TestOutlet::with_room(50);
+        gate.attach(Box::new(outlet.clone()));
+        for b in 1..=3 {
+            gate.push(frame(b, 40));
+        }
+        gate.flush();
+        // 50 bytes went: frame 1 and a quarter of frame 2.
+        assert_eq!(gate.queued(), 70);
+        assert_eq!(gate.next().await, Next::Congested);
+        // Congested: pushes leave the writing to the writer.
+        assert_eq!(gate.push(frame(4, 40)), Push::Queued { flush: false });
+        assert_eq!(gate.push(frame(5, 100)), Push::Overflow);
+        assert_eq!(gate.queued(), 30, "only the rest of the partly written frame is kept");
+        assert_eq!(gate.next().await, Next::Overflow);
+        gate.finish(frame(9, 4));
+        let drain = tokio::spawn({
+            let outlet = outlet.clone();
+            async move {
+                tokio::task::yield_now().await;
+                outlet.open(1000);
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(5), gate.drain())
+            .await
+            .unwrap()
+            .unwrap();
+        drain.await.unwrap();
+        let expect: Vec<u8> = [frame(1, 40), frame(2, 40), frame(9, 4)].concat();
+        assert_eq!(outlet.out(), expect, "whole frames, then the last one");
+    }
+
+    #[tokio::test]
+    async fn close_lets_queued_frames_go_first_and_the_first_close_wins() {
+        let gate = Gate::new(1000);
+        gate.push(frame(1, 10));
         gate.close(Some((4001, "drain")));
         gate.close(Some((1000, "late")));
-        assert_eq!(gate.push(text(10)), Push::Closed);
-        let mut buf = VecDeque::new();
-        assert!(matches!(gate.next(&mut buf).await, Next::Frames(10)));
-        buf.clear();
-        assert!(matches!(gate.next(&mut buf).await, Next::Close(Some((4001, "drain")))));
+        assert_eq!(gate.push(frame(2, 10)), Push::Closed);
+        assert_eq!(gate.next().await, Next::Close(Some((4001, "drain"))));
+        let outlet = TestOutlet::with_room(1000);
+        gate.attach(Box::new(outlet.clone()));
+        gate.finish(frame(3, 2));
+        gate.drain().await.unwrap();
+        assert_eq!(outlet.out(), [frame(1, 10), frame(3, 2)].concat());
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_breaks_the_gate() {
+        let gate = Gate::new(1000);
+        let outlet = TestOutlet::with_room(1000);
+        outlet.0.lock().unwrap().fail = true;
+        gate.attach(Box::new(outlet));
+        gate.send(frame(1, 10));
+        assert_eq!(gate.next().await, Next::Broken);
+        assert_eq!(gate.queued(), 0);
+        assert_eq!(gate.push(frame(2, 10)), Push::Closed);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn writer_wakes_on_push_and_overflow() {
-        let gate = std::sync::Arc::new(Gate::new(10));
+    async fn writer_wakes_on_overflow() {
+        let gate = Arc::new(Gate::new(10));
         let g = gate.clone();
         let waiter = tokio::spawn(async move { g.overflowed().await });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        gate.push(text(11));
-        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+        gate.push(frame(1, 11));
+        tokio::time::timeout(Duration::from_secs(1), waiter)
             .await
             .unwrap()
             .unwrap();

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use axum::extract::ws::Message;
+use bytes::Bytes;
 use dashmap::DashMap;
 use indexmap::IndexMap;
 use tokio::sync::{mpsc, oneshot};
@@ -271,35 +271,36 @@ impl Hub {
             .is_some()
     }
 
-    /// Hands one message to every local member of its topic: one frame per encoding in use,
-    /// built on first need, shared by every socket.
-    pub fn deliver(&self, env: &Envelope) -> Delivery {
+    /// Hands one message to every local member of its topic: one wire frame per encoding in use,
+    /// built on first need, shared by every socket. Gates whose queue this made non-empty are
+    /// appended to `flush`: the caller flushes them once its batch of messages is delivered.
+    pub fn deliver(&self, env: &Envelope, flush: &mut Vec<Arc<Gate>>) -> Delivery {
         let topic = Topic::of(env.kind, &env.target);
         let mut out = Delivery::default();
         let Some(entry) = self.inner.topics.get(&topic) else {
             return out;
         };
-        let mut frames: [Option<Option<(Message, usize)>>; 2] = [None, None];
+        let mut frames: [Option<Option<Bytes>>; 2] = [None, None];
         for member in entry.members.values() {
             let built =
                 frames[member.encoding.index()].get_or_insert_with(|| match broadcast_frame(member.encoding, env) {
-                    Ok(frame) => {
-                        let len = crate::gate::frame_len(&frame);
-                        Some((frame, len))
-                    }
+                    Ok(frame) => Some(frame),
                     Err(e) => {
                         tracing::debug!(error = %e, topic = ?topic, "message cannot be encoded");
                         None
                     }
                 });
-            let Some((frame, len)) = built else {
+            let Some(frame) = built else {
                 out.unencodable += 1;
                 continue;
             };
             match member.gate.push(frame.clone()) {
-                Push::Queued => {
+                Push::Queued { flush: first } => {
                     out.delivered += 1;
-                    out.bytes += *len;
+                    out.bytes += frame.len();
+                    if first {
+                        flush.push(member.gate.clone());
+                    }
                 }
                 Push::Overflow => out.overflowed += 1,
                 Push::Closed => {}

@@ -23,6 +23,7 @@ pub mod config;
 pub mod envelope;
 pub mod frame;
 pub mod gate;
+pub mod http;
 pub mod hub;
 pub mod interest;
 pub mod metrics;
@@ -31,10 +32,11 @@ pub mod node;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod upgrade;
+pub mod wire;
 
 use std::{sync::Arc, time::Duration};
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -69,6 +71,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         hub.clone(),
         config.workers,
         config.worker_queue,
+        config.write_coalesce,
         &tracker,
         internal.clone(),
     );
@@ -129,11 +132,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
             shutdown::drain(&node).await;
         }
     };
-    // Small frames go out at once rather than waiting on Nagle for the previous one's ACK.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app).with_graceful_shutdown(drained).await?;
+    http::serve(listener, app, drained).await?;
 
     bus.close().await;
     internal.cancel();

@@ -5,7 +5,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use axum::{
     body::Bytes,
-    extract::{DefaultBodyLimit, Query, State, WebSocketUpgrade},
+    extract::{DefaultBodyLimit, Query, State},
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -24,7 +24,8 @@ use crate::{
     hub::Member,
     metrics as m,
     node::Node,
-    session::{self, Membership, READ_BUFFER_BYTES, WRITE_BUFFER_BYTES},
+    session::{self, Membership},
+    upgrade::Upgrade,
 };
 
 pub fn router(node: Node) -> Router {
@@ -62,7 +63,7 @@ async fn upgrade(
     State(node): State<Node>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     let config = node.config();
     if node.is_draining() {
@@ -127,12 +128,8 @@ async fn upgrade(
             None => Grants::open(format!("anon-{:016x}", rand::random::<u64>()).into()),
         },
     };
-    let ws = ws.protocols([PROTOCOL_JSON, PROTOCOL_MSGPACK]);
-    let encoding = ws
-        .selected_protocol()
-        .and_then(|p| p.to_str().ok())
-        .and_then(Encoding::from_protocol)
-        .unwrap_or(Encoding::Json);
+    let protocol = ws.select(&[PROTOCOL_JSON, PROTOCOL_MSGPACK]);
+    let encoding = protocol.and_then(Encoding::from_protocol).unwrap_or(Encoding::Json);
     let gate = Arc::new(Gate::new(config.max_buffered_bytes));
     let id = node.hub().register(Member {
         gate: gate.clone(),
@@ -154,12 +151,9 @@ async fn upgrade(
             e.to_string(),
         );
     }
-    let max_frame = config.max_frame_bytes;
-    ws.read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_message_size(max_frame)
-        .max_frame_size(max_frame)
-        .on_upgrade(move |socket| session::serve(socket, node, gate, encoding, membership))
+    ws.accept(protocol, move |tcp, early| {
+        session::serve(tcp, early, node, gate, encoding, membership)
+    })
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

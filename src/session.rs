@@ -3,18 +3,30 @@
 //! then takes it out of every topic, even if the task panicked or the upgrade never completed.
 
 use std::{
-    collections::{HashSet, VecDeque},
-    pin::pin,
+    collections::HashSet,
+    io,
+    pin::{pin, Pin},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
-use futures_util::{stream::SplitSink, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{tcp::OwnedReadHalf, TcpStream},
+};
+use tokio_tungstenite::{
+    tungstenite::{
+        protocol::{Role, WebSocketConfig},
+        Error as WsError, Message,
+    },
+    WebSocketStream,
+};
 
 use crate::{
     auth::Grants,
@@ -25,15 +37,46 @@ use crate::{
     hub::{Hub, SessionId, Topic},
     metrics as m,
     node::Node,
+    wire,
 };
 
 /// Tungstenite's read chunk. Its default (128 KiB) suits a few busy sockets; a stadium node holds
 /// many mostly idle ones, client frames are small, and tungstenite allocates this per socket up
 /// front (and zero-fills its free part on every read).
 pub const READ_BUFFER_BYTES: usize = 512;
-/// How much tungstenite gathers before writing to the socket mid-batch; the writer flushes at the
-/// end of every batch anyway, so this only bounds the buffer a burst leaves behind.
-pub const WRITE_BUFFER_BYTES: usize = 16 << 10;
+
+/// The socket as tungstenite sees it: it reads the client's frames from the read half, and what it
+/// writes by itself (pongs, the answer to a client's close) goes through the gate, in order with
+/// every other frame. The node's own frames never pass through tungstenite (see [`crate::wire`]).
+struct Inbound {
+    read: OwnedReadHalf,
+    gate: Arc<Gate>,
+}
+
+impl AsyncRead for Inbound {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Inbound {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        // Tungstenite writes whole frames; a gate that is closing or overflowed drops them, which is
+        // what the socket needs then.
+        self.gate.send(Bytes::copy_from_slice(buf));
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+type Stream = WebSocketStream<Inbound>;
 
 /// A registered socket's place in the hub and its rights; leaves every topic on drop.
 pub struct Membership {
@@ -118,16 +161,34 @@ impl RateLimit {
     }
 }
 
-/// Runs a connection until it closes.
-pub async fn serve(socket: WebSocket, node: Node, gate: Arc<Gate>, encoding: Encoding, mut membership: Membership) {
+/// Runs a connection until it closes. `early` holds what the client sent right behind its
+/// handshake, if it did not wait for the answer.
+pub async fn serve(
+    tcp: TcpStream,
+    early: Bytes,
+    node: Node,
+    gate: Arc<Gate>,
+    encoding: Encoding,
+    mut membership: Membership,
+) {
     m::connection_opened();
-    let (sink, mut stream) = socket.split();
     let config = node.config();
+    let (rx, tx) = tcp.into_split();
+    gate.attach(Box::new(tx));
+    let limits = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .max_message_size(Some(config.max_frame_bytes))
+        .max_frame_size(Some(config.max_frame_bytes));
+    let inbound = Inbound {
+        read: rx,
+        gate: gate.clone(),
+    };
+    let mut stream = WebSocketStream::from_partially_read(inbound, early.into(), Role::Server, Some(limits)).await;
     let grace = config.close_grace;
     let started = Instant::now();
     // Milliseconds since `started` when the client was last heard from.
     let heard = AtomicU64::new(0);
-    let mut writer = pin!(write(sink, gate.clone(), grace, config.write_coalesce));
+    let mut writer = pin!(write(&gate, grace));
     let expires = membership.grants.expires.map(|exp| {
         let left = exp.saturating_sub(envelope::now_us() / 1_000_000);
         tokio::time::Instant::now() + Duration::from_secs(left)
@@ -168,7 +229,7 @@ pub async fn serve(socket: WebSocket, node: Node, gate: Arc<Gate>, encoding: Enc
                     if silent > config.idle_timeout {
                         gate.close(Some((code::IDLE, "idle timeout")));
                     } else {
-                        gate.push(Message::Ping(Bytes::new()));
+                        gate.send(wire::PING);
                     }
                 }
                 _ = &mut expiry, if !expired => {
@@ -195,7 +256,7 @@ pub async fn serve(socket: WebSocket, node: Node, gate: Arc<Gate>, encoding: Enc
 }
 
 async fn read(
-    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+    stream: &mut Stream,
     node: &Node,
     gate: &Gate,
     encoding: Encoding,
@@ -211,8 +272,12 @@ async fn read(
             Ok(Message::Text(t)) => decode_text(&t),
             Ok(Message::Binary(b)) => decode_binary(&b),
             // Tungstenite answers pings by itself; a pong only proves the client is alive.
-            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-            Ok(Message::Close(_)) => return CloseReason::Normal,
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+            Ok(Message::Close(_)) => {
+                // Tungstenite has the answering close ready; flushing hands it to the gate.
+                let _ = stream.flush().await;
+                return CloseReason::Normal;
+            }
             Err(e) => return classify(e),
         };
         let reply = match limit.admit(Instant::now()) {
@@ -241,16 +306,15 @@ async fn read(
                 Reply::error(e).encode(encoding)
             }
         };
-        gate.push(frame);
+        gate.send(frame);
     }
     CloseReason::Normal
 }
 
-fn classify(e: axum::Error) -> CloseReason {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    match e.into_inner().downcast::<WsError>() {
-        Ok(e) if matches!(*e, WsError::Capacity(_)) => CloseReason::FrameTooLarge,
-        Ok(e) if matches!(*e, WsError::ConnectionClosed | WsError::AlreadyClosed) => CloseReason::Normal,
+fn classify(e: WsError) -> CloseReason {
+    match e {
+        WsError::Capacity(_) => CloseReason::FrameTooLarge,
+        WsError::ConnectionClosed | WsError::AlreadyClosed => CloseReason::Normal,
         _ => CloseReason::Error,
     }
 }
@@ -351,88 +415,45 @@ pub async fn publish(
         .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))
 }
 
-enum Flushed {
-    Done(Result<(), axum::Error>),
-    Overflow,
-}
-
-/// Drains the gate into the socket until the gate overflows or closes, or the socket fails.
-async fn write(
-    mut sink: SplitSink<WebSocket, Message>,
-    gate: Arc<Gate>,
-    grace: Duration,
-    coalesce: Duration,
-) -> CloseReason {
-    let mut buf = VecDeque::new();
+/// Finishes what the gate's non-blocking flushes could not (a congested socket) and writes the
+/// session's last frame; returns when the session must end.
+async fn write(gate: &Gate, grace: Duration) -> CloseReason {
     loop {
-        match gate.next(&mut buf).await {
-            Next::Frames(mut bytes) => {
-                // Let more frames gather so one write carries many (`--write-coalesce`).
-                if !coalesce.is_zero() {
-                    tokio::select! {
-                        _ = tokio::time::sleep(coalesce) => {}
-                        _ = gate.overflowed() => return slow_consumer(&mut sink, grace).await,
-                    }
-                    bytes += gate.take(&mut buf);
-                }
-                let flushed = {
-                    // Boxed like a command: its state exists only while a batch is being written,
-                    // not in every idle session.
-                    let io = Box::pin(async {
-                        for frame in buf.drain(..) {
-                            sink.feed(frame).await?;
-                        }
-                        sink.flush().await
-                    });
-                    // A client that stopped reading leaves the flush pending; overflow ends the wait.
-                    tokio::select! {
-                        r = io => Flushed::Done(r),
-                        _ = gate.overflowed() => Flushed::Overflow,
-                    }
-                };
-                buf.clear();
-                match flushed {
-                    Flushed::Done(Ok(())) => gate.release(bytes),
-                    Flushed::Done(Err(_)) => return CloseReason::Error,
-                    Flushed::Overflow => return slow_consumer(&mut sink, grace).await,
+        match gate.next().await {
+            Next::Congested => {
+                // A client that stopped reading leaves the drain pending; overflow ends the wait.
+                tokio::select! {
+                    drained = gate.drain() => if drained.is_err() {
+                        return CloseReason::Error;
+                    },
+                    _ = gate.overflowed() => {}
                 }
             }
-            Next::Overflow => return slow_consumer(&mut sink, grace).await,
-            Next::Close(Some((c, why))) => {
-                return Box::pin(close(&mut sink, c, why, grace, CloseReason::for_code(c))).await
+            Next::Overflow => {
+                return close(
+                    gate,
+                    Some((code::SLOW_CONSUMER, "slow consumer")),
+                    grace,
+                    CloseReason::SlowConsumer,
+                )
+                .await
             }
-            Next::Close(None) => {
-                let _ = tokio::time::timeout(grace, sink.close()).await;
-                return CloseReason::Normal;
+            Next::Close(frame) => {
+                let why = frame.map_or(CloseReason::Normal, |(c, _)| CloseReason::for_code(c));
+                return close(gate, frame, grace, why).await;
             }
+            Next::Broken => return CloseReason::Error,
         }
     }
 }
 
-async fn slow_consumer(sink: &mut SplitSink<WebSocket, Message>, grace: Duration) -> CloseReason {
-    close(
-        sink,
-        code::SLOW_CONSUMER,
-        "slow consumer",
-        grace,
-        CloseReason::SlowConsumer,
-    )
-    .await
-}
-
-/// Sends a close frame if the socket takes it within `grace`; the connection is dropped after.
-async fn close(
-    sink: &mut SplitSink<WebSocket, Message>,
-    code: u16,
-    reason: &'static str,
-    grace: Duration,
-    why: CloseReason,
-) -> CloseReason {
-    let frame = Message::Close(Some(CloseFrame {
-        code,
-        reason: reason.into(),
-    }));
-    let _ = tokio::time::timeout(grace, sink.send(frame)).await;
+/// Writes what is queued and the close frame (if any) if the socket takes them within `grace`; the
+/// connection is dropped after.
+async fn close(gate: &Gate, frame: Option<(u16, &'static str)>, grace: Duration, why: CloseReason) -> CloseReason {
+    if let Some((code, reason)) = frame {
+        gate.finish(wire::close(code, reason));
+    }
+    let _ = tokio::time::timeout(grace, gate.drain()).await;
     why
 }
 

@@ -28,7 +28,7 @@ pub async fn drain(node: &Node) {
             after_ms: Some(*after_ms),
             ..Reply::op("reconnect", None)
         };
-        member.gate.push(notice.encode(member.encoding));
+        member.gate.send(notice.encode(member.encoding));
     }
     members.sort_by_key(|(after_ms, _)| *after_ms);
     for (after_ms, member) in &members {

@@ -9,6 +9,15 @@ use shardcast::{
     envelope::{Envelope, Kind},
     frame::{broadcast_frame, decode_binary, decode_text, Command, Encoding},
 };
+use tokio_tungstenite::tungstenite::{protocol::Role, Message, WebSocket};
+
+/// A wire frame read as a client reads it: exactly one message.
+fn read(frame: &Bytes) -> Message {
+    let mut ws = WebSocket::from_raw_socket(std::io::Cursor::new(frame.to_vec()), Role::Client, None);
+    let msg = ws.read().expect("a whole frame");
+    assert!(ws.read().is_err(), "one frame only");
+    msg
+}
 
 fn cases() -> ProptestConfig {
     let n = std::env::var("PROPTEST_CASES")
@@ -126,10 +135,10 @@ proptest! {
         let Command::Pub { data: d, .. } = decode_text(&text).unwrap().command else { panic!("not a pub") };
         let env = Envelope { kind: Kind::Room, origin: "n".into(), target: "r".into(), from: "u".into(), ts_us: 1, format: d.format, data: d.bytes };
         let json_frame = broadcast_frame(Encoding::Json, &env).unwrap();
-        let v: serde_json::Value = serde_json::from_str(json_frame.to_text().unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(read(&json_frame).to_text().unwrap()).unwrap();
         prop_assert_eq!(&v["data"], &data);
         let mp_frame = broadcast_frame(Encoding::MsgPack, &env).unwrap();
-        let v: serde_json::Value = rmp_serde::from_slice(&mp_frame.into_data()).unwrap();
+        let v: serde_json::Value = rmp_serde::from_slice(&read(&mp_frame).into_data()).unwrap();
         prop_assert_eq!(&v["data"], &data);
     }
 

@@ -8,7 +8,7 @@
 pub mod memory;
 pub mod redis;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -16,6 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     envelope::{self, Envelope},
+    gate::Gate,
     hub::{Hub, Topic},
     metrics as m,
 };
@@ -134,6 +135,9 @@ impl Bus {
 
 /// Where bus readers hand received payloads: bounded per-worker queues chosen by channel, so one
 /// channel's messages keep their order and a slow fan-out never stalls the reader.
+/// Messages a worker takes from its queue at once.
+const BATCH: usize = 64;
+
 #[derive(Clone)]
 pub struct Dispatch {
     workers: Arc<[mpsc::Sender<Bytes>]>,
@@ -145,13 +149,14 @@ impl Dispatch {
         hub: Hub,
         workers: usize,
         capacity: usize,
+        coalesce: Duration,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Dispatch {
         let senders: Vec<_> = (0..workers.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(capacity.max(1));
-                tracker.spawn(worker(hub.clone(), rx, cancel.clone()));
+                tracker.spawn(worker(hub.clone(), rx, cancel.clone(), coalesce));
                 tx
             })
             .collect();
@@ -171,27 +176,51 @@ impl Dispatch {
     }
 }
 
-async fn worker(hub: Hub, mut rx: mpsc::Receiver<Bytes>, cancel: CancellationToken) {
-    let mut batch = Vec::with_capacity(64);
+/// Delivers what the bus hands over. Every frame a batch of messages queues for a socket goes out
+/// in one write at the end of the batch: a batch is whatever waited in the queue (so batches grow
+/// with load), stretched to `coalesce` after its first message when that is set.
+async fn worker(hub: Hub, mut rx: mpsc::Receiver<Bytes>, cancel: CancellationToken, coalesce: Duration) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut flush = Vec::new();
     loop {
         let n = tokio::select! {
-            n = rx.recv_many(&mut batch, 64) => n,
+            n = rx.recv_many(&mut batch, BATCH) => n,
             _ = cancel.cancelled() => return,
         };
         if n == 0 {
             return;
         }
-        for payload in batch.drain(..) {
-            match Envelope::decode(&payload) {
-                Ok(env) => {
-                    let latency = envelope::now_us().saturating_sub(env.ts_us) as f64 / 1e6;
-                    m::bus_received(latency);
-                    hub.deliver(&env);
+        deliver(&hub, &mut batch, &mut flush);
+        if !coalesce.is_zero() {
+            let until = tokio::time::Instant::now() + coalesce;
+            loop {
+                let n = tokio::select! {
+                    n = rx.recv_many(&mut batch, BATCH) => n,
+                    _ = tokio::time::sleep_until(until) => break,
+                };
+                if n == 0 {
+                    break;
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, "dropping undecodable envelope");
-                    m::bus_dropped("undecodable", 1);
-                }
+                deliver(&hub, &mut batch, &mut flush);
+            }
+        }
+        for gate in flush.drain(..) {
+            gate.flush();
+        }
+    }
+}
+
+fn deliver(hub: &Hub, batch: &mut Vec<Bytes>, flush: &mut Vec<Arc<Gate>>) {
+    for payload in batch.drain(..) {
+        match Envelope::decode(&payload) {
+            Ok(env) => {
+                let latency = envelope::now_us().saturating_sub(env.ts_us) as f64 / 1e6;
+                m::bus_received(latency);
+                hub.deliver(&env, flush);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "dropping undecodable envelope");
+                m::bus_dropped("undecodable", 1);
             }
         }
     }

@@ -1,0 +1,120 @@
+//! The WebSocket opening handshake (RFC 6455 §4.2), answered here rather than by axum's extractor
+//! because the node needs the TCP socket itself once the upgrade is done: its write half goes to
+//! the socket's gate, which writes frames built once for every socket as they are.
+
+use std::future::Future;
+
+use axum::{
+    extract::FromRequestParts,
+    http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+/// A valid upgrade request, not answered yet.
+pub struct Upgrade {
+    key: HeaderValue,
+    offered: Option<HeaderValue>,
+    on_upgrade: OnUpgrade,
+}
+
+/// Why a request to `/ws` is not a WebSocket handshake.
+#[derive(Debug)]
+pub struct NotWebSocket(StatusCode, &'static str);
+
+impl IntoResponse for NotWebSocket {
+    fn into_response(self) -> Response {
+        (self.0, self.1).into_response()
+    }
+}
+
+/// Whether a comma-separated header has `token` among its values, ignoring case.
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = NotWebSocket;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Upgrade, NotWebSocket> {
+        let bad = |why| Err(NotWebSocket(StatusCode::BAD_REQUEST, why));
+        let headers = &parts.headers;
+        if !has_token(headers, header::CONNECTION, "upgrade") {
+            return bad("`Connection` header did not include `upgrade`");
+        }
+        if !has_token(headers, header::UPGRADE, "websocket") {
+            return bad("`Upgrade` header did not include `websocket`");
+        }
+        if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+            return bad("`Sec-WebSocket-Version` header did not say 13");
+        }
+        let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+            return bad("`Sec-WebSocket-Key` header missing");
+        };
+        let offered = headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
+        let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
+            return Err(NotWebSocket(
+                StatusCode::UPGRADE_REQUIRED,
+                "this connection cannot be upgraded",
+            ));
+        };
+        Ok(Upgrade {
+            key,
+            offered,
+            on_upgrade,
+        })
+    }
+}
+
+impl Upgrade {
+    /// The first subprotocol the client offered that is among `supported`.
+    pub fn select(&self, supported: &[&'static str]) -> Option<&'static str> {
+        let offered = self.offered.as_ref()?.to_str().ok()?;
+        offered
+            .split(',')
+            .map(str::trim)
+            .find_map(|p| supported.iter().copied().find(|s| *s == p))
+    }
+
+    /// Answers 101 (with `protocol`, if any) and, once the connection is switched, runs `serve`
+    /// on the socket and the bytes the client sent after its request (if it did not wait).
+    pub fn accept<F, Fut>(self, protocol: Option<&'static str>, serve: F) -> Response
+    where
+        F: FnOnce(TcpStream, Bytes) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let accept = derive_accept_key(self.key.as_bytes());
+        tokio::spawn(async move {
+            match self.on_upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
+                Ok(Ok(parts)) => serve(parts.io.into_inner(), parts.read_buf).await,
+                Ok(Err(_)) => tracing::error!("upgraded connection is not a TCP stream"),
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+        let mut response = (
+            StatusCode::SWITCHING_PROTOCOLS,
+            [
+                (header::CONNECTION, HeaderValue::from_static("upgrade")),
+                (header::UPGRADE, HeaderValue::from_static("websocket")),
+            ],
+        )
+            .into_response();
+        let headers = response.headers_mut();
+        if let Ok(accept) = HeaderValue::from_str(&accept) {
+            headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+        if let Some(p) = protocol {
+            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+        }
+        response
+    }
+}
