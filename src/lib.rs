@@ -37,6 +37,7 @@ pub mod wire;
 
 use std::{sync::Arc, time::Duration};
 
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -107,7 +108,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         config.unsubscribe_delay,
         internal.clone(),
     ));
-    tracker.spawn(sample(hub.clone(), internal.clone()));
+    tracker.spawn(sample(hub.clone(), metrics.clone(), internal.clone()));
     let verifier = config.jwt.as_ref().map(auth::Verifier::new).transpose()?;
     let node = Node::new(config, hub, bus.clone(), naming, metrics, verifier);
 
@@ -141,12 +142,16 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     Ok(())
 }
 
-async fn sample(hub: Hub, cancel: CancellationToken) {
+async fn sample(hub: Hub, recorder: PrometheusHandle, cancel: CancellationToken) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(SAMPLE_EVERY) => {}
             _ = cancel.cancelled() => return,
         }
         metrics::sample(hub.rooms(), hub.topics(), &hub.queue_depths());
+        // Histogram samples wait in the recorder until folded into their buckets, which a scrape
+        // does too; without this a node nobody scrapes would keep every sample (one per socket per
+        // second for the queue depths).
+        recorder.run_upkeep();
     }
 }

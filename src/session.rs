@@ -41,9 +41,10 @@ use crate::{
 };
 
 /// Tungstenite's read chunk. Its default (128 KiB) suits a few busy sockets; a stadium node holds
-/// many mostly idle ones, client frames are small, and tungstenite allocates this per socket up
-/// front (and zero-fills its free part on every read).
-pub const READ_BUFFER_BYTES: usize = 512;
+/// many mostly idle ones whose frames are pongs and small commands, and tungstenite allocates this
+/// per socket up front (and zero-fills its free part on every read). A larger frame still arrives
+/// whole: tungstenite reserves its full length and reads it in chunks of this size.
+pub const READ_BUFFER_BYTES: usize = 256;
 
 /// The socket as tungstenite sees it: it reads the client's frames from the read half, and what it
 /// writes by itself (pongs, the answer to a client's close) goes through the gate, in order with
@@ -183,24 +184,32 @@ pub async fn serve(
         read: rx,
         gate: gate.clone(),
     };
-    let mut stream = WebSocketStream::from_partially_read(inbound, early.into(), Role::Server, Some(limits)).await;
+    // Copied and dropped: `early` is a view of hyper's read buffer (kilobytes), which would
+    // otherwise stay with the socket for its whole life.
+    let partial = early.to_vec();
+    drop(early);
+    // Boxed, like every future below that lives only for a moment: otherwise its state would stay
+    // reserved in every idle session's.
+    let mut stream = Box::pin(WebSocketStream::from_partially_read(
+        inbound,
+        partial,
+        Role::Server,
+        Some(limits),
+    ))
+    .await;
     let grace = config.close_grace;
     let started = Instant::now();
     // Milliseconds since `started` when the client was last heard from.
     let heard = AtomicU64::new(0);
     let mut writer = pin!(write(&gate, grace));
-    let expires = membership.grants.expires.map(|exp| {
+    // One timer for the pings and the token's expiry, boxed so an idle session's state stays small.
+    let mut expires = membership.grants.expires.map(|exp| {
         let left = exp.saturating_sub(envelope::now_us() / 1_000_000);
         tokio::time::Instant::now() + Duration::from_secs(left)
     });
-    let mut expiry = pin!(async move {
-        match expires {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
-        }
-    });
-    let mut expired = false;
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + config.ping_interval, config.ping_interval);
+    let mut next_ping = tokio::time::Instant::now() + config.ping_interval;
+    let wake_at = |next_ping, expires: Option<tokio::time::Instant>| expires.map_or(next_ping, |at| at.min(next_ping));
+    let mut timer = Box::pin(tokio::time::sleep_until(wake_at(next_ping, expires)));
     let reason = {
         let mut reader = pin!(read(
             &mut stream,
@@ -216,25 +225,30 @@ pub async fn serve(
                 end = &mut writer => {
                     // The close frame is out: let the client answer it before the socket is dropped,
                     // so it reads a clean close rather than a reset.
-                    let _ = tokio::time::timeout(grace, &mut reader).await;
+                    let _ = Box::pin(tokio::time::timeout(grace, &mut reader)).await;
                     break end;
                 }
                 reason = &mut reader => {
                     gate.close(reason.frame());
-                    let _ = tokio::time::timeout(grace, &mut writer).await;
+                    let _ = Box::pin(tokio::time::timeout(grace, &mut writer)).await;
                     break reason;
                 }
-                _ = ping.tick() => {
-                    let silent = started.elapsed().saturating_sub(Duration::from_millis(heard.load(Ordering::Relaxed)));
-                    if silent > config.idle_timeout {
-                        gate.close(Some((code::IDLE, "idle timeout")));
-                    } else {
-                        gate.send(wire::PING);
+                _ = &mut timer => {
+                    let now = tokio::time::Instant::now();
+                    if expires.is_some_and(|at| now >= at) {
+                        expires = None;
+                        gate.close(Some((code::TOKEN_EXPIRED, "token expired")));
                     }
-                }
-                _ = &mut expiry, if !expired => {
-                    expired = true;
-                    gate.close(Some((code::TOKEN_EXPIRED, "token expired")));
+                    if now >= next_ping {
+                        next_ping = now + config.ping_interval;
+                        let silent = started.elapsed().saturating_sub(Duration::from_millis(heard.load(Ordering::Relaxed)));
+                        if silent > config.idle_timeout {
+                            gate.close(Some((code::IDLE, "idle timeout")));
+                        } else {
+                            gate.send(wire::PING);
+                        }
+                    }
+                    timer.as_mut().reset(wake_at(next_ping, expires));
                 }
             }
         }
@@ -242,13 +256,13 @@ pub async fn serve(
     // The node closed on a policy (rate, frame size) while the client may still be sending: read
     // until its answering close, so it sees our close frame instead of a reset.
     if matches!(reason, CloseReason::RateLimited | CloseReason::FrameTooLarge) {
-        let _ = tokio::time::timeout(grace, async {
+        let _ = Box::pin(tokio::time::timeout(grace, async {
             while let Some(Ok(msg)) = stream.next().await {
                 if matches!(msg, Message::Close(_)) {
                     break;
                 }
             }
-        })
+        }))
         .await;
     }
     m::connection_closed(reason);
@@ -280,35 +294,47 @@ async fn read(
             }
             Err(e) => return classify(e),
         };
-        let reply = match limit.admit(Instant::now()) {
-            Admit::Yes => match request {
-                // Boxed: a command's future lives only while it runs, instead of in every idle
-                // session's state.
-                Ok(request) => Box::pin(run(request, node, membership)).await,
-                Err(e) => Err(e),
-            },
-            Admit::Refuse => {
-                let id = request.as_ref().ok().and_then(|r| r.id);
-                m::rate_limited();
-                Err(FrameError::new(
-                    id,
-                    ErrorCode::RateLimited,
-                    format!("more than {} commands per second", config.command_rate),
-                ))
-            }
-            Admit::Close => return CloseReason::RateLimited,
-        };
-        let frame = match &reply {
-            Ok(Some(reply)) => reply.encode(encoding),
-            Ok(None) => continue,
-            Err(e) => {
-                m::bad_frame(e.code.as_str());
-                Reply::error(e).encode(encoding)
-            }
-        };
-        gate.send(frame);
+        let admitted = limit.admit(Instant::now());
+        if admitted == Admit::Close {
+            return CloseReason::RateLimited;
+        }
+        // Boxed: a command's future lives only while it runs, instead of in every idle session's state.
+        if let Some(frame) = Box::pin(answer(request, admitted, node, membership, encoding)).await {
+            gate.send(frame);
+        }
     }
     CloseReason::Normal
+}
+
+/// Runs one admitted command, or refuses it; the frame to answer with, if any.
+async fn answer(
+    request: Result<Request, FrameError>,
+    admitted: Admit,
+    node: &Node,
+    membership: &mut Membership,
+    encoding: Encoding,
+) -> Option<Bytes> {
+    let reply = match (admitted, request) {
+        (Admit::Yes, Ok(request)) => run(request, node, membership).await,
+        (Admit::Yes, Err(e)) => Err(e),
+        (_, request) => {
+            let id = request.as_ref().ok().and_then(|r| r.id);
+            m::rate_limited();
+            Err(FrameError::new(
+                id,
+                ErrorCode::RateLimited,
+                format!("more than {} commands per second", node.config().command_rate),
+            ))
+        }
+    };
+    match &reply {
+        Ok(Some(reply)) => Some(reply.encode(encoding)),
+        Ok(None) => None,
+        Err(e) => {
+            m::bad_frame(e.code.as_str());
+            Some(Reply::error(e).encode(encoding))
+        }
+    }
 }
 
 fn classify(e: WsError) -> CloseReason {
@@ -419,31 +445,34 @@ pub async fn publish(
 /// session's last frame; returns when the session must end.
 async fn write(gate: &Gate, grace: Duration) -> CloseReason {
     loop {
-        match gate.next().await {
-            Next::Congested => {
-                // A client that stopped reading leaves the drain pending; overflow ends the wait.
-                tokio::select! {
-                    drained = gate.drain() => if drained.is_err() {
-                        return CloseReason::Error;
-                    },
-                    _ = gate.overflowed() => {}
-                }
-            }
-            Next::Overflow => {
-                return close(
-                    gate,
-                    Some((code::SLOW_CONSUMER, "slow consumer")),
-                    grace,
-                    CloseReason::SlowConsumer,
-                )
-                .await
-            }
-            Next::Close(frame) => {
-                let why = frame.map_or(CloseReason::Normal, |(c, _)| CloseReason::for_code(c));
-                return close(gate, frame, grace, why).await;
-            }
-            Next::Broken => return CloseReason::Error,
+        let next = gate.next().await;
+        // Boxed: what the writer does lives only while it does it, not in every idle session.
+        if let Some(end) = Box::pin(act(gate, next, grace)).await {
+            return end;
         }
+    }
+}
+
+/// Does what the gate asked; `Some` when the session must end.
+async fn act(gate: &Gate, next: Next, grace: Duration) -> Option<CloseReason> {
+    match next {
+        Next::Congested => {
+            // A client that stopped reading leaves the drain pending; overflow ends the wait.
+            let drained = tokio::select! {
+                drained = gate.drain() => drained.is_ok(),
+                _ = gate.overflowed() => true,
+            };
+            (!drained).then_some(CloseReason::Error)
+        }
+        Next::Overflow => {
+            let frame = Some((code::SLOW_CONSUMER, "slow consumer"));
+            Some(close(gate, frame, grace, CloseReason::SlowConsumer).await)
+        }
+        Next::Close(frame) => {
+            let why = frame.map_or(CloseReason::Normal, |(c, _)| CloseReason::for_code(c));
+            Some(close(gate, frame, grace, why).await)
+        }
+        Next::Broken => Some(CloseReason::Error),
     }
 }
 
@@ -460,6 +489,24 @@ async fn close(gate: &Gate, frame: Option<(u16, &'static str)>, grace: Duration,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<A, F>(_: &impl Fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn an_idle_sessions_state_stays_small() {
+        // Every connection's task holds this much for its whole life, and an idle stadium node is
+        // mostly idle sessions (README, Performance: at most 4 KiB of RSS per connection). What
+        // lives only for a moment (a command, a close, a congested write) is boxed instead.
+        let serve = |(a, b, c, d, e, f)| serve(a, b, c, d, e, f);
+        let size = future_size(&serve);
+        assert!(size <= 1_400, "a session's state grew to {size} bytes");
+        let read = |(a, b, c, d, e, f, g)| read(a, b, c, d, e, f, g);
+        let write = |(a, b)| write(a, b);
+        assert!(future_size(&read) + future_size(&write) <= 512);
+    }
 
     #[test]
     fn rate_limit_admits_a_burst_then_the_rate_then_closes() {
