@@ -26,7 +26,11 @@ use crate::{
     metrics as m,
 };
 
+/// For maps keyed by client input (room and user names): random keys.
 type Hasher = ahash::RandomState;
+/// A topic's members are keyed by session ids the node assigns itself, never by client input, so a
+/// fixed-key hasher is safe there, and it takes no room in every topic (a user's inbox is a topic).
+type MemberHasher = std::hash::BuildHasherDefault<ahash::AHasher>;
 
 pub type SessionId = u64;
 
@@ -82,7 +86,7 @@ enum SubState {
 
 #[derive(Debug)]
 struct Entry {
-    members: IndexMap<SessionId, Member, Hasher>,
+    members: IndexMap<SessionId, Member, MemberHasher>,
     state: SubState,
     waiters: Vec<oneshot::Sender<Result<(), JoinError>>>,
 }
@@ -187,7 +191,8 @@ impl Hub {
             return Err(JoinError::Closed);
         };
         let mut entry = self.inner.topics.entry(topic.clone()).or_insert_with(|| Entry {
-            members: IndexMap::with_hasher(Hasher::new()),
+            // Most topics are one user's inbox with one socket: start small, rooms grow as needed.
+            members: IndexMap::with_capacity_and_hasher(1, MemberHasher::default()),
             state: SubState::Unsubscribed,
             waiters: Vec::new(),
         });
@@ -230,7 +235,8 @@ impl Hub {
         } else {
             SubState::Unsubscribed
         };
-        for waiter in entry.waiters.drain(..) {
+        // Taken, not drained: the list is empty for the topic's life after this.
+        for waiter in std::mem::take(&mut entry.waiters) {
             let _ = waiter.send(result.clone());
         }
     }

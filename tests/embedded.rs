@@ -203,3 +203,80 @@ async fn coalesced_writes_deliver_everything_in_order() {
     }
     node.stop().await;
 }
+
+/// The node answers the WebSocket handshake itself (it keeps the TCP socket for its writes), so
+/// the handshake's rules are tested here at the byte level.
+#[tokio::test]
+async fn the_handshake_is_checked_and_a_frame_sent_right_behind_it_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::{
+        tungstenite::{handshake::derive_accept_key, protocol::Role},
+        WebSocketStream,
+    };
+
+    let node = Node::start(config(None, "handshake")).await;
+    let http = reqwest::Client::new();
+    // A plain GET, and a handshake of another WebSocket version: refused, with the reason.
+    let r = http.get(node.ws("").replace("ws://", "http://")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("upgrade"));
+    let r = http
+        .get(node.url("/ws"))
+        .header("connection", "keep-alive, Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "8")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("13"));
+
+    // A client that does not wait for the 101: its first frame (a masked `ping` command) arrives
+    // in the same packet as the handshake, and must be read all the same.
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let mut tcp = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let mut out = format!(
+        "GET /ws?user=early HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\
+         Sec-WebSocket-Protocol: x-unknown, shardcast.v1.json\r\n\r\n"
+    )
+    .into_bytes();
+    let command = br#"{"op":"ping","id":7}"#;
+    let mask = [1u8, 2, 3, 4];
+    out.extend_from_slice(&[0x81, 0x80 | command.len() as u8]);
+    out.extend_from_slice(&mask);
+    out.extend(command.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    tcp.write_all(&out).await.unwrap();
+
+    let mut got = Vec::new();
+    let head_end = loop {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut chunk))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(n > 0, "closed before answering: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let accept = derive_accept_key(key.as_bytes()).to_ascii_lowercase();
+    assert!(head.contains(&format!("sec-websocket-accept: {accept}")), "{head}");
+    assert!(head.contains("sec-websocket-protocol: shardcast.v1.json"), "{head}");
+    let mut ws = WebSocketStream::from_partially_read(tcp, got[head_end..].to_vec(), Role::Client, None).await;
+    let reply = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        futures_util::StreamExt::next(&mut ws),
+    )
+    .await
+    .expect("a reply in time")
+    .expect("open")
+    .unwrap();
+    let reply: serde_json::Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
+    assert_eq!(reply, json!({"op":"pong","id":7}));
+    node.stop().await;
+}
