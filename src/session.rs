@@ -1,6 +1,8 @@
-//! One WebSocket connection: a reader that runs the client's commands and a writer that drains the
-//! socket's gate, in one task. The session ends when either side does; its [`Membership`] guard
-//! then takes it out of every topic, even if the task panicked or the upgrade never completed.
+//! One WebSocket connection, in one task: a reader that runs the client's commands, a timer for
+//! pings and the token's expiry, and a writer that steps in only when the gate needs it (a socket
+//! too full for the gate's non-blocking writes, or a close). The session ends when either side
+//! does; its [`Membership`] guard then takes it out of every topic, even if the task panicked or the
+//! upgrade never completed.
 
 use std::{
     collections::HashSet,
