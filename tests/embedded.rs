@@ -204,6 +204,53 @@ async fn coalesced_writes_deliver_everything_in_order() {
     node.stop().await;
 }
 
+/// A client that stops reading fills the kernel's buffers; the node keeps the rest queued (partly
+/// written frames included) and finishes the writes when the client reads again: nothing lost,
+/// nothing out of order, as long as the queue stays under the budget.
+#[tokio::test]
+async fn a_reader_that_pauses_gets_everything_once_it_reads_again() {
+    const MESSAGES: usize = 400;
+    let mut cfg = config(None, "pause");
+    cfg.max_buffered_bytes = 64 << 20;
+    let node = Node::start(cfg).await;
+    let mut slow = Client::connect(&node.ws("?user=slow")).await;
+    slow.join("r").await;
+    let mut publisher = Client::connect(&node.ws("?user=pub")).await;
+    let filler = "x".repeat(60_000);
+    // About 24 MB, more than loopback's socket buffers take, while `slow` reads nothing.
+    for seq in 0..MESSAGES {
+        publisher
+            .send(json!({"op":"pub","room":"r","data":[seq, filler]}))
+            .await;
+    }
+    let http = reqwest::Client::new();
+    let queued = || async {
+        let text = http
+            .get(node.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("shardcast_outbound_queued_bytes "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    common::eventually("the paused reader's queue to back up", || async {
+        queued().await > 1e6
+    })
+    .await;
+    for seq in 0..MESSAGES {
+        let msg = slow.recv().await.expect("still open");
+        assert_eq!(msg["data"][0], seq);
+        assert_eq!(msg["data"][1].as_str().map(str::len), Some(filler.len()));
+    }
+    common::eventually("the queue to empty", || async { queued().await == 0.0 }).await;
+    node.stop().await;
+}
+
 /// The node answers the WebSocket handshake itself (it keeps the TCP socket for its writes), so
 /// the handshake's rules are tested here at the byte level.
 #[tokio::test]
