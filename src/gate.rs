@@ -298,11 +298,12 @@ impl Gate {
         }
     }
 
-    /// Waits until the gate overflows; lets a writer stuck on a full socket give up.
-    pub async fn overflowed(&self) {
+    /// Waits until the gate is no longer open (overflowed, closing or broken): lets a writer stuck
+    /// on a full socket stop waiting and close instead.
+    pub async fn interrupted(&self) {
         loop {
             let notified = self.notify.notified();
-            if self.is_overflowed() {
+            if !matches!(self.lock().status, Status::Open) {
                 return;
             }
             notified.await;
@@ -491,16 +492,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn writer_wakes_on_overflow() {
-        let gate = Arc::new(Gate::new(10));
-        let g = gate.clone();
-        let waiter = tokio::spawn(async move { g.overflowed().await });
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
-        gate.push(frame(1, 11));
-        tokio::time::timeout(Duration::from_secs(1), waiter)
-            .await
-            .unwrap()
-            .unwrap();
+    async fn a_waiting_writer_is_interrupted_by_overflow_and_by_close() {
+        for close in [false, true] {
+            let gate = Arc::new(Gate::new(10));
+            let g = gate.clone();
+            let waiter = tokio::spawn(async move { g.interrupted().await });
+            tokio::task::yield_now().await;
+            gate.push(frame(1, 5));
+            tokio::task::yield_now().await;
+            assert!(!waiter.is_finished(), "a push within the budget does not interrupt");
+            if close {
+                gate.close(Some((4002, "idle timeout")));
+            } else {
+                gate.push(frame(2, 11));
+            }
+            tokio::time::timeout(Duration::from_secs(1), waiter)
+                .await
+                .unwrap()
+                .unwrap();
+        }
     }
 }

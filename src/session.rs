@@ -459,10 +459,11 @@ async fn write(gate: &Gate, grace: Duration) -> CloseReason {
 async fn act(gate: &Gate, next: Next, grace: Duration) -> Option<CloseReason> {
     match next {
         Next::Congested => {
-            // A client that stopped reading leaves the drain pending; overflow ends the wait.
+            // A client that stopped reading leaves the drain pending; overflow, or a close (idle,
+            // drain, expiry), ends the wait, and the close is bounded by the grace period.
             let drained = tokio::select! {
                 drained = gate.drain() => drained.is_ok(),
-                _ = gate.overflowed() => true,
+                _ = gate.interrupted() => true,
             };
             (!drained).then_some(CloseReason::Error)
         }

@@ -223,21 +223,7 @@ async fn a_reader_that_pauses_gets_everything_once_it_reads_again() {
             .send(json!({"op":"pub","room":"r","data":[seq, filler]}))
             .await;
     }
-    let http = reqwest::Client::new();
-    let queued = || async {
-        let text = http
-            .get(node.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("shardcast_outbound_queued_bytes "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let queued = || gauge(&node, "shardcast_outbound_queued_bytes");
     common::eventually("the paused reader's queue to back up", || async {
         queued().await > 1e6
     })
@@ -248,6 +234,48 @@ async fn a_reader_that_pauses_gets_everything_once_it_reads_again() {
         assert_eq!(msg["data"][1].as_str().map(str::len), Some(filler.len()));
     }
     common::eventually("the queue to empty", || async { queued().await == 0.0 }).await;
+    node.stop().await;
+}
+
+/// A gauge's value from the node's `/metrics` (0 when absent).
+async fn gauge(node: &Node, name: &str) -> f64 {
+    let text = reqwest::get(node.url("/metrics")).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A dead client behind a full socket (it neither reads nor answers pings) is still closed on its
+/// idle timeout: the close interrupts the write that waits for the socket, and the close frame gets
+/// `--close-grace` to go out. Without that the session would wait on the socket until the kernel
+/// gave up on it (many minutes).
+#[tokio::test]
+async fn a_dead_client_behind_a_full_socket_is_closed_on_time() {
+    let mut cfg = config(None, "dead");
+    cfg.max_buffered_bytes = 64 << 20;
+    cfg.ping_interval = std::time::Duration::from_millis(250);
+    cfg.idle_timeout = std::time::Duration::from_secs(5);
+    let node = Node::start(cfg).await;
+    let mut dead = Client::connect(&node.ws("?user=dead")).await;
+    dead.join("r").await;
+    let mut publisher = Client::connect(&node.ws("?user=pub")).await;
+    let filler = "x".repeat(60_000);
+    for seq in 0..400 {
+        publisher
+            .send(json!({"op":"pub","room":"r","data":[seq, filler]}))
+            .await;
+    }
+    common::eventually("the dead client's queue to back up", || async {
+        gauge(&node, "shardcast_outbound_queued_bytes").await > 1e6
+    })
+    .await;
+    // Neither client reads: both are closed as idle, the dead one with its socket still full.
+    common::eventually("both sessions to end", || async {
+        gauge(&node, "shardcast_connections_open").await == 0.0
+    })
+    .await;
+    drop(dead);
     node.stop().await;
 }
 
