@@ -1,7 +1,7 @@
 //! Node configuration: one documented struct, read from flags, `SHARDCAST_*` environment variables
 //! and an optional TOML file, in that order of precedence, then checked as a whole.
 //!
-//! Every setting arrives as text and is parsed in [`Settings::resolve`], so a bad configuration is
+//! Every setting arrives as text and is parsed in [`Args::resolve`], so a bad configuration is
 //! reported with every offending setting named at once, before any port is bound.
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
@@ -42,11 +42,11 @@ pub struct Args {
     #[arg(long, env = "SHARDCAST_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Prefix of room channels: <prefix><room>:shard<N>. [default: ws:room:]
+    /// Prefix of room channels: `<prefix><room>:shard<N>`. [default: ws:room:]
     #[arg(long, env = "SHARDCAST_CHANNEL_PREFIX")]
     pub channel_prefix: Option<String>,
 
-    /// Prefix of per-user direct-message channels: <prefix><user>. [default: ws:user:]
+    /// Prefix of per-user direct-message channels: `<prefix><user>`. [default: ws:user:]
     #[arg(long, env = "SHARDCAST_USER_CHANNEL_PREFIX")]
     pub user_channel_prefix: Option<String>,
 

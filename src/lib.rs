@@ -5,12 +5,14 @@
 //!
 //! # Layout
 //! - [`config`]: settings, their defaults and validation.
-//! - [`server`]: HTTP and WebSocket routes on one listener.
-//! - [`session`]: one socket: reader, writer, commands.
-//! - [`frame`]: client frames in JSON and MessagePack; [`envelope`]: the bus envelope.
+//! - [`http`]: the HTTP/1.1 accept loop; [`server`]: HTTP and WebSocket routes on one listener;
+//!   [`upgrade`]: the WebSocket handshake, handing the TCP socket over.
+//! - [`session`]: one socket: reader, commands, pings, congested writes and closes.
+//! - [`frame`]: client frames in JSON and MessagePack; [`wire`]: server frames as bytes on the wire;
+//!   [`envelope`]: the bus envelope.
 //! - [`names`]: what a room or user name may be; [`close`]: close and error codes.
 //! - [`auth`]: tokens and what they grant.
-//! - [`gate`]: the per-socket byte budget.
+//! - [`gate`]: the per-socket queue, its byte budget and its non-blocking writes.
 //! - [`hub`]: local sockets and topics, fan-out.
 //! - [`interest`]: subscribe on first member, unsubscribe after the last.
 //! - [`bus`]: the seam to other nodes: [`bus::redis`] (Redis Cluster) and [`bus::memory`] (embedded).

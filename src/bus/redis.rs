@@ -1,7 +1,7 @@
 //! The Redis Cluster bus: sharded pub/sub only (SPUBLISH, SSUBSCRIBE, SUNSUBSCRIBE).
 //!
 //! # One link per master
-//! The node keeps one [`Link`] per cluster master: a publishing and a subscribing connection (two
+//! The node keeps one `Link` per cluster master: a publishing and a subscribing connection (two
 //! fred clients in centralized mode), so its Redis connections are bounded by the number of masters,
 //! whatever the number of rooms or shards. The bus routes each channel to its slot's master itself,
 //! from `CLUSTER SLOTS` read through any live link.
