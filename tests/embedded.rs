@@ -266,10 +266,17 @@ async fn a_dead_client_behind_a_full_socket_is_closed_on_time() {
             .send(json!({"op":"pub","room":"r","data":[seq, filler]}))
             .await;
     }
-    common::eventually("the dead client's queue to back up", || async {
-        gauge(&node, "shardcast_outbound_queued_bytes").await > 1e6
-    })
-    .await;
+    // The dead client keeps talking (never reading) until its queue has backed up, however long
+    // the node takes with the flood; from then on it is silent.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while gauge(&node, "shardcast_outbound_queued_bytes").await <= 1e6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead client's queue never backed up"
+        );
+        dead.send(json!({"op":"ping"})).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     // Neither client reads: both are closed as idle, the dead one with its socket still full.
     common::eventually("both sessions to end", || async {
         gauge(&node, "shardcast_connections_open").await == 0.0
