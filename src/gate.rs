@@ -310,10 +310,6 @@ impl Gate {
         }
     }
 
-    pub fn is_overflowed(&self) -> bool {
-        matches!(self.lock().status, Status::Overflowed)
-    }
-
     /// Bytes counted against the budget now.
     pub fn queued(&self) -> usize {
         self.lock().queued
@@ -407,7 +403,7 @@ mod tests {
         gate.flush();
         assert_eq!(gate.queued(), 80);
         assert_eq!(gate.push(frame(3, 30)), Push::Overflow);
-        assert!(gate.is_overflowed());
+        assert!(matches!(gate.lock().status, Status::Overflowed));
         assert_eq!(gate.queued(), 0, "the queue is freed");
         assert_eq!(gate.push(frame(4, 1)), Push::Closed);
         assert_eq!(gate.next().await, Next::Overflow);

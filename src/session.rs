@@ -46,7 +46,7 @@ use crate::{
 /// many mostly idle ones whose frames are pongs and small commands, and tungstenite allocates this
 /// per socket up front (and zero-fills its free part on every read). A larger frame still arrives
 /// whole: tungstenite reserves its full length and reads it in chunks of this size.
-pub const READ_BUFFER_BYTES: usize = 256;
+const READ_BUFFER_BYTES: usize = 256;
 
 /// The socket as tungstenite sees it: it reads the client's frames from the read half, and what it
 /// writes by itself (pongs, the answer to a client's close) goes through the gate, in order with
