@@ -91,9 +91,14 @@ struct State {
 }
 
 impl State {
-    /// Writes queued frames until the queue is empty (`Ok(true)`) or the kernel takes no more.
+    /// Writes queued frames until the queue is empty (`Ok(true)`) or the kernel takes no more
+    /// (`Ok(false)`). A failed write means the connection is gone: the gate breaks and its queue
+    /// is freed, whoever was writing.
     fn write(&mut self, outlet: &dyn Outlet) -> io::Result<bool> {
-        while !self.frames.is_empty() {
+        let failed = loop {
+            if self.frames.is_empty() {
+                return Ok(true);
+            }
             let result = {
                 let mut slices = [IoSlice::new(&[]); MAX_SLICES];
                 let n = self.frames.len().min(MAX_SLICES);
@@ -103,14 +108,16 @@ impl State {
                 outlet.try_write_vectored(&slices[..n])
             };
             match result {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(0) => break io::ErrorKind::WriteZero.into(),
                 Ok(written) => self.consume(written),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => break e,
             }
-        }
-        Ok(true)
+        };
+        self.status = Status::Broken;
+        self.free();
+        Err(failed)
     }
 
     fn consume(&mut self, mut written: usize) {
@@ -227,10 +234,8 @@ impl Gate {
         match st.write(outlet.as_ref()) {
             Ok(true) => return,
             Ok(false) => st.congested = true,
-            Err(_) => {
-                st.status = Status::Broken;
-                st.free();
-            }
+            // Broken: the writer ends the session.
+            Err(_) => {}
         }
         drop(st);
         self.notify.notify_one();
@@ -279,11 +284,7 @@ impl Gate {
                     return Ok(());
                 }
                 Ok(false) => {}
-                Err(e) => {
-                    st.status = Status::Broken;
-                    st.free();
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             }
         }
     }
