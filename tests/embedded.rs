@@ -223,9 +223,10 @@ async fn a_reader_that_pauses_gets_everything_once_it_reads_again() {
             .send(json!({"op":"pub","room":"r","data":[seq, filler]}))
             .await;
     }
-    let queued = || gauge(&node, "shardcast_outbound_queued_bytes");
+    let metrics = node.url("/metrics");
+    let queued = || common::metric(&metrics, "shardcast_outbound_queued_bytes");
     common::eventually("the paused reader's queue to back up", || async {
-        queued().await > 1e6
+        queued().await > Some(1e6)
     })
     .await;
     for seq in 0..MESSAGES {
@@ -233,17 +234,8 @@ async fn a_reader_that_pauses_gets_everything_once_it_reads_again() {
         assert_eq!(msg["data"][0], seq);
         assert_eq!(msg["data"][1].as_str().map(str::len), Some(filler.len()));
     }
-    common::eventually("the queue to empty", || async { queued().await == 0.0 }).await;
+    common::eventually("the queue to empty", || async { queued().await == Some(0.0) }).await;
     node.stop().await;
-}
-
-/// A gauge's value from the node's `/metrics` (0 when absent).
-async fn gauge(node: &Node, name: &str) -> f64 {
-    let text = reqwest::get(node.url("/metrics")).await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// A dead client behind a full socket (it neither reads nor answers pings) is still closed on its
@@ -269,7 +261,8 @@ async fn a_dead_client_behind_a_full_socket_is_closed_on_time() {
     // The dead client keeps talking (never reading) until its queue has backed up, however long
     // the node takes with the flood; from then on it is silent.
     let deadline = std::time::Instant::now() + common::WAIT;
-    while gauge(&node, "shardcast_outbound_queued_bytes").await <= 1e6 {
+    let metrics = node.url("/metrics");
+    while common::metric(&metrics, "shardcast_outbound_queued_bytes").await <= Some(1e6) {
         assert!(
             std::time::Instant::now() < deadline,
             "the dead client's queue never backed up"
@@ -279,7 +272,7 @@ async fn a_dead_client_behind_a_full_socket_is_closed_on_time() {
     }
     // Neither client reads: both are closed as idle, the dead one with its socket still full.
     common::eventually("both sessions to end", || async {
-        gauge(&node, "shardcast_connections_open").await == 0.0
+        common::metric(&metrics, "shardcast_connections_open").await == Some(0.0)
     })
     .await;
     drop(dead);

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, status, Client, Cluster, Process};
+use common::{eventually, metric, status, Client, Cluster, Process};
 use serde_json::json;
 
 fn proc_status(pid: u32, key: &str) -> u64 {
@@ -87,8 +87,7 @@ async fn churn_leaves_rss_and_open_files_flat() {
     .await;
     let metrics = node.url("/metrics");
     eventually("no connection left open", || async {
-        let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
-        text.lines().any(|l| l == "shardcast_connections_open 0")
+        metric(&metrics, "shardcast_connections_open").await == Some(0.0)
     })
     .await;
     assert!(open_files(pid) <= fds0, "sockets left open");

@@ -471,3 +471,11 @@ pub async fn status(url: &str) -> u16 {
         .map(|r| r.status().as_u16())
         .unwrap_or(0)
 }
+
+/// A metric's value from a node's `/metrics` page (`metrics_url`), `None` when it is not there.
+pub async fn metric(metrics_url: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(metrics_url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
