@@ -3,6 +3,7 @@
 //! memory. Every phase has a deadline, so a run always ends by itself.
 
 mod conn;
+mod floor;
 mod procfs;
 mod report;
 mod soak;
@@ -46,6 +47,9 @@ enum Scenario {
     /// Steady publishing with churn of reconnects and joins; samples the nodes' RSS and open files
     /// (give --pid) and says whether they stayed flat after warm-up.
     Soak,
+    /// No node: what this machine's kernel charges for loopback writes of --frames-per-write
+    /// frames of --payload-bytes to --clients sockets, the floor under a node's CPU per frame.
+    Floor,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -130,6 +134,12 @@ struct Args {
     /// soak: seconds between samples of the nodes' RSS and open files.
     #[arg(long, default_value_t = 5.0)]
     sample_every: f64,
+    /// floor: frames per write to measure, each for --duration seconds.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    frames_per_write: Vec<usize>,
+    /// floor: milliseconds between two writes to the same socket.
+    #[arg(long, default_value_t = 20.0)]
+    window_ms: f64,
 }
 
 /// The whole run's connections and who publishes to whom.
@@ -149,13 +159,13 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
         Scenario::Stadium | Scenario::Dm => 2000,
         Scenario::Chat => 10_000,
         Scenario::Idle => 18_000,
-        Scenario::Soak => 1000,
+        Scenario::Soak | Scenario::Floor => 1000,
     });
     let rate = args.rate.unwrap_or(match args.scenario {
         Scenario::Stadium => 200.0,
         Scenario::Chat => 2000.0,
         Scenario::Dm => 1000.0,
-        Scenario::Idle => 0.0,
+        Scenario::Idle | Scenario::Floor => 0.0,
         Scenario::Soak => 500.0,
     });
     if args.scenario != Scenario::Idle && !(rate > 0.0 && rate.is_finite()) {
@@ -269,7 +279,7 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
                 specs.push(base(i, i, format!("{pre}-u{i}")));
             }
         }
-        Scenario::Soak => bail!("the soak scenario has its own runner"),
+        Scenario::Soak | Scenario::Floor => bail!("the {:?} scenario has its own runner", args.scenario),
     }
     Ok(Plan { specs, fan, rate })
 }
@@ -546,7 +556,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // Every connection is a file: take the hard limit.
     let files = rlimit::increase_nofile_limit(u64::MAX).context("raising the open-files limit")?;
-    let needed = args.clients.unwrap_or(18_000) as u64 + args.publishers as u64 + 64;
+    let needed = match args.scenario {
+        // Both ends of every socket are in this process.
+        Scenario::Floor => 2 * args.clients.unwrap_or(1000) as u64,
+        _ => args.clients.unwrap_or(18_000) as u64 + args.publishers as u64,
+    } + 64;
     if files < needed {
         eprintln!("warning: open-files limit {files} may be too low for this run");
     }
@@ -557,6 +571,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let (json_text, table) = if args.scenario == Scenario::Soak {
         let report = runtime.block_on(soak_run(&args))?;
+        (serde_json::to_string_pretty(&report)?, report.table())
+    } else if args.scenario == Scenario::Floor {
+        let report = runtime.block_on(floor::run(floor_plan(&args)?))?;
         (serde_json::to_string_pretty(&report)?, report.table())
     } else {
         let report = runtime.block_on(run(args))?;
@@ -570,6 +587,19 @@ fn main() -> anyhow::Result<()> {
         print!("{table}");
     }
     Ok(())
+}
+
+fn floor_plan(args: &Args) -> anyhow::Result<floor::Plan> {
+    if !(args.window_ms > 0.0 && args.window_ms.is_finite()) {
+        bail!("--window-ms must be positive");
+    }
+    Ok(floor::Plan {
+        sockets: args.clients.unwrap_or(1000),
+        frame_bytes: args.payload_bytes,
+        frames_per_write: args.frames_per_write.clone(),
+        window: Duration::from_secs_f64(args.window_ms / 1e3),
+        duration: Duration::from_secs_f64(args.duration.max(0.1)),
+    })
 }
 
 async fn soak_run(args: &Args) -> anyhow::Result<soak::SoakReport> {
