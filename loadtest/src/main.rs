@@ -154,13 +154,18 @@ fn period(publishers: usize, rate: f64) -> Duration {
     Duration::from_secs_f64(publishers as f64 / rate)
 }
 
-fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
-    let clients = args.clients.unwrap_or(match args.scenario {
+/// `--clients`, or the scenario's default.
+fn clients(args: &Args) -> usize {
+    args.clients.unwrap_or(match args.scenario {
         Scenario::Stadium | Scenario::Dm => 2000,
         Scenario::Chat => 10_000,
         Scenario::Idle => 18_000,
         Scenario::Soak | Scenario::Floor => 1000,
-    });
+    })
+}
+
+fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
+    let clients = clients(args);
     let rate = args.rate.unwrap_or(match args.scenario {
         Scenario::Stadium => 200.0,
         Scenario::Chat => 2000.0,
@@ -558,8 +563,8 @@ fn main() -> anyhow::Result<()> {
     let files = rlimit::increase_nofile_limit(u64::MAX).context("raising the open-files limit")?;
     let needed = match args.scenario {
         // Both ends of every socket are in this process.
-        Scenario::Floor => 2 * args.clients.unwrap_or(1000) as u64,
-        _ => args.clients.unwrap_or(18_000) as u64 + args.publishers as u64,
+        Scenario::Floor => 2 * clients(&args) as u64,
+        _ => clients(&args) as u64 + args.publishers as u64,
     } + 64;
     if files < needed {
         eprintln!("warning: open-files limit {files} may be too low for this run");
@@ -590,15 +595,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn floor_plan(args: &Args) -> anyhow::Result<floor::Plan> {
-    if !(args.window_ms > 0.0 && args.window_ms.is_finite()) {
-        bail!("--window-ms must be positive");
-    }
+    // A zero window is refused by the floor itself; these refuse what is not a duration at all.
+    let window = Duration::try_from_secs_f64(args.window_ms / 1e3).context("--window-ms")?;
+    let duration = Duration::try_from_secs_f64(args.duration.max(0.1)).context("--duration")?;
     Ok(floor::Plan {
-        sockets: args.clients.unwrap_or(1000),
+        sockets: clients(args),
         frame_bytes: args.payload_bytes,
         frames_per_write: args.frames_per_write.clone(),
-        window: Duration::from_secs_f64(args.window_ms / 1e3),
-        duration: Duration::from_secs_f64(args.duration.max(0.1)),
+        window,
+        duration,
     })
 }
 
@@ -612,7 +617,7 @@ async fn soak_run(args: &Args) -> anyhow::Result<soak::SoakReport> {
     soak::run(soak::Plan {
         nodes,
         source_addrs: args.source_addrs,
-        clients: args.clients.unwrap_or(1000).max(1),
+        clients: clients(args).max(1),
         rooms: args.rooms.max(1),
         rate: args.rate.unwrap_or(500.0).max(0.001),
         churn_per_sec: args.churn_per_sec.max(0.001),
@@ -632,6 +637,20 @@ mod tests {
 
     fn args(line: &str) -> Args {
         Args::parse_from(line.split_whitespace())
+    }
+
+    #[test]
+    fn floor_plan_takes_the_defaults_and_refuses_what_is_no_duration() {
+        let p = floor_plan(&args("lt floor --duration 2")).unwrap();
+        assert_eq!((p.sockets, p.frame_bytes), (1000, 128));
+        assert_eq!(p.frames_per_write, vec![1, 2, 4, 8, 16]);
+        assert_eq!(
+            (p.window, p.duration),
+            (Duration::from_millis(20), Duration::from_secs(2))
+        );
+        assert!(floor_plan(&args("lt floor --window-ms=-1")).is_err());
+        assert!(floor_plan(&args("lt floor --window-ms NaN")).is_err());
+        assert!(floor_plan(&args("lt floor --duration inf")).is_err());
     }
 
     #[test]
