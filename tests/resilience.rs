@@ -73,6 +73,7 @@ async fn redis_down_at_start_and_mid_run_then_back() {
     let mut cfg = config(None, "down");
     cfg.redis = vec![format!("redis://127.0.0.1:{}", ports[0])];
     cfg.join_timeout = Duration::from_secs(1);
+    let a_inbox = format!("{}a", cfg.user_channel_prefix);
     let node = Node::start_unready(cfg).await;
     assert_eq!(status(&node.url("/readyz")).await, 503);
     // Still serving: sockets connect; joins and publishes fail visibly.
@@ -95,7 +96,12 @@ async fn redis_down_at_start_and_mid_run_then_back() {
     eventually("ready once Redis is up", || async { status(&ready).await == 200 }).await;
     a.join("r").await;
     let mut b = Client::connect(&node.ws("?user=b")).await;
-    // a's inbox, wanted since it connected, was subscribed by the retry: DMs reach it.
+    // a's inbox, wanted since it connected, is subscribed by the retry (every second, so possibly
+    // after the room's join above, which subscribes at once): then DMs reach it.
+    eventually("a's inbox subscribed by the retry", || async {
+        cluster.shard_channels(&a_inbox) == [a_inbox.clone()]
+    })
+    .await;
     assert_eq!(b.request(json!({"op":"dm","to":"a","data":"hi"})).await["op"], "ok");
     assert_eq!(a.recv().await.unwrap(), json!({"op":"dm","from":"b","data":"hi"}));
     b.publish("r", json!(1)).await;
