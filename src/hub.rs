@@ -11,7 +11,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -164,11 +164,13 @@ impl Hub {
         let Some(rx) = self.enter(&topic, id)? else {
             return Ok(());
         };
+        let asked = Instant::now();
         let outcome = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(JoinError::Closed),
             Err(_) => Err(JoinError::Timeout(timeout)),
         };
+        m::join_waited(asked.elapsed());
         if outcome.is_err() {
             self.leave(&topic, id);
         }

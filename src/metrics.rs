@@ -23,6 +23,7 @@ pub const CONNECTIONS_CLOSED: &str = "shardcast_connections_closed_total";
 pub const ROOMS_LOCAL: &str = "shardcast_rooms_local";
 pub const TOPICS_LOCAL: &str = "shardcast_topics_local";
 pub const SUBSCRIPTIONS: &str = "shardcast_channel_subscriptions";
+pub const JOIN_WAIT: &str = "shardcast_join_wait_seconds";
 // Messages.
 pub const PUBLISHED: &str = "shardcast_messages_published_total";
 pub const BUS_RECEIVED: &str = "shardcast_bus_messages_received_total";
@@ -44,18 +45,19 @@ pub const BUS_RESUBSCRIPTIONS: &str = "shardcast_bus_resubscriptions_total";
 pub const BAD_FRAMES: &str = "shardcast_bad_frames_total";
 pub const AUTH_FAILURES: &str = "shardcast_auth_failures_total";
 
+/// Buckets of the histograms in seconds.
+const SECONDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
 /// The process-wide recorder, installed on first use (several nodes in one test process share it).
 pub fn handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full(LATENCY.into()),
-                    &[
-                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    ],
-                )
+                .set_buckets_for_metric(Matcher::Full(LATENCY.into()), SECONDS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOIN_WAIT.into()), SECONDS))
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(QUEUE_DEPTH.into()),
@@ -228,6 +230,11 @@ pub fn describe() {
         Unit::Seconds,
         "Time from publish (envelope timestamp) to fan-out on this node."
     );
+    describe_histogram!(
+        JOIN_WAIT,
+        Unit::Seconds,
+        "Time a join (a room, or a new socket's inbox) waited for its channels to be subscribed."
+    );
     describe_counter!(
         SLOW_CONSUMER_DROPS,
         Unit::Count,
@@ -312,6 +319,12 @@ pub fn describe() {
     // Registering a histogram renders it with empty buckets.
     let _ = histogram!(LATENCY);
     let _ = histogram!(QUEUE_DEPTH);
+    let _ = histogram!(JOIN_WAIT);
+}
+
+/// A join that waited for its subscription, however it ended.
+pub fn join_waited(waited: std::time::Duration) {
+    histogram!(JOIN_WAIT).record(waited.as_secs_f64());
 }
 
 pub fn connection_opened() {

@@ -384,7 +384,7 @@ async fn dashboards_query_what_nodes_export() {
         .iter()
         .map(|n| format!("\n{n} "))
         .collect();
-        want.extend([m::LATENCY, m::QUEUE_DEPTH].map(|h| format!("\n{h}_count ")));
+        want.extend([m::LATENCY, m::QUEUE_DEPTH, m::JOIN_WAIT].map(|h| format!("\n{h}_count ")));
         let labeled = [
             (
                 m::CONNECTIONS_CLOSED,
