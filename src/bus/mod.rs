@@ -7,6 +7,7 @@
 
 pub mod memory;
 pub mod redis;
+mod tracked;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 

@@ -25,7 +25,7 @@
 //! the command timeout; a link that misses it is rebuilt and `/readyz` reports 503 until it is back.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, RwLock,
@@ -45,7 +45,7 @@ use futures_util::future::join_all;
 use tokio::sync::{broadcast::error::RecvError, Notify};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{BusError, Dispatch};
+use super::{tracked::Tracked, BusError, Dispatch};
 use crate::metrics as m;
 
 /// How often the reconciler re-reads the cluster topology; faster while something is broken, so
@@ -117,16 +117,6 @@ impl Routes {
             complete: false,
         }
     }
-}
-
-#[derive(Default)]
-struct Tracked {
-    by_slot: HashMap<u16, HashSet<String>>,
-    /// The master each slot's channels were last subscribed on.
-    owner: HashMap<u16, Server>,
-    /// Slots to subscribe again (their connection was rebuilt or a command failed).
-    stale: HashSet<u16>,
-    channels: usize,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
@@ -268,8 +258,8 @@ impl RedisBus {
     /// Subscribes every topic's channels in one round: grouped by slot, one SSUBSCRIBE per slot,
     /// all asked at once (fred sends a connection's SSUBSCRIBEs one reply after another; measured
     /// on a loaded node, rounds of about 150 new inboxes over 3 masters took 25 us per inbox, and
-    /// sending them pipelined as plain commands was no faster). One result per topic: a topic fails when any of its slots did, so a dead master
-    /// fails only the topics with channels on it.
+    /// sending them pipelined as plain commands was no faster). One result per topic: a topic
+    /// fails when any of its slots did, so a dead master fails only the topics with channels on it.
     pub async fn subscribe(&self, topics: &[Vec<String>]) -> Vec<Result<(), BusError>> {
         let _op = self.inner.ops.lock().await;
         let mut failed: HashMap<u16, BusError> = HashMap::new();
@@ -290,18 +280,11 @@ impl RedisBus {
             let mut t = lock(&self.inner.tracked);
             for (slot, group, server, r) in results {
                 match r {
-                    Ok(()) => {
-                        let set = t.by_slot.entry(slot).or_default();
-                        let before = set.len();
-                        set.extend(group);
-                        let added = set.len() - before;
-                        t.channels += added;
-                        t.owner.insert(slot, server);
-                    }
+                    Ok(()) => t.add(slot, group, &server),
                     Err(e) => drop(failed.insert(slot, unavailable(e))),
                 }
             }
-            m::subscriptions(t.channels);
+            m::subscriptions(t.len());
         }
         topics
             .iter()
@@ -321,26 +304,11 @@ impl RedisBus {
         {
             let mut t = lock(&self.inner.tracked);
             for (slot, group) in groups {
-                let Some(set) = t.by_slot.get_mut(&slot) else { continue };
-                let before = set.len();
-                for c in &group {
-                    set.remove(c);
-                }
-                let removed = before - set.len();
-                let empty = set.is_empty();
-                t.channels -= removed;
-                let owner = if empty {
-                    t.by_slot.remove(&slot);
-                    t.stale.remove(&slot);
-                    t.owner.remove(&slot)
-                } else {
-                    t.owner.get(&slot).cloned()
-                };
-                if let Some(owner) = owner {
+                if let Some(owner) = t.remove(slot, &group) {
                     work.push((owner, group));
                 }
             }
-            m::subscriptions(t.channels);
+            m::subscriptions(t.len());
         }
         // Untracked first: if the owner is unreachable its subscriptions die with the connection.
         let links: Vec<_> = work
@@ -390,7 +358,7 @@ impl Inner {
                 l.publisher.is_connected() && l.subscriber.is_connected() && l.alive.load(Ordering::Relaxed)
             })
         });
-        linked && lock(&self.tracked).stale.is_empty()
+        linked && lock(&self.tracked).settled()
     }
 
     fn now_ms(&self) -> u64 {
@@ -594,10 +562,7 @@ async fn watch_link(
                 Ok(_) | Err(RecvError::Lagged(_)) => {
                     m::bus_reconnect();
                     tracing::info!(server = %link.server, "Redis connection rebuilt; resubscribing its slots");
-                    let mut t = lock(&bus.tracked);
-                    let slots: Vec<u16> = t.owner.iter().filter(|(_, o)| **o == link.server).map(|(s, _)| *s).collect();
-                    t.stale.extend(slots);
-                    drop(t);
+                    lock(&bus.tracked).mark_stale(&link.server);
                     // Its probe subscription died with the connection too.
                     *lock(&link.probe) = None;
                     bus.wake.notify_one();
@@ -642,17 +607,10 @@ async fn reconcile(bus: Arc<Inner>) {
 async fn resubscribe_moved(bus: &Inner) {
     let _op = bus.ops.lock().await;
     let work: Vec<(u16, Vec<String>, Arc<Link>)> = {
-        let routes = read(&bus.routes);
+        let work = lock(&bus.tracked).to_resubscribe(&read(&bus.routes).by_slot);
         let links = lock(&bus.links);
-        let t = lock(&bus.tracked);
-        t.by_slot
-            .iter()
-            .filter_map(|(slot, channels)| {
-                let now = routes.by_slot[*slot as usize].as_ref()?;
-                let moved = Some(now) != t.owner.get(slot);
-                let link = links.get(now)?.clone();
-                (moved || t.stale.contains(slot)).then(|| (*slot, channels.iter().cloned().collect(), link))
-            })
+        work.into_iter()
+            .filter_map(|(slot, channels, server)| Some((slot, channels, links.get(&server)?.clone())))
             .collect()
     };
     if work.is_empty() {
@@ -668,14 +626,13 @@ async fn resubscribe_moved(bus: &Inner) {
     for (slot, n, server, r) in results {
         match r {
             Ok(()) => {
-                t.stale.remove(&slot);
+                t.resubscribed(slot, &server);
                 tracing::info!(slot, %server, channels = n, "resubscribed");
-                t.owner.insert(slot, server);
                 m::resubscribed(n);
             }
             Err(e) => {
                 tracing::warn!(slot, error = %e, "resubscription failed; retrying");
-                t.stale.insert(slot);
+                t.failed(slot);
             }
         }
     }
