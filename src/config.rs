@@ -98,9 +98,10 @@ pub struct Args {
     #[arg(long, env = "SHARDCAST_REDIS_TIMEOUT")]
     pub redis_timeout: Option<String>,
 
-    /// How long a delivery worker gathers messages before writing them out, so one write per socket
-    /// carries every frame of the window; trades latency for CPU under heavy fan-out. 0 writes what
-    /// each batch (whatever waited in the worker's queue) queued as soon as it is delivered.
+    /// Writes each socket at most once per this period, so one write carries every frame the
+    /// socket got meanwhile; a frame waits at most this long. Sockets take turns over the period, so
+    /// the writes go out evenly. Trades latency for CPU under heavy fan-out; at most 1s. 0 writes
+    /// what each batch (whatever waited in the worker's queue) queued as soon as it is delivered.
     /// [default: 0ms]
     #[arg(long, env = "SHARDCAST_WRITE_COALESCE")]
     pub write_coalesce: Option<String>,
@@ -360,6 +361,12 @@ impl Args {
                 Err(e) => errors.push(bad("allowed-origins", &raw, e)),
             }
         }
+        if c.write_coalesce > MAX_WRITE_COALESCE {
+            errors.push(format!(
+                "--write-coalesce ({:?}) must be at most {MAX_WRITE_COALESCE:?}: a frame may wait that long",
+                c.write_coalesce
+            ));
+        }
         if c.idle_timeout <= c.ping_interval {
             errors.push(format!(
                 "--idle-timeout ({:?}) must be longer than --ping-interval ({:?})",
@@ -373,6 +380,10 @@ impl Args {
         }
     }
 }
+
+/// The longest `--write-coalesce`: it is latency added to messages, and past a second a live feed
+/// is no longer live.
+const MAX_WRITE_COALESCE: Duration = Duration::from_secs(1);
 
 fn bad(flag: &str, raw: &str, e: String) -> String {
     format!("--{flag} {raw:?}: {e}")
@@ -551,6 +562,8 @@ mod tests {
             "0s",
             "--redis",
             "http://x",
+            "--write-coalesce",
+            "5s",
         ])
         .unwrap_err();
         let text = err.to_string();
@@ -561,10 +574,11 @@ mod tests {
             "--hot-room",
             "--close-grace",
             "--redis",
+            "--write-coalesce",
         ] {
             assert!(text.contains(name), "{name} missing from: {text}");
         }
-        assert_eq!(err.0.len(), 6, "{text}");
+        assert_eq!(err.0.len(), 7, "{text}");
     }
 
     #[test]
