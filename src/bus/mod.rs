@@ -358,7 +358,9 @@ mod tests {
                 gate,
                 encoding: Encoding::Json,
             });
-            hub.join(Topic::Room("r".into()), id, Duration::from_secs(1)).await.unwrap();
+            hub.join(Topic::Room("r".into()), id, Duration::from_secs(1))
+                .await
+                .unwrap();
             sockets.push(socket);
         }
         // Two workers feed the same sockets (a room's shards on both), taking turns.
@@ -412,7 +414,10 @@ mod tests {
             // 500 ms of messages 5 ms apart: about 8 frames per write.
             assert!(writes.len() <= MESSAGES * gap.as_millis() as usize / every.as_millis() as usize + 2);
         }
-        assert!(phases.len() > 1, "the sockets' writes are spread over the period: {phases:?}");
+        assert!(
+            phases.len() > 1,
+            "the sockets' writes are spread over the period: {phases:?}"
+        );
     }
 
     #[test]
