@@ -59,7 +59,8 @@ const PROBE_WHEN_QUIET: Duration = Duration::from_secs(1);
 /// subscribing client gets a large one.
 const MESSAGE_BUFFER: usize = 8192;
 const EVENT_BUFFER: usize = 64;
-const SLOTS: usize = 16384;
+/// Hash slots of a Redis Cluster.
+pub(super) const SLOTS: usize = 16384;
 
 pub struct RedisBus {
     inner: Arc<Inner>,

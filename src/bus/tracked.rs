@@ -10,7 +10,7 @@ use std::collections::HashSet;
 
 use fred::{prelude::Server, util::redis_keyslot};
 
-const SLOTS: usize = 16384;
+use super::redis::SLOTS;
 /// No master: the slot has no channels.
 const NONE: u32 = u32::MAX;
 
