@@ -99,19 +99,9 @@ impl State {
             if self.frames.is_empty() {
                 return Ok(true);
             }
-            let result = {
-                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-                let n = self.frames.len().min(MAX_SLICES);
-                for (slice, frame) in slices.iter_mut().zip(&self.frames) {
-                    *slice = IoSlice::new(frame);
-                }
-                outlet.try_write_vectored(&slices[..n])
-            };
-            match result {
-                Ok(0) => break io::ErrorKind::WriteZero.into(),
-                Ok(written) => self.consume(written),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            match writev(outlet, self.frames.iter()) {
+                Ok(Some(written)) => self.consume(written),
+                Ok(None) => return Ok(false),
                 Err(e) => break e,
             }
         };
@@ -144,6 +134,47 @@ impl State {
             self.frames.push_back(head);
         }
     }
+}
+
+/// One non-blocking `writev` of up to [`MAX_SLICES`] frames (at least one): the bytes the kernel
+/// took, or `None` when it takes nothing now.
+fn writev<'a>(outlet: &dyn Outlet, frames: impl Iterator<Item = &'a Bytes>) -> io::Result<Option<usize>> {
+    let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+    let mut n = 0;
+    for (slice, frame) in slices.iter_mut().zip(frames) {
+        *slice = IoSlice::new(frame);
+        n += 1;
+    }
+    loop {
+        match outlet.try_write_vectored(&slices[..n]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => return Ok(Some(written)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes `frames` (none queued before them) without waiting, as far as the kernel takes them:
+/// how many went whole, and how many bytes of the next one.
+fn write_direct(outlet: &dyn Outlet, frames: &[Bytes]) -> io::Result<(usize, usize)> {
+    let mut whole = 0;
+    while whole < frames.len() {
+        let batch = (frames.len() - whole).min(MAX_SLICES);
+        let Some(mut written) = writev(outlet, frames[whole..].iter())? else {
+            break;
+        };
+        let end = whole + batch;
+        while whole < end && written >= frames[whole].len() {
+            written -= frames[whole].len();
+            whole += 1;
+        }
+        if whole < end {
+            return Ok((whole, written));
+        }
+    }
+    Ok((whole, 0))
 }
 
 impl std::fmt::Debug for Gate {
@@ -210,6 +241,74 @@ impl Gate {
         Push::Queued {
             flush: st.frames.len() == 1 && !st.congested,
         }
+    }
+
+    /// Hands a socket its turn's frames and writes them at once: the paced writer's path, one lock
+    /// and one `writev` straight from the shared frames when nothing else waits, so frames the
+    /// kernel takes are never queued. What it does not take is queued and counted as
+    /// [`Gate::push`] would (the writer finishes it when the socket is writable); past the budget
+    /// the gate overflows. Behind other queued frames, or before the socket is attached, the
+    /// frames join the queue and the queue is written.
+    pub fn write_through(&self, frames: &[Bytes]) -> Push {
+        let mut st = self.lock();
+        if !matches!(st.status, Status::Open) {
+            return Push::Closed;
+        }
+        let outlet = self.outlet.get();
+        let mut rest = frames;
+        let mut offset = 0;
+        let mut kernel_full = false;
+        if let Some(outlet) = outlet.filter(|_| st.frames.is_empty() && !st.congested) {
+            match write_direct(outlet.as_ref(), frames) {
+                Ok((whole, partial)) => {
+                    rest = &frames[whole..];
+                    offset = partial;
+                    kernel_full = !rest.is_empty();
+                }
+                Err(_) => {
+                    st.status = Status::Broken;
+                    st.free();
+                    drop(st);
+                    self.notify.notify_one();
+                    return Push::Closed;
+                }
+            }
+        }
+        for (i, frame) in rest.iter().enumerate() {
+            let mut frame = frame.clone();
+            if i == 0 && offset > 0 {
+                frame.advance(offset);
+                st.partial = true;
+            }
+            if st.queued + frame.len() > self.budget {
+                st.status = Status::Overflowed;
+                st.free();
+                drop(st);
+                self.notify.notify_one();
+                return Push::Overflow;
+            }
+            st.queued += frame.len();
+            st.frames.push_back(frame);
+        }
+        if kernel_full {
+            st.congested = true;
+        } else if let Some(outlet) = outlet.filter(|_| !st.congested && !st.frames.is_empty()) {
+            match st.write(outlet.as_ref()) {
+                Ok(true) => {}
+                Ok(false) => st.congested = true,
+                Err(_) => {
+                    drop(st);
+                    self.notify.notify_one();
+                    return Push::Closed;
+                }
+            }
+        }
+        let wake = st.congested;
+        drop(st);
+        if wake {
+            self.notify.notify_one();
+        }
+        Push::Queued { flush: false }
     }
 
     /// Queues a frame and writes the queue now: for a session's own replies and pings.
@@ -459,6 +558,54 @@ mod tests {
         drain.await.unwrap();
         let expect: Vec<u8> = [frame(1, 40), frame(2, 40), frame(9, 4)].concat();
         assert_eq!(outlet.out(), expect, "whole frames, then the last one");
+    }
+
+    #[tokio::test]
+    async fn a_turn_is_written_straight_through_and_the_rest_queued_in_order() {
+        let gate = Gate::new(200);
+        let outlet = TestOutlet::with_room(50);
+        gate.attach(Box::new(outlet.clone()));
+        let turn = [frame(1, 40), frame(2, 40), frame(3, 40)];
+        assert_eq!(gate.write_through(&turn), Push::Queued { flush: false });
+        assert_eq!(outlet.0.lock().unwrap().writes, 1);
+        // 50 bytes went: frame 1 and a quarter of frame 2; the rest is counted.
+        assert_eq!(gate.queued(), 70);
+        assert_eq!(gate.next().await, Next::Congested);
+        // Behind the queue: the next turn joins it instead of writing.
+        assert_eq!(gate.write_through(&[frame(4, 20)]), Push::Queued { flush: false });
+        assert_eq!(outlet.0.lock().unwrap().writes, 1);
+        outlet.open(1000);
+        gate.drain().await.unwrap();
+        let expect: Vec<u8> = [frame(1, 40), frame(2, 40), frame(3, 40), frame(4, 20)].concat();
+        assert_eq!(outlet.out(), expect);
+        assert_eq!(gate.queued(), 0);
+        // Nothing waits any more: a whole turn goes in one write.
+        gate.write_through(&[frame(5, 10), frame(6, 10)]);
+        assert_eq!(outlet.0.lock().unwrap().writes, 3);
+        assert_eq!(gate.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_turn_the_kernel_leaves_past_the_budget_overflows_keeping_the_partly_written_frame() {
+        let gate = Gate::new(100);
+        let outlet = TestOutlet::with_room(10);
+        gate.attach(Box::new(outlet.clone()));
+        let turn = [frame(1, 60), frame(2, 60), frame(3, 60)];
+        assert_eq!(gate.write_through(&turn), Push::Overflow);
+        assert_eq!(gate.next().await, Next::Overflow);
+        assert_eq!(gate.queued(), 50, "the rest of frame 1 only");
+        assert_eq!(gate.write_through(&turn), Push::Closed);
+        // Not attached yet: a turn is queued, and written on attach.
+        let gate = Gate::new(100);
+        gate.write_through(&[frame(7, 5), frame(8, 5)]);
+        assert_eq!(gate.queued(), 10);
+        let outlet = TestOutlet::with_room(100);
+        gate.attach(Box::new(outlet.clone()));
+        assert_eq!(outlet.out(), [frame(7, 5), frame(8, 5)].concat());
+        // A failed write breaks the gate.
+        outlet.0.lock().unwrap().fail = true;
+        assert_eq!(gate.write_through(&[frame(9, 5)]), Push::Closed);
+        assert_eq!(gate.next().await, Next::Broken);
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
     time::{Duration, Instant},
 };
@@ -24,6 +24,7 @@ use crate::{
     frame::{broadcast_frame, Encoding},
     gate::{Gate, Push},
     metrics as m,
+    paced::{lane_of, Frames, Lanes, Recent, Scratch},
 };
 
 /// For maps keyed by client input (room and user names): random keys.
@@ -84,11 +85,46 @@ enum SubState {
     Subscribed,
 }
 
+/// A member of a topic.
+#[derive(Debug)]
+struct Seat {
+    member: Member,
+    /// With paced writes: the first frame number the socket gets (see [`crate::paced`]).
+    since: u64,
+}
+
 #[derive(Debug)]
 struct Entry {
-    members: IndexMap<SessionId, Member, MemberHasher>,
+    members: IndexMap<SessionId, Seat, MemberHasher>,
+    /// Members per encoding: the frames a paced topic builds for each message.
+    encodings: [u32; 2],
+    /// With paced writes: frames some lane has not had yet.
+    recent: Option<Box<Recent>>,
     state: SubState,
     waiters: Vec<oneshot::Sender<Result<(), JoinError>>>,
+}
+
+impl Entry {
+    /// Adds a member; one already in keeps the frames it has not had yet.
+    fn insert(&mut self, id: SessionId, member: Member, since: u64) {
+        let since = match self.members.get(&id) {
+            Some(old) => {
+                self.encodings[old.member.encoding.index()] -= 1;
+                old.since
+            }
+            None => since,
+        };
+        self.encodings[member.encoding.index()] += 1;
+        self.members.insert(id, Seat { member, since });
+    }
+
+    fn remove(&mut self, id: SessionId) -> bool {
+        let Some(seat) = self.members.swap_remove(&id) else {
+            return false;
+        };
+        self.encodings[seat.member.encoding.index()] -= 1;
+        true
+    }
 }
 
 /// A cheap handle on the registry.
@@ -102,6 +138,8 @@ struct Inner {
     sessions: DashMap<SessionId, Member, Hasher>,
     next_id: AtomicU64,
     interest: mpsc::UnboundedSender<Interest>,
+    /// Set when writes are paced: where joins read their first frame number.
+    lanes: OnceLock<Arc<Lanes>>,
 }
 
 /// What one [`Hub::deliver`] did.
@@ -123,6 +161,7 @@ impl Hub {
                 sessions: DashMap::with_hasher(Hasher::new()),
                 next_id: AtomicU64::new(1),
                 interest: tx,
+                lanes: OnceLock::new(),
             }),
         };
         (hub, rx)
@@ -195,10 +234,13 @@ impl Hub {
         let mut entry = self.inner.topics.entry(topic.clone()).or_insert_with(|| Entry {
             // Most topics are one user's inbox with one socket: start small, rooms grow as needed.
             members: IndexMap::with_capacity_and_hasher(1, MemberHasher::default()),
+            encodings: [0; 2],
+            recent: None,
             state: SubState::Unsubscribed,
             waiters: Vec::new(),
         });
-        entry.members.insert(id, member);
+        let since = self.inner.lanes.get().map_or(0, |l| l.next_seq());
+        entry.insert(id, member, since);
         if entry.state == SubState::Subscribed {
             return Ok(None);
         }
@@ -207,7 +249,7 @@ impl Hub {
         if entry.state == SubState::Unsubscribed {
             entry.state = SubState::Pending;
             if self.inner.interest.send(Interest::Want(topic.clone())).is_err() {
-                entry.members.swap_remove(&id);
+                entry.remove(id);
                 return Err(JoinError::Closed);
             }
         }
@@ -219,7 +261,7 @@ impl Hub {
         let Some(mut entry) = self.inner.topics.get_mut(topic) else {
             return false;
         };
-        let was = entry.members.swap_remove(&id).is_some();
+        let was = entry.remove(id);
         if was && entry.members.is_empty() {
             drop(entry);
             let _ = self.inner.interest.send(Interest::Idle(topic.clone()));
@@ -289,7 +331,7 @@ impl Hub {
             return out;
         };
         let mut frames: [Option<Option<Bytes>>; 2] = [None, None];
-        for member in entry.members.values() {
+        for Seat { member, .. } in entry.members.values() {
             let built =
                 frames[member.encoding.index()].get_or_insert_with(|| match broadcast_frame(member.encoding, env) {
                     Ok(frame) => Some(frame),
@@ -316,6 +358,85 @@ impl Hub {
         }
         drop(entry);
         m::delivered(&out);
+        out
+    }
+
+    /// Paces this hub's writes on `lanes` (see [`crate::paced`]); once, before any join.
+    pub fn pace(&self, lanes: Arc<Lanes>) {
+        let _ = self.inner.lanes.set(lanes);
+    }
+
+    /// With paced writes: adds one message's frames (one per encoding its members use) to its
+    /// topic, for the lanes' next turns.
+    pub fn record(&self, env: &Envelope, lanes: &Lanes) {
+        let topic = Topic::of(env.kind, &env.target);
+        let Some(mut entry) = self.inner.topics.get_mut(&topic) else {
+            return;
+        };
+        if entry.members.is_empty() {
+            return;
+        }
+        let mut frames: Frames = [None, None];
+        let mut unencodable = 0;
+        for encoding in Encoding::ALL {
+            let users = entry.encodings[encoding.index()];
+            if users == 0 {
+                continue;
+            }
+            match broadcast_frame(encoding, env) {
+                Ok(frame) => frames[encoding.index()] = Some(frame),
+                Err(e) => {
+                    tracing::debug!(error = %e, topic = ?topic, "message cannot be encoded");
+                    unencodable += users as usize;
+                }
+            }
+        }
+        if unencodable > 0 {
+            m::delivered(&Delivery {
+                unencodable,
+                ..Delivery::default()
+            });
+        }
+        lanes.record(&topic, &mut entry.recent, frames);
+    }
+
+    /// With paced writes: lane `lane`'s turn for one topic. Every member in the lane gets, in one
+    /// write, the frames it has not had (those numbered from its join on).
+    pub fn write_lane(&self, topic: &Topic, lane: usize, lanes: usize, s: &mut Scratch) -> Delivery {
+        let mut out = Delivery::default();
+        s.clear();
+        {
+            let Some(mut entry) = self.inner.topics.get_mut(topic) else {
+                return out;
+            };
+            let entry = &mut *entry;
+            let Some(recent) = entry.recent.as_mut() else {
+                return out;
+            };
+            if recent.take_for(lane, &mut s.shares) {
+                entry.recent = None;
+            }
+            for Seat { member, since } in entry.members.values() {
+                if lane_of(&member.gate, lanes) == lane {
+                    s.seats.push((member.gate.clone(), member.encoding, *since));
+                }
+            }
+        }
+        // The map's lock is released: writing a lane takes a while, joins and leaves need not wait.
+        for (gate, encoding, since) in s.seats.drain(..) {
+            let frames = s.shares[encoding.index()].since(since);
+            if frames.is_empty() {
+                continue;
+            }
+            match gate.write_through(frames) {
+                Push::Queued { .. } => {
+                    out.delivered += frames.len();
+                    out.bytes += frames.iter().map(Bytes::len).sum::<usize>();
+                }
+                Push::Overflow => out.overflowed += 1,
+                Push::Closed => {}
+            }
+        }
         out
     }
 

@@ -31,6 +31,7 @@ pub mod interest;
 pub mod metrics;
 pub mod names;
 pub mod node;
+pub mod paced;
 pub mod server;
 pub mod session;
 pub mod shutdown;

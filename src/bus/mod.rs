@@ -20,6 +20,7 @@ use crate::{
     gate::Gate,
     hub::{Hub, Topic},
     metrics as m,
+    paced::{self, Lanes, Pace},
 };
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -154,14 +155,23 @@ impl Dispatch {
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Dispatch {
-        // Paced workers count their lanes' turns from the same instant, so they write a lane at
-        // the same moments: a socket fed by several workers is still written once per period.
-        let start = tokio::time::Instant::now();
-        let senders: Vec<_> = (0..workers.max(1))
-            .map(|_| {
+        let workers = workers.max(1);
+        // Paced workers count their lanes' turns from the same instant; each lane is one worker's.
+        let pace = (!coalesce.is_zero()).then(|| {
+            let pace = Pace::new(tokio::time::Instant::now(), coalesce, workers);
+            let lanes = Arc::new(Lanes::new(pace.lanes()));
+            hub.pace(lanes.clone());
+            (pace, lanes)
+        });
+        let senders: Vec<_> = (0..workers)
+            .map(|index| {
                 let (tx, rx) = mpsc::channel(capacity.max(1));
-                let pace = (!coalesce.is_zero()).then(|| Pace::new(start, coalesce));
-                tracker.spawn(worker(hub.clone(), rx, cancel.clone(), pace));
+                match &pace {
+                    Some((pace, lanes)) => {
+                        tracker.spawn(paced::run(hub.clone(), rx, cancel.clone(), *pace, lanes.clone(), index))
+                    }
+                    None => tracker.spawn(worker(hub.clone(), rx, cancel.clone())),
+                };
                 tx
             })
             .collect();
@@ -181,13 +191,10 @@ impl Dispatch {
     }
 }
 
-/// Delivers what the bus hands over. Without `coalesce`, every frame a batch of messages queues
-/// for a socket goes out in one write at the end of the batch (a batch is whatever waited in the
-/// queue, so batches grow with load). With it, see [`paced`].
-async fn worker(hub: Hub, mut rx: mpsc::Receiver<Bytes>, cancel: CancellationToken, pace: Option<Pace>) {
-    if let Some(pace) = pace {
-        return paced(hub, rx, cancel, pace).await;
-    }
+/// Delivers what the bus hands over: every frame a batch of messages queues for a socket goes out
+/// in one write at the end of the batch (a batch is whatever waited in the queue, so batches grow
+/// with load). With `--write-coalesce`, [`paced::run`] instead.
+async fn worker(hub: Hub, mut rx: mpsc::Receiver<Bytes>, cancel: CancellationToken) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut flush = Vec::new();
     loop {
@@ -202,83 +209,6 @@ async fn worker(hub: Hub, mut rx: mpsc::Receiver<Bytes>, cancel: CancellationTok
         for gate in flush.drain(..) {
             gate.flush();
         }
-    }
-}
-
-/// Sockets a paced worker writes are spread over up to this many lanes by their gate's address,
-/// one lane written per tick.
-const LANES: usize = 8;
-
-/// The lane of a gate among `lanes`, stable for its life: Fibonacci hashing of its address.
-fn lane_of(gate: &Arc<Gate>, lanes: usize) -> usize {
-    ((Arc::as_ptr(gate) as usize as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % lanes
-}
-
-/// When a paced worker writes which sockets: `lanes` lanes, lane `k % lanes` on the `k`-th tick
-/// after `start`, a tick every `every / lanes`.
-#[derive(Clone, Copy)]
-struct Pace {
-    start: tokio::time::Instant,
-    tick: Duration,
-    lanes: usize,
-}
-
-impl Pace {
-    fn new(start: tokio::time::Instant, every: Duration) -> Pace {
-        // Ticks of at least a millisecond, the timer's resolution.
-        let lanes = (every.as_millis() as usize).clamp(1, LANES);
-        Pace {
-            start,
-            tick: every / lanes as u32,
-            lanes,
-        }
-    }
-
-    /// The tick `at` falls on.
-    fn tick_of(&self, at: tokio::time::Instant) -> u64 {
-        ((at - self.start).as_nanos() / self.tick.as_nanos().max(1)) as u64
-    }
-}
-
-/// Delivers at once, and writes each socket with something queued once per period (`every`, the
-/// `--write-coalesce`): its lane's turn comes every `every`, the lanes in turn every
-/// `every / lanes`. So a frame waits at most `every` for its write, one write carries whatever the
-/// socket got meanwhile, and the writes go out evenly over the period instead of all sockets at
-/// once. A tick missed while the worker was busy is caught up on the next, lanes in order.
-async fn paced(hub: Hub, mut rx: mpsc::Receiver<Bytes>, cancel: CancellationToken, pace: Pace) {
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut fresh = Vec::new();
-    let mut waiting: Vec<Vec<Arc<Gate>>> = vec![Vec::new(); pace.lanes];
-    let first = pace.tick_of(tokio::time::Instant::now()) + 1;
-    let mut tick = tokio::time::interval_at(pace.start + pace.tick * first as u32, pace.tick);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut next = first;
-    loop {
-        tokio::select! {
-            n = rx.recv_many(&mut batch, BATCH) => {
-                if n == 0 {
-                    break;
-                }
-                deliver(&hub, &mut batch, &mut fresh);
-                for gate in fresh.drain(..) {
-                    waiting[lane_of(&gate, pace.lanes)].push(gate);
-                }
-            }
-            at = tick.tick() => {
-                let now = pace.tick_of(at).max(next);
-                // Every lane whose turn came since the last tick, each once.
-                for k in next.max((now + 1).saturating_sub(pace.lanes as u64))..=now {
-                    for gate in waiting[(k % pace.lanes as u64) as usize].drain(..) {
-                        gate.flush();
-                    }
-                }
-                next = now + 1;
-            }
-            _ = cancel.cancelled() => break,
-        }
-    }
-    for gate in waiting.into_iter().flatten() {
-        gate.flush();
     }
 }
 
@@ -300,125 +230,7 @@ fn deliver(hub: &Hub, batch: &mut Vec<Bytes>, flush: &mut Vec<Arc<Gate>>) {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        io::{self, IoSlice},
-        sync::Mutex,
-        task::{Context, Poll},
-    };
-
-    use tokio::time::Instant;
-
     use super::*;
-    use crate::{
-        envelope::Kind,
-        frame::Encoding,
-        gate::Outlet,
-        hub::{Interest, Member},
-    };
-
-    /// A socket that takes everything and notes when each write came and the bytes written so far.
-    #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<Vec<(Instant, usize)>>>);
-
-    impl Outlet for Recorder {
-        fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-            let n = bufs.iter().map(|b| b.len()).sum();
-            let mut writes = self.0.lock().unwrap();
-            let before = writes.last().map_or(0, |w| w.1);
-            writes.push((Instant::now(), before + n));
-            Ok(n)
-        }
-
-        fn poll_write_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn paced_writes_each_socket_once_per_period_and_no_frame_waits_longer() {
-        const SOCKETS: usize = 24;
-        const MESSAGES: usize = 100;
-        let every = Duration::from_millis(40);
-        let gap = Duration::from_millis(5);
-        let (hub, mut interest) = Hub::new();
-        let answering = hub.clone();
-        tokio::spawn(async move {
-            while let Some(i) = interest.recv().await {
-                if let Interest::Want(t) = i {
-                    answering.subscribed(&t, Ok(()));
-                }
-            }
-        });
-        let mut sockets = Vec::new();
-        for _ in 0..SOCKETS {
-            let gate = Arc::new(Gate::new(1 << 20));
-            let socket = Recorder::default();
-            gate.attach(Box::new(socket.clone()));
-            let id = hub.register(Member {
-                gate,
-                encoding: Encoding::Json,
-            });
-            hub.join(Topic::Room("r".into()), id, Duration::from_secs(1))
-                .await
-                .unwrap();
-            sockets.push(socket);
-        }
-        // Two workers feed the same sockets (a room's shards on both), taking turns.
-        let cancel = CancellationToken::new();
-        let pace = Pace::new(Instant::now(), every);
-        let mut workers = Vec::new();
-        let mut inboxes = Vec::new();
-        for _ in 0..2 {
-            let (tx, rx) = mpsc::channel(MESSAGES);
-            workers.push(tokio::spawn(paced(hub.clone(), rx, cancel.clone(), pace)));
-            inboxes.push(tx);
-            // The second starts later, yet writes on the same grid.
-            tokio::time::sleep(Duration::from_millis(3)).await;
-        }
-        // Off the ticks' grid, so no push and write share an instant.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        let mut sent = Vec::new();
-        for seq in 0..MESSAGES {
-            let env = Envelope {
-                kind: Kind::Room,
-                origin: "n1".into(),
-                target: "r".into(),
-                from: "p".into(),
-                ts_us: 0,
-                format: Encoding::Json,
-                data: Bytes::from_static(b"1"),
-            };
-            sent.push(Instant::now());
-            inboxes[seq % 2].send(env.encode()).await.unwrap();
-            tokio::time::sleep(gap).await;
-        }
-        tokio::time::sleep(every * 2).await;
-        cancel.cancel();
-        for w in workers {
-            w.await.unwrap();
-        }
-
-        let mut phases = std::collections::BTreeSet::new();
-        for socket in &sockets {
-            let writes = socket.0.lock().unwrap().clone();
-            let frame = writes.last().unwrap().1 / MESSAGES;
-            assert_eq!(writes.last().unwrap().1, frame * MESSAGES, "every frame, whole");
-            for pair in writes.windows(2) {
-                assert!(pair[1].0 - pair[0].0 >= every, "two writes within one period");
-            }
-            for (k, at) in sent.iter().enumerate() {
-                let (written, _) = writes.iter().find(|w| w.1 >= (k + 1) * frame).unwrap();
-                assert!(*written - *at <= every, "frame {k} waited {:?}", *written - *at);
-            }
-            phases.insert((writes[0].0 - sent[0]).as_millis() % every.as_millis());
-            // 500 ms of messages 5 ms apart: about 8 frames per write.
-            assert!(writes.len() <= MESSAGES * gap.as_millis() as usize / every.as_millis() as usize + 2);
-        }
-        assert!(
-            phases.len() > 1,
-            "the sockets' writes are spread over the period: {phases:?}"
-        );
-    }
 
     #[test]
     fn shard_choice_is_stable_crc32() {
