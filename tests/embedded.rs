@@ -209,9 +209,20 @@ async fn coalesced_writes_deliver_everything_in_order() {
 /// nothing out of order, as long as the queue stays under the budget.
 #[tokio::test]
 async fn a_reader_that_pauses_gets_everything_once_it_reads_again() {
+    reader_pauses(std::time::Duration::ZERO).await;
+}
+
+/// The same with paced writes, whose turns write straight to the socket.
+#[tokio::test]
+async fn a_reader_that_pauses_gets_everything_once_it_reads_again_with_paced_writes() {
+    reader_pauses(std::time::Duration::from_millis(20)).await;
+}
+
+async fn reader_pauses(coalesce: std::time::Duration) {
     const MESSAGES: usize = 400;
     let mut cfg = config(None, "pause");
     cfg.max_buffered_bytes = 64 << 20;
+    cfg.write_coalesce = coalesce;
     let node = Node::start(cfg).await;
     let mut slow = Client::connect(&node.ws("?user=slow")).await;
     slow.join("r").await;
