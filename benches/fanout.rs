@@ -9,6 +9,10 @@
 //!   as a delivery worker does after its batch, so every push finds an empty queue: steady state.
 //! - `deliver_flush/<mix>/10000`: the same with the flushes timed, into an outlet that takes every
 //!   byte at once (the user-space half of a write: lock, gather, hand over; no system call).
+//! - `paced_turn/<mix>/10000`: paced writes (`--write-coalesce`): 9 messages recorded for a room
+//!   of 10,000 sockets, then one lane's turn writing each socket its 9 frames with one
+//!   `write_through` into the same stand-in outlet; throughput in frames (10,000 x 9), so "elem/s"
+//!   inverted is the user-space nanoseconds per delivered frame, all of it timed.
 //! - `gate/push`: queueing one frame into a gate (timed 64 pushes at a time, flushed untimed);
 //!   `gate/push_flush`: one frame's whole trip through a gate, push and flush.
 //!
@@ -18,6 +22,7 @@ mod support;
 
 use std::{
     hint::black_box,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -27,6 +32,7 @@ use shardcast::{
     envelope::{Envelope, Kind},
     frame::{broadcast_frame, json_to_msgpack, Encoding},
     hub::{Hub, Interest, Member, Topic},
+    paced::{Lanes, Scratch},
 };
 
 const SOCKETS: usize = 10_000;
@@ -160,6 +166,35 @@ fn bench_deliver(c: &mut Criterion) {
     }
 }
 
+fn bench_paced(c: &mut Criterion) {
+    const TURN: usize = 9;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let env = envelope(Encoding::Json);
+    let topic = Topic::Room("stadium".into());
+    let mut g = c.benchmark_group("paced_turn");
+    g.throughput(Throughput::Elements((SOCKETS * TURN) as u64));
+    for (name, msgpack_every) in [("json", None), ("mixed", Some(2))] {
+        let hub = stadium(&rt, msgpack_every);
+        // One lane: a turn writes every socket.
+        let lanes = Arc::new(Lanes::new(1));
+        hub.pace(lanes.clone());
+        let mut scratch = Scratch::default();
+        g.bench_function(BenchmarkId::new(name, SOCKETS), |b| {
+            b.iter(|| {
+                for _ in 0..TURN {
+                    hub.record(black_box(&env), &lanes);
+                }
+                let d = hub.write_lane(&topic, 0, 1, &mut scratch);
+                assert_eq!(d.delivered, SOCKETS * TURN);
+            })
+        });
+    }
+    g.finish();
+}
+
 fn bench_gate(c: &mut Criterion) {
     let frame = broadcast_frame(Encoding::Json, &envelope(Encoding::Json)).expect("encodes");
     let gate = support::gate(BUDGET);
@@ -190,5 +225,12 @@ fn bench_gate(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_envelope, bench_frame, bench_deliver, bench_gate);
+criterion_group!(
+    benches,
+    bench_envelope,
+    bench_frame,
+    bench_deliver,
+    bench_paced,
+    bench_gate
+);
 criterion_main!(benches);
