@@ -7,7 +7,9 @@
 //! delivery worker once per batch of messages (so one `writev` carries every frame the batch queued
 //! for that socket), the session right away for its own replies. A flush writes without waiting;
 //! what the kernel does not take stays queued and counted, the gate turns congested, and the
-//! session's writer finishes the job when the socket is writable again. So a client that stops
+//! session's writer finishes the job when the socket is writable again. With paced writes a lane's
+//! turn hands the gate all its frames at once ([`Gate::write_through`]), written straight from the
+//! shared frames when nothing else waits. So a client that stops
 //! reading keeps its bytes counted and overflows instead of growing the node's memory.
 //!
 //! A std `Mutex` guards the queue and every write, so frames reach the socket in queue order

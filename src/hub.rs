@@ -5,6 +5,8 @@
 //! Fan-out ([`Hub::deliver`]) reads a topic's members under the map's shard read lock and pushes
 //! one shared frame per encoding into each member's gate. Pushing never waits, so the lock is held
 //! for the loop only and never across an `.await`; joins and leaves of that topic wait for the loop.
+//! With paced writes the hub instead records each message's frames in its topic ([`Hub::record`])
+//! and a lane's turn writes them ([`Hub::write_lane`]); see [`crate::paced`].
 
 use std::{
     sync::{
