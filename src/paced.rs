@@ -77,6 +77,11 @@ impl Pace {
         self.lanes
     }
 
+    /// When tick `k` comes (in u64 nanoseconds: a 1 ms tick passes `u32::MAX` in 50 days).
+    fn at(&self, k: u64) -> Instant {
+        self.start + Duration::from_nanos((self.tick.as_nanos() as u64).saturating_mul(k))
+    }
+
     /// The tick `at` falls on.
     fn tick_of(&self, at: Instant) -> u64 {
         ((at - self.start).as_nanos() / self.tick.as_nanos().max(1)) as u64
@@ -218,8 +223,7 @@ pub async fn run(
         let now = pace.tick_of(Instant::now()) + 1;
         now + (index + step - now % step) % step
     });
-    let at = |k: u64| pace.start + pace.tick * k as u32;
-    let turn = tokio::time::sleep_until(at(next.unwrap_or(0)));
+    let turn = tokio::time::sleep_until(pace.at(next.unwrap_or(0)));
     tokio::pin!(turn);
     loop {
         tokio::select! {
@@ -251,7 +255,7 @@ pub async fn run(
                     k += step;
                 }
                 next = Some(k);
-                turn.as_mut().reset(at(k));
+                turn.as_mut().reset(pace.at(k));
             }
             _ = cancel.cancelled() => break,
         }
@@ -475,6 +479,10 @@ mod tests {
             assert_eq!((p.lanes, p.step()), (lanes, step), "{every:?} with {workers} workers");
             assert!(p.tick >= ms(1) || every < ms(1));
         }
+        let p = Pace::new(start, ms(1), 1);
+        let k = u64::from(u32::MAX);
+        assert_eq!(p.at(k + 1) - p.at(k), ms(1), "turns keep coming after 2^32 ticks");
+        assert_eq!(p.tick_of(p.at(k + 1)), k + 1);
     }
 
     #[test]
