@@ -269,13 +269,13 @@ pub async fn run(
 #[derive(Default)]
 pub struct Scratch {
     /// Per encoding, what the lane gets of the topic at hand.
-    pub shares: [Share; 2],
+    pub(crate) shares: [Share; 2],
     /// The lane's members: gate, encoding, joined at.
-    pub seats: Vec<(Arc<Gate>, Encoding, u64)>,
+    pub(crate) seats: Vec<(Arc<Gate>, Encoding, u64)>,
 }
 
 impl Scratch {
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.shares.iter_mut().for_each(Share::clear);
         self.seats.clear();
     }
