@@ -29,7 +29,7 @@ use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    envelope::{self, Envelope},
+    bus::{decode_each, BATCH},
     frame::Encoding,
     gate::Gate,
     hub::{Hub, Topic},
@@ -38,9 +38,6 @@ use crate::{
 
 /// Lanes when workers are few: ticks `P / 8` apart spread a node's writes over the period.
 const LANES: usize = 8;
-
-/// Messages a worker takes from its queue at once.
-const BATCH: usize = 64;
 
 /// The lane of a gate among `lanes`, stable for its life: Fibonacci hashing of its address.
 pub fn lane_of(gate: &Arc<Gate>, lanes: usize) -> usize {
@@ -231,18 +228,7 @@ pub async fn run(
                 if n == 0 {
                     break;
                 }
-                for payload in batch.drain(..) {
-                    match Envelope::decode(&payload) {
-                        Ok(env) => {
-                            m::bus_received(envelope::now_us().saturating_sub(env.ts_us) as f64 / 1e6);
-                            hub.record(&env, &lanes);
-                        }
-                        Err(e) => {
-                            tracing::debug!(error = %e, "dropping undecodable envelope");
-                            m::bus_dropped("undecodable", 1);
-                        }
-                    }
-                }
+                decode_each(&mut batch, |env| hub.record(env, &lanes));
             }
             () = &mut turn, if next.is_some() => {
                 let due = next.unwrap_or(0);
@@ -298,7 +284,7 @@ mod tests {
     use super::*;
     use crate::{
         bus::Dispatch,
-        envelope::Kind,
+        envelope::{Envelope, Kind},
         gate::Outlet,
         hub::{Interest, Member, SessionId},
     };

@@ -17,7 +17,6 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     envelope::{self, Envelope},
-    gate::Gate,
     hub::{Hub, Topic},
     metrics as m,
     paced::{self, Lanes, Pace},
@@ -138,7 +137,7 @@ impl Bus {
 /// Where bus readers hand received payloads: bounded per-worker queues chosen by channel, so one
 /// channel's messages keep their order and a slow fan-out never stalls the reader.
 /// Messages a worker takes from its queue at once.
-const BATCH: usize = 64;
+pub(crate) const BATCH: usize = 64;
 
 #[derive(Clone)]
 pub struct Dispatch {
@@ -205,20 +204,24 @@ async fn worker(hub: Hub, mut rx: mpsc::Receiver<Bytes>, cancel: CancellationTok
         if n == 0 {
             return;
         }
-        deliver(&hub, &mut batch, &mut flush);
+        decode_each(&mut batch, |env| {
+            hub.deliver(env, &mut flush);
+        });
         for gate in flush.drain(..) {
             gate.flush();
         }
     }
 }
 
-fn deliver(hub: &Hub, batch: &mut Vec<Bytes>, flush: &mut Vec<Arc<Gate>>) {
+/// Empties a worker's batch, handing each envelope that decodes to `each` (after recording its
+/// latency from publish) and counting the rest as dropped.
+pub(crate) fn decode_each(batch: &mut Vec<Bytes>, mut each: impl FnMut(&Envelope)) {
     for payload in batch.drain(..) {
         match Envelope::decode(&payload) {
             Ok(env) => {
                 let latency = envelope::now_us().saturating_sub(env.ts_us) as f64 / 1e6;
                 m::bus_received(latency);
-                hub.deliver(&env, flush);
+                each(&env);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "dropping undecodable envelope");
