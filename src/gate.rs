@@ -153,9 +153,42 @@ impl State {
                 Err(e) => break e,
             }
         };
+        self.broke();
+        Err(failed)
+    }
+
+    /// The connection is gone: nothing more goes out.
+    fn broke(&mut self) {
         self.status = Status::Broken;
         self.free();
-        Err(failed)
+    }
+
+    /// Queues a frame within `budget`. Past it the queue is freed and the gate overflows: false.
+    fn queue(&mut self, frame: Bytes, budget: usize) -> bool {
+        if self.queued + frame.len() > budget {
+            self.status = Status::Overflowed;
+            self.free();
+            return false;
+        }
+        self.queued += frame.len();
+        self.frames.push_back(frame);
+        true
+    }
+
+    /// Writes the queue now unless the writer has it already (congested) or it is empty. True
+    /// when the writer must be woken: the kernel left bytes, or the connection is gone.
+    fn flush(&mut self, outlet: &dyn Outlet) -> bool {
+        if self.congested || self.frames.is_empty() {
+            return false;
+        }
+        match self.write(outlet) {
+            Ok(true) => false,
+            Ok(false) => {
+                self.congested = true;
+                true
+            }
+            Err(_) => true,
+        }
     }
 
     fn consume(&mut self, mut written: usize) {
@@ -280,20 +313,15 @@ impl Gate {
 
     /// Queues a frame without waiting.
     pub fn push(&self, frame: Bytes) -> Push {
-        let len = frame.len();
         let mut st = self.lock();
         if !matches!(st.status, Status::Open) {
             return Push::Closed;
         }
-        if st.queued + len > self.budget {
-            st.status = Status::Overflowed;
-            st.free();
+        if !st.queue(frame, self.budget) {
             drop(st);
             self.notify.notify_one();
             return Push::Overflow;
         }
-        st.queued += len;
-        st.frames.push_back(frame);
         Push::Queued {
             flush: st.frames.len() == 1 && !st.congested,
         }
@@ -306,65 +334,61 @@ impl Gate {
     /// the gate overflows. Behind other queued frames, or before the socket is attached, the
     /// frames join the queue and the queue is written.
     pub fn write_through(&self, frames: &[Bytes]) -> Push {
+        const DONE: Push = Push::Queued { flush: false };
         let mut st = self.lock();
         if !matches!(st.status, Status::Open) {
             return Push::Closed;
         }
         let outlet = self.outlet.get();
-        let mut rest = frames;
-        let mut offset = 0;
-        let mut kernel_full = false;
-        if let Some(outlet) = outlet.filter(|_| st.frames.is_empty() && !st.congested) {
-            match write_direct(outlet, frames) {
-                Ok((whole, partial)) => {
-                    rest = &frames[whole..];
-                    offset = partial;
-                    kernel_full = !rest.is_empty();
-                }
-                Err(_) => {
-                    st.status = Status::Broken;
-                    st.free();
+        let Some(to) = outlet.filter(|_| st.frames.is_empty() && !st.congested) else {
+            // Behind the queue, or not attached yet: as pushes and a flush would.
+            for frame in frames {
+                if !st.queue(frame.clone(), self.budget) {
                     drop(st);
                     self.notify.notify_one();
-                    return Push::Closed;
+                    return Push::Overflow;
                 }
             }
-        }
-        for (i, frame) in rest.iter().enumerate() {
-            let mut frame = frame.clone();
-            if i == 0 && offset > 0 {
-                frame.advance(offset);
-                st.partial = true;
+            let wake = outlet.is_some_and(|to| st.flush(to.outlet.as_ref()));
+            let broken = matches!(st.status, Status::Broken);
+            drop(st);
+            if wake {
+                self.notify.notify_one();
             }
-            if st.queued + frame.len() > self.budget {
-                st.status = Status::Overflowed;
-                st.free();
+            return if broken { Push::Closed } else { DONE };
+        };
+        let (whole, written) = match write_direct(to, frames) {
+            Ok(done) => done,
+            Err(_) => {
+                st.broke();
                 drop(st);
                 self.notify.notify_one();
-                return Push::Overflow;
+                return Push::Closed;
             }
-            st.queued += frame.len();
-            st.frames.push_back(frame);
+        };
+        if whole == frames.len() {
+            return DONE;
         }
-        if kernel_full {
-            st.congested = true;
-        } else if let Some(outlet) = outlet.filter(|_| !st.congested && !st.frames.is_empty()) {
-            match st.write(outlet.outlet.as_ref()) {
-                Ok(true) => {}
-                Ok(false) => st.congested = true,
-                Err(_) => {
-                    drop(st);
-                    self.notify.notify_one();
-                    return Push::Closed;
-                }
-            }
+        // The kernel is full: the writer finishes the job when the socket is writable again.
+        let mut rest = &frames[whole..];
+        if written > 0 {
+            // Partly on the wire: it must go out whole, whatever the budget.
+            let mut head = rest[0].clone();
+            head.advance(written);
+            st.queued += head.len();
+            st.frames.push_back(head);
+            st.partial = true;
+            rest = &rest[1..];
         }
-        let wake = st.congested;
+        st.congested = true;
+        let overflowed = rest.iter().any(|frame| !st.queue(frame.clone(), self.budget));
         drop(st);
-        if wake {
-            self.notify.notify_one();
+        self.notify.notify_one();
+        if overflowed {
+            Push::Overflow
+        } else {
+            DONE
         }
-        Push::Queued { flush: false }
     }
 
     /// Queues a frame and writes the queue now: for a session's own replies and pings.
@@ -383,17 +407,11 @@ impl Gate {
             return;
         };
         let mut st = self.lock();
-        if st.congested || st.frames.is_empty() {
-            return;
+        // Congested or broken: the writer goes on from there (or ends the session).
+        if st.flush(outlet.outlet.as_ref()) {
+            drop(st);
+            self.notify.notify_one();
         }
-        match st.write(outlet.outlet.as_ref()) {
-            Ok(true) => return,
-            Ok(false) => st.congested = true,
-            // Broken: the writer ends the session.
-            Err(_) => {}
-        }
-        drop(st);
-        self.notify.notify_one();
     }
 
     /// Asks the writer to send what is queued, then `frame` (if any), then stop. The first close wins.
@@ -651,6 +669,19 @@ mod tests {
         assert_eq!(gate.next().await, Next::Overflow);
         assert_eq!(gate.queued(), 50, "the rest of frame 1 only");
         assert_eq!(gate.write_through(&turn), Push::Closed);
+        // A frame the kernel took part of is kept whole even when its rest alone passes the budget.
+        let gate = Gate::new(100);
+        let outlet = TestOutlet::with_room(10);
+        gate.attach(Box::new(outlet.clone()));
+        assert_eq!(gate.write_through(&[frame(1, 150), frame(2, 10)]), Push::Overflow);
+        assert_eq!(gate.queued(), 140);
+        outlet.open(1000);
+        gate.drain().await.unwrap();
+        assert_eq!(
+            outlet.out(),
+            frame(1, 150),
+            "the partly written frame, whole, and nothing after"
+        );
         // Not attached yet: a turn is queued, and written on attach.
         let gate = Gate::new(100);
         gate.write_through(&[frame(7, 5), frame(8, 5)]);
