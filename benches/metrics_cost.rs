@@ -35,8 +35,10 @@ use shardcast::{
     envelope::{Envelope, Kind},
     frame::Encoding,
     gate::Gate,
-    hub::{Delivery, Hub, Interest, Member, Topic},
+    hub::{Hub, Interest, Member},
     metrics,
+    metrics::Delivery,
+    topic::Topic,
 };
 
 const ROOM: &str = "stadium";

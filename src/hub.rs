@@ -22,11 +22,13 @@ use indexmap::IndexMap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    envelope::{Envelope, Kind},
-    frame::{broadcast_frame, Encoding},
+    encoding::Encoding,
+    envelope::Envelope,
+    frame::broadcast_frame,
     gate::{Gate, Push},
-    metrics as m,
+    metrics::{self as m, Delivery},
     paced::{lane_of, Frames, Lanes, Recent, Scratch},
+    topic::Topic,
 };
 
 /// For maps keyed by client input (room and user names): random keys.
@@ -36,23 +38,6 @@ type Hasher = ahash::RandomState;
 type MemberHasher = std::hash::BuildHasherDefault<ahash::AHasher>;
 
 pub type SessionId = u64;
-
-/// Something local sockets can be in: a room, or the inbox of one user's sockets.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Topic {
-    Room(Arc<str>),
-    User(Arc<str>),
-}
-
-impl Topic {
-    /// The topic an envelope of `kind` addressed to `target` belongs to.
-    pub fn of(kind: Kind, target: &str) -> Topic {
-        match kind {
-            Kind::Room => Topic::Room(target.into()),
-            Kind::Direct => Topic::User(target.into()),
-        }
-    }
-}
 
 /// One local socket as fan-out sees it.
 #[derive(Debug, Clone)]
@@ -142,15 +127,6 @@ struct Inner {
     interest: mpsc::UnboundedSender<Interest>,
     /// Set when writes are paced: where joins read their first frame number.
     lanes: OnceLock<Arc<Lanes>>,
-}
-
-/// What one [`Hub::deliver`] did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Delivery {
-    pub delivered: usize,
-    pub bytes: usize,
-    pub overflowed: usize,
-    pub unencodable: usize,
 }
 
 impl Hub {

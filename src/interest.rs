@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     bus::{Bus, Naming},
-    hub::{Hub, Interest, JoinError, Topic},
+    hub::{Hub, Interest, JoinError},
+    topic::Topic,
 };
 
 /// Requests handled per round; bounds the work between two looks at cancellation.

@@ -22,6 +22,8 @@ pub mod auth;
 pub mod bus;
 pub mod close;
 pub mod config;
+pub mod deliver;
+pub mod encoding;
 pub mod envelope;
 pub mod frame;
 pub mod gate;
@@ -32,9 +34,11 @@ pub mod metrics;
 pub mod names;
 pub mod node;
 pub mod paced;
+pub mod publish;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod topic;
 pub mod upgrade;
 pub mod wire;
 
@@ -45,8 +49,9 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    bus::{memory::MemoryBus, redis::RedisBus, Bus, BusError, Dispatch, Naming},
+    bus::{memory::MemoryBus, redis::RedisBus, Bus, BusError, Naming},
     config::Config,
+    deliver::Dispatch,
     hub::Hub,
     node::Node,
 };
@@ -73,14 +78,14 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     let tracker = TaskTracker::new();
     let internal = CancellationToken::new();
     let (hub, interest_rx) = Hub::new();
-    let dispatch = Dispatch::start(
+    let dispatch = Arc::new(Dispatch::start(
         hub.clone(),
         config.workers,
         config.worker_queue,
         config.write_coalesce,
         &tracker,
         internal.clone(),
-    );
+    ));
     let bus = if config.redis.is_empty() {
         tracing::info!("no --redis: running alone on the embedded in-process bus");
         metrics::bus_up(true);

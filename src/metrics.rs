@@ -10,10 +10,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::{
-    close::{CloseReason, ErrorCode},
-    hub::Delivery,
-};
+use crate::close::{CloseReason, ErrorCode};
 
 // Connections.
 pub const CONNECTIONS_OPEN: &str = "shardcast_connections_open";
@@ -357,6 +354,15 @@ pub fn bus_received(latency_s: f64) {
 
 pub fn bus_dropped(reason: &'static str, n: u64) {
     counter!(BUS_DROPPED, "reason" => reason).increment(n);
+}
+
+/// What one fan-out did (a message to a topic's members, or a lane's turn), as it is counted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub delivered: usize,
+    pub bytes: usize,
+    pub overflowed: usize,
+    pub unencodable: usize,
 }
 
 pub fn delivered(d: &Delivery) {

@@ -18,12 +18,14 @@ use subtle::ConstantTimeEq;
 use crate::{
     auth::Grants,
     close::ErrorCode,
+    encoding::{Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK},
     envelope::Kind,
-    frame::{Data, Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK},
+    frame::Data,
     gate::Gate,
     hub::Member,
     metrics as m,
     node::Node,
+    publish,
     session::{self, Membership},
     upgrade::Upgrade,
 };
@@ -32,7 +34,7 @@ pub fn router(node: Node) -> Router {
     let body_limit = node.config().max_frame_bytes;
     Router::new()
         .route("/ws", get(upgrade))
-        .route("/publish", post(publish).layer(DefaultBodyLimit::max(body_limit)))
+        .route("/publish", post(publish_http).layer(DefaultBodyLimit::max(body_limit)))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -172,7 +174,7 @@ struct PublishBody<'a> {
     from: Option<String>,
 }
 
-async fn publish(State(node): State<Node>, headers: HeaderMap, body: Bytes) -> Result<StatusCode, ApiError> {
+async fn publish_http(State(node): State<Node>, headers: HeaderMap, body: Bytes) -> Result<StatusCode, ApiError> {
     if let Some(key) = &node.config().api_key {
         let given = bearer(&headers).unwrap_or("");
         if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
@@ -199,9 +201,9 @@ async fn publish(State(node): State<Node>, headers: HeaderMap, body: Bytes) -> R
         format: Encoding::Json,
         bytes: Bytes::copy_from_slice(body.data.get().as_bytes()),
     };
-    session::publish(&node, Kind::Room, body.room, &from, data, None)
+    publish::publish(&node, Kind::Room, body.room, &from, data)
         .await
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.code, e.message))?;
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string()))?;
     m::published("http");
     Ok(StatusCode::ACCEPTED)
 }

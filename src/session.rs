@@ -33,12 +33,15 @@ use tokio_tungstenite::{
 use crate::{
     auth::Grants,
     close::{code, CloseReason, ErrorCode},
-    envelope::{self, Envelope, Kind},
-    frame::{decode_binary, decode_text, Command, Data, Encoding, FrameError, Reply, Request},
+    encoding::Encoding,
+    envelope::{self, Kind},
+    frame::{decode_binary, decode_text, Command, FrameError, Reply, Request},
     gate::{Gate, Next},
-    hub::{Hub, SessionId, Topic},
+    hub::{Hub, SessionId},
     metrics as m,
     node::Node,
+    publish::publish,
+    topic::Topic,
     wire,
 };
 
@@ -405,42 +408,20 @@ async fn run(request: Request, node: &Node, membership: &mut Membership) -> Resu
             "the token does not allow publishing",
         )),
         Command::Pub { room, data } => {
-            publish(node, Kind::Room, room, &membership.grants.user, data, id).await?;
+            publish(node, Kind::Room, room, &membership.grants.user, data)
+                .await
+                .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
             m::published("ws");
             ok()
         }
         Command::Dm { to, data } => {
-            publish(node, Kind::Direct, to, &membership.grants.user, data, id).await?;
+            publish(node, Kind::Direct, to, &membership.grants.user, data)
+                .await
+                .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
             m::published("ws");
             ok()
         }
     }
-}
-
-/// Wraps data in an envelope and hands it to the bus; every node (this one included) delivers it
-/// to its local members from what the bus hands back.
-pub async fn publish(
-    node: &Node,
-    kind: Kind,
-    target: String,
-    from: &str,
-    data: Data,
-    id: Option<i64>,
-) -> Result<(), FrameError> {
-    let channel = node.naming().publish_channel(&Topic::of(kind, &target), from);
-    let env = Envelope {
-        kind,
-        origin: node.config().node_id.clone(),
-        target,
-        from: from.to_owned(),
-        ts_us: envelope::now_us(),
-        format: data.format,
-        data: data.bytes,
-    };
-    node.bus()
-        .publish(channel, env.encode())
-        .await
-        .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))
 }
 
 /// Finishes what the gate's non-blocking flushes could not (a congested socket) and writes the

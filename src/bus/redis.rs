@@ -45,7 +45,10 @@ use futures_util::future::join_all;
 use tokio::sync::{broadcast::error::RecvError, Notify};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{tracked::Tracked, BusError, Dispatch};
+use super::{
+    tracked::{Tracked, SLOTS},
+    BusError, Sink,
+};
 use crate::metrics as m;
 
 /// How often the reconciler re-reads the cluster topology; faster while something is broken, so
@@ -59,8 +62,6 @@ const PROBE_WHEN_QUIET: Duration = Duration::from_secs(1);
 /// subscribing client gets a large one.
 const MESSAGE_BUFFER: usize = 8192;
 const EVENT_BUFFER: usize = 64;
-/// Hash slots of a Redis Cluster.
-pub(super) const SLOTS: usize = 16384;
 
 pub struct RedisBus {
     inner: Arc<Inner>,
@@ -69,7 +70,7 @@ pub struct RedisBus {
 struct Inner {
     seeds: Vec<Server>,
     timeout: Duration,
-    dispatch: Dispatch,
+    sink: Arc<dyn Sink>,
     /// Probe channels start with this; unique per node so nodes never answer each other's probes.
     probe_prefix: String,
     started: Instant,
@@ -194,7 +195,7 @@ impl RedisBus {
         urls: &[String],
         node_id: &str,
         timeout: Duration,
-        dispatch: Dispatch,
+        sink: Arc<dyn Sink>,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<RedisBus, BusError> {
@@ -205,7 +206,7 @@ impl RedisBus {
         let inner = Arc::new(Inner {
             seeds,
             timeout,
-            dispatch,
+            sink,
             probe_prefix: format!("shardcast:probe:{node_id}:{:08x}:", rand::random::<u32>()),
             started: Instant::now(),
             links: Mutex::new(HashMap::new()),
@@ -537,7 +538,7 @@ async fn read_messages(
                         continue;
                     }
                 };
-                bus.dispatch.dispatch(msg.channel.as_bytes(), payload);
+                bus.sink.receive(msg.channel.as_bytes(), payload);
             }
             // fred's buffer overflowed: these messages are lost; keep reading.
             Err(RecvError::Lagged(n)) => {
