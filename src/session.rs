@@ -180,7 +180,7 @@ pub async fn serve(
     m::connection_opened();
     let config = node.config();
     let (rx, tx) = tcp.into_split();
-    gate.attach(Box::new(tx));
+    gate.attach_socket(tx);
     let limits = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(Some(config.max_frame_bytes))
