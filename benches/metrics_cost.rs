@@ -158,6 +158,7 @@ fn prometheus(c: &mut Criterion) {
         bytes: 1_000_000,
         overflowed: 0,
         unencodable: 0,
+        writes: 10_000,
     };
     c.bench_function("record_only", |b| {
         b.iter(|| {

@@ -16,7 +16,7 @@ use crate::{
     bus::Sink,
     envelope::{self, Envelope},
     hub::Hub,
-    metrics as m,
+    metrics::{self as m, Delivery},
     paced::{Lanes, Pace, Scratch},
 };
 
@@ -94,6 +94,10 @@ async fn worker(hub: Hub, mut rx: mpsc::Receiver<Bytes>, cancel: CancellationTok
         }
         decode_each(&mut batch, |env| {
             hub.deliver(env, &mut flush);
+        });
+        m::delivered(&Delivery {
+            writes: flush.len(),
+            ..Delivery::default()
         });
         for gate in flush.drain(..) {
             gate.flush();

@@ -816,7 +816,10 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(gate.queued(), 0);
-        let got = tokio::time::timeout(Duration::from_secs(20), reader).await.unwrap().unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(got == big.concat(), "every byte once, in order");
     }
 }

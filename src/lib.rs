@@ -4,18 +4,34 @@
 //! interested node, and each node serializes a message once per encoding for all its sockets.
 //!
 //! # Layout
+//! Lower modules never import higher ones; where a lower one must call up, it defines the small
+//! trait it needs ([`bus::Sink`]) and a higher one plugs in.
+//!
+//! A message's route in: [`session`] (a client's `pub` or `dm`) or [`server`] (`POST /publish`)
+//! → [`publish`] (one envelope, its channel) → [`bus`] → Redis Cluster or the in-process twin.
+//!
+//! Its route out, on every node with members: [`bus`] → [`deliver`] (workers decode it once) →
+//! [`hub`] (every local member of its topic, one frame per encoding; or [`paced`] turns) →
+//! [`gate`] (each socket's byte budget and non-blocking writes) → the socket.
+//!
+//! Modules, from the edge of the node inwards:
 //! - [`config`]: settings, their defaults and validation.
 //! - [`http`]: the HTTP/1.1 accept loop; [`server`]: HTTP and WebSocket routes on one listener;
 //!   [`upgrade`]: the WebSocket handshake, handing the TCP socket over.
+//! - [`auth`]: tokens and what they grant; [`names`]: what a room or user name may be.
 //! - [`session`]: one socket: reader, commands, pings, congested writes and closes.
-//! - [`frame`]: client frames in JSON and MessagePack; [`wire`]: server frames as bytes on the wire;
-//!   [`envelope`]: the bus envelope.
-//! - [`names`]: what a room or user name may be; [`close`]: close and error codes.
-//! - [`auth`]: tokens and what they grant.
-//! - [`gate`]: the per-socket queue, its byte budget and its non-blocking writes.
-//! - [`hub`]: local sockets and topics, fan-out.
+//! - [`publish`]: wraps a message in an envelope and hands it to the bus.
+//! - [`frame`]: client frames in both encodings; [`wire`]: server frames as bytes on the wire;
+//!   [`envelope`]: the bus envelope; [`encoding`]: JSON and MessagePack; [`close`]: close and
+//!   error codes.
+//! - [`topic`]: a room or a user's inbox, what sockets are in.
 //! - [`interest`]: subscribe on first member, unsubscribe after the last.
-//! - [`bus`]: the seam to other nodes: [`bus::redis`] (Redis Cluster) and [`bus::memory`] (embedded).
+//! - [`bus`]: the transport seam, channel names and shard choice: [`bus::redis`] (Redis Cluster)
+//!   and [`bus::memory`] (embedded).
+//! - [`deliver`]: the delivery workers between the bus and the hub.
+//! - [`hub`]: local sockets and topics, fan-out; [`paced`]: the schedule and frame lists of
+//!   paced writes.
+//! - [`gate`]: the per-socket queue, its byte budget and its non-blocking writes.
 //! - [`node`]: the shared handle; [`shutdown`]: the drain; [`metrics`]: names and recorder.
 
 pub mod auth;

@@ -367,69 +367,75 @@ impl Inner {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Reads the slot map through any answering link (or a seed) and links every master in it.
-    /// True when the topology was read.
+    /// Reads the slot map, links every master in it and lets go of the others, and gives each
+    /// link a probe channel on its own master. True when the topology was read.
     async fn refresh(self: &Arc<Self>) -> bool {
+        let Some(routes) = self.read_routes().await else {
+            return false;
+        };
+        self.relink(&routes.masters);
+        self.place_probes(&routes).await;
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
+        true
+    }
+
+    /// `CLUSTER SLOTS` through any answering link, else through a seed.
+    async fn read_routes(&self) -> Option<Routes> {
         let candidates: Vec<Arc<Link>> = lock(&self.links).values().cloned().collect();
-        let mut routes = None;
         for link in candidates.iter().filter(|l| l.publisher.is_connected()) {
             let read = tokio::time::timeout(self.timeout, link.publisher.cluster_slots::<Value>()).await;
-            if let Ok(Ok(v)) = read {
-                routes = parse_slots(v);
-                if routes.is_some() {
-                    break;
+            if let Some(routes) = read.ok().and_then(Result::ok).and_then(parse_slots) {
+                return Some(routes);
+            }
+        }
+        for seed in &self.seeds {
+            let Ok(client) = build(seed, false, self.timeout, false) else {
+                continue;
+            };
+            client.connect();
+            let read = tokio::time::timeout(self.timeout, async {
+                client.wait_for_connect().await.ok()?;
+                client.cluster_slots::<Value>().await.ok()
+            })
+            .await;
+            let _ = client.quit().await;
+            if let Some(routes) = read.ok().flatten().and_then(parse_slots) {
+                return Some(routes);
+            }
+        }
+        None
+    }
+
+    /// Links every master not linked yet; a server that is no longer a master (failed, or demoted
+    /// to replica) is let go.
+    fn relink(self: &Arc<Self>, masters: &[Server]) {
+        let mut links = lock(&self.links);
+        for server in masters {
+            if !links.contains_key(server) {
+                match Link::start(self, server.clone()) {
+                    Ok(link) => drop(links.insert(server.clone(), link)),
+                    Err(e) => tracing::warn!(%server, error = %e, "cannot link a master"),
                 }
             }
         }
-        if routes.is_none() {
-            for seed in &self.seeds {
-                let Ok(client) = build(seed, false, self.timeout, false) else {
-                    continue;
-                };
-                client.connect();
-                let read = tokio::time::timeout(self.timeout, async {
-                    client.wait_for_connect().await.ok()?;
-                    client.cluster_slots::<Value>().await.ok()
-                })
-                .await;
-                let _ = client.quit().await;
-                if let Ok(Some(v)) = read {
-                    routes = parse_slots(v);
-                    if routes.is_some() {
-                        break;
-                    }
-                }
+        let gone: Vec<Server> = links.keys().filter(|s| !masters.contains(*s)).cloned().collect();
+        for server in gone {
+            if let Some(link) = links.remove(&server) {
+                tracing::info!(%server, "no longer a master; closing its link");
+                let timeout = self.timeout;
+                self.tracker.spawn(async move { link.quit(timeout).await });
             }
         }
-        let Some(routes) = routes else { return false };
-        let masters = &routes.masters;
-        {
-            let mut links = lock(&self.links);
-            for server in masters {
-                if !links.contains_key(server) {
-                    match Link::start(self, server.clone()) {
-                        Ok(link) => drop(links.insert(server.clone(), link)),
-                        Err(e) => tracing::warn!(%server, error = %e, "cannot link a master"),
-                    }
-                }
-            }
-            // A server that is no longer a master (failed, or demoted to replica) is let go.
-            let gone: Vec<Server> = links.keys().filter(|s| !masters.contains(*s)).cloned().collect();
-            for server in gone {
-                if let Some(link) = links.remove(&server) {
-                    tracing::info!(%server, "no longer a master; closing its link");
-                    let timeout = self.timeout;
-                    self.tracker.spawn(async move { link.quit(timeout).await });
-                }
-            }
-        }
-        // Each link probes on a channel of a slot it owns.
+    }
+
+    /// Each link probes on a channel of a slot its master owns; one whose channel moved away gets
+    /// a new one.
+    async fn place_probes(&self, routes: &Routes) {
         let links: Vec<Arc<Link>> = lock(&self.links).values().cloned().collect();
         for link in links {
             let owned =
                 |c: &String| routes.by_slot[redis_keyslot(c.as_bytes()) as usize].as_ref() == Some(&link.server);
-            let current = lock(&link.probe).clone();
-            if current.as_ref().is_some_and(owned) {
+            if lock(&link.probe).as_ref().is_some_and(owned) {
                 continue;
             }
             let channel = (0u32..)
@@ -443,8 +449,6 @@ impl Inner {
                 *lock(&link.probe) = Some(channel);
             }
         }
-        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
-        true
     }
 }
 
