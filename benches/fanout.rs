@@ -63,6 +63,7 @@ fn envelope(format: Encoding) -> Envelope {
         ts_us: 1_790_000_000_123_456,
         format,
         data,
+        pos: None,
     }
 }
 
@@ -84,7 +85,7 @@ fn bench_frame(c: &mut Criterion) {
         for client in Encoding::ALL {
             let name = format!("{}_from_{}", label(client), label(data));
             g.bench_function(name, |b| {
-                b.iter(|| broadcast_frame(client, black_box(&env)).expect("encodes"))
+                b.iter(|| broadcast_frame(client, black_box(&env), 0).expect("encodes"))
             });
         }
     }
@@ -147,7 +148,7 @@ fn bench_deliver(c: &mut Criterion) {
                     let mut timed = Duration::ZERO;
                     for _ in 0..iters {
                         let start = Instant::now();
-                        let d = hub.deliver(black_box(&env), &mut flush);
+                        let d = hub.deliver(black_box(&env), 0, &mut flush);
                         if !timed_flush {
                             timed += start.elapsed();
                         }
@@ -186,7 +187,7 @@ fn bench_paced(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new(name, SOCKETS), |b| {
             b.iter(|| {
                 for _ in 0..TURN {
-                    hub.record(black_box(&env), &lanes);
+                    hub.record(black_box(&env), 0, &lanes);
                 }
                 let d = hub.write_lane(&topic, 0, 1, &mut scratch);
                 assert_eq!(d.delivered, SOCKETS * TURN);
@@ -197,7 +198,7 @@ fn bench_paced(c: &mut Criterion) {
 }
 
 fn bench_gate(c: &mut Criterion) {
-    let frame = broadcast_frame(Encoding::Json, &envelope(Encoding::Json)).expect("encodes");
+    let frame = broadcast_frame(Encoding::Json, &envelope(Encoding::Json), 0).expect("encodes");
     let gate = support::gate(BUDGET);
     let mut g = c.benchmark_group("gate");
     g.bench_function("push", |b| {

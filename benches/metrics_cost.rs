@@ -99,6 +99,7 @@ impl Fanout {
             ts_us: shardcast::envelope::now_us(),
             format: Encoding::Json,
             data: Bytes::from_static(br#"{"home":2,"away":1,"minute":67,"event":"goal","by":"No. 9"}"#),
+            pos: None,
         };
         Fanout {
             hub,
@@ -111,7 +112,7 @@ impl Fanout {
     /// What the delivery worker does for one message.
     fn deliver(&mut self) -> Delivery {
         metrics::bus_received(0.0012);
-        self.hub.deliver(&self.env, &mut self.flush)
+        self.hub.deliver(&self.env, 0, &mut self.flush)
     }
 
     /// Empties every socket's queue, as the delivery worker does after its batch.

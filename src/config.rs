@@ -10,7 +10,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 pub use crate::auth::JwtKey;
-use crate::names;
+use crate::{bus::stream::Keep, names};
 
 /// Command-line flags. Each has a `SHARDCAST_*` environment variable and a key of the same name
 /// (with `_` for `-`) in the `--config` TOML file.
@@ -154,6 +154,20 @@ pub struct Args {
     /// Origins allowed to open a WebSocket from a browser, comma-separated; others get 403. [default: any]
     #[arg(long, env = "SHARDCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+
+    /// Rooms that keep history, NAME_GLOB=SIZE/TTL (repeatable, first match wins; the variable
+    /// takes a comma list): the last SIZE messages of each shard, for TTL after the last one. [default: none]
+    #[arg(long, env = "SHARDCAST_HISTORY", value_delimiter = ',')]
+    pub history: Vec<String>,
+
+    /// History for every room no --history names, SIZE/TTL. [default: off]
+    #[arg(long, env = "SHARDCAST_DEFAULT_HISTORY")]
+    pub default_history: Option<String>,
+
+    /// Most messages a join with `since` replays from one shard; past it, nothing is replayed and
+    /// the join answers `recovered: false`. [default: 1000]
+    #[arg(long, env = "SHARDCAST_RECOVER_MAX")]
+    pub recover_max: Option<String>,
 }
 
 /// The validated configuration every part of the node reads.
@@ -188,6 +202,10 @@ pub struct Config {
     pub jwt: Option<JwtKey>,
     pub allowed_origins: Vec<String>,
     pub names: names::Policy,
+    /// Rooms with history, first match wins.
+    pub history: Vec<(glob::Pattern, Keep)>,
+    pub default_history: Option<Keep>,
+    pub recover_max: usize,
 }
 
 impl Default for Config {
@@ -222,7 +240,21 @@ impl Default for Config {
             jwt: None,
             allowed_origins: Vec::new(),
             names: names::Policy::default(),
+            history: Vec::new(),
+            default_history: None,
+            recover_max: 1000,
         }
+    }
+}
+
+impl Config {
+    /// How much history a room keeps, if any.
+    pub fn keep(&self, room: &str) -> Option<Keep> {
+        self.history
+            .iter()
+            .find(|(pattern, _)| pattern.matches(room))
+            .map(|(_, keep)| *keep)
+            .or(self.default_history)
     }
 }
 
@@ -289,6 +321,9 @@ impl Args {
             allowed_origins: list(self.allowed_origins, base.allowed_origins),
             max_name_bytes: self.max_name_bytes.or(base.max_name_bytes),
             ascii_names: self.ascii_names.or(base.ascii_names),
+            history: list(self.history, base.history),
+            default_history: self.default_history.or(base.default_history),
+            recover_max: self.recover_max.or(base.recover_max),
         }
     }
 
@@ -335,6 +370,14 @@ impl Args {
         set!("api-key", self.api_key, |s| secret(s).map(Some) => api_key);
         set!("jwt-secret", self.jwt_secret, |s| secret(s).map(|s| Some(JwtKey::Secret(s))) => jwt);
         set!("jwt-public-key", self.jwt_public_key, |s| public_key(s).map(Some) => jwt);
+        set!("default-history", self.default_history, |s| keep(s).map(Some) => default_history);
+        set!("recover-max", self.recover_max, |s| bounded_count(s, MAX_RECOVER) => recover_max);
+        for raw in self.history {
+            match history_rule(raw.trim()) {
+                Ok(rule) => c.history.push(rule),
+                Err(e) => errors.push(bad("history", &raw, e)),
+            }
+        }
         for raw in self.redis {
             match redis_url(raw.trim()) {
                 Ok(url) => c.redis.push(url),
@@ -442,6 +485,41 @@ fn hot_room(s: &str) -> Result<(String, u32), String> {
     let (room, n) = s.split_once('=').ok_or("expected NAME=N")?;
     names::check(room).map_err(|e| format!("room: {e}"))?;
     Ok((room.to_owned(), shards(n)?))
+}
+
+/// The most a join may replay from one shard, and the most a `history` answer holds.
+pub const MAX_RECOVER: usize = 100_000;
+/// The most messages one shard's history may keep.
+const MAX_HISTORY: u32 = 1_000_000;
+
+/// `SIZE/TTL`: messages kept per shard, and for how long after the last one.
+fn keep(s: &str) -> Result<Keep, String> {
+    let (size, ttl) = s.split_once('/').ok_or("expected SIZE/TTL, such as 1000/10m")?;
+    let size = match size.trim().parse::<u32>() {
+        Ok(n) if (1..=MAX_HISTORY).contains(&n) => n,
+        _ => return Err(format!("SIZE must be a whole number from 1 to {MAX_HISTORY}")),
+    };
+    let ttl = duration(ttl.trim())?;
+    if ttl < Duration::from_secs(1) {
+        return Err("TTL must be at least 1s".into());
+    }
+    Ok(Keep { size, ttl })
+}
+
+/// `NAME_GLOB=SIZE/TTL`.
+fn history_rule(s: &str) -> Result<(glob::Pattern, Keep), String> {
+    let (glob, rest) = s
+        .rsplit_once('=')
+        .ok_or("expected NAME_GLOB=SIZE/TTL, such as match:*=1000/10m")?;
+    let pattern = glob::Pattern::new(glob).map_err(|e| format!("NAME_GLOB: {e}"))?;
+    Ok((pattern, keep(rest)?))
+}
+
+fn bounded_count(s: &str, max: usize) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {max}")),
+    }
 }
 
 fn prefix(s: &str) -> Result<String, String> {

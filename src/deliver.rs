@@ -13,7 +13,7 @@ use tokio::{sync::mpsc, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    bus::Sink,
+    bus::{Naming, Sink},
     envelope::{self, Envelope},
     hub::Hub,
     metrics::{self as m, Delivery},
@@ -23,17 +23,22 @@ use crate::{
 /// Messages a worker takes from its queue at once.
 const BATCH: usize = 64;
 
+/// What a worker's queue holds: the channel a payload came on, and the payload.
+type Item = (Bytes, Bytes);
+
 /// Where bus readers hand received payloads: bounded per-worker queues chosen by channel, so one
 /// channel's messages keep their order and a slow fan-out never stalls the reader.
 #[derive(Clone)]
 pub struct Dispatch {
-    workers: Arc<[mpsc::Sender<Bytes>]>,
+    workers: Arc<[mpsc::Sender<Item>]>,
 }
 
 impl Dispatch {
-    /// Starts `workers` delivery tasks feeding `hub`; paced when `coalesce` is not zero.
+    /// Starts `workers` delivery tasks feeding `hub`; paced when `coalesce` is not zero. `naming`
+    /// tells which channel an envelope belongs on.
     pub fn start(
         hub: Hub,
+        naming: Naming,
         workers: usize,
         capacity: usize,
         coalesce: Duration,
@@ -52,10 +57,16 @@ impl Dispatch {
             .map(|index| {
                 let (tx, rx) = mpsc::channel(capacity.max(1));
                 match &pace {
-                    Some((pace, lanes)) => {
-                        tracker.spawn(paced(hub.clone(), rx, cancel.clone(), *pace, lanes.clone(), index))
-                    }
-                    None => tracker.spawn(worker(hub.clone(), rx, cancel.clone())),
+                    Some((pace, lanes)) => tracker.spawn(paced(
+                        hub.clone(),
+                        naming.clone(),
+                        rx,
+                        cancel.clone(),
+                        *pace,
+                        lanes.clone(),
+                        index,
+                    )),
+                    None => tracker.spawn(worker(hub.clone(), naming.clone(), rx, cancel.clone())),
                 };
                 tx
             })
@@ -68,9 +79,9 @@ impl Dispatch {
 
 impl Sink for Dispatch {
     /// Hands one payload to its channel's worker; never waits. A full queue drops and counts.
-    fn receive(&self, channel: &[u8], payload: Bytes) {
-        let i = (crc32fast::hash(channel) as usize) % self.workers.len();
-        match self.workers[i].try_send(payload) {
+    fn receive(&self, channel: Bytes, payload: Bytes) {
+        let i = (crc32fast::hash(&channel) as usize) % self.workers.len();
+        match self.workers[i].try_send((channel, payload)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => m::bus_dropped("queue_full", 1),
             Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -81,7 +92,7 @@ impl Sink for Dispatch {
 /// Delivers what the bus hands over: every frame a batch of messages queues for a socket goes out
 /// in one write at the end of the batch (a batch is whatever waited in the queue, so batches grow
 /// with load). With `--write-coalesce`, [`paced`] instead.
-async fn worker(hub: Hub, mut rx: mpsc::Receiver<Bytes>, cancel: CancellationToken) {
+async fn worker(hub: Hub, naming: Naming, mut rx: mpsc::Receiver<Item>, cancel: CancellationToken) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut flush = Vec::new();
     loop {
@@ -92,8 +103,8 @@ async fn worker(hub: Hub, mut rx: mpsc::Receiver<Bytes>, cancel: CancellationTok
         if n == 0 {
             return;
         }
-        decode_each(&mut batch, |env| {
-            hub.deliver(env, &mut flush);
+        decode_each(&mut batch, &naming, |env, shard| {
+            hub.deliver(env, shard, &mut flush);
         });
         m::delivered(&Delivery {
             writes: flush.len(),
@@ -110,7 +121,8 @@ async fn worker(hub: Hub, mut rx: mpsc::Receiver<Bytes>, cancel: CancellationTok
 /// order; when cancelled, it writes its lanes once more.
 async fn paced(
     hub: Hub,
-    mut rx: mpsc::Receiver<Bytes>,
+    naming: Naming,
+    mut rx: mpsc::Receiver<Item>,
     cancel: CancellationToken,
     pace: Pace,
     lanes: Arc<Lanes>,
@@ -133,7 +145,7 @@ async fn paced(
                 if n == 0 {
                     break;
                 }
-                decode_each(&mut batch, |env| hub.record(env, &lanes));
+                decode_each(&mut batch, &naming, |env, shard| hub.record(env, shard, &lanes));
             }
             () = &mut turn, if next.is_some() => {
                 let due = next.unwrap_or(0);
@@ -164,21 +176,27 @@ fn write_lane(hub: &Hub, lanes: &Lanes, lane: usize, scratch: &mut Scratch) {
     }
 }
 
-/// Empties a worker's batch, handing each envelope that decodes to `each` (after recording its
-/// latency from publish) and counting the rest as dropped.
-fn decode_each(batch: &mut Vec<Bytes>, mut each: impl FnMut(&Envelope)) {
-    for payload in batch.drain(..) {
-        match Envelope::decode(&payload) {
-            Ok(env) => {
-                let latency = envelope::now_us().saturating_sub(env.ts_us) as f64 / 1e6;
-                m::bus_received(latency);
-                each(&env);
-            }
+/// Empties a worker's batch, handing each envelope that decodes and belongs on its channel to
+/// `each` with its shard (after recording its latency from publish), and counting the rest as
+/// dropped: a backend job can publish anything on a channel, and only the channel is trusted.
+fn decode_each(batch: &mut Vec<Item>, naming: &Naming, mut each: impl FnMut(&Envelope, u32)) {
+    for (channel, payload) in batch.drain(..) {
+        let env = match Envelope::decode(&payload) {
+            Ok(env) => env,
             Err(e) => {
                 tracing::debug!(error = %e, "dropping undecodable envelope");
                 m::bus_dropped("undecodable", 1);
+                continue;
             }
-        }
+        };
+        let Some(shard) = naming.locate(&channel, env.kind, &env.target) else {
+            tracing::debug!(channel = %String::from_utf8_lossy(&channel), "dropping an envelope whose target is not its channel's");
+            m::bus_dropped("mismatch", 1);
+            continue;
+        };
+        let latency = envelope::now_us().saturating_sub(env.ts_us) as f64 / 1e6;
+        m::bus_received(latency);
+        each(&env, shard);
     }
 }
 
@@ -238,7 +256,8 @@ mod tests {
             });
             let tracker = tokio_util::task::TaskTracker::new();
             let cancel = CancellationToken::new();
-            let dispatch = Dispatch::start(hub.clone(), workers, 1024, every, &tracker, cancel.clone());
+            let naming = Naming::new("ws:room:", "ws:user:", 8, std::collections::HashMap::new());
+            let dispatch = Dispatch::start(hub.clone(), naming, workers, 1024, every, &tracker, cancel.clone());
             Paced {
                 hub,
                 dispatch,
@@ -279,8 +298,10 @@ mod tests {
                 ts_us: 0,
                 format: Encoding::Json,
                 data,
+                pos: None,
             };
-            self.dispatch.receive(channel.as_bytes(), env.encode());
+            self.dispatch
+                .receive(Bytes::copy_from_slice(channel.as_bytes()), env.encode());
         }
 
         async fn stop(self) {

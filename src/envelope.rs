@@ -9,6 +9,8 @@
 //!   ts_us   uint, publish time in microseconds since the Unix epoch
 //!   format  0 = data is MessagePack, 1 = data is JSON text
 //!   data    bin, the payload exactly as the publisher encoded it
+//!   pos     str, optional: the message's position in its channel's history, `EPOCH:N`, added by
+//!           the store when the room keeps history (see [`crate::bus::stream`])
 //! ```
 //!
 //! `data` travels as opaque bytes: no hop re-encodes it, and decoding borrows it from the received
@@ -18,10 +20,12 @@
 use bytes::Bytes;
 use rmp::{decode, encode};
 
-use crate::encoding::Encoding;
+use crate::{bus::stream::Pos, encoding::Encoding};
 
 pub const VERSION: u8 = 1;
 const FIELDS: u32 = 8;
+/// MessagePack's nil.
+const NIL: u8 = 0xc0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -39,6 +43,8 @@ pub struct Envelope {
     pub ts_us: u64,
     pub format: Encoding,
     pub data: Bytes,
+    /// Set by the history store, never by a publisher (see [`crate::bus::stream::with_pos`]).
+    pub pos: Option<Pos>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -50,7 +56,8 @@ pub enum DecodeError {
 }
 
 impl Envelope {
-    /// Encodes into one buffer sized up front, so publishing allocates once.
+    /// Encodes into one buffer sized up front, so publishing allocates once. The position is
+    /// never encoded: the history store adds it.
     pub fn encode(&self) -> Bytes {
         let mut out = Vec::with_capacity(self.encoded_len_hint());
         // Writes into a Vec cannot fail.
@@ -104,6 +111,14 @@ impl Envelope {
         }
         let start = buf.len() - rd.len();
         let data = buf.slice(start..start + n);
+        rd = &rd[n..];
+        // A ninth field is the position: a str, or nil for none.
+        let pos = if len > FIELDS && rd.first() != Some(&NIL) {
+            let raw = read_str(&mut rd, "pos")?;
+            Some(raw.parse().map_err(|_| DecodeError::Malformed("pos"))?)
+        } else {
+            None
+        };
         Ok(Envelope {
             kind,
             origin,
@@ -112,6 +127,7 @@ impl Envelope {
             ts_us,
             format,
             data,
+            pos,
         })
     }
 }
@@ -153,6 +169,7 @@ mod tests {
             ts_us: 1_790_000_000_000_000,
             format: Encoding::Json,
             data: Bytes::copy_from_slice(data),
+            pos: None,
         }
     }
 
@@ -188,8 +205,9 @@ mod tests {
     fn later_versions_may_append_fields() {
         let env = sample(b"1");
         let mut wire = env.encode().to_vec();
-        wire[0] = 0x99; // fixarray of 9
-        wire.push(0xc0); // nil, an appended field
+        wire[0] = 0x9a; // fixarray of 10
+        wire.push(0xc0); // nil: no position
+        wire.push(0xc0); // nil, a field appended later
         assert_eq!(Envelope::decode(&Bytes::from(wire)).unwrap(), env);
     }
 

@@ -10,6 +10,7 @@ use serde_json::value::RawValue;
 
 pub use crate::encoding::{Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK};
 use crate::{
+    bus::stream::{BadPos, Pos},
     close::ErrorCode,
     envelope::{Envelope, Kind},
     names,
@@ -26,10 +27,27 @@ pub struct Data {
 /// A decoded client command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Join { room: String },
-    Leave { room: String },
-    Pub { room: String, data: Data },
-    Dm { to: String, data: Data },
+    /// With `since`, the position the client had reached on each shard: what it missed is replayed.
+    Join {
+        room: String,
+        since: Option<Vec<Pos>>,
+    },
+    /// The newest `limit` messages of a room with history.
+    History {
+        room: String,
+        limit: usize,
+    },
+    Leave {
+        room: String,
+    },
+    Pub {
+        room: String,
+        data: Data,
+    },
+    Dm {
+        to: String,
+        data: Data,
+    },
     Ping,
 }
 
@@ -94,7 +112,14 @@ struct Wire<D> {
     to: Option<Loose<String>>,
     #[serde(default)]
     data: Present<D>,
+    #[serde(default)]
+    since: Option<Loose<Vec<String>>>,
+    #[serde(default)]
+    limit: Option<Loose<u64>>,
 }
+
+/// The most messages one `history` asks for.
+pub const MAX_HISTORY_LIMIT: u64 = 1000;
 
 /// Decodes a text frame (JSON).
 pub fn decode_text(text: &str) -> Result<Request, FrameError> {
@@ -148,7 +173,26 @@ fn build<D>(wire: Wire<D>, data: impl FnOnce(D) -> Result<Data, FrameError>) -> 
     let command = match op.as_str() {
         "join" => Command::Join {
             room: name(id, wire.room, "room", ErrorCode::BadRoom)?,
+            since: since(id, wire.since)?,
         },
+        "history" => {
+            let room = name(id, wire.room, "room", ErrorCode::BadRoom)?;
+            if id.is_none() {
+                return Err(FrameError::new(id, ErrorCode::BadField, "`history` needs an `id`"));
+            }
+            let limit = match wire.limit {
+                Some(Loose::Ok(n)) if (1..=MAX_HISTORY_LIMIT).contains(&n) => n as usize,
+                None => return Err(FrameError::new(id, ErrorCode::BadField, "missing field `limit`")),
+                Some(_) => {
+                    return Err(FrameError::new(
+                        id,
+                        ErrorCode::BadField,
+                        format!("`limit` must be a whole number from 1 to {MAX_HISTORY_LIMIT}"),
+                    ))
+                }
+            };
+            Command::History { room, limit }
+        }
         "leave" => Command::Leave {
             room: name(id, wire.room, "room", ErrorCode::BadRoom)?,
         },
@@ -177,6 +221,23 @@ fn build<D>(wire: Wire<D>, data: impl FnOnce(D) -> Result<Data, FrameError>) -> 
         }
     };
     Ok(Request { id, command })
+}
+
+/// `since`: a list of positions, one per shard (at most [`crate::config::MAX_SHARDS`]).
+fn since(id: Option<i64>, field: Option<Loose<Vec<String>>>) -> Result<Option<Vec<Pos>>, FrameError> {
+    let bad = |why: &str| FrameError::new(id, ErrorCode::BadField, format!("`since` {why}"));
+    match field {
+        None => Ok(None),
+        Some(Loose::Bad(_)) => Err(bad("must be a list of positions")),
+        Some(Loose::Ok(list)) if list.len() > crate::config::MAX_SHARDS as usize => {
+            Err(bad("has more positions than a room has shards"))
+        }
+        Some(Loose::Ok(list)) => list
+            .iter()
+            .map(|p| p.parse().map_err(|e: BadPos| bad(&format!("{p:?}: {e}"))))
+            .collect::<Result<_, _>>()
+            .map(Some),
+    }
 }
 
 fn name(id: Option<i64>, field: Option<Loose<String>>, key: &str, code: ErrorCode) -> Result<String, FrameError> {
@@ -252,12 +313,25 @@ fn check_msgpack(data: &[u8]) -> Result<(), TranscodeError> {
     Ok(())
 }
 
-/// Builds the `msg` (room) or `dm` frame of an envelope in one encoding.
-pub fn broadcast_frame(encoding: Encoding, env: &Envelope) -> Result<Bytes, TranscodeError> {
+/// Builds the `msg` (room) or `dm` frame of an envelope in one encoding. A message with a
+/// position (a room with history) also carries its shard and position.
+pub fn broadcast_frame(encoding: Encoding, env: &Envelope, shard: u32) -> Result<Bytes, TranscodeError> {
+    let mut out = Payload::with_capacity(48 + env.target.len() + env.from.len() + env.data.len());
+    write_message(&mut out, encoding, env, shard)?;
+    Ok(match encoding {
+        Encoding::Json => out.text(),
+        Encoding::MsgPack => out.binary(),
+    })
+}
+
+/// Writes a message as one value (a JSON object, a MessagePack map), as a frame holds it.
+fn write_message(out: &mut Payload, encoding: Encoding, env: &Envelope, shard: u32) -> Result<(), TranscodeError> {
     let op = match env.kind {
         Kind::Room => "msg",
         Kind::Direct => "dm",
     };
+    let room = env.kind == Kind::Room;
+    let pos = env.pos.map(|p| p.to_string());
     match encoding {
         Encoding::Json => {
             let converted;
@@ -271,21 +345,22 @@ pub fn broadcast_frame(encoding: Encoding, env: &Envelope) -> Result<Bytes, Tran
                     &converted
                 }
             };
-            let mut out = Payload::with_capacity(40 + env.target.len() + env.from.len() + data.len());
             out.put(b"{\"op\":\"");
             out.put(op.as_bytes());
             out.put(b"\"");
-            if env.kind == Kind::Room {
+            if room {
                 out.put(b",\"room\":");
-                serde_json::to_writer(&mut out, &env.target)?;
+                serde_json::to_writer(&mut *out, &env.target)?;
             }
             out.put(b",\"from\":");
-            serde_json::to_writer(&mut out, &env.from)?;
+            serde_json::to_writer(&mut *out, &env.from)?;
+            if let Some(pos) = &pos {
+                out.put(format!(",\"shard\":{shard},\"pos\":\"{pos}\"").as_bytes());
+            }
             out.put(b",\"data\":");
             // Checked or produced by serde_json above, so UTF-8, as a text frame must be.
             out.put(data);
             out.put(b"}");
-            Ok(out.text())
         }
         Encoding::MsgPack => {
             let converted;
@@ -299,21 +374,71 @@ pub fn broadcast_frame(encoding: Encoding, env: &Envelope) -> Result<Bytes, Tran
                     &converted
                 }
             };
-            let mut out = Payload::with_capacity(32 + env.target.len() + env.from.len() + data.len());
-            let room = env.kind == Kind::Room;
+            let fields = 3 + u32::from(room) + if pos.is_some() { 2 } else { 0 };
             // Writes into a Vec cannot fail.
-            let _ = rmp::encode::write_map_len(&mut out, if room { 4 } else { 3 });
-            let _ = rmp::encode::write_str(&mut out, "op");
-            let _ = rmp::encode::write_str(&mut out, op);
+            let _ = rmp::encode::write_map_len(&mut *out, fields);
+            let _ = rmp::encode::write_str(&mut *out, "op");
+            let _ = rmp::encode::write_str(&mut *out, op);
             if room {
-                let _ = rmp::encode::write_str(&mut out, "room");
-                let _ = rmp::encode::write_str(&mut out, &env.target);
+                let _ = rmp::encode::write_str(&mut *out, "room");
+                let _ = rmp::encode::write_str(&mut *out, &env.target);
             }
-            let _ = rmp::encode::write_str(&mut out, "from");
-            let _ = rmp::encode::write_str(&mut out, &env.from);
-            let _ = rmp::encode::write_str(&mut out, "data");
+            let _ = rmp::encode::write_str(&mut *out, "from");
+            let _ = rmp::encode::write_str(&mut *out, &env.from);
+            if let Some(pos) = &pos {
+                let _ = rmp::encode::write_str(&mut *out, "shard");
+                let _ = rmp::encode::write_uint(&mut *out, u64::from(shard));
+                let _ = rmp::encode::write_str(&mut *out, "pos");
+                let _ = rmp::encode::write_str(&mut *out, pos);
+            }
+            let _ = rmp::encode::write_str(&mut *out, "data");
             out.put(data);
-            Ok(out.binary())
+        }
+    }
+    Ok(())
+}
+
+/// The answer to `history`: `{"op":"ok","id":I,"msgs":[...]}` with each message as a `msg` frame
+/// holds it. Messages that cannot be framed in `encoding` are left out.
+pub fn history_frame(encoding: Encoding, id: Option<i64>, msgs: &[(Envelope, u32)]) -> Bytes {
+    let mut out = Payload::with_capacity(64 + msgs.iter().map(|(e, _)| 64 + e.data.len()).sum::<usize>());
+    let mut framed = Vec::with_capacity(msgs.len());
+    for (env, shard) in msgs {
+        let mut one = Payload::with_capacity(48 + env.data.len());
+        if write_message(&mut one, encoding, env, *shard).is_ok() {
+            framed.push(one);
+        }
+    }
+    match encoding {
+        Encoding::Json => {
+            out.put(b"{\"op\":\"ok\"");
+            if let Some(id) = id {
+                out.put(format!(",\"id\":{id}").as_bytes());
+            }
+            out.put(b",\"msgs\":[");
+            for (i, one) in framed.iter().enumerate() {
+                if i > 0 {
+                    out.put(b",");
+                }
+                out.put(one.body());
+            }
+            out.put(b"]}");
+            out.text()
+        }
+        Encoding::MsgPack => {
+            let _ = rmp::encode::write_map_len(&mut out, if id.is_some() { 3 } else { 2 });
+            let _ = rmp::encode::write_str(&mut out, "op");
+            let _ = rmp::encode::write_str(&mut out, "ok");
+            if let Some(id) = id {
+                let _ = rmp::encode::write_str(&mut out, "id");
+                let _ = rmp::encode::write_sint(&mut out, id);
+            }
+            let _ = rmp::encode::write_str(&mut out, "msgs");
+            let _ = rmp::encode::write_array_len(&mut out, framed.len() as u32);
+            for one in &framed {
+                out.put(one.body());
+            }
+            out.binary()
         }
     }
 }
@@ -330,6 +455,20 @@ pub struct Reply<'a> {
     pub message: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub after_ms: Option<u64>,
+    /// A publish's position, or where each shard of a joined room stands.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pos: Option<Positions>,
+    /// Whether a join with `since` replayed everything the client missed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+}
+
+/// `pos` in a reply: one position (a publish), or one per shard (a join).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Positions {
+    One(String),
+    Each(Vec<String>),
 }
 
 impl<'a> Reply<'a> {
@@ -340,6 +479,8 @@ impl<'a> Reply<'a> {
             code: None,
             message: None,
             after_ms: None,
+            pos: None,
+            recovered: None,
         }
     }
 
@@ -350,6 +491,8 @@ impl<'a> Reply<'a> {
             code: Some(err.code.as_str()),
             message: Some(&err.message),
             after_ms: None,
+            pos: None,
+            recovered: None,
         }
     }
 
@@ -385,7 +528,10 @@ mod tests {
             r,
             Request {
                 id: Some(7),
-                command: Command::Join { room: "stadium".into() }
+                command: Command::Join {
+                    room: "stadium".into(),
+                    since: None
+                }
             }
         );
         let r = decode_text(r#"{"op":"pub","room":"s","data":{"a":[1, 2]}}"#).unwrap();
@@ -497,15 +643,16 @@ mod tests {
             ts_us: 1,
             format,
             data: Bytes::from_static(data),
+            pos: None,
         }
     }
 
     #[test]
     fn broadcast_frames_in_both_encodings() {
         let json = env(Encoding::Json, br#"{"s":[1,0]}"#, Kind::Room);
-        let t = text(broadcast_frame(Encoding::Json, &json).unwrap());
+        let t = text(broadcast_frame(Encoding::Json, &json, 0).unwrap());
         assert_eq!(t, r#"{"op":"msg","room":"st\"adium","from":"al","data":{"s":[1,0]}}"#);
-        let b = binary(broadcast_frame(Encoding::MsgPack, &json).unwrap());
+        let b = binary(broadcast_frame(Encoding::MsgPack, &json, 0).unwrap());
         let v: serde_json::Value = rmp_serde::from_slice(&b).unwrap();
         assert_eq!(
             v,
@@ -513,9 +660,9 @@ mod tests {
         );
 
         let mp = env(Encoding::MsgPack, &[0x92, 0x01, 0xa1, b'x'], Kind::Direct);
-        let t = text(broadcast_frame(Encoding::Json, &mp).unwrap());
+        let t = text(broadcast_frame(Encoding::Json, &mp, 0).unwrap());
         assert_eq!(t, r#"{"op":"dm","from":"al","data":[1,"x"]}"#);
-        let b = binary(broadcast_frame(Encoding::MsgPack, &mp).unwrap());
+        let b = binary(broadcast_frame(Encoding::MsgPack, &mp, 0).unwrap());
         assert!(b.ends_with(&[0xa4, b'd', b'a', b't', b'a', 0x92, 0x01, 0xa1, b'x']));
     }
 
@@ -539,7 +686,7 @@ mod tests {
                 ..env(format, b"", Kind::Room)
             };
             for enc in Encoding::ALL {
-                assert!(broadcast_frame(enc, &e).is_err(), "{format:?} {data:?} as {enc:?}");
+                assert!(broadcast_frame(enc, &e, 0).is_err(), "{format:?} {data:?} as {enc:?}");
             }
         }
     }

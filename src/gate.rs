@@ -163,6 +163,9 @@ struct State {
     partial: bool,
     /// A write left frames behind; the writer drains them when the socket is writable.
     congested: bool,
+    /// Queued bytes the budget does not count ([`Gate::send_outside_budget`]); the first bytes
+    /// written are taken to be these.
+    exempt: usize,
     status: Status,
 }
 
@@ -193,7 +196,7 @@ impl State {
 
     /// Queues a frame within `budget`. Past it the queue is freed and the gate overflows: false.
     fn queue(&mut self, frame: Bytes, budget: usize) -> bool {
-        if self.queued + frame.len() > budget {
+        if self.queued - self.exempt + frame.len() > budget {
             self.status = Status::Overflowed;
             self.free();
             return false;
@@ -221,6 +224,7 @@ impl State {
 
     fn consume(&mut self, mut written: usize) {
         self.queued = self.queued.saturating_sub(written);
+        self.exempt = self.exempt.saturating_sub(written);
         while let Some(front) = self.frames.front_mut() {
             if written < front.len() {
                 front.advance(written);
@@ -238,6 +242,7 @@ impl State {
         let head = if self.partial { self.frames.pop_front() } else { None };
         self.frames = VecDeque::new();
         self.queued = 0;
+        self.exempt = 0;
         if let Some(head) = head {
             self.queued = head.len();
             self.frames.push_back(head);
@@ -315,6 +320,7 @@ impl Gate {
                 queued: 0,
                 partial: false,
                 congested: false,
+                exempt: 0,
                 status: Status::Open,
             }),
             notify: Notify::new(),
@@ -424,6 +430,45 @@ impl Gate {
         } else {
             DONE
         }
+    }
+
+    /// Queues one frame outside the budget and writes the queue now: for an answer the client
+    /// asked for that may be larger than the budget. Frames queued after it are held to the
+    /// budget as if it were not there.
+    pub fn send_outside_budget(&self, frame: Bytes) -> Push {
+        {
+            let mut st = self.lock();
+            if !matches!(st.status, Status::Open) {
+                return Push::Closed;
+            }
+            st.exempt += frame.len();
+            st.queued += frame.len();
+            st.frames.push_back(frame);
+        }
+        self.flush();
+        Push::Queued { flush: false }
+    }
+
+    /// Whether the socket is being closed (or gone): nothing more will be written.
+    pub fn is_closing(&self) -> bool {
+        !matches!(self.lock().status, Status::Open)
+    }
+
+    /// The bytes this gate may hold queued.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Gives up on a consumer that fell behind elsewhere (what was held for it passed the
+    /// budget): frees the queue and has the writer close with 4008.
+    pub fn overflow(&self) {
+        let mut st = self.lock();
+        if matches!(st.status, Status::Open) {
+            st.status = Status::Overflowed;
+            st.free();
+        }
+        drop(st);
+        self.notify.notify_one();
     }
 
     /// Queues a frame and writes the queue now: for a session's own replies and pings.

@@ -78,6 +78,42 @@ struct Seat {
     member: Member,
     /// With paced writes: the first frame number the socket gets (see [`crate::paced`]).
     since: u64,
+    /// While its join replays history: the live frames kept back meanwhile.
+    held: Option<Box<Held>>,
+}
+
+/// Live frames kept back for a member while its join replays history, so that the replay and what
+/// arrived meanwhile reach the socket in order and once each ([`Hub::join_held`], [`Hub::release`]).
+/// A mutex because fan-out adds to it under the topic's read lock.
+#[derive(Debug, Default)]
+struct Held(std::sync::Mutex<HeldFrames>);
+
+#[derive(Debug, Default)]
+struct HeldFrames {
+    /// Shard, number in the shard's history (none for a message without a position), frame.
+    frames: Vec<(u32, Option<u64>, Bytes)>,
+    bytes: usize,
+}
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HeldFrames> {
+        // Each change under this lock is one step.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a frame back, within the socket's budget like a queued one: past it the socket is
+    /// closed as a slow consumer.
+    fn keep(&self, gate: &Gate, shard: u32, n: Option<u64>, frame: &Bytes) -> Push {
+        let mut held = self.lock();
+        if held.bytes + frame.len() > gate.budget() {
+            *held = HeldFrames::default();
+            gate.overflow();
+            return Push::Overflow;
+        }
+        held.bytes += frame.len();
+        held.frames.push((shard, n, frame.clone()));
+        Push::Queued { flush: false }
+    }
 }
 
 #[derive(Debug)]
@@ -87,22 +123,27 @@ struct Entry {
     encodings: [u32; 2],
     /// With paced writes: frames some lane has not had yet.
     recent: Option<Box<Recent>>,
+    /// Members whose live frames are held back (see [`Held`]).
+    held: u32,
     state: SubState,
     waiters: Vec<oneshot::Sender<Result<(), JoinError>>>,
 }
 
 impl Entry {
     /// Adds a member; one already in keeps the frames it has not had yet.
-    fn insert(&mut self, id: SessionId, member: Member, since: u64) {
-        let since = match self.members.get(&id) {
+    fn insert(&mut self, id: SessionId, member: Member, since: u64, hold: bool) {
+        let (since, held) = match self.members.swap_remove(&id) {
             Some(old) => {
                 self.encodings[old.member.encoding.index()] -= 1;
-                old.since
+                self.held -= u32::from(old.held.is_some());
+                (old.since, old.held)
             }
-            None => since,
+            None => (since, None),
         };
+        let held = held.or_else(|| hold.then(Box::default));
         self.encodings[member.encoding.index()] += 1;
-        self.members.insert(id, Seat { member, since });
+        self.held += u32::from(held.is_some());
+        self.members.insert(id, Seat { member, since, held });
     }
 
     fn remove(&mut self, id: SessionId) -> bool {
@@ -110,6 +151,7 @@ impl Entry {
             return false;
         };
         self.encodings[seat.member.encoding.index()] -= 1;
+        self.held -= u32::from(seat.held.is_some());
         true
     }
 }
@@ -178,7 +220,17 @@ impl Hub {
     /// so that anything published after this returns reaches the socket. On failure the socket is
     /// taken out of the topic again.
     pub async fn join(&self, topic: Topic, id: SessionId, timeout: Duration) -> Result<(), JoinError> {
-        let Some(rx) = self.enter(&topic, id)? else {
+        self.join_with(topic, id, timeout, false).await
+    }
+
+    /// Joins as [`Hub::join`] does, but holds the socket's live frames back until [`Hub::release`]:
+    /// for a join that first sends the socket what it missed. Leaving drops what was held.
+    pub async fn join_held(&self, topic: Topic, id: SessionId, timeout: Duration) -> Result<(), JoinError> {
+        self.join_with(topic, id, timeout, true).await
+    }
+
+    async fn join_with(&self, topic: Topic, id: SessionId, timeout: Duration, hold: bool) -> Result<(), JoinError> {
+        let Some(rx) = self.enter(&topic, id, hold)? else {
             return Ok(());
         };
         let asked = Instant::now();
@@ -197,7 +249,7 @@ impl Hub {
     /// Adds a registered socket to a topic without waiting: the subscription is made, and retried
     /// while the bus is down, in the background.
     pub fn join_later(&self, topic: Topic, id: SessionId) -> Result<(), JoinError> {
-        self.enter(&topic, id).map(drop)
+        self.enter(&topic, id, false).map(drop)
     }
 
     /// Inserts the member; returns a receiver when the topic is not subscribed yet.
@@ -205,6 +257,7 @@ impl Hub {
         &self,
         topic: &Topic,
         id: SessionId,
+        hold: bool,
     ) -> Result<Option<oneshot::Receiver<Result<(), JoinError>>>, JoinError> {
         let Some(member) = self.inner.sessions.get(&id).map(|m| m.clone()) else {
             return Err(JoinError::Closed);
@@ -214,11 +267,12 @@ impl Hub {
             members: IndexMap::with_capacity_and_hasher(1, MemberHasher::default()),
             encodings: [0; 2],
             recent: None,
+            held: 0,
             state: SubState::Unsubscribed,
             waiters: Vec::new(),
         });
         let since = self.inner.lanes.get().map_or(0, |l| l.next_seq());
-        entry.insert(id, member, since);
+        entry.insert(id, member, since, hold);
         if entry.state == SubState::Subscribed {
             return Ok(None);
         }
@@ -232,6 +286,36 @@ impl Hub {
             }
         }
         Ok(Some(rx))
+    }
+
+    /// Ends a held join: the frames held back for the socket go out, in order, but for those of
+    /// a shard numbered `after[shard]` or below (the history it was sent already); from then on
+    /// it gets live frames as any member. False when the socket was not held in the topic.
+    pub fn release(&self, topic: &Topic, id: SessionId, after: &[u64]) -> bool {
+        let Some(mut entry) = self.inner.topics.get_mut(topic) else {
+            return false;
+        };
+        let next = self.inner.lanes.get().map_or(0, |l| l.next_seq());
+        let entry = &mut *entry;
+        let Some(seat) = entry.members.get_mut(&id) else {
+            return false;
+        };
+        let Some(held) = seat.held.take() else {
+            return false;
+        };
+        entry.held -= 1;
+        // Paced frames recorded so far were held for it: it takes the lanes' frames from here on.
+        seat.since = next;
+        let gate = seat.member.gate.clone();
+        // Pushed under the topic's lock, so no live frame can overtake them.
+        for (shard, n, frame) in std::mem::take(&mut held.lock().frames) {
+            let seen = after.get(shard as usize).copied().unwrap_or(0);
+            if n.is_none_or(|n| n > seen) && matches!(gate.push(frame), Push::Overflow | Push::Closed) {
+                break;
+            }
+        }
+        gate.flush();
+        true
     }
 
     /// Takes a socket out of a topic; true when it was in it.
@@ -302,27 +386,33 @@ impl Hub {
     /// Hands one message to every local member of its topic: one wire frame per encoding in use,
     /// built on first need, shared by every socket. Gates whose queue this made non-empty are
     /// appended to `flush`: the caller flushes them once its batch of messages is delivered.
-    pub fn deliver(&self, env: &Envelope, flush: &mut Vec<Arc<Gate>>) -> Delivery {
+    pub fn deliver(&self, env: &Envelope, shard: u32, flush: &mut Vec<Arc<Gate>>) -> Delivery {
         let topic = Topic::of(env.kind, &env.target);
         let mut out = Delivery::default();
         let Some(entry) = self.inner.topics.get(&topic) else {
             return out;
         };
         let mut frames: [Option<Option<Bytes>>; 2] = [None, None];
-        for Seat { member, .. } in entry.members.values() {
-            let built =
-                frames[member.encoding.index()].get_or_insert_with(|| match broadcast_frame(member.encoding, env) {
+        let n = env.pos.map(|p| p.n);
+        for Seat { member, held, .. } in entry.members.values() {
+            let built = frames[member.encoding.index()].get_or_insert_with(|| {
+                match broadcast_frame(member.encoding, env, shard) {
                     Ok(frame) => Some(frame),
                     Err(e) => {
                         tracing::debug!(error = %e, topic = ?topic, "message cannot be encoded");
                         None
                     }
-                });
+                }
+            });
             let Some(frame) = built else {
                 out.unencodable += 1;
                 continue;
             };
-            match member.gate.push(frame.clone()) {
+            let pushed = match held {
+                Some(held) => held.keep(&member.gate, shard, n, frame),
+                None => member.gate.push(frame.clone()),
+            };
+            match pushed {
                 Push::Queued { flush: first } => {
                     out.delivered += 1;
                     out.bytes += frame.len();
@@ -346,7 +436,7 @@ impl Hub {
 
     /// With paced writes: adds one message's frames (one per encoding its members use) to its
     /// topic, for the lanes' next turns.
-    pub fn record(&self, env: &Envelope, lanes: &Lanes) {
+    pub fn record(&self, env: &Envelope, shard: u32, lanes: &Lanes) {
         let topic = Topic::of(env.kind, &env.target);
         let Some(mut entry) = self.inner.topics.get_mut(&topic) else {
             return;
@@ -361,7 +451,7 @@ impl Hub {
             if users == 0 {
                 continue;
             }
-            match broadcast_frame(encoding, env) {
+            match broadcast_frame(encoding, env, shard) {
                 Ok(frame) => frames[encoding.index()] = Some(frame),
                 Err(e) => {
                     tracing::debug!(error = %e, topic = ?topic, "message cannot be encoded");
@@ -374,6 +464,14 @@ impl Hub {
                 unencodable,
                 ..Delivery::default()
             });
+        }
+        if entry.held > 0 {
+            let n = env.pos.map(|p| p.n);
+            for Seat { member, held, .. } in entry.members.values() {
+                if let (Some(held), Some(frame)) = (held, &frames[member.encoding.index()]) {
+                    held.keep(&member.gate, shard, n, frame);
+                }
+            }
         }
         lanes.record(&topic, &mut entry.recent, frames);
     }
@@ -394,8 +492,8 @@ impl Hub {
             if recent.take_for(lane, &mut s.shares) {
                 entry.recent = None;
             }
-            for Seat { member, since } in entry.members.values() {
-                if lane_of(&member.gate, lanes) == lane {
+            for Seat { member, since, held } in entry.members.values() {
+                if held.is_none() && lane_of(&member.gate, lanes) == lane {
                     s.seats.push((member.gate.clone(), member.encoding, *since));
                 }
             }
@@ -439,6 +537,7 @@ mod tests {
             ts_us: 0,
             format: Encoding::Json,
             data: Bytes::from_static(data),
+            pos: None,
         }
     }
 
@@ -479,11 +578,11 @@ mod tests {
         let msgpack = member(&hub, "r", Encoding::MsgPack, 1 << 20).await;
         let elsewhere = member(&hub, "other", Encoding::Json, 1 << 20).await;
         let env = message("r", b"[1,2,3]");
-        let json_frame = broadcast_frame(Encoding::Json, &env).unwrap();
-        let msgpack_frame = broadcast_frame(Encoding::MsgPack, &env).unwrap();
+        let json_frame = broadcast_frame(Encoding::Json, &env, 0).unwrap();
+        let msgpack_frame = broadcast_frame(Encoding::MsgPack, &env, 0).unwrap();
 
         let mut flush = Vec::new();
-        let d = hub.deliver(&env, &mut flush);
+        let d = hub.deliver(&env, 0, &mut flush);
         assert_eq!(
             d,
             Delivery {
@@ -505,7 +604,7 @@ mod tests {
 
         // A second message: queues that already wait are flushed by whoever started them.
         flush.clear();
-        hub.deliver(&env, &mut flush);
+        hub.deliver(&env, 0, &mut flush);
         assert!(flush.is_empty());
         assert_eq!(msgpack.queued(), 2 * msgpack_frame.len());
     }
@@ -515,14 +614,14 @@ mod tests {
         let hub = hub();
         let small = member(&hub, "r", Encoding::Json, 8).await;
         let big = member(&hub, "r", Encoding::Json, 1 << 20).await;
-        let d = hub.deliver(&message("r", b"\"a long enough payload\""), &mut Vec::new());
+        let d = hub.deliver(&message("r", b"\"a long enough payload\""), 0, &mut Vec::new());
         assert_eq!((d.delivered, d.overflowed), (1, 1));
         assert_eq!(small.queued(), 0, "an overflowed gate is freed");
         assert!(big.queued() > 0);
         // Data that is not JSON cannot be framed in either encoding: counted per member, sent to none.
         let _msgpack = member(&hub, "r", Encoding::MsgPack, 1 << 20).await;
         let queued = big.queued();
-        let d = hub.deliver(&message("r", b"{not json"), &mut Vec::new());
+        let d = hub.deliver(&message("r", b"{not json"), 0, &mut Vec::new());
         // The overflowed member is still in the room until its session ends and leaves.
         assert_eq!((d.unencodable, d.delivered), (3, 0));
         assert_eq!(big.queued(), queued);

@@ -177,7 +177,7 @@ mod tests {
     struct Heard(Mutex<usize>);
 
     impl Sink for Heard {
-        fn receive(&self, _: &[u8], _: Bytes) {
+        fn receive(&self, _: Bytes, _: Bytes) {
             *self.0.lock().unwrap() += 1;
         }
     }
@@ -216,7 +216,7 @@ mod tests {
         async fn subscribed(&self) -> bool {
             let before = *self.heard.0.lock().unwrap();
             self.bus
-                .publish("r:lobby:shard0".into(), Bytes::from_static(b"x"))
+                .publish("r:lobby:shard0".into(), Bytes::from_static(b"x"), None)
                 .await
                 .unwrap();
             *self.heard.0.lock().unwrap() > before

@@ -37,12 +37,14 @@
 pub mod auth;
 pub mod bus;
 pub mod close;
+pub mod commands;
 pub mod config;
 pub mod deliver;
 pub mod encoding;
 pub mod envelope;
 pub mod frame;
 pub mod gate;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod interest;
@@ -94,8 +96,15 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     let tracker = TaskTracker::new();
     let internal = CancellationToken::new();
     let (hub, interest_rx) = Hub::new();
+    let naming = Naming::new(
+        &config.channel_prefix,
+        &config.user_channel_prefix,
+        config.default_shards,
+        config.hot_rooms.clone(),
+    );
     let dispatch = Arc::new(Dispatch::start(
         hub.clone(),
+        naming.clone(),
         config.workers,
         config.worker_queue,
         config.write_coalesce,
@@ -120,12 +129,6 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         )
     };
     let bus = Arc::new(bus);
-    let naming = Naming::new(
-        &config.channel_prefix,
-        &config.user_channel_prefix,
-        config.default_shards,
-        config.hot_rooms.clone(),
-    );
     tracker.spawn(interest::run(
         hub.clone(),
         bus.clone(),

@@ -28,6 +28,10 @@ pub const BUS_DROPPED: &str = "shardcast_bus_messages_dropped_total";
 pub const DELIVERIES: &str = "shardcast_deliveries_total";
 pub const DELIVERED_BYTES: &str = "shardcast_delivered_bytes_total";
 pub const SOCKET_WRITES: &str = "shardcast_socket_writes_total";
+// History.
+pub const RECOVERIES: &str = "shardcast_recoveries_total";
+pub const REPLAYED: &str = "shardcast_replayed_messages_total";
+pub const HISTORY_READS: &str = "shardcast_history_reads_total";
 pub const UNENCODABLE: &str = "shardcast_unencodable_messages_total";
 pub const LATENCY: &str = "shardcast_delivery_latency_seconds";
 // Slow consumers.
@@ -123,7 +127,7 @@ pub const BAD_FRAME_CODES: [ErrorCode; 11] = [
     ErrorCode::RateLimited,
 ];
 pub const PUBLISH_SOURCES: [&str; 2] = ["ws", "http"];
-pub const DROP_REASONS: [&str; 3] = ["queue_full", "lagged", "undecodable"];
+pub const DROP_REASONS: [&str; 4] = ["queue_full", "lagged", "undecodable", "mismatch"];
 pub const UPGRADE_REFUSED_REASONS: [&str; 6] = ["auth", "origin", "capacity", "draining", "bad_user", "unavailable"];
 
 const fn close_reason_slot(r: CloseReason) -> usize {
@@ -283,6 +287,17 @@ pub fn describe() {
         "Client commands refused by the per-connection rate limit."
     );
     describe_counter!(
+        RECOVERIES,
+        Unit::Count,
+        "Joins with `since`, by outcome: recovered (everything missed was replayed) or not_recovered."
+    );
+    describe_counter!(REPLAYED, Unit::Count, "Messages replayed to joins that recovered.");
+    describe_counter!(
+        HISTORY_READS,
+        Unit::Count,
+        "History reads by source: store (sent to Redis, or the embedded ring) or shared (a join served by another join's read)."
+    );
+    describe_counter!(
         UPGRADES_REFUSED,
         Unit::Count,
         "WebSocket upgrades refused before the socket opened, by reason."
@@ -301,8 +316,15 @@ pub fn describe() {
         BUS_RESUBSCRIPTIONS,
         AUTH_FAILURES,
         RATE_LIMITED,
+        REPLAYED,
     ] {
         counter!(name).increment(0);
+    }
+    for outcome in ["recovered", "not_recovered"] {
+        counter!(RECOVERIES, "outcome" => outcome).increment(0);
+    }
+    for source in ["store", "shared"] {
+        counter!(HISTORY_READS, "source" => source).increment(0);
     }
     for name in [CONNECTIONS_OPEN, ROOMS_LOCAL, TOPICS_LOCAL, SUBSCRIPTIONS, QUEUED_BYTES] {
         gauge!(name).increment(0.0);
@@ -385,6 +407,22 @@ pub fn delivered(d: &Delivery) {
             h.unencodable.increment(d.unencodable as u64);
         }
     }
+}
+
+/// A join with `since`: whether everything missed was replayed.
+pub fn recovery(recovered: bool) {
+    let outcome = if recovered { "recovered" } else { "not_recovered" };
+    counter!(RECOVERIES, "outcome" => outcome).increment(1);
+}
+
+pub fn replayed(messages: usize) {
+    counter!(REPLAYED).increment(messages as u64);
+}
+
+/// One read of a channel's history sent to the store, shared by `waiters` joins.
+pub fn history_read(waiters: usize) {
+    counter!(HISTORY_READS, "source" => "store").increment(1);
+    counter!(HISTORY_READS, "source" => "shared").increment(waiters.saturating_sub(1) as u64);
 }
 
 pub fn bad_frame(code: &'static str) {

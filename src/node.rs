@@ -12,6 +12,7 @@ use crate::{
     auth::Verifier,
     bus::{Bus, Naming},
     config::Config,
+    history::Reads,
     hub::Hub,
 };
 
@@ -27,6 +28,7 @@ struct Inner {
     naming: Naming,
     metrics: PrometheusHandle,
     verifier: Option<Verifier>,
+    history: Arc<Reads>,
     draining: AtomicBool,
 }
 
@@ -40,6 +42,7 @@ impl Node {
         verifier: Option<Verifier>,
     ) -> Node {
         let draining = AtomicBool::new(false);
+        let history = Reads::new(bus.clone());
         Node {
             inner: Arc::new(Inner {
                 config,
@@ -48,9 +51,15 @@ impl Node {
                 naming,
                 metrics,
                 verifier,
+                history,
                 draining,
             }),
         }
+    }
+
+    /// Shared reads of rooms' history.
+    pub fn history(&self) -> &Arc<Reads> {
+        &self.inner.history
     }
 
     /// The token checker, when auth is configured.

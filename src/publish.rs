@@ -4,16 +4,21 @@
 //! members from what the bus hands back ([`crate::deliver`]), so one order holds everywhere.
 
 use crate::{
-    bus::BusError,
+    bus::{stream::Pos, BusError},
     envelope::{self, Envelope, Kind},
     frame::Data,
     node::Node,
     topic::Topic,
 };
 
-/// Publishes `data` from `from` to `target` (a room, or a user's inbox for direct messages).
-pub async fn publish(node: &Node, kind: Kind, target: String, from: &str, data: Data) -> Result<(), BusError> {
+/// Publishes `data` from `from` to `target` (a room, or a user's inbox for direct messages). In a
+/// room with history the message is appended in the same step: its position is returned.
+pub async fn publish(node: &Node, kind: Kind, target: String, from: &str, data: Data) -> Result<Option<Pos>, BusError> {
     let channel = node.naming().publish_channel(&Topic::of(kind, &target), from);
+    let keep = match kind {
+        Kind::Room => node.config().keep(&target),
+        Kind::Direct => None,
+    };
     let env = Envelope {
         kind,
         origin: node.config().node_id.clone(),
@@ -22,6 +27,7 @@ pub async fn publish(node: &Node, kind: Kind, target: String, from: &str, data: 
         ts_us: envelope::now_us(),
         format: data.format,
         data: data.bytes,
+        pos: None,
     };
-    node.bus().publish(channel, env.encode()).await
+    node.bus().publish(channel, env.encode(), keep).await
 }

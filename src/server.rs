@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use crate::{
     auth::Grants,
     close::ErrorCode,
+    commands::Membership,
     encoding::{Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK},
     envelope::Kind,
     frame::Data,
@@ -25,8 +26,7 @@ use crate::{
     hub::Member,
     metrics as m,
     node::Node,
-    publish,
-    session::{self, Membership},
+    publish, session,
     upgrade::Upgrade,
 };
 
@@ -201,7 +201,7 @@ struct PublishBody<'a> {
     from: Option<String>,
 }
 
-async fn publish_http(State(node): State<Node>, headers: HeaderMap, body: Bytes) -> Result<StatusCode, ApiError> {
+async fn publish_http(State(node): State<Node>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     if let Some(key) = &node.config().api_key {
         let given = bearer(&headers).unwrap_or("");
         if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
@@ -228,11 +228,19 @@ async fn publish_http(State(node): State<Node>, headers: HeaderMap, body: Bytes)
         format: Encoding::Json,
         bytes: Bytes::copy_from_slice(body.data.get().as_bytes()),
     };
-    publish::publish(&node, Kind::Room, body.room, &from, data)
+    let pos = publish::publish(&node, Kind::Room, body.room, &from, data)
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string()))?;
     m::published("http");
-    Ok(StatusCode::ACCEPTED)
+    // A room with history answers where the message stands in it.
+    Ok(match pos {
+        Some(pos) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "pos": pos.to_string() })),
+        )
+            .into_response(),
+        None => StatusCode::ACCEPTED.into_response(),
+    })
 }
 
 async fn readyz(State(node): State<Node>) -> (StatusCode, &'static str) {

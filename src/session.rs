@@ -5,7 +5,6 @@
 //! upgrade never completed.
 
 use std::{
-    collections::HashSet,
     io,
     pin::{pin, Pin},
     sync::{
@@ -31,18 +30,15 @@ use tokio_tungstenite::{
 };
 
 use crate::{
-    auth::Grants,
     close::{code, CloseReason, ErrorCode},
+    commands::{self, Membership, Out},
     config::Config,
     encoding::Encoding,
-    envelope::{self, Kind},
-    frame::{decode_binary, decode_text, Command, FrameError, Reply, Request},
+    envelope,
+    frame::{decode_binary, decode_text, FrameError, Reply, Request},
     gate::{Gate, Next},
-    hub::{Hub, SessionId},
     metrics as m,
     node::Node,
-    publish::publish,
-    topic::Topic,
     wire,
 };
 
@@ -84,40 +80,6 @@ impl AsyncWrite for Inbound {
 }
 
 type Stream = WebSocketStream<Inbound>;
-
-/// A registered socket's place in the hub and its rights; leaves every topic on drop.
-pub struct Membership {
-    hub: Hub,
-    id: SessionId,
-    grants: Grants,
-    rooms: HashSet<Arc<str>>,
-}
-
-impl Membership {
-    pub fn new(hub: Hub, id: SessionId, grants: Grants) -> Membership {
-        Membership {
-            hub,
-            id,
-            grants,
-            rooms: HashSet::new(),
-        }
-    }
-
-    pub fn user_topic(&self) -> Topic {
-        Topic::User(self.grants.user.clone())
-    }
-}
-
-impl Drop for Membership {
-    fn drop(&mut self) {
-        let topics = self
-            .rooms
-            .drain()
-            .map(Topic::Room)
-            .chain([Topic::User(self.grants.user.clone())]);
-        self.hub.unregister(self.id, topics);
-    }
-}
 
 /// A token bucket over one connection's commands.
 struct RateLimit {
@@ -202,7 +164,7 @@ pub async fn serve(
 ) {
     let mut counted = Counted::open();
     let mut stream = open(tcp, early, &gate, node.config()).await;
-    let clock = Clock::new(node.config(), membership.grants.expires);
+    let clock = Clock::new(node.config(), membership.expires());
     let reason = converse(&mut stream, &node, &gate, encoding, &mut membership, clock).await;
     // The node closed on a policy (rate, frame size) while the client may still be sending: read
     // until its answering close, so it sees our close frame instead of a reset.
@@ -390,7 +352,8 @@ async fn read(
             return CloseReason::RateLimited;
         }
         // Boxed: a command's future lives only while it runs, instead of in every idle session's state.
-        if let Some(frame) = Box::pin(answer(request, admitted, node, membership, encoding)).await {
+        let out = Out { gate, encoding };
+        if let Some(frame) = Box::pin(answer(request, admitted, node, membership, out)).await {
             gate.send(frame);
         }
     }
@@ -403,10 +366,11 @@ async fn answer(
     admitted: Admit,
     node: &Node,
     membership: &mut Membership,
-    encoding: Encoding,
+    out: Out<'_>,
 ) -> Option<Bytes> {
+    let encoding = out.encoding;
     let reply = match (admitted, request) {
-        (Admit::Yes, Ok(request)) => run(request, node, membership).await,
+        (Admit::Yes, Ok(request)) => commands::run(request, node, membership, out).await,
         (Admit::Yes, Err(e)) => Err(e),
         (_, request) => {
             let id = request.as_ref().ok().and_then(|r| r.id);
@@ -433,80 +397,6 @@ fn classify(e: WsError) -> CloseReason {
         WsError::Capacity(_) => CloseReason::FrameTooLarge,
         WsError::ConnectionClosed | WsError::AlreadyClosed => CloseReason::Normal,
         _ => CloseReason::Error,
-    }
-}
-
-/// Runs one command; `Ok(None)` means nothing to answer.
-async fn run(request: Request, node: &Node, membership: &mut Membership) -> Result<Option<Reply<'static>>, FrameError> {
-    let id = request.id;
-    let names = node.config().names;
-    let named = |name: &str, code: ErrorCode| names.check(name).map_err(|e| FrameError::new(id, code, e.to_string()));
-    match &request.command {
-        Command::Join { room } | Command::Pub { room, .. } => named(room, ErrorCode::BadRoom)?,
-        Command::Dm { to, .. } => named(to, ErrorCode::BadUser)?,
-        Command::Leave { .. } | Command::Ping => {}
-    }
-    // `ok` answers only commands that carried an id; a ping is always answered.
-    let ok = || Ok(id.map(|_| Reply::op("ok", id)));
-    match request.command {
-        Command::Ping => Ok(Some(Reply::op("pong", id))),
-        Command::Join { room } => {
-            let room: Arc<str> = room.into();
-            if membership.rooms.contains(&room) {
-                return ok();
-            }
-            if !membership.grants.may_join(&room) {
-                return Err(FrameError::new(
-                    id,
-                    ErrorCode::Forbidden,
-                    format!("the token does not allow room {room:?}"),
-                ));
-            }
-            let max = node.config().max_rooms_per_conn;
-            if membership.rooms.len() >= max {
-                return Err(FrameError::new(
-                    id,
-                    ErrorCode::TooManyRooms,
-                    format!("a connection may be in at most {max} rooms"),
-                ));
-            }
-            node.hub()
-                .join(Topic::Room(room.clone()), membership.id, node.config().join_timeout)
-                .await
-                .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
-            membership.rooms.insert(room);
-            ok()
-        }
-        Command::Leave { room } => {
-            let Some(room) = membership.rooms.take(room.as_str()) else {
-                return Err(FrameError::new(
-                    id,
-                    ErrorCode::NotJoined,
-                    format!("not in room {room:?}"),
-                ));
-            };
-            node.hub().leave(&Topic::Room(room), membership.id);
-            ok()
-        }
-        Command::Pub { .. } | Command::Dm { .. } if !membership.grants.may_publish() => Err(FrameError::new(
-            id,
-            ErrorCode::Forbidden,
-            "the token does not allow publishing",
-        )),
-        Command::Pub { room, data } => {
-            publish(node, Kind::Room, room, &membership.grants.user, data)
-                .await
-                .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
-            m::published("ws");
-            ok()
-        }
-        Command::Dm { to, data } => {
-            publish(node, Kind::Direct, to, &membership.grants.user, data)
-                .await
-                .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
-            m::published("ws");
-            ok()
-        }
     }
 }
 

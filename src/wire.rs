@@ -34,6 +34,11 @@ impl Payload {
         self.0.extend_from_slice(bytes);
     }
 
+    /// What was written so far, without room for the header.
+    pub fn body(&self) -> &[u8] {
+        &self.0[MAX_HEADER..]
+    }
+
     /// A text frame; the caller wrote UTF-8 (JSON it built or checked).
     pub fn text(self) -> Bytes {
         self.finish(OpCode::Data(Data::Text))

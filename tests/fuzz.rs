@@ -114,6 +114,7 @@ proptest! {
             ts_us: 1,
             format: Encoding::Json,
             data: Bytes::from(data.to_string()),
+            pos: None,
         };
         let wire = env.encode();
         prop_assert_eq!(Envelope::decode(&wire).unwrap(), env.clone());
@@ -124,7 +125,7 @@ proptest! {
         if let Ok(mutated) = Envelope::decode(&Bytes::from(bytes)) {
             // Whatever decodes must build frames or refuse, never panic.
             for enc in Encoding::ALL {
-                let _ = broadcast_frame(enc, &mutated);
+                let _ = broadcast_frame(enc, &mutated, 0);
             }
         }
     }
@@ -133,11 +134,11 @@ proptest! {
     fn published_data_reaches_both_encodings_intact(data in any_json()) {
         let text = serde_json::json!({"op":"pub","room":"r","data":data}).to_string();
         let Command::Pub { data: d, .. } = decode_text(&text).unwrap().command else { panic!("not a pub") };
-        let env = Envelope { kind: Kind::Room, origin: "n".into(), target: "r".into(), from: "u".into(), ts_us: 1, format: d.format, data: d.bytes };
-        let json_frame = broadcast_frame(Encoding::Json, &env).unwrap();
+        let env = Envelope { kind: Kind::Room, origin: "n".into(), target: "r".into(), from: "u".into(), ts_us: 1, format: d.format, data: d.bytes, pos: None };
+        let json_frame = broadcast_frame(Encoding::Json, &env, 0).unwrap();
         let v: serde_json::Value = serde_json::from_str(read(&json_frame).to_text().unwrap()).unwrap();
         prop_assert_eq!(&v["data"], &data);
-        let mp_frame = broadcast_frame(Encoding::MsgPack, &env).unwrap();
+        let mp_frame = broadcast_frame(Encoding::MsgPack, &env, 0).unwrap();
         let v: serde_json::Value = rmp_serde::from_slice(&read(&mp_frame).into_data()).unwrap();
         prop_assert_eq!(&v["data"], &data);
     }

@@ -11,6 +11,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod stream;
 mod tracked;
 
 use std::collections::HashMap;
@@ -18,11 +19,12 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use crate::{metrics as m, topic::Topic};
+use stream::{Keep, Pos, Slice};
 
 /// Where a bus hands every payload it receives, with the channel it came on. Called from the bus's
 /// reader tasks: it must not wait.
 pub trait Sink: Send + Sync + 'static {
-    fn receive(&self, channel: &[u8], payload: Bytes);
+    fn receive(&self, channel: Bytes, payload: Bytes);
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -79,6 +81,27 @@ impl Naming {
         }
     }
 
+    /// The shard a message for `kind` and `target` is on, if `channel` is where such a message
+    /// belongs: a shard channel of that room (below its shard count), or that user's inbox. An
+    /// envelope whose target does not name its channel is not to be trusted.
+    pub fn locate(&self, channel: &[u8], kind: crate::envelope::Kind, target: &str) -> Option<u32> {
+        match kind {
+            crate::envelope::Kind::Room => {
+                let rest = channel.strip_prefix(self.room_prefix.as_bytes())?;
+                let shard = rest.strip_prefix(target.as_bytes())?.strip_prefix(b":shard")?;
+                if shard.is_empty() || shard.len() > 4 || (shard.len() > 1 && shard[0] == b'0') {
+                    return None;
+                }
+                let n: u32 = std::str::from_utf8(shard).ok()?.parse().ok()?;
+                (n < self.shards(target)).then_some(n)
+            }
+            crate::envelope::Kind::Direct => {
+                let rest = channel.strip_prefix(self.user_prefix.as_bytes())?;
+                (rest == target.as_bytes()).then_some(0)
+            }
+        }
+    }
+
     /// The channel a message from `sender` to `topic` is published on.
     pub fn publish_channel(&self, topic: &Topic, sender: &str) -> String {
         match topic {
@@ -95,15 +118,29 @@ pub enum Bus {
 }
 
 impl Bus {
-    pub async fn publish(&self, channel: String, payload: Bytes) -> Result<(), BusError> {
-        let result = match self {
-            Bus::Memory(b) => b.publish(&channel, payload),
-            Bus::Redis(b) => b.publish(channel, payload).await,
+    /// Publishes an envelope on a channel. With `keep`, the message is appended to the channel's
+    /// history in the same step, and its position is returned (and travels with it).
+    pub async fn publish(&self, channel: String, payload: Bytes, keep: Option<Keep>) -> Result<Option<Pos>, BusError> {
+        let result = match (self, keep) {
+            (Bus::Memory(b), None) => b.publish(&channel, payload).map(|()| None),
+            (Bus::Memory(b), Some(keep)) => b.append(&channel, &payload, keep).map(Some),
+            (Bus::Redis(b), None) => b.publish(channel, payload).await.map(|()| None),
+            (Bus::Redis(b), Some(keep)) => b.append(channel, payload, keep).await.map(Some),
         };
         if result.is_err() {
             m::publish_error();
         }
         result
+    }
+
+    /// Reads a channel's history: its position now and its newest messages after `after`, at
+    /// most `cap` of them (none with a `cap` of 0). A channel without history gets one, empty,
+    /// kept as `keep` says, so that a reader starting from nothing has an epoch to hold on to.
+    pub async fn read(&self, channel: &str, after: u64, cap: usize, keep: Keep) -> Result<Slice, BusError> {
+        match self {
+            Bus::Memory(b) => Ok(b.read(channel, after, cap, keep)),
+            Bus::Redis(b) => b.read(channel, after, cap, keep).await,
+        }
     }
 
     /// Subscribes the channels of several topics at once; one result per topic.
@@ -171,5 +208,32 @@ mod tests {
         assert_eq!(n.channels(&Topic::User("bob".into())), vec!["ws:user:bob"]);
         let ch = n.publish_channel(&Topic::Room("stadium".into()), "123456789");
         assert_eq!(ch, format!("ws:room:stadium:shard{}", 0xcbf4_3926u32 % 4));
+    }
+
+    #[test]
+    fn an_envelope_is_located_only_on_its_own_channel() {
+        use crate::envelope::Kind::{Direct, Room};
+        let n = Naming::new("ws:room:", "ws:user:", 1, HashMap::from([("stadium".to_string(), 4)]));
+        assert_eq!(n.locate(b"ws:room:stadium:shard3", Room, "stadium"), Some(3));
+        assert_eq!(n.locate(b"ws:room:lobby:shard0", Room, "lobby"), Some(0));
+        assert_eq!(n.locate(b"ws:user:bob", Direct, "bob"), Some(0));
+        for (channel, kind, target) in [
+            (&b"ws:room:plain:shard0"[..], Room, "other"),
+            (b"ws:room:stadium:shard4", Room, "stadium"),
+            (b"ws:room:stadium:shard03", Room, "stadium"),
+            (b"ws:room:stadium:shard", Room, "stadium"),
+            (b"ws:room:lobby:shard1", Room, "lobby"),
+            (b"ws:room:lobby:shard0", Direct, "lobby"),
+            (b"ws:user:bob", Direct, "alice"),
+            (b"ws:user:bob", Room, "bob"),
+            (b"ws:room:a:b:shard0", Room, "a"),
+        ] {
+            assert_eq!(
+                n.locate(channel, kind, target),
+                None,
+                "{}",
+                String::from_utf8_lossy(channel)
+            );
+        }
     }
 }

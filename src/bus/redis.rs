@@ -36,9 +36,9 @@ use std::{
 use bytes::Bytes;
 use fred::{
     clients::Client,
-    interfaces::{ClientLike, ClusterInterface, EventInterface, PubsubInterface},
+    interfaces::{ClientLike, ClusterInterface, EventInterface, LuaInterface, PubsubInterface},
     prelude::{Builder, Config, ReconnectPolicy, Server, ServerConfig, Value},
-    types::RespVersion,
+    types::{CustomCommand, RespVersion},
     util::redis_keyslot,
 };
 use futures_util::future::join_all;
@@ -46,6 +46,7 @@ use tokio::sync::{broadcast::error::RecvError, Notify};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
+    stream::{meta_key, stream_key, Keep, Pos, Slice},
     tracked::{Tracked, SLOTS},
     BusError, Sink,
 };
@@ -343,7 +344,228 @@ impl RedisBus {
     }
 }
 
+/// Appends a message to its channel's stream and publishes it with its position, in one step on
+/// the channel's master: nothing is in history without being published, nor published without a
+/// position. KEYS: stream, meta, channel. ARGV: envelope, size, ttl in milliseconds. The position
+/// is spliced into the envelope as a ninth field (`cmsgpack` packs it as a str), never re-packed.
+const APPEND: &str = r#"
+local env = ARGV[1]
+if string.byte(env, 1) ~= 0x98 then
+  return redis.error_reply('ERR the envelope must be a MessagePack array of 8')
+end
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  local t = redis.call('TIME')
+  epoch = t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('HSET', KEYS[2], 'epoch', epoch)
+end
+local n = redis.call('HINCRBY', KEYS[2], 'n', 1)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'n', n, 'e', env)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+local pos = epoch .. ':' .. n
+redis.call('SPUBLISH', KEYS[3], string.char(0x99) .. string.sub(env, 2) .. cmsgpack.pack(pos))
+return pos
+"#;
+
+/// Reads where a channel's history stands and its newest messages after a number, at most a cap
+/// of them, newest first; makes the epoch when there is none. KEYS: stream, meta. ARGV: after,
+/// cap, ttl in milliseconds. Returns epoch, n, entries.
+const READ: &str = r#"
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  local t = redis.call('TIME')
+  epoch = t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'n', 0)
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+local n = tonumber(redis.call('HGET', KEYS[2], 'n') or '0')
+local k = math.min(math.max(n - tonumber(ARGV[1]), 0), tonumber(ARGV[2]))
+local entries = {}
+if k > 0 then
+  entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', k)
+end
+return {epoch, n, entries}
+"#;
+
+/// A Lua script called by its SHA, loaded on a master when it answers NOSCRIPT (a new master, a
+/// restart, a failover).
+struct Script {
+    source: &'static str,
+    sha: std::sync::OnceLock<String>,
+}
+
+static APPEND_SCRIPT: Script = Script {
+    source: APPEND,
+    sha: std::sync::OnceLock::new(),
+};
+static READ_SCRIPT: Script = Script {
+    source: READ,
+    sha: std::sync::OnceLock::new(),
+};
+
+/// How a failed script call goes on.
+enum Retry {
+    /// Load the script on the link and call again.
+    Load,
+    /// The slot moved for good: learn the new map and call again.
+    Moved,
+    /// The slot is moving: call once on this master, after ASKING.
+    Ask(Server),
+}
+
+fn retry_for(e: &fred::error::Error) -> Option<Retry> {
+    let details = e.details();
+    if details.starts_with("NOSCRIPT") {
+        return Some(Retry::Load);
+    }
+    if details.starts_with("MOVED") {
+        return Some(Retry::Moved);
+    }
+    // ASK <slot> <host>:<port>
+    let target = details.strip_prefix("ASK ")?.split_whitespace().nth(1)?;
+    let (host, port) = target.rsplit_once(':')?;
+    Some(Retry::Ask(Server::new(host, port.parse::<u16>().ok()?)))
+}
+
+fn bytes_of(v: Value) -> Option<Bytes> {
+    match v {
+        Value::Bytes(b) => Some(b),
+        Value::String(s) => Some(s.into_inner()),
+        _ => None,
+    }
+}
+
+/// The READ script's answer as a slice, oldest message first.
+fn parse_read(v: Value) -> Option<Slice> {
+    let Value::Array(mut parts) = v else { return None };
+    if parts.len() != 3 {
+        return None;
+    }
+    let entries = parts.pop()?;
+    let n = parts.pop()?.as_u64()?;
+    let epoch = std::str::from_utf8(&bytes_of(parts.pop()?)?).ok()?.parse().ok()?;
+    let Value::Array(entries) = entries else {
+        return (entries.is_null()).then(|| Slice {
+            head: Pos { epoch, n },
+            entries: Vec::new(),
+        });
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries.into_iter().rev() {
+        let Value::Array(mut entry) = entry else { return None };
+        let Value::Array(fields) = entry.pop()? else {
+            return None;
+        };
+        let (mut number, mut envelope) = (None, None);
+        let mut fields = fields.into_iter();
+        while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
+            match &*bytes_of(k)? {
+                b"n" => number = std::str::from_utf8(&bytes_of(v)?).ok()?.parse::<u64>().ok(),
+                b"e" => envelope = bytes_of(v),
+                _ => {}
+            }
+        }
+        out.push((number?, envelope?));
+    }
+    Some(Slice {
+        head: Pos { epoch, n },
+        entries: out,
+    })
+}
+
+impl RedisBus {
+    /// Appends to the channel's history and publishes, in one step on its master.
+    pub async fn append(&self, channel: String, payload: Bytes, keep: Keep) -> Result<Pos, BusError> {
+        let keys = vec![stream_key(&channel), meta_key(&channel), channel.clone()];
+        let args = vec![
+            Value::Bytes(payload),
+            Value::Integer(i64::from(keep.size)),
+            Value::Integer(keep.ttl.as_millis().clamp(1, i64::MAX as u128) as i64),
+        ];
+        let v = self.inner.eval(&APPEND_SCRIPT, &channel, keys, args).await?;
+        bytes_of(v)
+            .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
+            .ok_or_else(|| unavailable("the append script answered something else than a position"))
+    }
+
+    /// Reads the channel's history (see [`crate::bus::Bus::read`]).
+    pub async fn read(&self, channel: &str, after: u64, cap: usize, keep: Keep) -> Result<Slice, BusError> {
+        let keys = vec![stream_key(channel), meta_key(channel)];
+        let args = vec![
+            Value::Integer(after.min(i64::MAX as u64) as i64),
+            Value::Integer(cap.min(i64::MAX as usize) as i64),
+            Value::Integer(keep.ttl.as_millis().clamp(1, i64::MAX as u128) as i64),
+        ];
+        let v = self.inner.eval(&READ_SCRIPT, channel, keys, args).await?;
+        parse_read(v).ok_or_else(|| unavailable("the read script answered something else than a slice"))
+    }
+}
+
 impl Inner {
+    /// Calls a script on the master of `channel`'s slot, loading it where it is missing and
+    /// following the cluster where the slot moved (MOVED) or is moving (ASK), once each.
+    async fn eval(
+        self: &Arc<Self>,
+        script: &Script,
+        channel: &str,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<Value, BusError> {
+        let slot = redis_keyslot(channel.as_bytes());
+        let (mut loaded, mut moved, mut asked) = (false, false, None::<Server>);
+        loop {
+            let link = match &asked {
+                Some(server) => lock(&self.links).get(server).cloned(),
+                None => self.link_for(slot),
+            }
+            .ok_or_else(|| unavailable("no master known for the channel's slot"))?;
+            if !link.publisher.is_connected() {
+                return Err(unavailable(format!("not connected to {}", link.server)));
+            }
+            let sha = match script.sha.get() {
+                Some(sha) => sha.clone(),
+                None => self.load(&link, script).await?,
+            };
+            let called = if asked.is_some() {
+                bounded(self.timeout, asking(&link.publisher, &sha, keys.clone(), args.clone())).await
+            } else {
+                bounded(
+                    self.timeout,
+                    link.publisher
+                        .evalsha::<Value, _, _, _>(sha, keys.clone(), args.clone()),
+                )
+                .await
+            };
+            let e = match called {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            match retry_for(&e) {
+                Some(Retry::Load) if !loaded => {
+                    loaded = true;
+                    self.load(&link, script).await?;
+                }
+                Some(Retry::Moved) if !moved => {
+                    moved = true;
+                    asked = None;
+                    self.refresh().await;
+                    self.wake.notify_one();
+                }
+                Some(Retry::Ask(server)) if asked.is_none() => asked = Some(server),
+                _ => return Err(unavailable(e)),
+            }
+        }
+    }
+
+    /// Loads a script on one master; its SHA is the same everywhere.
+    async fn load(&self, link: &Link, script: &Script) -> Result<String, BusError> {
+        let sha: String = bounded(self.timeout, link.publisher.script_load(script.source))
+            .await
+            .map_err(unavailable)?;
+        Ok(script.sha.get_or_init(|| sha).clone())
+    }
+
     fn link_for(&self, slot: u16) -> Option<Arc<Link>> {
         let server = read(&self.routes).by_slot[slot as usize].clone()?;
         lock(&self.links).get(&server).cloned()
@@ -452,6 +674,25 @@ impl Inner {
     }
 }
 
+/// `ASKING` then `EVALSHA` on one connection, as Redis wants for a key of a slot being migrated.
+async fn asking(client: &Client, sha: &str, keys: Vec<String>, args: Vec<Value>) -> Result<Value, fred::error::Error> {
+    let pipeline = client.pipeline();
+    let _: () = pipeline
+        .custom(
+            CustomCommand::new_static("ASKING", None::<u16>, false),
+            Vec::<Value>::new(),
+        )
+        .await?;
+    let mut call: Vec<Value> = vec![Value::from(sha), Value::Integer(keys.len() as i64)];
+    call.extend(keys.into_iter().map(Value::from));
+    call.extend(args);
+    let _: () = pipeline
+        .custom(CustomCommand::new_static("EVALSHA", None::<u16>, false), call)
+        .await?;
+    let (_, answer): (Value, Value) = pipeline.all().await?;
+    Ok(answer)
+}
+
 /// A centralized client to one server; a subscriber speaks RESP3 (so its connection also answers
 /// commands) and gets the large message buffer.
 fn build(server: &Server, subscriber: bool, timeout: Duration, retry: bool) -> Result<Client, BusError> {
@@ -542,7 +783,7 @@ async fn read_messages(
                         continue;
                     }
                 };
-                bus.sink.receive(msg.channel.as_bytes(), payload);
+                bus.sink.receive(msg.channel.into_inner(), payload);
             }
             // fred's buffer overflowed: these messages are lost; keep reading.
             Err(RecvError::Lagged(n)) => {

@@ -1,0 +1,196 @@
+//! A channel's history as the bus keeps it: where a message stands in it ([`Pos`]), how much of it
+//! is kept ([`Keep`]), what a read finds ([`Slice`]), and the names of its keys.
+//!
+//! Every history channel has a stream of its messages and a small hash beside it, both in the
+//! channel's own hash slot (`{<channel>}:hist` and `{<channel>}:meta`: Redis hashes only what is
+//! inside the braces, so they live on the channel's master). The hash holds the stream's **epoch**
+//! (made when the hash is, from the master's clock) and `n`, the number of the last message. A
+//! message's position is `<epoch>:<n>`: numbers follow each other without a hole, so a reader
+//! that finds `n + 1` after `n` knows it missed nothing, and one that finds another epoch knows the
+//! stream it had read from is gone (expired, flushed, or lost in a failover).
+//!
+//! Appending and publishing are one step on the owning master (a script, or the embedded bus's
+//! lock), and the position travels with the message: it is spliced into the envelope's bytes as a
+//! ninth field (see [`crate::envelope`]), so every node sees the same position for the same message.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use bytes::Bytes;
+
+/// How much of a channel's history is kept: at least `size` messages (Redis trims in whole blocks,
+/// so a few more may stay), for `ttl` after the last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    pub size: u32,
+    pub ttl: Duration,
+}
+
+/// Where a message stands in its channel's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Pos {
+    pub epoch: u64,
+    /// The message's number; 0 before the first message of the epoch.
+    pub n: u64,
+}
+
+impl fmt::Display for Pos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.epoch, self.n)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a position is two whole numbers, EPOCH:N")]
+pub struct BadPos;
+
+impl FromStr for Pos {
+    type Err = BadPos;
+
+    fn from_str(s: &str) -> Result<Pos, BadPos> {
+        let (epoch, n) = s.split_once(':').ok_or(BadPos)?;
+        let digits = |t: &str| {
+            (!t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| t.parse::<u64>().ok())
+                .flatten()
+                .ok_or(BadPos)
+        };
+        Ok(Pos {
+            epoch: digits(epoch)?,
+            n: digits(n)?,
+        })
+    }
+}
+
+/// What one read of a channel's history found: where it stands now, and its newest messages
+/// (envelopes as published, without their position), oldest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slice {
+    pub head: Pos,
+    pub entries: Vec<(u64, Bytes)>,
+}
+
+impl Slice {
+    /// The messages after `after` if the slice has every one of them: same epoch, and nothing
+    /// between `after` and the first message it holds. `None` when it cannot tell the whole story.
+    pub fn after(&self, after: Pos) -> Option<&[(u64, Bytes)]> {
+        if after.epoch != self.head.epoch || after.n > self.head.n {
+            return None;
+        }
+        let from = self.entries.partition_point(|(n, _)| *n <= after.n);
+        let rest = &self.entries[from..];
+        let complete = match rest.first() {
+            Some((first, _)) => *first == after.n + 1 && rest.len() as u64 == self.head.n - after.n,
+            None => after.n == self.head.n,
+        };
+        complete.then_some(rest)
+    }
+}
+
+/// The stream of a channel's messages: in the channel's slot.
+pub fn stream_key(channel: &str) -> String {
+    format!("{{{channel}}}:hist")
+}
+
+/// The hash beside it (epoch and last number): in the channel's slot too.
+pub fn meta_key(channel: &str) -> String {
+    format!("{{{channel}}}:meta")
+}
+
+/// An envelope as published (a MessagePack array of 8) with its position added as a ninth field,
+/// spliced in without re-encoding: what the Redis script does with `cmsgpack`, for the embedded
+/// bus. `None` when the envelope is not an array of 8.
+pub fn with_pos(envelope: &[u8], pos: Pos) -> Option<Bytes> {
+    const FIXARRAY_8: u8 = 0x98;
+    const FIXARRAY_9: u8 = 0x99;
+    if envelope.first() != Some(&FIXARRAY_8) {
+        return None;
+    }
+    let pos = pos.to_string();
+    let mut out = Vec::with_capacity(envelope.len() + 2 + pos.len());
+    out.push(FIXARRAY_9);
+    out.extend_from_slice(&envelope[1..]);
+    // Writes into a Vec cannot fail.
+    let _ = rmp::encode::write_str(&mut out, &pos);
+    Some(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_parse_back_and_refuse_anything_else() {
+        let p = Pos {
+            epoch: 1_733_137_000_123_456,
+            n: 42,
+        };
+        assert_eq!(p.to_string().parse::<Pos>(), Ok(p));
+        for bad in [
+            "",
+            ":",
+            "1:",
+            ":1",
+            "1:2:3",
+            "a:1",
+            "1:-1",
+            "1:+1",
+            " 1:1",
+            "99999999999999999999999:1",
+        ] {
+            assert_eq!(bad.parse::<Pos>(), Err(BadPos), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_slice_tells_the_whole_story_after_a_position_or_nothing() {
+        let e = |n: u64| (n, Bytes::from(vec![n as u8]));
+        let slice = Slice {
+            head: Pos { epoch: 7, n: 5 },
+            entries: vec![e(3), e(4), e(5)],
+        };
+        let at = |n| Pos { epoch: 7, n };
+        assert_eq!(slice.after(at(2)).unwrap(), &[e(3), e(4), e(5)]);
+        assert_eq!(slice.after(at(4)).unwrap(), &[e(5)]);
+        assert_eq!(slice.after(at(5)).unwrap(), &[] as &[(u64, Bytes)]);
+        assert!(slice.after(at(1)).is_none(), "message 2 is not in the slice");
+        assert!(slice.after(at(6)).is_none(), "ahead of the stream");
+        assert!(slice.after(Pos { epoch: 8, n: 4 }).is_none(), "another epoch");
+        // A hole inside (a stream deleted and started again under the same count).
+        let holed = Slice {
+            head: Pos { epoch: 7, n: 5 },
+            entries: vec![e(3), e(5)],
+        };
+        assert!(holed.after(at(2)).is_none());
+    }
+
+    #[test]
+    fn keys_hash_to_the_channels_slot() {
+        let ch = "ws:room:lobby:shard3";
+        for key in [stream_key(ch), meta_key(ch)] {
+            assert_eq!(
+                fred::util::redis_keyslot(key.as_bytes()),
+                fred::util::redis_keyslot(ch.as_bytes())
+            );
+        }
+    }
+
+    #[test]
+    fn the_position_is_spliced_as_a_ninth_field() {
+        let env = crate::envelope::Envelope {
+            kind: crate::envelope::Kind::Room,
+            origin: "n".into(),
+            target: "r".into(),
+            from: "u".into(),
+            ts_us: 1,
+            format: crate::encoding::Encoding::Json,
+            data: Bytes::from_static(b"1"),
+            pos: None,
+        };
+        let pos = Pos { epoch: 9, n: 3 };
+        let spliced = with_pos(&env.encode(), pos).unwrap();
+        let back = crate::envelope::Envelope::decode(&spliced).unwrap();
+        assert_eq!(back.pos, Some(pos));
+        assert_eq!(back.data, env.data);
+        assert!(with_pos(b"\x91\x01", pos).is_none());
+    }
+}

@@ -1,0 +1,172 @@
+//! History on this node: which rooms keep it, and the reads joins make of it. Many joins of one
+//! room at once (a drained node's clients all resuming) share their reads: per channel at most one
+//! read is in flight, and every join that asked while it was being sent waits for the next one,
+//! which covers them all (from the oldest position asked, as many messages as the most asked);
+//! its messages are framed once per encoding and shared like live frames.
+//!
+//! A read started before a join held its live frames back cannot serve that join: what was
+//! published between the read and the hold would be in neither. So a join only rides on a read
+//! that had not been sent when it asked.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock},
+};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::{
+    bus::{
+        stream::{Keep, Pos, Slice},
+        Bus, BusError,
+    },
+    encoding::Encoding,
+    envelope::Envelope,
+    frame::broadcast_frame,
+    metrics as m,
+};
+
+/// One read of a channel's history, shared by every join that waited for it.
+#[derive(Debug)]
+pub struct Shared {
+    pub slice: Slice,
+    shard: u32,
+    /// Per encoding: each message's number and frame, built on first need.
+    frames: [OnceLock<Vec<(u64, Bytes)>>; 2],
+}
+
+impl Shared {
+    fn new(slice: Slice, shard: u32) -> Shared {
+        Shared {
+            slice,
+            shard,
+            frames: [OnceLock::new(), OnceLock::new()],
+        }
+    }
+
+    /// The messages after `after` as frames in `encoding`, if the read has every one of them.
+    /// Messages that cannot be framed in the encoding (or decoded at all) are left out, as fan-out
+    /// leaves them out.
+    pub fn frames_after(&self, after: Pos, encoding: Encoding) -> Option<Vec<Bytes>> {
+        let wanted = self.slice.after(after)?;
+        let first = wanted.first().map_or(u64::MAX, |(n, _)| *n);
+        let all = self.frames[encoding.index()].get_or_init(|| {
+            let epoch = self.slice.head.epoch;
+            self.slice
+                .entries
+                .iter()
+                .filter_map(|(n, raw)| {
+                    let mut env = Envelope::decode(raw).ok()?;
+                    env.pos = Some(Pos { epoch, n: *n });
+                    Some((*n, broadcast_frame(encoding, &env, self.shard).ok()?))
+                })
+                .collect()
+        });
+        Some(
+            all.iter()
+                .filter(|(n, _)| *n >= first)
+                .map(|(_, f)| f.clone())
+                .collect(),
+        )
+    }
+
+    /// The messages as envelopes with their positions, oldest first.
+    pub fn envelopes(&self) -> impl Iterator<Item = Envelope> + '_ {
+        let epoch = self.slice.head.epoch;
+        self.slice.entries.iter().filter_map(move |(n, raw)| {
+            let mut env = Envelope::decode(raw).ok()?;
+            env.pos = Some(Pos { epoch, n: *n });
+            Some(env)
+        })
+    }
+
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+}
+
+type Answer = Result<Arc<Shared>, BusError>;
+
+/// The joins waiting on one channel's next read, and what that read must cover.
+struct Queue {
+    waiters: Vec<oneshot::Sender<Answer>>,
+    after: u64,
+    cap: usize,
+    keep: Keep,
+    /// A read of this channel is in flight (its task sends the next one when it returns).
+    running: bool,
+}
+
+/// Shared reads of channels' history.
+pub struct Reads {
+    bus: Arc<Bus>,
+    queues: Mutex<HashMap<String, Queue>>,
+}
+
+impl Reads {
+    pub fn new(bus: Arc<Bus>) -> Arc<Reads> {
+        Arc::new(Reads {
+            bus,
+            queues: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Queue>> {
+        // Each change under this lock is one step.
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads `channel` (shard `shard` of its room): where it stands, and its newest messages after
+    /// `after`, at most `cap` of them; shared with every join of the channel waiting meanwhile.
+    pub async fn read(self: &Arc<Self>, channel: &str, shard: u32, after: u64, cap: usize, keep: Keep) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut queues = self.lock();
+            let q = queues.entry(channel.to_owned()).or_insert_with(|| Queue {
+                waiters: Vec::new(),
+                after: u64::MAX,
+                cap: 0,
+                keep,
+                running: false,
+            });
+            q.waiters.push(tx);
+            q.after = q.after.min(after);
+            q.cap = q.cap.max(cap);
+            q.keep = keep;
+            !std::mem::replace(&mut q.running, true)
+        };
+        if start {
+            tokio::spawn(self.clone().serve(channel.to_owned(), shard));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(BusError::Unavailable("history read abandoned".into())))
+    }
+
+    /// Sends a channel's reads one after another until nobody waits.
+    async fn serve(self: Arc<Self>, channel: String, shard: u32) {
+        loop {
+            let (waiters, after, cap, keep) = {
+                let mut queues = self.lock();
+                let Some(q) = queues.get_mut(&channel) else { return };
+                if q.waiters.is_empty() {
+                    queues.remove(&channel);
+                    return;
+                }
+                let taken = (std::mem::take(&mut q.waiters), q.after, q.cap, q.keep);
+                q.after = u64::MAX;
+                q.cap = 0;
+                taken
+            };
+            let answer = self
+                .bus
+                .read(&channel, after, cap, keep)
+                .await
+                .map(|slice| Arc::new(Shared::new(slice, shard)));
+            m::history_read(waiters.len());
+            for waiter in waiters {
+                let _ = waiter.send(answer.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! History and recovery: positions on messages, joins that replay what a client missed with no
+//! gap and no duplicate, `history`, and the bad input around them. On the embedded bus here and on
+//! a real Redis Cluster (two nodes) where the contract says "across nodes".
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::{config, Client, Cluster, Node};
+use serde_json::{json, Value};
+use shardcast::bus::stream::Keep;
+
+fn keep() -> Keep {
+    Keep {
+        size: 1000,
+        ttl: Duration::from_secs(600),
+    }
+}
+
+fn history_config(redis: Option<&Cluster>, test: &str, shards: u32) -> shardcast::config::Config {
+    let mut cfg = config(redis, test);
+    cfg.history = vec![(glob::Pattern::new("kept*").unwrap(), keep())];
+    cfg.hot_rooms = HashMap::from([("kept-hot".to_string(), shards)]);
+    cfg
+}
+
+/// Joins and returns the `ok` (with `pos`, and `recovered` when `since` was given).
+async fn join(c: &mut Client, room: &str, since: Option<&Value>) -> Value {
+    let mut cmd = json!({"op":"join","room":room});
+    if let Some(since) = since {
+        cmd["since"] = since.clone();
+    }
+    let ok = c.request(cmd).await;
+    assert_eq!(ok["op"], "ok", "join {room}: {ok}");
+    ok
+}
+
+/// Reads `n` messages, keeping the client's `last` position per shard up to date.
+async fn take(c: &mut Client, n: usize, last: &mut [Value]) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let m = c.recv().await.expect("a message");
+        if m["op"] != "msg" {
+            continue;
+        }
+        let shard = m["shard"].as_u64().expect("shard on a message with history") as usize;
+        last[shard] = m["pos"].clone();
+        got.push(m["data"].clone());
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_comes_back_gets_what_it_missed_once_then_live() {
+    let node = Node::start(history_config(None, "hist-embedded", 4)).await;
+    let mut feed = Client::connect(&node.ws("?user=feed")).await;
+    let mut fan = Client::connect(&node.ws("?user=fan")).await;
+    let ok = join(&mut fan, "kept-hot", None).await;
+    let mut last: Vec<Value> = ok["pos"].as_array().expect("pos per shard").clone();
+    assert_eq!(last.len(), 4);
+    for i in 0..10 {
+        let r = feed.request(json!({"op":"pub","room":"kept-hot","data":i})).await;
+        assert!(
+            r["pos"].is_string(),
+            "a publish to a room with history answers its position: {r}"
+        );
+    }
+    assert_eq!(
+        take(&mut fan, 10, &mut last).await,
+        (0..10).map(|i| json!(i)).collect::<Vec<_>>()
+    );
+    drop(fan);
+    for i in 10..25 {
+        feed.publish("kept-hot", json!(i)).await;
+    }
+    let mut back = Client::connect(&node.ws("?user=fan")).await;
+    let ok = join(&mut back, "kept-hot", Some(&json!(last))).await;
+    assert_eq!(ok["recovered"], true, "{ok}");
+    for i in 25..30 {
+        feed.publish("kept-hot", json!(i)).await;
+    }
+    let got = take(&mut back, 20, &mut last).await;
+    let mut sorted: Vec<i64> = got.iter().map(|v| v.as_i64().unwrap()).collect();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        (10..30).collect::<Vec<_>>(),
+        "every missed and live message once"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_gives_the_newest_messages_and_bad_input_gets_a_clear_error() {
+    let node = Node::start(history_config(None, "hist-op", 4)).await;
+    let mut c = Client::connect(&node.ws("?user=c")).await;
+    for i in 0..12 {
+        c.publish("kept-hot", json!(i)).await;
+    }
+    let r = c.request(json!({"op":"history","room":"kept-hot","limit":5})).await;
+    let msgs: Vec<Value> = r["msgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"].clone())
+        .collect();
+    assert_eq!(msgs, (7..12).map(|i| json!(i)).collect::<Vec<_>>(), "{r}");
+    for bad in [
+        json!({"op":"join","room":"kept-hot","since":"1:2"}),
+        json!({"op":"join","room":"kept-hot","since":["x"]}),
+        json!({"op":"join","room":"kept-hot","since":[1]}),
+        json!({"op":"history","room":"kept-hot","limit":0}),
+        json!({"op":"history","room":"kept-hot","limit":1001}),
+        json!({"op":"history","room":"kept-hot"}),
+    ] {
+        let r = c.request(bad.clone()).await;
+        assert_eq!(
+            (r["op"].as_str(), r["code"].as_str()),
+            (Some("error"), Some("bad_field")),
+            "{bad} -> {r}"
+        );
+    }
+    c.send(json!({"op":"history","room":"kept-hot","limit":1})).await;
+    let r = c.recv().await.unwrap();
+    assert_eq!(r["code"], "bad_field", "history without an id: {r}");
+    // Still serving after all that.
+    let r = c.request(json!({"op":"history","room":"kept-hot","limit":1})).await;
+    assert_eq!(r["msgs"][0]["data"], 11);
+    node.stop().await;
+}
+
+/// A TCP proxy for one client connection that can be cut: from then on nothing crosses it either
+/// way, though both sockets stay open (a phone whose network dropped, not one that closed).
+struct Cuttable {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Cuttable {
+    async fn to(target: std::net::SocketAddr) -> Cuttable {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cut.clone();
+        tokio::spawn(async move {
+            let (client, _) = listener.accept().await.unwrap();
+            let server = tokio::net::TcpStream::connect(target).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let f1 = flag.clone();
+            let up = tokio::spawn(async move {
+                let mut buf = vec![0; 64 << 10];
+                while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                    if !f1.load(Ordering::Relaxed) && sw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                // Held open: a cut connection is not a closed one.
+                std::future::pending::<()>().await;
+            });
+            let mut buf = vec![0; 64 << 10];
+            while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                if !flag.load(Ordering::Relaxed) && cw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            up.abort();
+        });
+        Cuttable { addr, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Every sender's messages, as a client got them: each once and in order.
+fn check_each_once_in_order(got: &[Value], senders: usize, per_sender: i64) {
+    let mut by_sender: HashMap<i64, Vec<i64>> = HashMap::new();
+    for v in got {
+        by_sender
+            .entry(v["s"].as_i64().unwrap())
+            .or_default()
+            .push(v["i"].as_i64().unwrap());
+    }
+    assert_eq!(by_sender.len(), senders, "every sender heard from");
+    for (s, seqs) in by_sender {
+        assert_eq!(
+            seqs,
+            (0..per_sender).collect::<Vec<_>>(),
+            "sender {s}: once each, in order"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cut_off_for_two_seconds_resumes_on_the_other_node_missing_nothing() {
+    const SENDERS: usize = 16;
+    const PER_SENDER: i64 = 200;
+    let cluster = Cluster::start(3, 0);
+    let cfg = history_config(Some(&cluster), "hist-cut", 8);
+    let a = Node::start(cfg.clone()).await;
+    let b = Node::start(shardcast::config::Config {
+        node_id: "b".into(),
+        ..cfg
+    })
+    .await;
+    let proxy = Cuttable::to(a.addr).await;
+    let mut fan = Client::connect(&format!("ws://{}/ws?user=fan", proxy.addr)).await;
+    let ok = join(&mut fan, "kept-hot", None).await;
+    let mut last: Vec<Value> = ok["pos"].as_array().unwrap().clone();
+    assert_eq!(last.len(), 8);
+
+    // 16 senders over both nodes, 200 messages each at about 1,000 msg/s in all.
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        let node = if s % 2 == 0 {
+            a.ws(&format!("?user=s{s}"))
+        } else {
+            b.ws(&format!("?user=s{s}"))
+        };
+        senders.push(tokio::spawn(async move {
+            let mut c = Client::connect(&node).await;
+            for i in 0..PER_SENDER {
+                c.publish("kept-hot", json!({"s": s, "i": i})).await;
+                tokio::time::sleep(Duration::from_millis(16)).await;
+            }
+        }));
+    }
+    let mut got = take(&mut fan, 400, &mut last).await;
+    proxy.cut();
+    // What was read before the cut is all the client keeps.
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), fan.recv()).await {
+        if m["op"] == "msg" {
+            last[m["shard"].as_u64().unwrap() as usize] = m["pos"].clone();
+            got.push(m["data"].clone());
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut back = Client::connect(&b.ws("?user=fan")).await;
+    let ok = join(&mut back, "kept-hot", Some(&json!(last))).await;
+    assert_eq!(ok["recovered"], true, "{ok}");
+    let rest = SENDERS * PER_SENDER as usize - got.len();
+    got.extend(take(&mut back, rest, &mut last).await);
+    for s in senders {
+        s.await.unwrap();
+    }
+    check_each_once_in_order(&got, SENDERS, PER_SENDER);
+    // Nothing more: no duplicate came after the last message.
+    assert!(tokio::time::timeout(Duration::from_millis(500), back.recv())
+        .await
+        .is_err());
+    a.stop().await;
+    b.stop().await;
+}
