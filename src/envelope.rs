@@ -20,7 +20,8 @@
 use bytes::Bytes;
 use rmp::{decode, encode};
 
-use crate::{bus::stream::Pos, encoding::Encoding};
+use crate::bus::stream::Pos;
+use crate::encoding::Encoding;
 
 pub const VERSION: u8 = 1;
 const FIELDS: u32 = 8;
