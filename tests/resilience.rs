@@ -191,10 +191,10 @@ async fn a_master_dies_and_only_its_shards_pause() {
     let names: Vec<String> = (0..16).map(|i| format!("s{i}")).collect();
     // The master owning sender 0's shard dies; senders whose shards live elsewhere are "healthy".
     let shard_of = |name: &str| format!("{prefix}stadium:shard{}", shard_for(name, 16));
-    let victim = cluster.owner_of(redis_slot(&cluster, &shard_of("s0")));
+    let victim = cluster.owner_of(cluster.slot(&shard_of("s0")));
     let healthy: Vec<String> = names
         .iter()
-        .filter(|n| cluster.owner_of(redis_slot(&cluster, &shard_of(n))) != victim)
+        .filter(|n| cluster.owner_of(cluster.slot(&shard_of(n))) != victim)
         .cloned()
         .collect();
     assert!(!healthy.is_empty());
@@ -298,14 +298,6 @@ fn signal(pid: &str, sig: &str) {
     );
 }
 
-fn redis_slot(cluster: &Cluster, key: &str) -> u16 {
-    cluster
-        .redis_cli(cluster.ports[0], &["cluster", "keyslot", key])
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Three masters, a node, and a viewer in room `lobby`; returns them with the lobby's channel.
 async fn lobby(test: &str, node_timeout_ms: u32) -> (Vec<u16>, Cluster, Node, Client, String) {
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -322,7 +314,7 @@ async fn lobby(test: &str, node_timeout_ms: u32) -> (Vec<u16>, Cluster, Node, Cl
 async fn a_migrated_slot_is_subscribed_again_on_its_new_owner() {
     let (ports, cluster, node, mut viewer, channel) = lobby("migrate", 2000).await;
     let mut sender = Client::connect(&node.ws("?user=s")).await;
-    let slot = redis_slot(&cluster, &channel);
+    let slot = cluster.slot(&channel);
     let from = cluster.owner_of(slot);
     let to = *ports.iter().find(|p| **p != from).unwrap();
     let id = |port: u16| cluster.redis_cli(port, &["cluster", "myid"]).trim().to_string();
@@ -351,7 +343,7 @@ async fn a_migrated_slot_is_subscribed_again_on_its_new_owner() {
 async fn a_frozen_master_is_caught_by_the_probe_not_by_tcp() {
     // A long node timeout: the cluster itself does not notice a master frozen for a few seconds.
     let (_, cluster, node, mut viewer, channel) = lobby("probe", 30_000).await;
-    let owner = cluster.owner_of(redis_slot(&cluster, &channel));
+    let owner = cluster.owner_of(cluster.slot(&channel));
     let pid = cluster.pid(owner);
     // Frozen: its TCP connections stay open, nothing comes back.
     signal(&pid, "-STOP");

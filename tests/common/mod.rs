@@ -399,6 +399,34 @@ impl Cluster {
             .to_string()
     }
 
+    /// The hash slot of `key`.
+    pub fn slot(&self, key: &str) -> u16 {
+        self.redis_cli(self.ports[0], &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .expect("a slot")
+    }
+
+    /// `PUBSUB SHARDNUMSUB channel` on `port` (the channel's master).
+    pub fn shard_numsub(&self, port: u16, channel: &str) -> u64 {
+        let out = self.redis_cli(port, &["pubsub", "shardnumsub", channel]);
+        out.lines().nth(1).and_then(|n| n.trim().parse().ok()).expect("a count")
+    }
+
+    /// How many SUNSUBSCRIBE commands the nodes served since they started, all together.
+    pub fn sunsubscribe_calls(&self) -> u64 {
+        self.ports
+            .iter()
+            .map(|p| {
+                // `cmdstat_sunsubscribe:calls=N,usec=...`, absent until the first call.
+                self.redis_cli(*p, &["info", "commandstats"])
+                    .lines()
+                    .find_map(|l| l.strip_prefix("cmdstat_sunsubscribe:calls="))
+                    .map_or(0, |rest| rest.split(',').next().unwrap().parse::<u64>().unwrap())
+            })
+            .sum()
+    }
+
     /// The port of the master serving `slot`.
     pub fn owner_of(&self, slot: u16) -> u16 {
         // redis-cli prints `CLUSTER SLOTS` one field per line: start, end, ip, port, id, ...
