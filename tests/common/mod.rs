@@ -331,11 +331,22 @@ impl Client {
     }
 
     /// Sends a command with an id and returns its `ok` or `error`, keeping other frames.
-    pub async fn request(&mut self, mut v: Value) -> Value {
+    pub async fn request(&mut self, v: Value) -> Value {
+        let id = self.send_request(v).await;
+        self.reply(id).await
+    }
+
+    /// Sends a command with a fresh id without waiting; [`Client::reply`] waits for its answer.
+    pub async fn send_request(&mut self, mut v: Value) -> i64 {
         let id = self.next_id;
         self.next_id += 1;
         v["id"] = json!(id);
         self.send(v).await;
+        id
+    }
+
+    /// Waits for the `ok` or `error` of the command sent with `id`, keeping other frames.
+    pub async fn reply(&mut self, id: i64) -> Value {
         loop {
             let msg = tokio::time::timeout(WAIT, self.ws.next())
                 .await
