@@ -31,8 +31,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use shardcast::{
     envelope::{Envelope, Kind},
     frame::{broadcast_frame, json_to_msgpack, Encoding},
-    hub::{Hub, Interest, Member, Topic},
+    hub::{Hub, Interest, Member},
     paced::{Lanes, Scratch},
+    topic::Topic,
 };
 
 const SOCKETS: usize = 10_000;

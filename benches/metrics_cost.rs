@@ -35,8 +35,10 @@ use shardcast::{
     envelope::{Envelope, Kind},
     frame::Encoding,
     gate::Gate,
-    hub::{Delivery, Hub, Interest, Member, Topic},
+    hub::{Hub, Interest, Member},
     metrics,
+    metrics::Delivery,
+    topic::Topic,
 };
 
 const ROOM: &str = "stadium";
@@ -156,6 +158,7 @@ fn prometheus(c: &mut Criterion) {
         bytes: 1_000_000,
         overflowed: 0,
         unencodable: 0,
+        writes: 10_000,
     };
     c.bench_function("record_only", |b| {
         b.iter(|| {

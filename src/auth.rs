@@ -10,7 +10,16 @@ use std::sync::Arc;
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::{config::JwtKey, names};
+use crate::names;
+
+/// Where JWT signatures are checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwtKey {
+    /// HS256 with this secret.
+    Secret(String),
+    /// RS256 or ES256 with this PEM public key.
+    PublicKeyPem(String),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {

@@ -1,7 +1,7 @@
 //! Every close code and `error.code` string of the client contract, in one place.
 //!
 //! Clients program against these values, so they never change meaning once shipped; add new ones
-//! at the end and document them in the README's client contract.
+//! at the end and document them in docs/protocol.md, the client contract.
 
 /// WebSocket close codes the node sends.
 pub mod code {

@@ -9,6 +9,7 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 use serde::Deserialize;
 
+pub use crate::auth::JwtKey;
 use crate::names;
 
 /// Command-line flags. Each has a `SHARDCAST_*` environment variable and a key of the same name
@@ -187,15 +188,6 @@ pub struct Config {
     pub jwt: Option<JwtKey>,
     pub allowed_origins: Vec<String>,
     pub names: names::Policy,
-}
-
-/// Where JWT signatures are checked against.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JwtKey {
-    /// HS256 with this secret.
-    Secret(String),
-    /// RS256 or ES256 with this PEM public key.
-    PublicKeyPem(String),
 }
 
 impl Default for Config {

@@ -18,7 +18,7 @@
 use bytes::Bytes;
 use rmp::{decode, encode};
 
-use crate::frame::Encoding;
+use crate::encoding::Encoding;
 
 pub const VERSION: u8 = 1;
 const FIELDS: u32 = 8;

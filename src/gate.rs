@@ -24,8 +24,7 @@ use std::{
 };
 
 #[cfg(target_os = "linux")]
-use std::os::fd::AsRawFd;
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 
 use bytes::{Buf, Bytes};
 use tokio::{net::tcp::OwnedWriteHalf, sync::Notify};
@@ -33,17 +32,13 @@ use tokio::{net::tcp::OwnedWriteHalf, sync::Notify};
 /// Frames handed to one `writev` at most.
 const MAX_SLICES: usize = 64;
 
-/// Where a gate's frames go: the socket's write half (or, in benches and tests, a stand-in).
+/// Where a gate's frames go when it is not a socket's own write half ([`Gate::attach_socket`]):
+/// stand-ins in benches and tests. A stand-in is always written through its methods.
 pub trait Outlet: Send + Sync + 'static {
     /// Writes what the kernel takes now, without waiting; `WouldBlock` when it takes nothing.
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
     /// Ready when a write may make progress again.
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-    /// The socket's descriptor, for turns written without the runtime (see [`Gate::write_through`]);
-    /// `None` for stand-ins.
-    fn raw_fd(&self) -> Option<RawFd> {
-        None
-    }
 }
 
 impl Outlet for OwnedWriteHalf {
@@ -54,43 +49,76 @@ impl Outlet for OwnedWriteHalf {
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.as_ref().poll_write_ready(cx)
     }
+}
+
+/// A socket's write half with its descriptor read once: a paced turn writes the descriptor without
+/// touching the half or the runtime's readiness (each a cache miss per socket per write). The
+/// descriptor is private and only lent out borrowed from the half that keeps it open, so it cannot
+/// outlive the socket.
+struct Socket {
+    half: OwnedWriteHalf,
+    #[cfg(target_os = "linux")]
+    fd: std::os::fd::RawFd,
+}
+
+impl Socket {
+    fn new(half: OwnedWriteHalf) -> Socket {
+        Socket {
+            #[cfg(target_os = "linux")]
+            fd: std::os::fd::AsRawFd::as_raw_fd(half.as_ref()),
+            half,
+        }
+    }
 
     #[cfg(target_os = "linux")]
-    fn raw_fd(&self) -> Option<RawFd> {
-        Some(self.as_ref().as_raw_fd())
+    fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: `fd` is `half`'s descriptor, open for as long as `half` lives, and the borrow
+        // cannot outlive `self`, which owns `half`.
+        unsafe { BorrowedFd::borrow_raw(self.fd) }
     }
 }
 
 /// A gate's socket once connected.
-struct Attached {
-    outlet: Box<dyn Outlet>,
-    /// Read once at attach: a paced turn writes the descriptor without touching the outlet or the
-    /// runtime's readiness (each a cache miss per socket per write). Valid for the gate's life: the
-    /// outlet, which keeps it open, is never taken out.
-    fd: Option<RawFd>,
+enum Attached {
+    Socket(Socket),
+    Outlet(Box<dyn Outlet>),
+}
+
+impl Attached {
+    fn outlet(&self) -> &dyn Outlet {
+        match self {
+            Attached::Socket(s) => &s.half,
+            Attached::Outlet(o) => o.as_ref(),
+        }
+    }
+
+    /// Writes without waiting: a socket by its descriptor, a stand-in through its outlet.
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Attached::Socket(s) => send_fd(s.fd(), bufs),
+            _ => self.outlet().try_write_vectored(bufs),
+        }
+    }
 }
 
 /// One `sendmsg` on a socket, not waiting and not raising SIGPIPE.
 #[cfg(target_os = "linux")]
-fn send_fd(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+fn send_fd(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
     // SAFETY: a zeroed msghdr is valid (no name, no control data).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     // `IoSlice` is ABI-compatible with `iovec` on Unix; sendmsg only reads them.
     msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
     msg.msg_iovlen = bufs.len() as _;
-    // SAFETY: `fd` is open (see `Attached::fd`), and `msg` and the buffers it points to outlive
+    // SAFETY: `fd` is open for the borrow's life, and `msg` and the buffers it points to outlive
     // the call.
-    let sent = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    let sent = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
     if sent < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(sent as usize)
     }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn send_fd(_: RawFd, _: &[IoSlice<'_>]) -> io::Result<usize> {
-    unreachable!("descriptors are only handed out on Linux")
 }
 
 /// What became of a pushed frame.
@@ -243,10 +271,7 @@ fn writev<'a>(
 /// Writes `frames` (none queued before them) without waiting, as far as the kernel takes them:
 /// how many went whole, and how many bytes of the next one.
 fn write_direct(to: &Attached, frames: &[Bytes]) -> io::Result<(usize, usize)> {
-    let write = |bufs: &[IoSlice<'_>]| match to.fd {
-        Some(fd) => send_fd(fd, bufs),
-        None => to.outlet.try_write_vectored(bufs),
-    };
+    let write = |bufs: &[IoSlice<'_>]| to.try_write_vectored(bufs);
     let mut whole = 0;
     while whole < frames.len() {
         let batch = (frames.len() - whole).min(MAX_SLICES);
@@ -303,10 +328,20 @@ impl Gate {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Connects the socket's write side (once the upgrade completed) and flushes what waited for it.
+    /// Connects the socket's write half (once the upgrade completed) and flushes what waited for
+    /// it. The gate owns the half from then on: the socket is not shut down before the gate is
+    /// dropped.
+    pub fn attach_socket(&self, half: OwnedWriteHalf) {
+        self.connect(Attached::Socket(Socket::new(half)));
+    }
+
+    /// Connects a stand-in for a socket (benches, tests).
     pub fn attach(&self, outlet: Box<dyn Outlet>) {
-        let fd = outlet.raw_fd();
-        if self.outlet.set(Attached { outlet, fd }).is_ok() {
+        self.connect(Attached::Outlet(outlet));
+    }
+
+    fn connect(&self, to: Attached) {
+        if self.outlet.set(to).is_ok() {
             self.flush();
         }
     }
@@ -349,7 +384,7 @@ impl Gate {
                     return Push::Overflow;
                 }
             }
-            let wake = outlet.is_some_and(|to| st.flush(to.outlet.as_ref()));
+            let wake = outlet.is_some_and(|to| st.flush(to.outlet()));
             let broken = matches!(st.status, Status::Broken);
             drop(st);
             if wake {
@@ -408,7 +443,7 @@ impl Gate {
         };
         let mut st = self.lock();
         // Congested or broken: the writer goes on from there (or ends the session).
-        if st.flush(outlet.outlet.as_ref()) {
+        if st.flush(outlet.outlet()) {
             drop(st);
             self.notify.notify_one();
         }
@@ -449,9 +484,9 @@ impl Gate {
             return Err(io::ErrorKind::NotConnected.into());
         };
         loop {
-            std::future::poll_fn(|cx| outlet.outlet.poll_write_ready(cx)).await?;
+            std::future::poll_fn(|cx| outlet.outlet().poll_write_ready(cx)).await?;
             let mut st = self.lock();
-            match st.write(outlet.outlet.as_ref()) {
+            match st.write(outlet.outlet()) {
                 Ok(true) => {
                     st.congested = false;
                     return Ok(());
@@ -742,5 +777,49 @@ mod tests {
                 .unwrap()
                 .unwrap();
         }
+    }
+
+    /// A connected pair of loopback TCP sockets: the server side's write half and the client side.
+    async fn socket_pair() -> (OwnedWriteHalf, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (_read, write) = accepted.unwrap().0.into_split();
+        (write, client.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_turn_goes_through_the_sockets_own_descriptor_and_what_the_kernel_leaves_is_drained() {
+        use tokio::io::AsyncReadExt;
+        let (half, mut client) = socket_pair().await;
+        let gate = Arc::new(Gate::new(64 << 20));
+        gate.attach_socket(half);
+        // Small enough for the kernel to take at once: written straight through, nothing queued.
+        let small = [frame(1, 10), frame(2, 20), frame(3, 30)];
+        assert_eq!(gate.write_through(&small), Push::Queued { flush: false });
+        assert_eq!(gate.queued(), 0, "the kernel took the whole turn");
+        let mut got = vec![0; 60];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, small.concat());
+        // More than loopback buffers hold: the rest is queued whole and drained by the writer.
+        let big: Vec<Bytes> = (0..64).map(|i| frame(i, 256 << 10)).collect();
+        assert_eq!(gate.write_through(&big), Push::Queued { flush: false });
+        assert!(gate.queued() > 0, "the kernel left part of 16 MiB");
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0; 64 * (256 << 10)];
+            client.read_exact(&mut got).await.unwrap();
+            got
+        });
+        assert_eq!(gate.next().await, Next::Congested);
+        tokio::time::timeout(Duration::from_secs(20), gate.drain())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(gate.queued(), 0);
+        let got = tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(got == big.concat(), "every byte once, in order");
     }
 }

@@ -22,11 +22,13 @@ use indexmap::IndexMap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    envelope::{Envelope, Kind},
-    frame::{broadcast_frame, Encoding},
+    encoding::Encoding,
+    envelope::Envelope,
+    frame::broadcast_frame,
     gate::{Gate, Push},
-    metrics as m,
+    metrics::{self as m, Delivery},
     paced::{lane_of, Frames, Lanes, Recent, Scratch},
+    topic::Topic,
 };
 
 /// For maps keyed by client input (room and user names): random keys.
@@ -36,23 +38,6 @@ type Hasher = ahash::RandomState;
 type MemberHasher = std::hash::BuildHasherDefault<ahash::AHasher>;
 
 pub type SessionId = u64;
-
-/// Something local sockets can be in: a room, or the inbox of one user's sockets.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Topic {
-    Room(Arc<str>),
-    User(Arc<str>),
-}
-
-impl Topic {
-    /// The topic an envelope of `kind` addressed to `target` belongs to.
-    pub fn of(kind: Kind, target: &str) -> Topic {
-        match kind {
-            Kind::Room => Topic::Room(target.into()),
-            Kind::Direct => Topic::User(target.into()),
-        }
-    }
-}
 
 /// One local socket as fan-out sees it.
 #[derive(Debug, Clone)]
@@ -142,15 +127,6 @@ struct Inner {
     interest: mpsc::UnboundedSender<Interest>,
     /// Set when writes are paced: where joins read their first frame number.
     lanes: OnceLock<Arc<Lanes>>,
-}
-
-/// What one [`Hub::deliver`] did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Delivery {
-    pub delivered: usize,
-    pub bytes: usize,
-    pub overflowed: usize,
-    pub unencodable: usize,
 }
 
 impl Hub {
@@ -430,6 +406,7 @@ impl Hub {
             if frames.is_empty() {
                 continue;
             }
+            out.writes += 1;
             match gate.write_through(frames) {
                 Push::Queued { .. } => {
                     out.delivered += frames.len();
@@ -445,5 +422,134 @@ impl Hub {
     /// Per-socket queued bytes, for the sampled queue metrics.
     pub fn queue_depths(&self) -> Vec<usize> {
         self.inner.sessions.iter().map(|e| e.value().gate.queued()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Kind;
+
+    fn message(room: &str, data: &'static [u8]) -> Envelope {
+        Envelope {
+            kind: Kind::Room,
+            origin: "n1".into(),
+            target: room.into(),
+            from: "p".into(),
+            ts_us: 0,
+            format: Encoding::Json,
+            data: Bytes::from_static(data),
+        }
+    }
+
+    /// A hub whose subscriptions are granted as soon as they are asked for.
+    fn hub() -> Hub {
+        let (hub, mut interest) = Hub::new();
+        let answering = hub.clone();
+        tokio::spawn(async move {
+            while let Some(i) = interest.recv().await {
+                if let Interest::Want(t) = i {
+                    answering.subscribed(&t, Ok(()));
+                }
+            }
+        });
+        hub
+    }
+
+    /// A socket that is not connected yet: what fan-out pushes stays queued and counted.
+    async fn member(hub: &Hub, room: &str, encoding: Encoding, budget: usize) -> Arc<Gate> {
+        let gate = Arc::new(Gate::new(budget));
+        let id = hub.register(Member {
+            gate: gate.clone(),
+            encoding,
+        });
+        hub.join(Topic::Room(room.into()), id, Duration::from_secs(5))
+            .await
+            .unwrap();
+        gate
+    }
+
+    #[tokio::test]
+    async fn a_message_reaches_each_member_of_its_room_once_in_its_encoding() {
+        let hub = hub();
+        let json = [
+            member(&hub, "r", Encoding::Json, 1 << 20).await,
+            member(&hub, "r", Encoding::Json, 1 << 20).await,
+        ];
+        let msgpack = member(&hub, "r", Encoding::MsgPack, 1 << 20).await;
+        let elsewhere = member(&hub, "other", Encoding::Json, 1 << 20).await;
+        let env = message("r", b"[1,2,3]");
+        let json_frame = broadcast_frame(Encoding::Json, &env).unwrap();
+        let msgpack_frame = broadcast_frame(Encoding::MsgPack, &env).unwrap();
+
+        let mut flush = Vec::new();
+        let d = hub.deliver(&env, &mut flush);
+        assert_eq!(
+            d,
+            Delivery {
+                delivered: 3,
+                bytes: 2 * json_frame.len() + msgpack_frame.len(),
+                ..Delivery::default()
+            }
+        );
+        for gate in &json {
+            assert_eq!(gate.queued(), json_frame.len());
+        }
+        assert_eq!(msgpack.queued(), msgpack_frame.len());
+        assert_eq!(elsewhere.queued(), 0, "another room's member gets nothing");
+        assert_eq!(
+            flush.len(),
+            3,
+            "each gate whose queue this started is flushed by the caller"
+        );
+
+        // A second message: queues that already wait are flushed by whoever started them.
+        flush.clear();
+        hub.deliver(&env, &mut flush);
+        assert!(flush.is_empty());
+        assert_eq!(msgpack.queued(), 2 * msgpack_frame.len());
+    }
+
+    #[tokio::test]
+    async fn an_overflowing_member_is_counted_and_the_others_still_get_the_message() {
+        let hub = hub();
+        let small = member(&hub, "r", Encoding::Json, 8).await;
+        let big = member(&hub, "r", Encoding::Json, 1 << 20).await;
+        let d = hub.deliver(&message("r", b"\"a long enough payload\""), &mut Vec::new());
+        assert_eq!((d.delivered, d.overflowed), (1, 1));
+        assert_eq!(small.queued(), 0, "an overflowed gate is freed");
+        assert!(big.queued() > 0);
+        // Data that is not JSON cannot be framed in either encoding: counted per member, sent to none.
+        let _msgpack = member(&hub, "r", Encoding::MsgPack, 1 << 20).await;
+        let queued = big.queued();
+        let d = hub.deliver(&message("r", b"{not json"), &mut Vec::new());
+        // The overflowed member is still in the room until its session ends and leaves.
+        assert_eq!((d.unencodable, d.delivered), (3, 0));
+        assert_eq!(big.queued(), queued);
+    }
+
+    #[tokio::test]
+    async fn the_first_join_asks_for_the_topic_and_the_last_leave_lets_it_go() {
+        let (hub, mut interest) = Hub::new();
+        let id = hub.register(Member {
+            gate: Arc::new(Gate::new(1024)),
+            encoding: Encoding::Json,
+        });
+        let other = hub.register(Member {
+            gate: Arc::new(Gate::new(1024)),
+            encoding: Encoding::Json,
+        });
+        let room = Topic::Room("r".into());
+        hub.join_later(room.clone(), id).unwrap();
+        hub.join_later(room.clone(), other).unwrap();
+        assert!(matches!(interest.try_recv(), Ok(Interest::Want(t)) if t == room));
+        assert!(interest.try_recv().is_err(), "asked for once, however many join");
+        assert!(hub.leave(&room, id));
+        assert!(!hub.leave(&room, id), "not in it any more");
+        assert!(interest.try_recv().is_err(), "a member is left");
+        hub.unregister(other, [room.clone()]);
+        assert!(matches!(interest.try_recv(), Ok(Interest::Idle(t)) if t == room));
+        assert!(hub.remove_if_idle(&room));
+        assert_eq!(hub.sessions(), 1);
     }
 }

@@ -4,24 +4,42 @@
 //! interested node, and each node serializes a message once per encoding for all its sockets.
 //!
 //! # Layout
+//! Lower modules never import higher ones; where a lower one must call up, it defines the small
+//! trait it needs ([`bus::Sink`]) and a higher one plugs in.
+//!
+//! A message's route in: [`session`] (a client's `pub` or `dm`) or [`server`] (`POST /publish`)
+//! → [`publish`] (one envelope, its channel) → [`bus`] → Redis Cluster or the in-process twin.
+//!
+//! Its route out, on every node with members: [`bus`] → [`deliver`] (workers decode it once) →
+//! [`hub`] (every local member of its topic, one frame per encoding; or [`paced`] turns) →
+//! [`gate`] (each socket's byte budget and non-blocking writes) → the socket.
+//!
+//! Modules, from the edge of the node inwards:
 //! - [`config`]: settings, their defaults and validation.
 //! - [`http`]: the HTTP/1.1 accept loop; [`server`]: HTTP and WebSocket routes on one listener;
 //!   [`upgrade`]: the WebSocket handshake, handing the TCP socket over.
+//! - [`auth`]: tokens and what they grant; [`names`]: what a room or user name may be.
 //! - [`session`]: one socket: reader, commands, pings, congested writes and closes.
-//! - [`frame`]: client frames in JSON and MessagePack; [`wire`]: server frames as bytes on the wire;
-//!   [`envelope`]: the bus envelope.
-//! - [`names`]: what a room or user name may be; [`close`]: close and error codes.
-//! - [`auth`]: tokens and what they grant.
-//! - [`gate`]: the per-socket queue, its byte budget and its non-blocking writes.
-//! - [`hub`]: local sockets and topics, fan-out.
+//! - [`publish`]: wraps a message in an envelope and hands it to the bus.
+//! - [`frame`]: client frames in both encodings; [`wire`]: server frames as bytes on the wire;
+//!   [`envelope`]: the bus envelope; [`encoding`]: JSON and MessagePack; [`close`]: close and
+//!   error codes.
+//! - [`topic`]: a room or a user's inbox, what sockets are in.
 //! - [`interest`]: subscribe on first member, unsubscribe after the last.
-//! - [`bus`]: the seam to other nodes: [`bus::redis`] (Redis Cluster) and [`bus::memory`] (embedded).
+//! - [`bus`]: the transport seam, channel names and shard choice: [`bus::redis`] (Redis Cluster)
+//!   and [`bus::memory`] (embedded).
+//! - [`deliver`]: the delivery workers between the bus and the hub.
+//! - [`hub`]: local sockets and topics, fan-out; [`paced`]: the schedule and frame lists of
+//!   paced writes.
+//! - [`gate`]: the per-socket queue, its byte budget and its non-blocking writes.
 //! - [`node`]: the shared handle; [`shutdown`]: the drain; [`metrics`]: names and recorder.
 
 pub mod auth;
 pub mod bus;
 pub mod close;
 pub mod config;
+pub mod deliver;
+pub mod encoding;
 pub mod envelope;
 pub mod frame;
 pub mod gate;
@@ -32,9 +50,11 @@ pub mod metrics;
 pub mod names;
 pub mod node;
 pub mod paced;
+pub mod publish;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod topic;
 pub mod upgrade;
 pub mod wire;
 
@@ -45,8 +65,9 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    bus::{memory::MemoryBus, redis::RedisBus, Bus, BusError, Dispatch, Naming},
+    bus::{memory::MemoryBus, redis::RedisBus, Bus, BusError, Naming},
     config::Config,
+    deliver::Dispatch,
     hub::Hub,
     node::Node,
 };
@@ -73,14 +94,14 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     let tracker = TaskTracker::new();
     let internal = CancellationToken::new();
     let (hub, interest_rx) = Hub::new();
-    let dispatch = Dispatch::start(
+    let dispatch = Arc::new(Dispatch::start(
         hub.clone(),
         config.workers,
         config.worker_queue,
         config.write_coalesce,
         &tracker,
         internal.clone(),
-    );
+    ));
     let bus = if config.redis.is_empty() {
         tracing::info!("no --redis: running alone on the embedded in-process bus");
         metrics::bus_up(true);

@@ -10,10 +10,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::{
-    close::{CloseReason, ErrorCode},
-    hub::Delivery,
-};
+use crate::close::{CloseReason, ErrorCode};
 
 // Connections.
 pub const CONNECTIONS_OPEN: &str = "shardcast_connections_open";
@@ -30,6 +27,7 @@ pub const BUS_RECEIVED: &str = "shardcast_bus_messages_received_total";
 pub const BUS_DROPPED: &str = "shardcast_bus_messages_dropped_total";
 pub const DELIVERIES: &str = "shardcast_deliveries_total";
 pub const DELIVERED_BYTES: &str = "shardcast_delivered_bytes_total";
+pub const SOCKET_WRITES: &str = "shardcast_socket_writes_total";
 pub const UNENCODABLE: &str = "shardcast_unencodable_messages_total";
 pub const LATENCY: &str = "shardcast_delivery_latency_seconds";
 // Slow consumers.
@@ -75,6 +73,7 @@ pub fn handle() -> PrometheusHandle {
                 latency: histogram!(LATENCY),
                 deliveries: counter!(DELIVERIES),
                 delivered_bytes: counter!(DELIVERED_BYTES),
+                socket_writes: counter!(SOCKET_WRITES),
                 unencodable: counter!(UNENCODABLE),
             });
             handle
@@ -90,6 +89,7 @@ struct HotPath {
     latency: Histogram,
     deliveries: Counter,
     delivered_bytes: Counter,
+    socket_writes: Counter,
     unencodable: Counter,
 }
 
@@ -221,6 +221,11 @@ pub fn describe() {
     );
     describe_counter!(DELIVERED_BYTES, Unit::Bytes, "Bytes queued to local sockets.");
     describe_counter!(
+        SOCKET_WRITES,
+        Unit::Count,
+        "Writes of delivered frames to local sockets (one per socket per delivery batch or paced turn); deliveries per write is how well writes are coalesced."
+    );
+    describe_counter!(
         UNENCODABLE,
         Unit::Count,
         "Deliveries skipped because the message has no form in the socket's encoding."
@@ -288,6 +293,7 @@ pub fn describe() {
         BUS_RECEIVED,
         DELIVERIES,
         DELIVERED_BYTES,
+        SOCKET_WRITES,
         UNENCODABLE,
         SLOW_CONSUMER_DROPS,
         BUS_PUBLISH_ERRORS,
@@ -359,10 +365,22 @@ pub fn bus_dropped(reason: &'static str, n: u64) {
     counter!(BUS_DROPPED, "reason" => reason).increment(n);
 }
 
+/// What one fan-out did (a message to a topic's members, or a lane's turn), as it is counted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub delivered: usize,
+    pub bytes: usize,
+    pub overflowed: usize,
+    pub unencodable: usize,
+    /// Sockets written (each once, with all its frames).
+    pub writes: usize,
+}
+
 pub fn delivered(d: &Delivery) {
     if let Some(h) = HOT.get() {
         h.deliveries.increment(d.delivered as u64);
         h.delivered_bytes.increment(d.bytes as u64);
+        h.socket_writes.increment(d.writes as u64);
         if d.unencodable > 0 {
             h.unencodable.increment(d.unencodable as u64);
         }

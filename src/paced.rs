@@ -13,6 +13,9 @@
 //!
 //! A socket in several topics gets one write per topic with news on its lane's turn.
 //!
+//! This module owns the schedule ([`Pace`]) and the frame lists ([`Lanes`], [`Recent`]); the paced
+//! worker that follows the schedule is in [`crate::deliver`], beside the unpaced one.
+//!
 //! [`Gate::write_through`]: crate::gate::Gate::write_through
 
 use std::{
@@ -25,16 +28,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use tokio::{sync::mpsc, time::Instant};
-use tokio_util::sync::CancellationToken;
+use tokio::time::Instant;
 
-use crate::{
-    bus::{decode_each, BATCH},
-    frame::Encoding,
-    gate::Gate,
-    hub::{Hub, Topic},
-    metrics as m,
-};
+use crate::{encoding::Encoding, gate::Gate, topic::Topic};
 
 /// Lanes when workers are few: ticks `P / 8` apart spread a node's writes over the period.
 const LANES: usize = 8;
@@ -75,17 +71,17 @@ impl Pace {
     }
 
     /// When tick `k` comes (in u64 nanoseconds: a 1 ms tick passes `u32::MAX` in 50 days).
-    fn at(&self, k: u64) -> Instant {
+    pub(crate) fn at(&self, k: u64) -> Instant {
         self.start + Duration::from_nanos((self.tick.as_nanos() as u64).saturating_mul(k))
     }
 
     /// The tick `at` falls on.
-    fn tick_of(&self, at: Instant) -> u64 {
+    pub(crate) fn tick_of(&self, at: Instant) -> u64 {
         ((at - self.start).as_nanos() / self.tick.as_nanos().max(1)) as u64
     }
 
     /// Ticks between two turns of one worker; worker `w` has turns at ticks `k % step == w`.
-    fn step(&self) -> usize {
+    pub(crate) fn step(&self) -> usize {
         self.workers.min(self.lanes)
     }
 }
@@ -195,59 +191,8 @@ impl Lanes {
     }
 
     /// The topics with news for `lane`, leaving it empty.
-    fn take_dirty(&self, lane: usize) -> Vec<Topic> {
+    pub(crate) fn take_dirty(&self, lane: usize) -> Vec<Topic> {
         std::mem::take(&mut *self.lock(lane))
-    }
-}
-
-/// Worker `index` of a paced node: records what the bus hands over, and writes its lanes on
-/// their turns. A turn missed while the worker was busy is caught up on the next tick, lanes in
-/// order; when cancelled, it writes its lanes once more.
-pub async fn run(
-    hub: Hub,
-    mut rx: mpsc::Receiver<Bytes>,
-    cancel: CancellationToken,
-    pace: Pace,
-    lanes: Arc<Lanes>,
-    index: usize,
-) {
-    let step = pace.step() as u64;
-    let index = index as u64;
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut scratch = Scratch::default();
-    // Without lanes of its own, a worker only records.
-    let mut next = (index < step).then(|| {
-        let now = pace.tick_of(Instant::now()) + 1;
-        now + (index + step - now % step) % step
-    });
-    let turn = tokio::time::sleep_until(pace.at(next.unwrap_or(0)));
-    tokio::pin!(turn);
-    loop {
-        tokio::select! {
-            n = rx.recv_many(&mut batch, BATCH) => {
-                if n == 0 {
-                    break;
-                }
-                decode_each(&mut batch, |env| hub.record(env, &lanes));
-            }
-            () = &mut turn, if next.is_some() => {
-                let due = next.unwrap_or(0);
-                let now = pace.tick_of(Instant::now()).max(due);
-                // Every turn of this worker since the last, each lane once.
-                let mut k = due.max((now + 1).saturating_sub(pace.lanes as u64));
-                k += (index + step - k % step) % step;
-                while k <= now {
-                    write_lane(&hub, &lanes, (k % pace.lanes as u64) as usize, &mut scratch);
-                    k += step;
-                }
-                next = Some(k);
-                turn.as_mut().reset(pace.at(k));
-            }
-            _ = cancel.cancelled() => break,
-        }
-    }
-    for lane in (index as usize..pace.lanes).step_by(step as usize) {
-        write_lane(&hub, &lanes, lane, &mut scratch);
     }
 }
 
@@ -267,187 +212,9 @@ impl Scratch {
     }
 }
 
-fn write_lane(hub: &Hub, lanes: &Lanes, lane: usize, scratch: &mut Scratch) {
-    for topic in lanes.take_dirty(lane) {
-        let d = hub.write_lane(&topic, lane, lanes.count(), scratch);
-        m::delivered(&d);
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::{
-        io::{self, IoSlice},
-        task::{Context, Poll},
-    };
-
     use super::*;
-    use crate::{
-        bus::Dispatch,
-        envelope::{Envelope, Kind},
-        gate::Outlet,
-        hub::{Interest, Member, SessionId},
-    };
-
-    /// A socket that takes everything and notes when each write came and the bytes written so far.
-    #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<Vec<(Instant, usize)>>>);
-
-    impl Outlet for Recorder {
-        fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-            let n = bufs.iter().map(|b| b.len()).sum();
-            let mut writes = self.0.lock().unwrap();
-            let before = writes.last().map_or(0, |w| w.1);
-            writes.push((Instant::now(), before + n));
-            Ok(n)
-        }
-
-        fn poll_write_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    /// A hub with paced workers behind a real [`Dispatch`], and sockets that record their writes.
-    struct Paced {
-        hub: Hub,
-        dispatch: Dispatch,
-        tracker: tokio_util::task::TaskTracker,
-        cancel: CancellationToken,
-    }
-
-    impl Paced {
-        fn start(every: Duration, workers: usize) -> Paced {
-            let (hub, mut interest) = Hub::new();
-            let answering = hub.clone();
-            tokio::spawn(async move {
-                while let Some(i) = interest.recv().await {
-                    if let Interest::Want(t) = i {
-                        answering.subscribed(&t, Ok(()));
-                    }
-                }
-            });
-            let tracker = tokio_util::task::TaskTracker::new();
-            let cancel = CancellationToken::new();
-            let dispatch = Dispatch::start(hub.clone(), workers, 1024, every, &tracker, cancel.clone());
-            Paced {
-                hub,
-                dispatch,
-                tracker,
-                cancel,
-            }
-        }
-
-        async fn join(&self, room: &str, budget: usize) -> (Recorder, SessionId) {
-            let gate = Arc::new(Gate::new(budget));
-            let socket = Recorder::default();
-            gate.attach(Box::new(socket.clone()));
-            let id = self.hub.register(Member {
-                gate,
-                encoding: Encoding::Json,
-            });
-            self.rejoin(room, id).await;
-            (socket, id)
-        }
-
-        async fn rejoin(&self, room: &str, id: SessionId) {
-            self.hub
-                .join(Topic::Room(room.into()), id, Duration::from_secs(1))
-                .await
-                .unwrap();
-        }
-
-        fn publish(&self, channel: &str, room: &str) {
-            self.publish_data(channel, room, Bytes::from_static(b"1"));
-        }
-
-        fn publish_data(&self, channel: &str, room: &str, data: Bytes) {
-            let env = Envelope {
-                kind: Kind::Room,
-                origin: "n1".into(),
-                target: room.into(),
-                from: "p".into(),
-                ts_us: 0,
-                format: Encoding::Json,
-                data,
-            };
-            self.dispatch.dispatch(channel.as_bytes(), env.encode());
-        }
-
-        async fn stop(self) {
-            self.cancel.cancel();
-            self.tracker.close();
-            self.tracker.wait().await;
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn paced_writes_each_socket_once_per_period_and_no_frame_waits_longer() {
-        const SOCKETS: usize = 24;
-        const MESSAGES: usize = 100;
-        let every = Duration::from_millis(40);
-        let gap = Duration::from_millis(5);
-        let node = Paced::start(every, 2);
-        let mut sockets = Vec::new();
-        for _ in 0..SOCKETS {
-            let (socket, _) = node.join("r", 1 << 20).await;
-            sockets.push(socket);
-        }
-        // Off the ticks' grid, so no message and write share an instant.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        let mut sent = Vec::new();
-        for seq in 0..MESSAGES {
-            sent.push(Instant::now());
-            // Two channels of the room, one on each worker: its messages reach both.
-            node.publish(["ws:room:r:shard0", "ws:room:r:shard4"][seq % 2], "r");
-            tokio::time::sleep(gap).await;
-        }
-        tokio::time::sleep(every * 2).await;
-        node.stop().await;
-
-        let mut phases = std::collections::BTreeSet::new();
-        for socket in &sockets {
-            let writes = socket.0.lock().unwrap().clone();
-            let frame = writes.last().unwrap().1 / MESSAGES;
-            assert_eq!(writes.last().unwrap().1, frame * MESSAGES, "every frame, whole");
-            for pair in writes.windows(2) {
-                assert!(pair[1].0 - pair[0].0 >= every, "two writes within one period");
-            }
-            for (k, at) in sent.iter().enumerate() {
-                let (written, _) = writes.iter().find(|w| w.1 >= (k + 1) * frame).unwrap();
-                assert!(*written - *at <= every, "frame {k} waited {:?}", *written - *at);
-            }
-            phases.insert((writes[0].0 - sent[0]).as_millis() % every.as_millis());
-            // 500 ms of messages 5 ms apart: about 8 frames per write.
-            assert!(writes.len() <= MESSAGES * gap.as_millis() as usize / every.as_millis() as usize + 2);
-        }
-        assert!(
-            phases.len() > 1,
-            "the sockets' writes are spread over the period: {phases:?}"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_socket_gets_what_came_after_its_join_and_joining_again_loses_nothing() {
-        let every = Duration::from_millis(40);
-        let node = Paced::start(every, 1);
-        let (early, id) = node.join("r", 1 << 20).await;
-        // 1 ms after a tick (ticks every 5 ms from the start), so no turn comes in between.
-        tokio::time::sleep(Duration::from_millis(6)).await;
-        node.publish_data("ws:room:r:shard0", "r", Bytes::from_static(b"12345"));
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        let (late, _) = node.join("r", 1 << 20).await;
-        node.publish_data("ws:room:r:shard0", "r", Bytes::from_static(b"2"));
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        // Already in: its unwritten frames stay its own.
-        node.rejoin("r", id).await;
-        tokio::time::sleep(every * 2).await;
-        node.stop().await;
-        let total = |s: &Recorder| s.0.lock().unwrap().last().map_or(0, |w| w.1);
-        let (first, second) = (total(&early), total(&late));
-        assert!(second > 0, "the late socket got the second message");
-        // The early one got both; the first message's frame is 4 bytes longer than the second's.
-        assert_eq!(first, 2 * second + 4, "early {first} B, late {second} B");
-    }
 
     #[test]
     fn lanes_are_shared_out_evenly_between_workers() {

@@ -18,12 +18,14 @@ use subtle::ConstantTimeEq;
 use crate::{
     auth::Grants,
     close::ErrorCode,
+    encoding::{Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK},
     envelope::Kind,
-    frame::{Data, Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK},
+    frame::Data,
     gate::Gate,
     hub::Member,
     metrics as m,
     node::Node,
+    publish,
     session::{self, Membership},
     upgrade::Upgrade,
 };
@@ -32,7 +34,7 @@ pub fn router(node: Node) -> Router {
     let body_limit = node.config().max_frame_bytes;
     Router::new()
         .route("/ws", get(upgrade))
-        .route("/publish", post(publish).layer(DefaultBodyLimit::max(body_limit)))
+        .route("/publish", post(publish_http).layer(DefaultBodyLimit::max(body_limit)))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -54,9 +56,28 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn refuse(status: StatusCode, code: ErrorCode, reason: &'static str, message: String) -> Response {
-    m::upgrade_refused(reason);
-    ApiError(status, code, message).into_response()
+/// An upgrade refused before the socket opened: an HTTP error, counted by `reason`.
+struct Refused {
+    status: StatusCode,
+    code: ErrorCode,
+    reason: &'static str,
+    message: String,
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        m::upgrade_refused(self.reason);
+        ApiError(self.status, self.code, self.message).into_response()
+    }
+}
+
+fn refuse(status: StatusCode, code: ErrorCode, reason: &'static str, message: String) -> Refused {
+    Refused {
+        status,
+        code,
+        reason,
+        message,
+    }
 }
 
 async fn upgrade(
@@ -64,96 +85,104 @@ async fn upgrade(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     ws: Upgrade,
-) -> Response {
+) -> Result<Response, Refused> {
+    admit(&node, &headers)?;
+    let grants = grants(&node, &query, &headers)?;
+    let protocol = ws.select(&[PROTOCOL_JSON, PROTOCOL_MSGPACK]);
+    let encoding = protocol.and_then(Encoding::from_protocol).unwrap_or(Encoding::Json);
+    let (gate, membership) = register(&node, grants, encoding).await?;
+    Ok(ws.accept(protocol, move |tcp, early| {
+        session::serve(tcp, early, node, gate, encoding, membership)
+    }))
+}
+
+/// Whether the node takes a new socket now: not draining, under its cap, from an allowed origin.
+fn admit(node: &Node, headers: &HeaderMap) -> Result<(), Refused> {
     let config = node.config();
     if node.is_draining() {
-        return refuse(
+        let msg = "node is draining".into();
+        return Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable,
             "draining",
-            "node is draining".into(),
-        );
+            msg,
+        ));
     }
     if node.hub().sessions() >= config.max_connections {
         let msg = format!("node holds its maximum of {} connections", config.max_connections);
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "capacity", msg);
+        return Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "capacity",
+            msg,
+        ));
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let allowed = &config.allowed_origins;
         if !allowed.is_empty() && !allowed.iter().any(|a| a.as_bytes() == origin.as_bytes()) {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                ErrorCode::Forbidden,
-                "origin",
-                "origin not allowed".into(),
-            );
+            let msg = "origin not allowed".into();
+            return Err(refuse(StatusCode::FORBIDDEN, ErrorCode::Forbidden, "origin", msg));
         }
     }
-    let grants = match node.verifier() {
-        Some(verifier) => {
-            let token = query.get("token").map(String::as_str).or_else(|| bearer(&headers));
-            let Some(token) = token else {
-                return refuse(
-                    StatusCode::UNAUTHORIZED,
-                    ErrorCode::Unauthorized,
-                    "auth",
-                    "missing token".into(),
-                );
-            };
-            match verifier.verify(token) {
-                Ok(grants) if config.names.check(&grants.user).is_err() => {
-                    return refuse(
-                        StatusCode::UNAUTHORIZED,
-                        ErrorCode::Unauthorized,
-                        "auth",
-                        "`sub` breaks the name rules".into(),
-                    );
-                }
-                Ok(grants) => grants,
-                Err(e) => return refuse(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "auth", e.to_string()),
-            }
-        }
-        None => match query.get("user") {
-            Some(user) => match config.names.check(user) {
-                Ok(()) => Grants::open(user.as_str().into()),
-                Err(e) => {
-                    return refuse(
-                        StatusCode::BAD_REQUEST,
-                        ErrorCode::BadUser,
-                        "bad_user",
-                        format!("`user` {e}"),
-                    )
-                }
+    Ok(())
+}
+
+/// What the socket may do: from its token when auth is on, else every right under the name it
+/// gave (or an anonymous one).
+fn grants(node: &Node, query: &HashMap<String, String>, headers: &HeaderMap) -> Result<Grants, Refused> {
+    let names = node.config().names;
+    let unauthorized = |msg: String| refuse(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "auth", msg);
+    let Some(verifier) = node.verifier() else {
+        return match query.get("user") {
+            Some(user) => match names.check(user) {
+                Ok(()) => Ok(Grants::open(user.as_str().into())),
+                Err(e) => Err(refuse(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadUser,
+                    "bad_user",
+                    format!("`user` {e}"),
+                )),
             },
-            None => Grants::open(format!("anon-{:016x}", rand::random::<u64>()).into()),
-        },
+            None => Ok(Grants::open(format!("anon-{:016x}", rand::random::<u64>()).into())),
+        };
     };
-    let protocol = ws.select(&[PROTOCOL_JSON, PROTOCOL_MSGPACK]);
-    let encoding = protocol.and_then(Encoding::from_protocol).unwrap_or(Encoding::Json);
-    let gate = Arc::new(Gate::new(config.max_buffered_bytes));
+    let token = query.get("token").map(String::as_str).or_else(|| bearer(headers));
+    let Some(token) = token else {
+        return Err(unauthorized("missing token".into()));
+    };
+    match verifier.verify(token) {
+        Ok(grants) if names.check(&grants.user).is_err() => Err(unauthorized("`sub` breaks the name rules".into())),
+        Ok(grants) => Ok(grants),
+        Err(e) => Err(unauthorized(e.to_string())),
+    }
+}
+
+/// Registers the socket in the hub and subscribes its inbox. With the bus up, direct messages
+/// reach the socket from the moment its upgrade is answered; with it down the socket is still
+/// served, and its inbox is subscribed once the bus is back.
+async fn register(node: &Node, grants: Grants, encoding: Encoding) -> Result<(Arc<Gate>, Membership), Refused> {
+    let gate = Arc::new(Gate::new(node.config().max_buffered_bytes));
     let id = node.hub().register(Member {
         gate: gate.clone(),
         encoding,
     });
     let membership = Membership::new(node.hub().clone(), id, grants);
-    // With the bus up, direct messages reach the socket from the moment its upgrade is answered.
-    // With it down the socket is still served, and its inbox is subscribed once the bus is back.
     let joined = if node.bus().is_ready() {
-        node.hub().join(membership.user_topic(), id, config.join_timeout).await
+        node.hub()
+            .join(membership.user_topic(), id, node.config().join_timeout)
+            .await
     } else {
         node.hub().join_later(membership.user_topic(), id)
     };
-    if let Err(e) = joined {
-        return refuse(
+    match joined {
+        Ok(()) => Ok((gate, membership)),
+        Err(e) => Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable,
             "unavailable",
             e.to_string(),
-        );
+        )),
     }
-    ws.accept(protocol, move |tcp, early| {
-        session::serve(tcp, early, node, gate, encoding, membership)
-    })
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -172,7 +201,7 @@ struct PublishBody<'a> {
     from: Option<String>,
 }
 
-async fn publish(State(node): State<Node>, headers: HeaderMap, body: Bytes) -> Result<StatusCode, ApiError> {
+async fn publish_http(State(node): State<Node>, headers: HeaderMap, body: Bytes) -> Result<StatusCode, ApiError> {
     if let Some(key) = &node.config().api_key {
         let given = bearer(&headers).unwrap_or("");
         if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
@@ -199,9 +228,9 @@ async fn publish(State(node): State<Node>, headers: HeaderMap, body: Bytes) -> R
         format: Encoding::Json,
         bytes: Bytes::copy_from_slice(body.data.get().as_bytes()),
     };
-    session::publish(&node, Kind::Room, body.room, &from, data, None)
+    publish::publish(&node, Kind::Room, body.room, &from, data)
         .await
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.code, e.message))?;
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string()))?;
     m::published("http");
     Ok(StatusCode::ACCEPTED)
 }

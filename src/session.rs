@@ -33,12 +33,16 @@ use tokio_tungstenite::{
 use crate::{
     auth::Grants,
     close::{code, CloseReason, ErrorCode},
-    envelope::{self, Envelope, Kind},
-    frame::{decode_binary, decode_text, Command, Data, Encoding, FrameError, Reply, Request},
+    config::Config,
+    encoding::Encoding,
+    envelope::{self, Kind},
+    frame::{decode_binary, decode_text, Command, FrameError, Reply, Request},
     gate::{Gate, Next},
-    hub::{Hub, SessionId, Topic},
+    hub::{Hub, SessionId},
     metrics as m,
     node::Node,
+    publish::publish,
+    topic::Topic,
     wire,
 };
 
@@ -164,6 +168,28 @@ impl RateLimit {
     }
 }
 
+/// Counts a connection open for as long as it lives: closed with `reason` on every way out of
+/// [`serve`], a panic included, so the open-connections gauge cannot drift.
+struct Counted {
+    reason: CloseReason,
+}
+
+impl Counted {
+    fn open() -> Counted {
+        m::connection_opened();
+        // Until the session says why it ended, it ended in error (a panic, say).
+        Counted {
+            reason: CloseReason::Error,
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        m::connection_closed(self.reason);
+    }
+}
+
 /// Runs a connection until it closes. `early` holds what the client sent right behind its
 /// handshake, if it did not wait for the answer.
 pub async fn serve(
@@ -174,10 +200,27 @@ pub async fn serve(
     encoding: Encoding,
     mut membership: Membership,
 ) {
-    m::connection_opened();
-    let config = node.config();
+    let mut counted = Counted::open();
+    let mut stream = open(tcp, early, &gate, node.config()).await;
+    let clock = Clock::new(node.config(), membership.grants.expires);
+    let reason = converse(&mut stream, &node, &gate, encoding, &mut membership, clock).await;
+    // The node closed on a policy (rate, frame size) while the client may still be sending: read
+    // until its answering close, so it sees our close frame instead of a reset.
+    if matches!(reason, CloseReason::RateLimited | CloseReason::FrameTooLarge) {
+        let _ = Box::pin(tokio::time::timeout(
+            node.config().close_grace,
+            read_until_close(&mut stream),
+        ))
+        .await;
+    }
+    counted.reason = reason;
+    drop(membership);
+}
+
+/// Hands the socket's write half to the gate and reads the client's frames from the read half.
+async fn open(tcp: TcpStream, early: Bytes, gate: &Arc<Gate>, config: &Config) -> Stream {
     let (rx, tx) = tcp.into_split();
-    gate.attach(Box::new(tx));
+    gate.attach_socket(tx);
     let limits = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(Some(config.max_frame_bytes))
@@ -192,83 +235,130 @@ pub async fn serve(
     drop(early);
     // Boxed, like every future below that lives only for a moment: otherwise its state would stay
     // reserved in every idle session's.
-    let mut stream = Box::pin(WebSocketStream::from_partially_read(
+    Box::pin(WebSocketStream::from_partially_read(
         inbound,
         partial,
         Role::Server,
         Some(limits),
     ))
-    .await;
-    let grace = config.close_grace;
-    let started = Instant::now();
-    // Milliseconds since `started` when the client was last heard from.
-    let heard = AtomicU64::new(0);
-    let mut writer = pin!(write(&gate, grace));
-    // One timer for the pings and the token's expiry, boxed so an idle session's state stays small.
-    let mut expires = membership.grants.expires.map(|exp| {
-        let left = exp.saturating_sub(envelope::now_us() / 1_000_000);
-        tokio::time::Instant::now() + Duration::from_secs(left)
-    });
-    let mut next_ping = tokio::time::Instant::now() + config.ping_interval;
-    let wake_at = |next_ping, expires: Option<tokio::time::Instant>| expires.map_or(next_ping, |at| at.min(next_ping));
-    let mut timer = Box::pin(tokio::time::sleep_until(wake_at(next_ping, expires)));
-    let reason = {
-        let mut reader = pin!(read(
-            &mut stream,
-            &node,
-            &gate,
-            encoding,
-            &mut membership,
-            &heard,
-            started
-        ));
-        loop {
-            tokio::select! {
-                end = &mut writer => {
-                    // The close frame is out: let the client answer it before the socket is dropped,
-                    // so it reads a clean close rather than a reset.
-                    let _ = Box::pin(tokio::time::timeout(grace, &mut reader)).await;
-                    break end;
-                }
-                reason = &mut reader => {
-                    gate.close(reason.frame());
-                    let _ = Box::pin(tokio::time::timeout(grace, &mut writer)).await;
-                    break reason;
-                }
-                _ = &mut timer => {
-                    let now = tokio::time::Instant::now();
-                    if expires.is_some_and(|at| now >= at) {
-                        expires = None;
-                        gate.close(Some((code::TOKEN_EXPIRED, "token expired")));
-                    }
-                    if now >= next_ping {
-                        next_ping = now + config.ping_interval;
-                        let silent = started.elapsed().saturating_sub(Duration::from_millis(heard.load(Ordering::Relaxed)));
-                        if silent > config.idle_timeout {
-                            gate.close(Some((code::IDLE, "idle timeout")));
-                        } else {
-                            gate.send(wire::PING);
-                        }
-                    }
-                    timer.as_mut().reset(wake_at(next_ping, expires));
-                }
+    .await
+}
+
+/// When the client was last heard from: set by the reader, read by the [`Clock`].
+struct Heard {
+    started: Instant,
+    /// Milliseconds since `started`.
+    at_ms: AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Heard {
+        Heard {
+            started: Instant::now(),
+            at_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) {
+        self.at_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let at = Duration::from_millis(self.at_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(at)
+    }
+}
+
+/// The session's one timer: pings, the idle check, and the token's expiry.
+struct Clock {
+    ping_interval: Duration,
+    idle_timeout: Duration,
+    next_ping: tokio::time::Instant,
+    expires: Option<tokio::time::Instant>,
+}
+
+impl Clock {
+    fn new(config: &Config, expires: Option<u64>) -> Clock {
+        let now = tokio::time::Instant::now();
+        // An expiry too far ahead for the clock to hold is no expiry at all.
+        let expires = expires.and_then(|exp| {
+            let left = exp.saturating_sub(envelope::now_us() / 1_000_000);
+            now.checked_add(Duration::from_secs(left))
+        });
+        Clock {
+            ping_interval: config.ping_interval,
+            idle_timeout: config.idle_timeout,
+            next_ping: now + config.ping_interval,
+            expires,
+        }
+    }
+
+    fn wake_at(&self) -> tokio::time::Instant {
+        self.expires.map_or(self.next_ping, |at| at.min(self.next_ping))
+    }
+
+    /// What is due now: closes an expired or silent session, or pings it.
+    fn fire(&mut self, gate: &Gate, heard: &Heard) {
+        let now = tokio::time::Instant::now();
+        if self.expires.is_some_and(|at| now >= at) {
+            self.expires = None;
+            gate.close(Some((code::TOKEN_EXPIRED, "token expired")));
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + self.ping_interval;
+            if heard.silent_for() > self.idle_timeout {
+                gate.close(Some((code::IDLE, "idle timeout")));
+            } else {
+                gate.send(wire::PING);
             }
         }
-    };
-    // The node closed on a policy (rate, frame size) while the client may still be sending: read
-    // until its answering close, so it sees our close frame instead of a reset.
-    if matches!(reason, CloseReason::RateLimited | CloseReason::FrameTooLarge) {
-        let _ = Box::pin(tokio::time::timeout(grace, async {
-            while let Some(Ok(msg)) = stream.next().await {
-                if matches!(msg, Message::Close(_)) {
-                    break;
-                }
-            }
-        }))
-        .await;
     }
-    m::connection_closed(reason);
-    drop(membership);
+}
+
+/// Runs the reader, the writer and the clock until the session ends, and says why it did.
+async fn converse(
+    stream: &mut Stream,
+    node: &Node,
+    gate: &Gate,
+    encoding: Encoding,
+    membership: &mut Membership,
+    mut clock: Clock,
+) -> CloseReason {
+    let grace = node.config().close_grace;
+    let mut writer = pin!(write(gate, grace));
+    // Boxed so an idle session's state stays small.
+    let mut timer = Box::pin(tokio::time::sleep_until(clock.wake_at()));
+    let heard = Heard::new();
+    let mut reader = pin!(read(stream, node, gate, encoding, membership, &heard));
+    loop {
+        tokio::select! {
+            end = &mut writer => {
+                // The close frame is out: let the client answer it before the socket is dropped,
+                // so it reads a clean close rather than a reset.
+                let _ = Box::pin(tokio::time::timeout(grace, &mut reader)).await;
+                return end;
+            }
+            reason = &mut reader => {
+                gate.close(reason.frame());
+                let _ = Box::pin(tokio::time::timeout(grace, &mut writer)).await;
+                return reason;
+            }
+            _ = &mut timer => {
+                clock.fire(gate, &heard);
+                timer.as_mut().reset(clock.wake_at());
+            }
+        }
+    }
+}
+
+/// Reads and drops the client's frames until its close.
+async fn read_until_close(stream: &mut Stream) {
+    while let Some(Ok(msg)) = stream.next().await {
+        if matches!(msg, Message::Close(_)) {
+            break;
+        }
+    }
 }
 
 async fn read(
@@ -277,13 +367,12 @@ async fn read(
     gate: &Gate,
     encoding: Encoding,
     membership: &mut Membership,
-    heard: &AtomicU64,
-    started: Instant,
+    heard: &Heard,
 ) -> CloseReason {
     let config = node.config();
     let mut limit = RateLimit::new(config.command_rate, config.command_burst, Instant::now());
     while let Some(msg) = stream.next().await {
-        heard.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        heard.now();
         let request = match msg {
             Ok(Message::Text(t)) => decode_text(&t),
             Ok(Message::Binary(b)) => decode_binary(&b),
@@ -405,42 +494,20 @@ async fn run(request: Request, node: &Node, membership: &mut Membership) -> Resu
             "the token does not allow publishing",
         )),
         Command::Pub { room, data } => {
-            publish(node, Kind::Room, room, &membership.grants.user, data, id).await?;
+            publish(node, Kind::Room, room, &membership.grants.user, data)
+                .await
+                .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
             m::published("ws");
             ok()
         }
         Command::Dm { to, data } => {
-            publish(node, Kind::Direct, to, &membership.grants.user, data, id).await?;
+            publish(node, Kind::Direct, to, &membership.grants.user, data)
+                .await
+                .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
             m::published("ws");
             ok()
         }
     }
-}
-
-/// Wraps data in an envelope and hands it to the bus; every node (this one included) delivers it
-/// to its local members from what the bus hands back.
-pub async fn publish(
-    node: &Node,
-    kind: Kind,
-    target: String,
-    from: &str,
-    data: Data,
-    id: Option<i64>,
-) -> Result<(), FrameError> {
-    let channel = node.naming().publish_channel(&Topic::of(kind, &target), from);
-    let env = Envelope {
-        kind,
-        origin: node.config().node_id.clone(),
-        target,
-        from: from.to_owned(),
-        ts_us: envelope::now_us(),
-        format: data.format,
-        data: data.bytes,
-    };
-    node.bus()
-        .publish(channel, env.encode())
-        .await
-        .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))
 }
 
 /// Finishes what the gate's non-blocking flushes could not (a congested socket) and writes the
@@ -501,12 +568,12 @@ mod tests {
     #[test]
     fn an_idle_sessions_state_stays_small() {
         // Every connection's task holds this much for its whole life, and an idle stadium node is
-        // mostly idle sessions (README, Performance: at most 4 KiB of RSS per connection). What
+        // mostly idle sessions (docs/performance.md: at most 4 KiB of RSS per connection). What
         // lives only for a moment (a command, a close, a congested write) is boxed instead.
         let serve = |(a, b, c, d, e, f)| serve(a, b, c, d, e, f);
         let size = future_size(&serve);
         assert!(size <= 1_400, "a session's state grew to {size} bytes");
-        let read = |(a, b, c, d, e, f, g)| read(a, b, c, d, e, f, g);
+        let read = |(a, b, c, d, e, f)| read(a, b, c, d, e, f);
         let write = |(a, b)| write(a, b);
         assert!(future_size(&read) + future_size(&write) <= 512);
     }

@@ -31,8 +31,10 @@ pub async fn drain(node: &Node) {
         member.gate.send(notice.encode(member.encoding));
     }
     members.sort_by_key(|(after_ms, _)| *after_ms);
-    for (after_ms, member) in &members {
-        tokio::time::sleep_until((start + Duration::from_millis(*after_ms)).min(deadline)).await;
+    // Each gate is let go once closed: it owns its socket's write half, so the socket is shut down
+    // as soon as its session ends, not when the last one of the drain does.
+    for (after_ms, member) in members {
+        tokio::time::sleep_until((start + Duration::from_millis(after_ms)).min(deadline)).await;
         member.gate.close(Some((code::DRAIN, "node draining")));
     }
     while node.hub().sessions() > 0 && tokio::time::Instant::now() < deadline {

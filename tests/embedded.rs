@@ -448,3 +448,31 @@ async fn the_handshake_is_checked_and_a_frame_sent_right_behind_it_is_read() {
     assert_eq!(reply, json!({"op":"pong","id":7}));
     node.stop().await;
 }
+
+/// Paced writes coalesce: messages 5 ms apart reach a socket in a few writes per period, not one
+/// write each. Counted on the node's own process (the metrics of in-process nodes are shared by
+/// every test of this binary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_writes_carry_several_frames_per_write() {
+    use common::{eventually, metric, status, Process};
+    const MESSAGES: u64 = 60;
+    let node = Process::spawn(&["--write-coalesce", "50ms"]);
+    let health = node.url("/healthz");
+    eventually("node up", || async { status(&health).await == 200 }).await;
+    let mut sub = Client::connect(&node.ws("?user=sub")).await;
+    sub.join("ticker").await;
+    let mut feed = Client::connect(&node.ws("?user=feed")).await;
+    for seq in 0..MESSAGES {
+        feed.publish("ticker", json!(seq)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for seq in 0..MESSAGES {
+        assert_eq!(sub.recv().await.unwrap()["data"], seq, "every message, in order");
+    }
+    let metrics = node.url("/metrics");
+    let frames = metric(&metrics, "shardcast_deliveries_total").await.unwrap();
+    let writes = metric(&metrics, "shardcast_socket_writes_total").await.unwrap();
+    assert_eq!(frames, MESSAGES as f64);
+    // 300 ms of messages in 50 ms periods: about 6 writes; one per message without pacing.
+    assert!(writes <= frames / 3.0, "{frames} frames in {writes} writes");
+}

@@ -439,3 +439,43 @@ async fn a_frozen_master_is_caught_by_the_probe_not_by_tcp() {
     }
     node.stop().await;
 }
+
+/// A drained socket is let go once its session ends: its client sees the connection end soon
+/// after its close, not when the last socket of the drain is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_socket_is_released_once_closed_not_at_the_end_of_the_drain() {
+    let mut node = Process::spawn(&["--drain-jitter", "4s", "--drain-timeout", "10s"]);
+    let health = node.url("/healthz");
+    eventually("node up", || async { status(&health).await == 200 }).await;
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        clients.push(Client::connect(&node.ws(&format!("?user=fan{i}"))).await);
+    }
+    node.signal("-TERM");
+    // Each client: when its 4001 came and when the connection ended after it.
+    let timings = futures_util::future::join_all(clients.into_iter().map(|mut c| async move {
+        assert_eq!(c.close_code().await, Some(4001));
+        let closed = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(Ok(_)) = futures_util::StreamExt::next(&mut c.ws).await {}
+        })
+        .await;
+        assert!(ended.is_ok(), "the connection ended");
+        (closed, closed.elapsed())
+    }))
+    .await;
+    let first = timings.iter().map(|t| t.0).min().unwrap();
+    let last = timings.iter().map(|t| t.0).max().unwrap();
+    assert!(
+        last - first >= Duration::from_secs(1),
+        "closes spread over the jitter window"
+    );
+    let (_, early_end) = timings.iter().find(|t| t.0 == first).unwrap();
+    // The close grace (1 s by default) plus time for a loaded machine, well short of the drain.
+    assert!(
+        *early_end < (last - first).min(Duration::from_secs(3)),
+        "the first socket closed ended {early_end:?} after its close; the last close came {:?} later",
+        last - first
+    );
+    assert!(node.child.wait().unwrap().success());
+}

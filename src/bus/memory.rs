@@ -1,28 +1,30 @@
 //! The embedded bus: one node, no Redis. A publish goes straight to this node's delivery workers
 //! when the channel is subscribed, exactly as a Redis message would arrive.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use dashmap::DashSet;
 
-use super::{BusError, Dispatch};
+use super::{BusError, Sink};
 use crate::metrics as m;
 
 pub struct MemoryBus {
     channels: DashSet<String, ahash::RandomState>,
-    dispatch: Dispatch,
+    sink: Arc<dyn Sink>,
 }
 
 impl MemoryBus {
-    pub fn new(dispatch: Dispatch) -> MemoryBus {
+    pub fn new(sink: Arc<dyn Sink>) -> MemoryBus {
         MemoryBus {
             channels: DashSet::with_hasher(ahash::RandomState::new()),
-            dispatch,
+            sink,
         }
     }
 
     pub fn publish(&self, channel: &str, payload: Bytes) -> Result<(), BusError> {
         if self.channels.contains(channel) {
-            self.dispatch.dispatch(channel.as_bytes(), payload);
+            self.sink.receive(channel.as_bytes(), payload);
         }
         Ok(())
     }

@@ -2,6 +2,10 @@
 //! travel through Redis Cluster ([`redis::RedisBus`]) or stay in this process
 //! ([`memory::MemoryBus`], the embedded default).
 //!
+//! The bus is transport only. What it receives it hands, as raw envelope bytes with the channel
+//! they came on, to the [`Sink`] it was given; it never decodes an envelope nor knows who is
+//! listening (the node plugs in its delivery workers, [`crate::deliver`]).
+//!
 //! This module also owns the two naming decisions other nodes and backend jobs must agree on,
 //! each in one function: [`Naming::room_channel`] and [`shard_for`].
 
@@ -9,18 +13,17 @@ pub mod memory;
 pub mod redis;
 mod tracked;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::collections::HashMap;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{
-    envelope::{self, Envelope},
-    hub::{Hub, Topic},
-    metrics as m,
-    paced::{self, Lanes, Pace},
-};
+use crate::{metrics as m, topic::Topic};
+
+/// Where a bus hands every payload it receives, with the channel it came on. Called from the bus's
+/// reader tasks: it must not wait.
+pub trait Sink: Send + Sync + 'static {
+    fn receive(&self, channel: &[u8], payload: Bytes);
+}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
@@ -130,103 +133,6 @@ impl Bus {
     pub async fn close(&self) {
         if let Bus::Redis(b) = self {
             b.close().await;
-        }
-    }
-}
-
-/// Where bus readers hand received payloads: bounded per-worker queues chosen by channel, so one
-/// channel's messages keep their order and a slow fan-out never stalls the reader.
-/// Messages a worker takes from its queue at once.
-pub(crate) const BATCH: usize = 64;
-
-#[derive(Clone)]
-pub struct Dispatch {
-    workers: Arc<[mpsc::Sender<Bytes>]>,
-}
-
-impl Dispatch {
-    /// Starts `workers` delivery tasks feeding `hub`.
-    pub fn start(
-        hub: Hub,
-        workers: usize,
-        capacity: usize,
-        coalesce: Duration,
-        tracker: &TaskTracker,
-        cancel: CancellationToken,
-    ) -> Dispatch {
-        let workers = workers.max(1);
-        // Paced workers count their lanes' turns from the same instant; each lane is one worker's.
-        let pace = (!coalesce.is_zero()).then(|| {
-            let pace = Pace::new(tokio::time::Instant::now(), coalesce, workers);
-            let lanes = Arc::new(Lanes::new(pace.lanes()));
-            hub.pace(lanes.clone());
-            (pace, lanes)
-        });
-        let senders: Vec<_> = (0..workers)
-            .map(|index| {
-                let (tx, rx) = mpsc::channel(capacity.max(1));
-                match &pace {
-                    Some((pace, lanes)) => {
-                        tracker.spawn(paced::run(hub.clone(), rx, cancel.clone(), *pace, lanes.clone(), index))
-                    }
-                    None => tracker.spawn(worker(hub.clone(), rx, cancel.clone())),
-                };
-                tx
-            })
-            .collect();
-        Dispatch {
-            workers: senders.into(),
-        }
-    }
-
-    /// Hands one payload to its channel's worker; never waits. A full queue drops and counts.
-    pub fn dispatch(&self, channel: &[u8], payload: Bytes) {
-        let i = (crc32fast::hash(channel) as usize) % self.workers.len();
-        match self.workers[i].try_send(payload) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => m::bus_dropped("queue_full", 1),
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
-    }
-}
-
-/// Delivers what the bus hands over: every frame a batch of messages queues for a socket goes out
-/// in one write at the end of the batch (a batch is whatever waited in the queue, so batches grow
-/// with load). With `--write-coalesce`, [`paced::run`] instead.
-async fn worker(hub: Hub, mut rx: mpsc::Receiver<Bytes>, cancel: CancellationToken) {
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut flush = Vec::new();
-    loop {
-        let n = tokio::select! {
-            n = rx.recv_many(&mut batch, BATCH) => n,
-            _ = cancel.cancelled() => return,
-        };
-        if n == 0 {
-            return;
-        }
-        decode_each(&mut batch, |env| {
-            hub.deliver(env, &mut flush);
-        });
-        for gate in flush.drain(..) {
-            gate.flush();
-        }
-    }
-}
-
-/// Empties a worker's batch, handing each envelope that decodes to `each` (after recording its
-/// latency from publish) and counting the rest as dropped.
-pub(crate) fn decode_each(batch: &mut Vec<Bytes>, mut each: impl FnMut(&Envelope)) {
-    for payload in batch.drain(..) {
-        match Envelope::decode(&payload) {
-            Ok(env) => {
-                let latency = envelope::now_us().saturating_sub(env.ts_us) as f64 / 1e6;
-                m::bus_received(latency);
-                each(&env);
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "dropping undecodable envelope");
-                m::bus_dropped("undecodable", 1);
-            }
         }
     }
 }

@@ -45,7 +45,10 @@ use futures_util::future::join_all;
 use tokio::sync::{broadcast::error::RecvError, Notify};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{tracked::Tracked, BusError, Dispatch};
+use super::{
+    tracked::{Tracked, SLOTS},
+    BusError, Sink,
+};
 use crate::metrics as m;
 
 /// How often the reconciler re-reads the cluster topology; faster while something is broken, so
@@ -59,8 +62,6 @@ const PROBE_WHEN_QUIET: Duration = Duration::from_secs(1);
 /// subscribing client gets a large one.
 const MESSAGE_BUFFER: usize = 8192;
 const EVENT_BUFFER: usize = 64;
-/// Hash slots of a Redis Cluster.
-pub(super) const SLOTS: usize = 16384;
 
 pub struct RedisBus {
     inner: Arc<Inner>,
@@ -69,7 +70,7 @@ pub struct RedisBus {
 struct Inner {
     seeds: Vec<Server>,
     timeout: Duration,
-    dispatch: Dispatch,
+    sink: Arc<dyn Sink>,
     /// Probe channels start with this; unique per node so nodes never answer each other's probes.
     probe_prefix: String,
     started: Instant,
@@ -194,7 +195,7 @@ impl RedisBus {
         urls: &[String],
         node_id: &str,
         timeout: Duration,
-        dispatch: Dispatch,
+        sink: Arc<dyn Sink>,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<RedisBus, BusError> {
@@ -205,7 +206,7 @@ impl RedisBus {
         let inner = Arc::new(Inner {
             seeds,
             timeout,
-            dispatch,
+            sink,
             probe_prefix: format!("shardcast:probe:{node_id}:{:08x}:", rand::random::<u32>()),
             started: Instant::now(),
             links: Mutex::new(HashMap::new()),
@@ -366,69 +367,75 @@ impl Inner {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Reads the slot map through any answering link (or a seed) and links every master in it.
-    /// True when the topology was read.
+    /// Reads the slot map, links every master in it and lets go of the others, and gives each
+    /// link a probe channel on its own master. True when the topology was read.
     async fn refresh(self: &Arc<Self>) -> bool {
+        let Some(routes) = self.read_routes().await else {
+            return false;
+        };
+        self.relink(&routes.masters);
+        self.place_probes(&routes).await;
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
+        true
+    }
+
+    /// `CLUSTER SLOTS` through any answering link, else through a seed.
+    async fn read_routes(&self) -> Option<Routes> {
         let candidates: Vec<Arc<Link>> = lock(&self.links).values().cloned().collect();
-        let mut routes = None;
         for link in candidates.iter().filter(|l| l.publisher.is_connected()) {
             let read = tokio::time::timeout(self.timeout, link.publisher.cluster_slots::<Value>()).await;
-            if let Ok(Ok(v)) = read {
-                routes = parse_slots(v);
-                if routes.is_some() {
-                    break;
+            if let Some(routes) = read.ok().and_then(Result::ok).and_then(parse_slots) {
+                return Some(routes);
+            }
+        }
+        for seed in &self.seeds {
+            let Ok(client) = build(seed, false, self.timeout, false) else {
+                continue;
+            };
+            client.connect();
+            let read = tokio::time::timeout(self.timeout, async {
+                client.wait_for_connect().await.ok()?;
+                client.cluster_slots::<Value>().await.ok()
+            })
+            .await;
+            let _ = client.quit().await;
+            if let Some(routes) = read.ok().flatten().and_then(parse_slots) {
+                return Some(routes);
+            }
+        }
+        None
+    }
+
+    /// Links every master not linked yet; a server that is no longer a master (failed, or demoted
+    /// to replica) is let go.
+    fn relink(self: &Arc<Self>, masters: &[Server]) {
+        let mut links = lock(&self.links);
+        for server in masters {
+            if !links.contains_key(server) {
+                match Link::start(self, server.clone()) {
+                    Ok(link) => drop(links.insert(server.clone(), link)),
+                    Err(e) => tracing::warn!(%server, error = %e, "cannot link a master"),
                 }
             }
         }
-        if routes.is_none() {
-            for seed in &self.seeds {
-                let Ok(client) = build(seed, false, self.timeout, false) else {
-                    continue;
-                };
-                client.connect();
-                let read = tokio::time::timeout(self.timeout, async {
-                    client.wait_for_connect().await.ok()?;
-                    client.cluster_slots::<Value>().await.ok()
-                })
-                .await;
-                let _ = client.quit().await;
-                if let Ok(Some(v)) = read {
-                    routes = parse_slots(v);
-                    if routes.is_some() {
-                        break;
-                    }
-                }
+        let gone: Vec<Server> = links.keys().filter(|s| !masters.contains(*s)).cloned().collect();
+        for server in gone {
+            if let Some(link) = links.remove(&server) {
+                tracing::info!(%server, "no longer a master; closing its link");
+                let timeout = self.timeout;
+                self.tracker.spawn(async move { link.quit(timeout).await });
             }
         }
-        let Some(routes) = routes else { return false };
-        let masters = &routes.masters;
-        {
-            let mut links = lock(&self.links);
-            for server in masters {
-                if !links.contains_key(server) {
-                    match Link::start(self, server.clone()) {
-                        Ok(link) => drop(links.insert(server.clone(), link)),
-                        Err(e) => tracing::warn!(%server, error = %e, "cannot link a master"),
-                    }
-                }
-            }
-            // A server that is no longer a master (failed, or demoted to replica) is let go.
-            let gone: Vec<Server> = links.keys().filter(|s| !masters.contains(*s)).cloned().collect();
-            for server in gone {
-                if let Some(link) = links.remove(&server) {
-                    tracing::info!(%server, "no longer a master; closing its link");
-                    let timeout = self.timeout;
-                    self.tracker.spawn(async move { link.quit(timeout).await });
-                }
-            }
-        }
-        // Each link probes on a channel of a slot it owns.
+    }
+
+    /// Each link probes on a channel of a slot its master owns; one whose channel moved away gets
+    /// a new one.
+    async fn place_probes(&self, routes: &Routes) {
         let links: Vec<Arc<Link>> = lock(&self.links).values().cloned().collect();
         for link in links {
             let owned =
                 |c: &String| routes.by_slot[redis_keyslot(c.as_bytes()) as usize].as_ref() == Some(&link.server);
-            let current = lock(&link.probe).clone();
-            if current.as_ref().is_some_and(owned) {
+            if lock(&link.probe).as_ref().is_some_and(owned) {
                 continue;
             }
             let channel = (0u32..)
@@ -442,8 +449,6 @@ impl Inner {
                 *lock(&link.probe) = Some(channel);
             }
         }
-        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
-        true
     }
 }
 
@@ -537,7 +542,7 @@ async fn read_messages(
                         continue;
                     }
                 };
-                bus.dispatch.dispatch(msg.channel.as_bytes(), payload);
+                bus.sink.receive(msg.channel.as_bytes(), payload);
             }
             // fred's buffer overflowed: these messages are lost; keep reading.
             Err(RecvError::Lagged(n)) => {

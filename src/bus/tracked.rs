@@ -10,7 +10,8 @@ use std::collections::HashSet;
 
 use fred::{prelude::Server, util::redis_keyslot};
 
-use super::redis::SLOTS;
+/// Hash slots of a Redis Cluster.
+pub(super) const SLOTS: usize = 16384;
 /// No master: the slot has no channels.
 const NONE: u32 = u32::MAX;
 
