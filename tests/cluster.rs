@@ -2,7 +2,10 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
 use common::{config, eventually, Client, Cluster, Node};
 use serde_json::{json, Value};
@@ -112,6 +115,103 @@ async fn hot_room_spreads_over_eight_shard_channels_and_unsubscribes_after() {
     for n in nodes {
         n.stop().await;
     }
+}
+
+/// Polls until `until`, failing as soon as `channel` is no longer subscribed on its master `owner`
+/// or any master served a SUNSUBSCRIBE since `unsubscribes` were counted (which would catch a
+/// channel unsubscribed and subscribed again between two polls).
+async fn stays_subscribed(cluster: &Cluster, owner: u16, channel: &str, unsubscribes: u64, until: Instant, what: &str) {
+    loop {
+        assert_eq!(
+            cluster.shard_numsub(owner, channel),
+            1,
+            "{what}: {channel} unsubscribed"
+        );
+        assert_eq!(
+            cluster.sunsubscribe_calls(),
+            unsubscribes,
+            "{what}: a SUNSUBSCRIBE reached Redis"
+        );
+        if Instant::now() >= until {
+            return;
+        }
+        // The command count misses nothing between polls, so they need not be frequent (each one
+        // runs four redis-cli).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A member who leaves a room and rejoins within `--unsubscribe-delay` does not churn the cluster:
+/// the room's channel stays subscribed on Redis the whole time, past the delay too (the delayed
+/// check finds the member back). A leave with no rejoin unsubscribes it once the delay has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejoin_within_the_unsubscribe_delay_keeps_the_channel_subscribed() {
+    const DELAY: Duration = Duration::from_secs(2);
+    // A cluster of its own, so that its masters count no SUNSUBSCRIBE but this node's.
+    let cluster = Cluster::start(3, 0);
+    let mut cfg = config(Some(&cluster), "rejoin");
+    cfg.unsubscribe_delay = DELAY;
+    let channel = format!("{}lobby:shard0", cfg.channel_prefix);
+    let node = Node::start(cfg).await;
+    let owner = cluster.owner_of(cluster.slot(&channel));
+    let mut member = Client::connect(&node.ws("?user=m")).await;
+    let mut sender = Client::connect(&node.ws("?user=s")).await;
+    member.join("lobby").await;
+    assert_eq!(cluster.shard_numsub(owner, &channel), 1);
+    let unsubscribes = cluster.sunsubscribe_calls();
+
+    let left = Instant::now();
+    assert_eq!(member.request(json!({"op":"leave","room":"lobby"})).await["op"], "ok");
+    // Long enough for an unsubscribe sent at once to have reached Redis, well within the delay.
+    let gap = Duration::from_millis(500);
+    stays_subscribed(&cluster, owner, &channel, unsubscribes, left + gap, "after the leave").await;
+    member.join("lobby").await;
+    let rejoined = left.elapsed();
+    assert!(
+        rejoined < DELAY - gap,
+        "the rejoin took {rejoined:?}, too slow to test the delay"
+    );
+    // Past the moment the leave's delayed check runs, with half a second to spare for late timers.
+    stays_subscribed(
+        &cluster,
+        owner,
+        &channel,
+        unsubscribes,
+        left + DELAY + Duration::from_millis(500),
+        "after the rejoin",
+    )
+    .await;
+    sender.publish("lobby", json!({"after":"rejoin"})).await;
+    assert_eq!(
+        member.recv().await.unwrap(),
+        json!({"op":"msg","room":"lobby","from":"s","data":{"after":"rejoin"}})
+    );
+
+    // A leave for good: unsubscribed, but only once the delay has passed.
+    let left = Instant::now();
+    assert_eq!(member.request(json!({"op":"leave","room":"lobby"})).await["op"], "ok");
+    let gone = loop {
+        let subscribers = cluster.shard_numsub(owner, &channel);
+        let polled = Instant::now();
+        if subscribers == 0 {
+            break polled - left;
+        }
+        assert!(
+            left.elapsed() < DELAY + common::WAIT,
+            "{channel} still subscribed after the delay"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    // The poll that saw it ended `gone` after the leave: had the unsubscribe come before the delay,
+    // that could be less than the delay.
+    assert!(
+        gone >= DELAY,
+        "unsubscribed {gone:?} after the leave, within the delay ({DELAY:?})"
+    );
+    // One SUNSUBSCRIBE, the one just seen: the count above would have caught an earlier one.
+    assert_eq!(cluster.sunsubscribe_calls(), unsubscribes + 1);
+    eprintln!("rejoin: rejoined {rejoined:?} after the leave; a leave for good unsubscribed after {gone:?}");
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

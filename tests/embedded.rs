@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{config, Client, Node};
+use common::{config, Client, Node, Process};
 use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -252,42 +252,124 @@ async fn reader_pauses(coalesce: std::time::Duration) {
 /// A dead client behind a full socket (it neither reads nor answers pings) is still closed on its
 /// idle timeout: the close interrupts the write that waits for the socket, and the close frame gets
 /// `--close-grace` to go out. Without that the session would wait on the socket until the kernel
-/// gave up on it (many minutes).
+/// gave up on it (many minutes). The node counts it as `idle` (the close frame itself cannot reach
+/// a full socket), no earlier than the idle timeout after the client fell silent and no later than
+/// the next ping tick after it.
 #[tokio::test]
 async fn a_dead_client_behind_a_full_socket_is_closed_on_time() {
-    let mut cfg = config(None, "dead");
-    cfg.max_buffered_bytes = 64 << 20;
-    cfg.ping_interval = std::time::Duration::from_millis(250);
-    cfg.idle_timeout = std::time::Duration::from_secs(5);
-    let node = Node::start(cfg).await;
+    use std::time::{Duration, Instant};
+
+    const PING: Duration = Duration::from_millis(250);
+    const IDLE: Duration = Duration::from_secs(2);
+    const GRACE: Duration = Duration::from_millis(100);
+    const IDLE_CLOSES: &str = r#"shardcast_connections_closed_total{reason="idle"}"#;
+    // A node of its own: the metrics recorder is process-wide, so an in-process node's counts would
+    // mix with those of the tests running beside this one.
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let node = Process::spawn(&[
+        "--max-buffered-bytes",
+        "64MiB",
+        "--ping-interval",
+        &ms(PING),
+        "--idle-timeout",
+        &ms(IDLE),
+        "--close-grace",
+        &ms(GRACE),
+        "--command-rate",
+        "1000000",
+        "--command-burst",
+        "1000000",
+    ]);
+    let metrics = node.url("/metrics");
+    common::eventually("node up", || async { common::status(&metrics).await == 200 }).await;
     let mut dead = Client::connect(&node.ws("?user=dead")).await;
     dead.join("r").await;
     let mut publisher = Client::connect(&node.ws("?user=pub")).await;
+    // The dead client keeps talking (never reading) until its queue has backed up, however long
+    // the node takes with the flood; from then on it is silent. Returns the client and when its
+    // last frame was sent (just before and just after).
+    let stop = tokio_util::sync::CancellationToken::new();
+    let talking = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut last = (Instant::now(), Instant::now());
+            // Bounded: the test stops it within its deadline, 200 frames at the most.
+            for _ in 0..(common::WAIT.as_millis() / 100) {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let before = Instant::now();
+                dead.send(json!({"op":"ping"})).await;
+                last = (before, Instant::now());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (dead, last)
+        }
+    });
     let filler = "x".repeat(60_000);
     for seq in 0..400 {
         publisher
             .send(json!({"op":"pub","room":"r","data":[seq, filler]}))
             .await;
     }
-    // The dead client keeps talking (never reading) until its queue has backed up, however long
-    // the node takes with the flood; from then on it is silent.
-    let deadline = std::time::Instant::now() + common::WAIT;
-    let metrics = node.url("/metrics");
+    let deadline = Instant::now() + common::WAIT;
     while common::metric(&metrics, "shardcast_outbound_queued_bytes").await <= Some(1e6) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the dead client's queue never backed up"
-        );
-        dead.send(json!({"op":"ping"})).await;
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(Instant::now() < deadline, "the dead client's queue never backed up");
+        // The publisher keeps talking too, so that it is never closed as idle itself.
+        publisher.send(json!({"op":"ping"})).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Neither client reads: both are closed as idle, the dead one with its socket still full.
+    // The publisher leaves (its session ends as `normal` or `error`, not `idle`); the dead client
+    // falls silent.
+    drop(publisher);
+    stop.cancel();
+    let (dead, (silent_from, silent_by)) = talking.await.unwrap();
+    let before = common::metric(&metrics, IDLE_CLOSES).await.expect("idle close count");
+    // The node checks silence on its ping ticks, so the close comes between the idle timeout and
+    // one ping interval later; it is counted once the close has had its grace twice (for the close
+    // frame, then for the client's answer): 2.2 to 2.45 s, seen at 2.22 to 2.47 s on a quiet
+    // machine. One second more for a loaded one, where the node may read the last frame, or wake
+    // for its tick, that much late; a node that waited twice the idle timeout still fails.
+    let earliest = silent_from + IDLE;
+    let latest = silent_by + IDLE + PING + 2 * GRACE + Duration::from_secs(1);
+    loop {
+        let asked = Instant::now();
+        let closes = common::metric(&metrics, IDLE_CLOSES).await.expect("idle close count");
+        let answered = Instant::now();
+        if closes > before {
+            assert_eq!(closes, before + 1.0, "more than the dead client closed as idle");
+            // `heard` is kept in whole milliseconds, so the node may see 1 ms more silence.
+            assert!(
+                answered + Duration::from_millis(1) >= earliest,
+                "closed as idle {:?} after the client fell silent, before the idle timeout ({IDLE:?})",
+                answered - silent_from
+            );
+            eprintln!(
+                "dead client counted as idle {:?} after it fell silent",
+                answered - silent_from
+            );
+            break;
+        }
+        if asked > latest {
+            let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+            let reasons: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("shardcast_connections_closed_total{") && !l.ends_with(" 0"))
+                .collect();
+            panic!(
+                "not closed as idle {:?} after the client fell silent (idle timeout {IDLE:?}, ping \
+                 interval {PING:?}); closes so far: {reasons:?}",
+                asked - silent_from
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     common::eventually("both sessions to end", || async {
         common::metric(&metrics, "shardcast_connections_open").await == Some(0.0)
     })
     .await;
     drop(dead);
-    node.stop().await;
+    drop(node);
 }
 
 /// The node answers the WebSocket handshake itself (it keeps the TCP socket for its writes), so

@@ -9,17 +9,36 @@ use common::{config, eventually, free_port, status, Client, Cluster, Node, Proce
 use serde_json::json;
 use shardcast::bus::shard_for;
 
+/// On SIGTERM every client is told its own `after_ms`, drawn over `--drain-jitter`, and is closed
+/// with 4001 at that time, not before: reconnects reach the fleet spread over the window, not in
+/// one instant. Then the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_clients_with_reconnect_then_4001_and_exits_zero() {
-    let mut node = Process::spawn(&["--drain-jitter", "1500ms", "--drain-timeout", "10s"]);
+    const CLIENTS: usize = 40;
+    const JITTER_MS: u64 = 2000;
+    let mut node = Process::spawn(&["--drain-jitter", &format!("{JITTER_MS}ms"), "--drain-timeout", "10s"]);
     let health = node.url("/healthz");
     eventually("node up", || async { status(&health).await == 200 }).await;
     let mut clients = Vec::new();
-    for i in 0..10 {
+    for i in 0..CLIENTS {
         let mut c = Client::connect(&node.ws(&format!("?user=fan{i}"))).await;
         c.join("final").await;
         clients.push(c);
     }
+    // Each client reads on its own task from before the signal, so its close is timed as it arrives.
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let notice = c.recv().await.expect("reconnect frame first");
+                // Then a clean close, never an abnormal one (1006 would show as no close frame).
+                let code = c.close_code().await;
+                (notice, code, Instant::now())
+            })
+        })
+        .collect();
+    // Taken before the signal is sent: the drain's clock starts after it.
+    let signalled = Instant::now();
     node.signal("-TERM");
     let ready = node.url("/readyz");
     eventually("readyz 503 while draining", || async { status(&ready).await == 503 }).await;
@@ -27,13 +46,63 @@ async fn sigterm_drains_clients_with_reconnect_then_4001_and_exits_zero() {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
         other => panic!("upgrade during drain: {:?}", other.map(|_| ())),
     }
-    for c in clients.iter_mut() {
-        let notice = c.recv().await.expect("reconnect frame first");
+    let mut drained = Vec::new();
+    for r in readers {
+        let (notice, code, closed) = r.await.unwrap();
         assert_eq!(notice["op"], "reconnect", "{notice}");
-        assert!(notice["after_ms"].as_u64().unwrap() <= 1500);
-        // Then a clean close, never an abnormal one (1006 would show as no close frame).
-        assert_eq!(c.close_code().await, Some(4001));
+        assert_eq!(code, Some(4001));
+        let after_ms = notice["after_ms"].as_u64().expect("after_ms");
+        assert!(after_ms <= JITTER_MS, "{notice}");
+        drained.push((after_ms, closed.duration_since(signalled)));
     }
+    for (after_ms, closed) in &drained {
+        let announced = Duration::from_millis(*after_ms);
+        // Never before the announced time: the drain's clock starts after `signalled`, and its
+        // timers never fire early; 10 ms of slack for their millisecond ticks.
+        assert!(
+            *closed + Duration::from_millis(10) >= announced,
+            "closed {closed:?} after the signal, before its announced {after_ms} ms"
+        );
+        // And at about that time, not at the end of the window: 2 s covers the signal's delivery
+        // and late timers on a loaded machine (a quiet one closes within a few milliseconds).
+        assert!(
+            *closed <= announced + Duration::from_secs(2),
+            "closed {closed:?} after the signal, long after its announced {after_ms} ms"
+        );
+    }
+    // Spread over the window: 40 uniform draws over 2 s span 1.9 s on average, and less than 40 %
+    // of it comes less than once in 10^14 runs. Equal draws (from 2,001 values) happen in about one
+    // run in three, ten of them practically never.
+    let spread = |v: &[u64]| v.iter().max().unwrap() - v.iter().min().unwrap();
+    let mut announced: Vec<u64> = drained.iter().map(|(a, _)| *a).collect();
+    let closes: Vec<u64> = drained.iter().map(|(_, c)| c.as_millis() as u64).collect();
+    assert!(
+        spread(&announced) >= JITTER_MS * 2 / 5,
+        "reconnects announced within {} ms of each other: {announced:?}",
+        spread(&announced)
+    );
+    assert!(
+        spread(&closes) >= JITTER_MS * 2 / 5,
+        "clients closed within {} ms of each other (ms after the signal: {closes:?})",
+        spread(&closes)
+    );
+    let late = drained
+        .iter()
+        .map(|(a, c)| c.as_millis() as i64 - *a as i64)
+        .max()
+        .unwrap();
+    eprintln!(
+        "drain: {CLIENTS} reconnects announced over {} ms, closed over {} ms, each at most {late} ms after its time",
+        spread(&announced),
+        spread(&closes)
+    );
+    announced.sort();
+    announced.dedup();
+    assert!(
+        announced.len() >= CLIENTS - 10,
+        "only {} distinct reconnect times for {CLIENTS} clients: {announced:?}",
+        announced.len()
+    );
     let start = Instant::now();
     let code = loop {
         if let Some(s) = node.child.try_wait().unwrap() {
@@ -191,10 +260,10 @@ async fn a_master_dies_and_only_its_shards_pause() {
     let names: Vec<String> = (0..16).map(|i| format!("s{i}")).collect();
     // The master owning sender 0's shard dies; senders whose shards live elsewhere are "healthy".
     let shard_of = |name: &str| format!("{prefix}stadium:shard{}", shard_for(name, 16));
-    let victim = cluster.owner_of(redis_slot(&cluster, &shard_of("s0")));
+    let victim = cluster.owner_of(cluster.slot(&shard_of("s0")));
     let healthy: Vec<String> = names
         .iter()
-        .filter(|n| cluster.owner_of(redis_slot(&cluster, &shard_of(n))) != victim)
+        .filter(|n| cluster.owner_of(cluster.slot(&shard_of(n))) != victim)
         .cloned()
         .collect();
     assert!(!healthy.is_empty());
@@ -298,14 +367,6 @@ fn signal(pid: &str, sig: &str) {
     );
 }
 
-fn redis_slot(cluster: &Cluster, key: &str) -> u16 {
-    cluster
-        .redis_cli(cluster.ports[0], &["cluster", "keyslot", key])
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Three masters, a node, and a viewer in room `lobby`; returns them with the lobby's channel.
 async fn lobby(test: &str, node_timeout_ms: u32) -> (Vec<u16>, Cluster, Node, Client, String) {
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -322,7 +383,7 @@ async fn lobby(test: &str, node_timeout_ms: u32) -> (Vec<u16>, Cluster, Node, Cl
 async fn a_migrated_slot_is_subscribed_again_on_its_new_owner() {
     let (ports, cluster, node, mut viewer, channel) = lobby("migrate", 2000).await;
     let mut sender = Client::connect(&node.ws("?user=s")).await;
-    let slot = redis_slot(&cluster, &channel);
+    let slot = cluster.slot(&channel);
     let from = cluster.owner_of(slot);
     let to = *ports.iter().find(|p| **p != from).unwrap();
     let id = |port: u16| cluster.redis_cli(port, &["cluster", "myid"]).trim().to_string();
@@ -351,7 +412,7 @@ async fn a_migrated_slot_is_subscribed_again_on_its_new_owner() {
 async fn a_frozen_master_is_caught_by_the_probe_not_by_tcp() {
     // A long node timeout: the cluster itself does not notice a master frozen for a few seconds.
     let (_, cluster, node, mut viewer, channel) = lobby("probe", 30_000).await;
-    let owner = cluster.owner_of(redis_slot(&cluster, &channel));
+    let owner = cluster.owner_of(cluster.slot(&channel));
     let pid = cluster.pid(owner);
     // Frozen: its TCP connections stay open, nothing comes back.
     signal(&pid, "-STOP");

@@ -331,11 +331,22 @@ impl Client {
     }
 
     /// Sends a command with an id and returns its `ok` or `error`, keeping other frames.
-    pub async fn request(&mut self, mut v: Value) -> Value {
+    pub async fn request(&mut self, v: Value) -> Value {
+        let id = self.send_request(v).await;
+        self.reply(id).await
+    }
+
+    /// Sends a command with a fresh id without waiting; [`Client::reply`] waits for its answer.
+    pub async fn send_request(&mut self, mut v: Value) -> i64 {
         let id = self.next_id;
         self.next_id += 1;
         v["id"] = json!(id);
         self.send(v).await;
+        id
+    }
+
+    /// Waits for the `ok` or `error` of the command sent with `id`, keeping other frames.
+    pub async fn reply(&mut self, id: i64) -> Value {
         loop {
             let msg = tokio::time::timeout(WAIT, self.ws.next())
                 .await
@@ -397,6 +408,34 @@ impl Cluster {
             .expect("process_id")
             .trim()
             .to_string()
+    }
+
+    /// The hash slot of `key`.
+    pub fn slot(&self, key: &str) -> u16 {
+        self.redis_cli(self.ports[0], &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .expect("a slot")
+    }
+
+    /// `PUBSUB SHARDNUMSUB channel` on `port` (the channel's master).
+    pub fn shard_numsub(&self, port: u16, channel: &str) -> u64 {
+        let out = self.redis_cli(port, &["pubsub", "shardnumsub", channel]);
+        out.lines().nth(1).and_then(|n| n.trim().parse().ok()).expect("a count")
+    }
+
+    /// How many SUNSUBSCRIBE commands the nodes served since they started, all together.
+    pub fn sunsubscribe_calls(&self) -> u64 {
+        self.ports
+            .iter()
+            .map(|p| {
+                // `cmdstat_sunsubscribe:calls=N,usec=...`, absent until the first call.
+                self.redis_cli(*p, &["info", "commandstats"])
+                    .lines()
+                    .find_map(|l| l.strip_prefix("cmdstat_sunsubscribe:calls="))
+                    .map_or(0, |rest| rest.split(',').next().unwrap().parse::<u64>().unwrap())
+            })
+            .sum()
     }
 
     /// The port of the master serving `slot`.
