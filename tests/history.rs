@@ -255,3 +255,188 @@ async fn a_client_cut_off_for_two_seconds_resumes_on_the_other_node_missing_noth
     a.stop().await;
     b.stop().await;
 }
+
+/// The stream's keys of shard `shard` of `room` under a node's config.
+fn stream_keys(cfg: &shardcast::config::Config, room: &str, shard: u32) -> (String, String, String) {
+    let channel = format!("{}{room}:shard{shard}", cfg.channel_prefix);
+    (
+        shardcast::bus::stream::stream_key(&channel),
+        shardcast::bus::stream::meta_key(&channel),
+        channel,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_trimmed_away_or_a_stream_deleted_is_not_recovered() {
+    let cluster = Cluster::start(3, 0);
+    let mut cfg = history_config(Some(&cluster), "hist-lost", 1);
+    // A small history: 10 messages a shard.
+    cfg.history = vec![(
+        glob::Pattern::new("kept*").unwrap(),
+        Keep {
+            size: 10,
+            ttl: Duration::from_secs(600),
+        },
+    )];
+    let node = Node::start(cfg.clone()).await;
+    let mut feed = Client::connect(&node.ws("?user=feed")).await;
+    let mut fan = Client::connect(&node.ws("?user=fan")).await;
+    let ok = join(&mut fan, "kept", None).await;
+    let mut last = ok["pos"].as_array().unwrap().clone();
+    feed.publish("kept", json!(0)).await;
+    take(&mut fan, 1, &mut last).await;
+    drop(fan);
+
+    // Trimmed: far more than the stream keeps were published meanwhile (XADD MAXLEN ~ trims in
+    // whole blocks, so enough to be sure the position is gone).
+    for i in 1..400 {
+        feed.publish("kept", json!(i)).await;
+    }
+    let mut back = Client::connect(&node.ws("?user=fan")).await;
+    let ok = join(&mut back, "kept", Some(&json!(last))).await;
+    assert_eq!(ok["recovered"], false, "trimmed past the position: {ok}");
+    let mut last = ok["pos"].as_array().unwrap().clone();
+    feed.publish("kept", json!("after")).await;
+    assert_eq!(
+        take(&mut back, 1, &mut last).await,
+        [json!("after")],
+        "live after a lost recovery"
+    );
+    drop(back);
+
+    // Deleted: a message the client missed goes with the stream, which starts again (same count,
+    // since its meta stayed).
+    feed.publish("kept", json!("missed")).await;
+    let (stream, _, _) = stream_keys(&cfg, "kept", 0);
+    let port = cluster.owner_of(cluster.slot(&stream));
+    assert_eq!(cluster.redis_cli(port, &["del", &stream]).trim(), "1");
+    feed.publish("kept", json!("new stream")).await;
+    let mut again = Client::connect(&node.ws("?user=fan")).await;
+    let ok = join(&mut again, "kept", Some(&json!(last))).await;
+    assert_eq!(ok["recovered"], false, "deleted stream: {ok}");
+
+    // Meta and stream both gone: a new epoch, never resumed from the old one.
+    let mut last = ok["pos"].as_array().unwrap().clone();
+    drop(again);
+    let (stream, meta, _) = stream_keys(&cfg, "kept", 0);
+    cluster.redis_cli(port, &["del", &stream, &meta]);
+    feed.publish("kept", json!("new epoch")).await;
+    let mut third = Client::connect(&node.ws("?user=fan")).await;
+    let ok = join(&mut third, "kept", Some(&json!(last))).await;
+    assert_eq!(ok["recovered"], false, "new epoch: {ok}");
+    assert_ne!(ok["pos"][0], last[0]);
+    last = ok["pos"].as_array().unwrap().clone();
+    assert_eq!(last.len(), 1);
+    // A list for another shard count is not resumed from either.
+    let mut fourth = Client::connect(&node.ws("?user=fan")).await;
+    let ok = join(&mut fourth, "kept", Some(&json!([last[0], last[0]]))).await;
+    assert_eq!(ok["recovered"], false, "wrong length: {ok}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_drained_node_resume_on_the_other_with_nothing_lost_or_repeated() {
+    use common::{eventually, status, Process};
+    const SENDERS: usize = 4;
+    const PER_SENDER: i64 = 150;
+    const FANS: usize = 12;
+    let cluster = Cluster::start(3, 0);
+    let (room_prefix, user_prefix) = common::prefix("hist-drain");
+    let args = |id: &str| -> Vec<String> {
+        [
+            "--redis",
+            &cluster.url,
+            "--node-id",
+            id,
+            "--channel-prefix",
+            &room_prefix,
+            "--user-channel-prefix",
+            &user_prefix,
+            "--history",
+            "kept*=1000/10m",
+            "--hot-room",
+            "kept-hot=4",
+            "--drain-jitter",
+            "1500ms",
+            "--command-rate",
+            "100000",
+            "--command-burst",
+            "100000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let spawn = |id: &str| {
+        let a = args(id);
+        Process::spawn(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let drained = spawn("a");
+    let other = spawn("b");
+    for p in [&drained, &other] {
+        let ready = p.url("/readyz");
+        eventually("node ready", || async { status(&ready).await == 200 }).await;
+    }
+    // Every fan on the node to be drained, each resuming on the other when told to reconnect.
+    let mut fans = Vec::new();
+    for f in 0..FANS {
+        let first = drained.ws(&format!("?user=fan{f}"));
+        let second = other.ws(&format!("?user=fan{f}"));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        fans.push((
+            ready_rx,
+            tokio::spawn(async move {
+                let mut c = Client::connect(&first).await;
+                let ok = join(&mut c, "kept-hot", None).await;
+                let mut last = ok["pos"].as_array().unwrap().clone();
+                let _ = ready_tx.send(());
+                let mut got = Vec::new();
+                loop {
+                    let Some(m) = c.recv().await else { break };
+                    match m["op"].as_str() {
+                        Some("msg") => {
+                            last[m["shard"].as_u64().unwrap() as usize] = m["pos"].clone();
+                            got.push(m["data"].clone());
+                        }
+                        Some("reconnect") => {}
+                        _ => {}
+                    }
+                }
+                let mut c = Client::connect(&second).await;
+                let ok = join(&mut c, "kept-hot", Some(&json!(last))).await;
+                assert_eq!(ok["recovered"], true, "{ok}");
+                let rest = SENDERS * PER_SENDER as usize - got.len();
+                got.extend(take(&mut c, rest, &mut last).await);
+                assert!(
+                    tokio::time::timeout(Duration::from_millis(300), c.recv())
+                        .await
+                        .is_err(),
+                    "nothing more"
+                );
+                got
+            }),
+        ));
+    }
+    for (ready, _) in &mut fans {
+        ready.await.unwrap();
+    }
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        let url = other.ws(&format!("?user=s{s}"));
+        senders.push(tokio::spawn(async move {
+            let mut c = Client::connect(&url).await;
+            for i in 0..PER_SENDER {
+                c.publish("kept-hot", json!({"s": s, "i": i})).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    drained.signal("-TERM");
+    for s in senders {
+        s.await.unwrap();
+    }
+    for (_, fan) in fans {
+        check_each_once_in_order(&fan.await.unwrap(), SENDERS, PER_SENDER);
+    }
+}
