@@ -5,19 +5,27 @@
 //! [`Hub::write_lane`] on each turn; the schedule is [`crate::paced`]'s).
 //!
 //! The bus knows nothing of this module: it hands payloads to whatever [`Sink`] it was given.
+//!
+//! # The node's own gaps
+//! In a room with history every message is numbered per shard. A worker that sees a shard's
+//! number skip (the node was resubscribing after a reconnect, a failover or a slot move) reads
+//! what it missed from the shard's history and delivers it first, once and in order, then the
+//! message that showed the gap ([`Gaps`]). One that sees a number again drops it.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    bus::{Naming, Sink},
+    bus::{stream::Pos, Bus, Naming, Sink},
+    config::Config,
     envelope::{self, Envelope},
-    hub::Hub,
+    hub::{Advance, Hub},
     metrics::{self as m, Delivery},
     paced::{Lanes, Pace, Scratch},
+    topic::Topic,
 };
 
 /// Messages a worker takes from its queue at once.
@@ -31,21 +39,83 @@ type Item = (Bytes, Bytes);
 #[derive(Clone)]
 pub struct Dispatch {
     workers: Arc<[mpsc::Sender<Item>]>,
+    gaps: Arc<Gaps>,
+}
+
+/// What every worker works on.
+#[derive(Clone)]
+struct On {
+    hub: Hub,
+    naming: Naming,
+    gaps: Arc<Gaps>,
+}
+
+/// Reads back what the node missed of a shard with history. The bus is made after its sink (this
+/// dispatch), so it is handed over once made ([`Dispatch::read_from`]); weakly, as the bus holds
+/// the dispatch.
+pub struct Gaps {
+    bus: std::sync::OnceLock<std::sync::Weak<Bus>>,
+    config: Config,
+}
+
+impl Gaps {
+    /// The messages of `channel` (shard `shard` of `room`) after `after` and before `upto`, in
+    /// order, with their positions: what the store still has of them.
+    async fn fill(&self, channel: &[u8], room: &str, shard: u32, after: Pos, upto: Pos) -> Vec<Envelope> {
+        let bus = self.bus.get().and_then(std::sync::Weak::upgrade);
+        let (Some(bus), Some(keep), Ok(channel)) = (bus, self.config.keep(room), std::str::from_utf8(channel)) else {
+            return Vec::new();
+        };
+        let missing = upto.n - after.n - 1;
+        // The newest messages after `after`: as many as a join may replay.
+        let slice = match bus.read(channel, after.n, self.config.recover_max, keep).await {
+            Ok(slice) if slice.head.epoch == after.epoch => slice,
+            Ok(_) => return Vec::new(),
+            Err(e) => {
+                tracing::warn!(channel, shard, error = %e, "cannot read back what the node missed");
+                return Vec::new();
+            }
+        };
+        let filled: Vec<Envelope> = slice
+            .entries
+            .iter()
+            .filter(|(n, _)| *n > after.n && *n < upto.n)
+            .filter_map(|(n, raw)| {
+                let mut env = Envelope::decode(raw).ok()?;
+                env.pos = Some(Pos {
+                    epoch: after.epoch,
+                    n: *n,
+                });
+                Some(env)
+            })
+            .collect();
+        m::gap_filled(filled.len(), missing as usize - filled.len().min(missing as usize));
+        filled
+    }
 }
 
 impl Dispatch {
-    /// Starts `workers` delivery tasks feeding `hub`; paced when `coalesce` is not zero. `naming`
-    /// tells which channel an envelope belongs on.
+    /// Starts `--workers` delivery tasks feeding `hub`, each with a queue of `--worker-queue`;
+    /// paced when `--write-coalesce` is not zero. `naming` tells which channel an envelope
+    /// belongs on.
     pub fn start(
         hub: Hub,
         naming: Naming,
-        workers: usize,
-        capacity: usize,
-        coalesce: Duration,
+        config: &Config,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Dispatch {
-        let workers = workers.max(1);
+        let workers = config.workers.max(1);
+        let coalesce = config.write_coalesce;
+        let gaps = Arc::new(Gaps {
+            bus: std::sync::OnceLock::new(),
+            config: config.clone(),
+        });
+        let on = On {
+            hub: hub.clone(),
+            naming,
+            gaps: gaps.clone(),
+        };
         // Paced workers count their lanes' turns from the same instant; each lane is one worker's.
         let pace = (!coalesce.is_zero()).then(|| {
             let pace = Pace::new(Instant::now(), coalesce, workers);
@@ -55,25 +125,25 @@ impl Dispatch {
         });
         let senders: Vec<_> = (0..workers)
             .map(|index| {
-                let (tx, rx) = mpsc::channel(capacity.max(1));
+                let (tx, rx) = mpsc::channel(config.worker_queue.max(1));
                 match &pace {
-                    Some((pace, lanes)) => tracker.spawn(paced(
-                        hub.clone(),
-                        naming.clone(),
-                        rx,
-                        cancel.clone(),
-                        *pace,
-                        lanes.clone(),
-                        index,
-                    )),
-                    None => tracker.spawn(worker(hub.clone(), naming.clone(), rx, cancel.clone())),
+                    Some((pace, lanes)) => {
+                        tracker.spawn(paced(on.clone(), rx, cancel.clone(), *pace, lanes.clone(), index))
+                    }
+                    None => tracker.spawn(worker(on.clone(), rx, cancel.clone())),
                 };
                 tx
             })
             .collect();
         Dispatch {
             workers: senders.into(),
+            gaps,
         }
+    }
+
+    /// The bus the workers read history back from, once it is made.
+    pub fn read_from(&self, bus: &Arc<Bus>) {
+        let _ = self.gaps.bus.set(Arc::downgrade(bus));
     }
 }
 
@@ -92,8 +162,10 @@ impl Sink for Dispatch {
 /// Delivers what the bus hands over: every frame a batch of messages queues for a socket goes out
 /// in one write at the end of the batch (a batch is whatever waited in the queue, so batches grow
 /// with load). With `--write-coalesce`, [`paced`] instead.
-async fn worker(hub: Hub, naming: Naming, mut rx: mpsc::Receiver<Item>, cancel: CancellationToken) {
+async fn worker(on: On, mut rx: mpsc::Receiver<Item>, cancel: CancellationToken) {
+    let On { hub, naming, gaps } = on;
     let mut batch = Vec::with_capacity(BATCH);
+    let mut decoded = Vec::with_capacity(BATCH);
     let mut flush = Vec::new();
     loop {
         let n = tokio::select! {
@@ -103,9 +175,11 @@ async fn worker(hub: Hub, naming: Naming, mut rx: mpsc::Receiver<Item>, cancel: 
         if n == 0 {
             return;
         }
-        decode_each(&mut batch, &naming, |env, shard| {
+        decode(&mut batch, &naming, &mut decoded);
+        in_order(&hub, &gaps, &mut decoded, |env, shard| {
             hub.deliver(env, shard, &mut flush);
-        });
+        })
+        .await;
         m::delivered(&Delivery {
             writes: flush.len(),
             ..Delivery::default()
@@ -120,17 +194,18 @@ async fn worker(hub: Hub, naming: Naming, mut rx: mpsc::Receiver<Item>, cancel: 
 /// their turns. A turn missed while the worker was busy is caught up on the next tick, lanes in
 /// order; when cancelled, it writes its lanes once more.
 async fn paced(
-    hub: Hub,
-    naming: Naming,
+    on: On,
     mut rx: mpsc::Receiver<Item>,
     cancel: CancellationToken,
     pace: Pace,
     lanes: Arc<Lanes>,
     index: usize,
 ) {
+    let On { hub, naming, gaps } = on;
     let step = pace.step() as u64;
     let index = index as u64;
     let mut batch = Vec::with_capacity(BATCH);
+    let mut decoded = Vec::with_capacity(BATCH);
     let mut scratch = Scratch::default();
     // Without lanes of its own, a worker only records.
     let mut next = (index < step).then(|| {
@@ -145,7 +220,8 @@ async fn paced(
                 if n == 0 {
                     break;
                 }
-                decode_each(&mut batch, &naming, |env, shard| hub.record(env, shard, &lanes));
+                decode(&mut batch, &naming, &mut decoded);
+                in_order(&hub, &gaps, &mut decoded, |env, shard| hub.record(env, shard, &lanes)).await;
             }
             () = &mut turn, if next.is_some() => {
                 let due = next.unwrap_or(0);
@@ -176,10 +252,42 @@ fn write_lane(hub: &Hub, lanes: &Lanes, lane: usize, scratch: &mut Scratch) {
     }
 }
 
-/// Empties a worker's batch, handing each envelope that decodes and belongs on its channel to
-/// `each` with its shard (after recording its latency from publish), and counting the rest as
-/// dropped: a backend job can publish anything on a channel, and only the channel is trusted.
-fn decode_each(batch: &mut Vec<Item>, naming: &Naming, mut each: impl FnMut(&Envelope, u32)) {
+/// A decoded envelope, its channel and its shard.
+type Decoded = (Bytes, Envelope, u32);
+
+/// Hands each envelope to `deliver` in order; one with a position goes after whatever its shard
+/// skipped (read back from history), and not at all when its shard had it already.
+async fn in_order(hub: &Hub, gaps: &Gaps, decoded: &mut Vec<Decoded>, mut deliver: impl FnMut(&Envelope, u32)) {
+    for (channel, env, shard) in decoded.drain(..) {
+        let Some(pos) = env.pos else {
+            deliver(&env, shard);
+            continue;
+        };
+        let topic = Topic::of(env.kind, &env.target);
+        match hub.advance(&topic, shard, pos) {
+            Advance::Next => {}
+            Advance::Stale => {
+                m::bus_dropped("duplicate", 1);
+                continue;
+            }
+            Advance::Gap(after) => {
+                for missed in gaps.fill(&channel, &env.target, shard, after, pos).await {
+                    if let Some(p) = missed.pos {
+                        hub.advance(&topic, shard, p);
+                    }
+                    deliver(&missed, shard);
+                }
+                hub.advance(&topic, shard, pos);
+            }
+        }
+        deliver(&env, shard);
+    }
+}
+
+/// Empties a worker's batch into `out`: each envelope that decodes and belongs on its channel,
+/// with its shard (after recording its latency from publish). The rest are counted as dropped: a
+/// backend job can publish anything on a channel, and only the channel is trusted.
+fn decode(batch: &mut Vec<Item>, naming: &Naming, out: &mut Vec<Decoded>) {
     for (channel, payload) in batch.drain(..) {
         let env = match Envelope::decode(&payload) {
             Ok(env) => env,
@@ -196,7 +304,7 @@ fn decode_each(batch: &mut Vec<Item>, naming: &Naming, mut each: impl FnMut(&Env
         };
         let latency = envelope::now_us().saturating_sub(env.ts_us) as f64 / 1e6;
         m::bus_received(latency);
-        each(&env, shard);
+        out.push((channel, env, shard));
     }
 }
 
@@ -206,6 +314,7 @@ mod tests {
         io::{self, IoSlice},
         sync::Mutex,
         task::{Context, Poll},
+        time::Duration,
     };
 
     use super::*;
@@ -257,7 +366,13 @@ mod tests {
             let tracker = tokio_util::task::TaskTracker::new();
             let cancel = CancellationToken::new();
             let naming = Naming::new("ws:room:", "ws:user:", 8, std::collections::HashMap::new());
-            let dispatch = Dispatch::start(hub.clone(), naming, workers, 1024, every, &tracker, cancel.clone());
+            let config = Config {
+                workers,
+                worker_queue: 1024,
+                write_coalesce: every,
+                ..Config::default()
+            };
+            let dispatch = Dispatch::start(hub.clone(), naming, &config, &tracker, cancel.clone());
             Paced {
                 hub,
                 dispatch,

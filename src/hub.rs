@@ -22,6 +22,7 @@ use indexmap::IndexMap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
+    bus::stream::Pos,
     encoding::Encoding,
     envelope::Envelope,
     frame::broadcast_frame,
@@ -125,6 +126,10 @@ struct Entry {
     recent: Option<Box<Recent>>,
     /// Members whose live frames are held back (see [`Held`]).
     held: u32,
+    /// In a room with history: per shard, the position of the last message delivered, so that
+    /// a message that skips some is noticed ([`Hub::advance`]). Forgotten with the topic, that is
+    /// when its channels are unsubscribed.
+    heads: Vec<Option<Pos>>,
     state: SubState,
     waiters: Vec<oneshot::Sender<Result<(), JoinError>>>,
 }
@@ -154,6 +159,17 @@ impl Entry {
         self.held -= u32::from(seat.held.is_some());
         true
     }
+}
+
+/// A message's place after the last one delivered on its shard ([`Hub::advance`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advance {
+    /// The next one (or the first, or of a new epoch): deliver it; it is the shard's head now.
+    Next,
+    /// At or before the head: delivered already.
+    Stale,
+    /// Messages after this head are missing: fill them in first (each advancing the head).
+    Gap(Pos),
 }
 
 /// A cheap handle on the registry.
@@ -268,6 +284,7 @@ impl Hub {
             encodings: [0; 2],
             recent: None,
             held: 0,
+            heads: Vec::new(),
             state: SubState::Unsubscribed,
             waiters: Vec::new(),
         });
@@ -286,6 +303,26 @@ impl Hub {
             }
         }
         Ok(Some(rx))
+    }
+
+    /// Where a message with a position stands against the last one delivered on its shard.
+    pub fn advance(&self, topic: &Topic, shard: u32, pos: Pos) -> Advance {
+        let Some(mut entry) = self.inner.topics.get_mut(topic) else {
+            return Advance::Next;
+        };
+        let shard = shard as usize;
+        if entry.heads.len() <= shard {
+            entry.heads.resize(shard + 1, None);
+        }
+        let head = &mut entry.heads[shard];
+        match *head {
+            Some(last) if last.epoch == pos.epoch && pos.n <= last.n => Advance::Stale,
+            Some(last) if last.epoch == pos.epoch && pos.n > last.n + 1 => Advance::Gap(last),
+            _ => {
+                *head = Some(pos);
+                Advance::Next
+            }
+        }
     }
 
     /// Ends a held join: the frames held back for the socket go out, in order, but for those of

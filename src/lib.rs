@@ -105,23 +105,21 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     let dispatch = Arc::new(Dispatch::start(
         hub.clone(),
         naming.clone(),
-        config.workers,
-        config.worker_queue,
-        config.write_coalesce,
+        &config,
         &tracker,
         internal.clone(),
     ));
     let bus = if config.redis.is_empty() {
         tracing::info!("no --redis: running alone on the embedded in-process bus");
         metrics::bus_up(true);
-        Bus::Memory(MemoryBus::new(dispatch))
+        Bus::Memory(MemoryBus::new(dispatch.clone()))
     } else {
         Bus::Redis(
             RedisBus::connect(
                 &config.redis,
                 &config.node_id,
                 config.redis_timeout,
-                dispatch,
+                dispatch.clone(),
                 &tracker,
                 internal.clone(),
             )
@@ -129,6 +127,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         )
     };
     let bus = Arc::new(bus);
+    dispatch.read_from(&bus);
     tracker.spawn(interest::run(
         hub.clone(),
         bus.clone(),

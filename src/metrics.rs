@@ -32,6 +32,7 @@ pub const SOCKET_WRITES: &str = "shardcast_socket_writes_total";
 pub const RECOVERIES: &str = "shardcast_recoveries_total";
 pub const REPLAYED: &str = "shardcast_replayed_messages_total";
 pub const HISTORY_READS: &str = "shardcast_history_reads_total";
+pub const GAP_FILLED: &str = "shardcast_history_gap_filled_total";
 pub const UNENCODABLE: &str = "shardcast_unencodable_messages_total";
 pub const LATENCY: &str = "shardcast_delivery_latency_seconds";
 // Slow consumers.
@@ -127,7 +128,7 @@ pub const BAD_FRAME_CODES: [ErrorCode; 11] = [
     ErrorCode::RateLimited,
 ];
 pub const PUBLISH_SOURCES: [&str; 2] = ["ws", "http"];
-pub const DROP_REASONS: [&str; 4] = ["queue_full", "lagged", "undecodable", "mismatch"];
+pub const DROP_REASONS: [&str; 5] = ["queue_full", "lagged", "undecodable", "mismatch", "duplicate"];
 pub const UPGRADE_REFUSED_REASONS: [&str; 6] = ["auth", "origin", "capacity", "draining", "bad_user", "unavailable"];
 
 const fn close_reason_slot(r: CloseReason) -> usize {
@@ -298,6 +299,11 @@ pub fn describe() {
         "History reads by source: store (sent to Redis, or the embedded ring) or shared (a join served by another join's read)."
     );
     describe_counter!(
+        GAP_FILLED,
+        Unit::Count,
+        "Messages of a shard with history the node missed (a reconnect, failover or slot move) and read back, by outcome: filled, or lost (no longer in history)."
+    );
+    describe_counter!(
         UPGRADES_REFUSED,
         Unit::Count,
         "WebSocket upgrades refused before the socket opened, by reason."
@@ -322,6 +328,9 @@ pub fn describe() {
     }
     for outcome in ["recovered", "not_recovered"] {
         counter!(RECOVERIES, "outcome" => outcome).increment(0);
+    }
+    for outcome in ["filled", "lost"] {
+        counter!(GAP_FILLED, "outcome" => outcome).increment(0);
     }
     for source in ["store", "shared"] {
         counter!(HISTORY_READS, "source" => source).increment(0);
@@ -423,6 +432,12 @@ pub fn replayed(messages: usize) {
 pub fn history_read(waiters: usize) {
     counter!(HISTORY_READS, "source" => "store").increment(1);
     counter!(HISTORY_READS, "source" => "shared").increment(waiters.saturating_sub(1) as u64);
+}
+
+/// Messages a node read back from history after its shard skipped them, and those it could not.
+pub fn gap_filled(filled: usize, lost: usize) {
+    counter!(GAP_FILLED, "outcome" => "filled").increment(filled as u64);
+    counter!(GAP_FILLED, "outcome" => "lost").increment(lost as u64);
 }
 
 pub fn bad_frame(code: &'static str) {

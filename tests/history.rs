@@ -440,3 +440,97 @@ async fn clients_of_a_drained_node_resume_on_the_other_with_nothing_lost_or_repe
         check_each_once_in_order(&fan.await.unwrap(), SENDERS, PER_SENDER);
     }
 }
+
+/// Publishes `kept` messages `{"i": n}` from one sender until told to stop, retrying a refused
+/// publish (as a feed would); returns how many it published.
+fn steady_sender(url: String, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<i64> {
+    tokio::spawn(async move {
+        let mut c = Client::connect(&url).await;
+        let mut i = 0;
+        while !*stop.borrow() {
+            let r = c.request(json!({"op":"pub","room":"kept","data":{"i": i}})).await;
+            if r["op"] == "ok" {
+                i += 1;
+            } else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        i
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_that_stay_get_every_message_across_a_live_slot_migration() {
+    let cluster = Cluster::start(3, 0);
+    let cfg = history_config(Some(&cluster), "hist-migrate", 1);
+    let node = Node::start(cfg.clone()).await;
+    // The feed goes through another node, so the viewer's node learns of the move only from its
+    // own reconcile (up to a second): what was published meanwhile it must read back.
+    let feeder = Node::start(shardcast::config::Config {
+        node_id: "feeder".into(),
+        ..cfg.clone()
+    })
+    .await;
+    let mut viewer = Client::connect(&node.ws("?user=viewer")).await;
+    join(&mut viewer, "kept", None).await;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let sender = steady_sender(feeder.ws("?user=feed"), stop);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Move the shard's slot, its history with it, while the feed goes on.
+    let (stream, meta, channel) = stream_keys(&cfg, "kept", 0);
+    let slot = cluster.slot(&channel);
+    let from = cluster.owner_of(slot);
+    let to = *cluster.ports[..3].iter().find(|p| **p != from).unwrap();
+    let id = |port: u16| cluster.redis_cli(port, &["cluster", "myid"]).trim().to_string();
+    let (from_id, to_id, s) = (id(from), id(to), slot.to_string());
+    cluster.redis_cli(to, &["cluster", "setslot", &s, "importing", &from_id]);
+    cluster.redis_cli(from, &["cluster", "setslot", &s, "migrating", &to_id]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let moved = cluster.redis_cli(
+        from,
+        &[
+            "migrate",
+            "127.0.0.1",
+            &to.to_string(),
+            "",
+            "0",
+            "5000",
+            "keys",
+            &stream,
+            &meta,
+        ],
+    );
+    assert_eq!(moved.trim(), "OK", "MIGRATE: {moved}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for p in &cluster.ports {
+        cluster.redis_cli(*p, &["cluster", "setslot", &s, "node", &to_id]);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop_tx.send(true).unwrap();
+    let published = sender.await.unwrap();
+    assert!(published > 100, "the feed kept going: {published}");
+    assert_eq!(
+        cluster.redis_cli(to, &["exists", &stream]).trim(),
+        "1",
+        "the history moved with the slot"
+    );
+    for i in 0..published {
+        let m = loop {
+            let m = viewer.recv().await.expect("a message");
+            if m["op"] == "msg" {
+                break m;
+            }
+        };
+        assert_eq!(m["data"]["i"], i, "every message once, in order: {m}");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), viewer.recv())
+            .await
+            .is_err(),
+        "nothing more"
+    );
+    node.stop().await;
+    feeder.stop().await;
+}
