@@ -48,6 +48,10 @@ pub enum ErrorCode {
     Forbidden,
     /// More commands than `--command-rate` allows; slow down.
     RateLimited,
+    /// Published and kept in history, but fewer replicas than `--publish-replicas` confirmed it
+    /// in time: it may be lost if its master dies now. The error carries its `pos`; do not
+    /// publish it again blindly.
+    Unconfirmed,
 }
 
 impl ErrorCode {
@@ -66,6 +70,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unconfirmed => "unconfirmed",
         }
     }
 }

@@ -15,7 +15,10 @@ use futures_util::future::join_all;
 
 use crate::{
     auth::Grants,
-    bus::stream::{Keep, Pos},
+    bus::{
+        stream::{Keep, Pos},
+        BusError,
+    },
     close::ErrorCode,
     encoding::Encoding,
     envelope::Kind,
@@ -157,7 +160,13 @@ pub async fn run(
         Command::Pub { room, data } => {
             let pos = publish(node, Kind::Room, room, &membership.grants.user, data)
                 .await
-                .map_err(|e| unavailable(&e))?;
+                .map_err(|e| match e {
+                    BusError::Unconfirmed(pos) => FrameError {
+                        pos: Some(pos),
+                        ..FrameError::new(id, ErrorCode::Unconfirmed, e.to_string())
+                    },
+                    e => unavailable(&e),
+                })?;
             m::published("ws");
             Ok(id.map(|_| Reply {
                 pos: pos.map(|p| Positions::One(p.to_string())),
@@ -209,8 +218,10 @@ async fn join_with_history(
     let max = node.config().recover_max;
     let reads = join_all((0..shards).map(|i| {
         let channel = node.naming().room_channel(&room, i as u32);
+        // From the client's own message on (to check it is still the one it had), no further
+        // back than a replay may go.
         let (after, cap) = match &since {
-            Some(s) => (s[i].n, max),
+            Some(s) => (s[i].n.saturating_sub(1), max.saturating_add(1)),
             None => (u64::MAX, 0),
         };
         async move { node.history().read(&channel, i as u32, after, cap, keep).await }
@@ -254,8 +265,7 @@ async fn join_with_history(
         };
         out.gate.send(reply.encode(out.encoding));
     }
-    let after: Vec<u64> = heads.iter().map(|h| h.n).collect();
-    node.hub().release(&topic, membership.id, &after);
+    node.hub().release(&topic, membership.id, heads);
     Ok(None)
 }
 
@@ -265,7 +275,7 @@ async fn newest(
     room: &str,
     limit: usize,
     keep: Keep,
-) -> Result<Vec<(crate::envelope::Envelope, u32)>, crate::bus::BusError> {
+) -> Result<Vec<(crate::envelope::Envelope, u32)>, BusError> {
     let shards = node.naming().shards(room);
     let reads = join_all((0..shards).map(|i| {
         let channel = node.naming().room_channel(room, i);

@@ -168,6 +168,11 @@ pub struct Args {
     /// the join answers `recovered: false`. [default: 1000]
     #[arg(long, env = "SHARDCAST_RECOVER_MAX")]
     pub recover_max: Option<String>,
+
+    /// Replicas that must confirm (WAIT) a publish to a room with history before it is
+    /// acknowledged; fewer within --redis-timeout answers `unconfirmed`. Redis Cluster only. [default: 0]
+    #[arg(long, env = "SHARDCAST_PUBLISH_REPLICAS")]
+    pub publish_replicas: Option<String>,
 }
 
 /// The validated configuration every part of the node reads.
@@ -206,6 +211,7 @@ pub struct Config {
     pub history: Vec<(glob::Pattern, Keep)>,
     pub default_history: Option<Keep>,
     pub recover_max: usize,
+    pub publish_replicas: u32,
 }
 
 impl Default for Config {
@@ -243,6 +249,7 @@ impl Default for Config {
             history: Vec::new(),
             default_history: None,
             recover_max: 1000,
+            publish_replicas: 0,
         }
     }
 }
@@ -324,6 +331,7 @@ impl Args {
             history: list(self.history, base.history),
             default_history: self.default_history.or(base.default_history),
             recover_max: self.recover_max.or(base.recover_max),
+            publish_replicas: self.publish_replicas.or(base.publish_replicas),
         }
     }
 
@@ -372,6 +380,7 @@ impl Args {
         set!("jwt-public-key", self.jwt_public_key, |s| public_key(s).map(Some) => jwt);
         set!("default-history", self.default_history, |s| keep(s).map(Some) => default_history);
         set!("recover-max", self.recover_max, |s| bounded_count(s, MAX_RECOVER) => recover_max);
+        set!("publish-replicas", self.publish_replicas, replicas => publish_replicas);
         for raw in self.history {
             match history_rule(raw.trim()) {
                 Ok(rule) => c.history.push(rule),
@@ -513,6 +522,16 @@ fn history_rule(s: &str) -> Result<(glob::Pattern, Keep), String> {
         .ok_or("expected NAME_GLOB=SIZE/TTL, such as match:*=1000/10m")?;
     let pattern = glob::Pattern::new(glob).map_err(|e| format!("NAME_GLOB: {e}"))?;
     Ok((pattern, keep(rest)?))
+}
+
+/// The most replicas a publish may wait for.
+const MAX_PUBLISH_REPLICAS: u32 = 16;
+
+fn replicas(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n <= MAX_PUBLISH_REPLICAS => Ok(n),
+        _ => Err(format!("expected a whole number from 0 to {MAX_PUBLISH_REPLICAS}")),
+    }
 }
 
 fn bounded_count(s: &str, max: usize) -> Result<usize, String> {

@@ -79,13 +79,10 @@ impl Gaps {
         let filled: Vec<Envelope> = slice
             .entries
             .iter()
-            .filter(|(n, _)| *n > after.n && *n < upto.n)
-            .filter_map(|(n, raw)| {
-                let mut env = Envelope::decode(raw).ok()?;
-                env.pos = Some(Pos {
-                    epoch: after.epoch,
-                    n: *n,
-                });
+            .filter(|e| e.n > after.n && e.n < upto.n)
+            .filter_map(|entry| {
+                let mut env = Envelope::decode(&entry.envelope).ok()?;
+                env.pos = Some(slice.pos(entry));
                 Some(env)
             })
             .collect();
@@ -281,6 +278,7 @@ async fn in_order(hub: &Hub, gaps: &Gaps, decoded: &mut Vec<Decoded>, mut delive
             }
         }
         deliver(&env, shard);
+        hub.settle(&topic);
     }
 }
 

@@ -64,6 +64,8 @@ pub struct FrameError {
     pub id: Option<i64>,
     pub code: ErrorCode,
     pub message: String,
+    /// The position of a message published anyway (`unconfirmed`).
+    pub pos: Option<Pos>,
 }
 
 impl FrameError {
@@ -72,6 +74,7 @@ impl FrameError {
             id,
             code,
             message: message.into(),
+            pos: None,
         }
     }
 }
@@ -491,7 +494,7 @@ impl<'a> Reply<'a> {
             code: Some(err.code.as_str()),
             message: Some(&err.message),
             after_ms: None,
-            pos: None,
+            pos: err.pos.map(|p| Positions::One(p.to_string())),
             recovered: None,
         }
     }

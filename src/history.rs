@@ -50,16 +50,12 @@ impl Shared {
     /// leaves them out.
     pub fn frames_after(&self, after: Pos, encoding: Encoding) -> Option<Vec<Bytes>> {
         let wanted = self.slice.after(after)?;
-        let first = wanted.first().map_or(u64::MAX, |(n, _)| *n);
+        let first = wanted.first().map_or(u64::MAX, |e| e.n);
         let all = self.frames[encoding.index()].get_or_init(|| {
-            let epoch = self.slice.head.epoch;
-            self.slice
-                .entries
-                .iter()
-                .filter_map(|(n, raw)| {
-                    let mut env = Envelope::decode(raw).ok()?;
-                    env.pos = Some(Pos { epoch, n: *n });
-                    Some((*n, broadcast_frame(encoding, &env, self.shard).ok()?))
+            self.envelopes()
+                .filter_map(|env| {
+                    let n = env.pos?.n;
+                    Some((n, broadcast_frame(encoding, &env, self.shard).ok()?))
                 })
                 .collect()
         });
@@ -73,10 +69,9 @@ impl Shared {
 
     /// The messages as envelopes with their positions, oldest first.
     pub fn envelopes(&self) -> impl Iterator<Item = Envelope> + '_ {
-        let epoch = self.slice.head.epoch;
-        self.slice.entries.iter().filter_map(move |(n, raw)| {
-            let mut env = Envelope::decode(raw).ok()?;
-            env.pos = Some(Pos { epoch, n: *n });
+        self.slice.entries.iter().filter_map(move |entry| {
+            let mut env = Envelope::decode(&entry.envelope).ok()?;
+            env.pos = Some(self.slice.pos(entry));
             Some(env)
         })
     }

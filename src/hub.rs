@@ -87,24 +87,30 @@ struct Seat {
 /// arrived meanwhile reach the socket in order and once each ([`Hub::join_held`], [`Hub::release`]).
 /// A mutex because fan-out adds to it under the topic's read lock.
 #[derive(Debug, Default)]
-struct Held(std::sync::Mutex<HeldFrames>);
+struct Held {
+    frames: std::sync::Mutex<HeldFrames>,
+    /// Once released: per shard, the position the socket has (its replay's end). The frames are
+    /// let go when this node has delivered that far itself; until then a live frame could still be
+    /// one the socket has (it got it elsewhere, from a node that was ahead of this one).
+    upto: Option<Vec<Pos>>,
+}
 
 #[derive(Debug, Default)]
 struct HeldFrames {
-    /// Shard, number in the shard's history (none for a message without a position), frame.
-    frames: Vec<(u32, Option<u64>, Bytes)>,
+    /// Shard, position (none for a message without one), frame.
+    frames: Vec<(u32, Option<Pos>, Bytes)>,
     bytes: usize,
 }
 
 impl Held {
     fn lock(&self) -> std::sync::MutexGuard<'_, HeldFrames> {
         // Each change under this lock is one step.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.frames.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Keeps a frame back, within the socket's budget like a queued one: past it the socket is
     /// closed as a slow consumer.
-    fn keep(&self, gate: &Gate, shard: u32, n: Option<u64>, frame: &Bytes) -> Push {
+    fn keep(&self, gate: &Gate, shard: u32, n: Option<Pos>, frame: &Bytes) -> Push {
         let mut held = self.lock();
         if held.bytes + frame.len() > gate.budget() {
             *held = HeldFrames::default();
@@ -126,6 +132,8 @@ struct Entry {
     recent: Option<Box<Recent>>,
     /// Members whose live frames are held back (see [`Held`]).
     held: u32,
+    /// Of those, members released and waiting for this node to catch up with them.
+    releasing: u32,
     /// In a room with history: per shard, the position of the last message delivered, so that
     /// a message that skips some is noticed ([`Hub::advance`]). Forgotten with the topic, that is
     /// when its channels are unsubscribed.
@@ -141,6 +149,7 @@ impl Entry {
             Some(old) => {
                 self.encodings[old.member.encoding.index()] -= 1;
                 self.held -= u32::from(old.held.is_some());
+                self.releasing -= u32::from(old.held.as_ref().is_some_and(|h| h.upto.is_some()));
                 (old.since, old.held)
             }
             None => (since, None),
@@ -157,6 +166,7 @@ impl Entry {
         };
         self.encodings[seat.member.encoding.index()] -= 1;
         self.held -= u32::from(seat.held.is_some());
+        self.releasing -= u32::from(seat.held.as_ref().is_some_and(|h| h.upto.is_some()));
         true
     }
 }
@@ -284,6 +294,7 @@ impl Hub {
             encodings: [0; 2],
             recent: None,
             held: 0,
+            releasing: 0,
             heads: Vec::new(),
             state: SubState::Unsubscribed,
             waiters: Vec::new(),
@@ -325,34 +336,82 @@ impl Hub {
         }
     }
 
-    /// Ends a held join: the frames held back for the socket go out, in order, but for those of
-    /// a shard numbered `after[shard]` or below (the history it was sent already); from then on
-    /// it gets live frames as any member. False when the socket was not held in the topic.
-    pub fn release(&self, topic: &Topic, id: SessionId, after: &[u64]) -> bool {
+    /// Ends a held join once the socket has `upto` (per shard: its replay's end, or where the
+    /// shard stood when it joined): from when this node has delivered that far on every shard, the
+    /// frames held back go out, in order, but for those the socket has; then it gets live frames
+    /// as any member. Until then the socket stays held ([`Hub::settle`] lets it go). False when
+    /// the socket was not held in the topic.
+    pub fn release(&self, topic: &Topic, id: SessionId, upto: Vec<Pos>) -> bool {
         let Some(mut entry) = self.inner.topics.get_mut(topic) else {
             return false;
         };
-        let next = self.inner.lanes.get().map_or(0, |l| l.next_seq());
-        let entry = &mut *entry;
-        let Some(seat) = entry.members.get_mut(&id) else {
+        let Some(held) = entry.members.get_mut(&id).and_then(|seat| seat.held.as_mut()) else {
             return false;
         };
-        let Some(held) = seat.held.take() else {
-            return false;
-        };
-        entry.held -= 1;
-        // Paced frames recorded so far were held for it: it takes the lanes' frames from here on.
-        seat.since = next;
-        let gate = seat.member.gate.clone();
-        // Pushed under the topic's lock, so no live frame can overtake them.
-        for (shard, n, frame) in std::mem::take(&mut held.lock().frames) {
-            let seen = after.get(shard as usize).copied().unwrap_or(0);
-            if n.is_none_or(|n| n > seen) && matches!(gate.push(frame), Push::Overflow | Push::Closed) {
-                break;
-            }
+        if held.upto.replace(upto).is_none() {
+            entry.releasing += 1;
         }
-        gate.flush();
+        self.settle_entry(&mut entry);
         true
+    }
+
+    /// Lets go of the held sockets of a topic whose shards this node has now delivered as far as
+    /// each socket has: after every message with a position.
+    pub fn settle(&self, topic: &Topic) {
+        if self.inner.topics.get(topic).is_none_or(|e| e.releasing == 0) {
+            return;
+        }
+        if let Some(mut entry) = self.inner.topics.get_mut(topic) {
+            self.settle_entry(&mut entry);
+        }
+    }
+
+    fn settle_entry(&self, entry: &mut Entry) {
+        if entry.releasing == 0 {
+            return;
+        }
+        // Paced frames recorded so far were held for it: a socket let go takes the lanes' frames
+        // from here on.
+        let next = self.inner.lanes.get().map_or(0, |l| l.next_seq());
+        let heads = &entry.heads;
+        // Delivered as far as `p` on this node: the shard's head is there (or in another epoch).
+        let reached = |shard: usize, p: &Pos| {
+            p.n == 0
+                || heads
+                    .get(shard)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|h| h.epoch != p.epoch || h.n >= p.n)
+        };
+        let mut let_go = 0;
+        for seat in entry.members.values_mut() {
+            let ready = seat
+                .held
+                .as_ref()
+                .and_then(|h| h.upto.as_ref())
+                .is_some_and(|upto| upto.iter().enumerate().all(|(shard, p)| reached(shard, p)));
+            let Some(held) = seat.held.take_if(|_| ready) else {
+                continue;
+            };
+            let_go += 1;
+            seat.since = next;
+            let upto = held.upto.unwrap_or_default();
+            let frames = held.frames.into_inner().unwrap_or_else(|p| p.into_inner()).frames;
+            let gate = &seat.member.gate;
+            // Pushed under the topic's lock, so no live frame can overtake them.
+            for (shard, pos, frame) in frames {
+                let had = match (pos, upto.get(shard as usize)) {
+                    (Some(pos), Some(upto)) => pos.epoch == upto.epoch && pos.n <= upto.n,
+                    _ => false,
+                };
+                if !had && matches!(gate.push(frame), Push::Overflow | Push::Closed) {
+                    break;
+                }
+            }
+            gate.flush();
+        }
+        entry.held -= let_go;
+        entry.releasing -= let_go;
     }
 
     /// Takes a socket out of a topic; true when it was in it.
@@ -430,7 +489,7 @@ impl Hub {
             return out;
         };
         let mut frames: [Option<Option<Bytes>>; 2] = [None, None];
-        let n = env.pos.map(|p| p.n);
+        let n = env.pos;
         for Seat { member, held, .. } in entry.members.values() {
             let built = frames[member.encoding.index()].get_or_insert_with(|| {
                 match broadcast_frame(member.encoding, env, shard) {
@@ -503,7 +562,7 @@ impl Hub {
             });
         }
         if entry.held > 0 {
-            let n = env.pos.map(|p| p.n);
+            let n = env.pos;
             for Seat { member, held, .. } in entry.members.values() {
                 if let (Some(held), Some(frame)) = (held, &frames[member.encoding.index()]) {
                     held.keep(&member.gate, shard, n, frame);

@@ -119,6 +119,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
                 &config.redis,
                 &config.node_id,
                 config.redis_timeout,
+                config.publish_replicas,
                 dispatch.clone(),
                 &tracker,
                 internal.clone(),

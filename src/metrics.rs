@@ -33,6 +33,7 @@ pub const RECOVERIES: &str = "shardcast_recoveries_total";
 pub const REPLAYED: &str = "shardcast_replayed_messages_total";
 pub const HISTORY_READS: &str = "shardcast_history_reads_total";
 pub const GAP_FILLED: &str = "shardcast_history_gap_filled_total";
+pub const PUBLISH_WAIT: &str = "shardcast_publish_wait_seconds";
 pub const UNENCODABLE: &str = "shardcast_unencodable_messages_total";
 pub const LATENCY: &str = "shardcast_delivery_latency_seconds";
 // Slow consumers.
@@ -61,6 +62,7 @@ pub fn handle() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(LATENCY.into()), SECONDS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOIN_WAIT.into()), SECONDS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PUBLISH_WAIT.into()), SECONDS))
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(QUEUE_DEPTH.into()),
@@ -114,7 +116,7 @@ pub const CLOSE_REASONS: [CloseReason; 8] = [
     CloseReason::RateLimited,
 ];
 /// Codes a socket's command can fail with (`unauthorized` is HTTP only).
-pub const BAD_FRAME_CODES: [ErrorCode; 11] = [
+pub const BAD_FRAME_CODES: [ErrorCode; 12] = [
     ErrorCode::BadFrame,
     ErrorCode::UnknownOp,
     ErrorCode::BadField,
@@ -126,6 +128,7 @@ pub const BAD_FRAME_CODES: [ErrorCode; 11] = [
     ErrorCode::Unavailable,
     ErrorCode::Forbidden,
     ErrorCode::RateLimited,
+    ErrorCode::Unconfirmed,
 ];
 pub const PUBLISH_SOURCES: [&str; 2] = ["ws", "http"];
 pub const DROP_REASONS: [&str; 5] = ["queue_full", "lagged", "undecodable", "mismatch", "duplicate"];
@@ -157,6 +160,7 @@ const fn bad_frame_slot(c: ErrorCode) -> usize {
         ErrorCode::Unavailable => 8,
         ErrorCode::Forbidden => 9,
         ErrorCode::RateLimited => 10,
+        ErrorCode::Unconfirmed => 11,
         ErrorCode::Unauthorized => usize::MAX,
     }
 }
@@ -298,6 +302,11 @@ pub fn describe() {
         Unit::Count,
         "History reads by source: store (sent to Redis, or the embedded ring) or shared (a join served by another join's read)."
     );
+    describe_histogram!(
+        PUBLISH_WAIT,
+        Unit::Seconds,
+        "With --publish-replicas: how long a publish waited for its replicas to confirm it (one WAIT covers a batch)."
+    );
     describe_counter!(
         GAP_FILLED,
         Unit::Count,
@@ -438,6 +447,14 @@ pub fn history_read(waiters: usize) {
 pub fn gap_filled(filled: usize, lost: usize) {
     counter!(GAP_FILLED, "outcome" => "filled").increment(filled as u64);
     counter!(GAP_FILLED, "outcome" => "lost").increment(lost as u64);
+}
+
+/// One WAIT round confirming `publishes` publishes to rooms with history.
+pub fn publish_wait(took: std::time::Duration, publishes: usize) {
+    let h = histogram!(PUBLISH_WAIT);
+    for _ in 0..publishes {
+        h.record(took.as_secs_f64());
+    }
 }
 
 pub fn bad_frame(code: &'static str) {

@@ -17,6 +17,7 @@ use subtle::ConstantTimeEq;
 
 use crate::{
     auth::Grants,
+    bus::BusError,
     close::ErrorCode,
     commands::Membership,
     encoding::{Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK},
@@ -228,9 +229,24 @@ async fn publish_http(State(node): State<Node>, headers: HeaderMap, body: Bytes)
         format: Encoding::Json,
         bytes: Bytes::copy_from_slice(body.data.get().as_bytes()),
     };
-    let pos = publish::publish(&node, Kind::Room, body.room, &from, data)
-        .await
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string()))?;
+    let pos = match publish::publish(&node, Kind::Room, body.room, &from, data).await {
+        Ok(pos) => pos,
+        Err(e @ BusError::Unconfirmed(pos)) => {
+            let body = serde_json::json!({
+                "code": ErrorCode::Unconfirmed.as_str(),
+                "message": e.to_string(),
+                "pos": pos.to_string(),
+            });
+            return Ok((StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response());
+        }
+        Err(e) => {
+            return Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                e.to_string(),
+            ))
+        }
+    };
     m::published("http");
     // A room with history answers where the message stands in it.
     Ok(match pos {

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use dashmap::DashSet;
 
 use super::{
-    stream::{with_pos, Keep, Pos, Slice},
+    stream::{with_pos, Entry, Keep, Pos, Slice},
     BusError, Sink,
 };
 use crate::metrics as m;
@@ -36,7 +36,7 @@ struct Rings {
 /// expires `ttl` after it was made or last appended to.
 struct Ring {
     head: Pos,
-    entries: VecDeque<(u64, Bytes)>,
+    entries: VecDeque<Entry>,
     ttl: std::time::Duration,
     touched: Instant,
 }
@@ -47,6 +47,7 @@ impl Ring {
             head: Pos {
                 epoch: new_epoch(),
                 n: 0,
+                id: None,
             },
             entries: VecDeque::new(),
             ttl: keep.ttl,
@@ -95,16 +96,23 @@ impl MemoryBus {
     pub fn append(&self, channel: &str, envelope: &[u8], keep: Keep) -> Result<Pos, BusError> {
         let mut rings = self.lock();
         let ring = ring(&mut rings, channel, keep);
+        // One master, no failover: the number is id enough.
+        let n = ring.head.n + 1;
         let pos = Pos {
             epoch: ring.head.epoch,
-            n: ring.head.n + 1,
+            n,
+            id: Some((0, n)),
         };
         let spliced =
             with_pos(envelope, pos).ok_or_else(|| BusError::Unavailable("the envelope is not an array of 8".into()))?;
         ring.head = pos;
         ring.ttl = keep.ttl;
         ring.touched = Instant::now();
-        ring.entries.push_back((pos.n, Bytes::copy_from_slice(envelope)));
+        ring.entries.push_back(Entry {
+            n,
+            id: (0, n),
+            envelope: Bytes::copy_from_slice(envelope),
+        });
         while ring.entries.len() > keep.size as usize {
             ring.entries.pop_front();
         }
@@ -115,7 +123,8 @@ impl MemoryBus {
     pub fn read(&self, channel: &str, after: u64, cap: usize, keep: Keep) -> Slice {
         let mut rings = self.lock();
         let ring = ring(&mut rings, channel, keep);
-        let want = (ring.head.n.saturating_sub(after) as usize).min(cap);
+        // As the Redis script: at least the newest message, for the head's id.
+        let want = (ring.head.n.saturating_sub(after) as usize).min(cap).max(1);
         let skip = ring.entries.len().saturating_sub(want);
         Slice {
             head: ring.head,

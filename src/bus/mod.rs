@@ -9,6 +9,7 @@
 //! This module also owns the two naming decisions other nodes and backend jobs must agree on,
 //! each in one function: [`Naming::room_channel`] and [`shard_for`].
 
+mod confirm;
 pub mod memory;
 pub mod redis;
 pub mod stream;
@@ -31,6 +32,10 @@ pub trait Sink: Send + Sync + 'static {
 pub enum BusError {
     #[error("bus unavailable: {0}")]
     Unavailable(String),
+    /// Published and in history, but fewer replicas than `--publish-replicas` confirmed it in
+    /// time: it may be lost if its master dies now. Not to be published again blindly.
+    #[error("published at {0} but not confirmed by enough replicas in time")]
+    Unconfirmed(Pos),
 }
 
 /// Which shard of a room a sender's messages go to: CRC-32 (IEEE) of the sender id, modulo the

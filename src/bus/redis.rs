@@ -46,7 +46,8 @@ use tokio::sync::{broadcast::error::RecvError, Notify};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    stream::{meta_key, stream_key, Keep, Pos, Slice},
+    confirm::Confirm,
+    stream::{meta_key, parse_entry_id, stream_key, Entry, Keep, Pos, Slice},
     tracked::{Tracked, SLOTS},
     BusError, Sink,
 };
@@ -71,6 +72,8 @@ pub struct RedisBus {
 struct Inner {
     seeds: Vec<Server>,
     timeout: Duration,
+    /// Replicas that must have a publish to a room with history before it is acknowledged.
+    replicas: u32,
     sink: Arc<dyn Sink>,
     /// Probe channels start with this; unique per node so nodes never answer each other's probes.
     probe_prefix: String,
@@ -98,6 +101,8 @@ struct Link {
     alive: AtomicBool,
     /// Milliseconds since the bus started when the subscriber last received anything.
     heard_ms: AtomicU64,
+    /// With `--publish-replicas`: confirmations on a connection of their own.
+    confirm: Option<(Client, Arc<Confirm>)>,
     stop: CancellationToken,
 }
 
@@ -196,6 +201,7 @@ impl RedisBus {
         urls: &[String],
         node_id: &str,
         timeout: Duration,
+        replicas: u32,
         sink: Arc<dyn Sink>,
         tracker: &TaskTracker,
         cancel: CancellationToken,
@@ -207,6 +213,7 @@ impl RedisBus {
         let inner = Arc::new(Inner {
             seeds,
             timeout,
+            replicas,
             sink,
             probe_prefix: format!("shardcast:probe:{node_id}:{:08x}:", rand::random::<u32>()),
             started: Instant::now(),
@@ -360,17 +367,18 @@ if not epoch then
   redis.call('HSET', KEYS[2], 'epoch', epoch)
 end
 local n = redis.call('HINCRBY', KEYS[2], 'n', 1)
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'n', n, 'e', env)
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'n', n, 'e', env)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-local pos = epoch .. ':' .. n
+local pos = epoch .. ':' .. n .. ':' .. id
 redis.call('SPUBLISH', KEYS[3], string.char(0x99) .. string.sub(env, 2) .. cmsgpack.pack(pos))
 return pos
 "#;
 
 /// Reads where a channel's history stands and its newest messages after a number, at most a cap
-/// of them, newest first; makes the epoch when there is none. KEYS: stream, meta. ARGV: after,
-/// cap, ttl in milliseconds. Returns epoch, n, entries.
+/// of them but at least the newest (for the head's entry id), newest first; makes the epoch when
+/// there is none. KEYS: stream, meta. ARGV: after, cap, ttl in milliseconds. Returns epoch, n,
+/// entries.
 const READ: &str = r#"
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
@@ -381,10 +389,7 @@ if not epoch then
 end
 local n = tonumber(redis.call('HGET', KEYS[2], 'n') or '0')
 local k = math.min(math.max(n - tonumber(ARGV[1]), 0), tonumber(ARGV[2]))
-local entries = {}
-if k > 0 then
-  entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', k)
-end
+local entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', math.max(k, 1))
 return {epoch, n, entries}
 "#;
 
@@ -442,21 +447,20 @@ fn parse_read(v: Value) -> Option<Slice> {
     if parts.len() != 3 {
         return None;
     }
-    let entries = parts.pop()?;
+    let entries = match parts.pop()? {
+        Value::Array(entries) => entries,
+        Value::Null => Vec::new(),
+        _ => return None,
+    };
     let n = parts.pop()?.as_u64()?;
     let epoch = std::str::from_utf8(&bytes_of(parts.pop()?)?).ok()?.parse().ok()?;
-    let Value::Array(entries) = entries else {
-        return (entries.is_null()).then(|| Slice {
-            head: Pos { epoch, n },
-            entries: Vec::new(),
-        });
-    };
     let mut out = Vec::with_capacity(entries.len());
     for entry in entries.into_iter().rev() {
         let Value::Array(mut entry) = entry else { return None };
         let Value::Array(fields) = entry.pop()? else {
             return None;
         };
+        let id = parse_entry_id(std::str::from_utf8(&bytes_of(entry.pop()?)?).ok()?).ok()?;
         let (mut number, mut envelope) = (None, None);
         let mut fields = fields.into_iter();
         while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
@@ -466,10 +470,17 @@ fn parse_read(v: Value) -> Option<Slice> {
                 _ => {}
             }
         }
-        out.push((number?, envelope?));
+        out.push(Entry {
+            n: number?,
+            id,
+            envelope: envelope?,
+        });
     }
+    // The head's entry id, when the newest entry is the head's message (a stream deleted and
+    // begun again under the same count has other numbers).
+    let id = out.last().filter(|e| e.n == n).map(|e| e.id);
     Some(Slice {
-        head: Pos { epoch, n },
+        head: Pos { epoch, n, id },
         entries: out,
     })
 }
@@ -483,10 +494,22 @@ impl RedisBus {
             Value::Integer(i64::from(keep.size)),
             Value::Integer(keep.ttl.as_millis().clamp(1, i64::MAX as u128) as i64),
         ];
+        let ttl_ms = keep.ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
         let v = self.inner.eval(&APPEND_SCRIPT, &channel, keys, args).await?;
-        bytes_of(v)
+        let pos: Pos = bytes_of(v)
             .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
-            .ok_or_else(|| unavailable("the append script answered something else than a position"))
+            .ok_or_else(|| unavailable("the append script answered something else than a position"))?;
+        if self.inner.replicas == 0 {
+            return Ok(pos);
+        }
+        let confirm = self
+            .inner
+            .link_for(redis_keyslot(channel.as_bytes()))
+            .and_then(|link| link.confirm.as_ref().map(|(_, c)| c.clone()));
+        match confirm {
+            Some(confirm) if confirm.confirm(meta_key(&channel), ttl_ms).await => Ok(pos),
+            _ => Err(BusError::Unconfirmed(pos)),
+        }
     }
 
     /// Reads the channel's history (see [`crate::bus::Bus::read`]).
@@ -729,11 +752,24 @@ impl Link {
         self.stop.cancel();
         let _ = tokio::time::timeout(timeout, self.subscriber.quit()).await;
         let _ = tokio::time::timeout(timeout, self.publisher.quit()).await;
+        if let Some((client, _)) = &self.confirm {
+            let _ = tokio::time::timeout(timeout, client.quit()).await;
+        }
     }
 
     fn start(bus: &Arc<Inner>, server: Server) -> Result<Arc<Link>, BusError> {
         let publisher = build(&server, false, bus.timeout, true)?;
         let subscriber = build(&server, true, bus.timeout, true)?;
+        let stop = bus.cancel.child_token();
+        let confirm = if bus.replicas > 0 {
+            // Its commands wait up to a WAIT's timeout: give them longer.
+            let client = build(&server, false, bus.timeout * 2, true)?;
+            client.connect();
+            let confirm = Confirm::start(client.clone(), bus.replicas, bus.timeout, stop.clone());
+            Some((client, confirm))
+        } else {
+            None
+        };
         let link = Arc::new(Link {
             server,
             publisher,
@@ -742,7 +778,8 @@ impl Link {
             probing: AtomicBool::new(false),
             alive: AtomicBool::new(true),
             heard_ms: AtomicU64::new(bus.now_ms()),
-            stop: bus.cancel.child_token(),
+            confirm,
+            stop,
         });
         // Listen before connecting so the first events are not missed.
         let messages = link.subscriber.message_rx();

@@ -25,61 +25,106 @@ pub struct Keep {
     pub ttl: Duration,
 }
 
+/// A stream entry's id as its master made it: milliseconds and a sequence number.
+pub type EntryId = (u64, u64);
+
 /// Where a message stands in its channel's history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Pos {
     pub epoch: u64,
     /// The message's number; 0 before the first message of the epoch.
     pub n: u64,
+    /// The message's entry id; absent where no message is (or where it was not read).
+    pub id: Option<EntryId>,
 }
 
 impl fmt::Display for Pos {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.epoch, self.n)
+        write!(f, "{}:{}", self.epoch, self.n)?;
+        match self.id {
+            Some((ms, seq)) => write!(f, ":{ms}-{seq}"),
+            None => Ok(()),
+        }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("a position is two whole numbers, EPOCH:N")]
+#[error("a position is EPOCH:N or EPOCH:N:MS-SEQ, whole numbers, as the node gave it")]
 pub struct BadPos;
+
+/// A whole number of at most 20 digits, nothing else.
+fn digits(t: &str) -> Result<u64, BadPos> {
+    if t.is_empty() || t.len() > 20 || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(BadPos);
+    }
+    t.parse().map_err(|_| BadPos)
+}
+
+/// `MS-SEQ`, as Redis writes an entry id.
+pub fn parse_entry_id(s: &str) -> Result<EntryId, BadPos> {
+    let (ms, seq) = s.split_once('-').ok_or(BadPos)?;
+    Ok((digits(ms)?, digits(seq)?))
+}
 
 impl FromStr for Pos {
     type Err = BadPos;
 
     fn from_str(s: &str) -> Result<Pos, BadPos> {
-        let (epoch, n) = s.split_once(':').ok_or(BadPos)?;
-        let digits = |t: &str| {
-            (!t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| t.parse::<u64>().ok())
-                .flatten()
-                .ok_or(BadPos)
-        };
-        Ok(Pos {
-            epoch: digits(epoch)?,
-            n: digits(n)?,
-        })
+        let mut parts = s.splitn(3, ':');
+        let epoch = digits(parts.next().ok_or(BadPos)?)?;
+        let n = digits(parts.next().ok_or(BadPos)?)?;
+        let id = parts.next().map(parse_entry_id).transpose()?;
+        Ok(Pos { epoch, n, id })
     }
 }
 
-/// What one read of a channel's history found: where it stands now, and its newest messages
-/// (envelopes as published, without their position), oldest first.
+/// One message of a channel's history: its number, its entry id, and the envelope as published
+/// (without its position).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub n: u64,
+    pub id: EntryId,
+    pub envelope: Bytes,
+}
+
+/// What one read of a channel's history found: where it stands now, and its newest messages,
+/// oldest first.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Slice {
     pub head: Pos,
-    pub entries: Vec<(u64, Bytes)>,
+    pub entries: Vec<Entry>,
 }
 
 impl Slice {
-    /// The messages after `after` if the slice has every one of them: same epoch, and nothing
-    /// between `after` and the first message it holds. `None` when it cannot tell the whole story.
-    pub fn after(&self, after: Pos) -> Option<&[(u64, Bytes)]> {
+    /// The position of an entry read.
+    pub fn pos(&self, entry: &Entry) -> Pos {
+        Pos {
+            epoch: self.head.epoch,
+            n: entry.n,
+            id: Some(entry.id),
+        }
+    }
+
+    /// The messages after `after` if the slice has every one of them: same epoch, the message at
+    /// `after` still the one the reader had (when it says which), and nothing missing between it
+    /// and the head. `None` when it cannot tell the whole story.
+    pub fn after(&self, after: Pos) -> Option<&[Entry]> {
         if after.epoch != self.head.epoch || after.n > self.head.n {
             return None;
         }
-        let from = self.entries.partition_point(|(n, _)| *n <= after.n);
-        let rest = &self.entries[from..];
+        let from = self.entries.partition_point(|e| e.n < after.n);
+        let mut rest = &self.entries[from..];
+        if let Some(id) = after.id {
+            // A number given again after a failover lost the newest messages is not the reader's.
+            match rest.first() {
+                Some(e) if e.n == after.n && e.id == id => rest = &rest[1..],
+                _ => return None,
+            }
+        } else if rest.first().is_some_and(|e| e.n == after.n) {
+            rest = &rest[1..];
+        }
         let complete = match rest.first() {
-            Some((first, _)) => *first == after.n + 1 && rest.len() as u64 == self.head.n - after.n,
+            Some(first) => first.n == after.n + 1 && rest.len() as u64 == self.head.n - after.n,
             None => after.n == self.head.n,
         };
         complete.then_some(rest)
@@ -123,14 +168,21 @@ mod tests {
         let p = Pos {
             epoch: 1_733_137_000_123_456,
             n: 42,
+            id: Some((1_733_137_001_234, 7)),
         };
+        assert_eq!(p.to_string(), "1733137000123456:42:1733137001234-7");
         assert_eq!(p.to_string().parse::<Pos>(), Ok(p));
+        let bare = Pos { id: None, ..p };
+        assert_eq!(bare.to_string().parse::<Pos>(), Ok(bare));
         for bad in [
             "",
             ":",
             "1:",
             ":1",
             "1:2:3",
+            "1:2:3-",
+            "1:2:-3",
+            "1:2:3-4:5",
             "a:1",
             "1:-1",
             "1:+1",
@@ -143,22 +195,40 @@ mod tests {
 
     #[test]
     fn a_slice_tells_the_whole_story_after_a_position_or_nothing() {
-        let e = |n: u64| (n, Bytes::from(vec![n as u8]));
-        let slice = Slice {
-            head: Pos { epoch: 7, n: 5 },
-            entries: vec![e(3), e(4), e(5)],
+        let e = |n: u64| Entry {
+            n,
+            id: (100 + n, 0),
+            envelope: Bytes::from(vec![n as u8]),
         };
-        let at = |n| Pos { epoch: 7, n };
+        let at = |n| Pos {
+            epoch: 7,
+            n,
+            id: Some((100 + n, 0)),
+        };
+        let slice = Slice {
+            head: at(5),
+            entries: vec![e(2), e(3), e(4), e(5)],
+        };
         assert_eq!(slice.after(at(2)).unwrap(), &[e(3), e(4), e(5)]);
         assert_eq!(slice.after(at(4)).unwrap(), &[e(5)]);
-        assert_eq!(slice.after(at(5)).unwrap(), &[] as &[(u64, Bytes)]);
-        assert!(slice.after(at(1)).is_none(), "message 2 is not in the slice");
+        assert_eq!(slice.after(at(5)).unwrap(), &[] as &[Entry]);
+        assert_eq!(slice.after(Pos { id: None, ..at(3) }).unwrap(), &[e(4), e(5)]);
+        assert!(slice.after(at(1)).is_none(), "message 1 is not in the slice");
         assert!(slice.after(at(6)).is_none(), "ahead of the stream");
-        assert!(slice.after(Pos { epoch: 8, n: 4 }).is_none(), "another epoch");
+        assert!(slice.after(Pos { epoch: 8, ..at(4) }).is_none(), "another epoch");
+        assert!(
+            slice
+                .after(Pos {
+                    id: Some((999, 0)),
+                    ..at(3)
+                })
+                .is_none(),
+            "number 3 is another message now"
+        );
         // A hole inside (a stream deleted and started again under the same count).
         let holed = Slice {
-            head: Pos { epoch: 7, n: 5 },
-            entries: vec![e(3), e(5)],
+            head: at(5),
+            entries: vec![e(2), e(3), e(5)],
         };
         assert!(holed.after(at(2)).is_none());
     }
@@ -186,7 +256,11 @@ mod tests {
             data: Bytes::from_static(b"1"),
             pos: None,
         };
-        let pos = Pos { epoch: 9, n: 3 };
+        let pos = Pos {
+            epoch: 9,
+            n: 3,
+            id: Some((1, 0)),
+        };
         let spliced = with_pos(&env.encode(), pos).unwrap();
         let back = crate::envelope::Envelope::decode(&spliced).unwrap();
         assert_eq!(back.pos, Some(pos));
