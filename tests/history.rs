@@ -531,3 +531,95 @@ async fn members_that_stay_get_every_message_across_a_live_slot_migration() {
     node.stop().await;
     feeder.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_publish_replicas_every_acknowledged_publish_survives_its_master_killed() {
+    let cluster = Cluster::start(3, 1);
+    let mut cfg = history_config(Some(&cluster), "hist-failover", 1);
+    cfg.publish_replicas = 1;
+    cfg.recover_max = 100_000;
+    cfg.redis_timeout = Duration::from_millis(500);
+    let node = Node::start(cfg.clone()).await;
+    let mut viewer = Client::connect(&node.ws("?user=viewer")).await;
+    let since = join(&mut viewer, "kept", None).await["pos"].clone();
+    drop(viewer);
+
+    // One feed publishing as fast as it is acknowledged, noting what was.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let url = node.ws("?user=feed");
+    let feed = tokio::spawn(async move {
+        let mut c = Client::connect(&url).await;
+        let (mut acked, mut unconfirmed, mut refused) = (Vec::new(), 0, 0);
+        let mut i = 0;
+        while !*stop.borrow() {
+            let r = c.request(json!({"op":"pub","room":"kept","data":{"i": i}})).await;
+            match (r["op"].as_str(), r["code"].as_str()) {
+                (Some("ok"), _) => acked.push(i),
+                (_, Some("unconfirmed")) => unconfirmed += 1,
+                _ => refused += 1,
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (acked, unconfirmed, refused)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, _, channel) = stream_keys(&cfg, "kept", 0);
+    let slot = cluster.slot(&channel);
+    let master = cluster.owner_of(slot);
+    let alive = *cluster.ports.iter().find(|p| **p != master).unwrap();
+    // The master's replica falls behind (frozen), then the master dies: what it had not passed
+    // on is gone, and only what a replica confirmed may have been acknowledged.
+    let info = cluster.redis_cli(master, &["info", "replication"]);
+    let replica: u16 = info
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("slave0:")?
+                .split(',')
+                .find_map(|f| f.strip_prefix("port=")?.parse().ok())
+        })
+        .expect("the master has a replica");
+    // Both asked now: a frozen server answers nothing.
+    let (master_pid, replica_pid) = (cluster.pid(master), cluster.pid(replica));
+    let kill = |sig: &str, pid: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    kill("-STOP", &replica_pid);
+    // Cut off, so that nothing written from now on reaches it (not even later, from a buffer).
+    cluster.redis_cli(master, &["client", "kill", "type", "replica"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    kill("-9", &master_pid);
+    kill("-CONT", &replica_pid);
+    // The replica is promoted within the cluster's node timeout and a few seconds more.
+    common::eventually("a new master for the shard", || async {
+        let owner = cluster.owner_as_seen_by(alive, slot);
+        owner != master
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_tx.send(true).unwrap();
+    let (acked, unconfirmed, refused) = feed.await.unwrap();
+    assert!(acked.len() > 50, "the feed went on: {} acknowledged", acked.len());
+
+    // A client that comes back after the promotion gets every acknowledged message.
+    let mut back = Client::connect(&node.ws("?user=viewer")).await;
+    let ok = join(&mut back, "kept", Some(&since)).await;
+    assert_eq!(ok["recovered"], true, "{ok}");
+    let mut got = std::collections::HashSet::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), back.recv()).await {
+        if m["op"] == "msg" {
+            got.insert(m["data"]["i"].as_i64().unwrap());
+        }
+    }
+    let lost: Vec<_> = acked.iter().filter(|i| !got.contains(*i)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged publishes lost ({unconfirmed} unconfirmed, {refused} refused): {lost:?}",
+        lost.len()
+    );
+    node.stop().await;
+}

@@ -440,8 +440,14 @@ impl Cluster {
 
     /// The port of the master serving `slot`.
     pub fn owner_of(&self, slot: u16) -> u16 {
+        self.owner_as_seen_by(self.ports[0], slot)
+    }
+
+    /// The port of the master serving `slot`, as the server on `port` sees it (for when the first
+    /// server is down).
+    pub fn owner_as_seen_by(&self, port: u16, slot: u16) -> u16 {
         // redis-cli prints `CLUSTER SLOTS` one field per line: start, end, ip, port, id, ...
-        let slots = self.redis_cli(self.ports[0], &["cluster", "slots"]);
+        let slots = self.redis_cli(port, &["cluster", "slots"]);
         let lines: Vec<&str> = slots.lines().collect();
         let mut i = 0;
         while i + 3 < lines.len() {
