@@ -30,9 +30,10 @@ pub enum ErrorCode {
     UnknownOp,
     /// A field is missing or has the wrong type.
     BadField,
-    /// A room name is empty, longer than 128 bytes, or has control characters.
+    /// A room name is empty, too long, or has a control character, a brace or an invisible or
+    /// bidirectional control character (see [`crate::names`]).
     BadRoom,
-    /// A user id is empty, longer than 128 bytes, or has control characters.
+    /// A user id breaks the same rules as a room name.
     BadUser,
     /// `data` cannot be carried (for example MessagePack that has no JSON form).
     BadData,

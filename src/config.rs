@@ -445,8 +445,12 @@ fn hot_room(s: &str) -> Result<(String, u32), String> {
 }
 
 fn prefix(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > 64 || s.chars().any(char::is_control) {
-        return Err("must be 1 to 64 bytes without control characters".into());
+    if s.is_empty() || s.len() > 64 || s.chars().any(|c| c.is_control() || names::is_invisible(c)) {
+        return Err("must be 1 to 64 bytes without control or invisible characters".into());
+    }
+    // Redis Cluster would hash only what is between the braces: every room on one slot.
+    if s.contains(['{', '}']) {
+        return Err("must not have a brace ({ or }): Redis Cluster would read it as a hash tag and put every channel on one slot".into());
     }
     Ok(s.to_owned())
 }
@@ -571,6 +575,23 @@ mod tests {
             assert!(text.contains(name), "{name} missing from: {text}");
         }
         assert_eq!(err.0.len(), 7, "{text}");
+    }
+
+    #[test]
+    fn braces_are_refused_in_prefixes_and_hot_rooms() {
+        for args in [
+            ["--hot-room", "{hot}=4"],
+            ["--channel-prefix", "{ws}:room:"],
+            ["--user-channel-prefix", "ws:user:{"],
+            ["--channel-prefix", "ws:\u{202e}room:"],
+        ] {
+            let err = parse(&args).unwrap_err().to_string();
+            assert!(err.contains(args[0]), "{err}");
+        }
+        assert!(parse(&["--hot-room", "{hot}=4"])
+            .unwrap_err()
+            .to_string()
+            .contains("brace"));
     }
 
     #[test]
