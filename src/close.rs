@@ -47,7 +47,8 @@ pub enum ErrorCode {
     Unauthorized,
     /// The token does not allow this room, or publishing.
     Forbidden,
-    /// More commands than `--command-rate` allows; slow down.
+    /// More commands than `--command-rate` allows on a socket, or more `POST /publish` requests
+    /// from one address than `--publish-rate` allows (HTTP 429); slow down.
     RateLimited,
 }
 

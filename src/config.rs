@@ -154,6 +154,31 @@ pub struct Args {
     /// Origins allowed to open a WebSocket from a browser, comma-separated; others get 403. [default: any]
     #[arg(long, env = "SHARDCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+
+    /// How long a client may take to send a request's headers; also how long an HTTP connection
+    /// may sit idle between requests. [default: 5s]
+    #[arg(long, env = "SHARDCAST_HTTP_HEADER_TIMEOUT")]
+    pub http_header_timeout: Option<String>,
+
+    /// How long a client may take to send a POST /publish body once its headers are in; past it,
+    /// 408 and the connection is closed. [default: 10s]
+    #[arg(long, env = "SHARDCAST_HTTP_BODY_TIMEOUT")]
+    pub http_body_timeout: Option<String>,
+
+    /// Most connections open at once that are not upgraded WebSockets (HTTP requests, keep-alive
+    /// connections, upgrades in progress). At the cap the connection that has waited longest on
+    /// its client is closed to make room, or else the new one is. [default: an eighth of the
+    /// open-files limit, from 32 to 10000]
+    #[arg(long, env = "SHARDCAST_MAX_HTTP_CONNECTIONS")]
+    pub max_http_connections: Option<String>,
+
+    /// POST /publish requests per second one client address may make, sustained; past it, 429. [default: 1000]
+    #[arg(long, env = "SHARDCAST_PUBLISH_RATE")]
+    pub publish_rate: Option<String>,
+
+    /// POST /publish requests one client address may make in a burst above the rate. [default: 2000]
+    #[arg(long, env = "SHARDCAST_PUBLISH_BURST")]
+    pub publish_burst: Option<String>,
 }
 
 /// The validated configuration every part of the node reads.
@@ -188,6 +213,12 @@ pub struct Config {
     pub jwt: Option<JwtKey>,
     pub allowed_origins: Vec<String>,
     pub names: names::Policy,
+    pub http_header_timeout: Duration,
+    pub http_body_timeout: Duration,
+    /// `None`: derived from the open-files limit when the node starts ([`http_connection_cap`]).
+    pub max_http_connections: Option<usize>,
+    pub publish_rate: u32,
+    pub publish_burst: u32,
 }
 
 impl Default for Config {
@@ -222,6 +253,11 @@ impl Default for Config {
             jwt: None,
             allowed_origins: Vec::new(),
             names: names::Policy::default(),
+            http_header_timeout: Duration::from_secs(5),
+            http_body_timeout: Duration::from_secs(10),
+            max_http_connections: None,
+            publish_rate: 1000,
+            publish_burst: 2000,
         }
     }
 }
@@ -289,6 +325,11 @@ impl Args {
             allowed_origins: list(self.allowed_origins, base.allowed_origins),
             max_name_bytes: self.max_name_bytes.or(base.max_name_bytes),
             ascii_names: self.ascii_names.or(base.ascii_names),
+            http_header_timeout: self.http_header_timeout.or(base.http_header_timeout),
+            http_body_timeout: self.http_body_timeout.or(base.http_body_timeout),
+            max_http_connections: self.max_http_connections.or(base.max_http_connections),
+            publish_rate: self.publish_rate.or(base.publish_rate),
+            publish_burst: self.publish_burst.or(base.publish_burst),
         }
     }
 
@@ -335,6 +376,11 @@ impl Args {
         set!("api-key", self.api_key, |s| secret(s).map(Some) => api_key);
         set!("jwt-secret", self.jwt_secret, |s| secret(s).map(|s| Some(JwtKey::Secret(s))) => jwt);
         set!("jwt-public-key", self.jwt_public_key, |s| public_key(s).map(Some) => jwt);
+        set!("http-header-timeout", self.http_header_timeout, duration => http_header_timeout);
+        set!("http-body-timeout", self.http_body_timeout, duration => http_body_timeout);
+        set!("max-http-connections", self.max_http_connections, |s| count(s).map(Some) => max_http_connections);
+        set!("publish-rate", self.publish_rate, rate => publish_rate);
+        set!("publish-burst", self.publish_burst, rate => publish_burst);
         for raw in self.redis {
             match redis_url(raw.trim()) {
                 Ok(url) => c.redis.push(url),
@@ -491,6 +537,18 @@ pub fn duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Descriptors kept for everything that is not a client's connection: listeners, Redis
+/// connections, the runtime's own, standard streams, files.
+pub const RESERVED_FILES: u64 = 64;
+
+/// `--max-http-connections` unless set: an eighth of the open-files limit, at least 32 and at most
+/// 10,000. The other seven eighths (less [`RESERVED_FILES`]) are left for WebSockets, so HTTP
+/// connections alone can never run the node out of descriptors, which would stop it accepting
+/// anything (health checks included).
+pub fn http_connection_cap(open_files: u64) -> usize {
+    (open_files / 8).clamp(32, 10_000) as usize
+}
+
 fn random_node_id() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
@@ -592,6 +650,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("brace"));
+    }
+
+    #[test]
+    fn the_http_cap_follows_the_open_files_limit() {
+        assert_eq!(http_connection_cap(1024), 128);
+        assert_eq!(http_connection_cap(20_000), 2_500);
+        assert_eq!(http_connection_cap(100), 32);
+        assert_eq!(http_connection_cap(u64::MAX), 10_000);
     }
 
     #[test]
