@@ -179,6 +179,10 @@ pub struct Args {
     /// POST /publish requests one client address may make in a burst above the rate. [default: 2000]
     #[arg(long, env = "SHARDCAST_PUBLISH_BURST")]
     pub publish_burst: Option<String>,
+
+    /// Refuse tokens without an `exp` claim (true or false). [default: false]
+    #[arg(long, env = "SHARDCAST_REQUIRE_EXP")]
+    pub require_exp: Option<String>,
 }
 
 /// The validated configuration every part of the node reads.
@@ -219,6 +223,7 @@ pub struct Config {
     pub max_http_connections: Option<usize>,
     pub publish_rate: u32,
     pub publish_burst: u32,
+    pub require_exp: bool,
 }
 
 impl Default for Config {
@@ -258,6 +263,7 @@ impl Default for Config {
             max_http_connections: None,
             publish_rate: 1000,
             publish_burst: 2000,
+            require_exp: false,
         }
     }
 }
@@ -330,6 +336,7 @@ impl Args {
             max_http_connections: self.max_http_connections.or(base.max_http_connections),
             publish_rate: self.publish_rate.or(base.publish_rate),
             publish_burst: self.publish_burst.or(base.publish_burst),
+            require_exp: self.require_exp.or(base.require_exp),
         }
     }
 
@@ -381,6 +388,7 @@ impl Args {
         set!("max-http-connections", self.max_http_connections, |s| count(s).map(Some) => max_http_connections);
         set!("publish-rate", self.publish_rate, rate => publish_rate);
         set!("publish-burst", self.publish_burst, rate => publish_burst);
+        set!("require-exp", self.require_exp, boolean => require_exp);
         for raw in self.redis {
             match redis_url(raw.trim()) {
                 Ok(url) => c.redis.push(url),

@@ -139,7 +139,11 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         internal.clone(),
     ));
     tracker.spawn(sample(hub.clone(), metrics.clone(), internal.clone()));
-    let verifier = config.jwt.as_ref().map(auth::Verifier::new).transpose()?;
+    let verifier = config
+        .jwt
+        .as_ref()
+        .map(|key| auth::Verifier::new(key).map(|v| v.require_exp(config.require_exp)))
+        .transpose()?;
     let limits = http_limits(&config);
     let node = Node::new(config, hub, bus.clone(), naming, metrics, verifier);
 
