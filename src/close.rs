@@ -35,7 +35,8 @@ pub enum ErrorCode {
     BadRoom,
     /// A user id breaks the same rules as a room name.
     BadUser,
-    /// `data` cannot be carried (for example MessagePack that has no JSON form).
+    /// `data` cannot be carried: MessagePack that has no JSON form, or nested deeper than
+    /// `--max-data-depth` (in either encoding).
     BadData,
     /// Joining would pass `--max-rooms-per-conn`.
     TooManyRooms,

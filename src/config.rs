@@ -183,6 +183,11 @@ pub struct Args {
     /// Refuse tokens without an `exp` claim (true or false). [default: false]
     #[arg(long, env = "SHARDCAST_REQUIRE_EXP")]
     pub require_exp: Option<String>,
+
+    /// Deepest nesting of arrays and maps a message's `data` may have (1 to 127); deeper data is
+    /// refused with `bad_data`. [default: 64]
+    #[arg(long, env = "SHARDCAST_MAX_DATA_DEPTH")]
+    pub max_data_depth: Option<String>,
 }
 
 /// The validated configuration every part of the node reads.
@@ -224,6 +229,7 @@ pub struct Config {
     pub publish_rate: u32,
     pub publish_burst: u32,
     pub require_exp: bool,
+    pub max_data_depth: usize,
 }
 
 impl Default for Config {
@@ -264,6 +270,7 @@ impl Default for Config {
             publish_rate: 1000,
             publish_burst: 2000,
             require_exp: false,
+            max_data_depth: crate::frame::DEFAULT_DATA_DEPTH,
         }
     }
 }
@@ -337,6 +344,7 @@ impl Args {
             publish_rate: self.publish_rate.or(base.publish_rate),
             publish_burst: self.publish_burst.or(base.publish_burst),
             require_exp: self.require_exp.or(base.require_exp),
+            max_data_depth: self.max_data_depth.or(base.max_data_depth),
         }
     }
 
@@ -389,6 +397,7 @@ impl Args {
         set!("publish-rate", self.publish_rate, rate => publish_rate);
         set!("publish-burst", self.publish_burst, rate => publish_burst);
         set!("require-exp", self.require_exp, boolean => require_exp);
+        set!("max-data-depth", self.max_data_depth, data_depth => max_data_depth);
         for raw in self.redis {
             match redis_url(raw.trim()) {
                 Ok(url) => c.redis.push(url),
@@ -507,6 +516,14 @@ fn prefix(s: &str) -> Result<String, String> {
         return Err("must not have a brace ({ or }): Redis Cluster would read it as a hash tag and put every channel on one slot".into());
     }
     Ok(s.to_owned())
+}
+
+fn data_depth(s: &str) -> Result<usize, String> {
+    let most = crate::frame::MAX_DATA_DEPTH;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=most).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {most}")),
+    }
 }
 
 fn shards(s: &str) -> Result<u32, String> {
@@ -641,6 +658,56 @@ mod tests {
             assert!(text.contains(name), "{name} missing from: {text}");
         }
         assert_eq!(err.0.len(), 7, "{text}");
+    }
+
+    #[test]
+    fn hardening_settings_parse_with_their_defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(
+            (c.http_header_timeout, c.http_body_timeout),
+            (Duration::from_secs(5), Duration::from_secs(10))
+        );
+        assert_eq!(c.max_http_connections, None);
+        assert_eq!(
+            (c.publish_rate, c.publish_burst, c.require_exp, c.max_data_depth),
+            (1000, 2000, false, 64)
+        );
+        let c = parse(&[
+            "--http-header-timeout",
+            "2s",
+            "--http-body-timeout",
+            "3s",
+            "--max-http-connections",
+            "500",
+            "--publish-rate",
+            "5",
+            "--publish-burst",
+            "10",
+            "--require-exp",
+            "true",
+            "--max-data-depth",
+            "127",
+        ])
+        .unwrap();
+        assert_eq!(c.http_header_timeout, Duration::from_secs(2));
+        assert_eq!(c.http_body_timeout, Duration::from_secs(3));
+        assert_eq!(c.max_http_connections, Some(500));
+        assert_eq!(
+            (c.publish_rate, c.publish_burst, c.require_exp, c.max_data_depth),
+            (5, 10, true, 127)
+        );
+        let err = parse(&[
+            "--max-data-depth",
+            "128",
+            "--max-http-connections",
+            "0",
+            "--http-body-timeout",
+            "0s",
+            "--require-exp",
+            "yes",
+        ])
+        .unwrap_err();
+        assert_eq!(err.0.len(), 4, "{err}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::{
     close::ErrorCode,
     encoding::{Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK},
     envelope::Kind,
-    frame::Data,
+    frame::{data_depth_ok, Data},
     gate::Gate,
     http::Connection,
     hub::Member,
@@ -316,7 +316,8 @@ async fn publish_body(node: &Node, body: &[u8]) -> Result<(), ApiError> {
     let bad = |code: ErrorCode, msg: String| ApiError(StatusCode::BAD_REQUEST, code, msg);
     let body: PublishBody = serde_json::from_slice(body)
         .map_err(|e| bad(ErrorCode::BadFrame, format!("expected {{\"room\":R,\"data\":D}}: {e}")))?;
-    let policy = node.config().names;
+    let config = node.config();
+    let policy = config.names;
     policy
         .check(&body.room)
         .map_err(|e| bad(ErrorCode::BadRoom, format!("`room` {e}")))?;
@@ -324,9 +325,14 @@ async fn publish_body(node: &Node, body: &[u8]) -> Result<(), ApiError> {
     policy
         .check(&from)
         .map_err(|e| bad(ErrorCode::BadUser, format!("`from` {e}")))?;
+    let data = body.data.get().as_bytes();
+    if !data_depth_ok(Encoding::Json, data, config.max_data_depth) {
+        let msg = format!("data nests deeper than {} levels", config.max_data_depth);
+        return Err(bad(ErrorCode::BadData, msg));
+    }
     let data = Data {
         format: Encoding::Json,
-        bytes: Bytes::copy_from_slice(body.data.get().as_bytes()),
+        bytes: Bytes::copy_from_slice(data),
     };
     publish::publish(node, Kind::Room, body.room, &from, data)
         .await

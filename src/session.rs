@@ -374,8 +374,8 @@ async fn read(
     while let Some(msg) = stream.next().await {
         heard.now();
         let request = match msg {
-            Ok(Message::Text(t)) => decode_text(&t),
-            Ok(Message::Binary(b)) => decode_binary(&b),
+            Ok(Message::Text(t)) => decode_text(&t, config.max_data_depth),
+            Ok(Message::Binary(b)) => decode_binary(&b, config.max_data_depth),
             // Tungstenite answers pings by itself; a pong only proves the client is alive.
             Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
             Ok(Message::Close(_)) => {

@@ -7,7 +7,10 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use shardcast::{
     envelope::{Envelope, Kind},
-    frame::{broadcast_frame, decode_binary, decode_text, Command, Encoding},
+    frame::{
+        broadcast_frame, data_depth_ok, decode_binary, decode_text, json_to_msgpack, Command, Encoding,
+        DEFAULT_DATA_DEPTH,
+    },
 };
 use tokio_tungstenite::tungstenite::{protocol::Role, Message, WebSocket};
 
@@ -86,17 +89,17 @@ proptest! {
 
     #[test]
     fn text_frames_never_panic(s in any::<String>()) {
-        let _ = decode_text(&s);
+        let _ = decode_text(&s, DEFAULT_DATA_DEPTH);
     }
 
     #[test]
     fn contract_shaped_text_never_panics(s in jsonish()) {
-        let _ = decode_text(&s);
+        let _ = decode_text(&s, DEFAULT_DATA_DEPTH);
     }
 
     #[test]
     fn binary_frames_never_panic(b in prop::collection::vec(any::<u8>(), 0..512)) {
-        let _ = decode_binary(&b);
+        let _ = decode_binary(&b, DEFAULT_DATA_DEPTH);
     }
 
     #[test]
@@ -132,7 +135,7 @@ proptest! {
     #[test]
     fn published_data_reaches_both_encodings_intact(data in any_json()) {
         let text = serde_json::json!({"op":"pub","room":"r","data":data}).to_string();
-        let Command::Pub { data: d, .. } = decode_text(&text).unwrap().command else { panic!("not a pub") };
+        let Command::Pub { data: d, .. } = decode_text(&text, DEFAULT_DATA_DEPTH).unwrap().command else { panic!("not a pub") };
         let env = Envelope { kind: Kind::Room, origin: "n".into(), target: "r".into(), from: "u".into(), ts_us: 1, format: d.format, data: d.bytes };
         let json_frame = broadcast_frame(Encoding::Json, &env).unwrap();
         let v: serde_json::Value = serde_json::from_str(read(&json_frame).to_text().unwrap()).unwrap();
@@ -145,10 +148,48 @@ proptest! {
     #[test]
     fn msgpack_commands_round_trip(data in any_json(), id in any::<i64>()) {
         let frame = rmp_serde::to_vec_named(&serde_json::json!({"op":"pub","room":"r","data":data,"id":id})).unwrap();
-        let req = decode_binary(&frame).unwrap();
+        let req = decode_binary(&frame, DEFAULT_DATA_DEPTH).unwrap();
         prop_assert_eq!(req.id, Some(id));
         let Command::Pub { data: d, .. } = req.command else { panic!("not a pub") };
         let back: serde_json::Value = rmp_serde::from_slice(&d.bytes).unwrap();
         prop_assert_eq!(back, data);
+    }
+}
+
+/// The nesting of a JSON value, measured the slow way.
+fn depth_of(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Array(a) => 1 + a.iter().map(depth_of).max().unwrap_or(0),
+        serde_json::Value::Object(o) => 1 + o.values().map(depth_of).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Bytes that nest deep in both encodings: mostly MessagePack arrays of thousands of items (0xdc
+/// and a 16-bit count) and JSON `[`, which stay open, some that close at once, and noise.
+fn deep_noise() -> impl Strategy<Value = Vec<u8>> {
+    let bytes = vec![0xdc, 0xdc, 0xdc, 0xff, 0xff, b'[', b'[', 0x91, b'"', b'\\', 0x01, b']'];
+    prop_oneof![
+        3 => prop::collection::vec(prop::sample::select(bytes), 0..600),
+        1 => prop::collection::vec(any::<u8>(), 0..300),
+    ]
+}
+
+proptest! {
+    #![proptest_config(cases())]
+
+    #[test]
+    fn data_depth_agrees_with_the_value_in_both_encodings(data in any_json(), max in 0usize..8) {
+        let text = data.to_string();
+        let want = depth_of(&data) <= max;
+        prop_assert_eq!(data_depth_ok(Encoding::Json, text.as_bytes(), max), want);
+        let mp = json_to_msgpack(text.as_bytes()).unwrap();
+        prop_assert_eq!(data_depth_ok(Encoding::MsgPack, &mp, max), want);
+    }
+
+    #[test]
+    fn data_depth_never_panics_on_noise(b in deep_noise(), max in 0usize..200) {
+        let _ = data_depth_ok(Encoding::Json, &b, max);
+        let _ = data_depth_ok(Encoding::MsgPack, &b, max);
     }
 }
