@@ -98,7 +98,7 @@ static HOT: OnceLock<HotPath> = OnceLock::new();
 // Every value the bounded labels take, so each series exists (at zero) from start-up. A variant
 // added to `CloseReason` or `ErrorCode` stops the `*_slot` matches compiling until it has a slot,
 // and the const checks below then fail until it is in the list at that slot.
-pub const CLOSE_REASONS: [CloseReason; 8] = [
+pub const CLOSE_REASONS: [CloseReason; 10] = [
     CloseReason::Normal,
     CloseReason::SlowConsumer,
     CloseReason::FrameTooLarge,
@@ -107,6 +107,8 @@ pub const CLOSE_REASONS: [CloseReason; 8] = [
     CloseReason::Drain,
     CloseReason::Error,
     CloseReason::RateLimited,
+    CloseReason::ProtocolError,
+    CloseReason::InvalidPayload,
 ];
 /// Codes a socket's command can fail with (`unauthorized` is HTTP only).
 pub const BAD_FRAME_CODES: [ErrorCode; 11] = [
@@ -140,6 +142,8 @@ const fn close_reason_slot(r: CloseReason) -> usize {
         CloseReason::Drain => 5,
         CloseReason::Error => 6,
         CloseReason::RateLimited => 7,
+        CloseReason::ProtocolError => 8,
+        CloseReason::InvalidPayload => 9,
     }
 }
 

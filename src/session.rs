@@ -376,8 +376,18 @@ async fn read(
         let request = match msg {
             Ok(Message::Text(t)) => decode_text(&t, config.max_data_depth),
             Ok(Message::Binary(b)) => decode_binary(&b, config.max_data_depth),
-            // Tungstenite answers pings by itself; a pong only proves the client is alive.
-            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+            // Tungstenite has queued the pong already; a ping still costs a write, so it draws on
+            // the command budget, and a ping flood is closed like a command flood.
+            Ok(Message::Ping(_)) => {
+                match limit.admit(Instant::now()) {
+                    Admit::Yes => {}
+                    Admit::Refuse => m::rate_limited(),
+                    Admit::Close => return CloseReason::RateLimited,
+                }
+                continue;
+            }
+            // A pong only proves the client is alive.
+            Ok(Message::Pong(_) | Message::Frame(_)) => continue,
             Ok(Message::Close(_)) => {
                 // Tungstenite has the answering close ready; flushing hands it to the gate.
                 let _ = stream.flush().await;
@@ -428,10 +438,27 @@ async fn answer(
     }
 }
 
+/// Why the reader failed, as the close the node answers with. A connection cut without a close
+/// frame (reset, end of stream) is an error, not a protocol violation: there is no one to tell.
 fn classify(e: WsError) -> CloseReason {
+    use tokio_tungstenite::tungstenite::error::ProtocolError as P;
     match e {
         WsError::Capacity(_) => CloseReason::FrameTooLarge,
         WsError::ConnectionClosed | WsError::AlreadyClosed => CloseReason::Normal,
+        WsError::Utf8(_) => CloseReason::InvalidPayload,
+        WsError::Protocol(
+            P::NonZeroReservedBits
+            | P::UnmaskedFrameFromClient
+            | P::FragmentedControlFrame
+            | P::ControlFrameTooBig
+            | P::UnknownControlFrameType(_)
+            | P::UnknownDataFrameType(_)
+            | P::UnexpectedContinueFrame
+            | P::ExpectedFragment(_)
+            | P::InvalidOpcode(_)
+            | P::InvalidCloseSequence
+            | P::ReceivedAfterClosing,
+        ) => CloseReason::ProtocolError,
         _ => CloseReason::Error,
     }
 }
