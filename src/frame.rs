@@ -260,13 +260,18 @@ fn json_depth_ok(data: &[u8], max: usize) -> bool {
     while i < data.len() {
         match data[i] {
             b'"' => {
-                // Brackets inside a string do not nest: skip to its closing quote.
-                i += 1;
-                while i < data.len() {
-                    match data[i] {
-                        b'"' => break,
-                        b'\\' => i += 2,
-                        _ => i += 1,
+                // Brackets inside a string do not nest: skip to its closing quote, past escapes.
+                loop {
+                    i += 1;
+                    match data.get(i..).and_then(|rest| memchr::memchr2(b'"', b'\\', rest)) {
+                        // The string runs to the end: nothing deeper follows.
+                        None => return true,
+                        Some(at) if data[i + at] == b'"' => {
+                            i += at;
+                            break;
+                        }
+                        // A backslash: the loop steps over the byte it escapes.
+                        Some(at) => i += at + 1,
                     }
                 }
             }
@@ -723,6 +728,7 @@ mod tests {
             "[[]]",
             r#"{"a":[1,{"b":[]}],"c":2}"#,
             r#"["[[[[", "\\", "\"[", {"]]]]":"}{"}]"#,
+            r#"["\"[[[[[[", "\\\"[[[", "\\", 1]"#,
             &nested_json(70),
         ] {
             let v: serde_json::Value = serde_json::from_str(text).unwrap();
