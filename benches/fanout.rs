@@ -3,6 +3,8 @@
 //! - `envelope/encode`, `envelope/decode`: the bus envelope of a 128-byte payload.
 //! - `frame/<client>_from_<data>`: building the broadcast frame of one message for one encoding,
 //!   spliced (same encoding) or transcoded (the other).
+//! - `frame/depth_<data>`, `frame/depth_<data>_4k`: `data_depth_ok`, the nesting check every
+//!   message's data goes through, on the 128-byte payload and on 4 KiB of nested objects.
 //! - `deliver/<mix>/10000`: `Hub::deliver` of one room message to 10,000 local sockets' gates,
 //!   throughput in sockets, so criterion's "elem/s" inverted is nanoseconds per socket. Only the
 //!   `deliver` call is timed; the gates it asks to flush are flushed untimed after every delivery,
@@ -30,7 +32,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use shardcast::{
     envelope::{Envelope, Kind},
-    frame::{broadcast_frame, json_to_msgpack, Encoding},
+    frame::{broadcast_frame, data_depth_ok, json_to_msgpack, Encoding, DEFAULT_DATA_DEPTH},
     hub::{Hub, Interest, Member},
     paced::{Lanes, Scratch},
     topic::Topic,
@@ -86,6 +88,30 @@ fn bench_frame(c: &mut Criterion) {
             let name = format!("{}_from_{}", label(client), label(data));
             g.bench_function(name, |b| {
                 b.iter(|| broadcast_frame(client, black_box(&env), 0).expect("encodes"))
+            });
+        }
+    }
+    // About 4 KiB of objects nested a few deep, with strings to skip.
+    let mut big = String::from("[");
+    while big.len() < 4000 {
+        big.push_str(r#"{"id":12345,"name":"a \"quoted\" [name]","tags":["x","y"],"pos":{"x":1.5,"y":-2}},"#);
+    }
+    big.push_str("null]");
+    for data in Encoding::ALL {
+        let small = envelope(data).data;
+        let large = match data {
+            Encoding::Json => Bytes::from(big.clone()),
+            Encoding::MsgPack => Bytes::from(json_to_msgpack(big.as_bytes()).expect("valid JSON")),
+        };
+        for (name, bytes) in [
+            (format!("depth_{}", label(data))),
+            (format!("depth_{}_4k", label(data))),
+        ]
+        .into_iter()
+        .zip([small, large])
+        {
+            g.bench_function(name, |b| {
+                b.iter(|| assert!(data_depth_ok(data, black_box(&bytes), DEFAULT_DATA_DEPTH)))
             });
         }
     }

@@ -3,6 +3,10 @@
 //! allows publishing and direct messages, and `exp` bounds the connection's life. Without either,
 //! clients name themselves and may do anything (the embedded default; the node warns at start).
 //!
+//! Time claims: `exp` and `nbf` are checked with [`LEEWAY_SECS`] of leeway for clocks that differ a
+//! little; a token without `exp` is accepted unless `--require-exp` is set; an `exp` or `nbf` past
+//! [`MAX_CLAIM_SECS`] is refused, so every time the node derives from a token is representable.
+//!
 //! Tokens and keys are never logged.
 
 use std::sync::Arc;
@@ -31,13 +35,22 @@ pub enum AuthError {
     Key(String),
 }
 
+/// Seconds of clock difference allowed on `exp` and `nbf`: claims are whole seconds, and a token
+/// minted with `nbf` = now on a host whose clock is a moment ahead must still be accepted.
+pub const LEEWAY_SECS: u64 = 5;
+
+/// The latest `exp` or `nbf` accepted: 9999-12-31T23:59:59Z. Later values are no real expiry (a
+/// bug in the issuer, or a probe), and far enough out they cannot be added to a clock.
+pub const MAX_CLAIM_SECS: u64 = 253_402_300_799;
+
 /// What one connection may do.
 #[derive(Debug, Clone)]
 pub struct Grants {
     pub user: Arc<str>,
     rooms: Option<Vec<glob::Pattern>>,
     can_publish: bool,
-    /// Seconds since the Unix epoch after which the connection is closed.
+    /// Seconds since the Unix epoch after which the connection is closed; at most
+    /// [`MAX_CLAIM_SECS`].
     pub expires: Option<u64>,
 }
 
@@ -67,6 +80,7 @@ impl Grants {
 struct Claims {
     sub: String,
     exp: Option<u64>,
+    nbf: Option<u64>,
     rooms: Option<Vec<String>>,
     #[serde(rename = "pub")]
     publish: Option<bool>,
@@ -76,6 +90,7 @@ struct Claims {
 pub struct Verifier {
     key: DecodingKey,
     algorithms: Vec<Algorithm>,
+    require_exp: bool,
 }
 
 /// Builds the decoding key, refusing what cannot be parsed (checked at start by the config).
@@ -97,7 +112,17 @@ pub fn decoding_key(key: &JwtKey) -> Result<(DecodingKey, Vec<Algorithm>), AuthE
 impl Verifier {
     pub fn new(key: &JwtKey) -> Result<Verifier, AuthError> {
         let (key, algorithms) = decoding_key(key)?;
-        Ok(Verifier { key, algorithms })
+        Ok(Verifier {
+            key,
+            algorithms,
+            require_exp: false,
+        })
+    }
+
+    /// Refuse tokens without `exp` (`--require-exp`).
+    pub fn require_exp(mut self, required: bool) -> Verifier {
+        self.require_exp = required;
+        self
     }
 
     pub fn verify(&self, token: &str) -> Result<Grants, AuthError> {
@@ -106,10 +131,20 @@ impl Verifier {
             return Err(AuthError::Invalid(format!("algorithm {:?} not accepted", header.alg)));
         }
         let mut validation = Validation::new(header.alg);
-        validation.required_spec_claims = ["sub"].into_iter().map(String::from).collect();
-        validation.leeway = 0;
+        let required: &[&str] = if self.require_exp { &["sub", "exp"] } else { &["sub"] };
+        validation.required_spec_claims = required.iter().copied().map(String::from).collect();
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
         let data = decode::<Claims>(token, &self.key, &validation).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let claims = data.claims;
+        for (name, value) in [("exp", claims.exp), ("nbf", claims.nbf)] {
+            if value.is_some_and(|v| v > MAX_CLAIM_SECS) {
+                return Err(AuthError::Invalid(format!(
+                    "{name} past {MAX_CLAIM_SECS} (9999-12-31T23:59:59Z)"
+                )));
+            }
+        }
         names::check(&claims.sub).map_err(|e| AuthError::Invalid(format!("sub {e}")))?;
         let rooms = match claims.rooms {
             None => None,
@@ -182,5 +217,68 @@ mod tests {
                 .is_err(),
             "bad glob"
         );
+        assert!(
+            v.verify(&token(json!({"sub":"{a}","exp":later()}), "k")).is_err(),
+            "brace in sub"
+        );
+        assert!(
+            v.verify(&token(json!({"sub":"a\u{202e}b","exp":later()}), "k"))
+                .is_err(),
+            "bidi control in sub"
+        );
+    }
+
+    fn now() -> u64 {
+        crate::envelope::now_us() / 1_000_000
+    }
+
+    #[test]
+    fn nbf_is_enforced_with_the_leeway() {
+        let v = Verifier::new(&JwtKey::Secret("k".into())).unwrap();
+        let nbf = |at: u64| token(json!({"sub":"a","exp":later(),"nbf":at}), "k");
+        assert!(v.verify(&nbf(now() + 3600)).is_err(), "an hour ahead");
+        assert!(v.verify(&nbf(now() + LEEWAY_SECS + 2)).is_err(), "past the leeway");
+        assert!(v.verify(&nbf(now() + 1)).is_ok(), "within the leeway");
+        assert!(v.verify(&nbf(now() - 60)).is_ok(), "in the past");
+        assert!(
+            v.verify(&token(json!({"sub":"a","nbf":"soon"}), "k")).is_err(),
+            "not a number"
+        );
+        // exp gets the same leeway.
+        assert!(v.verify(&token(json!({"sub":"a","exp":now() - 1}), "k")).is_ok());
+        assert!(v
+            .verify(&token(json!({"sub":"a","exp":now() - LEEWAY_SECS - 2}), "k"))
+            .is_err());
+    }
+
+    #[test]
+    fn far_future_claims_are_refused() {
+        let v = Verifier::new(&JwtKey::Secret("k".into())).unwrap();
+        assert!(v.verify(&token(json!({"sub":"a","exp":u64::MAX}), "k")).is_err());
+        assert!(v
+            .verify(&token(json!({"sub":"a","exp":MAX_CLAIM_SECS + 1}), "k"))
+            .is_err());
+        assert!(
+            v.verify(&token(json!({"sub":"a","exp":1e300}), "k")).is_err(),
+            "not a u64"
+        );
+        assert!(v.verify(&token(json!({"sub":"a","exp":-5}), "k")).is_err());
+        let g = v.verify(&token(json!({"sub":"a","exp":MAX_CLAIM_SECS}), "k")).unwrap();
+        assert_eq!(g.expires, Some(MAX_CLAIM_SECS));
+        // The latest accepted expiry still fits on a clock (what the session adds it to).
+        let left = MAX_CLAIM_SECS - now();
+        assert!(tokio::time::Instant::now()
+            .checked_add(std::time::Duration::from_secs(left))
+            .is_some());
+    }
+
+    #[test]
+    fn exp_is_optional_unless_required() {
+        let v = Verifier::new(&JwtKey::Secret("k".into())).unwrap();
+        let open_ended = token(json!({"sub":"a"}), "k");
+        assert_eq!(v.verify(&open_ended).unwrap().expires, None);
+        let v = v.require_exp(true);
+        assert!(v.verify(&open_ended).is_err());
+        assert!(v.verify(&token(json!({"sub":"a","exp":later()}), "k")).is_ok());
     }
 }

@@ -7,6 +7,12 @@
 pub mod code {
     /// Normal closure (client asked to close, or the node ended the session cleanly).
     pub const NORMAL: u16 = 1000;
+    /// The client broke the WebSocket protocol (RFC 6455 §7.4.1): an unmasked frame, reserved bits
+    /// set, an unknown opcode, a fragmented or oversized control frame, a continuation with
+    /// nothing to continue, a malformed close frame.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame (or a close frame's reason) that is not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// A frame larger than `--max-frame-bytes` arrived.
     pub const FRAME_TOO_LARGE: u16 = 1009;
     /// Rate limit exceeded again and again (see `--command-rate`).
@@ -30,11 +36,13 @@ pub enum ErrorCode {
     UnknownOp,
     /// A field is missing or has the wrong type.
     BadField,
-    /// A room name is empty, longer than 128 bytes, or has control characters.
+    /// A room name is empty, too long, or has a control character, a brace or an invisible or
+    /// bidirectional control character (see [`crate::names`]).
     BadRoom,
-    /// A user id is empty, longer than 128 bytes, or has control characters.
+    /// A user id breaks the same rules as a room name.
     BadUser,
-    /// `data` cannot be carried (for example MessagePack that has no JSON form).
+    /// `data` cannot be carried: MessagePack that has no JSON form, or nested deeper than
+    /// `--max-data-depth` (in either encoding).
     BadData,
     /// Joining would pass `--max-rooms-per-conn`.
     TooManyRooms,
@@ -46,7 +54,8 @@ pub enum ErrorCode {
     Unauthorized,
     /// The token does not allow this room, or publishing.
     Forbidden,
-    /// More commands than `--command-rate` allows; slow down.
+    /// More commands than `--command-rate` allows on a socket, or more `POST /publish` requests
+    /// from one address than `--publish-rate` allows (HTTP 429); slow down.
     RateLimited,
     /// Published and kept in history, but fewer replicas than `--publish-replicas` confirmed it
     /// in time: it may be lost if its master dies now. The error carries its `pos`; do not
@@ -92,6 +101,10 @@ pub enum CloseReason {
     Drain,
     Error,
     RateLimited,
+    /// The client broke the WebSocket protocol; closed with 1002.
+    ProtocolError,
+    /// The client sent text that is not UTF-8; closed with 1007.
+    InvalidPayload,
 }
 
 impl CloseReason {
@@ -105,6 +118,8 @@ impl CloseReason {
             CloseReason::Drain => "drain",
             CloseReason::Error => "error",
             CloseReason::RateLimited => "rate_limited",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::InvalidPayload => "invalid_payload",
         }
     }
 
@@ -115,6 +130,8 @@ impl CloseReason {
             CloseReason::Normal => None,
             CloseReason::FrameTooLarge => Some((code::FRAME_TOO_LARGE, "frame too large")),
             CloseReason::RateLimited => Some((code::POLICY, "rate limited")),
+            CloseReason::ProtocolError => Some((code::PROTOCOL_ERROR, "protocol error")),
+            CloseReason::InvalidPayload => Some((code::INVALID_PAYLOAD, "invalid UTF-8")),
             _ => Some((code::NORMAL, "")),
         }
     }
@@ -128,6 +145,8 @@ impl CloseReason {
             code::SLOW_CONSUMER => CloseReason::SlowConsumer,
             code::FRAME_TOO_LARGE => CloseReason::FrameTooLarge,
             code::POLICY => CloseReason::RateLimited,
+            code::PROTOCOL_ERROR => CloseReason::ProtocolError,
+            code::INVALID_PAYLOAD => CloseReason::InvalidPayload,
             _ => CloseReason::Normal,
         }
     }
@@ -139,7 +158,12 @@ mod tests {
 
     #[test]
     fn reader_closes_are_counted_under_their_own_reason() {
-        for reason in [CloseReason::FrameTooLarge, CloseReason::RateLimited] {
+        for reason in [
+            CloseReason::FrameTooLarge,
+            CloseReason::RateLimited,
+            CloseReason::ProtocolError,
+            CloseReason::InvalidPayload,
+        ] {
             let (c, _) = reason.frame().unwrap();
             assert_eq!(CloseReason::for_code(c), reason);
         }

@@ -10,7 +10,10 @@ use clap::Parser;
 use serde::Deserialize;
 
 pub use crate::auth::JwtKey;
-use crate::{bus::stream::Keep, names};
+use crate::{
+    bus::{stream::Keep, MAX_SHARDS},
+    names,
+};
 
 /// Command-line flags. Each has a `SHARDCAST_*` environment variable and a key of the same name
 /// (with `_` for `-`) in the `--config` TOML file.
@@ -173,6 +176,39 @@ pub struct Args {
     /// acknowledged; fewer within --redis-timeout answers `unconfirmed`. Redis Cluster only. [default: 0]
     #[arg(long, env = "SHARDCAST_PUBLISH_REPLICAS")]
     pub publish_replicas: Option<String>,
+    /// How long a client may take to send a request's headers; also how long an HTTP connection
+    /// may sit idle between requests. [default: 5s]
+    #[arg(long, env = "SHARDCAST_HTTP_HEADER_TIMEOUT")]
+    pub http_header_timeout: Option<String>,
+
+    /// How long a client may take to send a POST /publish body once its headers are in; past it,
+    /// 408 and the connection is closed. [default: 10s]
+    #[arg(long, env = "SHARDCAST_HTTP_BODY_TIMEOUT")]
+    pub http_body_timeout: Option<String>,
+
+    /// Most connections open at once that are not upgraded WebSockets (HTTP requests, keep-alive
+    /// connections, upgrades in progress). At the cap the connection that has waited longest on
+    /// its client is closed to make room, or else the new one is. [default: an eighth of the
+    /// open-files limit, from 32 to 10000]
+    #[arg(long, env = "SHARDCAST_MAX_HTTP_CONNECTIONS")]
+    pub max_http_connections: Option<String>,
+
+    /// POST /publish requests per second one client address may make, sustained; past it, 429. [default: 1000]
+    #[arg(long, env = "SHARDCAST_PUBLISH_RATE")]
+    pub publish_rate: Option<String>,
+
+    /// POST /publish requests one client address may make in a burst above the rate. [default: 2000]
+    #[arg(long, env = "SHARDCAST_PUBLISH_BURST")]
+    pub publish_burst: Option<String>,
+
+    /// Refuse tokens without an `exp` claim (true or false). [default: false]
+    #[arg(long, env = "SHARDCAST_REQUIRE_EXP")]
+    pub require_exp: Option<String>,
+
+    /// Deepest nesting of arrays and maps a message's `data` may have (1 to 127); deeper data is
+    /// refused with `bad_data`. [default: 64]
+    #[arg(long, env = "SHARDCAST_MAX_DATA_DEPTH")]
+    pub max_data_depth: Option<String>,
 }
 
 /// The validated configuration every part of the node reads.
@@ -212,6 +248,14 @@ pub struct Config {
     pub default_history: Option<Keep>,
     pub recover_max: usize,
     pub publish_replicas: u32,
+    pub http_header_timeout: Duration,
+    pub http_body_timeout: Duration,
+    /// `None`: derived from the open-files limit when the node starts ([`http_connection_cap`]).
+    pub max_http_connections: Option<usize>,
+    pub publish_rate: u32,
+    pub publish_burst: u32,
+    pub require_exp: bool,
+    pub max_data_depth: usize,
 }
 
 impl Default for Config {
@@ -250,6 +294,13 @@ impl Default for Config {
             default_history: None,
             recover_max: 1000,
             publish_replicas: 0,
+            http_header_timeout: Duration::from_secs(5),
+            http_body_timeout: Duration::from_secs(10),
+            max_http_connections: None,
+            publish_rate: 1000,
+            publish_burst: 2000,
+            require_exp: false,
+            max_data_depth: crate::frame::DEFAULT_DATA_DEPTH,
         }
     }
 }
@@ -269,9 +320,6 @@ impl Config {
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  {}", .0.join("\n  "))]
 pub struct ConfigError(pub Vec<String>);
-
-/// The most shards one room may have; past this a room is better split by the application.
-pub const MAX_SHARDS: u32 = 1024;
 
 impl Args {
     /// Reads the `--config` file, if any, under the flags and environment variables.
@@ -332,6 +380,13 @@ impl Args {
             default_history: self.default_history.or(base.default_history),
             recover_max: self.recover_max.or(base.recover_max),
             publish_replicas: self.publish_replicas.or(base.publish_replicas),
+            http_header_timeout: self.http_header_timeout.or(base.http_header_timeout),
+            http_body_timeout: self.http_body_timeout.or(base.http_body_timeout),
+            max_http_connections: self.max_http_connections.or(base.max_http_connections),
+            publish_rate: self.publish_rate.or(base.publish_rate),
+            publish_burst: self.publish_burst.or(base.publish_burst),
+            require_exp: self.require_exp.or(base.require_exp),
+            max_data_depth: self.max_data_depth.or(base.max_data_depth),
         }
     }
 
@@ -387,6 +442,13 @@ impl Args {
                 Err(e) => errors.push(bad("history", &raw, e)),
             }
         }
+        set!("http-header-timeout", self.http_header_timeout, duration => http_header_timeout);
+        set!("http-body-timeout", self.http_body_timeout, duration => http_body_timeout);
+        set!("max-http-connections", self.max_http_connections, |s| count(s).map(Some) => max_http_connections);
+        set!("publish-rate", self.publish_rate, rate => publish_rate);
+        set!("publish-burst", self.publish_burst, rate => publish_burst);
+        set!("require-exp", self.require_exp, boolean => require_exp);
+        set!("max-data-depth", self.max_data_depth, data_depth => max_data_depth);
         for raw in self.redis {
             match redis_url(raw.trim()) {
                 Ok(url) => c.redis.push(url),
@@ -542,10 +604,22 @@ fn bounded_count(s: &str, max: usize) -> Result<usize, String> {
 }
 
 fn prefix(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > 64 || s.chars().any(char::is_control) {
-        return Err("must be 1 to 64 bytes without control characters".into());
+    if s.is_empty() || s.len() > 64 || s.chars().any(|c| c.is_control() || names::is_invisible(c)) {
+        return Err("must be 1 to 64 bytes without control or invisible characters".into());
+    }
+    // Redis Cluster would hash only what is between the braces: every room on one slot.
+    if s.contains(['{', '}']) {
+        return Err("must not have a brace ({ or }): Redis Cluster would read it as a hash tag and put every channel on one slot".into());
     }
     Ok(s.to_owned())
+}
+
+fn data_depth(s: &str) -> Result<usize, String> {
+    let most = crate::frame::MAX_DATA_DEPTH;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=most).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {most}")),
+    }
 }
 
 fn shards(s: &str) -> Result<u32, String> {
@@ -582,6 +656,18 @@ pub fn duration(s: &str) -> Result<Duration, String> {
         return Err("must be above zero".into());
     }
     Ok(d)
+}
+
+/// Descriptors kept for everything that is not a client's connection: listeners, Redis
+/// connections, the runtime's own, standard streams, files.
+pub const RESERVED_FILES: u64 = 64;
+
+/// `--max-http-connections` unless set: an eighth of the open-files limit, at least 32 and at most
+/// 10,000. The other seven eighths (less [`RESERVED_FILES`]) are left for WebSockets, so HTTP
+/// connections alone can never run the node out of descriptors, which would stop it accepting
+/// anything (health checks included).
+pub fn http_connection_cap(open_files: u64) -> usize {
+    (open_files / 8).clamp(32, 10_000) as usize
 }
 
 fn random_node_id() -> String {
@@ -668,6 +754,81 @@ mod tests {
             assert!(text.contains(name), "{name} missing from: {text}");
         }
         assert_eq!(err.0.len(), 7, "{text}");
+    }
+
+    #[test]
+    fn hardening_settings_parse_with_their_defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(
+            (c.http_header_timeout, c.http_body_timeout),
+            (Duration::from_secs(5), Duration::from_secs(10))
+        );
+        assert_eq!(c.max_http_connections, None);
+        assert_eq!(
+            (c.publish_rate, c.publish_burst, c.require_exp, c.max_data_depth),
+            (1000, 2000, false, 64)
+        );
+        let c = parse(&[
+            "--http-header-timeout",
+            "2s",
+            "--http-body-timeout",
+            "3s",
+            "--max-http-connections",
+            "500",
+            "--publish-rate",
+            "5",
+            "--publish-burst",
+            "10",
+            "--require-exp",
+            "true",
+            "--max-data-depth",
+            "127",
+        ])
+        .unwrap();
+        assert_eq!(c.http_header_timeout, Duration::from_secs(2));
+        assert_eq!(c.http_body_timeout, Duration::from_secs(3));
+        assert_eq!(c.max_http_connections, Some(500));
+        assert_eq!(
+            (c.publish_rate, c.publish_burst, c.require_exp, c.max_data_depth),
+            (5, 10, true, 127)
+        );
+        let err = parse(&[
+            "--max-data-depth",
+            "128",
+            "--max-http-connections",
+            "0",
+            "--http-body-timeout",
+            "0s",
+            "--require-exp",
+            "yes",
+        ])
+        .unwrap_err();
+        assert_eq!(err.0.len(), 4, "{err}");
+    }
+
+    #[test]
+    fn braces_are_refused_in_prefixes_and_hot_rooms() {
+        for args in [
+            ["--hot-room", "{hot}=4"],
+            ["--channel-prefix", "{ws}:room:"],
+            ["--user-channel-prefix", "ws:user:{"],
+            ["--channel-prefix", "ws:\u{202e}room:"],
+        ] {
+            let err = parse(&args).unwrap_err().to_string();
+            assert!(err.contains(args[0]), "{err}");
+        }
+        assert!(parse(&["--hot-room", "{hot}=4"])
+            .unwrap_err()
+            .to_string()
+            .contains("brace"));
+    }
+
+    #[test]
+    fn the_http_cap_follows_the_open_files_limit() {
+        assert_eq!(http_connection_cap(1024), 128);
+        assert_eq!(http_connection_cap(20_000), 2_500);
+        assert_eq!(http_connection_cap(100), 32);
+        assert_eq!(http_connection_cap(u64::MAX), 10_000);
     }
 
     #[test]

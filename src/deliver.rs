@@ -22,6 +22,7 @@ use crate::{
     bus::{stream::Pos, Bus, Naming, Sink},
     config::Config,
     envelope::{self, Envelope},
+    frame::data_depth_ok,
     hub::{Advance, Hub},
     metrics::{self as m, Delivery},
     paced::{Lanes, Pace, Scratch},
@@ -172,7 +173,7 @@ async fn worker(on: On, mut rx: mpsc::Receiver<Item>, cancel: CancellationToken)
         if n == 0 {
             return;
         }
-        decode(&mut batch, &naming, &mut decoded);
+        decode(&mut batch, &naming, gaps.config.max_data_depth, &mut decoded);
         in_order(&hub, &gaps, &mut decoded, |env, shard| {
             hub.deliver(env, shard, &mut flush);
         })
@@ -217,7 +218,7 @@ async fn paced(
                 if n == 0 {
                     break;
                 }
-                decode(&mut batch, &naming, &mut decoded);
+                decode(&mut batch, &naming, gaps.config.max_data_depth, &mut decoded);
                 in_order(&hub, &gaps, &mut decoded, |env, shard| hub.record(env, shard, &lanes)).await;
             }
             () = &mut turn, if next.is_some() => {
@@ -282,10 +283,12 @@ async fn in_order(hub: &Hub, gaps: &Gaps, decoded: &mut Vec<Decoded>, mut delive
     }
 }
 
-/// Empties a worker's batch into `out`: each envelope that decodes and belongs on its channel,
-/// with its shard (after recording its latency from publish). The rest are counted as dropped: a
-/// backend job can publish anything on a channel, and only the channel is trusted.
-fn decode(batch: &mut Vec<Item>, naming: &Naming, out: &mut Vec<Decoded>) {
+/// Empties a worker's batch into `out`: each envelope that decodes, belongs on its channel and
+/// whose data nests no deeper than `--max-data-depth`, with its shard (after recording its latency
+/// from publish). The rest are counted as dropped: a backend job can publish anything on a
+/// channel, and only the channel is trusted; the depth rule is the one clients' publishes meet, so
+/// every member of either encoding sees the same stream.
+fn decode(batch: &mut Vec<Item>, naming: &Naming, max_depth: usize, out: &mut Vec<Decoded>) {
     for (channel, payload) in batch.drain(..) {
         let env = match Envelope::decode(&payload) {
             Ok(env) => env,
@@ -300,6 +303,10 @@ fn decode(batch: &mut Vec<Item>, naming: &Naming, out: &mut Vec<Decoded>) {
             m::bus_dropped("mismatch", 1);
             continue;
         };
+        if !data_depth_ok(env.format, &env.data, max_depth) {
+            m::bus_dropped("too_deep", 1);
+            continue;
+        }
         let latency = envelope::now_us().saturating_sub(env.ts_us) as f64 / 1e6;
         m::bus_received(latency);
         out.push((channel, env, shard));

@@ -16,8 +16,9 @@
 //!
 //! Modules, from the edge of the node inwards:
 //! - [`config`]: settings, their defaults and validation.
-//! - [`http`]: the HTTP/1.1 accept loop; [`server`]: HTTP and WebSocket routes on one listener;
-//!   [`upgrade`]: the WebSocket handshake, handing the TCP socket over.
+//! - [`http`]: the HTTP/1.1 accept loop and its connection cap; [`server`]: HTTP and WebSocket
+//!   routes on one listener; [`upgrade`]: the WebSocket handshake, handing the TCP socket over;
+//!   [`throttle`]: the per-address rate of `POST /publish`.
 //! - [`auth`]: tokens and what they grant; [`names`]: what a room or user name may be.
 //! - [`session`]: one socket: reader, commands, pings, congested writes and closes.
 //! - [`publish`]: wraps a message in an envelope and hands it to the bus.
@@ -56,6 +57,7 @@ pub mod publish;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod throttle;
 pub mod topic;
 pub mod upgrade;
 pub mod wire;
@@ -78,6 +80,8 @@ use crate::{
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// Samples between two returns of free memory to the system (see [`release_free_memory`]).
 const TRIM_EVERY_TICKS: u64 = 10;
+/// Connections the `--metrics-listen` listener holds at once: a scraper or two.
+const METRICS_CONNECTIONS: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -138,18 +142,24 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         internal.clone(),
     ));
     tracker.spawn(sample(hub.clone(), metrics.clone(), internal.clone()));
-    let verifier = config.jwt.as_ref().map(auth::Verifier::new).transpose()?;
+    let verifier = config
+        .jwt
+        .as_ref()
+        .map(|key| auth::Verifier::new(key).map(|v| v.require_exp(config.require_exp)))
+        .transpose()?;
+    let limits = http_limits(&config);
     let node = Node::new(config, hub, bus.clone(), naming, metrics, verifier);
 
     if let Some(addr) = node.config().metrics_listen {
         let listener = TcpListener::bind(addr).await?;
         let app = server::metrics_router(node.clone());
         let stop = internal.clone();
+        let limits = http::Limits {
+            max_connections: METRICS_CONNECTIONS,
+            ..limits
+        };
         tracker.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            if let Err(e) = served {
+            if let Err(e) = http::serve(listener, app, limits, stop.cancelled_owned()).await {
                 tracing::error!(error = %e, "metrics listener failed");
             }
         });
@@ -162,13 +172,41 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
             shutdown::drain(&node).await;
         }
     };
-    http::serve(listener, app, drained).await?;
+    http::serve(listener, app, limits, drained).await?;
 
     bus.close().await;
     internal.cancel();
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+/// The main listener's limits; the HTTP connection cap derived from the open-files limit unless
+/// set. Warns when WebSockets up to `--max-connections` could use up the descriptors left.
+fn http_limits(config: &Config) -> http::Limits {
+    let open_files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft);
+    let max_connections = config
+        .max_http_connections
+        .unwrap_or_else(|| config::http_connection_cap(open_files));
+    let left = open_files.saturating_sub(max_connections as u64 + config::RESERVED_FILES);
+    if config.max_connections as u64 > left {
+        tracing::warn!(
+            open_files,
+            max_http_connections = max_connections,
+            max_connections = config.max_connections,
+            "--max-connections is more than the open-files limit leaves for WebSockets ({left}): \
+             raise the limit or lower --max-connections, or the node may run out of descriptors"
+        );
+    }
+    tracing::info!(
+        open_files,
+        max_http_connections = max_connections,
+        "HTTP connection cap"
+    );
+    http::Limits {
+        header_timeout: config.http_header_timeout,
+        max_connections,
+    }
 }
 
 async fn sample(hub: Hub, recorder: PrometheusHandle, cancel: CancellationToken) {

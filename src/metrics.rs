@@ -105,7 +105,7 @@ static HOT: OnceLock<HotPath> = OnceLock::new();
 // Every value the bounded labels take, so each series exists (at zero) from start-up. A variant
 // added to `CloseReason` or `ErrorCode` stops the `*_slot` matches compiling until it has a slot,
 // and the const checks below then fail until it is in the list at that slot.
-pub const CLOSE_REASONS: [CloseReason; 8] = [
+pub const CLOSE_REASONS: [CloseReason; 10] = [
     CloseReason::Normal,
     CloseReason::SlowConsumer,
     CloseReason::FrameTooLarge,
@@ -114,6 +114,8 @@ pub const CLOSE_REASONS: [CloseReason; 8] = [
     CloseReason::Drain,
     CloseReason::Error,
     CloseReason::RateLimited,
+    CloseReason::ProtocolError,
+    CloseReason::InvalidPayload,
 ];
 /// Codes a socket's command can fail with (`unauthorized` is HTTP only).
 pub const BAD_FRAME_CODES: [ErrorCode; 12] = [
@@ -131,8 +133,19 @@ pub const BAD_FRAME_CODES: [ErrorCode; 12] = [
     ErrorCode::Unconfirmed,
 ];
 pub const PUBLISH_SOURCES: [&str; 2] = ["ws", "http"];
-pub const DROP_REASONS: [&str; 5] = ["queue_full", "lagged", "undecodable", "mismatch", "duplicate"];
+pub const DROP_REASONS: [&str; 6] = [
+    "queue_full",
+    "lagged",
+    "undecodable",
+    "mismatch",
+    "too_deep",
+    "duplicate",
+];
 pub const UPGRADE_REFUSED_REASONS: [&str; 6] = ["auth", "origin", "capacity", "draining", "bad_user", "unavailable"];
+/// How an HTTP connection was shed at the cap: refused on arrival, or closed to make room.
+pub const HTTP_SHED_HOW: [&str; 2] = ["refused", "evicted"];
+/// What an HTTP client was too slow to send.
+pub const HTTP_TIMEOUT_PHASES: [&str; 2] = ["header", "body"];
 
 const fn close_reason_slot(r: CloseReason) -> usize {
     match r {
@@ -144,6 +157,8 @@ const fn close_reason_slot(r: CloseReason) -> usize {
         CloseReason::Drain => 5,
         CloseReason::Error => 6,
         CloseReason::RateLimited => 7,
+        CloseReason::ProtocolError => 8,
+        CloseReason::InvalidPayload => 9,
     }
 }
 
@@ -317,6 +332,26 @@ pub fn describe() {
         Unit::Count,
         "WebSocket upgrades refused before the socket opened, by reason."
     );
+    describe_gauge!(
+        HTTP_CONNECTIONS_OPEN,
+        Unit::Count,
+        "Connections open now that are not upgraded WebSockets (HTTP requests, keep-alive, upgrades in progress)."
+    );
+    describe_counter!(
+        HTTP_CONNECTIONS_SHED,
+        Unit::Count,
+        "HTTP connections shed at --max-http-connections: refused on arrival, or evicted (closed to make room after waiting on their client)."
+    );
+    describe_counter!(
+        HTTP_TIMEOUTS,
+        Unit::Count,
+        "HTTP connections closed because the client was too slow to send its headers (or idled) or its body, by phase."
+    );
+    describe_counter!(
+        PUBLISH_RATE_LIMITED,
+        Unit::Count,
+        "POST /publish requests answered 429 by the per-address rate limit."
+    );
 
     for name in [
         CONNECTIONS_ACCEPTED,
@@ -332,6 +367,7 @@ pub fn describe() {
         AUTH_FAILURES,
         RATE_LIMITED,
         REPLAYED,
+        PUBLISH_RATE_LIMITED,
     ] {
         counter!(name).increment(0);
     }
@@ -344,7 +380,14 @@ pub fn describe() {
     for source in ["store", "shared"] {
         counter!(HISTORY_READS, "source" => source).increment(0);
     }
-    for name in [CONNECTIONS_OPEN, ROOMS_LOCAL, TOPICS_LOCAL, SUBSCRIPTIONS, QUEUED_BYTES] {
+    for name in [
+        CONNECTIONS_OPEN,
+        ROOMS_LOCAL,
+        TOPICS_LOCAL,
+        SUBSCRIPTIONS,
+        QUEUED_BYTES,
+        HTTP_CONNECTIONS_OPEN,
+    ] {
         gauge!(name).increment(0.0);
     }
     for reason in CLOSE_REASONS {
@@ -361,6 +404,12 @@ pub fn describe() {
     }
     for reason in UPGRADE_REFUSED_REASONS {
         counter!(UPGRADES_REFUSED, "reason" => reason).increment(0);
+    }
+    for how in HTTP_SHED_HOW {
+        counter!(HTTP_CONNECTIONS_SHED, "how" => how).increment(0);
+    }
+    for phase in HTTP_TIMEOUT_PHASES {
+        counter!(HTTP_TIMEOUTS, "phase" => phase).increment(0);
     }
     // Registering a histogram renders it with empty buckets.
     let _ = histogram!(LATENCY);
@@ -502,4 +551,32 @@ pub fn upgrade_refused(reason: &'static str) {
     if reason == "auth" {
         counter!(AUTH_FAILURES).increment(1);
     }
+}
+
+// HTTP connections and the publish rate (appended by the hardening work).
+pub const HTTP_CONNECTIONS_OPEN: &str = "shardcast_http_connections_open";
+pub const HTTP_CONNECTIONS_SHED: &str = "shardcast_http_connections_shed_total";
+pub const HTTP_TIMEOUTS: &str = "shardcast_http_timeouts_total";
+pub const PUBLISH_RATE_LIMITED: &str = "shardcast_publish_rate_limited_total";
+
+pub fn http_connection_opened() {
+    gauge!(HTTP_CONNECTIONS_OPEN).increment(1.0);
+}
+
+pub fn http_connection_closed() {
+    gauge!(HTTP_CONNECTIONS_OPEN).decrement(1.0);
+}
+
+/// An HTTP connection shed at the cap: `refused` or `evicted`.
+pub fn http_shed(how: &'static str) {
+    counter!(HTTP_CONNECTIONS_SHED, "how" => how).increment(1);
+}
+
+/// A client too slow with its `header` or `body`.
+pub fn http_timeout(phase: &'static str) {
+    counter!(HTTP_TIMEOUTS, "phase" => phase).increment(1);
+}
+
+pub fn publish_rate_limited() {
+    counter!(PUBLISH_RATE_LIMITED).increment(1);
 }

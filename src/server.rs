@@ -4,13 +4,15 @@
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
-    body::Bytes,
-    extract::{DefaultBodyLimit, Query, State},
-    http::{header, HeaderMap, StatusCode},
+    body::{Body, Bytes},
+    extract::{Query, Request, State},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
-    Json, Router,
+    Extension, Json, Router,
 };
+use bytes::BytesMut;
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
@@ -22,20 +24,22 @@ use crate::{
     commands::Membership,
     encoding::{Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK},
     envelope::Kind,
-    frame::Data,
+    frame::{data_depth_ok, Data},
     gate::Gate,
+    http::Connection,
     hub::Member,
     metrics as m,
     node::Node,
     publish, session,
+    throttle::Throttle,
     upgrade::Upgrade,
 };
 
 pub fn router(node: Node) -> Router {
-    let body_limit = node.config().max_frame_bytes;
+    let throttle = Arc::new(Throttle::new(node.config().publish_rate, node.config().publish_burst));
     Router::new()
         .route("/ws", get(upgrade))
-        .route("/publish", post(publish_http).layer(DefaultBodyLimit::max(body_limit)))
+        .route("/publish", post(publish_http).layer(Extension(throttle)))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -54,6 +58,17 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "code": self.1.as_str(), "message": self.2 });
         (self.0, Json(body)).into_response()
+    }
+}
+
+impl ApiError {
+    /// The response, with the connection closed after it: the request's body was not read.
+    fn closing(self) -> Response {
+        let mut response = self.into_response();
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
     }
 }
 
@@ -202,22 +217,114 @@ struct PublishBody<'a> {
     from: Option<String>,
 }
 
-async fn publish_http(State(node): State<Node>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    if let Some(key) = &node.config().api_key {
-        let given = bearer(&headers).unwrap_or("");
+/// `POST /publish`. Checked in order of cost: the address's rate and the key before a byte of the
+/// body is read, the body's size and time while it is read, then what it says.
+async fn publish_http(
+    State(node): State<Node>,
+    Extension(throttle): Extension<Arc<Throttle>>,
+    request: Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let config = node.config();
+    let connection = parts.extensions.get::<Connection>();
+    if let Some(connection) = connection {
+        if let Err(wait) = throttle.admit(connection.peer().ip(), std::time::Instant::now()) {
+            m::publish_rate_limited();
+            let message = format!(
+                "more than {} requests per second from this address (burst {})",
+                config.publish_rate, config.publish_burst
+            );
+            let mut response = ApiError(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, message).closing();
+            let retry = wait.as_secs_f64().ceil().max(1.0) as u64;
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+            return response;
+        }
+    }
+    if let Some(key) = &config.api_key {
+        let given = bearer(&parts.headers).unwrap_or("");
         if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
             metrics::counter!(m::AUTH_FAILURES).increment(1);
-            return Err(ApiError(
+            return ApiError(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthorized,
                 "missing or wrong API key".into(),
-            ));
+            )
+            .closing();
         }
     }
-    let bad = |code: ErrorCode, msg: String| ApiError(StatusCode::BAD_REQUEST, code, msg);
-    let body: PublishBody = serde_json::from_slice(&body)
+    let limit = config.max_frame_bytes;
+    let too_large = || {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::BadFrame,
+            format!("body over {limit} bytes"),
+        )
+        .closing()
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large();
+    }
+    let body = {
+        // While the body trickles in the connection waits on its client, and may be closed to
+        // make room for others at the connection cap.
+        let _waiting = connection.map(Connection::waiting);
+        match tokio::time::timeout(config.http_body_timeout, read_body(body, limit)).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(BodyError::TooLarge)) => return too_large(),
+            Ok(Err(BodyError::Broken)) => {
+                let msg = "the request body broke off".to_string();
+                return ApiError(StatusCode::BAD_REQUEST, ErrorCode::BadFrame, msg).closing();
+            }
+            Err(_) => {
+                m::http_timeout("body");
+                let msg = format!("body not received within {:?}", config.http_body_timeout);
+                return ApiError(StatusCode::REQUEST_TIMEOUT, ErrorCode::BadFrame, msg).closing();
+            }
+        }
+    };
+    match publish_body(&node, &body).await {
+        // A room with history answers where the message stands in it.
+        Ok(Some(pos)) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "pos": pos.to_string() })),
+        )
+            .into_response(),
+        Ok(None) => StatusCode::ACCEPTED.into_response(),
+        Err(e) => e,
+    }
+}
+
+enum BodyError {
+    TooLarge,
+    Broken,
+}
+
+/// The whole body, refused as soon as it passes `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, BodyError> {
+    let mut stream = body.into_data_stream();
+    let mut out = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| BodyError::Broken)?;
+        if out.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
+}
+
+async fn publish_body(node: &Node, body: &[u8]) -> Result<Option<crate::bus::stream::Pos>, Response> {
+    let bad = |code: ErrorCode, msg: String| ApiError(StatusCode::BAD_REQUEST, code, msg).into_response();
+    let body: PublishBody = serde_json::from_slice(body)
         .map_err(|e| bad(ErrorCode::BadFrame, format!("expected {{\"room\":R,\"data\":D}}: {e}")))?;
-    let policy = node.config().names;
+    let config = node.config();
+    let policy = config.names;
     policy
         .check(&body.room)
         .map_err(|e| bad(ErrorCode::BadRoom, format!("`room` {e}")))?;
@@ -225,38 +332,30 @@ async fn publish_http(State(node): State<Node>, headers: HeaderMap, body: Bytes)
     policy
         .check(&from)
         .map_err(|e| bad(ErrorCode::BadUser, format!("`from` {e}")))?;
+    let data = body.data.get().as_bytes();
+    if !data_depth_ok(Encoding::Json, data, config.max_data_depth) {
+        let msg = format!("data nests deeper than {} levels", config.max_data_depth);
+        return Err(bad(ErrorCode::BadData, msg));
+    }
     let data = Data {
         format: Encoding::Json,
-        bytes: Bytes::copy_from_slice(body.data.get().as_bytes()),
+        bytes: Bytes::copy_from_slice(data),
     };
-    let pos = match publish::publish(&node, Kind::Room, body.room, &from, data).await {
-        Ok(pos) => pos,
-        Err(e @ BusError::Unconfirmed(pos)) => {
-            let body = serde_json::json!({
-                "code": ErrorCode::Unconfirmed.as_str(),
-                "message": e.to_string(),
-                "pos": pos.to_string(),
-            });
-            return Ok((StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response());
-        }
-        Err(e) => {
-            return Err(ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Unavailable,
-                e.to_string(),
-            ))
-        }
-    };
+    let pos = publish::publish(node, Kind::Room, body.room, &from, data)
+        .await
+        .map_err(|e| match e {
+            BusError::Unconfirmed(pos) => {
+                let body = serde_json::json!({
+                    "code": ErrorCode::Unconfirmed.as_str(),
+                    "message": e.to_string(),
+                    "pos": pos.to_string(),
+                });
+                (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+            }
+            e => ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string()).into_response(),
+        })?;
     m::published("http");
-    // A room with history answers where the message stands in it.
-    Ok(match pos {
-        Some(pos) => (
-            StatusCode::ACCEPTED,
-            Json(serde_json::json!({ "pos": pos.to_string() })),
-        )
-            .into_response(),
-        None => StatusCode::ACCEPTED.into_response(),
-    })
+    Ok(pos)
 }
 
 async fn readyz(State(node): State<Node>) -> (StatusCode, &'static str) {

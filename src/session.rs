@@ -168,7 +168,13 @@ pub async fn serve(
     let reason = converse(&mut stream, &node, &gate, encoding, &mut membership, clock).await;
     // The node closed on a policy (rate, frame size) while the client may still be sending: read
     // until its answering close, so it sees our close frame instead of a reset.
-    if matches!(reason, CloseReason::RateLimited | CloseReason::FrameTooLarge) {
+    if matches!(
+        reason,
+        CloseReason::RateLimited
+            | CloseReason::FrameTooLarge
+            | CloseReason::ProtocolError
+            | CloseReason::InvalidPayload
+    ) {
         let _ = Box::pin(tokio::time::timeout(
             node.config().close_grace,
             read_until_close(&mut stream),
@@ -336,10 +342,20 @@ async fn read(
     while let Some(msg) = stream.next().await {
         heard.now();
         let request = match msg {
-            Ok(Message::Text(t)) => decode_text(&t),
-            Ok(Message::Binary(b)) => decode_binary(&b),
-            // Tungstenite answers pings by itself; a pong only proves the client is alive.
-            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+            Ok(Message::Text(t)) => decode_text(&t, config.max_data_depth),
+            Ok(Message::Binary(b)) => decode_binary(&b, config.max_data_depth),
+            // Tungstenite has queued the pong already; a ping still costs a write, so it draws on
+            // the command budget, and a ping flood is closed like a command flood.
+            Ok(Message::Ping(_)) => {
+                match limit.admit(Instant::now()) {
+                    Admit::Yes => {}
+                    Admit::Refuse => m::rate_limited(),
+                    Admit::Close => return CloseReason::RateLimited,
+                }
+                continue;
+            }
+            // A pong only proves the client is alive.
+            Ok(Message::Pong(_) | Message::Frame(_)) => continue,
             Ok(Message::Close(_)) => {
                 // Tungstenite has the answering close ready; flushing hands it to the gate.
                 let _ = stream.flush().await;
@@ -392,10 +408,27 @@ async fn answer(
     }
 }
 
+/// Why the reader failed, as the close the node answers with. A connection cut without a close
+/// frame (reset, end of stream) is an error, not a protocol violation: there is no one to tell.
 fn classify(e: WsError) -> CloseReason {
+    use tokio_tungstenite::tungstenite::error::ProtocolError as P;
     match e {
         WsError::Capacity(_) => CloseReason::FrameTooLarge,
         WsError::ConnectionClosed | WsError::AlreadyClosed => CloseReason::Normal,
+        WsError::Utf8(_) => CloseReason::InvalidPayload,
+        WsError::Protocol(
+            P::NonZeroReservedBits
+            | P::UnmaskedFrameFromClient
+            | P::FragmentedControlFrame
+            | P::ControlFrameTooBig
+            | P::UnknownControlFrameType(_)
+            | P::UnknownDataFrameType(_)
+            | P::UnexpectedContinueFrame
+            | P::ExpectedFragment(_)
+            | P::InvalidOpcode(_)
+            | P::InvalidCloseSequence
+            | P::ReceivedAfterClosing,
+        ) => CloseReason::ProtocolError,
         _ => CloseReason::Error,
     }
 }

@@ -2,13 +2,34 @@
 //! encodings, the bus envelope, and building client frames from an envelope's data. Nothing may
 //! panic; what decodes must re-encode consistently. Cases per property: `PROPTEST_CASES` (default
 //! 2000 here), so CI runs each for a bounded time.
+//!
+//! Then the same over the network, against one live embedded node: random HTTP requests, and
+//! random bytes after a valid WebSocket handshake. The node must answer or close every connection,
+//! send only close codes of the contract, never panic, and keep serving others. Cases per property:
+//! `FUZZ_NET_CASES` (default 64).
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        OnceLock,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
+use common::raw;
 use proptest::prelude::*;
 use shardcast::{
     envelope::{Envelope, Kind},
-    frame::{broadcast_frame, decode_binary, decode_text, Command, Encoding},
+    frame::{
+        broadcast_frame, data_depth_ok, decode_binary, decode_text, json_to_msgpack, Command, Encoding,
+        DEFAULT_DATA_DEPTH,
+    },
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::{protocol::Role, Message, WebSocket};
 
 /// A wire frame read as a client reads it: exactly one message.
@@ -86,17 +107,17 @@ proptest! {
 
     #[test]
     fn text_frames_never_panic(s in any::<String>()) {
-        let _ = decode_text(&s);
+        let _ = decode_text(&s, DEFAULT_DATA_DEPTH);
     }
 
     #[test]
     fn contract_shaped_text_never_panics(s in jsonish()) {
-        let _ = decode_text(&s);
+        let _ = decode_text(&s, DEFAULT_DATA_DEPTH);
     }
 
     #[test]
     fn binary_frames_never_panic(b in prop::collection::vec(any::<u8>(), 0..512)) {
-        let _ = decode_binary(&b);
+        let _ = decode_binary(&b, DEFAULT_DATA_DEPTH);
     }
 
     #[test]
@@ -133,7 +154,7 @@ proptest! {
     #[test]
     fn published_data_reaches_both_encodings_intact(data in any_json()) {
         let text = serde_json::json!({"op":"pub","room":"r","data":data}).to_string();
-        let Command::Pub { data: d, .. } = decode_text(&text).unwrap().command else { panic!("not a pub") };
+        let Command::Pub { data: d, .. } = decode_text(&text, DEFAULT_DATA_DEPTH).unwrap().command else { panic!("not a pub") };
         let env = Envelope { kind: Kind::Room, origin: "n".into(), target: "r".into(), from: "u".into(), ts_us: 1, format: d.format, data: d.bytes, pos: None };
         let json_frame = broadcast_frame(Encoding::Json, &env, 0).unwrap();
         let v: serde_json::Value = serde_json::from_str(read(&json_frame).to_text().unwrap()).unwrap();
@@ -146,10 +167,298 @@ proptest! {
     #[test]
     fn msgpack_commands_round_trip(data in any_json(), id in any::<i64>()) {
         let frame = rmp_serde::to_vec_named(&serde_json::json!({"op":"pub","room":"r","data":data,"id":id})).unwrap();
-        let req = decode_binary(&frame).unwrap();
+        let req = decode_binary(&frame, DEFAULT_DATA_DEPTH).unwrap();
         prop_assert_eq!(req.id, Some(id));
         let Command::Pub { data: d, .. } = req.command else { panic!("not a pub") };
         let back: serde_json::Value = rmp_serde::from_slice(&d.bytes).unwrap();
         prop_assert_eq!(back, data);
+    }
+}
+
+/// The nesting of a JSON value, measured the slow way.
+fn depth_of(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Array(a) => 1 + a.iter().map(depth_of).max().unwrap_or(0),
+        serde_json::Value::Object(o) => 1 + o.values().map(depth_of).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Bytes that nest deep in both encodings, often past the deepest limit: mostly MessagePack arrays
+/// of thousands of items (0xdc and a 16-bit count) and JSON `[`, which stay open, some that close
+/// at once, and noise.
+fn deep_noise() -> impl Strategy<Value = Vec<u8>> {
+    let bytes = vec![
+        0xdc, 0xdc, 0xdc, 0xdc, 0xdc, 0xdc, 0xff, b'[', b'[', 0x91, b'"', b'\\', 0x01, b']',
+    ];
+    prop_oneof![
+        3 => prop::collection::vec(prop::sample::select(bytes), 0..1000),
+        1 => prop::collection::vec(any::<u8>(), 0..300),
+    ]
+}
+
+proptest! {
+    #![proptest_config(cases())]
+
+    #[test]
+    fn data_depth_agrees_with_the_value_in_both_encodings(data in any_json(), max in 0usize..8) {
+        let text = data.to_string();
+        let want = depth_of(&data) <= max;
+        prop_assert_eq!(data_depth_ok(Encoding::Json, text.as_bytes(), max), want);
+        let mp = json_to_msgpack(text.as_bytes()).unwrap();
+        prop_assert_eq!(data_depth_ok(Encoding::MsgPack, &mp, max), want);
+    }
+
+    #[test]
+    fn data_depth_never_panics_on_noise(b in deep_noise(), max in 0usize..200) {
+        let _ = data_depth_ok(Encoding::Json, &b, max);
+        let _ = data_depth_ok(Encoding::MsgPack, &b, max);
+    }
+}
+
+/// Panics on the live node's threads, counted by a hook installed with it.
+static NODE_PANICS: AtomicUsize = AtomicUsize::new(0);
+const NODE_THREAD: &str = "fuzzed-node";
+
+/// One embedded node for every network case, on its own runtime (named threads, so a panic in
+/// one of its tasks is seen, not swallowed by the runtime).
+struct Live {
+    runtime: tokio::runtime::Runtime,
+    addr: SocketAddr,
+    _node: common::Node,
+}
+
+fn live() -> &'static Live {
+    static LIVE: OnceLock<Live> = OnceLock::new();
+    LIVE.get_or_init(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name() == Some(NODE_THREAD) {
+                NODE_PANICS.fetch_add(1, Ordering::SeqCst);
+            }
+            previous(info);
+        }));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(NODE_THREAD)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut cfg = common::config(None, "fuzz");
+        cfg.max_frame_bytes = 4096;
+        cfg.http_body_timeout = Duration::from_secs(2);
+        cfg.close_grace = Duration::from_millis(200);
+        let node = runtime.block_on(common::Node::start(cfg));
+        Live {
+            addr: node.addr,
+            _node: node,
+            runtime,
+        }
+    })
+}
+
+fn net_cases() -> ProptestConfig {
+    let n = std::env::var("FUZZ_NET_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    ProptestConfig {
+        cases: n,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// How long the node may take to answer or close a fuzzed connection.
+const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// Whether the node still answers `/healthz` and a WebSocket ping.
+async fn still_serving(addr: SocketAddr) -> bool {
+    let healthy = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer).await.ok()?;
+        Some(answer.starts_with(b"HTTP/1.1 200"))
+    };
+    if tokio::time::timeout(ANSWER_WITHIN, healthy).await != Ok(Some(true)) {
+        return false;
+    }
+    let mut ws = raw::connect(addr, "?user=bystander", "").await;
+    ws.send(&raw::masked(0x81, br#"{"op":"ping","id":1}"#)).await.is_ok()
+        && ws.send(&raw::masked(0x88, &1000u16.to_be_bytes())).await.is_ok()
+        && ws
+            .read_to_end(ANSWER_WITHIN)
+            .await
+            .frames
+            .iter()
+            .any(|f| f.payload.as_slice() == br#"{"op":"pong","id":1}"#)
+}
+
+/// Requests of two kinds: well formed (a valid request line, headers and a `content-length` that
+/// matches the body, so most reach a handler), and pieces of real requests glued at random.
+fn http_request() -> impl Strategy<Value = Vec<u8>> {
+    let path = || {
+        prop_oneof![
+            3 => Just("/publish"),
+            2 => prop::sample::select(vec!["/ws", "/ws?user=f", "/ws?user=%7B", "/ws?token=a.b.c"]),
+            1 => prop::sample::select(vec!["/healthz", "/readyz", "/metrics", "/", "*", "/%zz", "/publish?x=\u{7f}"]),
+        ]
+    };
+    let body = || {
+        prop_oneof![
+            3 => jsonish(),
+            1 => Just(r#"{"room":"r","data":[[[[1]]]]}"#.to_string()),
+            1 => Just(r#"{"room":"{r}","data":1,"from":"\u202e"}"#.to_string()),
+            1 => Just("5\r\nhello\r\n0\r\n\r\n".to_string()),
+            1 => ".{0,64}",
+        ]
+    };
+    let header = prop::sample::select(vec![
+        "Host: x",
+        "Content-Length: 0",
+        "Content-Length: 12",
+        "Content-Length: 99999999",
+        "Content-Length: -1",
+        "Content-Length: 5, 6",
+        "Transfer-Encoding: chunked",
+        "Transfer-Encoding: gzip, chunked",
+        "Connection: upgrade",
+        "Connection: close",
+        "Upgrade: websocket",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Protocol: shardcast.v1.msgpack",
+        "Authorization: Bearer \u{0}",
+        "Origin: https://evil.example",
+        "Expect: 100-continue",
+        "X: \r",
+        ": empty",
+        "Content-Type: application/json",
+    ]);
+    let well_formed = (
+        prop_oneof![3 => Just("POST"), 1 => Just("GET")],
+        path(),
+        prop::collection::vec(
+            prop::sample::select(vec![
+                "Content-Type: application/json",
+                "Authorization: Bearer x",
+                "Connection: close",
+                "Origin: https://evil.example",
+            ]),
+            0..3,
+        ),
+        body(),
+    )
+        .prop_map(|(method, path, headers, body)| {
+            let mut out = format!("{method} {path} HTTP/1.1\r\nhost: x\r\n");
+            for h in headers {
+                out.push_str(h);
+                out.push_str("\r\n");
+            }
+            out.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+            out.into_bytes()
+        });
+    let glued = (
+        prop_oneof![
+            3 => Just("POST"),
+            3 => Just("GET"),
+            1 => prop::sample::select(vec!["PUT", "HEAD", "OPTIONS", "G\u{0}T", ""]),
+        ],
+        path(),
+        prop::sample::select(vec!["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.1x", ""]),
+        prop::collection::vec(header, 0..8),
+        body(),
+        any::<bool>(),
+    )
+        .prop_map(|(method, path, version, headers, body, crlf)| {
+            let eol = if crlf { "\r\n" } else { "\n" };
+            let mut out = format!("{method} {path} {version}{eol}");
+            for h in headers {
+                out.push_str(h);
+                out.push_str(eol);
+            }
+            out.push_str(eol);
+            out.push_str(&body);
+            out.into_bytes()
+        });
+    prop_oneof![well_formed, glued]
+}
+
+/// Client frames: some well formed, some broken in one way or another, some noise.
+fn ws_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let frame = (
+        any::<u8>(),
+        any::<bool>(),
+        prop::collection::vec(any::<u8>(), 0..200),
+        jsonish(),
+    )
+        .prop_map(|(head, mask, noise, text)| {
+            let payload = if head & 1 == 0 { noise } else { text.into_bytes() };
+            if mask {
+                raw::masked(head, &payload)
+            } else {
+                raw::unmasked(head, &payload)
+            }
+        });
+    prop_oneof![
+        prop::collection::vec(frame, 1..6).prop_map(|f| f.concat()),
+        prop::collection::vec(any::<u8>(), 1..300),
+    ]
+}
+
+/// Close codes the node may send.
+const CONTRACT_CODES: [u16; 9] = [1000, 1002, 1007, 1008, 1009, 4001, 4002, 4003, 4008];
+
+proptest! {
+    #![proptest_config(net_cases())]
+
+    #[test]
+    fn http_requests_are_answered_or_closed(request in http_request()) {
+        let live = live();
+        let panics = NODE_PANICS.load(Ordering::SeqCst);
+        let (ended, answer) = live.runtime.block_on(async {
+            let mut tcp = tokio::net::TcpStream::connect(live.addr).await.unwrap();
+            let _ = tcp.write_all(&request).await;
+            let _ = tcp.shutdown().await;
+            let mut answer = Vec::new();
+            let ended = tokio::time::timeout(ANSWER_WITHIN, async {
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => answer.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            })
+            .await
+            .is_ok();
+            (ended, answer)
+        });
+        prop_assert!(ended, "the connection was neither answered nor closed: {:?}", String::from_utf8_lossy(&answer));
+        prop_assert!(answer.is_empty() || answer.starts_with(b"HTTP/1."), "not HTTP: {:?}", String::from_utf8_lossy(&answer));
+        prop_assert_eq!(NODE_PANICS.load(Ordering::SeqCst), panics, "the node panicked");
+        prop_assert!(live.runtime.block_on(still_serving(live.addr)), "the node stopped serving");
+    }
+
+    #[test]
+    fn websocket_bytes_are_served_or_closed_with_a_contract_code(bytes in ws_bytes()) {
+        let live = live();
+        let panics = NODE_PANICS.load(Ordering::SeqCst);
+        let ending = live.runtime.block_on(async {
+            let mut ws = raw::connect(live.addr, "?user=fuzz", "").await;
+            let _ = ws.send(&bytes).await;
+            let _ = ws.tcp.shutdown().await;
+            ws.read_to_end(ANSWER_WITHIN).await
+        });
+        prop_assert!(ending.closed, "the connection stayed open: {:?}", ending);
+        prop_assert!(ending.rest.is_empty(), "not whole frames: {:?}", ending);
+        if let Some((code, _)) = ending.close() {
+            prop_assert!(CONTRACT_CODES.contains(&code), "close code {}", code);
+        }
+        prop_assert_eq!(NODE_PANICS.load(Ordering::SeqCst), panics, "the node panicked");
+        prop_assert!(live.runtime.block_on(still_serving(live.addr)), "the node stopped serving");
     }
 }

@@ -38,6 +38,9 @@ pub enum BusError {
     Unconfirmed(Pos),
 }
 
+/// The most shards one room may have; past this a room is better split by the application.
+pub const MAX_SHARDS: u32 = 1024;
+
 /// Which shard of a room a sender's messages go to: CRC-32 (IEEE) of the sender id, modulo the
 /// room's shard count. Stable across nodes, restarts and versions, and easy to compute in any
 /// language, so a backend job picks the same shard and one sender's messages keep their order.

@@ -2,6 +2,8 @@
 //! real WebSocket clients over real sockets. Every wait has a deadline.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod raw;
+
 use std::{
     collections::VecDeque,
     net::SocketAddr,
