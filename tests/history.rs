@@ -623,3 +623,93 @@ async fn with_publish_replicas_every_acknowledged_publish_survives_its_master_ki
     );
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_clients_resuming_at_once_share_their_reads() {
+    use common::{eventually, status, Process};
+    const CLIENTS: usize = 2_000;
+    const SHARDS: u64 = 4;
+    let cluster = Cluster::start(3, 0);
+    let (room_prefix, user_prefix) = common::prefix("hist-storm");
+    let node = Process::spawn(&[
+        "--redis",
+        &cluster.url,
+        "--channel-prefix",
+        &room_prefix,
+        "--user-channel-prefix",
+        &user_prefix,
+        "--history",
+        "kept*=1000/10m",
+        "--hot-room",
+        "kept-hot=4",
+        "--command-rate",
+        "100000",
+        "--command-burst",
+        "100000",
+        "--redis-timeout",
+        "10s",
+    ]);
+    let ready = node.url("/readyz");
+    eventually("node ready", || async { status(&ready).await == 200 }).await;
+
+    // 40 messages, and the positions a watcher had along the way: where the resuming clients
+    // were when they dropped, slightly different for each.
+    let mut watcher = Client::connect(&node.ws("?user=watcher")).await;
+    let mut last = join(&mut watcher, "kept-hot", None).await["pos"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let mut feed = Client::connect(&node.ws("?user=feed")).await;
+    let mut marks = Vec::new();
+    for i in 0..40 {
+        feed.publish("kept-hot", json!({"i": i})).await;
+        take(&mut watcher, 1, &mut last).await;
+        marks.push((i + 1, json!(last.clone())));
+    }
+
+    // 2,000 sockets (what this test's debug-built clients and node can run beside each other on
+    // two cores), then every one resumes at the same moment.
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for chunk in 0..CLIENTS / 500 {
+        let batch = futures_util::future::join_all((0..500).map(|k| {
+            let url = node.ws(&format!("?user=fan{}", chunk * 500 + k));
+            async move { Client::connect(&url).await }
+        }))
+        .await;
+        clients.extend(batch);
+    }
+    let reads_before = cluster.calls("evalsha");
+    let start = tokio::sync::Barrier::new(CLIENTS);
+    let start = std::sync::Arc::new(start);
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut c)| {
+            let (seen, since) = marks[k % marks.len()].clone();
+            let start = start.clone();
+            tokio::spawn(async move {
+                start.wait().await;
+                let ok = c.request(json!({"op":"join","room":"kept-hot","since": since})).await;
+                assert_eq!(ok["recovered"], true, "{ok}");
+                // Everything after its position, once: the replay came before the `ok`.
+                let mut replayed = Vec::new();
+                while let Some(m) = c.inbox.pop_front() {
+                    replayed.push(m["data"]["i"].as_i64().unwrap());
+                }
+                replayed.sort();
+                assert_eq!(replayed, (seen..40).collect::<Vec<_>>());
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let reads = cluster.calls("evalsha") - reads_before;
+    eprintln!("{CLIENTS} resumes over {SHARDS} shards: {reads} reads of the stream");
+    // Unshared, that is a read per resume per shard (8,000); shared, the resumes that arrive while
+    // one read is out wait for the next, which serves them all (61 reads here on a loaded machine).
+    assert!(
+        reads <= CLIENTS as u64 * SHARDS / 50,
+        "{reads} reads for {CLIENTS} resumes over {SHARDS} shards: not shared"
+    );
+}

@@ -253,7 +253,7 @@ pub struct Client {
     msgpack: bool,
     next_id: i64,
     /// Frames that arrived while waiting for a reply.
-    inbox: VecDeque<Value>,
+    pub inbox: VecDeque<Value>,
     /// The close code `recv` saw, if it saw one.
     pub closed_with: Option<u16>,
 }
@@ -428,13 +428,19 @@ impl Cluster {
 
     /// How many SUNSUBSCRIBE commands the nodes served since they started, all together.
     pub fn sunsubscribe_calls(&self) -> u64 {
+        self.calls("sunsubscribe")
+    }
+
+    /// Calls of `command` (lower case) over every server, from `INFO commandstats`.
+    pub fn calls(&self, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:calls=");
         self.ports
             .iter()
             .map(|p| {
-                // `cmdstat_sunsubscribe:calls=N,usec=...`, absent until the first call.
+                // `cmdstat_<command>:calls=N,usec=...`, absent until the first call.
                 self.redis_cli(*p, &["info", "commandstats"])
                     .lines()
-                    .find_map(|l| l.strip_prefix("cmdstat_sunsubscribe:calls="))
+                    .find_map(|l| l.strip_prefix(prefix.as_str()))
                     .map_or(0, |rest| rest.split(',').next().unwrap().parse::<u64>().unwrap())
             })
             .sum()
