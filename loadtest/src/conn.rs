@@ -113,14 +113,16 @@ pub struct Outcome {
     pub tally: Tally,
     pub streams: Vec<(u32, Stream)>,
     pub error_frames: u64,
+    /// Messages that carried a shard and position (a room with history).
+    pub positioned: u64,
     pub reconnects: u64,
     pub unparsed: u64,
 }
 
-type Ws = WebSocketStream<TcpStream>;
+pub type Ws = WebSocketStream<TcpStream>;
 
 /// How long the final close handshake may take.
-const CLOSE_WAIT: Duration = Duration::from_secs(3);
+pub const CLOSE_WAIT: Duration = Duration::from_secs(3);
 
 fn ws_config() -> WebSocketConfig {
     // Small buffers: thousands of connections share this process, and frames are small
@@ -131,23 +133,25 @@ fn ws_config() -> WebSocketConfig {
 }
 
 async fn connect(spec: &Spec, ctx: &Ctx) -> anyhow::Result<Ws> {
-    let node = &ctx.nodes[spec.node];
-    let socket = match spec.source {
+    open(&ctx.nodes[spec.node], spec.source, &spec.user, spec.encoding).await
+}
+
+/// Opens a WebSocket to `node` from the loopback address `source` as `user`.
+pub async fn open(node: &NodeUrl, source: IpAddr, user: &str, encoding: Encoding) -> anyhow::Result<Ws> {
+    let socket = match source {
         IpAddr::V4(_) => TcpSocket::new_v4(),
         IpAddr::V6(_) => TcpSocket::new_v6(),
     }
     .context("socket")?;
     socket
-        .bind(SocketAddr::new(spec.source, 0))
-        .with_context(|| format!("bind {}", spec.source))?;
+        .bind(SocketAddr::new(source, 0))
+        .with_context(|| format!("bind {source}"))?;
     let stream = socket.connect(node.addr).await.context("connect")?;
     stream.set_nodelay(true)?;
     let sep = if node.ws.contains('?') { '&' } else { '?' };
-    let mut req = format!("{}{sep}user={}", node.ws, spec.user).into_client_request()?;
-    req.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_static(spec.encoding.protocol()),
-    );
+    let mut req = format!("{}{sep}user={user}", node.ws).into_client_request()?;
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(encoding.protocol()));
     let (ws, _) = client_async_with_config(req, stream, Some(ws_config()))
         .await
         .context("handshake")?;
@@ -156,7 +160,7 @@ async fn connect(spec: &Spec, ctx: &Ctx) -> anyhow::Result<Ws> {
 
 /// An error without its details in parentheses (OS error numbers, addresses), as a failure class:
 /// `connect: Connection refused`, `handshake: HTTP error: 503 Service Unavailable`.
-fn class(e: &anyhow::Error) -> String {
+pub fn class(e: &anyhow::Error) -> String {
     let s = format!("{e:#}");
     let s = s.split('(').next().unwrap_or_default().trim();
     s.chars().take(80).collect()
@@ -171,7 +175,8 @@ struct Conn<'a> {
 impl Conn<'_> {
     fn on_frame(&mut self, inbound: Inbound) -> Option<i64> {
         match inbound {
-            Inbound::Msg(stamp) => {
+            Inbound::Msg(stamp, at) => {
+                self.out.positioned += u64::from(at.is_some());
                 let now = wire::now_us();
                 self.ctx
                     .latencies
@@ -188,7 +193,7 @@ impl Conn<'_> {
                 self.ctx.delivered.fetch_add(1, Ordering::Relaxed);
             }
             Inbound::Ok(id) => return Some(id),
-            Inbound::Error => self.out.error_frames += 1,
+            Inbound::Error(_) => self.out.error_frames += 1,
             Inbound::Reconnect => self.out.reconnects += 1,
             Inbound::Other => self.out.unparsed += 1,
         }
@@ -211,7 +216,7 @@ impl Conn<'_> {
     }
 
     async fn join(&mut self, ws: &mut Ws, room: &str) -> anyhow::Result<()> {
-        ws.send(wire::join_frame(self.spec.encoding, room, 1)).await?;
+        ws.send(wire::join_frame(self.spec.encoding, room, 1, None)).await?;
         let errors = self.out.error_frames;
         loop {
             match self.on_message(ws.next().await) {
@@ -235,7 +240,7 @@ impl Conn<'_> {
         let size = self.ctx.payload_bytes;
         let accepted = match (p.via, ws) {
             (Via::Ws, Some(ws)) => {
-                let frame = wire::publish_frame(self.spec.encoding, &p.target, stamp, size);
+                let frame = wire::publish_frame(self.spec.encoding, &p.target, stamp, size, None);
                 ws.send(frame).await.map_err(|_| "error".to_string())?;
                 true
             }

@@ -69,6 +69,8 @@ pub struct Delivery {
     pub error_frames: u64,
     pub reconnect_frames: u64,
     pub unparsed_frames: u64,
+    /// Messages that carried a shard and position (the room keeps history).
+    pub positioned: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -102,7 +104,7 @@ pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / MIB
 }
 
-fn counts(m: &BTreeMap<String, u64>) -> String {
+pub fn counts(m: &BTreeMap<String, u64>) -> String {
     if m.is_empty() {
         return "0".into();
     }
@@ -162,8 +164,8 @@ impl Report {
         row(
             "frames",
             format!(
-                "error {}, reconnect {}, unparsed {}",
-                d.error_frames, d.reconnect_frames, d.unparsed_frames
+                "error {}, reconnect {}, unparsed {}; messages with a position {}",
+                d.error_frames, d.reconnect_frames, d.unparsed_frames, d.positioned
             ),
         );
         row(
