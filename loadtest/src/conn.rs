@@ -99,6 +99,9 @@ pub struct Ctx {
     pub ready: AtomicUsize,
     pub failed: AtomicUsize,
     pub closed: AtomicUsize,
+    /// Publishing connections that publish no more (the run turned quiet, or they ended): what
+    /// they sent is final once all have.
+    pub stopped: AtomicUsize,
 }
 
 /// What one connection saw.
@@ -290,16 +293,26 @@ fn ticker(phase: Phase, p: Option<&Publisher>) -> Option<Interval> {
 }
 
 /// Runs one planned connection until [`Phase::Finish`] or until the node ends it.
-pub async fn run(spec: Spec, ctx: Arc<Ctx>, mut phase: watch::Receiver<Phase>) -> Outcome {
+pub async fn run(spec: Spec, ctx: Arc<Ctx>, phase: watch::Receiver<Phase>) -> Outcome {
+    let mut stopped = false;
+    let out = serve(&spec, &ctx, phase, &mut stopped).await;
+    if spec.publish.is_some() && !stopped {
+        ctx.stopped.fetch_add(1, Ordering::Release);
+    }
+    out
+}
+
+/// [`run`]; `stopped` once a publisher publishes no more.
+async fn serve(spec: &Spec, ctx: &Ctx, mut phase: watch::Receiver<Phase>, stopped: &mut bool) -> Outcome {
     let mut c = Conn {
-        spec: &spec,
-        ctx: &ctx,
+        spec,
+        ctx,
         out: Outcome::default(),
     };
     let mut ws = None;
     if spec.ws {
         let setup = async {
-            let mut ws = connect(&spec, &ctx).await?;
+            let mut ws = connect(spec, ctx).await?;
             if let Some(room) = &spec.join {
                 c.join(&mut ws, room).await?;
             }
@@ -328,7 +341,14 @@ pub async fn run(spec: Spec, ctx: Arc<Ctx>, mut phase: watch::Receiver<Phase>) -
                 match now {
                     _ if changed.is_err() => break,
                     Phase::Run(_) => timer = ticker(now, publisher.as_ref()),
-                    Phase::Quiet => timer = None,
+                    Phase::Quiet => {
+                        // A publish in flight was sent and counted before this branch ran.
+                        timer = None;
+                        if publisher.is_some() {
+                            *stopped = true;
+                            ctx.stopped.fetch_add(1, Ordering::Release);
+                        }
+                    }
                     Phase::Finish => break,
                     Phase::Ramp => {}
                 }

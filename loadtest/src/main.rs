@@ -360,6 +360,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         ready: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
         closed: AtomicUsize::new(0),
+        stopped: AtomicUsize::new(0),
     });
     let before = samples(&args.pids)?;
     let (phase_tx, phase_rx) = watch::channel(Phase::Ramp);
@@ -415,10 +416,20 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     let _ = phase_tx.send(Phase::Quiet);
     let duration_s = run_start.elapsed().as_secs_f64();
 
-    // Drain: wait for every expected delivery, for a bounded time.
+    // Drain: wait for every expected delivery, for a bounded time. What was sent is read once
+    // every started publisher has stopped: a publish in flight when the run turned quiet and
+    // counted after would otherwise be delivered beyond `expected` and could end the wait
+    // before another publisher's last message reached everyone.
+    let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain.max(0.0));
+    let started = plan.specs[..handles.len()]
+        .iter()
+        .filter(|s| s.publish.is_some())
+        .count();
+    while ctx.stopped.load(Ordering::Acquire) < started && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let sent: Vec<u64> = ctx.sent.iter().map(|s| s.load(Ordering::Relaxed)).collect();
     let expected: u64 = sent.iter().zip(&plan.fan).map(|(s, f)| s * f).sum();
-    let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain.max(0.0));
     progress.set_prefix("drain");
     while ctx.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
