@@ -32,7 +32,7 @@ use crate::{
     conn::{self, NodeUrl, Phase, Ws, CLOSE_WAIT},
     procfs,
     report::{counts, mib, Latency, NodeUsage},
-    stats::{Latencies, Stream, Tally},
+    stats::{Latencies, Pending, Stream, Tally},
     wire::{self, Encoding, Inbound, JoinOk, Stamp, Target},
 };
 
@@ -291,6 +291,8 @@ struct Shared {
     latency: Latencies,
     /// From dropping the socket to the resume's `ok`.
     recovery: Latencies,
+    /// From sending a `pub` to its answer.
+    answer: Latencies,
 }
 
 impl Shared {
@@ -602,6 +604,7 @@ async fn publish(j: usize, sh: &Shared, mut phase: watch::Receiver<Phase>, stopp
         _ => None,
     };
     let target = Target::Room(plan.room.clone());
+    let mut waiting = Pending::default();
     loop {
         tokio::select! {
             biased;
@@ -630,6 +633,11 @@ async fn publish(j: usize, sh: &Shared, mut phase: watch::Receiver<Phase>, stopp
                         return out;
                     }
                 };
+                if let Inbound::Ok(id) | Inbound::Error(Some(id)) = inbound {
+                    if let Some(took) = waiting.answered(id, Instant::now()) {
+                        sh.answer.record(j, took.as_micros() as u64);
+                    }
+                }
                 match inbound {
                     Inbound::Ok(_) => {
                         sh.acked[j].fetch_add(1, Ordering::Relaxed);
@@ -649,6 +657,7 @@ async fn publish(j: usize, sh: &Shared, mut phase: watch::Receiver<Phase>, stopp
                 let stamp = Stamp { publisher: j as u32, seq, ts_us: wire::now_us() };
                 // Ids start at 1: the node answers `ok` (with the position) or `error`.
                 let frame = wire::publish_frame(encoding, &target, stamp, plan.payload_bytes, Some(seq as i64 + 1));
+                waiting.sent(seq as i64 + 1, Instant::now());
                 if ws.send(frame).await.is_err() {
                     out.closed = Some("error".into());
                     return out;
@@ -717,6 +726,9 @@ pub struct Publish {
     pub other_errors: u64,
     /// Publishers whose connection the node ended.
     pub closed: BTreeMap<String, u64>,
+    /// From sending a `pub` to its answer: the node handles one socket's commands one after
+    /// another, so a publisher falls behind once this passes the time between its publishes.
+    pub answer_ms: Latency,
 }
 
 #[derive(Debug, Serialize)]
@@ -742,16 +754,7 @@ pub struct Churn {
 }
 
 fn latency(l: &Latencies) -> Latency {
-    let h = l.merged();
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    Latency {
-        count: h.len(),
-        p50: ms(0.5),
-        p90: ms(0.9),
-        p99: ms(0.99),
-        p999: ms(0.999),
-        max: h.max() as f64 / 1000.0,
-    }
+    Latency::of(&l.merged())
 }
 
 impl ChurnReport {
@@ -796,6 +799,14 @@ impl ChurnReport {
                 p.unanswered,
                 p.other_errors,
                 counts(&p.closed)
+            ),
+        );
+        let a = &p.answer_ms;
+        row(
+            "publish answer ms",
+            format!(
+                "p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}  (n={})",
+                a.p50, a.p90, a.p99, a.max, a.count
             ),
         );
         row(
@@ -906,6 +917,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<ChurnReport> {
         failed: AtomicUsize::new(0),
         latency: Latencies::new(16),
         recovery: Latencies::new(16),
+        answer: Latencies::new(16),
         plan,
     });
     let plan = &sh.plan;
@@ -1091,6 +1103,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<ChurnReport> {
             unanswered: sent_total.saturating_sub(answered),
             other_errors,
             closed: pub_closed,
+            answer_ms: latency(&sh.answer),
         },
         churn,
         delivery: summarize(lines),

@@ -26,7 +26,7 @@ use tokio_tungstenite::{
 };
 
 use crate::{
-    stats::{Latencies, Stream, Tally},
+    stats::{Latencies, Pending, Stream, Tally},
     wire::{self, Encoding, Inbound, Stamp, Target},
 };
 
@@ -91,6 +91,8 @@ pub struct Ctx {
     pub payload_bytes: usize,
     pub connect_timeout: Duration,
     pub latencies: Latencies,
+    /// From sending a publish to its answer (`ok`, or the HTTP status).
+    pub answers: Latencies,
     pub http: reqwest::Client,
     /// Per publisher: messages accepted so far (the next sequence number).
     pub sent: Vec<AtomicU64>,
@@ -173,6 +175,13 @@ struct Conn<'a> {
     spec: &'a Spec,
     ctx: &'a Ctx,
     out: Outcome,
+    /// Publishes sent over the socket and not answered yet.
+    waiting: Pending,
+}
+
+/// The id of a publish: its sequence number past the join's id (1).
+fn publish_id(seq: u64) -> i64 {
+    seq as i64 + 2
 }
 
 impl Conn<'_> {
@@ -195,12 +204,27 @@ impl Conn<'_> {
                 self.out.tally.count(streams[i].1.observe(stamp.seq));
                 self.ctx.delivered.fetch_add(1, Ordering::Relaxed);
             }
-            Inbound::Ok(id) => return Some(id),
-            Inbound::Error(_) => self.out.error_frames += 1,
+            Inbound::Ok(id) => {
+                self.answered(id);
+                return Some(id);
+            }
+            Inbound::Error(id) => {
+                self.out.error_frames += 1;
+                if let Some(id) = id {
+                    self.answered(id);
+                }
+            }
             Inbound::Reconnect => self.out.reconnects += 1,
             Inbound::Other => self.out.unparsed += 1,
         }
         None
+    }
+
+    /// Records the answer time of the publish with this id.
+    fn answered(&mut self, id: i64) {
+        if let Some(took) = self.waiting.answered(id, Instant::now()) {
+            self.ctx.answers.record(self.spec.idx, took.as_micros() as u64);
+        }
     }
 
     /// Handles what the socket yielded; `Err` with the reason when the connection ended.
@@ -243,7 +267,9 @@ impl Conn<'_> {
         let size = self.ctx.payload_bytes;
         let accepted = match (p.via, ws) {
             (Via::Ws, Some(ws)) => {
-                let frame = wire::publish_frame(self.spec.encoding, &p.target, stamp, size, None);
+                let id = publish_id(seq);
+                let frame = wire::publish_frame(self.spec.encoding, &p.target, stamp, size, Some(id));
+                self.waiting.sent(id, Instant::now());
                 ws.send(frame).await.map_err(|_| "error".to_string())?;
                 true
             }
@@ -253,6 +279,7 @@ impl Conn<'_> {
                 };
                 let body = wire::http_body(room, &self.spec.user, stamp, size);
                 let url = &self.ctx.nodes[self.spec.node].publish;
+                let asked = Instant::now();
                 let sent = self
                     .ctx
                     .http
@@ -261,6 +288,9 @@ impl Conn<'_> {
                     .body(body)
                     .send()
                     .await;
+                self.ctx
+                    .answers
+                    .record(self.spec.idx, asked.elapsed().as_micros() as u64);
                 matches!(sent, Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED)
             }
         };
@@ -308,6 +338,7 @@ async fn serve(spec: &Spec, ctx: &Ctx, mut phase: watch::Receiver<Phase>, stoppe
         spec,
         ctx,
         out: Outcome::default(),
+        waiting: Pending::default(),
     };
     let mut ws = None;
     if spec.ws {

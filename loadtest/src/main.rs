@@ -353,6 +353,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         payload_bytes: args.payload_bytes,
         connect_timeout: Duration::from_secs_f64(args.connect_timeout),
         latencies: Latencies::new(16),
+        answers: Latencies::new(16),
         http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
         sent: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
         publish_errors: AtomicU64::new(0),
@@ -497,7 +498,6 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     }
 
     let hist = ctx.latencies.merged();
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let node_cpu_ns: u64 = start
         .iter()
         .zip(&end)
@@ -542,14 +542,8 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             unparsed_frames,
             positioned,
         },
-        latency_ms: Latency {
-            count: hist.len(),
-            p50: ms(0.5),
-            p90: ms(0.9),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: hist.max() as f64 / 1000.0,
-        },
+        latency_ms: Latency::of(&hist),
+        publish_answer_ms: Latency::of(&ctx.answers.merged()),
         nodes: args
             .pids
             .iter()

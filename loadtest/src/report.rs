@@ -2,6 +2,7 @@
 
 use std::{collections::BTreeMap, fmt::Write};
 
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -19,6 +20,9 @@ pub struct Report {
     pub publish: Publish,
     pub delivery: Delivery,
     pub latency_ms: Latency,
+    /// From sending a publish to its answer: a node answers one socket's commands one after
+    /// another, so a publisher falls behind once this passes the time between its publishes.
+    pub publish_answer_ms: Latency,
     pub nodes: Vec<NodeUsage>,
     pub node_cpu_s: f64,
     /// Node CPU over the measured window divided by frames delivered in it.
@@ -73,6 +77,7 @@ pub struct Delivery {
     pub positioned: u64,
 }
 
+/// Milliseconds, from a histogram of microseconds.
 #[derive(Debug, Serialize)]
 pub struct Latency {
     pub count: u64,
@@ -81,6 +86,20 @@ pub struct Latency {
     pub p99: f64,
     pub p999: f64,
     pub max: f64,
+}
+
+impl Latency {
+    pub fn of(us: &Histogram<u64>) -> Latency {
+        let ms = |q: f64| us.value_at_quantile(q) as f64 / 1000.0;
+        Latency {
+            count: us.len(),
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: us.max() as f64 / 1000.0,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -173,6 +192,14 @@ impl Report {
             format!(
                 "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (n={})",
                 l.p50, l.p90, l.p99, l.p999, l.max, l.count
+            ),
+        );
+        let a = &self.publish_answer_ms;
+        row(
+            "publish answer ms",
+            format!(
+                "p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}  (n={})",
+                a.p50, a.p90, a.p99, a.max, a.count
             ),
         );
         for n in &self.nodes {
