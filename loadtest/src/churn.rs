@@ -952,15 +952,21 @@ pub async fn run(plan: Plan) -> anyhow::Result<ChurnReport> {
     }
     let ramp_s = ramp_start.elapsed().as_secs_f64();
 
-    // Run: publish and churn for the duration.
+    // Run: publish and churn for the duration; not at all when no subscriber joined (the report
+    // then says why).
+    let duration = if sh.subscribed.load(Ordering::Relaxed) == 0 {
+        Duration::ZERO
+    } else {
+        plan.duration
+    };
     let start = samples()?;
     let own_start = procfs::own()?;
     let run_start = Instant::now();
     let _ = phase_tx.send(Phase::Run(run_start));
-    let progress = crate::bar(plan.duration.as_secs(), "{prefix:>8} [{bar:30}] {pos}/{len} s {msg}");
+    let progress = crate::bar(duration.as_secs(), "{prefix:>8} [{bar:30}] {pos}/{len} s {msg}");
     progress.set_prefix("churn");
-    while run_start.elapsed() < plan.duration {
-        let left = plan.duration.saturating_sub(run_start.elapsed());
+    while run_start.elapsed() < duration {
+        let left = duration.saturating_sub(run_start.elapsed());
         tokio::time::sleep(left.min(Duration::from_millis(250))).await;
         progress.set_position(run_start.elapsed().as_secs());
         progress.set_message(format!(
