@@ -26,7 +26,7 @@ use tokio_tungstenite::{
 };
 
 use crate::{
-    stats::{Latencies, Stream, Tally},
+    stats::{Latencies, Pending, Stream, Tally},
     wire::{self, Encoding, Inbound, Stamp, Target},
 };
 
@@ -91,6 +91,8 @@ pub struct Ctx {
     pub payload_bytes: usize,
     pub connect_timeout: Duration,
     pub latencies: Latencies,
+    /// From sending a publish to its answer (`ok`, or the HTTP status).
+    pub answers: Latencies,
     pub http: reqwest::Client,
     /// Per publisher: messages accepted so far (the next sequence number).
     pub sent: Vec<AtomicU64>,
@@ -99,6 +101,9 @@ pub struct Ctx {
     pub ready: AtomicUsize,
     pub failed: AtomicUsize,
     pub closed: AtomicUsize,
+    /// Publishing connections that publish no more (the run turned quiet, or they ended): what
+    /// they sent is final once all have.
+    pub stopped: AtomicUsize,
 }
 
 /// What one connection saw.
@@ -113,14 +118,16 @@ pub struct Outcome {
     pub tally: Tally,
     pub streams: Vec<(u32, Stream)>,
     pub error_frames: u64,
+    /// Messages that carried a shard and position (a room with history).
+    pub positioned: u64,
     pub reconnects: u64,
     pub unparsed: u64,
 }
 
-type Ws = WebSocketStream<TcpStream>;
+pub type Ws = WebSocketStream<TcpStream>;
 
 /// How long the final close handshake may take.
-const CLOSE_WAIT: Duration = Duration::from_secs(3);
+pub const CLOSE_WAIT: Duration = Duration::from_secs(3);
 
 fn ws_config() -> WebSocketConfig {
     // Small buffers: thousands of connections share this process, and frames are small
@@ -131,23 +138,25 @@ fn ws_config() -> WebSocketConfig {
 }
 
 async fn connect(spec: &Spec, ctx: &Ctx) -> anyhow::Result<Ws> {
-    let node = &ctx.nodes[spec.node];
-    let socket = match spec.source {
+    open(&ctx.nodes[spec.node], spec.source, &spec.user, spec.encoding).await
+}
+
+/// Opens a WebSocket to `node` from the loopback address `source` as `user`.
+pub async fn open(node: &NodeUrl, source: IpAddr, user: &str, encoding: Encoding) -> anyhow::Result<Ws> {
+    let socket = match source {
         IpAddr::V4(_) => TcpSocket::new_v4(),
         IpAddr::V6(_) => TcpSocket::new_v6(),
     }
     .context("socket")?;
     socket
-        .bind(SocketAddr::new(spec.source, 0))
-        .with_context(|| format!("bind {}", spec.source))?;
+        .bind(SocketAddr::new(source, 0))
+        .with_context(|| format!("bind {source}"))?;
     let stream = socket.connect(node.addr).await.context("connect")?;
     stream.set_nodelay(true)?;
     let sep = if node.ws.contains('?') { '&' } else { '?' };
-    let mut req = format!("{}{sep}user={}", node.ws, spec.user).into_client_request()?;
-    req.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_static(spec.encoding.protocol()),
-    );
+    let mut req = format!("{}{sep}user={user}", node.ws).into_client_request()?;
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(encoding.protocol()));
     let (ws, _) = client_async_with_config(req, stream, Some(ws_config()))
         .await
         .context("handshake")?;
@@ -156,7 +165,7 @@ async fn connect(spec: &Spec, ctx: &Ctx) -> anyhow::Result<Ws> {
 
 /// An error without its details in parentheses (OS error numbers, addresses), as a failure class:
 /// `connect: Connection refused`, `handshake: HTTP error: 503 Service Unavailable`.
-fn class(e: &anyhow::Error) -> String {
+pub fn class(e: &anyhow::Error) -> String {
     let s = format!("{e:#}");
     let s = s.split('(').next().unwrap_or_default().trim();
     s.chars().take(80).collect()
@@ -166,12 +175,20 @@ struct Conn<'a> {
     spec: &'a Spec,
     ctx: &'a Ctx,
     out: Outcome,
+    /// Publishes sent over the socket and not answered yet.
+    waiting: Pending,
+}
+
+/// The id of a publish: its sequence number past the join's id (1).
+fn publish_id(seq: u64) -> i64 {
+    seq as i64 + 2
 }
 
 impl Conn<'_> {
     fn on_frame(&mut self, inbound: Inbound) -> Option<i64> {
         match inbound {
-            Inbound::Msg(stamp) => {
+            Inbound::Msg(stamp, at) => {
+                self.out.positioned += u64::from(at.is_some());
                 let now = wire::now_us();
                 self.ctx
                     .latencies
@@ -187,12 +204,27 @@ impl Conn<'_> {
                 self.out.tally.count(streams[i].1.observe(stamp.seq));
                 self.ctx.delivered.fetch_add(1, Ordering::Relaxed);
             }
-            Inbound::Ok(id) => return Some(id),
-            Inbound::Error => self.out.error_frames += 1,
+            Inbound::Ok(id) => {
+                self.answered(id);
+                return Some(id);
+            }
+            Inbound::Error(id) => {
+                self.out.error_frames += 1;
+                if let Some(id) = id {
+                    self.answered(id);
+                }
+            }
             Inbound::Reconnect => self.out.reconnects += 1,
             Inbound::Other => self.out.unparsed += 1,
         }
         None
+    }
+
+    /// Records the answer time of the publish with this id.
+    fn answered(&mut self, id: i64) {
+        if let Some(took) = self.waiting.answered(id, Instant::now()) {
+            self.ctx.answers.record(self.spec.idx, took.as_micros() as u64);
+        }
     }
 
     /// Handles what the socket yielded; `Err` with the reason when the connection ended.
@@ -211,7 +243,7 @@ impl Conn<'_> {
     }
 
     async fn join(&mut self, ws: &mut Ws, room: &str) -> anyhow::Result<()> {
-        ws.send(wire::join_frame(self.spec.encoding, room, 1)).await?;
+        ws.send(wire::join_frame(self.spec.encoding, room, 1, None)).await?;
         let errors = self.out.error_frames;
         loop {
             match self.on_message(ws.next().await) {
@@ -235,7 +267,9 @@ impl Conn<'_> {
         let size = self.ctx.payload_bytes;
         let accepted = match (p.via, ws) {
             (Via::Ws, Some(ws)) => {
-                let frame = wire::publish_frame(self.spec.encoding, &p.target, stamp, size);
+                let id = publish_id(seq);
+                let frame = wire::publish_frame(self.spec.encoding, &p.target, stamp, size, Some(id));
+                self.waiting.sent(id, Instant::now());
                 ws.send(frame).await.map_err(|_| "error".to_string())?;
                 true
             }
@@ -245,6 +279,7 @@ impl Conn<'_> {
                 };
                 let body = wire::http_body(room, &self.spec.user, stamp, size);
                 let url = &self.ctx.nodes[self.spec.node].publish;
+                let asked = Instant::now();
                 let sent = self
                     .ctx
                     .http
@@ -253,6 +288,9 @@ impl Conn<'_> {
                     .body(body)
                     .send()
                     .await;
+                self.ctx
+                    .answers
+                    .record(self.spec.idx, asked.elapsed().as_micros() as u64);
                 matches!(sent, Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED)
             }
         };
@@ -285,16 +323,27 @@ fn ticker(phase: Phase, p: Option<&Publisher>) -> Option<Interval> {
 }
 
 /// Runs one planned connection until [`Phase::Finish`] or until the node ends it.
-pub async fn run(spec: Spec, ctx: Arc<Ctx>, mut phase: watch::Receiver<Phase>) -> Outcome {
+pub async fn run(spec: Spec, ctx: Arc<Ctx>, phase: watch::Receiver<Phase>) -> Outcome {
+    let mut stopped = false;
+    let out = serve(&spec, &ctx, phase, &mut stopped).await;
+    if spec.publish.is_some() && !stopped {
+        ctx.stopped.fetch_add(1, Ordering::Release);
+    }
+    out
+}
+
+/// [`run`]; `stopped` once a publisher publishes no more.
+async fn serve(spec: &Spec, ctx: &Ctx, mut phase: watch::Receiver<Phase>, stopped: &mut bool) -> Outcome {
     let mut c = Conn {
-        spec: &spec,
-        ctx: &ctx,
+        spec,
+        ctx,
         out: Outcome::default(),
+        waiting: Pending::default(),
     };
     let mut ws = None;
     if spec.ws {
         let setup = async {
-            let mut ws = connect(&spec, &ctx).await?;
+            let mut ws = connect(spec, ctx).await?;
             if let Some(room) = &spec.join {
                 c.join(&mut ws, room).await?;
             }
@@ -323,7 +372,14 @@ pub async fn run(spec: Spec, ctx: Arc<Ctx>, mut phase: watch::Receiver<Phase>) -
                 match now {
                     _ if changed.is_err() => break,
                     Phase::Run(_) => timer = ticker(now, publisher.as_ref()),
-                    Phase::Quiet => timer = None,
+                    Phase::Quiet => {
+                        // A publish in flight was sent and counted before this branch ran.
+                        timer = None;
+                        if publisher.is_some() {
+                            *stopped = true;
+                            ctx.stopped.fetch_add(1, Ordering::Release);
+                        }
+                    }
                     Phase::Finish => break,
                     Phase::Ramp => {}
                 }

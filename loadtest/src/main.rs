@@ -2,6 +2,7 @@
 //! scenario for a fixed time, and reports deliveries, losses, latency and the nodes' CPU and
 //! memory. Every phase has a deadline, so a run always ends by itself.
 
+mod churn;
 mod conn;
 mod floor;
 mod procfs;
@@ -50,6 +51,11 @@ enum Scenario {
     /// No node: what this machine's kernel charges for loopback writes of --frames-per-write
     /// frames of --payload-bytes to --clients sockets, the floor under a node's CPU per frame.
     Floor,
+    /// One room with history (start the nodes with --history matching --room): --clients
+    /// subscribers, --publishers publishing --rate, --churn-per-sec of the subscribers drop their
+    /// socket and resume on the next node with `since`; delivered/published per client, recovered
+    /// resumes and recovery time.
+    Churn,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -73,8 +79,8 @@ struct Args {
     /// Loopback source addresses to connect from, 127.0.0.2 onwards (each has its own ~28k ports).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=250))]
     source_addrs: u8,
-    /// Clients: subscribers (stadium), room members (chat), users (dm) or connections (idle).
-    /// Default: 2000, 10000, 2000, 18000.
+    /// Clients: subscribers (stadium, churn), room members (chat), users (dm) or connections
+    /// (idle). Default: 2000, 10000, 2000, 18000; 1000 (soak, churn).
     #[arg(long)]
     clients: Option<usize>,
     /// Publishing connections of the stadium (not subscribed).
@@ -83,7 +89,7 @@ struct Args {
     /// Rooms of the chat scenario.
     #[arg(long, default_value_t = 1000)]
     rooms: usize,
-    /// The stadium's room (give it shards on the nodes with --hot-room NAME=N).
+    /// The stadium's (and churn's) room (give it shards on the nodes with --hot-room NAME=N).
     #[arg(long, default_value = "stadium")]
     room: String,
     /// Prefix of generated user and chat room names.
@@ -125,7 +131,8 @@ struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-    /// soak: clients that leave and reconnect (into another room) per second.
+    /// soak: clients that leave and reconnect (into another room) per second; churn: subscribers
+    /// that drop their socket and resume per second.
     #[arg(long, default_value_t = 20.0)]
     churn_per_sec: f64,
     /// soak: seconds before RSS and open files must stay flat. Default: a quarter of --duration.
@@ -160,14 +167,14 @@ fn clients(args: &Args) -> usize {
         Scenario::Stadium | Scenario::Dm => 2000,
         Scenario::Chat => 10_000,
         Scenario::Idle => 18_000,
-        Scenario::Soak | Scenario::Floor => 1000,
+        Scenario::Soak | Scenario::Floor | Scenario::Churn => 1000,
     })
 }
 
 fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
     let clients = clients(args);
     let rate = args.rate.unwrap_or(match args.scenario {
-        Scenario::Stadium => 200.0,
+        Scenario::Stadium | Scenario::Churn => 200.0,
         Scenario::Chat => 2000.0,
         Scenario::Dm => 1000.0,
         Scenario::Idle | Scenario::Floor => 0.0,
@@ -284,7 +291,9 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
                 specs.push(base(i, i, format!("{pre}-u{i}")));
             }
         }
-        Scenario::Soak | Scenario::Floor => bail!("the {:?} scenario has its own runner", args.scenario),
+        Scenario::Soak | Scenario::Floor | Scenario::Churn => {
+            bail!("the {:?} scenario has its own runner", args.scenario)
+        }
     }
     Ok(Plan { specs, fan, rate })
 }
@@ -344,6 +353,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         payload_bytes: args.payload_bytes,
         connect_timeout: Duration::from_secs_f64(args.connect_timeout),
         latencies: Latencies::new(16),
+        answers: Latencies::new(16),
         http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
         sent: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
         publish_errors: AtomicU64::new(0),
@@ -351,6 +361,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         ready: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
         closed: AtomicUsize::new(0),
+        stopped: AtomicUsize::new(0),
     });
     let before = samples(&args.pids)?;
     let (phase_tx, phase_rx) = watch::channel(Phase::Ramp);
@@ -406,10 +417,20 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     let _ = phase_tx.send(Phase::Quiet);
     let duration_s = run_start.elapsed().as_secs_f64();
 
-    // Drain: wait for every expected delivery, for a bounded time.
+    // Drain: wait for every expected delivery, for a bounded time. What was sent is read once
+    // every started publisher has stopped: a publish in flight when the run turned quiet and
+    // counted after would otherwise be delivered beyond `expected` and could end the wait
+    // before another publisher's last message reached everyone.
+    let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain.max(0.0));
+    let started = plan.specs[..handles.len()]
+        .iter()
+        .filter(|s| s.publish.is_some())
+        .count();
+    while ctx.stopped.load(Ordering::Acquire) < started && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let sent: Vec<u64> = ctx.sent.iter().map(|s| s.load(Ordering::Relaxed)).collect();
     let expected: u64 = sent.iter().zip(&plan.fan).map(|(s, f)| s * f).sum();
-    let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain.max(0.0));
     progress.set_prefix("drain");
     while ctx.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -438,7 +459,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
 
     let mut tally = Tally::default();
     let (mut lost, mut lost_on_closed, mut unexpected) = (0, 0, 0);
-    let (mut error_frames, mut reconnect_frames, mut unparsed_frames) = (0, 0, 0);
+    let (mut error_frames, mut reconnect_frames, mut unparsed_frames, mut positioned) = (0, 0, 0, 0);
     let mut failed = BTreeMap::new();
     let mut closed_by_node = BTreeMap::new();
     let mut connected = 0;
@@ -452,6 +473,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         error_frames += out.error_frames;
         reconnect_frames += out.reconnects;
         unparsed_frames += out.unparsed;
+        positioned += out.positioned;
         let missing: u64 = spec
             .expect
             .clone()
@@ -476,7 +498,6 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     }
 
     let hist = ctx.latencies.merged();
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let node_cpu_ns: u64 = start
         .iter()
         .zip(&end)
@@ -519,15 +540,10 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             error_frames,
             reconnect_frames,
             unparsed_frames,
+            positioned,
         },
-        latency_ms: Latency {
-            count: hist.len(),
-            p50: ms(0.5),
-            p90: ms(0.9),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: hist.max() as f64 / 1000.0,
-        },
+        latency_ms: Latency::of(&hist),
+        publish_answer_ms: Latency::of(&ctx.answers.merged()),
         nodes: args
             .pids
             .iter()
@@ -577,6 +593,9 @@ fn main() -> anyhow::Result<()> {
     let (json_text, table) = if args.scenario == Scenario::Soak {
         let report = runtime.block_on(soak_run(&args))?;
         (serde_json::to_string_pretty(&report)?, report.table())
+    } else if args.scenario == Scenario::Churn {
+        let report = runtime.block_on(churn_run(&args))?;
+        (serde_json::to_string_pretty(&report)?, report.table())
     } else if args.scenario == Scenario::Floor {
         let report = runtime.block_on(floor::run(floor_plan(&args)?))?;
         (serde_json::to_string_pretty(&report)?, report.table())
@@ -605,6 +624,46 @@ fn floor_plan(args: &Args) -> anyhow::Result<floor::Plan> {
         window,
         duration,
     })
+}
+
+fn churn_plan(args: &Args, nodes: Vec<NodeUrl>) -> anyhow::Result<churn::Plan> {
+    let rate = args.rate.unwrap_or(200.0);
+    if !(rate > 0.0 && rate.is_finite()) {
+        bail!("--rate must be positive");
+    }
+    if args.publish_via == Via::Http {
+        bail!("churn publishes with pub frames: give --publish-via ws");
+    }
+    let positive = |v: f64, name: &str| Duration::try_from_secs_f64(v.max(0.0)).with_context(|| name.to_string());
+    Ok(churn::Plan {
+        nodes,
+        source_addrs: args.source_addrs,
+        clients: clients(args).max(1),
+        publishers: args.publishers.max(1),
+        room: args.room.clone(),
+        prefix: args.prefix.clone(),
+        rate,
+        churn_per_sec: args.churn_per_sec,
+        payload_bytes: args.payload_bytes,
+        encodings: match args.encoding {
+            Encodings::Json => [Encoding::Json; 2],
+            Encodings::Msgpack => [Encoding::Msgpack; 2],
+            Encodings::Mixed => [Encoding::Json, Encoding::Msgpack],
+        },
+        duration: positive(args.duration, "--duration")?,
+        drain: positive(args.drain, "--drain")?,
+        ramp_per_sec: args.ramp_per_sec,
+        connect_timeout: positive(args.connect_timeout, "--connect-timeout")?,
+        pids: args.pids.clone(),
+    })
+}
+
+async fn churn_run(args: &Args) -> anyhow::Result<churn::ChurnReport> {
+    let mut nodes = Vec::new();
+    for u in &args.urls {
+        nodes.push(resolve(u).await?);
+    }
+    churn::run(churn_plan(args, nodes)?).await
 }
 
 async fn soak_run(args: &Args) -> anyhow::Result<soak::SoakReport> {
@@ -651,6 +710,26 @@ mod tests {
         assert!(floor_plan(&args("lt floor --window-ms=-1")).is_err());
         assert!(floor_plan(&args("lt floor --window-ms NaN")).is_err());
         assert!(floor_plan(&args("lt floor --duration inf")).is_err());
+    }
+
+    #[test]
+    fn churn_plan_takes_the_defaults_and_refuses_what_it_cannot_run() {
+        let p = churn_plan(
+            &args("lt churn --room room --churn-per-sec 40 --encoding mixed"),
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            (p.clients, p.publishers, p.rate, p.churn_per_sec),
+            (1000, 4, 200.0, 40.0)
+        );
+        assert_eq!(p.room, "room");
+        assert_eq!(p.encodings, [Encoding::Json, Encoding::Msgpack]);
+        assert_eq!((p.duration, p.drain), (Duration::from_secs(20), Duration::from_secs(5)));
+        assert!(churn_plan(&args("lt churn --publish-via http"), Vec::new()).is_err());
+        assert!(churn_plan(&args("lt churn --rate 0"), Vec::new()).is_err());
+        assert!(churn_plan(&args("lt churn --duration inf"), Vec::new()).is_err());
+        assert!(plan(&args("lt churn"), 2).is_err(), "churn has its own runner");
     }
 
     #[test]

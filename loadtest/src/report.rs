@@ -2,6 +2,7 @@
 
 use std::{collections::BTreeMap, fmt::Write};
 
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -19,6 +20,9 @@ pub struct Report {
     pub publish: Publish,
     pub delivery: Delivery,
     pub latency_ms: Latency,
+    /// From sending a publish to its answer: a node answers one socket's commands one after
+    /// another, so a publisher falls behind once this passes the time between its publishes.
+    pub publish_answer_ms: Latency,
     pub nodes: Vec<NodeUsage>,
     pub node_cpu_s: f64,
     /// Node CPU over the measured window divided by frames delivered in it.
@@ -69,8 +73,11 @@ pub struct Delivery {
     pub error_frames: u64,
     pub reconnect_frames: u64,
     pub unparsed_frames: u64,
+    /// Messages that carried a shard and position (the room keeps history).
+    pub positioned: u64,
 }
 
+/// Milliseconds, from a histogram of microseconds.
 #[derive(Debug, Serialize)]
 pub struct Latency {
     pub count: u64,
@@ -79,6 +86,20 @@ pub struct Latency {
     pub p99: f64,
     pub p999: f64,
     pub max: f64,
+}
+
+impl Latency {
+    pub fn of(us: &Histogram<u64>) -> Latency {
+        let ms = |q: f64| us.value_at_quantile(q) as f64 / 1000.0;
+        Latency {
+            count: us.len(),
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: us.max() as f64 / 1000.0,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -102,7 +123,7 @@ pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / MIB
 }
 
-fn counts(m: &BTreeMap<String, u64>) -> String {
+pub fn counts(m: &BTreeMap<String, u64>) -> String {
     if m.is_empty() {
         return "0".into();
     }
@@ -162,8 +183,8 @@ impl Report {
         row(
             "frames",
             format!(
-                "error {}, reconnect {}, unparsed {}",
-                d.error_frames, d.reconnect_frames, d.unparsed_frames
+                "error {}, reconnect {}, unparsed {}; messages with a position {}",
+                d.error_frames, d.reconnect_frames, d.unparsed_frames, d.positioned
             ),
         );
         row(
@@ -171,6 +192,14 @@ impl Report {
             format!(
                 "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (n={})",
                 l.p50, l.p90, l.p99, l.p999, l.max, l.count
+            ),
+        );
+        let a = &self.publish_answer_ms;
+        row(
+            "publish answer ms",
+            format!(
+                "p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}  (n={})",
+                a.p50, a.p90, a.p99, a.max, a.count
             ),
         );
         for n in &self.nodes {

@@ -1,9 +1,10 @@
 //! Delivery accounting: per-publisher sequence tracking on each subscriber (gaps, duplicates,
-//! reorders) and the shared latency histogram.
+//! reorders), publishes waiting for their answer, and the shared latency histograms.
 
-use std::{ops::Range, sync::Mutex};
+use std::{collections::VecDeque, ops::Range, sync::Mutex, time::Duration};
 
 use hdrhistogram::Histogram;
+use tokio::time::Instant;
 
 /// Gaps one stream remembers; past this the oldest gap is forgotten, and a message filling it
 /// later is counted as a duplicate instead of a reorder.
@@ -106,6 +107,28 @@ impl Tally {
         self.gap_missing += other.gap_missing;
         self.reordered += other.reordered;
         self.duplicates += other.duplicates;
+    }
+}
+
+/// Publishes sent on one socket and not answered yet, oldest first: a node answers a socket's
+/// commands in order, so an answer also settles every older publish still waiting (never answered).
+#[derive(Debug, Default)]
+pub struct Pending(VecDeque<(i64, Instant)>);
+
+impl Pending {
+    pub fn sent(&mut self, id: i64, at: Instant) {
+        self.0.push_back((id, at));
+    }
+
+    /// The answer to `id`: how long it took, if that publish was waiting.
+    pub fn answered(&mut self, id: i64, now: Instant) -> Option<Duration> {
+        while let Some((n, at)) = self.0.front().copied().filter(|(n, _)| *n <= id) {
+            self.0.pop_front();
+            if n == id {
+                return Some(now.saturating_duration_since(at));
+            }
+        }
+        None
     }
 }
 
@@ -219,6 +242,24 @@ mod tests {
         // The oldest gaps were forgotten: their late message counts as a duplicate.
         assert_eq!(s.observe(1), Seen::Duplicate);
         assert_eq!(s.observe(2 * MAX_GAPS as u64 + 17), Seen::Late);
+    }
+
+    #[test]
+    fn an_answer_times_its_publish_and_settles_the_older_ones() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut p = Pending::default();
+        for id in 2..6 {
+            p.sent(id, t0 + ms(10 * id as u64));
+        }
+        assert_eq!(p.answered(2, t0 + ms(25)), Some(ms(5)));
+        assert_eq!(p.answered(1, t0 + ms(30)), None, "not waiting");
+        // 3 was never answered: 4's answer settles it.
+        assert_eq!(p.answered(4, t0 + ms(70)), Some(ms(30)));
+        assert_eq!(p.answered(3, t0 + ms(80)), None);
+        assert_eq!(p.answered(5, t0 + ms(90)), Some(ms(40)));
+        assert_eq!(p.answered(6, t0 + ms(95)), None);
+        assert!(p.0.is_empty());
     }
 
     #[test]
