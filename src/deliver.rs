@@ -327,7 +327,7 @@ mod tests {
         encoding::Encoding,
         envelope::Kind,
         gate::{Gate, Outlet},
-        hub::{Interest, Member, SessionId},
+        hub::{Member, SessionId},
         topic::Topic,
     };
 
@@ -359,15 +359,7 @@ mod tests {
 
     impl Paced {
         fn start(every: Duration, workers: usize) -> Paced {
-            let (hub, mut interest) = Hub::new();
-            let answering = hub.clone();
-            tokio::spawn(async move {
-                while let Some(i) = interest.recv().await {
-                    if let Interest::Want(t) = i {
-                        answering.subscribed(&t, Ok(()));
-                    }
-                }
-            });
+            let hub = Hub::granting();
             let tracker = tokio_util::task::TaskTracker::new();
             let cancel = CancellationToken::new();
             let naming = Naming::new("ws:room:", "ws:user:", 8, std::collections::HashMap::new());

@@ -171,6 +171,23 @@ impl Entry {
     }
 }
 
+#[cfg(test)]
+impl Hub {
+    /// A hub whose subscriptions are granted as soon as they are asked for (no bus), for tests.
+    pub(crate) fn granting() -> Hub {
+        let (hub, mut interest) = Hub::new();
+        let answering = hub.clone();
+        tokio::spawn(async move {
+            while let Some(i) = interest.recv().await {
+                if let Interest::Want(t) = i {
+                    answering.subscribed(&t, Ok(()));
+                }
+            }
+        });
+        hub
+    }
+}
+
 /// A message's place after the last one delivered on its shard ([`Hub::advance`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Advance {
@@ -637,18 +654,8 @@ mod tests {
         }
     }
 
-    /// A hub whose subscriptions are granted as soon as they are asked for.
     fn hub() -> Hub {
-        let (hub, mut interest) = Hub::new();
-        let answering = hub.clone();
-        tokio::spawn(async move {
-            while let Some(i) = interest.recv().await {
-                if let Interest::Want(t) = i {
-                    answering.subscribed(&t, Ok(()));
-                }
-            }
-        });
-        hub
+        Hub::granting()
     }
 
     /// A socket that is not connected yet: what fan-out pushes stays queued and counted.
