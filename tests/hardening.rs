@@ -12,9 +12,8 @@ use std::{
     time::Duration,
 };
 
-use common::{config, raw, Client, Cluster, Node, Process};
+use common::{config, hs256, now, raw, Client, Cluster, Node, Process, SECRET};
 use futures_util::{SinkExt, StreamExt};
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use shardcast::{
     auth::MAX_CLAIM_SECS,
@@ -28,24 +27,6 @@ use tokio::{
     time::Instant,
 };
 use tokio_tungstenite::tungstenite::{self, Message};
-
-const SECRET: &str = "hardening-test-secret";
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn hs256(claims: Value) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
 
 /// An HTTP client whose every request gives up after a second: a node that stopped answering must
 /// fail the test, not hang it.

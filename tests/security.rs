@@ -2,29 +2,11 @@
 
 mod common;
 
-use common::{config, Client, Node};
+use common::{config, hs256, now, Client, Node, SECRET};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use serde_json::{json, Value};
+use serde_json::json;
 use shardcast::config::JwtKey;
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
-
-const SECRET: &str = "test-secret-not-for-production";
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn hs256(claims: Value) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
 
 /// The HTTP status an upgrade was refused with.
 async fn refused(req: impl IntoClientRequest + Unpin) -> u16 {

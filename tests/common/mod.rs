@@ -532,3 +532,24 @@ pub async fn metric(metrics_url: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// The HS256 secret the auth tests' nodes check tokens with (never a real one).
+pub const SECRET: &str = "test-secret-not-for-production";
+
+/// Seconds since the Unix epoch, for token claims.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A token signed with [`SECRET`].
+pub fn hs256(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
