@@ -176,6 +176,29 @@ impl Cuttable {
     }
 }
 
+/// A node process on `cluster` keeping history for `kept*` (`kept-hot` in 4 shards), without a
+/// command rate limit, with `extra` flags.
+fn history_node(cluster: &Cluster, room_prefix: &str, user_prefix: &str, extra: &[&str]) -> common::Process {
+    let mut args = vec![
+        "--redis",
+        &cluster.url,
+        "--channel-prefix",
+        room_prefix,
+        "--user-channel-prefix",
+        user_prefix,
+        "--history",
+        "kept*=1000/10m",
+        "--hot-room",
+        "kept-hot=4",
+        "--command-rate",
+        "100000",
+        "--command-burst",
+        "100000",
+    ];
+    args.extend_from_slice(extra);
+    common::Process::spawn(&args)
+}
+
 /// Every sender's messages, as a client got them: each once and in order.
 fn check_each_once_in_order(got: &[Value], senders: usize, per_sender: i64) {
     let mut by_sender: HashMap<i64, Vec<i64>> = HashMap::new();
@@ -336,40 +359,19 @@ async fn a_position_trimmed_away_or_a_stream_deleted_is_not_recovered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_a_drained_node_resume_on_the_other_with_nothing_lost_or_repeated() {
-    use common::{eventually, status, Process};
+    use common::{eventually, status};
     const SENDERS: usize = 4;
     const PER_SENDER: i64 = 150;
     const FANS: usize = 12;
     let cluster = Cluster::start(3, 0);
     let (room_prefix, user_prefix) = common::prefix("hist-drain");
-    let args = |id: &str| -> Vec<String> {
-        [
-            "--redis",
-            &cluster.url,
-            "--node-id",
-            id,
-            "--channel-prefix",
-            &room_prefix,
-            "--user-channel-prefix",
-            &user_prefix,
-            "--history",
-            "kept*=1000/10m",
-            "--hot-room",
-            "kept-hot=4",
-            "--drain-jitter",
-            "1500ms",
-            "--command-rate",
-            "100000",
-            "--command-burst",
-            "100000",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
     let spawn = |id: &str| {
-        let a = args(id);
-        Process::spawn(&a.iter().map(String::as_str).collect::<Vec<_>>())
+        history_node(
+            &cluster,
+            &room_prefix,
+            &user_prefix,
+            &["--node-id", id, "--drain-jitter", "1500ms"],
+        )
     };
     let drained = spawn("a");
     let other = spawn("b");
@@ -626,29 +628,12 @@ async fn with_publish_replicas_every_acknowledged_publish_survives_its_master_ki
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_clients_resuming_at_once_share_their_reads() {
-    use common::{eventually, status, Process};
+    use common::{eventually, status};
     const CLIENTS: usize = 2_000;
     const SHARDS: u64 = 4;
     let cluster = Cluster::start(3, 0);
     let (room_prefix, user_prefix) = common::prefix("hist-storm");
-    let node = Process::spawn(&[
-        "--redis",
-        &cluster.url,
-        "--channel-prefix",
-        &room_prefix,
-        "--user-channel-prefix",
-        &user_prefix,
-        "--history",
-        "kept*=1000/10m",
-        "--hot-room",
-        "kept-hot=4",
-        "--command-rate",
-        "100000",
-        "--command-burst",
-        "100000",
-        "--redis-timeout",
-        "10s",
-    ]);
+    let node = history_node(&cluster, &room_prefix, &user_prefix, &["--redis-timeout", "10s"]);
     let ready = node.url("/readyz");
     eventually("node ready", || async { status(&ready).await == 200 }).await;
 

@@ -802,13 +802,7 @@ impl ChurnReport {
             ),
         );
         let a = &p.answer_ms;
-        row(
-            "publish answer ms",
-            format!(
-                "p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}  (n={})",
-                a.p50, a.p90, a.p99, a.max, a.count
-            ),
-        );
+        row("publish answer ms", a.brief());
         row(
             "resumes",
             format!(
@@ -828,13 +822,7 @@ impl ChurnReport {
             ),
         );
         let r = &c.recovery_ms;
-        row(
-            "recovery ms",
-            format!(
-                "p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}  (n={})",
-                r.p50, r.p90, r.p99, r.max, r.count
-            ),
-        );
+        row("recovery ms", r.brief());
         row(
             "delivered/published",
             format!(

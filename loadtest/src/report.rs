@@ -89,6 +89,14 @@ pub struct Latency {
 }
 
 impl Latency {
+    /// `p50 … p90 … p99 … max … (n=…)`, for quantities without a p99.9 worth showing.
+    pub fn brief(&self) -> String {
+        format!(
+            "p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}  (n={})",
+            self.p50, self.p90, self.p99, self.max, self.count
+        )
+    }
+
     pub fn of(us: &Histogram<u64>) -> Latency {
         let ms = |q: f64| us.value_at_quantile(q) as f64 / 1000.0;
         Latency {
@@ -195,13 +203,7 @@ impl Report {
             ),
         );
         let a = &self.publish_answer_ms;
-        row(
-            "publish answer ms",
-            format!(
-                "p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}  (n={})",
-                a.p50, a.p90, a.p99, a.max, a.count
-            ),
-        );
+        row("publish answer ms", a.brief());
         for n in &self.nodes {
             row(
                 &format!("node pid {}", n.pid),
