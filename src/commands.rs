@@ -28,25 +28,62 @@ use crate::{
     hub::{Hub, SessionId},
     metrics as m,
     node::Node,
+    presence::{listed, Presence},
     publish::publish,
     topic::Topic,
 };
 
-/// A registered socket's place in the hub and its rights; leaves every topic on drop.
+/// A registered socket's place in the hub and in presence, and its rights; leaves every topic on
+/// drop.
 pub struct Membership {
     hub: Hub,
+    presence: Option<Arc<Presence>>,
     id: SessionId,
     grants: Grants,
     rooms: HashSet<Arc<str>>,
+    /// Where the presence events of rooms joined with `presence: true` go.
+    gate: Arc<Gate>,
+    encoding: Encoding,
 }
 
 impl Membership {
-    pub fn new(hub: Hub, id: SessionId, grants: Grants) -> Membership {
+    /// Counts the socket as a connection of its user.
+    pub fn new(node: &Node, id: SessionId, grants: Grants, gate: Arc<Gate>, encoding: Encoding) -> Membership {
+        let presence = node.presence().cloned();
+        if let Some(p) = &presence {
+            p.connected(&grants.user);
+        }
         Membership {
-            hub,
+            hub: node.hub().clone(),
+            presence,
             id,
             grants,
             rooms: HashSet::new(),
+            gate,
+            encoding,
+        }
+    }
+
+    /// Counts the socket in a room it joined.
+    fn entered(&mut self, room: Arc<str>) {
+        if let Some(p) = &self.presence {
+            p.joined(&room, &self.grants.user);
+        }
+        self.rooms.insert(room);
+    }
+
+    /// Sends the socket a joined room's presence events.
+    fn watch(&self, room: &Arc<str>) {
+        if let Some(p) = &self.presence {
+            p.watch(room, self.id, self.gate.clone(), self.encoding);
+        }
+    }
+
+    /// Takes the socket out of a room's presence.
+    fn exited(&self, room: &str) {
+        if let Some(p) = &self.presence {
+            p.left(room, &self.grants.user);
+            p.unwatch(room, self.id);
         }
     }
 
@@ -62,6 +99,12 @@ impl Membership {
 
 impl Drop for Membership {
     fn drop(&mut self) {
+        for room in &self.rooms {
+            self.exited(room);
+        }
+        if let Some(p) = &self.presence {
+            p.disconnected(&self.grants.user);
+        }
         let topics = self
             .rooms
             .drain()
@@ -89,9 +132,10 @@ pub async fn run(
     let names = node.config().names;
     let named = |name: &str, code: ErrorCode| names.check(name).map_err(|e| FrameError::new(id, code, e.to_string()));
     match &request.command {
-        Command::Join { room, .. } | Command::Pub { room, .. } | Command::History { room, .. } => {
-            named(room, ErrorCode::BadRoom)?
-        }
+        Command::Join { room, .. }
+        | Command::Pub { room, .. }
+        | Command::History { room, .. }
+        | Command::Presence { room } => named(room, ErrorCode::BadRoom)?,
         Command::Dm { to, .. } => named(to, ErrorCode::BadUser)?,
         Command::Leave { .. } | Command::Ping => {}
     }
@@ -100,7 +144,7 @@ pub async fn run(
     let unavailable = |e: &dyn std::fmt::Display| FrameError::new(id, ErrorCode::Unavailable, e.to_string());
     match request.command {
         Command::Ping => Ok(Some(Reply::op("pong", id))),
-        Command::Join { room, since } => {
+        Command::Join { room, since, presence } => {
             let room: Arc<str> = room.into();
             if membership.rooms.contains(&room) {
                 return ok();
@@ -115,13 +159,20 @@ pub async fn run(
                 ));
             }
             if let Some(keep) = node.config().keep(&room) {
-                return join_with_history(node, membership, out, id, room, keep, since).await;
+                let joined = join_with_history(node, membership, out, id, room.clone(), keep, since).await;
+                if presence && joined.is_ok() {
+                    membership.watch(&room);
+                }
+                return joined;
             }
             node.hub()
                 .join(Topic::Room(room.clone()), membership.id, node.config().join_timeout)
                 .await
                 .map_err(|e| unavailable(&e))?;
-            membership.rooms.insert(room);
+            if presence {
+                membership.watch(&room);
+            }
+            membership.entered(room);
             if since.is_some() {
                 // Nothing to resume from: the room keeps no history.
                 m::recovery(false);
@@ -149,8 +200,27 @@ pub async fn run(
                     format!("not in room {room:?}"),
                 ));
             };
+            membership.exited(&room);
             node.hub().leave(&Topic::Room(room), membership.id);
             ok()
+        }
+        Command::Presence { room } => {
+            may_join(membership, &room, id)?;
+            let Some(presence) = node.presence() else {
+                return Err(FrameError::new(
+                    id,
+                    ErrorCode::Unavailable,
+                    "presence is off on this node",
+                ));
+            };
+            let total = presence.room(&room).await.map_err(|e| unavailable(&e))?;
+            let reply = Reply {
+                count: Some(total.count),
+                users: listed(&total.users),
+                ..Reply::op("ok", id)
+            };
+            out.gate.send(reply.encode(out.encoding));
+            Ok(None)
         }
         Command::Pub { .. } | Command::Dm { .. } if !membership.grants.may_publish() => Err(FrameError::new(
             id,
@@ -210,7 +280,7 @@ async fn join_with_history(
         .join_held(topic.clone(), membership.id, node.config().join_timeout)
         .await
         .map_err(|e| FrameError::new(id, ErrorCode::Unavailable, e.to_string()))?;
-    membership.rooms.insert(room.clone());
+    membership.entered(room.clone());
     let shards = node.naming().shards(&room) as usize;
     let asked = since.is_some();
     // A list for another shard count (the room was resharded) cannot be resumed from.
@@ -231,6 +301,7 @@ async fn join_with_history(
         Ok(reads) => reads,
         Err(e) => {
             membership.rooms.remove(&room);
+            membership.exited(&room);
             node.hub().leave(&topic, membership.id);
             return Err(FrameError::new(id, ErrorCode::Unavailable, e.to_string()));
         }

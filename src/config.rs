@@ -209,6 +209,24 @@ pub struct Args {
     /// refused with `bad_data`. [default: 64]
     #[arg(long, env = "SHARDCAST_MAX_DATA_DEPTH")]
     pub max_data_depth: Option<String>,
+
+    /// Presence: live counts and member lists of rooms, and users' online status (true or false). [default: true]
+    #[arg(long, env = "SHARDCAST_PRESENCE")]
+    pub presence: Option<String>,
+
+    /// How often a node writes the presence that changed and refreshes its cached totals. [default: 1s]
+    #[arg(long, env = "SHARDCAST_PRESENCE_TICK")]
+    pub presence_tick: Option<String>,
+
+    /// How long a node's presence lasts unless refreshed: a node that dies drops out of presence
+    /// within it. At least twice --presence-tick. [default: 3s]
+    #[arg(long, env = "SHARDCAST_PRESENCE_TTL")]
+    pub presence_ttl: Option<String>,
+
+    /// Rooms with fewer users than this list them (`users`, `joined`/`left` events); larger rooms
+    /// are counted only. [default: 1000]
+    #[arg(long, env = "SHARDCAST_PRESENCE_LIST_MAX")]
+    pub presence_list_max: Option<String>,
 }
 
 /// The validated configuration every part of the node reads.
@@ -256,6 +274,10 @@ pub struct Config {
     pub publish_burst: u32,
     pub require_exp: bool,
     pub max_data_depth: usize,
+    pub presence: bool,
+    pub presence_tick: Duration,
+    pub presence_ttl: Duration,
+    pub presence_list_max: usize,
 }
 
 impl Default for Config {
@@ -301,6 +323,10 @@ impl Default for Config {
             publish_burst: 2000,
             require_exp: false,
             max_data_depth: crate::frame::DEFAULT_DATA_DEPTH,
+            presence: true,
+            presence_tick: Duration::from_secs(1),
+            presence_ttl: Duration::from_secs(3),
+            presence_list_max: 1000,
         }
     }
 }
@@ -387,6 +413,10 @@ impl Args {
             publish_burst: self.publish_burst.or(base.publish_burst),
             require_exp: self.require_exp.or(base.require_exp),
             max_data_depth: self.max_data_depth.or(base.max_data_depth),
+            presence: self.presence.or(base.presence),
+            presence_tick: self.presence_tick.or(base.presence_tick),
+            presence_ttl: self.presence_ttl.or(base.presence_ttl),
+            presence_list_max: self.presence_list_max.or(base.presence_list_max),
         }
     }
 
@@ -449,6 +479,10 @@ impl Args {
         set!("publish-burst", self.publish_burst, rate => publish_burst);
         set!("require-exp", self.require_exp, boolean => require_exp);
         set!("max-data-depth", self.max_data_depth, data_depth => max_data_depth);
+        set!("presence", self.presence, boolean => presence);
+        set!("presence-tick", self.presence_tick, duration => presence_tick);
+        set!("presence-ttl", self.presence_ttl, duration => presence_ttl);
+        set!("presence-list-max", self.presence_list_max, |s| bounded_count(s, MAX_PRESENCE_LIST) => presence_list_max);
         for raw in self.redis {
             match redis_url(raw.trim()) {
                 Ok(url) => c.redis.push(url),
@@ -479,6 +513,13 @@ impl Args {
                 c.idle_timeout, c.ping_interval
             ));
         }
+        if c.presence_ttl < c.presence_tick * 2 {
+            errors.push(format!(
+                "--presence-ttl ({:?}) must be at least twice --presence-tick ({:?}), or presence \
+                 would blink out between two refreshes",
+                c.presence_ttl, c.presence_tick
+            ));
+        }
         if errors.is_empty() {
             Ok(c)
         } else {
@@ -486,6 +527,10 @@ impl Args {
         }
     }
 }
+
+/// The largest `--presence-list-max`: every node rewrites a listed room's whole list when it
+/// changes, and every watcher gets the joins and leaves.
+const MAX_PRESENCE_LIST: usize = 10_000;
 
 /// The longest `--write-coalesce`: it is latency added to messages, and past a second a live feed
 /// is no longer live.

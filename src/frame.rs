@@ -31,6 +31,12 @@ pub enum Command {
     Join {
         room: String,
         since: Option<Vec<Pos>>,
+        /// Also send the room's presence events to this socket.
+        presence: bool,
+    },
+    /// The room's presence: its count of users and, for a small room, who they are.
+    Presence {
+        room: String,
     },
     /// The newest `limit` messages of a room with history.
     History {
@@ -119,6 +125,8 @@ struct Wire<D> {
     since: Option<Loose<Vec<String>>>,
     #[serde(default)]
     limit: Option<Loose<u64>>,
+    #[serde(default)]
+    presence: Option<Loose<bool>>,
 }
 
 /// The most messages one `history` asks for.
@@ -206,7 +214,25 @@ fn build<D>(wire: Wire<D>, data: impl FnOnce(D) -> Result<Data, FrameError>) -> 
         "join" => Command::Join {
             room: name(id, wire.room, "room", ErrorCode::BadRoom)?,
             since: since(id, wire.since)?,
+            presence: match wire.presence {
+                None => false,
+                Some(Loose::Ok(b)) => b,
+                Some(Loose::Bad(_)) => {
+                    return Err(FrameError::new(
+                        id,
+                        ErrorCode::BadField,
+                        "`presence` must be true or false",
+                    ))
+                }
+            },
         },
+        "presence" => {
+            let room = name(id, wire.room, "room", ErrorCode::BadRoom)?;
+            if id.is_none() {
+                return Err(FrameError::new(id, ErrorCode::BadField, "`presence` needs an `id`"));
+            }
+            Command::Presence { room }
+        }
         "history" => {
             let room = name(id, wire.room, "room", ErrorCode::BadRoom)?;
             if id.is_none() {
@@ -687,6 +713,18 @@ pub struct Reply<'a> {
     /// Whether a join with `since` replayed everything the client missed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovered: Option<bool>,
+    /// The room a presence event is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<&'a str>,
+    /// The user who joined or left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<&'a str>,
+    /// A room's count of users.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// A small room's users.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub users: Option<Vec<&'a str>>,
 }
 
 /// `pos` in a reply: one position (a publish), or one per shard (a join).
@@ -707,18 +745,19 @@ impl<'a> Reply<'a> {
             after_ms: None,
             pos: None,
             recovered: None,
+            room: None,
+            user: None,
+            count: None,
+            users: None,
         }
     }
 
     pub fn error(err: &'a FrameError) -> Reply<'a> {
         Reply {
-            op: "error",
-            id: err.id,
             code: Some(err.code.as_str()),
             message: Some(&err.message),
-            after_ms: None,
             pos: err.pos.map(|p| Positions::One(p.to_string())),
-            recovered: None,
+            ..Reply::op("error", err.id)
         }
     }
 
@@ -758,7 +797,8 @@ mod tests {
                 id: Some(7),
                 command: Command::Join {
                     room: "stadium".into(),
-                    since: None
+                    since: None,
+                    presence: false,
                 }
             }
         );

@@ -30,6 +30,8 @@
 //! - [`bus`]: the transport seam, channel names and shard choice: [`bus::redis`] (Redis Cluster)
 //!   and [`bus::memory`] (embedded).
 //! - [`deliver`]: the delivery workers between the bus and the hub.
+//! - [`presence`]: rooms' counts and member lists and users' online status over every node,
+//!   from each node's own contribution ([`bus::presence`] keeps them).
 //! - [`hub`]: local sockets and topics, fan-out; [`paced`]: the schedule and frame lists of
 //!   paced writes.
 //! - [`gate`]: the per-socket queue, its byte budget and its non-blocking writes.
@@ -53,6 +55,7 @@ pub mod metrics;
 pub mod names;
 pub mod node;
 pub mod paced;
+pub mod presence;
 pub mod publish;
 pub mod server;
 pub mod session;
@@ -149,6 +152,9 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         .transpose()?;
     let limits = http_limits(&config);
     let node = Node::new(config, hub, bus.clone(), naming, metrics, verifier);
+    if let Some(presence) = node.presence() {
+        tracker.spawn(presence.clone().run(internal.clone()));
+    }
 
     if let Some(addr) = node.config().metrics_listen {
         let listener = TcpListener::bind(addr).await?;

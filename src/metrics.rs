@@ -33,6 +33,11 @@ pub const RECOVERIES: &str = "shardcast_recoveries_total";
 pub const REPLAYED: &str = "shardcast_replayed_messages_total";
 pub const HISTORY_READS: &str = "shardcast_history_reads_total";
 pub const GAP_FILLED: &str = "shardcast_history_gap_filled_total";
+pub const PRESENCE_ROOMS: &str = "shardcast_presence_rooms";
+pub const PRESENCE_WRITES: &str = "shardcast_presence_writes_total";
+pub const PRESENCE_READS: &str = "shardcast_presence_reads_total";
+pub const PRESENCE_ERRORS: &str = "shardcast_presence_errors_total";
+pub const PRESENCE_AGE: &str = "shardcast_presence_contribution_age_seconds";
 pub const PUBLISH_WAIT: &str = "shardcast_publish_wait_seconds";
 pub const UNENCODABLE: &str = "shardcast_unencodable_messages_total";
 pub const LATENCY: &str = "shardcast_delivery_latency_seconds";
@@ -352,6 +357,31 @@ pub fn describe() {
         Unit::Count,
         "POST /publish requests answered 429 by the per-address rate limit."
     );
+    describe_gauge!(
+        PRESENCE_ROOMS,
+        Unit::Count,
+        "Rooms whose presence this node tracks: with local members or watchers, or a contribution still to withdraw."
+    );
+    describe_counter!(
+        PRESENCE_WRITES,
+        Unit::Count,
+        "Presence writes to the store, by kind: a room's contribution, or this node's users."
+    );
+    describe_counter!(
+        PRESENCE_READS,
+        Unit::Count,
+        "Presence reads from the store: a room's total (each tick per tracked room, or on demand) or a user's connections."
+    );
+    describe_counter!(
+        PRESENCE_ERRORS,
+        Unit::Count,
+        "Presence writes and reads that failed (retried next tick)."
+    );
+    describe_gauge!(
+        PRESENCE_AGE,
+        Unit::Seconds,
+        "Age of this node's oldest room contribution at the last tick; near --presence-ttl means refreshes are late and counts may blink."
+    );
 
     for name in [
         CONNECTIONS_ACCEPTED,
@@ -368,8 +398,13 @@ pub fn describe() {
         RATE_LIMITED,
         REPLAYED,
         PUBLISH_RATE_LIMITED,
+        PRESENCE_READS,
+        PRESENCE_ERRORS,
     ] {
         counter!(name).increment(0);
+    }
+    for kind in ["room", "users"] {
+        counter!(PRESENCE_WRITES, "kind" => kind).increment(0);
     }
     for outcome in ["recovered", "not_recovered"] {
         counter!(RECOVERIES, "outcome" => outcome).increment(0);
@@ -387,6 +422,8 @@ pub fn describe() {
         SUBSCRIPTIONS,
         QUEUED_BYTES,
         HTTP_CONNECTIONS_OPEN,
+        PRESENCE_ROOMS,
+        PRESENCE_AGE,
     ] {
         gauge!(name).increment(0.0);
     }
@@ -496,6 +533,24 @@ pub fn history_read(waiters: usize) {
 pub fn gap_filled(filled: usize, lost: usize) {
     counter!(GAP_FILLED, "outcome" => "filled").increment(filled as u64);
     counter!(GAP_FILLED, "outcome" => "lost").increment(lost as u64);
+}
+
+pub fn presence_write(kind: &'static str) {
+    counter!(PRESENCE_WRITES, "kind" => kind).increment(1);
+}
+
+pub fn presence_read() {
+    counter!(PRESENCE_READS).increment(1);
+}
+
+pub fn presence_error() {
+    counter!(PRESENCE_ERRORS).increment(1);
+}
+
+/// Rooms tracked at a tick, and the age of the oldest contribution then.
+pub fn presence_rooms(rooms: usize, oldest: std::time::Duration) {
+    gauge!(PRESENCE_ROOMS).set(rooms as f64);
+    gauge!(PRESENCE_AGE).set(oldest.as_secs_f64());
 }
 
 /// One WAIT round confirming `publishes` publishes to rooms with history.

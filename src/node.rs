@@ -14,6 +14,7 @@ use crate::{
     config::Config,
     history::Reads,
     hub::Hub,
+    presence::Presence,
 };
 
 #[derive(Clone)]
@@ -29,6 +30,7 @@ struct Inner {
     metrics: PrometheusHandle,
     verifier: Option<Verifier>,
     history: Arc<Reads>,
+    presence: Option<Arc<Presence>>,
     draining: AtomicBool,
 }
 
@@ -43,6 +45,16 @@ impl Node {
     ) -> Node {
         let draining = AtomicBool::new(false);
         let history = Reads::new(bus.clone());
+        let presence = config.presence.then(|| {
+            Arc::new(Presence::new(
+                config.node_id.clone(),
+                bus.clone(),
+                naming.clone(),
+                config.presence_tick,
+                config.presence_ttl,
+                config.presence_list_max,
+            ))
+        });
         Node {
             inner: Arc::new(Inner {
                 config,
@@ -52,6 +64,7 @@ impl Node {
                 metrics,
                 verifier,
                 history,
+                presence,
                 draining,
             }),
         }
@@ -60,6 +73,11 @@ impl Node {
     /// Shared reads of rooms' history.
     pub fn history(&self) -> &Arc<Reads> {
         &self.inner.history
+    }
+
+    /// Presence, unless `--presence false`.
+    pub fn presence(&self) -> Option<&Arc<Presence>> {
+        self.inner.presence.as_ref()
     }
 
     /// The token checker, when auth is configured.

@@ -1,11 +1,12 @@
-//! HTTP and WebSocket on one listener: `/ws`, `/publish`, `/healthz`, `/readyz`, `/metrics`.
+//! HTTP and WebSocket on one listener: `/ws`, `/publish`, `/rooms/<room>/presence`,
+//! `/users/<user>`, `/healthz`, `/readyz`, `/metrics`.
 //! Requests are checked here and turned into hub and bus calls; errors map to the wire here only.
 
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
     body::{Body, Bytes},
-    extract::{Query, Request, State},
+    extract::{Path, Query, Request, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -30,6 +31,7 @@ use crate::{
     hub::Member,
     metrics as m,
     node::Node,
+    presence::{listed, Presence},
     publish, session,
     throttle::Throttle,
     upgrade::Upgrade,
@@ -37,13 +39,19 @@ use crate::{
 
 pub fn router(node: Node) -> Router {
     let throttle = Arc::new(Throttle::new(node.config().publish_rate, node.config().publish_burst));
-    Router::new()
+    let router = Router::new()
         .route("/ws", get(upgrade))
         .route("/publish", post(publish_http).layer(Extension(throttle)))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(node)
+        .route("/metrics", get(metrics));
+    let router = match node.presence() {
+        Some(_) => router
+            .route("/rooms/{room}/presence", get(room_presence))
+            .route("/users/{user}", get(user_presence)),
+        None => router,
+    };
+    router.with_state(node)
 }
 
 /// Only `GET /metrics`, for `--metrics-listen`.
@@ -182,7 +190,7 @@ async fn register(node: &Node, grants: Grants, encoding: Encoding) -> Result<(Ar
         gate: gate.clone(),
         encoding,
     });
-    let membership = Membership::new(node.hub().clone(), id, grants);
+    let membership = Membership::new(node, id, grants, gate.clone(), encoding);
     let joined = if node.bus().is_ready() {
         node.hub()
             .join(membership.user_topic(), id, node.config().join_timeout)
@@ -242,17 +250,8 @@ async fn publish_http(
             return response;
         }
     }
-    if let Some(key) = &config.api_key {
-        let given = bearer(&parts.headers).unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
-            metrics::counter!(m::AUTH_FAILURES).increment(1);
-            return ApiError(
-                StatusCode::UNAUTHORIZED,
-                ErrorCode::Unauthorized,
-                "missing or wrong API key".into(),
-            )
-            .closing();
-        }
+    if let Err(e) = api_key(config, &parts.headers) {
+        return e.closing();
     }
     let limit = config.max_frame_bytes;
     let too_large = || {
@@ -298,6 +297,71 @@ async fn publish_http(
         Ok(None) => StatusCode::ACCEPTED.into_response(),
         Err(e) => e,
     }
+}
+
+/// With `--api-key`, the request must carry it as `Authorization: Bearer <key>`.
+fn api_key(config: &crate::config::Config, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &config.api_key else { return Ok(()) };
+    let given = bearer(headers).unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+        return Ok(());
+    }
+    metrics::counter!(m::AUTH_FAILURES).increment(1);
+    Err(ApiError(
+        StatusCode::UNAUTHORIZED,
+        ErrorCode::Unauthorized,
+        "missing or wrong API key".into(),
+    ))
+}
+
+/// `GET /rooms/<room>/presence`: `{"count":N,"users":[…]}`, `users` only for a small room.
+async fn room_presence(State(node): State<Node>, Path(room): Path<String>, headers: HeaderMap) -> Response {
+    let presence = match presence_request(&node, &headers, &room, ErrorCode::BadRoom) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    match presence.room(&room).await {
+        Ok(total) => {
+            let mut body = serde_json::json!({ "count": total.count });
+            if let Some(users) = listed(&total.users) {
+                body["users"] = serde_json::json!(users);
+            }
+            Json(body).into_response()
+        }
+        Err(e) => ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string()).into_response(),
+    }
+}
+
+/// `GET /users/<user>`: `{"online":B,"connections":N}` over every node.
+async fn user_presence(State(node): State<Node>, Path(user): Path<String>, headers: HeaderMap) -> Response {
+    let presence = match presence_request(&node, &headers, &user, ErrorCode::BadUser) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    match presence.user(&user).await {
+        Ok(online) => Json(serde_json::json!({
+            "online": online.connections > 0,
+            "connections": online.connections,
+        }))
+        .into_response(),
+        Err(e) => ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string()).into_response(),
+    }
+}
+
+/// The checks both presence requests make: the API key, then the name.
+fn presence_request<'a>(
+    node: &'a Node,
+    headers: &HeaderMap,
+    name: &str,
+    code: ErrorCode,
+) -> Result<&'a Arc<Presence>, ApiError> {
+    api_key(node.config(), headers)?;
+    node.config()
+        .names
+        .check(name)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, code, e.to_string()))?;
+    node.presence()
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, ErrorCode::Unavailable, "presence is off".into()))
 }
 
 enum BodyError {

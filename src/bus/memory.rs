@@ -23,6 +23,7 @@ use crate::metrics as m;
 pub struct MemoryBus {
     channels: DashSet<String, ahash::RandomState>,
     rings: Mutex<Rings>,
+    presence: super::presence::Memory,
     sink: Arc<dyn Sink>,
 }
 
@@ -80,8 +81,14 @@ impl MemoryBus {
         MemoryBus {
             channels: DashSet::with_hasher(ahash::RandomState::new()),
             rings: Mutex::new(Rings::default()),
+            presence: super::presence::Memory::default(),
             sink,
         }
+    }
+
+    /// Presence contributions, kept here as Redis would keep them.
+    pub fn presence(&self) -> &super::presence::Memory {
+        &self.presence
     }
 
     pub fn publish(&self, channel: &str, payload: Bytes) -> Result<(), BusError> {

@@ -11,11 +11,12 @@
 
 mod confirm;
 pub mod memory;
+pub mod presence;
 pub mod redis;
 pub mod stream;
 mod tracked;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use bytes::Bytes;
 
@@ -79,6 +80,17 @@ impl Naming {
     /// `<user prefix><user>`: one channel per user carries direct messages to all of its sockets.
     pub fn user_channel(&self, user: &str) -> String {
         format!("{}{user}", self.user_prefix)
+    }
+
+    /// The key that indexes a room's presence, `{<prefix><room>}:presence`; each node's
+    /// contribution is under it with `:<node>` added (see [`presence`]).
+    pub fn presence_room(&self, room: &str) -> String {
+        format!("{{{}{room}}}:presence", self.room_prefix)
+    }
+
+    /// The key that indexes every node's connected users, `{<user prefix>}presence`.
+    pub fn presence_users(&self) -> String {
+        format!("{{{}}}presence", self.user_prefix)
     }
 
     /// Every channel a topic's members need.
@@ -148,6 +160,53 @@ impl Bus {
         match self {
             Bus::Memory(b) => Ok(b.read(channel, after, cap, keep)),
             Bus::Redis(b) => b.read(channel, after, cap, keep).await,
+        }
+    }
+
+    /// Writes this node's contribution to the presence under `index` (`None` withdraws it); it
+    /// expires after `ttl` unless written again.
+    pub async fn presence_put(
+        &self,
+        index: &str,
+        node: &str,
+        ttl: Duration,
+        value: Option<Bytes>,
+    ) -> Result<(), BusError> {
+        match self {
+            Bus::Memory(b) => Ok(b.presence().put(index, node, ttl, value)),
+            Bus::Redis(b) => b.presence_put(index, node, ttl, value).await,
+        }
+    }
+
+    /// Every live contribution to the presence under `index`.
+    pub async fn presence_get(&self, index: &str) -> Result<Vec<Bytes>, BusError> {
+        match self {
+            Bus::Memory(b) => Ok(b.presence().get(index)),
+            Bus::Redis(b) => b.presence_get(index).await,
+        }
+    }
+
+    /// Writes what changed in this node's connected users (0 connections removes one; `full`
+    /// starts over) and keeps them alive for `ttl`. True when they were still there before.
+    pub async fn presence_beat(
+        &self,
+        index: &str,
+        node: &str,
+        ttl: Duration,
+        full: bool,
+        changes: &[(std::sync::Arc<str>, u32)],
+    ) -> Result<bool, BusError> {
+        match self {
+            Bus::Memory(b) => Ok(b.presence().beat(index, node, ttl, full, changes)),
+            Bus::Redis(b) => b.presence_beat(index, node, ttl, full, changes).await,
+        }
+    }
+
+    /// A user's connections over every live node.
+    pub async fn presence_connections(&self, index: &str, user: &str) -> Result<u64, BusError> {
+        match self {
+            Bus::Memory(b) => Ok(b.presence().connections(index, user)),
+            Bus::Redis(b) => b.presence_connections(index, user).await,
         }
     }
 

@@ -395,19 +395,22 @@ return {epoch, n, entries}
 
 /// A Lua script called by its SHA, loaded on a master when it answers NOSCRIPT (a new master, a
 /// restart, a failover).
-struct Script {
+pub(super) struct Script {
     source: &'static str,
     sha: std::sync::OnceLock<String>,
 }
 
-static APPEND_SCRIPT: Script = Script {
-    source: APPEND,
-    sha: std::sync::OnceLock::new(),
-};
-static READ_SCRIPT: Script = Script {
-    source: READ,
-    sha: std::sync::OnceLock::new(),
-};
+impl Script {
+    pub(super) const fn new(source: &'static str) -> Script {
+        Script {
+            source,
+            sha: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+static APPEND_SCRIPT: Script = Script::new(APPEND);
+static READ_SCRIPT: Script = Script::new(READ);
 
 /// How a failed script call goes on.
 enum Retry {
@@ -433,7 +436,7 @@ fn retry_for(e: &fred::error::Error) -> Option<Retry> {
     Some(Retry::Ask(Server::new(host, port.parse::<u16>().ok()?)))
 }
 
-fn bytes_of(v: Value) -> Option<Bytes> {
+pub(super) fn bytes_of(v: Value) -> Option<Bytes> {
     match v {
         Value::Bytes(b) => Some(b),
         Value::String(s) => Some(s.into_inner()),
@@ -510,6 +513,18 @@ impl RedisBus {
             Some(confirm) if confirm.confirm(meta_key(&channel), ttl_ms).await => Ok(pos),
             _ => Err(BusError::Unconfirmed(pos)),
         }
+    }
+
+    /// Calls a script on the master of `route`'s slot (a key or channel name; every key the script
+    /// touches must hash to that slot), following the cluster as [`Inner::eval`] does.
+    pub(super) async fn call(
+        &self,
+        script: &Script,
+        route: &str,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<Value, BusError> {
+        self.inner.eval(script, route, keys, args).await
     }
 
     /// Reads the channel's history (see [`crate::bus::Bus::read`]).

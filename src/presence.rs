@@ -1,0 +1,557 @@
+//! Presence: how many users are in each room (and, for small rooms, who), and whether a user is
+//! connected anywhere.
+//!
+//! # Model
+//! Each node writes only its own contribution: per room, its distinct local users (and their
+//! names while fewer than `--presence-list-max`); per user, its connections. A room's
+//! contribution is written in the tick after its local membership changed, so a storm of 20,000
+//! joins costs one write per room per node per tick, never one per join; and every contribution
+//! is written again a few times per `--presence-ttl`, which it expires after unless refreshed:
+//! a node that dies drops out within the TTL, with no cleanup to run. Totals are sums of the live
+//! contributions ([`Total::sum`]); where they are kept is [`crate::bus::presence`].
+//!
+//! A node with members in a room (or sockets watching its events) reads the room's total once a
+//! tick and answers from that; a read of any other room costs one round trip. The same tick sends
+//! the watchers of a room `presence` when its count changed and, for a listed room, `joined` and
+//! `left` per user (a user with two tabs on two nodes joins once and leaves with the last one).
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures_util::{stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    bus::{
+        presence::{Contribution, Total},
+        Bus, BusError, Naming,
+    },
+    encoding::Encoding,
+    frame::Reply,
+    gate::Gate,
+    hub::SessionId,
+    metrics as m,
+};
+
+/// Presence calls a tick has in flight at once, pipelined on the bus's connections.
+const IN_FLIGHT: usize = 64;
+
+pub struct Presence {
+    node: String,
+    bus: Arc<Bus>,
+    naming: Naming,
+    tick: Duration,
+    ttl: Duration,
+    list_max: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    rooms: HashMap<Arc<str>, Room>,
+    /// This node's connections per user.
+    users: HashMap<Arc<str>, u32>,
+    /// Users whose connections changed since the last write.
+    changed: HashSet<Arc<str>>,
+    /// This node has written users that may still be there.
+    users_written: bool,
+}
+
+#[derive(Default)]
+struct Room {
+    /// Sockets in the room on this node, per user.
+    local: HashMap<Arc<str>, u32>,
+    /// The local users changed since the contribution was last written.
+    dirty: bool,
+    /// When the contribution was last written (taken before the write).
+    written: Option<Instant>,
+    watchers: Vec<Watcher>,
+    /// The total as last read.
+    total: Option<Total>,
+    /// What the watchers were last told.
+    announced: Option<Total>,
+}
+
+impl Room {
+    fn idle(&self) -> bool {
+        self.local.is_empty() && self.watchers.is_empty() && !self.dirty && self.written.is_none()
+    }
+
+    fn contribution(&self, list_max: usize) -> Option<Contribution> {
+        if self.local.is_empty() {
+            return None;
+        }
+        let listed = self.local.len() < list_max;
+        Some(Contribution {
+            count: self.local.len() as u64,
+            users: listed.then(|| self.local.keys().map(|u| u.to_string()).collect()),
+        })
+    }
+}
+
+/// A socket that joined with `presence: true`.
+struct Watcher {
+    id: SessionId,
+    gate: Arc<Gate>,
+    encoding: Encoding,
+    /// Not yet told the count.
+    fresh: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every update under this lock is a single step, so a panic elsewhere leaves it consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A user's online status over every node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Online {
+    pub connections: u64,
+}
+
+impl Presence {
+    pub fn new(
+        node: String,
+        bus: Arc<Bus>,
+        naming: Naming,
+        tick: Duration,
+        ttl: Duration,
+        list_max: usize,
+    ) -> Presence {
+        Presence {
+            node,
+            bus,
+            naming,
+            tick,
+            ttl,
+            list_max,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// A socket of `user` joined `room` on this node.
+    pub fn joined(&self, room: &Arc<str>, user: &Arc<str>) {
+        let mut state = lock(&self.state);
+        let r = state.rooms.entry(room.clone()).or_default();
+        let n = r.local.entry(user.clone()).or_default();
+        *n += 1;
+        if *n == 1 {
+            r.dirty = true;
+        }
+    }
+
+    /// A socket of `user` left `room` (or closed).
+    pub fn left(&self, room: &str, user: &str) {
+        let mut state = lock(&self.state);
+        let Some(r) = state.rooms.get_mut(room) else { return };
+        let Some(n) = r.local.get_mut(user) else { return };
+        *n -= 1;
+        if *n == 0 {
+            r.local.remove(user);
+            r.dirty = true;
+        }
+    }
+
+    /// Sends `room`'s presence events to this socket until [`Presence::unwatch`].
+    pub fn watch(&self, room: &Arc<str>, id: SessionId, gate: Arc<Gate>, encoding: Encoding) {
+        let mut state = lock(&self.state);
+        let r = state.rooms.entry(room.clone()).or_default();
+        r.watchers.retain(|w| w.id != id);
+        r.watchers.push(Watcher {
+            id,
+            gate,
+            encoding,
+            fresh: true,
+        });
+    }
+
+    pub fn unwatch(&self, room: &str, id: SessionId) {
+        if let Some(r) = lock(&self.state).rooms.get_mut(room) {
+            r.watchers.retain(|w| w.id != id);
+        }
+    }
+
+    /// A socket of `user` opened on this node.
+    pub fn connected(&self, user: &Arc<str>) {
+        let mut state = lock(&self.state);
+        *state.users.entry(user.clone()).or_default() += 1;
+        state.changed.insert(user.clone());
+    }
+
+    /// A socket of `user` closed.
+    pub fn disconnected(&self, user: &Arc<str>) {
+        let mut state = lock(&self.state);
+        if let Some(n) = state.users.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                state.users.remove(user);
+            }
+            state.changed.insert(user.clone());
+        }
+    }
+
+    /// The room's presence: as of this node's last tick when it tracks the room, else read now.
+    pub async fn room(&self, room: &str) -> Result<Total, BusError> {
+        if let Some(total) = lock(&self.state).rooms.get(room).and_then(|r| r.total.clone()) {
+            return Ok(total);
+        }
+        self.read(room).await
+    }
+
+    /// Whether the user is connected to any node, and with how many connections.
+    pub async fn user(&self, user: &str) -> Result<Online, BusError> {
+        m::presence_read();
+        let connections = self
+            .bus
+            .presence_connections(&self.naming.presence_users(), user)
+            .await?;
+        Ok(Online { connections })
+    }
+
+    async fn read(&self, room: &str) -> Result<Total, BusError> {
+        m::presence_read();
+        let values = self.bus.presence_get(&self.naming.presence_room(room)).await?;
+        let contributions = values.iter().filter_map(|v| Contribution::decode(v));
+        Ok(Total::sum(contributions, self.list_max))
+    }
+
+    /// Ticks until `cancel`: writes what changed, refreshes what is due, reads the totals of the
+    /// rooms this node tracks and tells their watchers.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut every = tokio::time::interval(self.tick);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = cancel.cancelled() => return,
+            }
+            self.tick().await;
+        }
+    }
+
+    /// One tick.
+    pub async fn tick(&self) {
+        let now = Instant::now();
+        self.write_rooms(now).await;
+        self.write_users().await;
+        self.read_rooms().await;
+    }
+
+    /// A contribution is written again once this old, so it is refreshed a few times per TTL and
+    /// at the latest a tick before it would expire.
+    fn refresh_after(&self) -> Duration {
+        (self.ttl / 3)
+            .min(self.ttl.saturating_sub(self.tick * 2))
+            .saturating_sub(self.tick / 2)
+    }
+
+    async fn write_rooms(&self, now: Instant) {
+        let refresh = self.refresh_after();
+        let writes: Vec<(Arc<str>, Option<Bytes>)> = {
+            let mut state = lock(&self.state);
+            let mut oldest = Duration::ZERO;
+            let writes = state
+                .rooms
+                .iter_mut()
+                .filter_map(|(room, r)| {
+                    let age = r.written.map(|w| now.duration_since(w));
+                    if let Some(age) = age {
+                        oldest = oldest.max(age);
+                    }
+                    let due = r.dirty || (age.is_some_and(|a| a >= refresh) && !r.local.is_empty());
+                    if !due {
+                        return None;
+                    }
+                    r.dirty = false;
+                    let value = r.contribution(self.list_max).map(|c| c.encode());
+                    r.written = value.is_some().then_some(now);
+                    Some((room.clone(), value))
+                })
+                .collect();
+            m::presence_rooms(state.rooms.len(), oldest);
+            writes
+        };
+        let failed: Vec<Arc<str>> = stream::iter(writes)
+            .map(|(room, value)| async move {
+                m::presence_write("room");
+                let index = self.naming.presence_room(&room);
+                match self.bus.presence_put(&index, &self.node, self.ttl, value).await {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::debug!(room = %room, error = %e, "presence write failed");
+                        Some(room)
+                    }
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .filter_map(|r| async move { r })
+            .collect()
+            .await;
+        let mut state = lock(&self.state);
+        for room in failed {
+            m::presence_error();
+            if let Some(r) = state.rooms.get_mut(&room) {
+                r.dirty = true;
+            }
+        }
+        state.rooms.retain(|_, r| !r.idle());
+    }
+
+    async fn write_users(&self) {
+        let changes = {
+            let mut state = lock(&self.state);
+            if state.changed.is_empty() && !state.users_written {
+                return;
+            }
+            let changed = std::mem::take(&mut state.changed);
+            connections_of(&state.users, changed)
+        };
+        let index = self.naming.presence_users();
+        let was_written = lock(&self.state).users_written;
+        m::presence_write("users");
+        let result = match self
+            .bus
+            .presence_beat(&index, &self.node, self.ttl, false, &changes)
+            .await
+        {
+            // Gone (expired while Redis was out of reach, or lost in a failover): all again.
+            Ok(false) if was_written => {
+                let all = {
+                    let state = lock(&self.state);
+                    connections_of(&state.users, state.users.keys().cloned().collect())
+                };
+                m::presence_write("users");
+                self.bus.presence_beat(&index, &self.node, self.ttl, true, &all).await
+            }
+            other => other,
+        };
+        let mut state = lock(&self.state);
+        match result {
+            Ok(_) => state.users_written = !state.users.is_empty() || !state.changed.is_empty(),
+            Err(e) => {
+                m::presence_error();
+                tracing::debug!(error = %e, "presence write of users failed");
+                state.changed.extend(changes.into_iter().map(|(u, _)| u));
+            }
+        }
+    }
+
+    async fn read_rooms(&self) {
+        let rooms: Vec<Arc<str>> = {
+            let state = lock(&self.state);
+            state
+                .rooms
+                .iter()
+                .filter(|(_, r)| !r.local.is_empty() || !r.watchers.is_empty())
+                .map(|(room, _)| room.clone())
+                .collect()
+        };
+        let totals: Vec<(Arc<str>, Total)> = stream::iter(rooms)
+            .map(|room| async move {
+                match self.read(&room).await {
+                    Ok(total) => Some((room, total)),
+                    Err(e) => {
+                        m::presence_error();
+                        tracing::debug!(room = %room, error = %e, "presence read failed");
+                        None
+                    }
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .filter_map(|r| async move { r })
+            .collect()
+            .await;
+        let mut state = lock(&self.state);
+        for (room, total) in totals {
+            let Some(r) = state.rooms.get_mut(&room) else { continue };
+            if !r.watchers.is_empty() {
+                announce(&room, r, &total);
+            }
+            r.total = Some(total);
+        }
+    }
+}
+
+/// Each user's connections now (0 for those gone).
+fn connections_of(users: &HashMap<Arc<str>, u32>, which: HashSet<Arc<str>>) -> Vec<(Arc<str>, u32)> {
+    which
+        .into_iter()
+        .map(|u| {
+            let n = users.get(&u).copied().unwrap_or(0);
+            (u, n)
+        })
+        .collect()
+}
+
+/// What a room's watchers are told after `before`: whether the count changed, and for a listed
+/// room the users who joined and who left.
+fn changes<'a>(before: Option<&'a Total>, now: &'a Total) -> (bool, Vec<&'a str>, Vec<&'a str>) {
+    let count_changed = before.is_none_or(|b| b.count != now.count);
+    match (before.and_then(|b| b.users.as_ref()), &now.users) {
+        (Some(was), Some(users)) => (
+            count_changed,
+            users.difference(was).map(String::as_str).collect(),
+            was.difference(users).map(String::as_str).collect(),
+        ),
+        _ => (count_changed, Vec::new(), Vec::new()),
+    }
+}
+
+/// Tells a room's watchers what changed since they were last told: `presence` with the count when
+/// it changed (and to a new watcher in any case), and `joined` / `left` per user of a listed room.
+fn announce(room: &str, r: &mut Room, total: &Total) {
+    let (count_changed, joined, left) = changes(r.announced.as_ref(), total);
+    let mut frames: [Option<Frames>; 2] = [None, None];
+    for w in &mut r.watchers {
+        let slot = &mut frames[usize::from(w.encoding == Encoding::MsgPack)];
+        let f = slot.get_or_insert_with(|| Frames::new(w.encoding, room, total.count, &joined, &left));
+        if count_changed || w.fresh {
+            w.gate.send(f.count.clone());
+        }
+        if !w.fresh {
+            for frame in &f.changes {
+                w.gate.send(frame.clone());
+            }
+        }
+        w.fresh = false;
+    }
+    r.announced = Some(total.clone());
+}
+
+/// One tick's events for a room, encoded once per encoding.
+struct Frames {
+    count: Bytes,
+    changes: Vec<Bytes>,
+}
+
+impl Frames {
+    fn new(encoding: Encoding, room: &str, count: u64, joined: &[&str], left: &[&str]) -> Frames {
+        let event = |op, user| {
+            Reply {
+                room: Some(room),
+                user: Some(user),
+                ..Reply::op(op, None)
+            }
+            .encode(encoding)
+        };
+        Frames {
+            count: Reply {
+                room: Some(room),
+                count: Some(count),
+                ..Reply::op("presence", None)
+            }
+            .encode(encoding),
+            changes: left
+                .iter()
+                .map(|u| event("left", *u))
+                .chain(joined.iter().map(|u| event("joined", *u)))
+                .collect(),
+        }
+    }
+}
+
+/// A room's users as a reply lists them.
+pub fn listed(users: &Option<BTreeSet<String>>) -> Option<Vec<&str>> {
+    users.as_ref().map(|u| u.iter().map(String::as_str).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn total(users: &[&str]) -> Total {
+        Total {
+            count: users.len() as u64,
+            users: Some(users.iter().map(|u| u.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn watchers_hear_who_joined_and_left_and_the_count_only_when_it_changed() {
+        let was = total(&["ann", "bob"]);
+        assert_eq!(changes(None, &was), (true, vec![], vec![]));
+        assert_eq!(changes(Some(&was), &was), (false, vec![], vec![]));
+        let now = total(&["bob", "cat"]);
+        assert_eq!(changes(Some(&was), &now), (false, vec!["cat"], vec!["ann"]));
+        let big = Total {
+            count: 5000,
+            users: None,
+        };
+        assert_eq!(changes(Some(&was), &big), (true, vec![], vec![]));
+    }
+
+    #[test]
+    fn contributions_are_refreshed_a_few_times_per_ttl_and_a_tick_before_they_expire() {
+        let p = |tick, ttl| {
+            let bus = Arc::new(Bus::Memory(crate::bus::memory::MemoryBus::new(Arc::new(Nothing))));
+            let naming = Naming::new("r:", "u:", 1, HashMap::new());
+            Presence::new(
+                "n".into(),
+                bus,
+                naming,
+                Duration::from_secs(tick),
+                Duration::from_secs(ttl),
+                10,
+            )
+        };
+        // The defaults: written again at every tick.
+        assert_eq!(p(1, 3).refresh_after(), Duration::from_millis(500));
+        assert_eq!(p(1, 30).refresh_after(), Duration::from_millis(9500));
+        assert_eq!(p(1, 2).refresh_after(), Duration::ZERO);
+    }
+
+    struct Nothing;
+
+    impl crate::bus::Sink for Nothing {
+        fn receive(&self, _: Bytes, _: Bytes) {}
+    }
+
+    #[tokio::test]
+    async fn a_storm_of_joins_is_one_write_and_a_closed_node_withdraws() {
+        let bus = Arc::new(Bus::Memory(crate::bus::memory::MemoryBus::new(Arc::new(Nothing))));
+        let naming = Naming::new("r:", "u:", 1, HashMap::new());
+        let node = |id: &str| {
+            Presence::new(
+                id.into(),
+                bus.clone(),
+                naming.clone(),
+                Duration::from_secs(1),
+                Duration::from_secs(3),
+                100,
+            )
+        };
+        let (a, b) = (node("a"), node("b"));
+        let room: Arc<str> = "stadium".into();
+        for i in 0..20_000 {
+            let user: Arc<str> = format!("u{}", i % 20).into();
+            a.joined(&room, &user);
+        }
+        let ann: Arc<str> = "u0".into();
+        b.joined(&room, &ann);
+        b.connected(&ann);
+        let written = |p: &Presence| lock(&p.state).rooms.values().filter(|r| r.dirty).count();
+        assert_eq!(written(&a), 1);
+        a.tick().await;
+        b.tick().await;
+        // 20 users on a, one of them on b too: listed, so counted once.
+        let t = a.room("stadium").await.unwrap();
+        assert_eq!(t.count, 20);
+        assert!(t.users.as_ref().unwrap().contains("u19"));
+        assert_eq!(b.user("u0").await.unwrap(), Online { connections: 1 });
+        for i in 0..20_000 {
+            a.left("stadium", &format!("u{}", i % 20));
+        }
+        b.left("stadium", "u0");
+        b.disconnected(&ann);
+        a.tick().await;
+        b.tick().await;
+        assert_eq!(a.room("stadium").await.unwrap(), total(&[]));
+        assert_eq!(b.user("u0").await.unwrap(), Online { connections: 0 });
+        // Nothing left to track once withdrawn.
+        assert!(lock(&a.state).rooms.is_empty());
+    }
+}
