@@ -23,7 +23,7 @@ use crate::metrics as m;
 pub struct MemoryBus {
     channels: DashSet<String, ahash::RandomState>,
     rings: Mutex<Rings>,
-    presence: super::presence::Memory,
+    presence: Box<super::presence::Memory>,
     sink: Arc<dyn Sink>,
 }
 
@@ -81,7 +81,7 @@ impl MemoryBus {
         MemoryBus {
             channels: DashSet::with_hasher(ahash::RandomState::new()),
             rings: Mutex::new(Rings::default()),
-            presence: super::presence::Memory::default(),
+            presence: Box::default(),
             sink,
         }
     }

@@ -173,7 +173,10 @@ impl Bus {
         value: Option<Bytes>,
     ) -> Result<(), BusError> {
         match self {
-            Bus::Memory(b) => Ok(b.presence().put(index, node, ttl, value)),
+            Bus::Memory(b) => {
+                b.presence().put(index, node, ttl, value);
+                Ok(())
+            }
             Bus::Redis(b) => b.presence_put(index, node, ttl, value).await,
         }
     }

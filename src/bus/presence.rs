@@ -231,9 +231,14 @@ impl RedisBus {
 /// Embedded presence: the same contributions and expiry, in this process.
 #[derive(Default)]
 pub struct Memory {
-    rooms: Mutex<HashMap<String, HashMap<String, (Bytes, Instant)>>>,
-    users: Mutex<HashMap<String, HashMap<String, (HashMap<String, u32>, Instant)>>>,
+    /// Per room index, each node's contribution.
+    rooms: Mutex<HashMap<String, PerNode<Bytes>>>,
+    /// Per users index, each node's connections per user.
+    users: Mutex<HashMap<String, PerNode<HashMap<String, u32>>>>,
 }
+
+/// Each node's value, with when it expires.
+type PerNode<T> = HashMap<String, (T, Instant)>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every update under these locks is a single step, so a panic elsewhere leaves them consistent.
