@@ -789,6 +789,23 @@ mod tests {
     }
 
     #[test]
+    fn decodes_presence_and_a_join_that_watches_it() {
+        let r = decode_text(r#"{"op":"presence","room":"lobby","id":3,"extra":[1]}"#, D).unwrap();
+        assert_eq!(
+            r,
+            Request {
+                id: Some(3),
+                command: Command::Presence { room: "lobby".into() }
+            }
+        );
+        assert_eq!(err(r#"{"op":"presence","room":"lobby"}"#).code, ErrorCode::BadField);
+        let r = decode_text(r#"{"op":"join","room":"lobby","presence":true}"#, D).unwrap();
+        assert!(matches!(r.command, Command::Join { presence: true, .. }));
+        let e = err(r#"{"op":"join","room":"lobby","id":4,"presence":1}"#);
+        assert_eq!((e.code, e.id), (ErrorCode::BadField, Some(4)));
+    }
+
+    #[test]
     fn decodes_every_command_from_json() {
         let r = decode_text(r#"{"op":"join","room":"stadium","id":7}"#, D).unwrap();
         assert_eq!(
