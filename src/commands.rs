@@ -41,14 +41,11 @@ pub struct Membership {
     id: SessionId,
     grants: Grants,
     rooms: HashSet<Arc<str>>,
-    /// Where the presence events of rooms joined with `presence: true` go.
-    gate: Arc<Gate>,
-    encoding: Encoding,
 }
 
 impl Membership {
     /// Counts the socket as a connection of its user.
-    pub fn new(node: &Node, id: SessionId, grants: Grants, gate: Arc<Gate>, encoding: Encoding) -> Membership {
+    pub fn new(node: &Node, id: SessionId, grants: Grants) -> Membership {
         let presence = node.presence().cloned();
         if let Some(p) = &presence {
             p.connected(&grants.user);
@@ -59,8 +56,6 @@ impl Membership {
             id,
             grants,
             rooms: HashSet::new(),
-            gate,
-            encoding,
         }
     }
 
@@ -73,9 +68,9 @@ impl Membership {
     }
 
     /// Sends the socket a joined room's presence events.
-    fn watch(&self, room: &Arc<str>) {
+    fn watch(&self, room: &Arc<str>, out: Out<'_>) {
         if let Some(p) = &self.presence {
-            p.watch(room, self.id, self.gate.clone(), self.encoding);
+            p.watch(room, self.id, out.gate.clone(), out.encoding);
         }
     }
 
@@ -117,7 +112,7 @@ impl Drop for Membership {
 /// Where a command's frames go: the socket's gate, in its encoding.
 #[derive(Clone, Copy)]
 pub struct Out<'a> {
-    pub gate: &'a Gate,
+    pub gate: &'a Arc<Gate>,
     pub encoding: Encoding,
 }
 
@@ -161,7 +156,7 @@ pub async fn run(
             if let Some(keep) = node.config().keep(&room) {
                 let joined = join_with_history(node, membership, out, id, room.clone(), keep, since).await;
                 if presence && joined.is_ok() {
-                    membership.watch(&room);
+                    membership.watch(&room, out);
                 }
                 return joined;
             }
@@ -170,7 +165,7 @@ pub async fn run(
                 .await
                 .map_err(|e| unavailable(&e))?;
             if presence {
-                membership.watch(&room);
+                membership.watch(&room, out);
             }
             membership.entered(room);
             if since.is_some() {

@@ -869,6 +869,33 @@ mod tests {
     }
 
     #[test]
+    fn presence_settings_are_checked_together() {
+        let c = parse(&[
+            "--presence",
+            "false",
+            "--presence-tick",
+            "250ms",
+            "--presence-list-max",
+            "50",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.presence, c.presence_tick, c.presence_ttl, c.presence_list_max),
+            (false, Duration::from_millis(250), Duration::from_secs(3), 50)
+        );
+        let err = parse(&["--presence-tick", "2s"]).unwrap_err().to_string();
+        assert!(err.contains("--presence-ttl") && err.contains("twice"), "{err}");
+        for args in [
+            ["--presence-list-max", "0"],
+            ["--presence", "maybe"],
+            ["--presence-ttl", "soon"],
+        ] {
+            let err = parse(&args).unwrap_err().to_string();
+            assert!(err.contains(args[0]), "{err}");
+        }
+    }
+
+    #[test]
     fn the_http_cap_follows_the_open_files_limit() {
         assert_eq!(http_connection_cap(1024), 128);
         assert_eq!(http_connection_cap(20_000), 2_500);

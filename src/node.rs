@@ -45,16 +45,9 @@ impl Node {
     ) -> Node {
         let draining = AtomicBool::new(false);
         let history = Reads::new(bus.clone());
-        let presence = config.presence.then(|| {
-            Arc::new(Presence::new(
-                config.node_id.clone(),
-                bus.clone(),
-                naming.clone(),
-                config.presence_tick,
-                config.presence_ttl,
-                config.presence_list_max,
-            ))
-        });
+        let presence = config
+            .presence
+            .then(|| Arc::new(Presence::new(&config, bus.clone(), naming.clone())));
         Node {
             inner: Arc::new(Inner {
                 config,

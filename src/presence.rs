@@ -30,6 +30,7 @@ use crate::{
         presence::{Contribution, Total},
         Bus, BusError, Naming,
     },
+    config::Config,
     encoding::Encoding,
     frame::Reply,
     gate::Gate,
@@ -114,21 +115,15 @@ pub struct Online {
 }
 
 impl Presence {
-    pub fn new(
-        node: String,
-        bus: Arc<Bus>,
-        naming: Naming,
-        tick: Duration,
-        ttl: Duration,
-        list_max: usize,
-    ) -> Presence {
+    /// This node's presence, as `config` sets it (node id, tick, TTL, list size).
+    pub fn new(config: &Config, bus: Arc<Bus>, naming: Naming) -> Presence {
         Presence {
-            node,
+            node: config.node_id.clone(),
             bus,
             naming,
-            tick,
-            ttl,
-            list_max,
+            tick: config.presence_tick,
+            ttl: config.presence_ttl,
+            list_max: config.presence_list_max,
             state: Mutex::new(State::default()),
         }
     }
@@ -487,16 +482,12 @@ mod tests {
     #[test]
     fn contributions_are_refreshed_a_few_times_per_ttl_and_a_tick_before_they_expire() {
         let p = |tick, ttl| {
-            let bus = Arc::new(Bus::Memory(crate::bus::memory::MemoryBus::new(Arc::new(Nothing))));
-            let naming = Naming::new("r:", "u:", 1, HashMap::new());
-            Presence::new(
-                "n".into(),
-                bus,
-                naming,
-                Duration::from_secs(tick),
-                Duration::from_secs(ttl),
-                10,
-            )
+            let config = Config {
+                presence_tick: Duration::from_secs(tick),
+                presence_ttl: Duration::from_secs(ttl),
+                ..Config::default()
+            };
+            Presence::new(&config, memory_bus(), Naming::new("r:", "u:", 1, HashMap::new()))
         };
         // The defaults: written again at every tick.
         assert_eq!(p(1, 3).refresh_after(), Duration::from_millis(500));
@@ -510,19 +501,21 @@ mod tests {
         fn receive(&self, _: Bytes, _: Bytes) {}
     }
 
+    fn memory_bus() -> Arc<Bus> {
+        Arc::new(Bus::Memory(crate::bus::memory::MemoryBus::new(Arc::new(Nothing))))
+    }
+
     #[tokio::test]
     async fn a_storm_of_joins_is_one_write_and_a_closed_node_withdraws() {
-        let bus = Arc::new(Bus::Memory(crate::bus::memory::MemoryBus::new(Arc::new(Nothing))));
+        let bus = memory_bus();
         let naming = Naming::new("r:", "u:", 1, HashMap::new());
         let node = |id: &str| {
-            Presence::new(
-                id.into(),
-                bus.clone(),
-                naming.clone(),
-                Duration::from_secs(1),
-                Duration::from_secs(3),
-                100,
-            )
+            let config = Config {
+                node_id: id.into(),
+                presence_list_max: 100,
+                ..Config::default()
+            };
+            Presence::new(&config, bus.clone(), naming.clone())
         };
         let (a, b) = (node("a"), node("b"));
         let room: Arc<str> = "stadium".into();

@@ -190,7 +190,7 @@ async fn register(node: &Node, grants: Grants, encoding: Encoding) -> Result<(Ar
         gate: gate.clone(),
         encoding,
     });
-    let membership = Membership::new(node, id, grants, gate.clone(), encoding);
+    let membership = Membership::new(node, id, grants);
     let joined = if node.bus().is_ready() {
         node.hub()
             .join(membership.user_topic(), id, node.config().join_timeout)

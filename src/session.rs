@@ -288,7 +288,7 @@ impl Clock {
 async fn converse(
     stream: &mut Stream,
     node: &Node,
-    gate: &Gate,
+    gate: &Arc<Gate>,
     encoding: Encoding,
     membership: &mut Membership,
     mut clock: Clock,
@@ -332,7 +332,7 @@ async fn read_until_close(stream: &mut Stream) {
 async fn read(
     stream: &mut Stream,
     node: &Node,
-    gate: &Gate,
+    gate: &Arc<Gate>,
     encoding: Encoding,
     membership: &mut Membership,
     heard: &Heard,

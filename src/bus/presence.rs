@@ -89,12 +89,18 @@ impl Total {
     }
 }
 
+/// The master's clock in milliseconds, as `now`: every expiry is on it, whichever node writes.
+macro_rules! now_ms {
+    () => {
+        "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    };
+}
+
 /// KEYS: room index, this node's key. ARGV: node, ttl ms, contribution ('' withdraws it).
-static ROOM_PUT: Script = Script::new(
+static ROOM_PUT: Script = Script::new(concat!(
+    now_ms!(),
     r#"
 local ttl = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if ARGV[3] == '' then
   redis.call('DEL', KEYS[2])
@@ -105,32 +111,30 @@ redis.call('SET', KEYS[2], ARGV[3], 'PX', ttl)
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 1
-"#,
-);
+"#
+));
 
 /// KEYS: room index. Returns every live contribution. Each node's key is the index's name with
 /// `:<node>` added, on the same slot.
-static ROOM_GET: Script = Script::new(
+static ROOM_GET: Script = Script::new(concat!(
+    now_ms!(),
     r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
   local v = redis.call('GET', KEYS[1] .. ':' .. node)
   if v then out[#out + 1] = v end
 end
 return out
-"#,
-);
+"#
+));
 
 /// KEYS: users index, this node's users hash. ARGV: node, ttl ms, '1' to start the hash over,
 /// then pairs of user and connections (0 removes the user). Returns 1 when the hash was there
 /// before this call.
-static USERS_BEAT: Script = Script::new(
+static USERS_BEAT: Script = Script::new(concat!(
+    now_ms!(),
     r#"
 local ttl = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local existed = redis.call('EXISTS', KEYS[2])
 if ARGV[3] == '1' then redis.call('DEL', KEYS[2]) end
@@ -149,21 +153,20 @@ redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return existed
-"#,
-);
+"#
+));
 
 /// KEYS: users index. ARGV: user. Returns the user's connections over every live node.
-static USER_GET: Script = Script::new(
+static USER_GET: Script = Script::new(concat!(
+    now_ms!(),
     r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = 0
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
   n = n + tonumber(redis.call('HGET', KEYS[1] .. ':' .. node, ARGV[1]) or '0')
 end
 return n
-"#,
-);
+"#
+));
 
 fn ttl_ms(ttl: Duration) -> Value {
     Value::Integer(ttl.as_millis().clamp(1, i64::MAX as u128) as i64)
