@@ -7,7 +7,7 @@
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::auth::JwtKey;
 use crate::{
@@ -17,7 +17,7 @@ use crate::{
 
 /// Command-line flags. Each has a `SHARDCAST_*` environment variable and a key of the same name
 /// (with `_` for `-`) in the `--config` TOML file.
-#[derive(Debug, Default, Parser, Deserialize)]
+#[derive(Debug, Default, Parser, Deserialize, Serialize)]
 #[command(
     name = "shardcast",
     version,
@@ -210,6 +210,10 @@ pub struct Args {
     #[arg(long, env = "SHARDCAST_MAX_DATA_DEPTH")]
     pub max_data_depth: Option<String>,
 
+    /// Log lines as `text` (for people) or `json` (one object per line, for log shippers). [default: text]
+    #[arg(long, env = "SHARDCAST_LOG_FORMAT")]
+    pub log_format: Option<String>,
+
     /// Presence: live counts and member lists of rooms, and users' online status (true or false). [default: true]
     #[arg(long, env = "SHARDCAST_PRESENCE")]
     pub presence: Option<String>,
@@ -278,6 +282,15 @@ pub struct Config {
     pub presence_tick: Duration,
     pub presence_ttl: Duration,
     pub presence_list_max: usize,
+    pub log_format: LogFormat,
+}
+
+/// How the node writes its log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for Config {
@@ -327,6 +340,7 @@ impl Default for Config {
             presence_tick: Duration::from_secs(1),
             presence_ttl: Duration::from_secs(3),
             presence_list_max: 1000,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -358,6 +372,31 @@ impl Args {
         let file: Args =
             toml::from_str(&text).map_err(|e| ConfigError(vec![format!("--config {}: {e}", path.display())]))?;
         Ok(self.over(file))
+    }
+
+    /// Every setting given (by flag, variable or file), as `--flag=value`, secrets redacted: what
+    /// the start-up line shows of how this node differs from the defaults.
+    pub fn given(&self) -> Vec<String> {
+        const SECRETS: [&str; 2] = ["jwt_secret", "api_key"];
+        let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(self) else {
+            return Vec::new();
+        };
+        fields
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let value = match value {
+                    serde_json::Value::String(s) => s,
+                    serde_json::Value::Array(list) if !list.is_empty() => list
+                        .iter()
+                        .filter_map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    _ => return None,
+                };
+                let value = if SECRETS.contains(&key.as_str()) { "<redacted>".into() } else { value };
+                Some(format!("--{}={value}", key.replace('_', "-")))
+            })
+            .collect()
     }
 
     /// `self` wins over `base` setting by setting.
@@ -417,6 +456,7 @@ impl Args {
             presence_tick: self.presence_tick.or(base.presence_tick),
             presence_ttl: self.presence_ttl.or(base.presence_ttl),
             presence_list_max: self.presence_list_max.or(base.presence_list_max),
+            log_format: self.log_format.or(base.log_format),
         }
     }
 
@@ -479,6 +519,7 @@ impl Args {
         set!("publish-burst", self.publish_burst, rate => publish_burst);
         set!("require-exp", self.require_exp, boolean => require_exp);
         set!("max-data-depth", self.max_data_depth, data_depth => max_data_depth);
+        set!("log-format", self.log_format, log_format => log_format);
         set!("presence", self.presence, boolean => presence);
         set!("presence-tick", self.presence_tick, duration => presence_tick);
         set!("presence-ttl", self.presence_ttl, duration => presence_ttl);
@@ -538,6 +579,14 @@ const MAX_WRITE_COALESCE: Duration = Duration::from_secs(1);
 
 fn bad(flag: &str, raw: &str, e: String) -> String {
     format!("--{flag} {raw:?}: {e}")
+}
+
+fn log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected text or json".into()),
+    }
 }
 
 fn addr(s: &str) -> Result<SocketAddr, String> {

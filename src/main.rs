@@ -1,21 +1,31 @@
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use clap::Parser;
-use shardcast::config::Args;
+use shardcast::config::{Args, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
-    let config = match Args::parse().with_file().and_then(|a| a.resolve()) {
+    let (config, given) = match Args::parse().with_file().and_then(|a| {
+        let given = a.given();
+        a.resolve().map(|c| (c, given))
+    }) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("shardcast: {e}");
             std::process::exit(2);
         }
     };
+    logs(config.log_format);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        node = %config.node_id,
+        bus = if config.redis.is_empty() { "embedded" } else { "redis-cluster" },
+        settings = %given.join(" "),
+        "starting"
+    );
     if config.api_key.is_none() {
         tracing::warn!("auth is off: POST /publish is open and clients name themselves with ?user=");
     }
@@ -40,6 +50,19 @@ async fn main() -> anyhow::Result<()> {
     shardcast::run(listener, config, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Logs to stderr, in colour only when it is a terminal; `RUST_LOG` filters (default `info`).
+/// JSON lines carry `timestamp`, `level`, `target`, `message` and the event's own fields.
+fn logs(format: LogFormat) {
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).with_span_list(false).init(),
+    }
 }
 
 async fn wait_for_signal() {

@@ -44,6 +44,7 @@ pub fn router(node: Node) -> Router {
         .route("/publish", post(publish_http).layer(Extension(throttle)))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/acceptz", get(acceptz))
         .route("/metrics", get(metrics));
     let router = match node.presence() {
         Some(_) => router
@@ -429,6 +430,19 @@ async fn readyz(State(node): State<Node>) -> (StatusCode, &'static str) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "bus unavailable\n")
+    }
+}
+
+/// For a load balancer's health check: 503 only when this node should get no new clients
+/// (draining, or at `--max-connections`). Unlike `/readyz` it stays 200 while Redis blips, which
+/// would otherwise take every node out of rotation at once.
+async fn acceptz(State(node): State<Node>) -> (StatusCode, &'static str) {
+    if node.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if node.hub().sessions() >= node.config().max_connections {
+        (StatusCode::SERVICE_UNAVAILABLE, "full\n")
+    } else {
+        (StatusCode::OK, "accepting\n")
     }
 }
 
