@@ -386,14 +386,16 @@ impl Args {
             .filter_map(|(key, value)| {
                 let value = match value {
                     serde_json::Value::String(s) => s,
-                    serde_json::Value::Array(list) if !list.is_empty() => list
-                        .iter()
-                        .filter_map(|v| v.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","),
+                    serde_json::Value::Array(list) if !list.is_empty() => {
+                        list.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(",")
+                    }
                     _ => return None,
                 };
-                let value = if SECRETS.contains(&key.as_str()) { "<redacted>".into() } else { value };
+                let value = if SECRETS.contains(&key.as_str()) {
+                    "<redacted>".into()
+                } else {
+                    value
+                };
                 Some(format!("--{}={value}", key.replace('_', "-")))
             })
             .collect()
