@@ -142,6 +142,10 @@ pub async fn run(
         Command::Join { room, since, presence } => {
             let room: Arc<str> = room.into();
             if membership.rooms.contains(&room) {
+                // Joined already: asking for presence now starts the events.
+                if presence {
+                    membership.watch(&room, out);
+                }
                 return ok();
             }
             may_join(membership, &room, id)?;

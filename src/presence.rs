@@ -262,6 +262,10 @@ impl Presence {
                         return None;
                     }
                     r.dirty = false;
+                    if r.local.is_empty() && r.written.is_none() {
+                        // Joined and left between two ticks: nothing was written to withdraw.
+                        return None;
+                    }
                     let value = r.contribution(self.list_max).map(|c| c.encode());
                     r.written = value.is_some().then_some(now);
                     Some((room.clone(), value))

@@ -411,6 +411,13 @@ async fn embedded_presence_answers_from_memory_and_refuses_bad_input() {
     let r = http.get(node.url("/users/ann")).send().await.unwrap();
     assert_eq!(r.status(), 401);
 
+    // In the room already, then asking for its events: they start.
+    ann.join("open2").await;
+    let r = ann.request(json!({"op":"join","room":"open2","presence":true})).await;
+    assert_eq!(r["op"], "ok", "{r}");
+    let event = ann.recv().await.unwrap();
+    assert_eq!(event, json!({"op":"presence","room":"open2","count":1}));
+
     drop(ann);
     eventually("ann offline once her socket closed", || async {
         get("/users/ann").await.unwrap().json::<Value>().await.unwrap() == json!({"online":false,"connections":0})
