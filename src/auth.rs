@@ -1,6 +1,7 @@
 //! Who may connect, join and publish. With `--jwt-secret` or `--jwt-public-key` set, every upgrade
 //! carries a JWT: `sub` is the user id, `rooms` (glob patterns) limits what it may join, `pub`
-//! allows publishing and direct messages, and `exp` bounds the connection's life. Without either,
+//! allows publishing and direct messages, `exp` bounds the connection's life, and `limits`
+//! (`{"rate":N,"burst":N}`) gives a trusted connection, such as a feed, its own command rate. Without either,
 //! clients name themselves and may do anything (the embedded default; the node warns at start).
 //!
 //! Time claims: `exp` and `nbf` are checked with [`LEEWAY_SECS`] of leeway for clocks that differ a
@@ -52,7 +53,19 @@ pub struct Grants {
     /// Seconds since the Unix epoch after which the connection is closed; at most
     /// [`MAX_CLAIM_SECS`].
     pub expires: Option<u64>,
+    /// The token's own command rate, instead of `--command-rate` and `--command-burst`.
+    pub limits: Option<Limits>,
 }
+
+/// A connection's command budget: `rate` commands a second after a burst of `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub rate: u32,
+    pub burst: u32,
+}
+
+/// The most a `limits` claim may raise either number to.
+pub const MAX_LIMIT: u32 = 1_000_000;
 
 impl Grants {
     /// No auth configured: the client's own name, every right.
@@ -62,6 +75,7 @@ impl Grants {
             rooms: None,
             can_publish: true,
             expires: None,
+            limits: None,
         }
     }
 
@@ -84,6 +98,29 @@ struct Claims {
     rooms: Option<Vec<String>>,
     #[serde(rename = "pub")]
     publish: Option<bool>,
+    limits: Option<serde_json::Value>,
+}
+
+/// The `limits` claim: an object of exactly `rate` and `burst`, each from 1 to [`MAX_LIMIT`].
+fn limits(claim: &serde_json::Value) -> Result<Limits, AuthError> {
+    let bad = || {
+        AuthError::Invalid(format!(
+            "limits must be {{\"rate\":N,\"burst\":N}}, each from 1 to {MAX_LIMIT}"
+        ))
+    };
+    let fields = claim.as_object().filter(|o| o.len() == 2).ok_or_else(bad)?;
+    let number = |key: &str| {
+        fields
+            .get(key)
+            .and_then(serde_json::Value::as_u64)
+            .filter(|n| (1..=u64::from(MAX_LIMIT)).contains(n))
+            .map(|n| n as u32)
+            .ok_or_else(bad)
+    };
+    Ok(Limits {
+        rate: number("rate")?,
+        burst: number("burst")?,
+    })
 }
 
 /// Checks tokens against the configured key.
@@ -154,11 +191,13 @@ impl Verifier {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
+        let limits = claims.limits.as_ref().map(limits).transpose()?;
         Ok(Grants {
             user: claims.sub.into(),
             rooms,
             can_publish: claims.publish.unwrap_or(false),
             expires: claims.exp,
+            limits,
         })
     }
 }
@@ -196,6 +235,34 @@ mod tests {
         assert!(g.may_publish());
         let g = v.verify(&token(json!({"sub":"bob","exp":later()}), "k")).unwrap();
         assert!(g.may_join("anything") && !g.may_publish());
+        assert_eq!(g.limits, None);
+    }
+
+    #[test]
+    fn a_limits_claim_is_the_connections_rate_and_a_bad_one_is_refused() {
+        let v = Verifier::new(&JwtKey::Secret("k".into())).unwrap();
+        let g = v
+            .verify(&token(json!({"sub":"feed","limits":{"rate":20000,"burst":40000}}), "k"))
+            .unwrap();
+        assert_eq!(
+            g.limits,
+            Some(Limits {
+                rate: 20000,
+                burst: 40000
+            })
+        );
+        for bad in [
+            json!({"rate":0,"burst":10}),
+            json!({"rate":10,"burst":MAX_LIMIT + 1}),
+            json!({"rate":-1,"burst":10}),
+            json!({"rate":"lots","burst":10}),
+            json!({"rate":10}),
+            json!({"rate":10,"burst":10,"ceiling":1}),
+            json!([10, 10]),
+        ] {
+            let t = token(json!({"sub":"feed","limits":bad}), "k");
+            assert!(v.verify(&t).is_err(), "accepted limits {bad}");
+        }
     }
 
     #[test]

@@ -87,6 +87,14 @@ impl Membership {
         self.grants.expires
     }
 
+    /// Commands a second and the burst this connection may send: its token's `limits`, else the
+    /// node's `--command-rate` and `--command-burst`.
+    pub fn command_limits(&self, config: &crate::config::Config) -> (u32, u32) {
+        self.grants
+            .limits
+            .map_or((config.command_rate, config.command_burst), |l| (l.rate, l.burst))
+    }
+
     pub fn user_topic(&self) -> Topic {
         Topic::User(self.grants.user.clone())
     }

@@ -338,7 +338,8 @@ async fn read(
     heard: &Heard,
 ) -> CloseReason {
     let config = node.config();
-    let mut limit = RateLimit::new(config.command_rate, config.command_burst, Instant::now());
+    let (rate, burst) = membership.command_limits(config);
+    let mut limit = RateLimit::new(rate, burst, Instant::now());
     while let Some(msg) = stream.next().await {
         heard.now();
         let request = match msg {
@@ -394,7 +395,10 @@ async fn answer(
             Err(FrameError::new(
                 id,
                 ErrorCode::RateLimited,
-                format!("more than {} commands per second", node.config().command_rate),
+                format!(
+                    "more than {} commands per second",
+                    membership.command_limits(node.config()).0
+                ),
             ))
         }
     };

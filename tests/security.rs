@@ -215,3 +215,47 @@ async fn name_length_and_alphabet_can_be_narrowed() {
     assert_eq!(r.status(), 400);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokens_limits_claim_raises_the_rate_for_that_connection_only() {
+    let mut cfg = config(None, "token-limits");
+    cfg.jwt = Some(JwtKey::Secret(SECRET.into()));
+    cfg.command_rate = 5;
+    cfg.command_burst = 5;
+    let node = Node::start(cfg).await;
+    let feed = hs256(json!({"sub":"feed","pub":true,"limits":{"rate":100000,"burst":100000}}));
+    let fan = hs256(json!({"sub":"fan","pub":true}));
+    let mut feed = Client::connect(&node.ws(&format!("?token={feed}"))).await;
+    let mut fan = Client::connect(&node.ws(&format!("?token={fan}"))).await;
+
+    // 1,000 publishes back to back from the feed: every one answered `ok`.
+    for i in 0..1000 {
+        feed.send(json!({"op":"pub","room":"scores","data":i,"id":i})).await;
+    }
+    for i in 0..1000 {
+        let r = feed.reply(i).await;
+        assert_eq!(r["op"], "ok", "publish {i}: {r}");
+    }
+    // The other connection keeps the node's 5 a second, burst 5.
+    for i in 0..10 {
+        fan.send(json!({"op":"ping","id":i})).await;
+    }
+    let mut ops = Vec::new();
+    for _ in 0..10 {
+        let v = fan.recv().await.unwrap();
+        ops.push(v["code"].as_str().unwrap_or(v["op"].as_str().unwrap()).to_string());
+    }
+    assert!(ops.iter().filter(|o| *o == "rate_limited").count() >= 4, "{ops:?}");
+
+    // A bad claim is refused before the upgrade.
+    for bad in [
+        json!({"rate":0,"burst":10}),
+        json!({"rate":"many","burst":10}),
+        json!({"rate":10}),
+        json!([10, 10]),
+    ] {
+        let token = hs256(json!({"sub":"feed","limits":bad}));
+        assert_eq!(refused(node.ws(&format!("?token={token}"))).await, 401, "{bad}");
+    }
+    node.stop().await;
+}
