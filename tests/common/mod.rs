@@ -44,7 +44,10 @@ impl Cluster {
             match Cluster::up(&["--port", "auto"], masters, replicas, 2000) {
                 Ok(cluster) => return cluster,
                 // A port picked as free may have been taken meanwhile: try again with others.
-                Err(e) => last_err = e,
+                Err(e) => {
+                    eprintln!("{e}");
+                    last_err = e;
+                }
             }
         }
         panic!("redis-cluster/up failed: {last_err}");
