@@ -29,7 +29,7 @@ use crate::{
     metrics as m,
     node::Node,
     presence::{listed, Presence},
-    publish::publish,
+    publish::{wrap, Outgoing},
     topic::Topic,
 };
 
@@ -229,35 +229,64 @@ pub async fn run(
             out.gate.send(reply.encode(out.encoding));
             Ok(None)
         }
-        Command::Pub { .. } | Command::Dm { .. } if !membership.grants.may_publish() => Err(FrameError::new(
+        // Sent through the connection's outbox (see `to_publish`), never run here.
+        Command::Pub { .. } | Command::Dm { .. } => unreachable!("publishes are taken out before run"),
+    }
+}
+
+/// A `pub` or `dm` checked and wrapped for the bus; [`crate::outbox`] sends it.
+pub struct Publish {
+    pub id: Option<i64>,
+    pub direct: bool,
+    pub out: Outgoing,
+}
+
+/// Takes a `pub` or `dm` out of the commands: its names and the right to publish checked, wrapped
+/// in its envelope. Any other command comes back as it was.
+pub fn to_publish(
+    request: Request,
+    node: &Node,
+    membership: &Membership,
+) -> Result<Result<Publish, FrameError>, Request> {
+    let id = request.id;
+    let (kind, target, data, code) = match request.command {
+        Command::Pub { room, data } => (Kind::Room, room, data, ErrorCode::BadRoom),
+        Command::Dm { to, data } => (Kind::Direct, to, data, ErrorCode::BadUser),
+        command => return Err(Request { id, command }),
+    };
+    if let Err(e) = node.config().names.check(&target) {
+        return Ok(Err(FrameError::new(id, code, e.to_string())));
+    }
+    if !membership.grants.may_publish() {
+        return Ok(Err(FrameError::new(
             id,
             ErrorCode::Forbidden,
             "the token does not allow publishing",
-        )),
-        Command::Pub { room, data } => {
-            let pos = publish(node, Kind::Room, room, &membership.grants.user, data)
-                .await
-                .map_err(|e| match e {
-                    BusError::Unconfirmed(pos) => FrameError {
-                        pos: Some(pos),
-                        ..FrameError::new(id, ErrorCode::Unconfirmed, e.to_string())
-                    },
-                    e => unavailable(&e),
-                })?;
-            m::published("ws");
-            Ok(id.map(|_| Reply {
-                pos: pos.map(|p| Positions::One(p.to_string())),
-                ..Reply::op("ok", id)
-            }))
-        }
-        Command::Dm { to, data } => {
-            publish(node, Kind::Direct, to, &membership.grants.user, data)
-                .await
-                .map_err(|e| unavailable(&e))?;
-            m::published("ws");
-            ok()
-        }
+        )));
     }
+    Ok(Ok(Publish {
+        id,
+        direct: kind == Kind::Direct,
+        out: wrap(node, kind, target, &membership.grants.user, data),
+    }))
+}
+
+/// The answer to a publish once the bus has it: `ok` (with its position in a room with history)
+/// or the error.
+pub fn published(p: &Publish, result: Result<Option<Pos>, BusError>) -> Result<Option<Reply<'static>>, FrameError> {
+    let id = p.id;
+    let pos = result.map_err(|e| match e {
+        BusError::Unconfirmed(pos) if !p.direct => FrameError {
+            pos: Some(pos),
+            ..FrameError::new(id, ErrorCode::Unconfirmed, e.to_string())
+        },
+        e => FrameError::new(id, ErrorCode::Unavailable, e.to_string()),
+    })?;
+    m::published("ws");
+    Ok(id.map(|_| Reply {
+        pos: pos.map(|p| Positions::One(p.to_string())),
+        ..Reply::op("ok", id)
+    }))
 }
 
 fn may_join(membership: &Membership, room: &str, id: Option<i64>) -> Result<(), FrameError> {

@@ -210,6 +210,11 @@ pub struct Args {
     #[arg(long, env = "SHARDCAST_MAX_DATA_DEPTH")]
     pub max_data_depth: Option<String>,
 
+    /// `pub` and `dm` commands one connection may have waiting for the bus; past it the node stops
+    /// reading the socket until answers come back (1 to 4096). [default: 64]
+    #[arg(long, env = "SHARDCAST_MAX_INFLIGHT_PUBLISHES")]
+    pub max_inflight_publishes: Option<String>,
+
     /// Log lines as `text` (for people) or `json` (one object per line, for log shippers). [default: text]
     #[arg(long, env = "SHARDCAST_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -283,6 +288,7 @@ pub struct Config {
     pub presence_ttl: Duration,
     pub presence_list_max: usize,
     pub log_format: LogFormat,
+    pub max_inflight_publishes: usize,
 }
 
 /// How the node writes its log.
@@ -341,6 +347,7 @@ impl Default for Config {
             presence_ttl: Duration::from_secs(3),
             presence_list_max: 1000,
             log_format: LogFormat::Text,
+            max_inflight_publishes: 64,
         }
     }
 }
@@ -459,6 +466,7 @@ impl Args {
             presence_ttl: self.presence_ttl.or(base.presence_ttl),
             presence_list_max: self.presence_list_max.or(base.presence_list_max),
             log_format: self.log_format.or(base.log_format),
+            max_inflight_publishes: self.max_inflight_publishes.or(base.max_inflight_publishes),
         }
     }
 
@@ -522,6 +530,7 @@ impl Args {
         set!("require-exp", self.require_exp, boolean => require_exp);
         set!("max-data-depth", self.max_data_depth, data_depth => max_data_depth);
         set!("log-format", self.log_format, log_format => log_format);
+        set!("max-inflight-publishes", self.max_inflight_publishes, |s| bounded_count(s, 4096) => max_inflight_publishes);
         set!("presence", self.presence, boolean => presence);
         set!("presence-tick", self.presence_tick, duration => presence_tick);
         set!("presence-ttl", self.presence_ttl, duration => presence_ttl);

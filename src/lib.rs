@@ -21,7 +21,8 @@
 //!   [`throttle`]: the per-address rate of `POST /publish`.
 //! - [`auth`]: tokens and what they grant; [`names`]: what a room or user name may be.
 //! - [`session`]: one socket: reader, commands, pings, congested writes and closes.
-//! - [`publish`]: wraps a message in an envelope and hands it to the bus.
+//! - [`publish`]: wraps a message in an envelope and hands it to the bus; [`outbox`]: a
+//!   connection's publishes in flight, sent in batches, answered in order.
 //! - [`frame`]: client frames in both encodings; [`wire`]: server frames as bytes on the wire;
 //!   [`envelope`]: the bus envelope; [`encoding`]: JSON and MessagePack; [`close`]: close and
 //!   error codes.
@@ -54,6 +55,7 @@ pub mod interest;
 pub mod metrics;
 pub mod names;
 pub mod node;
+pub mod outbox;
 pub mod paced;
 pub mod presence;
 pub mod publish;

@@ -153,6 +153,44 @@ impl Bus {
         result
     }
 
+    /// Publishes messages to one channel in order, in one round trip where the bus allows; one
+    /// result per message, in order. A message that fails fails every one after it, so no later
+    /// message goes out while an earlier one of the channel was lost.
+    pub async fn publish_in_order(
+        &self,
+        channel: &str,
+        items: Vec<(Bytes, Option<Keep>)>,
+    ) -> Vec<Result<Option<Pos>, BusError>> {
+        let results = match self {
+            Bus::Redis(b) => b.publish_in_order(channel, items).await,
+            Bus::Memory(b) => {
+                let mut failed: Option<BusError> = None;
+                items
+                    .into_iter()
+                    .map(|(payload, keep)| {
+                        if let Some(e) = &failed {
+                            return Err(e.clone());
+                        }
+                        let r = match keep {
+                            None => b.publish(channel, payload).map(|()| None),
+                            Some(keep) => b.append(channel, &payload, keep).map(Some),
+                        };
+                        if let Err(e) = &r {
+                            failed = Some(e.clone());
+                        }
+                        r
+                    })
+                    .collect()
+            }
+        };
+        for r in &results {
+            if r.is_err() {
+                m::publish_error();
+            }
+        }
+        results
+    }
+
     /// Reads a channel's history: its position now and its newest messages after `after`, at
     /// most `cap` of them (none with a `cap` of 0). A channel without history gets one, empty,
     /// kept as `keep` says, so that a reader starting from nothing has an epoch to hold on to.

@@ -527,6 +527,118 @@ impl RedisBus {
         self.inner.eval(script, route, keys, args).await
     }
 
+    /// Publishes several messages to one channel in order, in one round trip: one pipeline of
+    /// SPUBLISH (or the append script, for history) on the channel's master. Where an answer is an
+    /// error (the slot moved or is moving, the script is not loaded), that message and every one
+    /// after it are published again one at a time, each only once the one before it succeeded, and
+    /// all after the first that still fails fail too: a later message never goes out while an
+    /// earlier one of the same channel was lost.
+    pub async fn publish_in_order(
+        &self,
+        channel: &str,
+        items: Vec<(Bytes, Option<Keep>)>,
+    ) -> Vec<Result<Option<Pos>, BusError>> {
+        let pipelined = match self.pipelined(channel, &items).await {
+            Ok(results) => results,
+            Err(e) => return items.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let mut items = items.into_iter();
+        for result in pipelined {
+            let (payload, keep) = items.next().expect("one answer per message");
+            match result {
+                Some(answer) => out.push(answer),
+                None => {
+                    // The first message the pipeline could not publish: this one and the rest, in turn.
+                    let mut failed = None;
+                    for (payload, keep) in std::iter::once((payload, keep)).chain(items.by_ref()) {
+                        let r = match &failed {
+                            Some(e) => Err(BusError::clone(e)),
+                            None => self.publish_one(channel, payload, keep).await,
+                        };
+                        if let Err(e) = &r {
+                            failed.get_or_insert_with(|| e.clone());
+                        }
+                        out.push(r);
+                    }
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    async fn publish_one(&self, channel: &str, payload: Bytes, keep: Option<Keep>) -> Result<Option<Pos>, BusError> {
+        match keep {
+            None => self.publish(channel.to_string(), payload).await.map(|()| None),
+            Some(keep) => self.append(channel.to_string(), payload, keep).await.map(Some),
+        }
+    }
+
+    /// The pipeline of [`RedisBus::publish_in_order`]: per message its answer, or `None` from the
+    /// first one Redis refused on (to be published again in turn). With `--publish-replicas` every
+    /// append waits for its confirmation, so messages go one at a time instead.
+    async fn pipelined(
+        &self,
+        channel: &str,
+        items: &[(Bytes, Option<Keep>)],
+    ) -> Result<Vec<Option<Result<Option<Pos>, BusError>>>, BusError> {
+        let history = items.iter().any(|(_, keep)| keep.is_some());
+        let sha = APPEND_SCRIPT.sha.get().cloned();
+        if items.len() == 1 || (history && (self.inner.replicas > 0 || sha.is_none())) {
+            return Ok(items.iter().map(|_| None).collect());
+        }
+        let link = self
+            .inner
+            .link_for(redis_keyslot(channel.as_bytes()))
+            .ok_or_else(|| unavailable("no master known for the channel's slot"))?;
+        if !link.publisher.is_connected() {
+            return Err(unavailable(format!("not connected to {}", link.server)));
+        }
+        let pipeline = link.publisher.pipeline();
+        for (payload, keep) in items {
+            let queued: Result<(), _> = match (keep, &sha) {
+                (Some(keep), Some(sha)) => {
+                    let keys = vec![stream_key(channel), meta_key(channel), channel.to_string()];
+                    let ttl = keep.ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
+                    let mut call: Vec<Value> = vec![Value::from(sha.as_str()), Value::Integer(keys.len() as i64)];
+                    call.extend(keys.into_iter().map(Value::from));
+                    call.extend([
+                        Value::Bytes(payload.clone()),
+                        Value::Integer(i64::from(keep.size)),
+                        Value::Integer(ttl),
+                    ]);
+                    pipeline
+                        .custom(CustomCommand::new_static("EVALSHA", None::<u16>, false), call)
+                        .await
+                }
+                _ => pipeline.spublish(channel.to_string(), payload.clone()).await,
+            };
+            queued.map_err(unavailable)?;
+        }
+        let answers: Vec<Result<Value, fred::error::Error>> =
+            match tokio::time::timeout(self.inner.timeout, pipeline.try_all::<Value>()).await {
+                Ok(answers) => answers,
+                Err(_) => return Err(unavailable("no answer from Redis in time")),
+            };
+        let mut out = Vec::with_capacity(items.len());
+        let mut refused = false;
+        for ((_, keep), answer) in items.iter().zip(answers) {
+            refused |= answer.is_err();
+            out.push((!refused).then(|| {
+                match (keep, answer) {
+                    (None, _) => Ok(None),
+                    (Some(_), Ok(v)) => bytes_of(v)
+                        .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
+                        .map(Some)
+                        .ok_or_else(|| unavailable("the append script answered something else than a position")),
+                    (Some(_), Err(e)) => Err(unavailable(e)),
+                }
+            }));
+        }
+        Ok(out)
+    }
+
     /// Reads the channel's history (see [`crate::bus::Bus::read`]).
     pub async fn read(&self, channel: &str, after: u64, cap: usize, keep: Keep) -> Result<Slice, BusError> {
         let keys = vec![stream_key(channel), meta_key(channel)];

@@ -1,0 +1,128 @@
+//! A connection's publishes in flight: up to `--max-inflight-publishes` `pub` and `dm` commands
+//! the socket's reader has taken and not yet answered, so one connection's publish rate is not
+//! bound by round trips to Redis.
+//!
+//! Publishes go out in batches: everything waiting when the last batch was answered, grouped by
+//! channel, each channel's messages in one pipeline in the order they came
+//! ([`crate::bus::Bus::publish_in_order`]), so one sender's messages keep their order on the bus,
+//! retries included. The next batch goes out once this one is answered; under load batches grow by
+//! themselves (a natural batch: what arrived during one round trip), when quiet each publish goes
+//! out alone and at once. Answers come back in the order the publishes were sent, refused ones
+//! included. Past the window the reader stops reading (backpressure): nothing is dropped and the
+//! outbox never holds more than the window.
+
+use std::{
+    collections::VecDeque,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use indexmap::IndexMap;
+
+use crate::{
+    bus::{stream::Keep, BusError},
+    commands::{published, Publish},
+    encoding::Encoding,
+    frame::{FrameError, Reply},
+    metrics as m,
+    node::Node,
+};
+
+/// One publish waiting for its answer.
+pub enum Entry {
+    Publish(Publish),
+    /// Refused before it reached the bus (rate limit, rights, a bad name): answered in its turn.
+    Refused(FrameError),
+}
+
+type Batch = Pin<Box<dyn Future<Output = Vec<Bytes>> + Send>>;
+
+pub struct Outbox {
+    max: usize,
+    waiting: VecDeque<Entry>,
+    /// The batch on the bus, and how many publishes it holds.
+    sending: Option<(usize, Batch)>,
+}
+
+impl Outbox {
+    pub fn new(max: usize) -> Outbox {
+        Outbox {
+            max: max.max(1),
+            waiting: VecDeque::new(),
+            sending: None,
+        }
+    }
+
+    /// The window is full: the reader must wait for answers before it takes another command.
+    pub fn is_full(&self) -> bool {
+        self.waiting.len() + self.sending.as_ref().map_or(0, |(n, _)| *n) >= self.max
+    }
+
+    pub fn push(&mut self, entry: Entry) {
+        self.waiting.push_back(entry);
+    }
+
+    /// The answers of the next batch, in the order its publishes came; sends the waiting ones as a
+    /// batch when none is on the bus. Pending while nothing waits (the reader polls again after
+    /// it pushes). A poll rather than an async fn, so that the reader's idle state stays small.
+    pub fn poll_answers(&mut self, cx: &mut Context<'_>, node: &Node, encoding: Encoding) -> Poll<Vec<Bytes>> {
+        if self.sending.is_none() {
+            if self.waiting.is_empty() {
+                return Poll::Pending;
+            }
+            let batch: Vec<Entry> = self.waiting.drain(..).collect();
+            self.sending = Some((batch.len(), Box::pin(send(node.clone(), encoding, batch))));
+        }
+        let (_, batch) = self.sending.as_mut().expect("a batch on the bus");
+        let answers = std::task::ready!(batch.as_mut().poll(cx));
+        self.sending = None;
+        Poll::Ready(answers)
+    }
+}
+
+/// Where a batch's messages for one channel came in it, and the messages.
+type Channel = (Vec<usize>, Vec<(Bytes, Option<Keep>)>);
+
+/// Sends one batch, a pipeline per channel, and answers every entry in order.
+async fn send(node: Node, encoding: Encoding, batch: Vec<Entry>) -> Vec<Bytes> {
+    let mut channels: IndexMap<&str, Channel> = IndexMap::new();
+    for (i, entry) in batch.iter().enumerate() {
+        if let Entry::Publish(p) = entry {
+            let (places, items) = channels.entry(p.out.channel.as_str()).or_default();
+            places.push(i);
+            items.push((p.out.envelope.clone(), p.out.keep));
+        }
+    }
+    let bus = node.bus();
+    let sent = join_all(channels.into_iter().map(|(channel, (places, items))| async move {
+        places.into_iter().zip(bus.publish_in_order(channel, items).await)
+    }))
+    .await;
+    let mut results: Vec<Option<_>> = batch.iter().map(|_| None).collect();
+    for (i, result) in sent.into_iter().flatten() {
+        results[i] = Some(result);
+    }
+    batch
+        .iter()
+        .zip(results)
+        .filter_map(|(entry, result)| {
+            let answer = match entry {
+                Entry::Publish(p) => {
+                    let result = result.unwrap_or_else(|| Err(BusError::Unavailable("not sent".into())));
+                    published(p, result)
+                }
+                Entry::Refused(e) => Err(e.clone()),
+            };
+            match answer {
+                Ok(reply) => reply.map(|r| r.encode(encoding)),
+                Err(e) => {
+                    m::bad_frame(e.code.as_str());
+                    Some(Reply::error(&e).encode(encoding))
+                }
+            }
+        })
+        .collect()
+}
