@@ -209,6 +209,10 @@ pub struct Args {
     /// refused with `bad_data`. [default: 64]
     #[arg(long, env = "SHARDCAST_MAX_DATA_DEPTH")]
     pub max_data_depth: Option<String>,
+
+    /// Serve the demo page (a scoreboard and a chat built on the JS client) at GET /demo (true or false). [default: false]
+    #[arg(long, env = "SHARDCAST_DEMO")]
+    pub demo: Option<String>,
 }
 
 /// The validated configuration every part of the node reads.
@@ -256,6 +260,8 @@ pub struct Config {
     pub publish_burst: u32,
     pub require_exp: bool,
     pub max_data_depth: usize,
+    /// Serve `GET /demo`.
+    pub demo: bool,
 }
 
 impl Default for Config {
@@ -301,6 +307,7 @@ impl Default for Config {
             publish_burst: 2000,
             require_exp: false,
             max_data_depth: crate::frame::DEFAULT_DATA_DEPTH,
+            demo: false,
         }
     }
 }
@@ -387,6 +394,7 @@ impl Args {
             publish_burst: self.publish_burst.or(base.publish_burst),
             require_exp: self.require_exp.or(base.require_exp),
             max_data_depth: self.max_data_depth.or(base.max_data_depth),
+            demo: self.demo.or(base.demo),
         }
     }
 
@@ -449,6 +457,7 @@ impl Args {
         set!("publish-burst", self.publish_burst, rate => publish_burst);
         set!("require-exp", self.require_exp, boolean => require_exp);
         set!("max-data-depth", self.max_data_depth, data_depth => max_data_depth);
+        set!("demo", self.demo, boolean => demo);
         for raw in self.redis {
             match redis_url(raw.trim()) {
                 Ok(url) => c.redis.push(url),

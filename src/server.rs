@@ -1,4 +1,5 @@
-//! HTTP and WebSocket on one listener: `/ws`, `/publish`, `/healthz`, `/readyz`, `/metrics`.
+//! HTTP and WebSocket on one listener: `/ws`, `/publish`, `/healthz`, `/readyz`, `/metrics`, and
+//! `/demo` with `--demo true`.
 //! Requests are checked here and turned into hub and bus calls; errors map to the wire here only.
 
 use std::{collections::HashMap, sync::Arc};
@@ -37,13 +38,19 @@ use crate::{
 
 pub fn router(node: Node) -> Router {
     let throttle = Arc::new(Throttle::new(node.config().publish_rate, node.config().publish_burst));
-    Router::new()
+    let router = Router::new()
         .route("/ws", get(upgrade))
         .route("/publish", post(publish_http).layer(Extension(throttle)))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(node)
+        .route("/metrics", get(metrics));
+    // Off by default: a production node serves no page (404).
+    let router = if node.config().demo {
+        router.route("/demo", get(crate::demo::page))
+    } else {
+        router
+    };
+    router.with_state(node)
 }
 
 /// Only `GET /metrics`, for `--metrics-listen`.
