@@ -4,6 +4,7 @@
 
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
+import { monitorEventLoopDelay } from "node:perf_hooks";
 import WebSocket from "ws";
 import { connect as connectMsgpack } from "../dist/msgpack.js";
 import { connect, hs256, prefixes, startBalancer, startCluster, startNode, until } from "./harness.mjs";
@@ -32,8 +33,10 @@ function historyArgs(extra = []) {
   ];
 }
 
+/** Two such nodes, sharing their channels. */
 async function twoNodes(extra = []) {
-  return Promise.all([startNode(historyArgs(extra)), startNode(historyArgs(extra))]);
+  const args = historyArgs(extra);
+  return Promise.all([startNode(args), startNode(args)]);
 }
 
 /** Records what a client does: states, errors, and per room messages and recoveries. */
@@ -89,7 +92,10 @@ test("a killed TCP connection: the client comes back on the other node, every me
       }),
     );
     await Promise.all(feeds);
-    await until("every message at the fan", () => hot.messages.length >= 3 * PER_FEED);
+    await until("every message at the fan", () => hot.messages.length >= 3 * PER_FEED).catch((e) => {
+      const per = ["f0", "f1", "f2"].map((u) => hot.messages.filter((m) => m.data.from === u).map((m) => m.data.i));
+      throw new Error(`${e.message}: got ${per.map((l) => l.length)}; states ${seen.states}; recovered ${hot.recovered}; ${JSON.stringify(per)}`);
+    });
     assert.equal(hot.messages.length, 3 * PER_FEED, "no duplicate");
     for (const user of ["f0", "f1", "f2"]) {
       const order = hot.messages.filter((m) => m.data.from === user).map((m) => m.data.i);
@@ -132,6 +138,37 @@ test("a replayed position already delivered is dropped", async () => {
   }
 });
 
+/**
+ * A WebSocket class that logs, for one client, when the SDK opened each socket and when the node
+ * told it to come back (the `reconnect` frame's arrival plus its `after_ms`).
+ */
+function loggingSocket(log) {
+  return class extends WebSocket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      log.opened.push(performance.now());
+      // Registered before the SDK's `onmessage`, so it runs first, in the same turn.
+      this.addEventListener("message", (ev) => {
+        if (typeof ev.data === "string" && ev.data.includes('"reconnect"')) {
+          log.due = performance.now() + JSON.parse(ev.data).after_ms;
+        }
+      });
+    }
+  };
+}
+
+/** Counts per 100 ms from `t0` over `windowMs`, and how many fell after it. */
+function histogram(times, t0, windowMs) {
+  const buckets = new Array(windowMs / 100).fill(0);
+  let late = 0;
+  for (const t of times) {
+    const b = Math.floor((t - t0) / 100);
+    if (b < buckets.length) buckets[b]++;
+    else late++;
+  }
+  return { buckets, late, max: Math.max(...buckets), mean: times.length / buckets.length };
+}
+
 test("1,000 clients told to reconnect come back spread over the node's window", async () => {
   const WINDOW_MS = 3000;
   const CLIENTS = 1000;
@@ -139,13 +176,15 @@ test("1,000 clients told to reconnect come back spread over the node's window", 
   const [draining, other] = nodes;
   const lb = await startBalancer([draining.port]);
   const clients = [];
+  const lag = monitorEventLoopDelay({ resolution: 10 });
   try {
     for (let batch = 0; batch < CLIENTS / 100; batch++) {
       const group = [];
       for (let i = 0; i < 100; i++) {
-        const c = connect(lb.ws, { user: `u${batch * 100 + i}` });
+        const log = { opened: [], due: null };
+        const c = connect(lb.ws, { user: `u${batch * 100 + i}`, WebSocket: loggingSocket(log) });
         const seen = watch(c);
-        clients.push({ c, seen });
+        clients.push({ c, seen, log });
         group.push(seen);
       }
       await until(`batch ${batch} connected`, () => group.every((s) => s.connectedAt.length === 1));
@@ -153,6 +192,7 @@ test("1,000 clients told to reconnect come back spread over the node's window", 
     // The balancer takes the draining node out of rotation, as its health check would.
     lb.targets = [other.port];
     const before = lb.acceptedAt.length;
+    lag.enable();
     const t0 = performance.now();
     draining.signal("SIGTERM");
     await until(
@@ -160,25 +200,36 @@ test("1,000 clients told to reconnect come back spread over the node's window", 
       () => clients.every(({ seen }) => seen.connectedAt.length === 2),
       WINDOW_MS + 20_000,
     );
-    // A reconnect is a new connection reaching the balancer: what the other nodes have to take.
-    const reconnects = lb.acceptedAt.slice(before);
-    assert.equal(reconnects.length, CLIENTS, "one attempt each");
-    const buckets = new Array(WINDOW_MS / 100).fill(0);
-    let late = 0;
-    for (const t of reconnects) {
-      const b = Math.floor((t - t0) / 100);
-      if (b < buckets.length) buckets[b]++;
-      else late++;
-    }
-    const mean = CLIENTS / buckets.length;
-    const max = Math.max(...buckets);
-    console.log(
-      `reconnects per 100 ms over the ${WINDOW_MS} ms window: max ${max}, mean ${mean}, after it ${late}; ${buckets.join(" ")}`,
+    lag.disable();
+    assert.equal(lb.acceptedAt.length - before, CLIENTS, "one attempt each");
+    // Every client waited as long as it was told, never less (a storm on the other nodes).
+    const early = clients.filter(({ log }) => log.due === null || log.opened[1] < log.due - 2);
+    assert.equal(early.length, 0, `${early.length} clients came back before their after_ms`);
+    // When the node told them to come back, and when the SDK opened its new socket (asserted).
+    const told = histogram(
+      clients.map(({ log }) => log.due),
+      t0,
+      WINDOW_MS,
     );
-    assert.ok(max <= 3 * mean, `max ${max} per 100 ms is over 3x the mean ${mean}`);
-    assert.ok(late <= CLIENTS / 10, `${late} came back after the window`);
+    const opened = histogram(
+      clients.map(({ log }) => log.opened[1]),
+      t0,
+      WINDOW_MS,
+    );
+    // What the balancer saw: the same, plus the lag of this test process's accept loop on a loaded
+    // machine (1,000 clients and the balancer share one process here, not 1,000 phones): shown only.
+    const arrived = histogram(lb.acceptedAt.slice(before), t0, WINDOW_MS);
+    const show = (h) => `max ${h.max}, mean ${h.mean.toFixed(1)}, after the window ${h.late}: ${h.buckets.join(" ")}`;
+    console.log(`reconnects per 100 ms over the ${WINDOW_MS} ms window, as the SDK opened them: ${show(opened)}`);
+    console.log(`  as the node told them (reconnect frame's arrival + after_ms): ${show(told)}`);
+    console.log(
+      `  as the balancer accepted them: ${show(arrived)}; this process's event loop stalled up to ${(lag.max / 1e6).toFixed(0)} ms`,
+    );
+    assert.ok(opened.max <= 3 * opened.mean, `max ${opened.max} per 100 ms is over 3x the mean ${opened.mean}`);
+    assert.ok(opened.late <= CLIENTS / 10, `${opened.late} came back after the window`);
     assert.deepEqual(await draining.exited, { code: 0, signal: null }, "the drained node exited cleanly");
   } finally {
+    lag.disable();
     for (const { c } of clients) c.close();
     await lb.close();
     await Promise.all(nodes.map((n) => n.stop()));
