@@ -3,7 +3,37 @@
 //! build, and the demo page in headless Chromium across a drain. `clients/js/install` installs what
 //! it needs (the README's test command runs it first).
 
+mod common;
+
 use std::process::{Command, Stdio};
+
+use clap::Parser;
+use common::{config, Node};
+use shardcast::config::Args;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_is_served_only_with_demo_true() {
+    let off = Node::start(config(None, "demo-off")).await;
+    assert_eq!(common::status(&off.url("/demo")).await, 404, "off by default");
+    off.stop().await;
+
+    let mut cfg = config(None, "demo-on");
+    cfg.demo = true;
+    let on = Node::start(cfg).await;
+    let page = reqwest::get(on.url("/demo")).await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    let csp = page.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    assert!(csp.starts_with("default-src 'none'"), "{csp}");
+    let committed = include_str!("../clients/js/dist/demo.html");
+    assert_eq!(page.text().await.unwrap(), committed, "the committed bundle, embedded");
+    on.stop().await;
+
+    let parse = |v: &str| Args::try_parse_from(["shardcast", "--demo", v]).unwrap().resolve();
+    assert!(parse("true").unwrap().demo);
+    let err = parse("yes").unwrap_err().to_string();
+    assert!(err.contains("--demo \"yes\": expected true or false"), "{err}");
+}
 
 #[test]
 fn the_js_client_suite_passes() {
