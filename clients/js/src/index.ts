@@ -28,7 +28,8 @@ export interface DirectMessage {
  * or one of the SDK's own: `disconnected` (the connection dropped before the answer came; the
  * command may or may not have been done), `closed`, `timeout`, `token_expired` (close 4003 and no
  * `getToken`), `policy` (close 1008 or 1009: a bug in the app, not retried), `max_attempts`,
- * `token` (`getToken` failed), `bad_frame` (the node sent something that is not a frame).
+ * `token` (`getToken` failed), `bad_frame` (the node sent something that is not a frame),
+ * `bad_url` (the URL cannot be opened).
  */
 export class ShardcastError extends Error {
   constructor(
@@ -242,11 +243,11 @@ export class Client extends Emitter<ClientEvents> {
       }
       if (generation !== this.#generation) return;
     }
-    const url = new URL(this.#url);
-    if (token) url.searchParams.set("token", token);
-    if (this.#options.user) url.searchParams.set("user", this.#options.user);
     let ws: Socket;
     try {
+      const url = new URL(this.#url);
+      if (token) url.searchParams.set("token", token);
+      if (this.#options.user) url.searchParams.set("user", this.#options.user);
       ws = new this.#Socket(url.toString(), [this.#codec.protocol]);
     } catch (e) {
       this.#stop(new ShardcastError("bad_url", `cannot open ${this.#url}: ${e}`));
@@ -402,7 +403,11 @@ export class Client extends Emitter<ClientEvents> {
     const resuming = room.everJoined;
     if (resuming && room.recover && room.last) frame.since = room.last;
     this.#request(frame, false).then(
-      (ok) => room.onJoined(ok, resuming),
+      (ok) => {
+        // Left while the join was on its way: leave on the node too.
+        if (this.#rooms.get(room.name) !== room) this.request({ op: "leave", room: room.name }).catch(() => {});
+        else room.onJoined(ok, resuming);
+      },
       (e: ShardcastError) => {
         if (e.code === "disconnected" || e.code === "closed") return;
         if (e.code === "unavailable" || e.code === "timeout") {

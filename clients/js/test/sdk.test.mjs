@@ -300,3 +300,36 @@ test("1009 (a frame too large) is surfaced and not retried; MessagePack clients 
     await node.stop();
   }
 });
+
+test("bad input gets a clear error and the client keeps working; a room left before its join's answer is left on the node too", async () => {
+  // One room per connection: a room the node still counts shows as `too_many_rooms`.
+  const node = await startNode(["--redis", cluster.url, ...prefixes(), "--max-rooms-per-conn", "1"]);
+  const bad = connect("not a url", { user: "b" });
+  const badSeen = watch(bad);
+  const c = connect(node.ws, { user: "c" });
+  try {
+    await until("the bad URL surfaced", () => badSeen.errors.length > 0);
+    assert.equal(badSeen.errors[0].code, "bad_url");
+    assert.equal(bad.state, "closed");
+
+    const wrong = c.join("no{braces}");
+    await assert.rejects(wrong.ready, (e) => e.code === "bad_room");
+    const room = c.join("fine");
+    await room.ready;
+    await assert.rejects(room.publish(undefined), (e) => e.code === "bad_field");
+    await assert.rejects(room.history(0), (e) => e.code === "bad_field");
+    assert.deepEqual(await room.publish("still fine"), {});
+
+    await room.leave();
+    const hasty = c.join("hasty");
+    await hasty.leave();
+    // Two round trips behind the join on the same socket: its answer came, and the leave it called for.
+    await c.dm("c", "one");
+    await c.dm("c", "two");
+    await c.join("after").ready; // too_many_rooms if the node still had the connection in "hasty"
+  } finally {
+    bad.close();
+    c.close();
+    await node.stop();
+  }
+});
