@@ -151,7 +151,9 @@ export class Client extends Emitter<ClientEvents> {
     this.#options = options;
     this.#codec = codec;
     this.#Socket = Socket;
+    // After this turn, so the app's listeners are on; unless the app closed it meanwhile.
     queueMicrotask(() => {
+      if (this.state === "closed") return;
       this.emit("state", "connecting");
       void this.#open();
     });

@@ -308,7 +308,12 @@ test("bad input gets a clear error and the client keeps working; a room left bef
   const badSeen = watch(bad);
   const c = connect(node.ws, { user: "c" });
   try {
+    // Closed in the turn it was made: it never connects.
+    const never = connect(node.ws, { user: "never" });
+    const neverSeen = watch(never);
+    never.close();
     await until("the bad URL surfaced", () => badSeen.errors.length > 0);
+    assert.deepEqual(neverSeen.states, ["closed"]);
     assert.equal(badSeen.errors[0].code, "bad_url");
     assert.equal(bad.state, "closed");
 
