@@ -15,8 +15,8 @@ import { connect, hs256, outDir, prefixes, SECRET, startBalancer, startCluster, 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 
 let cluster;
-before(() => {
-  cluster = startCluster();
+before(async () => {
+  cluster = await startCluster();
 });
 after(() => cluster?.stop());
 

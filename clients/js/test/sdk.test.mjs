@@ -10,8 +10,8 @@ import { connect as connectMsgpack } from "../dist/msgpack.js";
 import { connect, hs256, prefixes, startBalancer, startCluster, startNode, until } from "./harness.mjs";
 
 let cluster;
-before(() => {
-  cluster = startCluster();
+before(async () => {
+  cluster = await startCluster();
 });
 after(() => cluster?.stop());
 
