@@ -236,6 +236,10 @@ pub struct Args {
     /// are counted only. [default: 1000]
     #[arg(long, env = "SHARDCAST_PRESENCE_LIST_MAX")]
     pub presence_list_max: Option<String>,
+
+    /// Serve the demo page (a scoreboard and a chat built on the JS client) at GET /demo (true or false). [default: false]
+    #[arg(long, env = "SHARDCAST_DEMO")]
+    pub demo: Option<String>,
 }
 
 /// The validated configuration every part of the node reads.
@@ -289,6 +293,8 @@ pub struct Config {
     pub presence_list_max: usize,
     pub log_format: LogFormat,
     pub max_inflight_publishes: usize,
+    /// Serve `GET /demo`.
+    pub demo: bool,
 }
 
 /// How the node writes its log.
@@ -348,6 +354,7 @@ impl Default for Config {
             presence_list_max: 1000,
             log_format: LogFormat::Text,
             max_inflight_publishes: 64,
+            demo: false,
         }
     }
 }
@@ -467,6 +474,7 @@ impl Args {
             presence_list_max: self.presence_list_max.or(base.presence_list_max),
             log_format: self.log_format.or(base.log_format),
             max_inflight_publishes: self.max_inflight_publishes.or(base.max_inflight_publishes),
+            demo: self.demo.or(base.demo),
         }
     }
 
@@ -535,6 +543,7 @@ impl Args {
         set!("presence-tick", self.presence_tick, duration => presence_tick);
         set!("presence-ttl", self.presence_ttl, duration => presence_ttl);
         set!("presence-list-max", self.presence_list_max, |s| bounded_count(s, MAX_PRESENCE_LIST) => presence_list_max);
+        set!("demo", self.demo, boolean => demo);
         for raw in self.redis {
             match redis_url(raw.trim()) {
                 Ok(url) => c.redis.push(url),

@@ -18,7 +18,7 @@
 //! - [`config`]: settings, their defaults and validation.
 //! - [`http`]: the HTTP/1.1 accept loop and its connection cap; [`server`]: HTTP and WebSocket
 //!   routes on one listener; [`upgrade`]: the WebSocket handshake, handing the TCP socket over;
-//!   [`throttle`]: the per-address rate of `POST /publish`.
+//!   [`throttle`]: the per-address rate of `POST /publish`; [`demo`]: the demo page.
 //! - [`auth`]: tokens and what they grant; [`names`]: what a room or user name may be.
 //! - [`session`]: one socket: reader, commands, pings, congested writes and closes.
 //! - [`publish`]: wraps a message in an envelope and hands it to the bus; [`outbox`]: a
@@ -44,6 +44,7 @@ pub mod close;
 pub mod commands;
 pub mod config;
 pub mod deliver;
+pub mod demo;
 pub mod encoding;
 pub mod envelope;
 pub mod frame;

@@ -1,5 +1,5 @@
 //! HTTP and WebSocket on one listener: `/ws`, `/publish`, `/rooms/<room>/presence`,
-//! `/users/<user>`, `/healthz`, `/readyz`, `/metrics`.
+//! `/users/<user>`, `/healthz`, `/readyz`, `/acceptz`, `/metrics`, and `/demo` with `--demo true`.
 //! Requests are checked here and turned into hub and bus calls; errors map to the wire here only.
 
 use std::{collections::HashMap, sync::Arc};
@@ -51,6 +51,12 @@ pub fn router(node: Node) -> Router {
             .route("/rooms/{room}/presence", get(room_presence))
             .route("/users/{user}", get(user_presence)),
         None => router,
+    };
+    // Off by default: a production node serves no page (404).
+    let router = if node.config().demo {
+        router.route("/demo", get(crate::demo::page))
+    } else {
+        router
     };
     router.with_state(node)
 }

@@ -4,6 +4,7 @@
 
 mod churn;
 mod conn;
+mod demo;
 mod floor;
 mod procfs;
 mod report;
@@ -56,6 +57,9 @@ enum Scenario {
     /// socket and resume on the next node with `since`; delivered/published per client, recovered
     /// resumes and recovery time.
     Churn,
+    /// Feeds the demo page (nodes with --demo true): a scorer and --publishers chatting fans
+    /// publish scores and chat lines into --room (default `demo`) at --rate (default 20).
+    Demo,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -89,9 +93,10 @@ struct Args {
     /// Rooms of the chat scenario.
     #[arg(long, default_value_t = 1000)]
     rooms: usize,
-    /// The stadium's (and churn's) room (give it shards on the nodes with --hot-room NAME=N).
-    #[arg(long, default_value = "stadium")]
-    room: String,
+    /// The room of the stadium, churn and demo (give it shards on the nodes with --hot-room NAME=N).
+    /// Default: `demo` for demo, else `stadium`.
+    #[arg(long)]
+    room: Option<String>,
     /// Prefix of generated user and chat room names.
     #[arg(long, default_value = "lt")]
     prefix: String,
@@ -168,6 +173,18 @@ fn clients(args: &Args) -> usize {
         Scenario::Chat => 10_000,
         Scenario::Idle => 18_000,
         Scenario::Soak | Scenario::Floor | Scenario::Churn => 1000,
+        Scenario::Demo => 0,
+    })
+}
+
+/// `--room`, or the scenario's default.
+fn room(args: &Args) -> String {
+    args.room.clone().unwrap_or_else(|| {
+        if args.scenario == Scenario::Demo {
+            "demo".into()
+        } else {
+            "stadium".into()
+        }
     })
 }
 
@@ -179,6 +196,7 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
         Scenario::Dm => 1000.0,
         Scenario::Idle | Scenario::Floor => 0.0,
         Scenario::Soak => 500.0,
+        Scenario::Demo => 20.0,
     });
     if args.scenario != Scenario::Idle && !(rate > 0.0 && rate.is_finite()) {
         bail!("--rate must be positive");
@@ -219,7 +237,7 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
             let pubs = args.publishers.max(1);
             for i in 0..clients {
                 specs.push(Spec {
-                    join: Some(args.room.clone()),
+                    join: Some(room(args)),
                     expect: 0..pubs as u32,
                     ..base(i, i, format!("{pre}-u{i}"))
                 });
@@ -230,7 +248,7 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
                     ws: via == Via::Ws,
                     publish: Some(Publisher {
                         id: j as u32,
-                        target: Target::Room(args.room.clone()),
+                        target: Target::Room(room(args)),
                         via,
                         period: every,
                         offset: every.mul_f64(j as f64 / pubs as f64),
@@ -291,7 +309,7 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
                 specs.push(base(i, i, format!("{pre}-u{i}")));
             }
         }
-        Scenario::Soak | Scenario::Floor | Scenario::Churn => {
+        Scenario::Soak | Scenario::Floor | Scenario::Churn | Scenario::Demo => {
             bail!("the {:?} scenario has its own runner", args.scenario)
         }
     }
@@ -596,6 +614,9 @@ fn main() -> anyhow::Result<()> {
     } else if args.scenario == Scenario::Churn {
         let report = runtime.block_on(churn_run(&args))?;
         (serde_json::to_string_pretty(&report)?, report.table())
+    } else if args.scenario == Scenario::Demo {
+        let report = runtime.block_on(demo_run(&args))?;
+        (serde_json::to_string_pretty(&report)?, report.table())
     } else if args.scenario == Scenario::Floor {
         let report = runtime.block_on(floor::run(floor_plan(&args)?))?;
         (serde_json::to_string_pretty(&report)?, report.table())
@@ -640,7 +661,7 @@ fn churn_plan(args: &Args, nodes: Vec<NodeUrl>) -> anyhow::Result<churn::Plan> {
         source_addrs: args.source_addrs,
         clients: clients(args).max(1),
         publishers: args.publishers.max(1),
-        room: args.room.clone(),
+        room: room(args),
         prefix: args.prefix.clone(),
         rate,
         churn_per_sec: args.churn_per_sec,
@@ -664,6 +685,28 @@ async fn churn_run(args: &Args) -> anyhow::Result<churn::ChurnReport> {
         nodes.push(resolve(u).await?);
     }
     churn::run(churn_plan(args, nodes)?).await
+}
+
+async fn demo_run(args: &Args) -> anyhow::Result<demo::DemoReport> {
+    let mut nodes = Vec::new();
+    for u in &args.urls {
+        nodes.push(resolve(u).await?);
+    }
+    demo::run(demo_plan(args, nodes)?).await
+}
+
+fn demo_plan(args: &Args, nodes: Vec<NodeUrl>) -> anyhow::Result<demo::Plan> {
+    let positive = |v: f64, name: &str| Duration::try_from_secs_f64(v.max(0.0)).with_context(|| name.to_string());
+    Ok(demo::Plan {
+        nodes,
+        source: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+        room: room(args),
+        prefix: args.prefix.clone(),
+        publishers: args.publishers.max(1),
+        rate: args.rate.unwrap_or(20.0),
+        duration: positive(args.duration, "--duration")?,
+        drain: positive(args.drain, "--drain")?,
+    })
 }
 
 async fn soak_run(args: &Args) -> anyhow::Result<soak::SoakReport> {
@@ -730,6 +773,19 @@ mod tests {
         assert!(churn_plan(&args("lt churn --rate 0"), Vec::new()).is_err());
         assert!(churn_plan(&args("lt churn --duration inf"), Vec::new()).is_err());
         assert!(plan(&args("lt churn"), 2).is_err(), "churn has its own runner");
+    }
+
+    #[test]
+    fn demo_plan_takes_the_demo_room_and_refuses_what_is_no_duration() {
+        let p = demo_plan(&args("lt demo --duration 5"), Vec::new()).unwrap();
+        assert_eq!((p.room.as_str(), p.rate, p.publishers), ("demo", 20.0, 4));
+        assert_eq!(p.duration, Duration::from_secs(5));
+        assert_eq!(
+            demo_plan(&args("lt demo --room match"), Vec::new()).unwrap().room,
+            "match"
+        );
+        assert!(demo_plan(&args("lt demo --duration inf"), Vec::new()).is_err());
+        assert_eq!(room(&args("lt stadium")), "stadium");
     }
 
     #[test]

@@ -1,0 +1,195 @@
+//! The demo scenario: a match for the demo page (`GET /demo` on nodes run with `--demo true`). A
+//! scorer and `--publishers` fans publish into one room at `--rate` messages per second in all, for
+//! `--duration`: every tenth message is the score, `{"type":"score","home","away","score":[h,a],
+//! "minute"}`, the others chat lines, `{"type":"chat","text"}`, as the page shows them. Every
+//! publish carries an id; the report counts the `ok`s and the errors.
+//!
+//! What the k-th message is ([`message`]) is pure and tested without a node.
+
+use std::{
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use serde_json::json;
+use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{
+    conn::{self, NodeUrl, CLOSE_WAIT},
+    wire::{self, Encoding, Inbound},
+};
+
+/// What a demo run is asked to do.
+pub struct Plan {
+    pub nodes: Vec<NodeUrl>,
+    pub source: IpAddr,
+    pub room: String,
+    pub prefix: String,
+    /// Chatting fans, beside the scorer.
+    pub publishers: usize,
+    /// Messages per second, all voices together.
+    pub rate: f64,
+    pub duration: Duration,
+    /// At most this long after the last publish to wait for the answers.
+    pub drain: Duration,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DemoReport {
+    pub room: String,
+    pub duration_s: f64,
+    pub published: u64,
+    pub scores: u64,
+    pub acknowledged: u64,
+    pub refused: u64,
+}
+
+impl DemoReport {
+    pub fn table(&self) -> String {
+        format!(
+            "scenario                 demo\nroom                     {}\nduration                 {:.1} s\npublished                {} ({} scores)\nacknowledged             {}\nrefused                  {}\n",
+            self.room, self.duration_s, self.published, self.scores, self.acknowledged, self.refused
+        )
+    }
+}
+
+const HOME: &str = "Lions";
+const AWAY: &str = "Tigers";
+/// A demo is for watching: more than this is the stadium scenario's job.
+const MAX_RATE: f64 = 10_000.0;
+/// Every this many messages one is the score.
+const SCORE_EVERY: u64 = 10;
+const CHANTS: [&str; 6] = [
+    "what a save!",
+    "offside, surely",
+    "come on!",
+    "that was a foul",
+    "best match this season",
+    "ref, are you watching?",
+];
+
+/// The `k`-th message of a match `progress` (0 to 1) through: who sends it (0 is the scorer, `1..`
+/// the fans) and its data.
+pub fn message(k: u64, fans: usize, progress: f64) -> (usize, serde_json::Value) {
+    if k.is_multiple_of(SCORE_EVERY) {
+        // A goal every seventh score update, the home side every other one.
+        let goals = k / SCORE_EVERY / 7;
+        let (home, away) = (goals.div_ceil(2), goals / 2);
+        let minute = (progress.clamp(0.0, 1.0) * 90.0).round() as u64;
+        let data = json!({"type": "score", "home": HOME, "away": AWAY, "score": [home, away], "minute": minute});
+        (0, data)
+    } else {
+        let fan = 1 + (k as usize % fans.max(1));
+        let text = format!("{} #{k}", CHANTS[k as usize % CHANTS.len()]);
+        (fan, json!({"type": "chat", "text": text}))
+    }
+}
+
+pub async fn run(plan: Plan) -> anyhow::Result<DemoReport> {
+    anyhow::ensure!(!plan.nodes.is_empty(), "no --url");
+    anyhow::ensure!(
+        plan.rate > 0.0 && plan.rate <= MAX_RATE,
+        "--rate must be above 0 and at most {MAX_RATE}"
+    );
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let mut sinks = Vec::new();
+    let mut readers = Vec::new();
+    for v in 0..=plan.publishers.max(1) {
+        let user = if v == 0 {
+            format!("{}-scorer", plan.prefix)
+        } else {
+            format!("{}-fan{v}", plan.prefix)
+        };
+        let node = &plan.nodes[v % plan.nodes.len()];
+        let ws = timeout(
+            Duration::from_secs(10),
+            conn::open(node, plan.source, &user, Encoding::Json),
+        )
+        .await
+        .context("connecting in time")?
+        .with_context(|| format!("connecting {user} to {}", node.ws))?;
+        let (sink, mut stream) = ws.split();
+        sinks.push(sink);
+        let (ok, err) = (acknowledged.clone(), refused.clone());
+        readers.push(tokio::spawn(async move {
+            while let Some(Ok(frame)) = stream.next().await {
+                if let Message::Text(text) = frame {
+                    match wire::scan_json(&text) {
+                        Inbound::Ok(_) => drop(ok.fetch_add(1, Ordering::Relaxed)),
+                        Inbound::Error(_) => drop(err.fetch_add(1, Ordering::Relaxed)),
+                        _ => {}
+                    }
+                }
+            }
+        }));
+    }
+    let fans = sinks.len() - 1;
+    let mut tick = interval(Duration::from_secs_f64(1.0 / plan.rate));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let start = Instant::now();
+    let (mut published, mut scores) = (0u64, 0u64);
+    while start.elapsed() < plan.duration {
+        tick.tick().await;
+        let progress = start.elapsed().as_secs_f64() / plan.duration.as_secs_f64();
+        let (voice, data) = message(published, fans, progress);
+        let frame = json!({"op": "pub", "room": plan.room, "data": data, "id": published});
+        sinks[voice]
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .context("publishing")?;
+        scores += u64::from(voice == 0);
+        published += 1;
+    }
+    let duration_s = start.elapsed().as_secs_f64();
+    let answered = || acknowledged.load(Ordering::Relaxed) + refused.load(Ordering::Relaxed);
+    let deadline = Instant::now() + plan.drain;
+    while answered() < published && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for mut sink in sinks {
+        let _ = timeout(CLOSE_WAIT, sink.close()).await;
+    }
+    for reader in readers {
+        reader.abort();
+    }
+    Ok(DemoReport {
+        room: plan.room,
+        duration_s,
+        published,
+        scores,
+        acknowledged: acknowledged.load(Ordering::Relaxed),
+        refused: refused.load(Ordering::Relaxed),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_tenth_message_is_the_score_from_the_scorer_and_the_fans_chat_in_turn() {
+        let (voice, score) = message(0, 3, 0.0);
+        assert_eq!(voice, 0);
+        assert_eq!(score["type"], "score");
+        assert_eq!(score["score"], json!([0, 0]));
+        let (_, later) = message(70 * 3, 3, 0.5);
+        assert_eq!(
+            (later["score"].clone(), later["minute"].clone()),
+            (json!([2, 1]), json!(45))
+        );
+        let voices: Vec<usize> = (1..10).map(|k| message(k, 3, 0.0).0).collect();
+        assert_eq!(voices, [2, 3, 1, 2, 3, 1, 2, 3, 1]);
+        let (_, chat) = message(7, 3, 0.0);
+        assert_eq!(chat["type"], "chat");
+        assert!(chat["text"].as_str().unwrap().ends_with("#7"));
+    }
+}
