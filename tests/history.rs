@@ -459,27 +459,48 @@ fn steady_sender(url: String, stop: tokio::sync::watch::Receiver<bool>) -> tokio
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn members_that_stay_get_every_message_across_a_live_slot_migration() {
-    let cluster = Cluster::start(3, 0);
-    let cfg = history_config(Some(&cluster), "hist-migrate", 1);
-    let node = Node::start(cfg.clone()).await;
-    // The feed goes through another node, so the viewer's node learns of the move only from its
-    // own reconcile (up to a second): what was published meanwhile it must read back.
-    let feeder = Node::start(shardcast::config::Config {
-        node_id: "feeder".into(),
-        ..cfg.clone()
+/// Publishes `kept` messages `{"i": n}` in bursts of 16 sent before any answer is read (so up to 16
+/// wait for the bus at once), until told to stop. Answers come in order and the ones after a
+/// refused publish are refused too (never a later message without an earlier one): the feed goes
+/// on from the first refused. Returns how many it published.
+fn bursting_sender(url: String, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<i64> {
+    tokio::spawn(async move {
+        let mut c = Client::connect(&url).await;
+        let mut i = 0;
+        while !*stop.borrow() {
+            let ids: Vec<i64> = {
+                let mut ids = Vec::new();
+                for k in 0..16 {
+                    ids.push(
+                        c.send_request(json!({"op":"pub","room":"kept","data":{"i": i + k}}))
+                            .await,
+                    );
+                }
+                ids
+            };
+            let mut refused = false;
+            for id in ids {
+                let r = c.reply(id).await;
+                if r["op"] == "ok" {
+                    assert!(!refused, "published after a refused one: {r}");
+                    i += 1;
+                } else {
+                    refused = true;
+                }
+            }
+            if refused {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        i
     })
-    .await;
-    let mut viewer = Client::connect(&node.ws("?user=viewer")).await;
-    join(&mut viewer, "kept", None).await;
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let sender = steady_sender(feeder.ws("?user=feed"), stop);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+}
 
-    // Move the shard's slot, its history with it, while the feed goes on.
-    let (stream, meta, channel) = stream_keys(&cfg, "kept", 0);
-    let slot = cluster.slot(&channel);
+/// Moves the slot of `channel` (and its history keys) to another master while traffic goes on.
+/// Returns the port of the new owner.
+async fn migrate(cluster: &Cluster, channel: &str, stream: &str, meta: &str) -> u16 {
+    let slot = cluster.slot(channel);
     let from = cluster.owner_of(slot);
     let to = *cluster.ports[..3].iter().find(|p| **p != from).unwrap();
     let id = |port: u16| cluster.redis_cli(port, &["cluster", "myid"]).trim().to_string();
@@ -497,8 +518,8 @@ async fn members_that_stay_get_every_message_across_a_live_slot_migration() {
             "0",
             "5000",
             "keys",
-            &stream,
-            &meta,
+            stream,
+            meta,
         ],
     );
     assert_eq!(moved.trim(), "OK", "MIGRATE: {moved}");
@@ -506,6 +527,36 @@ async fn members_that_stay_get_every_message_across_a_live_slot_migration() {
     for p in &cluster.ports {
         cluster.redis_cli(*p, &["cluster", "setslot", &s, "node", &to_id]);
     }
+    to
+}
+
+/// A feed publishing through another node while the shard's slot moves; a viewer that stays must
+/// get every message once, in order. `burst`: the feed keeps 16 publishes in flight.
+async fn across_a_live_slot_migration(test: &str, burst: bool) {
+    let cluster = Cluster::start(3, 0);
+    let cfg = history_config(Some(&cluster), test, 1);
+    let node = Node::start(cfg.clone()).await;
+    // The feed goes through another node, so the viewer's node learns of the move only from its
+    // own reconcile (up to a second): what was published meanwhile it must read back.
+    let feeder = Node::start(shardcast::config::Config {
+        node_id: "feeder".into(),
+        ..cfg.clone()
+    })
+    .await;
+    let mut viewer = Client::connect(&node.ws("?user=viewer")).await;
+    join(&mut viewer, "kept", None).await;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let url = feeder.ws("?user=feed");
+    let sender = if burst {
+        bursting_sender(url, stop)
+    } else {
+        steady_sender(url, stop)
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Move the shard's slot, its history with it, while the feed goes on.
+    let (stream, meta, channel) = stream_keys(&cfg, "kept", 0);
+    let to = migrate(&cluster, &channel, &stream, &meta).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop_tx.send(true).unwrap();
     let published = sender.await.unwrap();
@@ -532,6 +583,16 @@ async fn members_that_stay_get_every_message_across_a_live_slot_migration() {
     );
     node.stop().await;
     feeder.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_that_stay_get_every_message_across_a_live_slot_migration() {
+    across_a_live_slot_migration("hist-migrate", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_with_publishes_in_flight_keeps_its_order_across_a_live_slot_migration() {
+    across_a_live_slot_migration("hist-migrate-burst", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
