@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::{
     conn::{self, NodeUrl, Phase, Ws, CLOSE_WAIT},
     procfs,
-    report::{counts, mib, Latency, NodeUsage},
+    report::{counts, Latency, NodeUsage},
     stats::{Latencies, Pending, Stream, Tally},
     wire::{self, Encoding, Inbound, JoinOk, Stamp, Target},
 };
@@ -852,21 +852,10 @@ impl ChurnReport {
             ),
         );
         let l = &self.latency_ms;
-        row(
-            "live latency ms",
-            format!(
-                "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (n={})",
-                l.p50, l.p90, l.p99, l.p999, l.max, l.count
-            ),
-        );
+        row("live latency ms", l.full());
         for n in &self.nodes {
-            row(
-                &format!("node pid {}", n.pid),
-                format!(
-                    "cpu {:.2} s; rss {:.1} MiB (before {:.1}), peak {:.1} MiB",
-                    n.cpu_s, n.rss_mib, n.rss_before_mib, n.hwm_mib
-                ),
-            );
+            let (label, figures) = n.row();
+            row(&label, figures);
         }
         row("loadtest cpu", format!("{:.2} s", self.loadtest_cpu_s));
         for w in &d.worst {
@@ -1108,13 +1097,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<ChurnReport> {
         nodes: pids
             .iter()
             .enumerate()
-            .map(|(i, pid)| NodeUsage {
-                pid: *pid,
-                cpu_s: end[i].cpu_ns.saturating_sub(start[i].cpu_ns) as f64 / 1e9,
-                rss_before_mib: mib(before[i].rss),
-                rss_mib: mib(end[i].rss),
-                hwm_mib: mib(end[i].hwm),
-            })
+            .map(|(i, pid)| NodeUsage::of(*pid, &before[i], &start[i], &end[i]))
             .collect(),
         loadtest_cpu_s: own_end.cpu_ns.saturating_sub(own_start.cpu_ns) as f64 / 1e9,
     })

@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::{
     conn::{Ctx, NodeUrl, Outcome, Phase, Publisher, Spec, Via},
-    report::{mib, AuxUsage, Connections, Delivery, Latency, NodeUsage, Publish, Report},
+    report::{AuxUsage, Connections, Delivery, Latency, NodeUsage, Publish, Report},
     stats::{Latencies, Tally},
     wire::{Encoding, Target},
 };
@@ -566,13 +566,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             .pids
             .iter()
             .enumerate()
-            .map(|(i, pid)| NodeUsage {
-                pid: *pid,
-                cpu_s: secs(end[i].cpu_ns.saturating_sub(start[i].cpu_ns)),
-                rss_before_mib: mib(before[i].rss),
-                rss_mib: mib(end[i].rss),
-                hwm_mib: mib(end[i].hwm),
-            })
+            .map(|(i, pid)| NodeUsage::of(*pid, &before[i], &start[i], &end[i]))
             .collect(),
         node_cpu_s: secs(node_cpu_ns),
         node_cpu_ns_per_frame: (tally.received > 0 && !args.pids.is_empty())

@@ -5,6 +5,8 @@ use std::{collections::BTreeMap, fmt::Write};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::procfs::Sample;
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub scenario: String,
@@ -97,6 +99,14 @@ impl Latency {
         )
     }
 
+    /// `p50 … p90 … p99 … p99.9 … max … (n=…)`.
+    pub fn full(&self) -> String {
+        format!(
+            "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (n={})",
+            self.p50, self.p90, self.p99, self.p999, self.max, self.count
+        )
+    }
+
     pub fn of(us: &Histogram<u64>) -> Latency {
         let ms = |q: f64| us.value_at_quantile(q) as f64 / 1000.0;
         Latency {
@@ -119,6 +129,31 @@ pub struct NodeUsage {
     pub hwm_mib: f64,
 }
 
+impl NodeUsage {
+    /// A node's usage from its samples: before the first connection, and at the start and end of
+    /// the measured window.
+    pub fn of(pid: u32, before: &Sample, start: &Sample, end: &Sample) -> NodeUsage {
+        NodeUsage {
+            pid,
+            cpu_s: end.cpu_ns.saturating_sub(start.cpu_ns) as f64 / 1e9,
+            rss_before_mib: mib(before.rss),
+            rss_mib: mib(end.rss),
+            hwm_mib: mib(end.hwm),
+        }
+    }
+
+    /// The node's row of a report table: its label and its figures.
+    pub fn row(&self) -> (String, String) {
+        (
+            format!("node pid {}", self.pid),
+            format!(
+                "cpu {:.2} s; rss {:.1} MiB (before {:.1}), peak {:.1} MiB",
+                self.cpu_s, self.rss_mib, self.rss_before_mib, self.hwm_mib
+            ),
+        )
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct AuxUsage {
     pub pid: u32,
@@ -127,7 +162,7 @@ pub struct AuxUsage {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-pub fn mib(bytes: u64) -> f64 {
+fn mib(bytes: u64) -> f64 {
     bytes as f64 / MIB
 }
 
@@ -195,23 +230,12 @@ impl Report {
                 d.error_frames, d.reconnect_frames, d.unparsed_frames, d.positioned
             ),
         );
-        row(
-            "latency ms",
-            format!(
-                "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (n={})",
-                l.p50, l.p90, l.p99, l.p999, l.max, l.count
-            ),
-        );
+        row("latency ms", l.full());
         let a = &self.publish_answer_ms;
         row("publish answer ms", a.brief());
         for n in &self.nodes {
-            row(
-                &format!("node pid {}", n.pid),
-                format!(
-                    "cpu {:.2} s; rss {:.1} MiB (before {:.1}), peak {:.1} MiB",
-                    n.cpu_s, n.rss_mib, n.rss_before_mib, n.hwm_mib
-                ),
-            );
+            let (label, figures) = n.row();
+            row(&label, figures);
         }
         if !self.nodes.is_empty() {
             row(
