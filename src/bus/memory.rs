@@ -91,7 +91,15 @@ impl MemoryBus {
         &self.presence
     }
 
-    pub fn publish(&self, channel: &str, payload: Bytes) -> Result<(), BusError> {
+    /// Publishes, appending to the channel's history first when it keeps one.
+    pub fn send(&self, channel: &str, payload: Bytes, keep: Option<Keep>) -> Result<Option<Pos>, BusError> {
+        match keep {
+            None => self.publish(channel, payload).map(|()| None),
+            Some(keep) => self.append(channel, &payload, keep).map(Some),
+        }
+    }
+
+    fn publish(&self, channel: &str, payload: Bytes) -> Result<(), BusError> {
         if self.channels.contains(channel) {
             self.sink.receive(Bytes::copy_from_slice(channel.as_bytes()), payload);
         }
@@ -100,7 +108,7 @@ impl MemoryBus {
 
     /// Appends to the channel's ring and publishes with the position, under one lock so that
     /// positions reach the workers in order.
-    pub fn append(&self, channel: &str, envelope: &[u8], keep: Keep) -> Result<Pos, BusError> {
+    fn append(&self, channel: &str, envelope: &[u8], keep: Keep) -> Result<Pos, BusError> {
         let mut rings = self.lock();
         let ring = ring(&mut rings, channel, keep);
         // One master, no failover: the number is id enough.

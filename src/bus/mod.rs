@@ -131,6 +131,31 @@ impl Naming {
     }
 }
 
+/// Publishes messages one at a time with `one`, each once the one before succeeded; from the first
+/// that fails on, every one fails with its error and is not sent, so a later message never goes
+/// out while an earlier one of the same channel was lost.
+async fn in_turn<Fut>(
+    items: impl IntoIterator<Item = (Bytes, Option<Keep>)>,
+    mut one: impl FnMut(Bytes, Option<Keep>) -> Fut,
+) -> Vec<Result<Option<Pos>, BusError>>
+where
+    Fut: std::future::Future<Output = Result<Option<Pos>, BusError>>,
+{
+    let mut out = Vec::new();
+    let mut failed: Option<BusError> = None;
+    for (payload, keep) in items {
+        let r = match &failed {
+            Some(e) => Err(e.clone()),
+            None => one(payload, keep).await,
+        };
+        if let Err(e) = &r {
+            failed.get_or_insert_with(|| e.clone());
+        }
+        out.push(r);
+    }
+    out
+}
+
 /// The bus this node runs on.
 pub enum Bus {
     Memory(memory::MemoryBus),
@@ -141,11 +166,9 @@ impl Bus {
     /// Publishes an envelope on a channel. With `keep`, the message is appended to the channel's
     /// history in the same step, and its position is returned (and travels with it).
     pub async fn publish(&self, channel: String, payload: Bytes, keep: Option<Keep>) -> Result<Option<Pos>, BusError> {
-        let result = match (self, keep) {
-            (Bus::Memory(b), None) => b.publish(&channel, payload).map(|()| None),
-            (Bus::Memory(b), Some(keep)) => b.append(&channel, &payload, keep).map(Some),
-            (Bus::Redis(b), None) => b.publish(channel, payload).await.map(|()| None),
-            (Bus::Redis(b), Some(keep)) => b.append(channel, payload, keep).await.map(Some),
+        let result = match self {
+            Bus::Memory(b) => b.send(&channel, payload, keep),
+            Bus::Redis(b) => b.send(channel, payload, keep).await,
         };
         if result.is_err() {
             m::publish_error();
@@ -164,23 +187,10 @@ impl Bus {
         let results = match self {
             Bus::Redis(b) => b.publish_in_order(channel, items).await,
             Bus::Memory(b) => {
-                let mut failed: Option<BusError> = None;
-                items
-                    .into_iter()
-                    .map(|(payload, keep)| {
-                        if let Some(e) = &failed {
-                            return Err(e.clone());
-                        }
-                        let r = match keep {
-                            None => b.publish(channel, payload).map(|()| None),
-                            Some(keep) => b.append(channel, &payload, keep).map(Some),
-                        };
-                        if let Err(e) = &r {
-                            failed = Some(e.clone());
-                        }
-                        r
-                    })
-                    .collect()
+                in_turn(items, |payload, keep| {
+                    std::future::ready(b.send(channel, payload, keep))
+                })
+                .await
             }
         };
         for r in &results {

@@ -47,6 +47,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     confirm::Confirm,
+    in_turn,
     stream::{meta_key, parse_entry_id, stream_key, Entry, Keep, Pos, Slice},
     tracked::{Tracked, SLOTS},
     BusError, Sink,
@@ -237,7 +238,7 @@ impl RedisBus {
         Ok(bus)
     }
 
-    pub async fn publish(&self, channel: String, payload: Bytes) -> Result<(), BusError> {
+    async fn publish(&self, channel: String, payload: Bytes) -> Result<(), BusError> {
         let slot = redis_keyslot(channel.as_bytes());
         let mut moved_once = false;
         loop {
@@ -490,7 +491,7 @@ fn parse_read(v: Value) -> Option<Slice> {
 
 impl RedisBus {
     /// Appends to the channel's history and publishes, in one step on its master.
-    pub async fn append(&self, channel: String, payload: Bytes, keep: Keep) -> Result<Pos, BusError> {
+    async fn append(&self, channel: String, payload: Bytes, keep: Keep) -> Result<Pos, BusError> {
         let keys = vec![stream_key(&channel), meta_key(&channel), channel.clone()];
         let args = vec![
             Value::Bytes(payload),
@@ -550,17 +551,8 @@ impl RedisBus {
                 Some(answer) => out.push(answer),
                 None => {
                     // The first message the pipeline could not publish: this one and the rest, in turn.
-                    let mut failed = None;
-                    for (payload, keep) in std::iter::once((payload, keep)).chain(items.by_ref()) {
-                        let r = match &failed {
-                            Some(e) => Err(BusError::clone(e)),
-                            None => self.publish_one(channel, payload, keep).await,
-                        };
-                        if let Err(e) = &r {
-                            failed.get_or_insert_with(|| e.clone());
-                        }
-                        out.push(r);
-                    }
+                    let rest = std::iter::once((payload, keep)).chain(items.by_ref());
+                    out.extend(in_turn(rest, |payload, keep| self.send(channel.to_string(), payload, keep)).await);
                     break;
                 }
             }
@@ -568,10 +560,11 @@ impl RedisBus {
         out
     }
 
-    async fn publish_one(&self, channel: &str, payload: Bytes, keep: Option<Keep>) -> Result<Option<Pos>, BusError> {
+    /// Publishes one message, appending to the channel's history first when it keeps one.
+    pub async fn send(&self, channel: String, payload: Bytes, keep: Option<Keep>) -> Result<Option<Pos>, BusError> {
         match keep {
-            None => self.publish(channel.to_string(), payload).await.map(|()| None),
-            Some(keep) => self.append(channel.to_string(), payload, keep).await.map(Some),
+            None => self.publish(channel, payload).await.map(|()| None),
+            Some(keep) => self.append(channel, payload, keep).await.map(Some),
         }
     }
 
