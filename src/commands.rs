@@ -132,15 +132,12 @@ pub async fn run(
     out: Out<'_>,
 ) -> Result<Option<Reply<'static>>, FrameError> {
     let id = request.id;
-    let names = node.config().names;
-    let named = |name: &str, code: ErrorCode| names.check(name).map_err(|e| FrameError::new(id, code, e.to_string()));
     match &request.command {
-        Command::Join { room, .. }
-        | Command::Pub { room, .. }
-        | Command::History { room, .. }
-        | Command::Presence { room } => named(room, ErrorCode::BadRoom)?,
-        Command::Dm { to, .. } => named(to, ErrorCode::BadUser)?,
-        Command::Leave { .. } | Command::Ping => {}
+        Command::Join { room, .. } | Command::History { room, .. } | Command::Presence { room } => {
+            named(node, id, room, ErrorCode::BadRoom)?
+        }
+        // Publishes are checked in `to_publish`.
+        Command::Leave { .. } | Command::Ping | Command::Pub { .. } | Command::Dm { .. } => {}
     }
     // `ok` answers only commands that carried an id; a ping is always answered.
     let ok = || Ok(id.map(|_| Reply::op("ok", id)));
@@ -254,8 +251,8 @@ pub fn to_publish(
         Command::Dm { to, data } => (Kind::Direct, to, data, ErrorCode::BadUser),
         command => return Err(Request { id, command }),
     };
-    if let Err(e) = node.config().names.check(&target) {
-        return Ok(Err(FrameError::new(id, code, e.to_string())));
+    if let Err(e) = named(node, id, &target, code) {
+        return Ok(Err(e));
     }
     if !membership.grants.may_publish() {
         return Ok(Err(FrameError::new(
@@ -287,6 +284,14 @@ pub fn published(p: &Publish, result: Result<Option<Pos>, BusError>) -> Result<O
         pos: pos.map(|p| Positions::One(p.to_string())),
         ..Reply::op("ok", id)
     }))
+}
+
+/// A room or user name the command names, checked against the node's name rules.
+fn named(node: &Node, id: Option<i64>, name: &str, code: ErrorCode) -> Result<(), FrameError> {
+    node.config()
+        .names
+        .check(name)
+        .map_err(|e| FrameError::new(id, code, e.to_string()))
 }
 
 fn may_join(membership: &Membership, room: &str, id: Option<i64>) -> Result<(), FrameError> {
