@@ -12,43 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{eventually, free_port, status, Client, Cluster, Process};
+use common::{eventually, free_port, repo, status, Client, Cluster, Process, Reaped, Scratch};
 use serde_json::{json, Value};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A directory of the test's own, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!(
-            "shardcast-{test}-{}-{:x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A child process killed (and reaped) on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The shipped HAProxy configuration with its addresses replaced by the test's.
 fn haproxy_config(listen: u16, nodes: &[&Process]) -> String {
@@ -161,7 +126,7 @@ async fn haproxy_moves_a_drained_nodes_clients_to_the_others_and_history_loses_n
     let cfg = scratch.0.join("haproxy.cfg");
     let lb_port = free_port();
     std::fs::write(&cfg, haproxy_config(lb_port, &nodes.iter().collect::<Vec<_>>())).unwrap();
-    let _haproxy = Child(
+    let _haproxy = Reaped(
         Command::new("haproxy")
             .args(["-db", "-f"])
             .arg(&cfg)
@@ -408,7 +373,7 @@ async fn the_systemd_units_command_and_the_containers_entrypoint_serve() {
         .position(|a| a == "/etc/shardcast/node.toml")
         .expect("the unit's settings file");
     argv[at] = settings.to_string_lossy().into_owned();
-    let _unit = Child(
+    let _unit = Reaped(
         Command::new(bin)
             .args(&argv[1..])
             .stderr(Stdio::null())
@@ -460,7 +425,7 @@ async fn the_systemd_units_command_and_the_containers_entrypoint_serve() {
         cmd.env(k, v);
     }
     let log = scratch.0.join("container.log");
-    let _container = Child(cmd.stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap());
+    let _container = Reaped(cmd.stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap());
     let url = format!("http://127.0.0.1:{port}");
     eventually("the container's entrypoint serves", || async {
         status(&format!("{url}/readyz")).await == 200

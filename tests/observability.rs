@@ -9,12 +9,12 @@ use std::{
     collections::BTreeSet,
     fs::{self, File},
     net::TcpListener,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{Client, Cluster, WAIT};
+use common::{repo, Client, Cluster, Reaped, Scratch, WAIT};
 use serde_json::{json, Value};
 use shardcast::metrics as m;
 use tokio_tungstenite::tungstenite::Message;
@@ -34,47 +34,6 @@ const RECEIVERS_PER_NODE: usize = 2;
 const SMALL_BUDGET: usize = 32 << 10;
 const BIG_MESSAGE: usize = 40 << 10;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A child process, killed and reaped on drop.
-struct Proc {
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A scratch directory, removed on drop unless the test failed (its logs help then).
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Scratch {
-        let dir = std::env::temp_dir().join(format!(
-            "shardcast-observability-{}-{:06x}",
-            std::process::id(),
-            rand::random::<u32>() & 0xffffff
-        ));
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("logs kept in {}", self.0.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().unwrap().port()
@@ -82,7 +41,7 @@ fn free_port() -> u16 {
 
 /// Starts the command `make` builds for a free port until it answers `ready_path` with 200. A port
 /// taken between picking it and the child binding it makes the child exit: then try another.
-async fn spawn_serving(name: &str, dir: &Path, make: impl Fn(u16) -> Command, ready_path: &str) -> (Proc, u16) {
+async fn spawn_serving(name: &str, dir: &Path, make: impl Fn(u16) -> Command, ready_path: &str) -> (Reaped, u16) {
     let http = reqwest::Client::new();
     for attempt in 0..5 {
         let port = free_port();
@@ -91,12 +50,10 @@ async fn spawn_serving(name: &str, dir: &Path, make: impl Fn(u16) -> Command, re
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap());
-        let mut proc = Proc {
-            child: cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}")),
-        };
+        let mut proc = Reaped(cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}")));
         let start = Instant::now();
         loop {
-            if let Some(status) = proc.child.try_wait().unwrap() {
+            if let Some(status) = proc.0.try_wait().unwrap() {
                 let out = fs::read_to_string(&log).unwrap_or_default();
                 eprintln!("{name} exited ({status}) on port {port}; trying another port. Its log:\n{out}");
                 break;
@@ -124,7 +81,7 @@ async fn start_node(
     cluster: &Cluster,
     prefixes: &(String, String),
     extra: &[&str],
-) -> (Proc, u16) {
+) -> (Reaped, u16) {
     let (room_prefix, user_prefix) = prefixes;
     let make = |port: u16| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardcast"));
@@ -142,7 +99,7 @@ async fn start_node(
 }
 
 /// A Prometheus scraping `targets` every second, configured from `grafana/prometheus.yml`.
-async fn start_prometheus(dir: &Path, targets: &[u16]) -> (Proc, u16) {
+async fn start_prometheus(dir: &Path, targets: &[u16]) -> (Reaped, u16) {
     let shipped = fs::read_to_string(repo().join("grafana/prometheus.yml")).unwrap();
     let (interval, local) = ("scrape_interval: 5s", "['127.0.0.1:8081', '127.0.0.1:8082']");
     assert!(
@@ -334,7 +291,7 @@ async fn publish_many(c: &mut Client) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboards_query_what_nodes_export() {
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("observability");
     let dir = scratch.0.as_path();
 
     // The dashboards first: a malformed one fails before anything starts.

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{config, eventually, hs256, now, Client, Cluster, Node, Process, SECRET};
+use common::{config, eventually, fleet, hs256, now, Client, Cluster, Node, Process, SECRET};
 use futures_util::{stream, StreamExt};
 use rand::Rng;
 use serde_json::{json, Value};
@@ -22,17 +22,6 @@ const TTL: Duration = Duration::from_secs(3);
 /// What a loaded two-core machine may add to a deadline counted in ticks (the node's tick task
 /// and the test's own polling share the two cores with thousands of sockets).
 const GRACE: Duration = Duration::from_secs(1);
-
-/// Three configurations of one deployment: the same prefixes, each its own node id.
-fn cluster_configs(cluster: &Cluster, test: &str, nodes: usize) -> Vec<Config> {
-    let base = config(Some(cluster), test);
-    (0..nodes)
-        .map(|i| Config {
-            node_id: format!("{test}-{i}"),
-            ..base.clone()
-        })
-        .collect()
-}
 
 /// Connects `n` clients, the `i`th to `urls[i % len]` as user `name(i)`, a few hundred at a time.
 async fn connect_many(urls: &[String], n: usize, name: impl Fn(usize) -> String) -> Vec<Client> {
@@ -80,7 +69,7 @@ async fn http_json(url: &str) -> (u16, Value) {
 async fn after_churn_of_5000_clients_over_three_nodes_every_node_counts_exactly_within_two_ticks() {
     let cluster = Cluster::shared();
     let mut nodes = Vec::new();
-    for c in cluster_configs(cluster, "churn", 3) {
+    for c in fleet(config(Some(cluster), "churn"), "churn", 3) {
         nodes.push(Node::start(c).await);
     }
     let urls: Vec<String> = nodes.iter().map(|n| n.ws("")).collect();
@@ -261,7 +250,7 @@ async fn frames_until(watcher: &mut Client, until: impl Fn(&Value) -> bool) -> V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_with_tabs_on_two_nodes_joins_once_and_leaves_with_the_last_tab() {
     let cluster = Cluster::shared();
-    let configs = cluster_configs(cluster, "tabs", 3);
+    let configs = fleet(config(Some(cluster), "tabs"), "tabs", 3);
     let contribution = |c: &Config| format!("{{{}lounge}}:presence:{}", c.channel_prefix, c.node_id);
     let b_key = contribution(&configs[1]);
     let mut nodes = Vec::new();
@@ -318,7 +307,7 @@ async fn twenty_thousand_joins_cost_at_most_a_presence_write_per_node_per_tick()
     // A cluster of its own: its command counts are this test's alone.
     let cluster = Cluster::start(3, 0);
     let mut nodes = Vec::new();
-    for c in cluster_configs(&cluster, "storm", 2) {
+    for c in fleet(config(Some(&cluster), "storm"), "storm", 2) {
         nodes.push(Node::start(c).await);
     }
     let urls: Vec<String> = nodes.iter().map(|n| n.ws("")).collect();

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{config, Client, Cluster, Node};
+use common::{config, fleet, Client, Cluster, Node};
 use serde_json::{json, Value};
 use shardcast::{bus::stream::Keep, config::Config};
 
@@ -19,12 +19,7 @@ fn configs(cluster: &Cluster, test: &str, nodes: usize) -> Vec<Config> {
             ttl: Duration::from_secs(600),
         },
     )];
-    (0..nodes)
-        .map(|i| Config {
-            node_id: format!("{test}-{i}"),
-            ..base.clone()
-        })
-        .collect()
+    fleet(base, test, nodes)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

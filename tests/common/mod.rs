@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
-fn repo() -> PathBuf {
+pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -155,6 +155,53 @@ pub fn config(redis: Option<&Cluster>, test: &str) -> Config {
         command_rate: 1_000_000,
         command_burst: 1_000_000,
         ..Config::default()
+    }
+}
+
+/// `nodes` configurations of one deployment: `base`'s prefixes and settings, each its own node id
+/// (`<test>-<i>`).
+pub fn fleet(base: Config, test: &str, nodes: usize) -> Vec<Config> {
+    (0..nodes)
+        .map(|i| Config {
+            node_id: format!("{test}-{i}"),
+            ..base.clone()
+        })
+        .collect()
+}
+
+/// A child process (not a node: HAProxy, Prometheus, a node started from a shipped unit), killed
+/// and reaped on drop.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A directory of a test's own, removed on drop (kept, and named, when the test failed).
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(test: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!(
+            "shardcast-{test}-{}-{:06x}",
+            std::process::id(),
+            rand::random::<u32>() & 0xffffff
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("files kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
