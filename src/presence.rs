@@ -266,34 +266,37 @@ impl Presence {
                         // Joined and left between two ticks: nothing was written to withdraw.
                         return None;
                     }
-                    let value = r.contribution(self.list_max).map(|c| c.encode());
-                    r.written = value.is_some().then_some(now);
-                    Some((room.clone(), value))
+                    Some((room.clone(), r.contribution(self.list_max).map(|c| c.encode())))
                 })
                 .collect();
             m::presence_rooms(state.rooms.len(), oldest);
             writes
         };
-        let failed: Vec<Arc<str>> = stream::iter(writes)
+        // Per room: whether it was written, and whether that put a contribution there.
+        let done: Vec<(Arc<str>, bool, bool)> = stream::iter(writes)
             .map(|(room, value)| async move {
                 m::presence_write("room");
                 let index = self.naming.presence_room(&room);
+                let put = value.is_some();
                 match self.bus.presence_put(&index, &self.node, self.ttl, value).await {
-                    Ok(()) => None,
+                    Ok(()) => (room, true, put),
                     Err(e) => {
                         tracing::debug!(room = %room, error = %e, "presence write failed");
-                        Some(room)
+                        (room, false, put)
                     }
                 }
             })
             .buffer_unordered(IN_FLIGHT)
-            .filter_map(|r| async move { r })
             .collect()
             .await;
         let mut state = lock(&self.state);
-        for room in failed {
-            m::presence_error();
-            if let Some(r) = state.rooms.get_mut(&room) {
+        for (room, ok, put) in done {
+            let Some(r) = state.rooms.get_mut(&room) else { continue };
+            if ok {
+                r.written = put.then_some(now);
+            } else {
+                // Tried again next tick, a withdrawal too.
+                m::presence_error();
                 r.dirty = true;
             }
         }
@@ -301,16 +304,15 @@ impl Presence {
     }
 
     async fn write_users(&self) {
-        let changes = {
+        let (changes, was_written) = {
             let mut state = lock(&self.state);
             if state.changed.is_empty() && !state.users_written {
                 return;
             }
             let changed = std::mem::take(&mut state.changed);
-            connections_of(&state.users, changed)
+            (connections_of(&state.users, changed), state.users_written)
         };
         let index = self.naming.presence_users();
-        let was_written = lock(&self.state).users_written;
         m::presence_write("users");
         let result = match self
             .bus
