@@ -268,6 +268,17 @@ pub fn to_publish(
     }))
 }
 
+/// A command's answer as the frame to send, if any; a refusal is counted by its code.
+pub fn encode(answer: Result<Option<Reply<'_>>, FrameError>, encoding: Encoding) -> Option<Bytes> {
+    match answer {
+        Ok(reply) => reply.map(|r| r.encode(encoding)),
+        Err(e) => {
+            m::bad_frame(e.code.as_str());
+            Some(Reply::error(&e).encode(encoding))
+        }
+    }
+}
+
 /// The answer to a publish once the bus has it: `ok` (with its position in a room with history)
 /// or the error.
 pub fn published(p: &Publish, result: Result<Option<Pos>, BusError>) -> Result<Option<Reply<'static>>, FrameError> {

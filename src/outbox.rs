@@ -24,10 +24,9 @@ use indexmap::IndexMap;
 
 use crate::{
     bus::{stream::Keep, BusError},
-    commands::{published, Publish},
+    commands::{encode, published, Publish},
     encoding::Encoding,
-    frame::{FrameError, Reply},
-    metrics as m,
+    frame::FrameError,
     node::Node,
 };
 
@@ -116,13 +115,7 @@ async fn send(node: Node, encoding: Encoding, batch: Vec<Entry>) -> Vec<Bytes> {
                 }
                 Entry::Refused(e) => Err(e.clone()),
             };
-            match answer {
-                Ok(reply) => reply.map(|r| r.encode(encoding)),
-                Err(e) => {
-                    m::bad_frame(e.code.as_str());
-                    Some(Reply::error(&e).encode(encoding))
-                }
-            }
+            encode(answer, encoding)
         })
         .collect()
 }

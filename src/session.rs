@@ -35,7 +35,7 @@ use crate::{
     config::Config,
     encoding::Encoding,
     envelope,
-    frame::{decode_binary, decode_text, FrameError, Reply, Request},
+    frame::{decode_binary, decode_text, FrameError, Request},
     gate::{Gate, Next},
     metrics as m,
     node::Node,
@@ -439,14 +439,7 @@ async fn answer(
         (Admit::Yes, Err(e)) => Err(e),
         (_, request) => Err(rate_limited(request.as_ref().ok().and_then(|r| r.id), node, membership)),
     };
-    match &reply {
-        Ok(Some(reply)) => Some(reply.encode(encoding)),
-        Ok(None) => None,
-        Err(e) => {
-            m::bad_frame(e.code.as_str());
-            Some(Reply::error(e).encode(encoding))
-        }
-    }
+    commands::encode(reply, encoding)
 }
 
 /// Why the reader failed, as the close the node answers with. A connection cut without a close
