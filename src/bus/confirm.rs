@@ -97,7 +97,7 @@ impl Confirm {
             CustomCommand::new_static("WAIT", None::<u16>, true),
             vec![
                 Value::Integer(i64::from(self.replicas)),
-                Value::Integer(self.timeout.as_millis().clamp(1, i64::MAX as u128) as i64),
+                Value::Integer(super::millis(self.timeout)),
             ],
         );
         match tokio::time::timeout(bound, wait).await {

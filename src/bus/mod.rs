@@ -131,6 +131,12 @@ impl Naming {
     }
 }
 
+/// A duration as whole milliseconds for Redis (`PX`, `PEXPIRE`, a script's TTL, `WAIT`): at least 1,
+/// since 0 means "no expiry" or "wait forever" there.
+fn millis(d: Duration) -> i64 {
+    d.as_millis().clamp(1, i64::MAX as u128) as i64
+}
+
 /// Publishes messages one at a time with `one`, each once the one before succeeded; from the first
 /// that fails on, every one fails with its error and is not sent, so a later message never goes
 /// out while an earlier one of the same channel was lost.

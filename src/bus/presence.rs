@@ -169,7 +169,7 @@ return n
 ));
 
 fn ttl_ms(ttl: Duration) -> Value {
-    Value::Integer(ttl.as_millis().clamp(1, i64::MAX as u128) as i64)
+    Value::Integer(super::millis(ttl))
 }
 
 fn odd(what: &str) -> BusError {

@@ -47,7 +47,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     confirm::Confirm,
-    in_turn,
+    in_turn, millis,
     stream::{meta_key, parse_entry_id, stream_key, Entry, Keep, Pos, Slice},
     tracked::{Tracked, SLOTS},
     BusError, Sink,
@@ -492,17 +492,8 @@ fn parse_read(v: Value) -> Option<Slice> {
 impl RedisBus {
     /// Appends to the channel's history and publishes, in one step on its master.
     async fn append(&self, channel: String, payload: Bytes, keep: Keep) -> Result<Pos, BusError> {
-        let keys = vec![stream_key(&channel), meta_key(&channel), channel.clone()];
-        let args = vec![
-            Value::Bytes(payload),
-            Value::Integer(i64::from(keep.size)),
-            Value::Integer(keep.ttl.as_millis().clamp(1, i64::MAX as u128) as i64),
-        ];
-        let ttl_ms = keep.ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
-        let v = self.inner.eval(&APPEND_SCRIPT, &channel, keys, args).await?;
-        let pos: Pos = bytes_of(v)
-            .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
-            .ok_or_else(|| unavailable("the append script answered something else than a position"))?;
+        let (keys, args) = append_call(&channel, payload, keep);
+        let pos = appended(self.inner.eval(&APPEND_SCRIPT, &channel, keys, args).await?)?;
         if self.inner.replicas == 0 {
             return Ok(pos);
         }
@@ -511,7 +502,7 @@ impl RedisBus {
             .link_for(redis_keyslot(channel.as_bytes()))
             .and_then(|link| link.confirm.as_ref().map(|(_, c)| c.clone()));
         match confirm {
-            Some(confirm) if confirm.confirm(meta_key(&channel), ttl_ms).await => Ok(pos),
+            Some(confirm) if confirm.confirm(meta_key(&channel), millis(keep.ttl)).await => Ok(pos),
             _ => Err(BusError::Unconfirmed(pos)),
         }
     }
@@ -592,17 +583,12 @@ impl RedisBus {
         for (payload, keep) in items {
             let queued: Result<(), _> = match (keep, &sha) {
                 (Some(keep), Some(sha)) => {
-                    let keys = vec![stream_key(channel), meta_key(channel), channel.to_string()];
-                    let ttl = keep.ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
-                    let mut call: Vec<Value> = vec![Value::from(sha.as_str()), Value::Integer(keys.len() as i64)];
-                    call.extend(keys.into_iter().map(Value::from));
-                    call.extend([
-                        Value::Bytes(payload.clone()),
-                        Value::Integer(i64::from(keep.size)),
-                        Value::Integer(ttl),
-                    ]);
+                    let (keys, args) = append_call(channel, payload.clone(), *keep);
                     pipeline
-                        .custom(CustomCommand::new_static("EVALSHA", None::<u16>, false), call)
+                        .custom(
+                            CustomCommand::new_static("EVALSHA", None::<u16>, false),
+                            evalsha(sha, keys, args),
+                        )
                         .await
                 }
                 _ => pipeline.spublish(channel.to_string(), payload.clone()).await,
@@ -618,15 +604,10 @@ impl RedisBus {
         let mut refused = false;
         for ((_, keep), answer) in items.iter().zip(answers) {
             refused |= answer.is_err();
-            out.push((!refused).then(|| {
-                match (keep, answer) {
-                    (None, _) => Ok(None),
-                    (Some(_), Ok(v)) => bytes_of(v)
-                        .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
-                        .map(Some)
-                        .ok_or_else(|| unavailable("the append script answered something else than a position")),
-                    (Some(_), Err(e)) => Err(unavailable(e)),
-                }
+            out.push((!refused).then(|| match (keep, answer) {
+                (None, _) => Ok(None),
+                (Some(_), Ok(v)) => appended(v).map(Some),
+                (Some(_), Err(e)) => Err(unavailable(e)),
             }));
         }
         Ok(out)
@@ -638,7 +619,7 @@ impl RedisBus {
         let args = vec![
             Value::Integer(after.min(i64::MAX as u64) as i64),
             Value::Integer(cap.min(i64::MAX as usize) as i64),
-            Value::Integer(keep.ttl.as_millis().clamp(1, i64::MAX as u128) as i64),
+            Value::Integer(millis(keep.ttl)),
         ];
         let v = self.inner.eval(&READ_SCRIPT, channel, keys, args).await?;
         parse_read(v).ok_or_else(|| unavailable("the read script answered something else than a slice"))
@@ -818,6 +799,32 @@ impl Inner {
 }
 
 /// `ASKING` then `EVALSHA` on one connection, as Redis wants for a key of a slot being migrated.
+/// `EVALSHA`'s arguments: the script's SHA, the number of keys, the keys, the other arguments.
+fn evalsha(sha: &str, keys: Vec<String>, args: Vec<Value>) -> Vec<Value> {
+    let mut call: Vec<Value> = vec![Value::from(sha), Value::Integer(keys.len() as i64)];
+    call.extend(keys.into_iter().map(Value::from));
+    call.extend(args);
+    call
+}
+
+/// The append script's keys and arguments for one message on `channel`.
+fn append_call(channel: &str, payload: Bytes, keep: Keep) -> (Vec<String>, Vec<Value>) {
+    let keys = vec![stream_key(channel), meta_key(channel), channel.to_string()];
+    let args = vec![
+        Value::Bytes(payload),
+        Value::Integer(i64::from(keep.size)),
+        Value::Integer(millis(keep.ttl)),
+    ];
+    (keys, args)
+}
+
+/// The append script's answer: the message's position.
+fn appended(v: Value) -> Result<Pos, BusError> {
+    bytes_of(v)
+        .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
+        .ok_or_else(|| unavailable("the append script answered something else than a position"))
+}
+
 async fn asking(client: &Client, sha: &str, keys: Vec<String>, args: Vec<Value>) -> Result<Value, fred::error::Error> {
     let pipeline = client.pipeline();
     let _: () = pipeline
@@ -826,11 +833,11 @@ async fn asking(client: &Client, sha: &str, keys: Vec<String>, args: Vec<Value>)
             Vec::<Value>::new(),
         )
         .await?;
-    let mut call: Vec<Value> = vec![Value::from(sha), Value::Integer(keys.len() as i64)];
-    call.extend(keys.into_iter().map(Value::from));
-    call.extend(args);
     let _: () = pipeline
-        .custom(CustomCommand::new_static("EVALSHA", None::<u16>, false), call)
+        .custom(
+            CustomCommand::new_static("EVALSHA", None::<u16>, false),
+            evalsha(sha, keys, args),
+        )
         .await?;
     let (_, answer): (Value, Value) = pipeline.all().await?;
     Ok(answer)
