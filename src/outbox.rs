@@ -5,7 +5,8 @@
 //! Publishes go out in batches: everything waiting when the last batch was answered, grouped by
 //! channel, each channel's messages in one pipeline in the order they came
 //! ([`crate::bus::Bus::publish_in_order`]), so one sender's messages keep their order on the bus,
-//! retries included. The next batch goes out once this one is answered; under load batches grow by
+//! retries included. A publish that fails fails the rest of its channel's batch; publishes read
+//! after that batch was answered still go out (the gap this can leave is an open bug). The next batch goes out once this one is answered; under load batches grow by
 //! themselves (a natural batch: what arrived during one round trip), when quiet each publish goes
 //! out alone and at once. Answers come back in the order the publishes were sent, refused ones
 //! included. Past the window the reader stops reading (backpressure): nothing is dropped and the

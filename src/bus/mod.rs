@@ -183,8 +183,8 @@ impl Bus {
     }
 
     /// Publishes messages to one channel in order, in one round trip where the bus allows; one
-    /// result per message, in order. A message that fails fails every one after it, so no later
-    /// message goes out while an earlier one of the channel was lost.
+    /// result per message, in order. A message that fails fails every one after it in the batch,
+    /// so none of them goes out while an earlier one was lost.
     pub async fn publish_in_order(
         &self,
         channel: &str,

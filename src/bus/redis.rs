@@ -523,8 +523,8 @@ impl RedisBus {
     /// SPUBLISH (or the append script, for history) on the channel's master. Where an answer is an
     /// error (the slot moved or is moving, the script is not loaded), that message and every one
     /// after it are published again one at a time, each only once the one before it succeeded, and
-    /// all after the first that still fails fail too: a later message never goes out while an
-    /// earlier one of the same channel was lost.
+    /// all after the first that still fails fail too: within the batch, a later message never goes
+    /// out while an earlier one of the same channel was lost.
     pub async fn publish_in_order(
         &self,
         channel: &str,
