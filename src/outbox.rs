@@ -5,9 +5,10 @@
 //! Publishes go out in batches: everything waiting when the last batch was answered, grouped by
 //! channel, each channel's messages in one pipeline in the order they came
 //! ([`crate::bus::Bus::publish_in_order`]), so one sender's messages keep their order on the bus,
-//! retries included. A publish that fails fails the rest of its channel's batch; publishes read
-//! after that batch was answered still go out (the gap this can leave is an open bug). The next batch goes out once this one is answered; under load batches grow by
-//! themselves (a natural batch: what arrived during one round trip), when quiet each publish goes
+//! retries included. A publish that finally fails fails every publish of its channel the node
+//! holds behind it: the rest of its batch, and those read while the batch was on the bus, so no
+//! later message of that sender goes out after a gap. The next batch goes out once this one is
+//! answered; under load batches grow by themselves (a natural batch: what arrived during one round trip), when quiet each publish goes
 //! out alone and at once. Answers come back in the order the publishes were sent, refused ones
 //! included. Past the window the reader stops reading (backpressure): nothing is dropped and the
 //! outbox never holds more than the window.
@@ -38,7 +39,13 @@ pub enum Entry {
     Refused(FrameError),
 }
 
-type Batch = Pin<Box<dyn Future<Output = Vec<Bytes>> + Send>>;
+/// What a batch comes back with: its answers in order, and the channels a publish failed on.
+struct Sent {
+    answers: Vec<Bytes>,
+    failed: Vec<(String, BusError)>,
+}
+
+type Batch = Pin<Box<dyn Future<Output = Sent> + Send>>;
 
 pub struct Outbox {
     max: usize,
@@ -77,8 +84,18 @@ impl Outbox {
             self.sending = Some((batch.len(), Box::pin(send(node.clone(), encoding, batch))));
         }
         let (_, batch) = self.sending.as_mut().expect("a batch on the bus");
-        let answers = std::task::ready!(batch.as_mut().poll(cx));
+        let Sent { answers, failed } = std::task::ready!(batch.as_mut().poll(cx));
         self.sending = None;
+        // What waits behind a failed publish of the same channel fails with it.
+        for entry in &mut self.waiting {
+            let Entry::Publish(p) = entry else { continue };
+            if let Some((_, e)) = failed.iter().find(|(channel, _)| *channel == p.out.channel) {
+                let behind = BusError::Unavailable(format!("an earlier publish to this room failed ({e})"));
+                if let Err(refused) = published(p, Err(behind)) {
+                    *entry = Entry::Refused(refused);
+                }
+            }
+        }
         Poll::Ready(answers)
     }
 }
@@ -87,7 +104,7 @@ impl Outbox {
 type Channel = (Vec<usize>, Vec<(Bytes, Option<Keep>)>);
 
 /// Sends one batch, a pipeline per channel, and answers every entry in order.
-async fn send(node: Node, encoding: Encoding, batch: Vec<Entry>) -> Vec<Bytes> {
+async fn send(node: Node, encoding: Encoding, batch: Vec<Entry>) -> Sent {
     let mut channels: IndexMap<&str, Channel> = IndexMap::new();
     for (i, entry) in batch.iter().enumerate() {
         if let Entry::Publish(p) = entry {
@@ -105,7 +122,16 @@ async fn send(node: Node, encoding: Encoding, batch: Vec<Entry>) -> Vec<Bytes> {
     for (i, result) in sent.into_iter().flatten() {
         results[i] = Some(result);
     }
-    batch
+    // A publish that may have gone out unconfirmed broke no order; one that did not go out did.
+    let failed = batch
+        .iter()
+        .zip(&results)
+        .filter_map(|(entry, result)| match (entry, result) {
+            (Entry::Publish(p), Some(Err(e @ BusError::Unavailable(_)))) => Some((p.out.channel.clone(), e.clone())),
+            _ => None,
+        })
+        .collect();
+    let answers = batch
         .iter()
         .zip(results)
         .filter_map(|(entry, result)| {
@@ -118,5 +144,6 @@ async fn send(node: Node, encoding: Encoding, batch: Vec<Entry>) -> Vec<Bytes> {
             };
             encode(answer, encoding)
         })
-        .collect()
+        .collect();
+    Sent { answers, failed }
 }
