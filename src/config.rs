@@ -102,13 +102,18 @@ pub struct Args {
     #[arg(long, env = "SHARDCAST_REDIS_TIMEOUT")]
     pub redis_timeout: Option<String>,
 
-    /// Writes each socket at most once per this period, so one write carries every frame the
-    /// socket got meanwhile; a frame waits at most this long. Sockets take turns over the period, so
-    /// the writes go out evenly. Trades latency for CPU under heavy fan-out; at most 1s. 0 writes
-    /// what each batch (whatever waited in the worker's queue) queued as soon as it is delivered.
-    /// [default: 0ms]
+    /// A fixed write window: writes each socket at most once per this period, so one write carries
+    /// every frame the socket got meanwhile; a frame waits at most this long. Sockets take turns
+    /// over the period, so the writes go out evenly; at most 1s. 0 means adaptive writes (see
+    /// --max-write-delay). [default: 0ms]
     #[arg(long, env = "SHARDCAST_WRITE_COALESCE")]
     pub write_coalesce: Option<String>,
+
+    /// Adaptive writes (--write-coalesce 0): a quiet node writes every frame at once; a busy one
+    /// gathers each socket's frames into fewer writes, waiting as long as its load needs and never
+    /// longer than this. An upper bound, not the usual wait; at most 1s. [default: 250ms]
+    #[arg(long, env = "SHARDCAST_MAX_WRITE_DELAY")]
+    pub max_write_delay: Option<String>,
 
     /// How often the node pings every socket. [default: 20s]
     #[arg(long, env = "SHARDCAST_PING_INTERVAL")]
@@ -264,6 +269,7 @@ pub struct Config {
     pub close_grace: Duration,
     pub redis_timeout: Duration,
     pub write_coalesce: Duration,
+    pub max_write_delay: Duration,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
@@ -327,6 +333,7 @@ impl Default for Config {
             close_grace: Duration::from_secs(2),
             redis_timeout: Duration::from_secs(2),
             write_coalesce: Duration::ZERO,
+            max_write_delay: Duration::from_millis(250),
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
@@ -445,6 +452,7 @@ impl Args {
             close_grace: self.close_grace.or(base.close_grace),
             redis_timeout: self.redis_timeout.or(base.redis_timeout),
             write_coalesce: self.write_coalesce.or(base.write_coalesce),
+            max_write_delay: self.max_write_delay.or(base.max_write_delay),
             ping_interval: self.ping_interval.or(base.ping_interval),
             idle_timeout: self.idle_timeout.or(base.idle_timeout),
             drain_timeout: self.drain_timeout.or(base.drain_timeout),
@@ -509,6 +517,7 @@ impl Args {
         set!("close-grace", self.close_grace, duration => close_grace);
         set!("redis-timeout", self.redis_timeout, duration => redis_timeout);
         set!("write-coalesce", self.write_coalesce, duration_or_zero => write_coalesce);
+        set!("max-write-delay", self.max_write_delay, duration_or_zero => max_write_delay);
         set!("ping-interval", self.ping_interval, duration => ping_interval);
         set!("idle-timeout", self.idle_timeout, duration => idle_timeout);
         set!("drain-timeout", self.drain_timeout, duration => drain_timeout);
@@ -562,11 +571,15 @@ impl Args {
                 Err(e) => errors.push(bad("allowed-origins", &raw, e)),
             }
         }
-        if c.write_coalesce > MAX_WRITE_COALESCE {
-            errors.push(format!(
-                "--write-coalesce ({:?}) must be at most {MAX_WRITE_COALESCE:?}: a frame may wait that long",
-                c.write_coalesce
-            ));
+        for (flag, wait) in [
+            ("write-coalesce", c.write_coalesce),
+            ("max-write-delay", c.max_write_delay),
+        ] {
+            if wait > MAX_WRITE_WAIT {
+                errors.push(format!(
+                    "--{flag} ({wait:?}) must be at most {MAX_WRITE_WAIT:?}: a frame may wait that long"
+                ));
+            }
         }
         if c.idle_timeout <= c.ping_interval {
             errors.push(format!(
@@ -593,9 +606,9 @@ impl Args {
 /// changes, and every watcher gets the joins and leaves.
 const MAX_PRESENCE_LIST: usize = 10_000;
 
-/// The longest `--write-coalesce`: it is latency added to messages, and past a second a live feed
-/// is no longer live.
-const MAX_WRITE_COALESCE: Duration = Duration::from_secs(1);
+/// The longest `--write-coalesce` or `--max-write-delay`: it is latency added to messages, and
+/// past a second a live feed is no longer live.
+const MAX_WRITE_WAIT: Duration = Duration::from_secs(1);
 
 fn bad(flag: &str, raw: &str, e: String) -> String {
     format!("--{flag} {raw:?}: {e}")
@@ -853,6 +866,8 @@ mod tests {
             "http://x",
             "--write-coalesce",
             "5s",
+            "--max-write-delay",
+            "2s",
         ])
         .unwrap_err();
         let text = err.to_string();
@@ -864,10 +879,11 @@ mod tests {
             "--close-grace",
             "--redis",
             "--write-coalesce",
+            "--max-write-delay",
         ] {
             assert!(text.contains(name), "{name} missing from: {text}");
         }
-        assert_eq!(err.0.len(), 7, "{text}");
+        assert_eq!(err.0.len(), 8, "{text}");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The route in from the bus: what the bus receives is handed here ([`Dispatch`], the bus's
 //! [`Sink`]), spread over delivery workers by channel so one channel's messages keep their order,
-//! decoded once per node, and handed to the hub: at once ([`Hub::deliver`], then one flush per
-//! socket per batch) or, with paced writes, recorded for the lanes' turns ([`Hub::record`], then
-//! [`Hub::write_lane`] on each turn; the schedule is [`crate::paced`]'s).
+//! decoded once per node, and handed to the hub: queued on each member's socket ([`Hub::deliver`])
+//! and written in passes, one `writev` per socket per pass, at once when the worker is quiet and
+//! gathered when it is busy ([`crate::gather`] decides when), or, with a fixed window, recorded
+//! for the lanes' turns ([`Hub::record`], then [`Hub::write_lane`] on each turn; the schedule is
+//! [`crate::paced`]'s).
 //!
 //! The bus knows nothing of this module: it hands payloads to whatever [`Sink`] it was given.
 //!
@@ -23,6 +25,8 @@ use crate::{
     config::Config,
     envelope::{self, Envelope},
     frame::data_depth_ok,
+    gate::Gate,
+    gather::Gather,
     hub::{Advance, Hub},
     metrics::{self as m, Delivery},
     paced::{Lanes, Pace, Scratch},
@@ -94,7 +98,7 @@ impl Gaps {
 
 impl Dispatch {
     /// Starts `--workers` delivery tasks feeding `hub`, each with a queue of `--worker-queue`;
-    /// paced when `--write-coalesce` is not zero. `naming` tells which channel an envelope
+    /// adaptive (bounded by `--max-write-delay`), or paced when `--write-coalesce` is not zero. `naming` tells which channel an envelope
     /// belongs on.
     pub fn start(
         hub: Hub,
@@ -128,7 +132,7 @@ impl Dispatch {
                     Some((pace, lanes)) => {
                         tracker.spawn(paced(on.clone(), rx, cancel.clone(), *pace, lanes.clone(), index))
                     }
-                    None => tracker.spawn(worker(on.clone(), rx, cancel.clone())),
+                    None => tracker.spawn(worker(on.clone(), rx, cancel.clone(), config.max_write_delay)),
                 };
                 tx
             })
@@ -157,35 +161,66 @@ impl Sink for Dispatch {
     }
 }
 
-/// Delivers what the bus hands over: every frame a batch of messages queues for a socket goes out
-/// in one write at the end of the batch (a batch is whatever waited in the queue, so batches grow
-/// with load). With `--write-coalesce`, [`paced`] instead.
-async fn worker(on: On, mut rx: mpsc::Receiver<Item>, cancel: CancellationToken) {
+/// Delivers what the bus hands over with adaptive writes: each message's frame is queued on every
+/// member's socket as it comes, and the sockets with frames queued are written in passes, one
+/// write each with all their frames; a pass goes at once when the worker is quiet, after the wait
+/// [`Gather`] sets when it is busy. What gathered is written before the worker ends. With
+/// `--write-coalesce`, [`paced`] instead.
+async fn worker(on: On, mut rx: mpsc::Receiver<Item>, cancel: CancellationToken, max_delay: std::time::Duration) {
     let On { hub, naming, gaps } = on;
     let mut batch = Vec::with_capacity(BATCH);
     let mut decoded = Vec::with_capacity(BATCH);
     let mut flush = Vec::new();
+    let mut gather = Gather::new(max_delay);
+    let turn = tokio::time::sleep(std::time::Duration::ZERO);
+    tokio::pin!(turn);
+    let mut armed = false;
     loop {
-        let n = tokio::select! {
-            n = rx.recv_many(&mut batch, BATCH) => n,
-            _ = cancel.cancelled() => return,
-        };
-        if n == 0 {
-            return;
-        }
-        decode(&mut batch, &naming, gaps.config.max_data_depth, &mut decoded);
-        in_order(&hub, &gaps, &mut decoded, |env, shard| {
-            hub.deliver(env, shard, &mut flush);
-        })
-        .await;
-        m::delivered(&Delivery {
-            writes: flush.len(),
-            ..Delivery::default()
-        });
-        for gate in flush.drain(..) {
-            gate.flush();
+        tokio::select! {
+            n = rx.recv_many(&mut batch, BATCH) => {
+                if n == 0 {
+                    break;
+                }
+                decode(&mut batch, &naming, gaps.config.max_data_depth, &mut decoded);
+                in_order(&hub, &gaps, &mut decoded, |env, shard| {
+                    hub.deliver(env, shard, &mut flush);
+                })
+                .await;
+                if flush.is_empty() || armed {
+                    continue;
+                }
+                match gather.due(Instant::now()) {
+                    None => write_pass(&mut flush, &mut gather),
+                    Some(at) => {
+                        turn.as_mut().reset(at);
+                        armed = true;
+                    }
+                }
+            }
+            () = &mut turn, if armed => {
+                armed = false;
+                write_pass(&mut flush, &mut gather);
+            }
+            _ = cancel.cancelled() => break,
         }
     }
+    write_pass(&mut flush, &mut gather);
+}
+
+/// One write to each socket with frames queued, timed for the next wait.
+fn write_pass(flush: &mut Vec<Arc<Gate>>, gather: &mut Gather) {
+    if flush.is_empty() {
+        return;
+    }
+    let (started, clock) = (Instant::now(), std::time::Instant::now());
+    m::delivered(&Delivery {
+        writes: flush.len(),
+        ..Delivery::default()
+    });
+    for gate in flush.drain(..) {
+        gate.flush();
+    }
+    m::write_gathered(gather.wrote(started, clock.elapsed()));
 }
 
 /// Worker `index` of a paced node: records what the bus hands over, and writes its lanes on
@@ -349,7 +384,22 @@ mod tests {
         }
     }
 
-    /// A hub with paced workers behind a real [`Dispatch`], and sockets that record their writes.
+    /// A socket whose every write costs `.1` of real time (a busy kernel), recording into `.0`.
+    #[derive(Clone)]
+    struct Slow(Recorder, Duration);
+
+    impl Outlet for Slow {
+        fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            std::thread::sleep(self.1);
+            self.0.try_write_vectored(bufs)
+        }
+
+        fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.0.poll_write_ready(cx)
+        }
+    }
+
+    /// A hub with workers behind a real [`Dispatch`], and sockets that record their writes.
     struct Paced {
         hub: Hub,
         dispatch: Dispatch,
@@ -359,16 +409,29 @@ mod tests {
 
     impl Paced {
         fn start(every: Duration, workers: usize) -> Paced {
-            let hub = Hub::granting();
-            let tracker = tokio_util::task::TaskTracker::new();
-            let cancel = CancellationToken::new();
-            let naming = Naming::new("ws:room:", "ws:user:", 8, std::collections::HashMap::new());
-            let config = Config {
+            Paced::with(Config {
                 workers,
                 worker_queue: 1024,
                 write_coalesce: every,
                 ..Config::default()
-            };
+            })
+        }
+
+        /// One worker with adaptive writes, frames waiting at most `max`.
+        fn adaptive(max: Duration) -> Paced {
+            Paced::with(Config {
+                workers: 1,
+                worker_queue: 1024,
+                max_write_delay: max,
+                ..Config::default()
+            })
+        }
+
+        fn with(config: Config) -> Paced {
+            let hub = Hub::granting();
+            let tracker = tokio_util::task::TaskTracker::new();
+            let cancel = CancellationToken::new();
+            let naming = Naming::new("ws:room:", "ws:user:", 8, std::collections::HashMap::new());
             let dispatch = Dispatch::start(hub.clone(), naming, &config, &tracker, cancel.clone());
             Paced {
                 hub,
@@ -379,9 +442,14 @@ mod tests {
         }
 
         async fn join(&self, room: &str, budget: usize) -> (Recorder, SessionId) {
+            self.join_costing(room, budget, Duration::ZERO).await
+        }
+
+        /// A member whose socket's writes each cost `cost` of real time.
+        async fn join_costing(&self, room: &str, budget: usize, cost: Duration) -> (Recorder, SessionId) {
             let gate = Arc::new(Gate::new(budget));
             let socket = Recorder::default();
-            gate.attach(Box::new(socket.clone()));
+            gate.attach(Box::new(Slow(socket.clone(), cost)));
             let id = self.hub.register(Member {
                 gate,
                 encoding: Encoding::Json,
@@ -467,6 +535,73 @@ mod tests {
             phases.len() > 1,
             "the sockets' writes are spread over the period: {phases:?}"
         );
+    }
+
+    /// For each frame `k` sent at `sent[k]` (all of `frame` bytes), how long it waited for its write.
+    fn waits(socket: &Recorder, sent: &[Instant], frame: usize) -> Vec<Duration> {
+        let writes = socket.0.lock().unwrap().clone();
+        assert_eq!(writes.last().unwrap().1, frame * sent.len(), "every frame, whole");
+        sent.iter()
+            .enumerate()
+            .map(|(k, at)| writes.iter().find(|w| w.1 >= (k + 1) * frame).unwrap().0 - *at)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_writes_go_out_at_once_while_the_worker_is_quiet() {
+        const MESSAGES: usize = 20;
+        let node = Paced::adaptive(Duration::from_millis(250));
+        let mut sockets = Vec::new();
+        for _ in 0..3 {
+            sockets.push(node.join("r", 1 << 20).await.0);
+        }
+        let mut sent = Vec::new();
+        for _ in 0..MESSAGES {
+            sent.push(Instant::now());
+            node.publish("ws:room:r:shard0", "r");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        node.stop().await;
+        for socket in &sockets {
+            let frame = socket.0.lock().unwrap().last().unwrap().1 / MESSAGES;
+            let waits = waits(socket, &sent, frame);
+            // Two spared for a pass the machine stalled for milliseconds.
+            let at_once = waits.iter().filter(|w| w.is_zero()).count();
+            assert!(at_once >= MESSAGES - 2, "quiet, yet frames waited: {waits:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_writes_gather_under_load_and_no_frame_waits_past_the_bound() {
+        const SOCKETS: usize = 50;
+        const MESSAGES: usize = 200;
+        let max = Duration::from_millis(25);
+        let node = Paced::adaptive(max);
+        let mut sockets = Vec::new();
+        for _ in 0..SOCKETS {
+            // 50 writes of 200 µs: a pass takes 10 ms or more, its share of time would be 40 ms.
+            let cost = Duration::from_micros(200);
+            sockets.push(node.join_costing("r", 1 << 20, cost).await.0);
+        }
+        let mut sent = Vec::new();
+        for _ in 0..MESSAGES {
+            sent.push(Instant::now());
+            node.publish("ws:room:r:shard0", "r");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(max * 2).await;
+        node.stop().await;
+        for socket in &sockets {
+            let frame = socket.0.lock().unwrap().last().unwrap().1 / MESSAGES;
+            let writes = socket.0.lock().unwrap().len();
+            assert!(
+                writes * 5 <= MESSAGES,
+                "{writes} writes for {MESSAGES} frames: no gathering"
+            );
+            let waits = waits(socket, &sent, frame);
+            let longest = waits.iter().max().unwrap();
+            assert!(*longest <= max, "a frame waited {longest:?}, past {max:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

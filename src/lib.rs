@@ -11,7 +11,8 @@
 //! → [`publish`] (one envelope, its channel) → [`bus`] → Redis Cluster or the in-process twin.
 //!
 //! Its route out, on every node with members: [`bus`] → [`deliver`] (workers decode it once) →
-//! [`hub`] (every local member of its topic, one frame per encoding; or [`paced`] turns) →
+//! [`hub`] (every local member of its topic, one frame per encoding, written in passes that
+//! [`gather`] times; or [`paced`] turns) →
 //! [`gate`] (each socket's byte budget and non-blocking writes) → the socket.
 //!
 //! Modules, from the edge of the node inwards:
@@ -30,7 +31,8 @@
 //! - [`interest`]: subscribe on first member, unsubscribe after the last.
 //! - [`bus`]: the transport seam, channel names and shard choice: [`bus::redis`] (Redis Cluster)
 //!   and [`bus::memory`] (embedded).
-//! - [`deliver`]: the delivery workers between the bus and the hub.
+//! - [`deliver`]: the delivery workers between the bus and the hub; [`gather`]: when a worker
+//!   writes (adaptive writes).
 //! - [`presence`]: rooms' counts and member lists and users' online status over every node,
 //!   from each node's own contribution ([`bus::presence`] keeps them).
 //! - [`hub`]: local sockets and topics, fan-out; [`paced`]: the schedule and frame lists of
@@ -49,6 +51,7 @@ pub mod encoding;
 pub mod envelope;
 pub mod frame;
 pub mod gate;
+pub mod gather;
 pub mod history;
 pub mod http;
 pub mod hub;

@@ -28,6 +28,7 @@ pub const BUS_DROPPED: &str = "shardcast_bus_messages_dropped_total";
 pub const DELIVERIES: &str = "shardcast_deliveries_total";
 pub const DELIVERED_BYTES: &str = "shardcast_delivered_bytes_total";
 pub const SOCKET_WRITES: &str = "shardcast_socket_writes_total";
+pub const WRITE_GATHER: &str = "shardcast_write_gather_seconds";
 // History.
 pub const RECOVERIES: &str = "shardcast_recoveries_total";
 pub const REPLAYED: &str = "shardcast_replayed_messages_total";
@@ -68,6 +69,7 @@ pub fn handle() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Full(LATENCY.into()), SECONDS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOIN_WAIT.into()), SECONDS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PUBLISH_WAIT.into()), SECONDS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(WRITE_GATHER.into()), SECONDS))
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(QUEUE_DEPTH.into()),
@@ -87,6 +89,7 @@ pub fn handle() -> PrometheusHandle {
                 delivered_bytes: counter!(DELIVERED_BYTES),
                 socket_writes: counter!(SOCKET_WRITES),
                 unencodable: counter!(UNENCODABLE),
+                write_gather: histogram!(WRITE_GATHER),
             });
             handle
         })
@@ -103,6 +106,7 @@ struct HotPath {
     delivered_bytes: Counter,
     socket_writes: Counter,
     unencodable: Counter,
+    write_gather: Histogram,
 }
 
 static HOT: OnceLock<HotPath> = OnceLock::new();
@@ -263,6 +267,11 @@ pub fn describe() {
         LATENCY,
         Unit::Seconds,
         "Time from publish (envelope timestamp) to fan-out on this node."
+    );
+    describe_histogram!(
+        WRITE_GATHER,
+        Unit::Seconds,
+        "Adaptive writes: after each write pass of a delivery worker, how long frames gather before the next (0 when quiet)."
     );
     describe_histogram!(
         JOIN_WAIT,
@@ -452,6 +461,14 @@ pub fn describe() {
     let _ = histogram!(LATENCY);
     let _ = histogram!(QUEUE_DEPTH);
     let _ = histogram!(JOIN_WAIT);
+    let _ = histogram!(WRITE_GATHER);
+}
+
+/// How long a delivery worker's frames gather after a write pass.
+pub fn write_gathered(wait: std::time::Duration) {
+    if let Some(h) = HOT.get() {
+        h.write_gather.record(wait.as_secs_f64());
+    }
 }
 
 /// A join that waited for its subscription, however it ended.

@@ -1,0 +1,81 @@
+//! Adaptive writes (`--write-coalesce 0`, the default): when a delivery worker writes what it
+//! queued for its sockets, and so how many frames each write carries.
+//!
+//! A worker writes in passes: every socket with frames queued gets one `writev` with all of them.
+//! After a pass the next may start no sooner than [`SPREAD`] times as long as the pass took,
+//! counted from its start, and never more than `--max-write-delay` after it. So a worker spends
+//! at most a [`SPREAD`]th of its time in write passes before frames start to gather, and the wait
+//! follows the load by itself: a pass over many sockets, or one the kernel makes slow (a loaded
+//! machine, full socket buffers), takes longer, so frames gather longer and the next pass carries
+//! more of them per write, which is what makes it cheaper per frame. Quiet, a pass takes
+//! microseconds and each message goes out the moment it comes. Nothing polls: an idle worker
+//! sleeps on its queue, and a wait is one timer armed only while frames are gathering.
+//!
+//! The pass is timed on the real clock, not the runtime's: it measures work done, which a paused
+//! test clock would not see.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A pass may take one part in this many of a worker's time before frames wait for the next.
+pub const SPREAD: u32 = 4;
+
+/// One worker's write schedule.
+#[derive(Debug)]
+pub struct Gather {
+    max: Duration,
+    /// The earliest the next pass may start.
+    next: Option<Instant>,
+}
+
+impl Gather {
+    /// A schedule that never makes a frame wait more than `max` for its pass.
+    pub fn new(max: Duration) -> Gather {
+        Gather { max, next: None }
+    }
+
+    /// When the next pass is due, or `None` when it may start now.
+    pub fn due(&self, now: Instant) -> Option<Instant> {
+        self.next.filter(|at| *at > now)
+    }
+
+    /// Notes a pass that started at `started` and took `took` (real time); returns how long
+    /// frames now gather before the next.
+    pub fn wrote(&mut self, started: Instant, took: Duration) -> Duration {
+        let wait = took.saturating_mul(SPREAD).min(self.max);
+        self.next = Some(started + wait);
+        wait
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_writes_at_once_busy_waits_for_its_share_and_never_past_the_bound() {
+        let max = Duration::from_millis(250);
+        let ms = Duration::from_millis;
+        let mut gather = Gather::new(max);
+        let start = Instant::now();
+        assert_eq!(gather.due(start), None, "a fresh worker writes at once");
+
+        // A pass of 3 ms: the next waits until 12 ms after it started.
+        assert_eq!(gather.wrote(start, ms(3)), ms(12));
+        assert_eq!(gather.due(start + ms(5)), Some(start + ms(12)));
+        assert_eq!(gather.due(start + ms(12)), None, "due once its wait is over");
+        tokio::time::advance(ms(100)).await;
+        assert_eq!(gather.due(Instant::now()), None, "idle since: at once");
+
+        // A pass of 20 µs (a quiet node): messages a millisecond apart go out as they come.
+        let now = Instant::now();
+        gather.wrote(now, Duration::from_micros(20));
+        assert_eq!(gather.due(now + ms(1)), None);
+
+        // Passes that take longer than the bound (a huge room on a loaded box): capped.
+        let now = Instant::now();
+        assert_eq!(gather.wrote(now, ms(400)), max);
+        assert_eq!(gather.due(now + ms(1)), Some(now + max));
+    }
+}
