@@ -1,7 +1,11 @@
-//! Adaptive writes (`--write-coalesce 0`, the default): when a delivery worker writes what it
-//! queued for its sockets, and so how many frames each write carries.
+//! Adaptive writes (`--write-coalesce 0`, the default): which delivery worker writes a socket
+//! ([`Writers`]), when ([`Gather`]), and so how many frames each write carries.
 //!
-//! A worker writes in passes: every socket with frames queued gets one `writev` with all of them.
+//! Any worker may queue frames on a socket (a room's shards are spread over the workers), but
+//! each socket is written by one worker, chosen by its gate's address like a paced lane: the
+//! worker that queued a socket's first frame hands the socket to its writer, so one write carries
+//! the frames of every worker. A worker writes in passes: every socket of its own with frames
+//! queued gets one `writev` with all of them.
 //! After a pass the next may start no sooner than [`SPREAD`] times as long as the pass took,
 //! counted from its start, and never more than `--max-write-delay` after it. So a worker spends
 //! at most a [`SPREAD`]th of its time in write passes before frames start to gather, and the wait
@@ -14,9 +18,14 @@
 //! The pass is timed on the real clock, not the runtime's: it measures work done, which a paused
 //! test clock would not see.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use tokio::time::Instant;
+use tokio::{sync::Notify, time::Instant};
+
+use crate::{gate::Gate, paced::lane_of};
 
 /// A pass may take one part in this many of a worker's time before frames wait for the next.
 pub const SPREAD: u32 = 4;
@@ -47,6 +56,56 @@ impl Gather {
         self.next = Some(started + wait);
         wait
     }
+}
+
+/// Per worker, the sockets it writes that have frames queued, and a wake-up for when another
+/// worker queued them.
+pub struct Writers {
+    owed: Box<[(Mutex<Vec<Arc<Gate>>>, Notify)]>,
+}
+
+impl Writers {
+    pub fn new(workers: usize) -> Writers {
+        Writers {
+            owed: (0..workers.max(1)).map(|_| Default::default()).collect(),
+        }
+    }
+
+    /// Hands each socket in `queued` (whose first frame since its last write was just queued) to
+    /// its writer, waking the writers other than `me` that got any; leaves `queued` empty.
+    pub fn hand_over(&self, me: usize, queued: &mut Vec<Arc<Gate>>) {
+        let n = self.owed.len();
+        queued.sort_unstable_by_key(|gate| lane_of(gate, n));
+        for group in queued.chunk_by(|a, b| lane_of(a, n) == lane_of(b, n)) {
+            let writer = lane_of(&group[0], n);
+            let (gates, news) = &self.owed[writer];
+            lock(gates).extend_from_slice(group);
+            if writer != me {
+                news.notify_one();
+            }
+        }
+        queued.clear();
+    }
+
+    /// Whether worker `me` has sockets to write.
+    pub fn owes(&self, me: usize) -> bool {
+        !lock(&self.owed[me].0).is_empty()
+    }
+
+    /// Takes worker `me`'s sockets to write into `into` (empty), leaving its list empty.
+    pub fn take(&self, me: usize, into: &mut Vec<Arc<Gate>>) {
+        std::mem::swap(&mut *lock(&self.owed[me].0), into);
+    }
+
+    /// Ready when another worker handed `me` sockets to write.
+    pub async fn news(&self, me: usize) {
+        self.owed[me].1.notified().await;
+    }
+}
+
+fn lock(gates: &Mutex<Vec<Arc<Gate>>>) -> std::sync::MutexGuard<'_, Vec<Arc<Gate>>> {
+    // A list of handles: consistent whatever panicked while holding it.
+    gates.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
