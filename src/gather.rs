@@ -6,13 +6,15 @@
 //! worker that queued a socket's first frame hands the socket to its writer, so one write carries
 //! the frames of every worker. A worker writes in passes: every socket of its own with frames
 //! queued gets one `writev` with all of them.
-//! After a pass the next may start no sooner than [`SPREAD`] times as long as the pass took,
+//! After a pass the next may start no sooner than [`SPREAD`] times as long as a pass takes,
 //! counted from its start, and never more than `--max-write-delay` after it. So a worker spends
-//! at most a [`SPREAD`]th of its time in write passes before frames start to gather, and the wait
+//! about a [`SPREAD`]th of its time in write passes before frames start to gather, and the wait
 //! follows the load by itself: a pass over many sockets, or one the kernel makes slow (a loaded
 //! machine, full socket buffers), takes longer, so frames gather longer and the next pass carries
 //! more of them per write, which is what makes it cheaper per frame. Quiet, a pass takes
-//! microseconds and each message goes out the moment it comes. Nothing polls: an idle worker
+//! microseconds and each message goes out the moment it comes. How long a pass takes is a moving
+//! average of the last few, so one pass the machine stalled does not hold the next frames back
+//! for long, and a load that lasts is followed within a few passes. Nothing polls: an idle worker
 //! sleeps on its queue, and a wait is one timer armed only while frames are gathering.
 //!
 //! The pass is timed on the real clock, not the runtime's: it measures work done, which a paused
@@ -28,7 +30,7 @@ use tokio::{sync::Notify, time::Instant};
 use crate::{gate::Gate, paced::lane_of};
 
 /// A pass may take one part in this many of a worker's time before frames wait for the next.
-pub const SPREAD: u32 = 4;
+pub const SPREAD: u32 = 5;
 
 /// One worker's write schedule.
 #[derive(Debug)]
@@ -36,12 +38,18 @@ pub struct Gather {
     max: Duration,
     /// The earliest the next pass may start.
     next: Option<Instant>,
+    /// How long a pass takes, averaged.
+    pass: Duration,
 }
 
 impl Gather {
     /// A schedule that never makes a frame wait more than `max` for its pass.
     pub fn new(max: Duration) -> Gather {
-        Gather { max, next: None }
+        Gather {
+            max,
+            next: None,
+            pass: Duration::ZERO,
+        }
     }
 
     /// When the next pass is due, or `None` when it may start now.
@@ -52,7 +60,9 @@ impl Gather {
     /// Notes a pass that started at `started` and took `took` (real time); returns how long
     /// frames now gather before the next.
     pub fn wrote(&mut self, started: Instant, took: Duration) -> Duration {
-        let wait = took.saturating_mul(SPREAD).min(self.max);
+        // A quarter of the way to the latest pass, each pass.
+        self.pass = (self.pass * 3 + took) / 4;
+        let wait = self.pass.saturating_mul(SPREAD).min(self.max);
         self.next = Some(started + wait);
         wait
     }
@@ -120,20 +130,36 @@ mod tests {
         let start = Instant::now();
         assert_eq!(gather.due(start), None, "a fresh worker writes at once");
 
-        // A pass of 3 ms: the next waits until 12 ms after it started.
-        assert_eq!(gather.wrote(start, ms(3)), ms(12));
-        assert_eq!(gather.due(start + ms(5)), Some(start + ms(12)));
-        assert_eq!(gather.due(start + ms(12)), None, "due once its wait is over");
+        // Passes of 4 ms: the wait follows, a quarter of the way each pass.
+        assert_eq!(gather.wrote(start, ms(4)), ms(1) * SPREAD);
+        assert_eq!(gather.due(start + ms(1)), Some(start + ms(1) * SPREAD));
+        assert_eq!(gather.due(start + ms(1) * SPREAD), None, "due once its wait is over");
+        for _ in 0..40 {
+            gather.wrote(start, ms(4));
+        }
+        let wait = gather.wrote(start, ms(4));
+        assert!(wait > ms(4) * SPREAD * 99 / 100 && wait <= ms(4) * SPREAD, "{wait:?}");
         tokio::time::advance(ms(100)).await;
         assert_eq!(gather.due(Instant::now()), None, "idle since: at once");
 
-        // A pass of 20 µs (a quiet node): messages a millisecond apart go out as they come.
+        // Quiet passes of 20 µs: the load is soon forgotten, and messages a millisecond apart go
+        // out as they come.
         let now = Instant::now();
-        gather.wrote(now, Duration::from_micros(20));
+        let first = gather.wrote(now, Duration::from_micros(20));
+        assert!(
+            first > ms(2) * SPREAD,
+            "one quiet pass does not forget the load: {first:?}"
+        );
+        for _ in 0..40 {
+            gather.wrote(now, Duration::from_micros(20));
+        }
         assert_eq!(gather.due(now + ms(1)), None);
 
         // Passes that take longer than the bound (a huge room on a loaded box): capped.
         let now = Instant::now();
+        for _ in 0..4 {
+            gather.wrote(now, ms(400));
+        }
         assert_eq!(gather.wrote(now, ms(400)), max);
         assert_eq!(gather.due(now + ms(1)), Some(now + max));
     }
