@@ -71,8 +71,11 @@ impl Gather {
 /// Per worker, the sockets it writes that have frames queued, and a wake-up for when another
 /// worker queued them.
 pub struct Writers {
-    owed: Box<[(Mutex<Vec<Arc<Gate>>>, Notify)]>,
+    owed: Box<[(Owed, Notify)]>,
 }
+
+/// A worker's sockets to write.
+type Owed = Mutex<Vec<Arc<Gate>>>;
 
 impl Writers {
     pub fn new(workers: usize) -> Writers {
@@ -113,7 +116,7 @@ impl Writers {
     }
 }
 
-fn lock(gates: &Mutex<Vec<Arc<Gate>>>) -> std::sync::MutexGuard<'_, Vec<Arc<Gate>>> {
+fn lock(gates: &Owed) -> std::sync::MutexGuard<'_, Vec<Arc<Gate>>> {
     // A list of handles: consistent whatever panicked while holding it.
     gates.lock().unwrap_or_else(|p| p.into_inner())
 }
