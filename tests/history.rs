@@ -755,9 +755,10 @@ async fn two_thousand_clients_resuming_at_once_share_their_reads() {
     let reads = cluster.calls("evalsha") - reads_before;
     eprintln!("{CLIENTS} resumes over {SHARDS} shards: {reads} reads of the stream");
     // Unshared, that is a read per resume per shard (8,000); shared, the resumes that arrive while
-    // one read is out wait for the next, which serves them all (61 reads here on a loaded machine).
+    // one read is out wait for the next, which serves them all: 51 to 75 reads alone, up to 164
+    // beside the other tests of this file on a loaded machine.
     assert!(
-        reads <= CLIENTS as u64 * SHARDS / 50,
+        reads <= CLIENTS as u64 * SHARDS / 20,
         "{reads} reads for {CLIENTS} resumes over {SHARDS} shards: not shared"
     );
 }
