@@ -2,9 +2,11 @@
 //! scenario for a fixed time, and reports deliveries, losses, latency and the nodes' CPU and
 //! memory. Every phase has a deadline, so a run always ends by itself.
 
+mod capacity;
 mod churn;
 mod conn;
 mod demo;
+mod fleet;
 mod floor;
 mod procfs;
 mod report;
@@ -60,6 +62,16 @@ enum Scenario {
     /// Feeds the demo page (nodes with --demo true): a scorer and --publishers chatting fans
     /// publish scores and chat lines into --room (default `demo`) at --rate (default 20).
     Demo,
+    /// One room of --clients members (default 100,000) over --nodes node processes it starts on a
+    /// 3-master cluster it starts, with as many generator processes as the members need, at each
+    /// of --rates (default 1,2,5 msg/s); writes JSON and an SVG chart to --out. Run from the
+    /// repository (it uses redis-cluster/up); it stops everything it started.
+    #[value(name = "stadium-100k")]
+    Stadium100k,
+    /// No traffic: what a deployment needs (nodes, masters, shards per room, memory and egress
+    /// per node) for --viewers over --rooms (default 1) at --rate messages/s per room (default 10),
+    /// from the capacity model (docs/capacity.md).
+    Plan,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -90,9 +102,18 @@ struct Args {
     /// Publishing connections of the stadium (not subscribed).
     #[arg(long, default_value_t = 4)]
     publishers: usize,
-    /// Rooms of the chat scenario.
-    #[arg(long, default_value_t = 1000)]
-    rooms: usize,
+    /// Rooms of the chat and soak scenarios (default 1000), or of the plan (default 1).
+    #[arg(long)]
+    rooms: Option<usize>,
+    /// plan: concurrent viewers in all.
+    #[arg(long, default_value_t = 100_000)]
+    viewers: u64,
+    /// plan: the p99 delivery latency to stay under, milliseconds.
+    #[arg(long, default_value_t = 250.0)]
+    p99_ms: f64,
+    /// plan: cores of each node machine.
+    #[arg(long, default_value_t = 8.0)]
+    cores_per_node: f64,
     /// The room of the stadium, churn and demo (give it shards on the nodes with --hot-room NAME=N).
     /// Default: `demo` for demo, else `stadium`.
     #[arg(long)]
@@ -152,6 +173,36 @@ struct Args {
     /// floor: milliseconds between two writes to the same socket.
     #[arg(long, default_value_t = 20.0)]
     window_ms: f64,
+    /// stadium-100k: node processes to start.
+    #[arg(long, default_value_t = 6)]
+    nodes: usize,
+    /// stadium-100k: the publishing rates to run, msg/s, one step each.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,5")]
+    rates: Vec<f64>,
+    /// stadium-100k: shards of the room.
+    #[arg(long, default_value_t = 16)]
+    shards: u32,
+    /// stadium-100k: generator processes for the members. Default: one per 15,000 members.
+    #[arg(long)]
+    procs: Option<usize>,
+    /// stadium-100k: the node binary. Default: `shardcast` beside this program.
+    #[arg(long)]
+    node_bin: Option<std::path::PathBuf>,
+    /// stadium-100k: where the JSON report and the chart go.
+    #[arg(long, default_value = "/tmp/shardcast-stadium-100k")]
+    out: std::path::PathBuf,
+    /// A generator process of a multi-process run: its subscribers expect these publishers, which
+    /// another process runs (with --publishers 0).
+    #[arg(long, hide = true, default_value_t = 0)]
+    expect_publishers: u32,
+    /// A generator process of a multi-process run: once connected, print `ready` and wait for a
+    /// line on standard input before the run starts.
+    #[arg(long, hide = true)]
+    wait_for_go: bool,
+    /// Adds the end-to-end latencies, as (microseconds, count) pairs, to the JSON report, so that
+    /// reports of several processes can be merged.
+    #[arg(long, hide = true)]
+    export_latency: bool,
 }
 
 /// The whole run's connections and who publishes to whom.
@@ -170,6 +221,8 @@ fn period(publishers: usize, rate: f64) -> Duration {
 fn clients(args: &Args) -> usize {
     args.clients.unwrap_or(match args.scenario {
         Scenario::Stadium | Scenario::Dm => 2000,
+        Scenario::Stadium100k => 100_000,
+        Scenario::Plan => 0,
         Scenario::Chat => 10_000,
         Scenario::Idle => 18_000,
         Scenario::Soak | Scenario::Floor | Scenario::Churn => 1000,
@@ -194,7 +247,7 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
         Scenario::Stadium | Scenario::Churn => 200.0,
         Scenario::Chat => 2000.0,
         Scenario::Dm => 1000.0,
-        Scenario::Idle | Scenario::Floor => 0.0,
+        Scenario::Idle | Scenario::Floor | Scenario::Stadium100k | Scenario::Plan => 0.0,
         Scenario::Soak => 500.0,
         Scenario::Demo => 20.0,
     });
@@ -204,7 +257,8 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
     if args.scenario == Scenario::Dm && args.publish_via == Via::Http {
         bail!("POST /publish only publishes to rooms: dm needs --publish-via ws");
     }
-    if clients == 0 {
+    // A multi-process stadium's publishing process has no subscribers.
+    if clients == 0 && !(args.scenario == Scenario::Stadium && args.publishers > 0) {
         bail!("--clients must be positive");
     }
     let pre = &args.prefix;
@@ -234,11 +288,16 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
     let mut fan = Vec::new();
     match args.scenario {
         Scenario::Stadium => {
-            let pubs = args.publishers.max(1);
+            // Without publishers of its own, its subscribers expect another process's.
+            let (pubs, expected) = match (args.publishers, args.expect_publishers) {
+                (0, 0) => bail!("a stadium needs --publishers (or --expect-publishers)"),
+                (0, n) => (0, n),
+                (n, _) => (n, n as u32),
+            };
             for i in 0..clients {
                 specs.push(Spec {
                     join: Some(room(args)),
-                    expect: 0..pubs as u32,
+                    expect: 0..expected,
                     ..base(i, i, format!("{pre}-u{i}"))
                 });
             }
@@ -259,7 +318,7 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
             }
         }
         Scenario::Chat => {
-            let rooms = args.rooms.clamp(1, clients);
+            let rooms = args.rooms.unwrap_or(1000).clamp(1, clients);
             let per_room = clients.div_ceil(rooms);
             let slots = per_room * clients.div_ceil(per_room);
             let every = period(clients, rate);
@@ -309,7 +368,12 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
                 specs.push(base(i, i, format!("{pre}-u{i}")));
             }
         }
-        Scenario::Soak | Scenario::Floor | Scenario::Churn | Scenario::Demo => {
+        Scenario::Soak
+        | Scenario::Floor
+        | Scenario::Churn
+        | Scenario::Demo
+        | Scenario::Stadium100k
+        | Scenario::Plan => {
             bail!("the {:?} scenario has its own runner", args.scenario)
         }
     }
@@ -410,6 +474,9 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     }
     progress.finish_and_clear();
     let ramp_s = ramp_start.elapsed().as_secs_f64();
+    if args.wait_for_go {
+        go(ctx.ready.load(Ordering::Relaxed)).await?;
+    }
 
     // Run: publish for the duration (or hold the connections, for idle).
     let start = samples(&args.pids)?;
@@ -492,12 +559,15 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         reconnect_frames += out.reconnects;
         unparsed_frames += out.unparsed;
         positioned += out.positioned;
+        // Another process's publishers: what they sent is known there, and losses are counted
+        // where the reports are merged.
         let missing: u64 = spec
             .expect
             .clone()
-            .map(|p| {
+            .filter_map(|p| {
+                let sent = *sent.get(p as usize)?;
                 let got = out.streams.iter().find(|(q, _)| *q == p);
-                got.map_or(sent[p as usize], |(_, s)| s.lost(sent[p as usize]))
+                Some(got.map_or(sent, |(_, s)| s.lost(sent)))
             })
             .sum();
         unexpected += out
@@ -561,6 +631,9 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             positioned,
         },
         latency_ms: Latency::of(&hist),
+        latency_us: args
+            .export_latency
+            .then(|| hist.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect()),
         publish_answer_ms: Latency::of(&ctx.answers.merged()),
         nodes: args
             .pids
@@ -592,6 +665,8 @@ fn main() -> anyhow::Result<()> {
     let needed = match args.scenario {
         // Both ends of every socket are in this process.
         Scenario::Floor => 2 * clients(&args) as u64,
+        // The members are held by the generator processes it starts; a plan opens nothing.
+        Scenario::Stadium100k | Scenario::Plan => 0,
         _ => clients(&args) as u64 + args.publishers as u64,
     } + 64;
     if files < needed {
@@ -614,6 +689,13 @@ fn main() -> anyhow::Result<()> {
     } else if args.scenario == Scenario::Floor {
         let report = runtime.block_on(floor::run(floor_plan(&args)?))?;
         (serde_json::to_string_pretty(&report)?, report.table())
+    } else if args.scenario == Scenario::Plan {
+        let plan = capacity::plan(&capacity_inputs(&args))?;
+        (serde_json::to_string_pretty(&plan)?, plan.table())
+    } else if args.scenario == Scenario::Stadium100k {
+        // Processes, not connections: no runtime needed.
+        let report = fleet::run(&fleet_plan(&args)?)?;
+        (serde_json::to_string_pretty(&report)?, report.table())
     } else {
         let report = runtime.block_on(run(args))?;
         (serde_json::to_string_pretty(&report)?, report.table())
@@ -626,6 +708,60 @@ fn main() -> anyhow::Result<()> {
         print!("{table}");
     }
     Ok(())
+}
+
+/// A generator process of a multi-process run, connected: says so on standard output and waits
+/// (at most ten minutes) for a line on standard input before its run starts.
+async fn go(ready: usize) -> anyhow::Result<()> {
+    use std::io::Write;
+    println!("ready {ready}");
+    std::io::stdout().flush()?;
+    let line = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line)
+    });
+    match tokio::time::timeout(Duration::from_secs(600), line).await {
+        Ok(Ok(Ok(line))) if !line.is_empty() => Ok(()),
+        Ok(_) => bail!("standard input closed before the run started"),
+        Err(_) => bail!("no word to start within ten minutes"),
+    }
+}
+
+fn capacity_inputs(args: &Args) -> capacity::Inputs {
+    capacity::Inputs {
+        viewers: args.viewers,
+        rooms: args.rooms.unwrap_or(1) as u64,
+        rate: args.rate.unwrap_or(10.0),
+        payload_bytes: args.payload_bytes as u64,
+        p99_ms: args.p99_ms,
+        cores_per_node: args.cores_per_node,
+        constants: capacity::Constants::default(),
+    }
+}
+
+fn fleet_plan(args: &Args) -> anyhow::Result<fleet::Plan> {
+    let members = clients(args);
+    let node_bin = match &args.node_bin {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe()?.with_file_name("shardcast"),
+    };
+    let duration = Duration::try_from_secs_f64(args.duration.max(1.0)).context("--duration")?;
+    Ok(fleet::Plan {
+        members,
+        nodes: args.nodes,
+        // A process may hold about 17,000 sockets under this machine's 20,000 descriptors.
+        procs: args.procs.unwrap_or(members.div_ceil(15_000)).max(1),
+        rates: args.rates.clone(),
+        shards: args.shards,
+        publishers: args.publishers.max(1),
+        payload_bytes: args.payload_bytes,
+        duration,
+        ramp_per_sec: args.ramp_per_sec,
+        // About 28,000 ports per source address, with room to spare.
+        source_addrs: args.source_addrs.max((members.div_ceil(20_000) + 1).min(250) as u8),
+        node_bin,
+        out: args.out.clone(),
+    })
 }
 
 fn floor_plan(args: &Args) -> anyhow::Result<floor::Plan> {
@@ -714,7 +850,7 @@ async fn soak_run(args: &Args) -> anyhow::Result<soak::SoakReport> {
         nodes,
         source_addrs: args.source_addrs,
         clients: clients(args).max(1),
-        rooms: args.rooms.max(1),
+        rooms: args.rooms.unwrap_or(1000).max(1),
         rate: args.rate.unwrap_or(500.0).max(0.001),
         churn_per_sec: args.churn_per_sec.max(0.001),
         payload_bytes: args.payload_bytes,
@@ -780,6 +916,36 @@ mod tests {
         );
         assert!(demo_plan(&args("lt demo --duration inf"), Vec::new()).is_err());
         assert_eq!(room(&args("lt stadium")), "stadium");
+    }
+
+    #[test]
+    fn plan_takes_the_stadium_defaults_and_refuses_bad_input() {
+        let i = capacity_inputs(&args("lt plan --viewers 1000000"));
+        assert_eq!((i.viewers, i.rooms, i.rate, i.payload_bytes), (1_000_000, 1, 10.0, 128));
+        assert!(capacity::plan(&i).unwrap().nodes > 1);
+        assert!(capacity::plan(&capacity_inputs(&args("lt plan --rate 0"))).is_err());
+        assert!(capacity::plan(&capacity_inputs(&args("lt plan --viewers 5 --rooms 10"))).is_err());
+    }
+
+    #[test]
+    fn fleet_plan_sizes_processes_and_addresses_for_the_members() {
+        let p = fleet_plan(&args("lt stadium-100k --node-bin /x/shardcast")).unwrap();
+        assert_eq!((p.members, p.nodes, p.procs, p.shards), (100_000, 6, 7, 16));
+        assert_eq!((p.rates.clone(), p.source_addrs), (vec![1.0, 2.0, 5.0], 6));
+        let small = fleet_plan(&args("lt stadium-100k --clients 5000 --nodes 5 --rates 5")).unwrap();
+        assert_eq!((small.procs, small.source_addrs), (1, 2));
+        assert!(small.node_bin.ends_with("shardcast"));
+    }
+
+    #[test]
+    fn a_generator_process_holds_members_for_another_processs_publishers() {
+        let holder = plan(&args("lt stadium --clients 4 --publishers 0 --expect-publishers 3"), 2).unwrap();
+        assert!(holder.fan.is_empty(), "no publisher of its own");
+        assert!(holder.specs.iter().all(|s| s.publish.is_none() && s.expect == (0..3)));
+        let feed = plan(&args("lt stadium --clients 0 --publishers 2"), 2).unwrap();
+        assert_eq!((feed.specs.len(), feed.fan.len()), (2, 2));
+        assert!(plan(&args("lt stadium --publishers 0"), 2).is_err());
+        assert!(plan(&args("lt chat --clients 0"), 2).is_err());
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub struct Report {
     pub publish: Publish,
     pub delivery: Delivery,
     pub latency_ms: Latency,
+    /// The latencies behind `latency_ms` as (microseconds, count) pairs, when asked for
+    /// (`--export-latency`): reports of several generator processes merge through them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<Vec<(u64, u64)>>,
     /// From sending a publish to its answer: a node answers one socket's commands one after
     /// another, so a publisher falls behind once this passes the time between its publishes.
     pub publish_answer_ms: Latency,

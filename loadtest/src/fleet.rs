@@ -1,0 +1,741 @@
+//! The `stadium-100k` run: one room of many members over several node processes, more than one
+//! generator process can hold (each process here may have at most ~20,000 descriptors).
+//!
+//! It starts a 3-master cluster (`redis-cluster/up`), `nodes` node processes on free loopback
+//! ports, and per rate step: `procs` generator processes (this program's own `stadium` with
+//! `--publishers 0`), each holding its share of the members and saying `ready` once connected;
+//! once all are, it tells them to go and starts one more process that publishes at the step's
+//! rate. Their JSON reports are merged: losses against what the publisher sent, latencies from
+//! each process's histogram. Node and Redis CPU come from `/proc`, sampled around the step, and
+//! the machine's floor is measured once before the steps. Every wait has a deadline, and
+//! everything started is stopped when the run ends, however it ends.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{procfs, report::Latency};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub members: usize,
+    pub nodes: usize,
+    pub procs: usize,
+    pub rates: Vec<f64>,
+    pub shards: u32,
+    pub publishers: usize,
+    pub payload_bytes: usize,
+    pub duration: Duration,
+    pub ramp_per_sec: f64,
+    pub source_addrs: u8,
+    pub node_bin: PathBuf,
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FleetReport {
+    pub members: usize,
+    pub nodes: usize,
+    pub generator_procs: usize,
+    pub shards: u32,
+    pub masters: usize,
+    pub payload_bytes: usize,
+    pub duration_s: f64,
+    pub cores: usize,
+    /// The processes it started, all stopped when it reports.
+    pub node_pids: Vec<u32>,
+    pub master_pids: Vec<u32>,
+    /// This machine's floor, measured before the steps: µs of CPU per frame at N frames per write.
+    pub floor_us_per_frame: BTreeMap<String, f64>,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Step {
+    pub rate: f64,
+    pub members_connected: usize,
+    pub connect_errors: BTreeMap<String, u64>,
+    /// From starting the generators to the last member joined.
+    pub connect_s: f64,
+    pub sent: u64,
+    pub expected: u64,
+    pub delivered: u64,
+    pub deliveries_per_sec: f64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub reordered: u64,
+    pub latency_ms: Latency,
+    /// Cores the nodes used together over the step.
+    pub node_cores: f64,
+    pub node_cpu_us_per_delivery: Option<f64>,
+    /// Growth of the nodes' resident memory from before the members connected, per member.
+    pub node_rss_bytes_per_conn: Option<f64>,
+    /// Cores each Redis master used over the step.
+    pub master_cores: Vec<f64>,
+    /// Cores the generator processes used over the step.
+    pub generator_cores: f64,
+    /// Publish to a node's delivery worker taking the message, p99 over the nodes (the upper
+    /// bound of its histogram bucket): how far the nodes were behind, before their writes.
+    pub node_queue_p99_ms: Option<f64>,
+    pub bound_by: String,
+}
+
+/// A started process, killed when dropped.
+struct Proc {
+    child: Child,
+    what: String,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, what: impl Into<String>) -> anyhow::Result<Proc> {
+        let what = what.into();
+        let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+        Ok(Proc { child, what })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit, at most until `deadline`; kills it then.
+    fn finish(mut self, deadline: Instant) -> anyhow::Result<std::process::ExitStatus> {
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("{} did not end in time", self.what);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Asks the process to stop (SIGTERM), waits up to `grace`, then kills it.
+    fn stop(&mut self, grace: Duration) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The cluster `redis-cluster/up` started, taken down when dropped.
+struct Cluster {
+    dir: PathBuf,
+    seed: String,
+    masters: Vec<u32>,
+}
+
+impl Cluster {
+    fn up(dir: &Path) -> anyhow::Result<Cluster> {
+        let out = Command::new("redis-cluster/up")
+            .args(["--replicas", "0", "--masters", "3", "--port", "auto", "--dir"])
+            .arg(dir)
+            .args(["--owner-pid", &std::process::id().to_string()])
+            .stderr(Stdio::inherit())
+            .output()
+            .context("redis-cluster/up (run from the repository)")?;
+        if !out.status.success() {
+            bail!("redis-cluster/up failed");
+        }
+        let seed = String::from_utf8(out.stdout)?
+            .lines()
+            .last()
+            .context("redis-cluster/up printed no seed")?
+            .trim()
+            .to_string();
+        let masters = std::fs::read_to_string(dir.join("pids"))?
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        Ok(Cluster {
+            dir: dir.to_path_buf(),
+            seed,
+            masters,
+        })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("redis-cluster/down").arg("--dir").arg(&self.dir).output();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A node's answer to `GET path`, whole (status line, headers, body), or empty.
+fn get(port: u16, path: &str) -> String {
+    use std::io::Read;
+    let mut answer = String::new();
+    if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let _ = s.read_to_string(&mut answer);
+    }
+    answer
+}
+
+fn ready(port: u16, deadline: Instant) -> anyhow::Result<()> {
+    while Instant::now() < deadline {
+        if get(port, "/readyz").starts_with("HTTP/1.1 200") {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("the node on port {port} was not ready in time")
+}
+
+/// The nodes' `shardcast_delivery_latency_seconds` buckets (publish to a worker taking the
+/// message), summed over the nodes: upper bound in seconds, cumulative count.
+fn node_latency(ports: &[u16]) -> BTreeMap<String, f64> {
+    let mut buckets = BTreeMap::new();
+    for port in ports {
+        for line in get(*port, "/metrics").lines() {
+            let Some(rest) = line.strip_prefix("shardcast_delivery_latency_seconds_bucket{le=\"") else {
+                continue;
+            };
+            let Some((le, count)) = rest.split_once("\"}") else { continue };
+            *buckets.entry(le.to_string()).or_insert(0.0) += count.trim().parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    buckets
+}
+
+/// The 99th percentile of what the buckets gained between two scrapes, as the upper bound of its
+/// bucket, in milliseconds (`None` without samples; infinite past the last bound).
+fn node_p99_ms(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> Option<f64> {
+    let mut gained: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+            (bound, n - before.get(le).copied().unwrap_or(0.0))
+        })
+        .collect();
+    gained.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = gained.last()?.1;
+    (total > 0.0).then(|| gained.iter().find(|(_, n)| *n >= 0.99 * total).map_or(f64::INFINITY, |b| b.0 * 1e3))
+}
+
+/// CPU seconds of `pids` now.
+fn cpu(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
+    pids.iter().map(|p| Ok(procfs::sample(*p)?.cpu_ns as f64 / 1e9)).collect()
+}
+
+fn rss(pids: &[u32]) -> anyhow::Result<u64> {
+    pids.iter().map(|p| Ok(procfs::sample(*p)?.rss)).sum()
+}
+
+pub fn run(plan: &Plan) -> anyhow::Result<FleetReport> {
+    if plan.members == 0 || plan.nodes == 0 || plan.procs == 0 || plan.rates.is_empty() {
+        bail!("stadium-100k needs members, nodes, generator processes and rates");
+    }
+    if plan.rates.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
+        bail!("--rates must be positive");
+    }
+    std::fs::create_dir_all(&plan.out)?;
+    let scratch = plan.out.join("run");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    let me = std::env::current_exe()?;
+
+    let cluster = Cluster::up(&scratch.join("cluster"))?;
+    let mut nodes = Vec::new();
+    let mut ports = Vec::new();
+    for i in 0..plan.nodes {
+        let port = free_port()?;
+        let log = std::fs::File::create(scratch.join(format!("node-{i}.log")))?;
+        nodes.push(Proc::spawn(
+            Command::new(&plan.node_bin)
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--redis", &cluster.seed])
+                .args(["--hot-room", &format!("stadium={}", plan.shards)])
+                .args(["--node-id", &format!("fleet-{i}")])
+                .stdout(Stdio::null())
+                .stderr(log),
+            format!("node {i}"),
+        )?);
+        ports.push(port);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for port in &ports {
+        ready(*port, deadline)?;
+    }
+    let urls: Vec<String> = ports.iter().map(|p| format!("ws://127.0.0.1:{p}/ws")).collect();
+    let node_pids: Vec<u32> = nodes.iter().map(Proc::pid).collect();
+
+    let floor = measure_floor(&me, plan)?;
+    let idle_rss = rss(&node_pids)?;
+    let mut steps = Vec::new();
+    for rate in &plan.rates {
+        let fleet = Fleet {
+            urls: &urls,
+            ports: &ports,
+            node_pids: &node_pids,
+            masters: &cluster.masters,
+            idle_rss,
+        };
+        let step = run_step(&me, plan, *rate, &fleet)?;
+        eprintln!(
+            "rate {rate}: {:.0} deliveries/s, lost {}, p99 {:.1} ms, {}",
+            step.deliveries_per_sec, step.lost, step.latency_ms.p99, step.bound_by
+        );
+        steps.push(step);
+    }
+    for node in &mut nodes {
+        node.stop(Duration::from_secs(20));
+    }
+    let master_pids = cluster.masters.clone();
+    drop(cluster);
+    let report = FleetReport {
+        members: plan.members,
+        nodes: plan.nodes,
+        generator_procs: plan.procs,
+        shards: plan.shards,
+        masters: 3,
+        payload_bytes: plan.payload_bytes,
+        duration_s: plan.duration.as_secs_f64(),
+        cores: cores(),
+        node_pids,
+        master_pids,
+        floor_us_per_frame: floor,
+        steps,
+    };
+    std::fs::write(plan.out.join("stadium-100k.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(plan.out.join("stadium-100k.svg"), chart(&report))?;
+    Ok(report)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The machine's floor at 1, 4 and 8 frames per write, with the stadium's frames.
+fn measure_floor(me: &Path, plan: &Plan) -> anyhow::Result<BTreeMap<String, f64>> {
+    let out = Command::new(me)
+        .args(["floor", "--clients", "1000", "--duration", "3", "--frames-per-write", "1,4,8", "--json"])
+        .args(["--payload-bytes", &(plan.payload_bytes + 72).to_string()])
+        .stderr(Stdio::null())
+        .output()?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("the floor's report")?;
+    let mut floor = BTreeMap::new();
+    for s in v["steps"].as_array().context("floor steps")? {
+        floor.insert(
+            s["frames_per_write"].to_string(),
+            s["us_per_frame"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    Ok(floor)
+}
+
+/// A generator process that holds members until told to go.
+struct Holder {
+    proc: Proc,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+/// The running processes a step loads and watches.
+struct Fleet<'a> {
+    urls: &'a [String],
+    ports: &'a [u16],
+    node_pids: &'a [u32],
+    masters: &'a [u32],
+    /// The nodes' resident memory before any member connected.
+    idle_rss: u64,
+}
+
+fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<Step> {
+    let (node_pids, masters) = (fleet.node_pids, fleet.masters);
+    let secs = plan.duration.as_secs_f64();
+    let url_args: Vec<String> = fleet.urls.iter().flat_map(|u| ["--url".to_string(), u.clone()]).collect();
+    let started = Instant::now();
+    let mut holders = Vec::new();
+    for k in 0..plan.procs {
+        let share = plan.members / plan.procs + usize::from(k < plan.members % plan.procs);
+        let mut proc = Proc::spawn(
+            Command::new(me)
+                .arg("stadium")
+                .args(&url_args)
+                .args(["--clients", &share.to_string(), "--publishers", "0"])
+                .args(["--expect-publishers", &plan.publishers.to_string()])
+                .args(["--prefix", &format!("m{k}"), "--source-addrs", &plan.source_addrs.to_string()])
+                .args(["--ramp-per-sec", &(plan.ramp_per_sec / plan.procs as f64).to_string()])
+                // Held past the publisher's run, for its last messages.
+                .args(["--duration", &(secs + 8.0).to_string(), "--drain", "0"])
+                .args(["--connect-timeout", "30", "--json", "--wait-for-go", "--export-latency"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+            format!("generator {k}"),
+        )?;
+        let stdin = proc.child.stdin.take().context("generator stdin")?;
+        let stdout = BufReader::new(proc.child.stdout.take().context("generator stdout")?);
+        holders.push(Holder { proc, stdin, stdout });
+    }
+    // Each says `ready N` once its members are connected (or its connect deadline passed).
+    for h in &mut holders {
+        let mut line = String::new();
+        h.stdout.read_line(&mut line)?;
+        if !line.starts_with("ready") {
+            bail!("{} ended before its members were connected", h.proc.what);
+        }
+    }
+    let connect_s = started.elapsed().as_secs_f64();
+    let rss_connected = rss(node_pids)?;
+    let latency_start = node_latency(fleet.ports);
+    let (node_start, master_start) = (cpu(node_pids)?, cpu(masters)?);
+    for h in &mut holders {
+        writeln!(h.stdin, "go")?;
+    }
+    let publisher = Command::new(me)
+        .arg("stadium")
+        .args(&url_args)
+        .args(["--clients", "0", "--publishers", &plan.publishers.to_string()])
+        .args(["--rate", &rate.to_string(), "--duration", &secs.to_string(), "--drain", "0"])
+        .args(["--payload-bytes", &plan.payload_bytes.to_string(), "--json"])
+        .stderr(Stdio::null())
+        .output()?;
+    let published: Value = serde_json::from_slice(&publisher.stdout).context("the publisher's report")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut reports = Vec::new();
+    for h in holders {
+        let Holder { proc, stdin, mut stdout } = h;
+        drop(stdin);
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut text)?;
+        proc.finish(deadline)?;
+        reports.push(serde_json::from_str::<Value>(&text).context("a generator's report")?);
+    }
+    let (node_end, master_end) = (cpu(node_pids)?, cpu(masters)?);
+    // The work of the step spans its publishing and the last delivery after it (at most the time
+    // the members were held for it): CPU over that window, not over the idle tail.
+    let longest = reports
+        .iter()
+        .filter_map(|r| r["latency_ms"]["max"].as_f64())
+        .fold(0.0, f64::max);
+    let took = published["duration_s"].as_f64().unwrap_or(secs) + (longest / 1e3).min(8.0);
+    merge(
+        rate,
+        &published,
+        &reports,
+        Usage {
+            connect_s,
+            took,
+            node: node_end.iter().sum::<f64>() - node_start.iter().sum::<f64>(),
+            masters: master_end.iter().zip(&master_start).map(|(b, a)| (b - a) / took).collect(),
+            rss_growth: rss_connected as f64 - fleet.idle_rss as f64,
+            node_p99_ms: node_p99_ms(&latency_start, &node_latency(fleet.ports)),
+        },
+    )
+}
+
+/// What `/proc` showed over a step.
+struct Usage {
+    connect_s: f64,
+    /// Seconds the step's work took: its publishing and its last delivery.
+    took: f64,
+    /// Node CPU seconds over the step.
+    node: f64,
+    masters: Vec<f64>,
+    rss_growth: f64,
+    /// Publish to a node's worker taking the message, p99 over the nodes (bucket bound).
+    node_p99_ms: Option<f64>,
+}
+
+fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyhow::Result<Step> {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let sent = n(&published["publish"]["sent"]);
+    let secs = published["duration_s"].as_f64().unwrap_or(0.0).max(1e-3);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let (mut connected, mut received, mut duplicates, mut reordered) = (0, 0, 0, 0);
+    let mut errors = BTreeMap::new();
+    let mut generator_s = 0.0;
+    for r in reports {
+        connected += n(&r["connections"]["connected"]) as usize;
+        received += n(&r["delivery"]["received"]);
+        duplicates += n(&r["delivery"]["duplicates"]);
+        reordered += n(&r["delivery"]["reordered"]);
+        generator_s += r["loadtest_cpu_s"].as_f64().unwrap_or(0.0);
+        if let Some(failed) = r["connections"]["failed"].as_object() {
+            for (why, count) in failed {
+                *errors.entry(why.clone()).or_insert(0) += n(count);
+            }
+        }
+        for pair in r["latency_us"].as_array().into_iter().flatten() {
+            hist.saturating_record_n(n(&pair[0]).max(1), n(&pair[1]));
+        }
+    }
+    let expected = sent * connected as u64;
+    let delivered = received - duplicates;
+    let node_cores = usage.node / usage.took;
+    let generator_cores = generator_s / usage.took;
+    let redis_cores: f64 = usage.masters.iter().sum();
+    Ok(Step {
+        rate,
+        members_connected: connected,
+        connect_errors: errors,
+        connect_s: usage.connect_s,
+        sent,
+        expected,
+        delivered,
+        deliveries_per_sec: delivered as f64 / secs,
+        lost: expected.saturating_sub(delivered),
+        duplicates,
+        reordered,
+        latency_ms: Latency::of(&hist),
+        node_cores,
+        node_cpu_us_per_delivery: (delivered > 0).then(|| usage.node * 1e6 / delivered as f64),
+        node_rss_bytes_per_conn: (connected > 0).then(|| usage.rss_growth / connected as f64),
+        bound_by: bound_by(
+            Cores {
+                node: node_cores,
+                generator: generator_cores,
+                redis: redis_cores,
+                machine: cores() as f64,
+            },
+            hist.value_at_quantile(0.99) as f64 / 1e3,
+            usage.node_p99_ms,
+        ),
+        master_cores: usage.masters,
+        generator_cores,
+        node_queue_p99_ms: usage.node_p99_ms,
+    })
+}
+
+/// Cores used over a step, and the machine's.
+struct Cores {
+    node: f64,
+    generator: f64,
+    redis: f64,
+    machine: f64,
+}
+
+/// Which of this machine's limits the step ran into: the cores, when the processes together used
+/// nearly all of them; and who was behind, when deliveries lagged: the nodes, if their workers
+/// took messages late (`node_p99_ms`, before any write), else what came after them (the writes,
+/// the kernel, the generator reading).
+fn bound_by(c: Cores, p99_ms: f64, node_p99_ms: Option<f64>) -> String {
+    let shares = format!(
+        "nodes {:.2}, generator {:.2}, Redis {:.2} of {} cores",
+        c.node, c.generator, c.redis, c.machine
+    );
+    let full = c.node + c.generator + c.redis >= 0.85 * c.machine;
+    let behind = match node_p99_ms {
+        _ if p99_ms < 250.0 => None,
+        Some(node) if node >= p99_ms / 2.0 => Some(format!("the nodes' workers took messages late (p99 {node} ms)")),
+        Some(node) => Some(format!(
+            "after the nodes' workers (they took messages within {node} ms at p99): writes, the kernel, the generator's reads"
+        )),
+        None => Some("unknown".to_string()),
+    };
+    match (full, behind) {
+        (true, Some(who)) => format!("CPU: the machine's cores are full ({shares}); behind: {who}"),
+        (true, None) => format!("CPU: the machine's cores are full ({shares})"),
+        (false, Some(who)) => format!("lagging without full cores ({shares}); behind: {who}"),
+        (false, None) => format!("no machine limit reached ({shares})"),
+    }
+}
+
+/// Deliveries/s and p99 against the rate: an SVG line chart, two axes.
+fn chart(r: &FleetReport) -> String {
+    let (w, h, left, right, top, bottom) = (640.0, 360.0, 70.0, 70.0, 40.0, 50.0);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let max_rate = r.steps.iter().map(|s| s.rate).fold(0.0, f64::max).max(1e-9);
+    let max_d = r.steps.iter().map(|s| s.deliveries_per_sec).fold(0.0, f64::max).max(1.0) * 1.1;
+    let max_p = r.steps.iter().map(|s| s.latency_ms.p99).fold(0.0, f64::max).max(1.0) * 1.1;
+    let x = |rate: f64| left + pw * rate / max_rate;
+    let line = |f: &dyn Fn(&Step) -> f64, max: f64| {
+        r.steps
+            .iter()
+            .map(|s| format!("{:.1},{:.1}", x(s.rate), top + ph * (1.0 - f(s) / max)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">One room of {} members over {} nodes: deliveries/s and p99 against the rate</text>\n\
+         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"#1f77b4\"/>\n\
+         <line x1=\"{}\" y1=\"{top}\" x2=\"{}\" y2=\"{}\" stroke=\"#d62728\"/>\n",
+        w / 2.0,
+        r.members,
+        r.nodes,
+        top + ph,
+        left + pw,
+        top + ph,
+        top + ph,
+        left + pw,
+        left + pw,
+        top + ph,
+    );
+    for s in &r.steps {
+        svg += &format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+            x(s.rate),
+            top + ph + 18.0,
+            s.rate
+        );
+    }
+    svg += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">messages/s published</text>\n\
+         <text x=\"{}\" y=\"{}\" fill=\"#1f77b4\">{:.0}</text>\n<text x=\"{}\" y=\"{}\" fill=\"#1f77b4\">deliveries/s</text>\n\
+         <text x=\"{}\" y=\"{}\" fill=\"#d62728\">{:.0} ms</text>\n<text x=\"{}\" y=\"{}\" fill=\"#d62728\">p99</text>\n\
+         <polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{}\"/>\n\
+         <polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\" points=\"{}\"/>\n",
+        left + pw / 2.0,
+        h - 10.0,
+        4.0,
+        top - 4.0,
+        max_d,
+        4.0,
+        top + ph / 2.0,
+        left + pw + 4.0,
+        top - 4.0,
+        max_p,
+        left + pw + 4.0,
+        top + ph / 2.0,
+        line(&|s| s.deliveries_per_sec, max_d),
+        line(&|s| s.latency_ms.p99, max_p),
+    );
+    svg + "</svg>\n"
+}
+
+impl FleetReport {
+    pub fn table(&self) -> String {
+        let mut t = format!(
+            "stadium-100k: {} members, {} nodes, {} generator processes, {} shards, {} masters, {} cores\n",
+            self.members, self.nodes, self.generator_procs, self.shards, self.masters, self.cores
+        );
+        t += &format!("floor µs per frame by frames per write: {:?}\n", self.floor_us_per_frame);
+        for s in &self.steps {
+            t += &format!(
+                "rate {}/s: {} connected in {:.1} s ({:?} errors), {:.0} deliveries/s, lost {}, duplicates {}, \
+                 latency {}, node {:.2} cores ({} µs/delivery, {} B RSS/conn), masters {:?} cores, generator {:.2} cores; {}\n",
+                s.rate,
+                s.members_connected,
+                s.connect_s,
+                s.connect_errors,
+                s.deliveries_per_sec,
+                s.lost,
+                s.duplicates,
+                s.latency_ms.full(),
+                s.node_cores,
+                s.node_cpu_us_per_delivery.map_or("-".into(), |v| format!("{v:.2}")),
+                s.node_rss_bytes_per_conn.map_or("-".into(), |v| format!("{v:.0}")),
+                s.master_cores.iter().map(|c| (c * 100.0).round() / 100.0).collect::<Vec<_>>(),
+                s.generator_cores,
+                s.bound_by
+            );
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_of_several_processes_merge_into_one_step() {
+        let published = serde_json::json!({"publish": {"sent": 40}, "duration_s": 20.0});
+        let holder = |connected: u64, received: u64, latencies: Value| {
+            serde_json::json!({
+                "connections": {"connected": connected, "failed": {"timeout": 1}},
+                "delivery": {"received": received, "duplicates": 1, "reordered": 0},
+                "loadtest_cpu_s": 2.0,
+                "latency_us": latencies,
+            })
+        };
+        let reports = [
+            holder(10, 400, serde_json::json!([[1000, 399], [9000, 1]])),
+            holder(5, 198, serde_json::json!([[2000, 197]])),
+        ];
+        let usage = Usage {
+            connect_s: 3.0,
+            took: 20.0,
+            node: 10.0,
+            masters: vec![0.1, 0.2, 0.3],
+            rss_growth: 15_000.0,
+            node_p99_ms: Some(5.0),
+        };
+        let s = merge(2.0, &published, &reports, usage).unwrap();
+        assert_eq!((s.members_connected, s.sent, s.expected), (15, 40, 600));
+        assert_eq!((s.delivered, s.duplicates), (596, 2), "duplicates are not deliveries");
+        assert_eq!(s.lost, 4);
+        assert_eq!(s.connect_errors.get("timeout"), Some(&2));
+        assert_eq!(s.latency_ms.count, 597);
+        assert!((s.latency_ms.p50 - 1.0).abs() < 0.01);
+        assert_eq!(s.node_rss_bytes_per_conn, Some(1000.0));
+        assert!((s.node_cores - 0.5).abs() < 1e-9 && (s.generator_cores - 0.2).abs() < 1e-9);
+        let svg = chart(&FleetReport {
+            members: 15,
+            nodes: 6,
+            generator_procs: 2,
+            shards: 16,
+            masters: 3,
+            payload_bytes: 128,
+            duration_s: 20.0,
+            cores: 2,
+            node_pids: Vec::new(),
+            master_pids: Vec::new(),
+            floor_us_per_frame: BTreeMap::new(),
+            steps: vec![s],
+        });
+        assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn the_nodes_p99_comes_from_what_their_buckets_gained() {
+        let scrape = |pairs: &[(&str, f64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let before = scrape(&[("0.001", 10.0), ("0.01", 10.0), ("0.1", 10.0), ("+Inf", 10.0)]);
+        let after = scrape(&[("0.001", 500.0), ("0.01", 1000.0), ("0.1", 1010.0), ("+Inf", 1010.0)]);
+        assert_eq!(node_p99_ms(&before, &after), Some(10.0), "990 of 1,000 new within 10 ms");
+        let late = scrape(&[("0.001", 10.0), ("0.01", 10.0), ("0.1", 10.0), ("+Inf", 110.0)]);
+        assert_eq!(node_p99_ms(&before, &late), Some(f64::INFINITY));
+        assert_eq!(node_p99_ms(&before, &before), None, "no message, no percentile");
+    }
+
+    #[test]
+    fn the_bound_names_full_cores_and_who_was_behind() {
+        let cores = |node, generator| Cores {
+            node,
+            generator,
+            redis: 0.1,
+            machine: 2.0,
+        };
+        assert!(bound_by(cores(0.9, 0.8), 20.0, Some(5.0)).starts_with("CPU"));
+        assert!(bound_by(cores(0.2, 0.2), 20.0, Some(5.0)).starts_with("no machine limit"));
+        let late = bound_by(cores(0.9, 0.8), 4000.0, Some(2500.0));
+        assert!(late.starts_with("CPU") && late.contains("nodes' workers took"), "{late}");
+        let after = bound_by(cores(0.5, 0.6), 4000.0, Some(10.0));
+        assert!(after.starts_with("lagging") && after.contains("generator's reads"), "{after}");
+    }
+}
