@@ -90,6 +90,9 @@ pub struct Ctx {
     pub nodes: Vec<NodeUrl>,
     pub payload_bytes: usize,
     pub connect_timeout: Duration,
+    /// Tries of a connection that fails to connect or join (a refusal, a reset), each after a
+    /// pause, all within `connect_timeout`, as a client that reconnects would.
+    pub connect_attempts: u32,
     pub latencies: Latencies,
     /// From sending a publish to its answer (`ok`, or the HTTP status).
     pub answers: Latencies,
@@ -112,6 +115,8 @@ pub struct Outcome {
     pub connected: bool,
     /// Why connecting or joining failed.
     pub failure: Option<String>,
+    /// Failed tries before it connected (or gave up).
+    pub retries: u64,
     /// How the node ended an established connection before the run was over (close code, `eof`
     /// or `error`).
     pub closed: Option<String>,
@@ -125,6 +130,13 @@ pub struct Outcome {
 }
 
 pub type Ws = WebSocketStream<TcpStream>;
+
+/// The pause before try `attempt + 1`: 250 ms to 1 s, spread over the connections so that those
+/// refused together do not come back together.
+fn retry_pause(idx: usize, attempt: u32) -> Duration {
+    let spread = (idx as u64).wrapping_mul(7919).wrapping_add(u64::from(attempt) * 104_729) % 750;
+    Duration::from_millis(250 + spread)
+}
 
 /// How long the final close handshake may take.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(3);
@@ -343,11 +355,25 @@ async fn serve(spec: &Spec, ctx: &Ctx, mut phase: watch::Receiver<Phase>, stoppe
     let mut ws = None;
     if spec.ws {
         let setup = async {
-            let mut ws = connect(spec, ctx).await?;
-            if let Some(room) = &spec.join {
-                c.join(&mut ws, room).await?;
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let tried = async {
+                    let mut ws = connect(spec, ctx).await?;
+                    if let Some(room) = &spec.join {
+                        c.join(&mut ws, room).await?;
+                    }
+                    anyhow::Ok(ws)
+                }
+                .await;
+                match tried {
+                    Err(_) if attempt < ctx.connect_attempts => {
+                        c.out.retries += 1;
+                        tokio::time::sleep(retry_pause(spec.idx, attempt)).await;
+                    }
+                    done => break done,
+                }
             }
-            anyhow::Ok(ws)
         };
         match timeout(ctx.connect_timeout, setup).await {
             Ok(Ok(s)) => ws = Some(s),
@@ -416,4 +442,103 @@ async fn serve(spec: &Spec, ctx: &Ctx, mut phase: watch::Receiver<Phase>, stoppe
         .await;
     }
     c.out
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+    use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+
+    use super::*;
+
+    /// A WebSocket server on loopback that closes its first `refuse` connections unanswered.
+    async fn flaky_node(refuse: usize) -> NodeUrl {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for seen in 1.. {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                if seen <= refuse {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let answer = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+                        if let Some(p) = req.headers().get("Sec-WebSocket-Protocol") {
+                            resp.headers_mut().insert("Sec-WebSocket-Protocol", p.clone());
+                        }
+                        Ok(resp)
+                    };
+                    if let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, answer).await {
+                        while let Some(Ok(_)) = ws.next().await {}
+                    }
+                });
+            }
+        });
+        NodeUrl {
+            ws: format!("ws://{addr}/ws"),
+            addr,
+            publish: String::new(),
+        }
+    }
+
+    async fn try_connect(refuse: usize, attempts: u32) -> Outcome {
+        let ctx = Arc::new(Ctx {
+            nodes: vec![flaky_node(refuse).await],
+            payload_bytes: 16,
+            connect_timeout: Duration::from_secs(10),
+            connect_attempts: attempts,
+            latencies: Latencies::new(1),
+            answers: Latencies::new(1),
+            http: reqwest::Client::new(),
+            sent: Vec::new(),
+            publish_errors: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            ready: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            closed: AtomicUsize::new(0),
+            stopped: AtomicUsize::new(0),
+        });
+        let spec = Spec {
+            idx: 0,
+            node: 0,
+            source: "127.0.0.1".parse().unwrap(),
+            user: "u".into(),
+            encoding: Encoding::Json,
+            ws: true,
+            join: None,
+            publish: None,
+            expect: 0..0,
+        };
+        let (phase, rx) = watch::channel(Phase::Ramp);
+        let task = tokio::spawn(run(spec, ctx.clone(), rx));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ctx.ready.load(Ordering::Relaxed) + ctx.failed.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "neither connected nor failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A connection that failed has ended already.
+        let _ = phase.send(Phase::Finish);
+        task.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_during_its_handshake_is_tried_again_when_allowed() {
+        let once = try_connect(2, 1).await;
+        assert!(!once.connected && once.failure.as_deref().is_some_and(|f| f.starts_with("handshake")));
+        let again = try_connect(2, 3).await;
+        assert!(again.connected, "{:?}", again.failure);
+        assert_eq!(again.retries, 2);
+        let short = try_connect(5, 3).await;
+        assert_eq!((short.connected, short.retries), (false, 2), "gives up after its tries");
+    }
+
+    #[test]
+    fn pauses_between_tries_are_bounded_and_spread() {
+        let pauses: Vec<_> = (0..50).map(|i| retry_pause(i, 1)).collect();
+        assert!(pauses
+            .iter()
+            .all(|p| *p >= Duration::from_millis(250) && *p < Duration::from_secs(1)));
+        let distinct: std::collections::BTreeSet<_> = pauses.iter().collect();
+        assert!(distinct.len() > 40, "spread: {}", distinct.len());
+    }
 }

@@ -64,7 +64,11 @@ pub struct FleetReport {
 pub struct Step {
     pub rate: f64,
     pub members_connected: usize,
+    /// Members that never connected, by why their last try failed.
     pub connect_errors: BTreeMap<String, u64>,
+    /// Failed tries of members before they connected (or gave up): each tries up to 5 times, as
+    /// a client that reconnects would.
+    pub connect_retries: u64,
     /// From starting the generators to the last member joined.
     pub connect_s: f64,
     pub sent: u64,
@@ -389,7 +393,8 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
                 .args(["--ramp-per-sec", &(plan.ramp_per_sec / plan.procs as f64).to_string()])
                 // Held past the publisher's run, for its last messages.
                 .args(["--duration", &(secs + 8.0).to_string(), "--drain", "0"])
-                .args(["--connect-timeout", "30", "--json", "--wait-for-go", "--export-latency"])
+                .args(["--connect-timeout", "30", "--connect-attempts", "5"])
+                .args(["--json", "--wait-for-go", "--export-latency"])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null()),
@@ -474,11 +479,12 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
     let sent = n(&published["publish"]["sent"]);
     let secs = published["duration_s"].as_f64().unwrap_or(0.0).max(1e-3);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    let (mut connected, mut received, mut duplicates, mut reordered) = (0, 0, 0, 0);
+    let (mut connected, mut received, mut duplicates, mut reordered, mut retries) = (0, 0, 0, 0, 0);
     let mut errors = BTreeMap::new();
     let mut generator_s = 0.0;
     for r in reports {
         connected += n(&r["connections"]["connected"]) as usize;
+        retries += n(&r["connections"]["retried"]);
         received += n(&r["delivery"]["received"]);
         duplicates += n(&r["delivery"]["duplicates"]);
         reordered += n(&r["delivery"]["reordered"]);
@@ -501,6 +507,7 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
         rate,
         members_connected: connected,
         connect_errors: errors,
+        connect_retries: retries,
         connect_s: usage.connect_s,
         sent,
         expected,
@@ -637,12 +644,13 @@ impl FleetReport {
         t += &format!("floor µs per frame by frames per write: {:?}\n", self.floor_us_per_frame);
         for s in &self.steps {
             t += &format!(
-                "rate {}/s: {} connected in {:.1} s ({:?} errors), {:.0} deliveries/s, lost {}, duplicates {}, \
+                "rate {}/s: {} connected in {:.1} s ({:?} errors, {} failed tries before), {:.0} deliveries/s, lost {}, duplicates {}, \
                  latency {}, node {:.2} cores ({} µs/delivery, {} B RSS/conn), masters {:?} cores, generator {:.2} cores; {}\n",
                 s.rate,
                 s.members_connected,
                 s.connect_s,
                 s.connect_errors,
+                s.connect_retries,
                 s.deliveries_per_sec,
                 s.lost,
                 s.duplicates,
@@ -668,7 +676,7 @@ mod tests {
         let published = serde_json::json!({"publish": {"sent": 40}, "duration_s": 20.0});
         let holder = |connected: u64, received: u64, latencies: Value| {
             serde_json::json!({
-                "connections": {"connected": connected, "failed": {"timeout": 1}},
+                "connections": {"connected": connected, "failed": {"timeout": 1}, "retried": 3},
                 "delivery": {"received": received, "duplicates": 1, "reordered": 0},
                 "loadtest_cpu_s": 2.0,
                 "latency_us": latencies,
@@ -690,7 +698,7 @@ mod tests {
         assert_eq!((s.members_connected, s.sent, s.expected), (15, 40, 600));
         assert_eq!((s.delivered, s.duplicates), (596, 2), "duplicates are not deliveries");
         assert_eq!(s.lost, 4);
-        assert_eq!(s.connect_errors.get("timeout"), Some(&2));
+        assert_eq!((s.connect_errors.get("timeout"), s.connect_retries), (Some(&2), 6));
         assert_eq!(s.latency_ms.count, 597);
         assert!((s.latency_ms.p50 - 1.0).abs() < 0.01);
         assert_eq!(s.node_rss_bytes_per_conn, Some(1000.0));

@@ -145,6 +145,10 @@ struct Args {
     /// Seconds one connection may take to connect and join.
     #[arg(long, default_value_t = 10.0)]
     connect_timeout: f64,
+    /// Tries per connection that fails to connect or join, within --connect-timeout, as a client
+    /// that reconnects would; the failed tries are reported.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    connect_attempts: u32,
     /// A node process to report CPU and memory of; repeatable.
     #[arg(long = "pid")]
     pids: Vec<u32>,
@@ -434,6 +438,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         nodes,
         payload_bytes: args.payload_bytes,
         connect_timeout: Duration::from_secs_f64(args.connect_timeout),
+        connect_attempts: args.connect_attempts,
         latencies: Latencies::new(16),
         answers: Latencies::new(16),
         http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
@@ -548,6 +553,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     let mut failed = BTreeMap::new();
     let mut closed_by_node = BTreeMap::new();
     let mut connected = 0;
+    let retried = outcomes.iter().map(|o| o.retries).sum();
     for (spec, out) in plan.specs.iter().zip(&outcomes) {
         if let Some(f) = &out.failure {
             *failed.entry(f.clone()).or_insert(0) += 1;
@@ -606,6 +612,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             connected,
             failed,
             closed_by_node,
+            retried,
             ramp_s,
         },
         publish: Publish {

@@ -47,6 +47,8 @@ pub struct Connections {
     pub failed: BTreeMap<String, u64>,
     /// Established connections the node ended before the run was over, by close code.
     pub closed_by_node: BTreeMap<String, u64>,
+    /// Failed tries of connections, before they connected or gave up (`--connect-attempts`).
+    pub retried: u64,
     pub ramp_s: f64,
 }
 
@@ -201,11 +203,12 @@ impl Report {
         row(
             "connections",
             format!(
-                "{} of {} in {:.1} s; failed {}; closed by node {}",
+                "{} of {} in {:.1} s; failed {} (tries failed before: {}); closed by node {}",
                 c.connected,
                 c.planned,
                 c.ramp_s,
                 counts(&c.failed),
+                c.retried,
                 counts(&c.closed_by_node)
             ),
         );
