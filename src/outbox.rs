@@ -68,6 +68,11 @@ impl Outbox {
         self.waiting.len() + self.sending.as_ref().map_or(0, |(n, _)| *n) >= self.max
     }
 
+    /// Nothing waits and nothing is on the bus.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty() && self.sending.is_none()
+    }
+
     pub fn push(&mut self, entry: Entry) {
         self.waiting.push_back(entry);
     }

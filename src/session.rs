@@ -338,11 +338,47 @@ async fn read(
     membership: &mut Membership,
     heard: &Heard,
 ) -> CloseReason {
+    // Made at the first publish: an idle session's state stays small.
+    let mut outbox: Option<Box<Outbox>> = None;
+    let reason = Box::pin(commands_of(
+        stream,
+        node,
+        gate,
+        encoding,
+        membership,
+        heard,
+        &mut outbox,
+    ))
+    .await;
+    // Publishes the node has read go out even when the client is gone or closing: a feed's last
+    // message before its close is not lost. Bounded: a batch waits for the bus at most its timeout.
+    if let Some(outbox) = outbox.as_mut().filter(|o| !o.is_empty()) {
+        let drained = async {
+            while !outbox.is_empty() {
+                for frame in std::future::poll_fn(|cx| outbox.poll_answers(cx, node, encoding)).await {
+                    gate.send(frame);
+                }
+            }
+        };
+        let _ = tokio::time::timeout(node.config().redis_timeout * 2, drained).await;
+    }
+    reason
+}
+
+/// Reads and runs the client's commands until the socket ends or the session must close;
+/// publishes go to `outbox`.
+async fn commands_of(
+    stream: &mut Stream,
+    node: &Node,
+    gate: &Arc<Gate>,
+    encoding: Encoding,
+    membership: &mut Membership,
+    heard: &Heard,
+    outbox: &mut Option<Box<Outbox>>,
+) -> CloseReason {
     let config = node.config();
     let (rate, burst) = membership.command_limits(config);
     let mut limit = RateLimit::new(rate, burst, Instant::now());
-    // Made at the first publish: an idle session's state stays small.
-    let mut outbox: Option<Box<Outbox>> = None;
     loop {
         let full = outbox.as_ref().is_some_and(|o| o.is_full());
         let msg = tokio::select! {

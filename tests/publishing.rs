@@ -130,3 +130,32 @@ async fn other_commands_are_answered_at_once_and_the_reader_stops_at_the_window(
         "{answers:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_sent_just_before_the_close_still_goes_out() {
+    use futures_util::SinkExt;
+    const FEEDS: i64 = 30;
+    let cluster = Cluster::shared();
+    let node = Node::start(configs(cluster, "lastword", 1).remove(0)).await;
+    let mut fan = Client::connect(&node.ws("?user=fan")).await;
+    fan.join("plain").await;
+    // Each feed publishes once and closes at once, without waiting for the answer: the node has
+    // read the publish, so it goes out.
+    for i in 0..FEEDS {
+        let mut feed = Client::connect(&node.ws(&format!("?user=feed{i}"))).await;
+        feed.send(json!({"op":"pub","room":"plain","data":{"i": i}})).await;
+        feed.ws.close(None).await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < FEEDS as usize {
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), fan.recv()).await else {
+            break;
+        };
+        if m["op"] == "msg" {
+            got.push(m["data"]["i"].as_i64().unwrap());
+        }
+    }
+    got.sort();
+    assert_eq!(got, (0..FEEDS).collect::<Vec<_>>(), "publishes lost at their close");
+    node.stop().await;
+}

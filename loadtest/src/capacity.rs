@@ -55,6 +55,9 @@ pub struct Constants {
     /// CPU of one more frame in a write (user-space and kernel copies), µs: the same `floor` run,
     /// µs per write at 16 frames per write less that at 1, over 15 (about 0.07; 0.1 rounded up).
     pub frame_cost_us: f64,
+    /// CPU a connection costs its node each second with nothing published (pings, timers,
+    /// presence), µs: `shardcast-loadtest stadium-100k`, `node_idle_cores` ÷ members.
+    pub idle_us_per_conn_s: f64,
     /// A write pass may take one part in this many of a worker's time before frames wait
     /// (`SPREAD` in `src/gather.rs`, set by paired stadium runs).
     pub spread: f64,
@@ -104,6 +107,7 @@ impl Default for Constants {
         Constants {
             write_cost_us: 4.6,
             frame_cost_us: 0.1,
+            idle_us_per_conn_s: 0.0,
             spread: 5.0,
             max_write_delay_ms: 250.0,
             frame_overhead_bytes: 72,
@@ -231,7 +235,7 @@ pub fn plan(inputs: &Inputs) -> anyhow::Result<Plan> {
         predicted_p99_ms: node.p99_ms(),
         p99_target_ms: i.p99_ms,
         node_cpu_per_delivery_us: cpu_per_delivery,
-        node_cores_each: node.conns as f64 * i.rate * cpu_per_delivery / US_PER_S,
+        node_cores_each: node.conns as f64 * (i.rate * cpu_per_delivery + c.idle_us_per_conn_s) / US_PER_S,
         cores_per_node: i.cores_per_node,
         frame_bytes: frame_bytes(i),
         memory_per_node_bytes: node.memory_bytes.round() as u64,
@@ -350,7 +354,7 @@ impl Limit {
         let c = &i.constants;
         match self {
             Limit::Connections => i.viewers.div_ceil(nodes) <= conn_cap(c),
-            Limit::NodeCpu => node.busy <= c.cpu_target,
+            Limit::NodeCpu => node.busy + node.idle <= c.cpu_target,
             Limit::Nic => node.conns as f64 * i.rate * frame_bytes(i) as f64 * 8.0 <= c.nic_target * c.nic_gbps * 1e9,
             Limit::Memory => node.memory_bytes <= c.max_memory_per_node_bytes,
             Limit::P99 => node.busy <= 1.0 && node.p99_ms() <= i.p99_ms,
@@ -387,6 +391,8 @@ struct Node {
     pass_us: f64,
     /// The share of each worker's time spent writing (over 1: it cannot keep up).
     busy: f64,
+    /// The share of each worker's time its connections cost idle.
+    idle: f64,
     memory_bytes: f64,
 }
 
@@ -434,6 +440,7 @@ fn node_at(i: &Inputs, nodes: u64) -> Node {
         wait_us,
         pass_us,
         busy,
+        idle: per_worker * c.idle_us_per_conn_s / US_PER_S,
         memory_bytes: c.base_memory_bytes + conns as f64 * (c.bytes_per_conn + queued),
     }
 }

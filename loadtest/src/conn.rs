@@ -134,7 +134,10 @@ pub type Ws = WebSocketStream<TcpStream>;
 /// The pause before try `attempt + 1`: 250 ms to 1 s, spread over the connections so that those
 /// refused together do not come back together.
 fn retry_pause(idx: usize, attempt: u32) -> Duration {
-    let spread = (idx as u64).wrapping_mul(7919).wrapping_add(u64::from(attempt) * 104_729) % 750;
+    let spread = (idx as u64)
+        .wrapping_mul(7919)
+        .wrapping_add(u64::from(attempt) * 104_729)
+        % 750;
     Duration::from_millis(250 + spread)
 }
 
@@ -457,7 +460,9 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             for seen in 1.. {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 if seen <= refuse {
                     continue;
                 }

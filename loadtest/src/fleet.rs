@@ -66,8 +66,8 @@ pub struct Step {
     pub members_connected: usize,
     /// Members that never connected, by why their last try failed.
     pub connect_errors: BTreeMap<String, u64>,
-    /// Failed tries of members before they connected (or gave up): each tries up to 5 times, as
-    /// a client that reconnects would.
+    /// Failed tries of members before they connected (or gave up), when the generators try
+    /// again (not by default: on a loaded machine retries add to the storm they meet).
     pub connect_retries: u64,
     /// From starting the generators to the last member joined.
     pub connect_s: f64,
@@ -82,6 +82,11 @@ pub struct Step {
     /// Cores the nodes used together over the step.
     pub node_cores: f64,
     pub node_cpu_us_per_delivery: Option<f64>,
+    /// Cores the nodes used over 5 s with every member connected and nothing published.
+    pub node_idle_cores: f64,
+    /// Node CPU per delivery less what the connections cost idle over the step: the delivery's
+    /// own cost, what the capacity model's write and frame costs predict.
+    pub node_cpu_us_per_delivery_net: Option<f64>,
     /// Growth of the nodes' resident memory from before the members connected, per member.
     pub node_rss_bytes_per_conn: Option<f64>,
     /// Cores each Redis master used over the step.
@@ -191,6 +196,9 @@ impl Drop for Cluster {
     }
 }
 
+/// How long the nodes' idle cost is sampled, members connected, before a step publishes.
+const IDLE: Duration = Duration::from_secs(5);
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -226,7 +234,9 @@ fn node_latency(ports: &[u16]) -> BTreeMap<String, f64> {
             let Some(rest) = line.strip_prefix("shardcast_delivery_latency_seconds_bucket{le=\"") else {
                 continue;
             };
-            let Some((le, count)) = rest.split_once("\"}") else { continue };
+            let Some((le, count)) = rest.split_once("\"}") else {
+                continue;
+            };
             *buckets.entry(le.to_string()).or_insert(0.0) += count.trim().parse::<f64>().unwrap_or(0.0);
         }
     }
@@ -239,18 +249,29 @@ fn node_p99_ms(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) ->
     let mut gained: Vec<(f64, f64)> = after
         .iter()
         .map(|(le, n)| {
-            let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::INFINITY)
+            };
             (bound, n - before.get(le).copied().unwrap_or(0.0))
         })
         .collect();
     gained.sort_by(|a, b| a.0.total_cmp(&b.0));
     let total = gained.last()?.1;
-    (total > 0.0).then(|| gained.iter().find(|(_, n)| *n >= 0.99 * total).map_or(f64::INFINITY, |b| b.0 * 1e3))
+    (total > 0.0).then(|| {
+        gained
+            .iter()
+            .find(|(_, n)| *n >= 0.99 * total)
+            .map_or(f64::INFINITY, |b| b.0 * 1e3)
+    })
 }
 
 /// CPU seconds of `pids` now.
 fn cpu(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
-    pids.iter().map(|p| Ok(procfs::sample(*p)?.cpu_ns as f64 / 1e9)).collect()
+    pids.iter()
+        .map(|p| Ok(procfs::sample(*p)?.cpu_ns as f64 / 1e9))
+        .collect()
 }
 
 fn rss(pids: &[u32]) -> anyhow::Result<u64> {
@@ -331,7 +352,10 @@ pub fn run(plan: &Plan) -> anyhow::Result<FleetReport> {
         floor_us_per_frame: floor,
         steps,
     };
-    std::fs::write(plan.out.join("stadium-100k.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        plan.out.join("stadium-100k.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     std::fs::write(plan.out.join("stadium-100k.svg"), chart(&report))?;
     Ok(report)
 }
@@ -343,7 +367,16 @@ fn cores() -> usize {
 /// The machine's floor at 1, 4 and 8 frames per write, with the stadium's frames.
 fn measure_floor(me: &Path, plan: &Plan) -> anyhow::Result<BTreeMap<String, f64>> {
     let out = Command::new(me)
-        .args(["floor", "--clients", "1000", "--duration", "3", "--frames-per-write", "1,4,8", "--json"])
+        .args([
+            "floor",
+            "--clients",
+            "1000",
+            "--duration",
+            "3",
+            "--frames-per-write",
+            "1,4,8",
+            "--json",
+        ])
         .args(["--payload-bytes", &(plan.payload_bytes + 72).to_string()])
         .stderr(Stdio::null())
         .output()?;
@@ -378,7 +411,11 @@ struct Fleet<'a> {
 fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<Step> {
     let (node_pids, masters) = (fleet.node_pids, fleet.masters);
     let secs = plan.duration.as_secs_f64();
-    let url_args: Vec<String> = fleet.urls.iter().flat_map(|u| ["--url".to_string(), u.clone()]).collect();
+    let url_args: Vec<String> = fleet
+        .urls
+        .iter()
+        .flat_map(|u| ["--url".to_string(), u.clone()])
+        .collect();
     let started = Instant::now();
     let mut holders = Vec::new();
     for k in 0..plan.procs {
@@ -389,12 +426,16 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
                 .args(&url_args)
                 .args(["--clients", &share.to_string(), "--publishers", "0"])
                 .args(["--expect-publishers", &plan.publishers.to_string()])
-                .args(["--prefix", &format!("m{k}"), "--source-addrs", &plan.source_addrs.to_string()])
+                .args([
+                    "--prefix",
+                    &format!("m{k}"),
+                    "--source-addrs",
+                    &plan.source_addrs.to_string(),
+                ])
                 .args(["--ramp-per-sec", &(plan.ramp_per_sec / plan.procs as f64).to_string()])
                 // Held past the publisher's run, for its last messages.
                 .args(["--duration", &(secs + 8.0).to_string(), "--drain", "0"])
-                .args(["--connect-timeout", "30", "--connect-attempts", "5"])
-                .args(["--json", "--wait-for-go", "--export-latency"])
+                .args(["--connect-timeout", "30", "--json", "--wait-for-go", "--export-latency"])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null()),
@@ -414,6 +455,10 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
     }
     let connect_s = started.elapsed().as_secs_f64();
     let rss_connected = rss(node_pids)?;
+    // What the members cost the nodes with nothing published (pings, timers, presence).
+    let idle_start = cpu(node_pids)?;
+    std::thread::sleep(IDLE);
+    let idle = (cpu(node_pids)?.iter().sum::<f64>() - idle_start.iter().sum::<f64>()) / IDLE.as_secs_f64();
     let latency_start = node_latency(fleet.ports);
     let (node_start, master_start) = (cpu(node_pids)?, cpu(masters)?);
     for h in &mut holders {
@@ -423,7 +468,14 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
         .arg("stadium")
         .args(&url_args)
         .args(["--clients", "0", "--publishers", &plan.publishers.to_string()])
-        .args(["--rate", &rate.to_string(), "--duration", &secs.to_string(), "--drain", "0"])
+        .args([
+            "--rate",
+            &rate.to_string(),
+            "--duration",
+            &secs.to_string(),
+            "--drain",
+            "0",
+        ])
         .args(["--payload-bytes", &plan.payload_bytes.to_string(), "--json"])
         .stderr(Stdio::null())
         .output()?;
@@ -431,7 +483,11 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut reports = Vec::new();
     for h in holders {
-        let Holder { proc, stdin, mut stdout } = h;
+        let Holder {
+            proc,
+            stdin,
+            mut stdout,
+        } = h;
         drop(stdin);
         let mut text = String::new();
         std::io::Read::read_to_string(&mut stdout, &mut text)?;
@@ -454,8 +510,13 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
             connect_s,
             took,
             node: node_end.iter().sum::<f64>() - node_start.iter().sum::<f64>(),
-            masters: master_end.iter().zip(&master_start).map(|(b, a)| (b - a) / took).collect(),
+            masters: master_end
+                .iter()
+                .zip(&master_start)
+                .map(|(b, a)| (b - a) / took)
+                .collect(),
             rss_growth: rss_connected as f64 - fleet.idle_rss as f64,
+            node_idle_cores: idle,
             node_p99_ms: node_p99_ms(&latency_start, &node_latency(fleet.ports)),
         },
     )
@@ -470,6 +531,8 @@ struct Usage {
     node: f64,
     masters: Vec<f64>,
     rss_growth: f64,
+    /// Cores the nodes used with the members connected and nothing published.
+    node_idle_cores: f64,
     /// Publish to a node's worker taking the message, p99 over the nodes (bucket bound).
     node_p99_ms: Option<f64>,
 }
@@ -519,6 +582,9 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
         latency_ms: Latency::of(&hist),
         node_cores,
         node_cpu_us_per_delivery: (delivered > 0).then(|| usage.node * 1e6 / delivered as f64),
+        node_idle_cores: usage.node_idle_cores,
+        node_cpu_us_per_delivery_net: (delivered > 0)
+            .then(|| (usage.node - usage.node_idle_cores * usage.took).max(0.0) * 1e6 / delivered as f64),
         node_rss_bytes_per_conn: (connected > 0).then(|| usage.rss_growth / connected as f64),
         bound_by: bound_by(
             Cores {
@@ -575,7 +641,13 @@ fn chart(r: &FleetReport) -> String {
     let (w, h, left, right, top, bottom) = (640.0, 360.0, 70.0, 70.0, 40.0, 50.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     let max_rate = r.steps.iter().map(|s| s.rate).fold(0.0, f64::max).max(1e-9);
-    let max_d = r.steps.iter().map(|s| s.deliveries_per_sec).fold(0.0, f64::max).max(1.0) * 1.1;
+    let max_d = r
+        .steps
+        .iter()
+        .map(|s| s.deliveries_per_sec)
+        .fold(0.0, f64::max)
+        .max(1.0)
+        * 1.1;
     let max_p = r.steps.iter().map(|s| s.latency_ms.p99).fold(0.0, f64::max).max(1.0) * 1.1;
     let x = |rate: f64| left + pw * rate / max_rate;
     let line = |f: &dyn Fn(&Step) -> f64, max: f64| {
@@ -641,11 +713,14 @@ impl FleetReport {
             "stadium-100k: {} members, {} nodes, {} generator processes, {} shards, {} masters, {} cores\n",
             self.members, self.nodes, self.generator_procs, self.shards, self.masters, self.cores
         );
-        t += &format!("floor µs per frame by frames per write: {:?}\n", self.floor_us_per_frame);
+        t += &format!(
+            "floor µs per frame by frames per write: {:?}\n",
+            self.floor_us_per_frame
+        );
         for s in &self.steps {
             t += &format!(
                 "rate {}/s: {} connected in {:.1} s ({:?} errors, {} failed tries before), {:.0} deliveries/s, lost {}, duplicates {}, \
-                 latency {}, node {:.2} cores ({} µs/delivery, {} B RSS/conn), masters {:?} cores, generator {:.2} cores; {}\n",
+                 latency {}, node {:.2} cores ({} µs/delivery, {} net of idle {:.2} cores, {} B RSS/conn), masters {:?} cores, generator {:.2} cores; {}\n",
                 s.rate,
                 s.members_connected,
                 s.connect_s,
@@ -657,6 +732,8 @@ impl FleetReport {
                 s.latency_ms.full(),
                 s.node_cores,
                 s.node_cpu_us_per_delivery.map_or("-".into(), |v| format!("{v:.2}")),
+                s.node_cpu_us_per_delivery_net.map_or("-".into(), |v| format!("{v:.2}")),
+                s.node_idle_cores,
                 s.node_rss_bytes_per_conn.map_or("-".into(), |v| format!("{v:.0}")),
                 s.master_cores.iter().map(|c| (c * 100.0).round() / 100.0).collect::<Vec<_>>(),
                 s.generator_cores,
@@ -692,6 +769,7 @@ mod tests {
             node: 10.0,
             masters: vec![0.1, 0.2, 0.3],
             rss_growth: 15_000.0,
+            node_idle_cores: 0.1,
             node_p99_ms: Some(5.0),
         };
         let s = merge(2.0, &published, &reports, usage).unwrap();
@@ -703,6 +781,9 @@ mod tests {
         assert!((s.latency_ms.p50 - 1.0).abs() < 0.01);
         assert_eq!(s.node_rss_bytes_per_conn, Some(1000.0));
         assert!((s.node_cores - 0.5).abs() < 1e-9 && (s.generator_cores - 0.2).abs() < 1e-9);
+        // 10 node-seconds, 2 of them idle cost (0.1 cores × 20 s), for 596 deliveries.
+        let net = s.node_cpu_us_per_delivery_net.unwrap();
+        assert!((net - 8e6 / 596.0).abs() < 1e-6, "{net}");
         let svg = chart(&FleetReport {
             members: 15,
             nodes: 6,
@@ -725,7 +806,11 @@ mod tests {
         let scrape = |pairs: &[(&str, f64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let before = scrape(&[("0.001", 10.0), ("0.01", 10.0), ("0.1", 10.0), ("+Inf", 10.0)]);
         let after = scrape(&[("0.001", 500.0), ("0.01", 1000.0), ("0.1", 1010.0), ("+Inf", 1010.0)]);
-        assert_eq!(node_p99_ms(&before, &after), Some(10.0), "990 of 1,000 new within 10 ms");
+        assert_eq!(
+            node_p99_ms(&before, &after),
+            Some(10.0),
+            "990 of 1,000 new within 10 ms"
+        );
         let late = scrape(&[("0.001", 10.0), ("0.01", 10.0), ("0.1", 10.0), ("+Inf", 110.0)]);
         assert_eq!(node_p99_ms(&before, &late), Some(f64::INFINITY));
         assert_eq!(node_p99_ms(&before, &before), None, "no message, no percentile");
@@ -742,8 +827,14 @@ mod tests {
         assert!(bound_by(cores(0.9, 0.8), 20.0, Some(5.0)).starts_with("CPU"));
         assert!(bound_by(cores(0.2, 0.2), 20.0, Some(5.0)).starts_with("no machine limit"));
         let late = bound_by(cores(0.9, 0.8), 4000.0, Some(2500.0));
-        assert!(late.starts_with("CPU") && late.contains("nodes' workers took"), "{late}");
+        assert!(
+            late.starts_with("CPU") && late.contains("nodes' workers took"),
+            "{late}"
+        );
         let after = bound_by(cores(0.5, 0.6), 4000.0, Some(10.0));
-        assert!(after.starts_with("lagging") && after.contains("generator's reads"), "{after}");
+        assert!(
+            after.starts_with("lagging") && after.contains("generator's reads"),
+            "{after}"
+        );
     }
 }

@@ -638,9 +638,11 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             positioned,
         },
         latency_ms: Latency::of(&hist),
-        latency_us: args
-            .export_latency
-            .then(|| hist.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect()),
+        latency_us: args.export_latency.then(|| {
+            hist.iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect()
+        }),
         publish_answer_ms: Latency::of(&ctx.answers.merged()),
         nodes: args
             .pids

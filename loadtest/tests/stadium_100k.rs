@@ -37,7 +37,12 @@ fn five_thousand_members_over_five_nodes_get_every_message_and_the_run_cleans_up
 
     // Nothing left running: the nodes stopped cleanly, the cluster's servers are gone.
     let pids = |key: &str| -> Vec<u64> {
-        report[key].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect()
+        report[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_u64().unwrap())
+            .collect()
     };
     let (nodes, masters) = (pids("node_pids"), pids("master_pids"));
     assert_eq!((nodes.len(), masters.len()), (5, 3));
