@@ -133,7 +133,6 @@ async fn other_commands_are_answered_at_once_and_the_reader_stops_at_the_window(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_sent_just_before_the_close_still_goes_out() {
-    use futures_util::SinkExt;
     const FEEDS: i64 = 30;
     let cluster = Cluster::shared();
     let node = Node::start(configs(cluster, "lastword", 1).remove(0)).await;

@@ -107,7 +107,7 @@ impl Default for Constants {
         Constants {
             write_cost_us: 4.6,
             frame_cost_us: 0.1,
-            idle_us_per_conn_s: 0.0,
+            idle_us_per_conn_s: 1.8,
             spread: 5.0,
             max_write_delay_ms: 250.0,
             frame_overhead_bytes: 72,
@@ -693,9 +693,11 @@ mod tests {
         assert!((p.frames_per_write - 1.484).abs() < 0.01, "{}", p.frames_per_write);
         assert!((p.predicted_p99_ms - 1.2 * p.write_wait_ms).abs() < 0.01);
         assert!(p.predicted_p99_ms <= 250.0);
-        // A worker writes a fifth of its time: 8 / 5 cores.
-        assert!((p.node_cores_each - 1.6).abs() < 1e-6, "{}", p.node_cores_each);
-        assert!((p.node_cores_each - 500_000.0 * p.node_cpu_per_delivery_us / 1e6).abs() < 1e-9);
+        // A worker writes a fifth of its time, 8 / 5 cores, and 50,000 idle connections cost
+        // 50,000 × 1.8 µs each second.
+        assert!((p.node_cores_each - 1.69).abs() < 1e-6, "{}", p.node_cores_each);
+        let writing = 500_000.0 * p.node_cpu_per_delivery_us / 1e6;
+        assert!((p.node_cores_each - writing - 0.09).abs() < 1e-9);
         // 50k × 10/s × 200 B.
         assert_eq!(p.egress_per_node_bytes_per_sec, 100e6);
         assert!((p.egress_per_node_gbps - 0.8).abs() < 1e-9);

@@ -455,6 +455,8 @@ mod tests {
     use super::*;
 
     /// A WebSocket server on loopback that closes its first `refuse` connections unanswered.
+    // The handshake callback's error type is tungstenite's, whatever its size.
+    #[allow(clippy::result_large_err)]
     async fn flaky_node(refuse: usize) -> NodeUrl {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

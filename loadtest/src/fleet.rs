@@ -66,6 +66,9 @@ pub struct Step {
     pub members_connected: usize,
     /// Members that never connected, by why their last try failed.
     pub connect_errors: BTreeMap<String, u64>,
+    /// Connections the nodes shed at `--max-http-connections` while the members connected
+    /// (`shardcast_http_connections_shed_total`): handshakes that waited on a slow client.
+    pub node_shed_handshakes: u64,
     /// Failed tries of members before they connected (or gave up), when the generators try
     /// again (not by default: on a loaded machine retries add to the storm they meet).
     pub connect_retries: u64,
@@ -196,6 +199,9 @@ impl Drop for Cluster {
     }
 }
 
+/// The nodes' counter of connections shed at their HTTP connection cap.
+const SHED: &str = "shardcast_http_connections_shed_total";
+
 /// How long the nodes' idle cost is sampled, members connected, before a step publishes.
 const IDLE: Duration = Duration::from_secs(5);
 
@@ -241,6 +247,20 @@ fn node_latency(ports: &[u16]) -> BTreeMap<String, f64> {
         }
     }
     buckets
+}
+
+/// A counter summed over the nodes, all its label sets together.
+fn node_counter(ports: &[u16], name: &str) -> f64 {
+    ports
+        .iter()
+        .flat_map(|port| {
+            get(*port, "/metrics")
+                .lines()
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 /// The 99th percentile of what the buckets gained between two scrapes, as the upper bound of its
@@ -416,6 +436,7 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
         .iter()
         .flat_map(|u| ["--url".to_string(), u.clone()])
         .collect();
+    let shed_before = node_counter(fleet.ports, SHED);
     let started = Instant::now();
     let mut holders = Vec::new();
     for k in 0..plan.procs {
@@ -454,6 +475,7 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
         }
     }
     let connect_s = started.elapsed().as_secs_f64();
+    let shed = (node_counter(fleet.ports, SHED) - shed_before) as u64;
     let rss_connected = rss(node_pids)?;
     // What the members cost the nodes with nothing published (pings, timers, presence).
     let idle_start = cpu(node_pids)?;
@@ -516,6 +538,7 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
                 .map(|(b, a)| (b - a) / took)
                 .collect(),
             rss_growth: rss_connected as f64 - fleet.idle_rss as f64,
+            shed,
             node_idle_cores: idle,
             node_p99_ms: node_p99_ms(&latency_start, &node_latency(fleet.ports)),
         },
@@ -533,6 +556,8 @@ struct Usage {
     rss_growth: f64,
     /// Cores the nodes used with the members connected and nothing published.
     node_idle_cores: f64,
+    /// Connections the nodes shed at their HTTP connection cap while the members connected.
+    shed: u64,
     /// Publish to a node's worker taking the message, p99 over the nodes (bucket bound).
     node_p99_ms: Option<f64>,
 }
@@ -571,6 +596,7 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
         members_connected: connected,
         connect_errors: errors,
         connect_retries: retries,
+        node_shed_handshakes: usage.shed,
         connect_s: usage.connect_s,
         sent,
         expected,
@@ -719,13 +745,14 @@ impl FleetReport {
         );
         for s in &self.steps {
             t += &format!(
-                "rate {}/s: {} connected in {:.1} s ({:?} errors, {} failed tries before), {:.0} deliveries/s, lost {}, duplicates {}, \
+                "rate {}/s: {} connected in {:.1} s ({:?} errors, {} failed tries before, {} shed by the nodes), {:.0} deliveries/s, lost {}, duplicates {}, \
                  latency {}, node {:.2} cores ({} µs/delivery, {} net of idle {:.2} cores, {} B RSS/conn), masters {:?} cores, generator {:.2} cores; {}\n",
                 s.rate,
                 s.members_connected,
                 s.connect_s,
                 s.connect_errors,
                 s.connect_retries,
+                s.node_shed_handshakes,
                 s.deliveries_per_sec,
                 s.lost,
                 s.duplicates,
@@ -770,6 +797,7 @@ mod tests {
             masters: vec![0.1, 0.2, 0.3],
             rss_growth: 15_000.0,
             node_idle_cores: 0.1,
+            shed: 7,
             node_p99_ms: Some(5.0),
         };
         let s = merge(2.0, &published, &reports, usage).unwrap();
@@ -777,6 +805,7 @@ mod tests {
         assert_eq!((s.delivered, s.duplicates), (596, 2), "duplicates are not deliveries");
         assert_eq!(s.lost, 4);
         assert_eq!((s.connect_errors.get("timeout"), s.connect_retries), (Some(&2), 6));
+        assert_eq!(s.node_shed_handshakes, 7);
         assert_eq!(s.latency_ms.count, 597);
         assert!((s.latency_ms.p50 - 1.0).abs() < 0.01);
         assert_eq!(s.node_rss_bytes_per_conn, Some(1000.0));
