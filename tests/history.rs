@@ -442,31 +442,39 @@ async fn clients_of_a_drained_node_resume_on_the_other_with_nothing_lost_or_repe
 
 /// Publishes `kept` messages `{"i": n}` from one sender until told to stop, retrying a refused
 /// publish (as a feed would); returns how many it published.
-fn steady_sender(url: String, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<i64> {
+fn steady_sender(url: String, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<(i64, i64)> {
     tokio::spawn(async move {
         let mut c = Client::connect(&url).await;
-        let mut i = 0;
+        let (mut i, mut refused) = (0, 0);
         while !*stop.borrow() {
             let r = c.request(json!({"op":"pub","room":"kept","data":{"i": i}})).await;
             if r["op"] == "ok" {
                 i += 1;
             } else {
+                refused += i64::from(split_keys(&r));
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        i
+        (i, refused)
     })
+}
+
+/// Whether a refusal was the moving slot's `TRYAGAIN` (its keys split between two masters),
+/// which the node should have called again through.
+fn split_keys(refusal: &Value) -> bool {
+    refusal["message"].as_str().is_some_and(|m| m.contains("TRYAGAIN"))
 }
 
 /// Publishes `kept` messages `{"i": n}` in bursts of 16 sent before any answer is read (so up to 16
 /// wait for the bus at once), until told to stop. Answers come in order and the ones after a
 /// refused publish are refused too (never a later message without an earlier one): the feed goes
-/// on from the first refused. Returns how many it published.
-fn bursting_sender(url: String, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<i64> {
+/// on from the first refused. Returns how many it published, and how many were refused because the
+/// slot's keys were split.
+fn bursting_sender(url: String, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<(i64, i64)> {
     tokio::spawn(async move {
         let mut c = Client::connect(&url).await;
-        let mut i = 0;
+        let (mut i, mut refusals) = (0, 0);
         while !*stop.borrow() {
             let ids: Vec<i64> = {
                 let mut ids = Vec::new();
@@ -486,6 +494,7 @@ fn bursting_sender(url: String, stop: tokio::sync::watch::Receiver<bool>) -> tok
                     i += 1;
                 } else {
                     refused = true;
+                    refusals += i64::from(split_keys(&r));
                 }
             }
             if refused {
@@ -493,7 +502,7 @@ fn bursting_sender(url: String, stop: tokio::sync::watch::Receiver<bool>) -> tok
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        i
+        (i, refusals)
     })
 }
 
@@ -559,8 +568,10 @@ async fn across_a_live_slot_migration(test: &str, burst: bool) {
     let to = migrate(&cluster, &channel, &stream, &meta).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop_tx.send(true).unwrap();
-    let published = sender.await.unwrap();
+    let (published, refused) = sender.await.unwrap();
     assert!(published > 100, "the feed kept going: {published}");
+    // While the slot's keys are split between the two masters the node calls again (TRYAGAIN).
+    assert_eq!(refused, 0, "publishes refused with TRYAGAIN while the slot moved");
     assert_eq!(
         cluster.redis_cli(to, &["exists", &stream]).trim(),
         "1",

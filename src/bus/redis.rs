@@ -421,7 +421,13 @@ enum Retry {
     Moved,
     /// The slot is moving: call once on this master, after ASKING.
     Ask(Server),
+    /// The slot is moving and the call's keys are split between the two masters for a moment
+    /// (`TRYAGAIN`): call again shortly, from the slot's owner.
+    Again,
 }
+
+/// The pause before a call that met `TRYAGAIN` is made again.
+const TRY_AGAIN_PAUSE: Duration = Duration::from_millis(10);
 
 fn retry_for(e: &fred::error::Error) -> Option<Retry> {
     let details = e.details();
@@ -430,6 +436,9 @@ fn retry_for(e: &fred::error::Error) -> Option<Retry> {
     }
     if details.starts_with("MOVED") {
         return Some(Retry::Moved);
+    }
+    if details.starts_with("TRYAGAIN") {
+        return Some(Retry::Again);
     }
     // ASK <slot> <host>:<port>
     let target = details.strip_prefix("ASK ")?.split_whitespace().nth(1)?;
@@ -628,7 +637,9 @@ impl RedisBus {
 
 impl Inner {
     /// Calls a script on the master of `channel`'s slot, loading it where it is missing and
-    /// following the cluster where the slot moved (MOVED) or is moving (ASK), once each.
+    /// following the cluster where the slot moved (MOVED) or is moving (ASK), once each; while a
+    /// moving slot's keys are split (TRYAGAIN), again every few milliseconds for at most the
+    /// call's timeout.
     async fn eval(
         self: &Arc<Self>,
         script: &Script,
@@ -638,6 +649,7 @@ impl Inner {
     ) -> Result<Value, BusError> {
         let slot = redis_keyslot(channel.as_bytes());
         let (mut loaded, mut moved, mut asked) = (false, false, None::<Server>);
+        let until = tokio::time::Instant::now() + self.timeout;
         loop {
             let link = match &asked {
                 Some(server) => lock(&self.links).get(server).cloned(),
@@ -677,6 +689,11 @@ impl Inner {
                     self.wake.notify_one();
                 }
                 Some(Retry::Ask(server)) if asked.is_none() => asked = Some(server),
+                Some(Retry::Again) if tokio::time::Instant::now() + TRY_AGAIN_PAUSE < until => {
+                    // From the owner again: it asks again while the slot is still moving.
+                    asked = None;
+                    tokio::time::sleep(TRY_AGAIN_PAUSE).await;
+                }
                 _ => return Err(unavailable(e)),
             }
         }
