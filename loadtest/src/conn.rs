@@ -109,6 +109,34 @@ pub struct Ctx {
     pub stopped: AtomicUsize,
 }
 
+impl Ctx {
+    /// Fresh state for connections to `nodes`, with `publishers` publishers counted; a connection
+    /// that fails is tried `connect_attempts` times within `connect_timeout`.
+    pub fn new(
+        nodes: Vec<NodeUrl>,
+        payload_bytes: usize,
+        (connect_timeout, connect_attempts): (Duration, u32),
+        publishers: usize,
+    ) -> anyhow::Result<Ctx> {
+        Ok(Ctx {
+            nodes,
+            payload_bytes,
+            connect_timeout,
+            connect_attempts,
+            latencies: Latencies::new(16),
+            answers: Latencies::new(16),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
+            sent: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
+            publish_errors: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            ready: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            closed: AtomicUsize::new(0),
+            stopped: AtomicUsize::new(0),
+        })
+    }
+}
+
 /// What one connection saw.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -489,22 +517,8 @@ mod tests {
     }
 
     async fn try_connect(refuse: usize, attempts: u32) -> Outcome {
-        let ctx = Arc::new(Ctx {
-            nodes: vec![flaky_node(refuse).await],
-            payload_bytes: 16,
-            connect_timeout: Duration::from_secs(10),
-            connect_attempts: attempts,
-            latencies: Latencies::new(1),
-            answers: Latencies::new(1),
-            http: reqwest::Client::new(),
-            sent: Vec::new(),
-            publish_errors: AtomicU64::new(0),
-            delivered: AtomicU64::new(0),
-            ready: AtomicUsize::new(0),
-            failed: AtomicUsize::new(0),
-            closed: AtomicUsize::new(0),
-            stopped: AtomicUsize::new(0),
-        });
+        let node = flaky_node(refuse).await;
+        let ctx = Arc::new(Ctx::new(vec![node], 16, (Duration::from_secs(10), attempts), 0).unwrap());
         let spec = Spec {
             idx: 0,
             node: 0,

@@ -434,22 +434,8 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     }
     let plan = plan(&args, nodes.len())?;
     let publishers = plan.fan.len();
-    let ctx = Arc::new(Ctx {
-        nodes,
-        payload_bytes: args.payload_bytes,
-        connect_timeout: Duration::from_secs_f64(args.connect_timeout),
-        connect_attempts: args.connect_attempts,
-        latencies: Latencies::new(16),
-        answers: Latencies::new(16),
-        http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
-        sent: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
-        publish_errors: AtomicU64::new(0),
-        delivered: AtomicU64::new(0),
-        ready: AtomicUsize::new(0),
-        failed: AtomicUsize::new(0),
-        closed: AtomicUsize::new(0),
-        stopped: AtomicUsize::new(0),
-    });
+    let connecting = (Duration::from_secs_f64(args.connect_timeout), args.connect_attempts);
+    let ctx = Arc::new(Ctx::new(nodes, args.payload_bytes, connecting, publishers)?);
     let before = samples(&args.pids)?;
     let (phase_tx, phase_rx) = watch::channel(Phase::Ramp);
 
