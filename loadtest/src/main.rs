@@ -18,10 +18,7 @@ use std::{
     collections::BTreeMap,
     io::IsTerminal,
     net::{IpAddr, Ipv4Addr},
-    sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc,
-    },
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
@@ -34,7 +31,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use crate::{
     conn::{Ctx, NodeUrl, Outcome, Phase, Publisher, Spec, Via},
     report::{AuxUsage, Connections, Delivery, Latency, NodeUsage, Publish, Report},
-    stats::{Latencies, Tally},
+    stats::Tally,
     wire::{Encoding, Target},
 };
 
