@@ -98,8 +98,8 @@ impl Gaps {
 
 impl Dispatch {
     /// Starts `--workers` delivery tasks feeding `hub`, each with a queue of `--worker-queue`;
-    /// adaptive (bounded by `--max-write-delay`), or paced when `--write-coalesce` is not zero. `naming` tells which channel an envelope
-    /// belongs on.
+    /// adaptive (bounded by `--max-write-delay`), or paced when `--write-coalesce` is not zero.
+    /// `naming` tells which channel an envelope belongs on.
     pub fn start(
         hub: Hub,
         naming: Naming,

@@ -8,10 +8,10 @@
 //! retries included. A publish that finally fails fails every publish of its channel the node
 //! holds behind it: the rest of its batch, and those read while the batch was on the bus, so no
 //! later message of that sender goes out after a gap. The next batch goes out once this one is
-//! answered; under load batches grow by themselves (a natural batch: what arrived during one round trip), when quiet each publish goes
-//! out alone and at once. Answers come back in the order the publishes were sent, refused ones
-//! included. Past the window the reader stops reading (backpressure): nothing is dropped and the
-//! outbox never holds more than the window.
+//! answered; under load batches grow by themselves (a natural batch: what arrived during one
+//! round trip), when quiet each publish goes out alone and at once. Answers come back in the
+//! order the publishes were sent, refused ones included. Past the window the reader stops
+//! reading (backpressure): nothing is dropped and the outbox never holds more than the window.
 
 use std::{
     collections::VecDeque,

@@ -69,9 +69,6 @@ pub struct Step {
     /// Connections the nodes shed at `--max-http-connections` while the members connected
     /// (`shardcast_http_connections_shed_total`): handshakes that waited on a slow client.
     pub node_shed_handshakes: u64,
-    /// Failed tries of members before they connected (or gave up), when the generators try
-    /// again (not by default: on a loaded machine retries add to the storm they meet).
-    pub connect_retries: u64,
     /// From starting the generators to the last member joined.
     pub connect_s: f64,
     pub sent: u64,
@@ -201,6 +198,9 @@ impl Drop for Cluster {
 
 /// The nodes' counter of connections shed at their HTTP connection cap.
 const SHED: &str = "shardcast_http_connections_shed_total";
+
+/// How long the members are held after the publisher's run, for its last messages.
+const HOLD: Duration = Duration::from_secs(8);
 
 /// How long the nodes' idle cost is sampled, members connected, before a step publishes.
 const IDLE: Duration = Duration::from_secs(5);
@@ -454,8 +454,7 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
                     &plan.source_addrs.to_string(),
                 ])
                 .args(["--ramp-per-sec", &(plan.ramp_per_sec / plan.procs as f64).to_string()])
-                // Held past the publisher's run, for its last messages.
-                .args(["--duration", &(secs + 8.0).to_string(), "--drain", "0"])
+                .args(["--duration", &(secs + HOLD.as_secs_f64()).to_string(), "--drain", "0"])
                 .args(["--connect-timeout", "30", "--json", "--wait-for-go", "--export-latency"])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -523,7 +522,7 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
         .iter()
         .filter_map(|r| r["latency_ms"]["max"].as_f64())
         .fold(0.0, f64::max);
-    let took = published["duration_s"].as_f64().unwrap_or(secs) + (longest / 1e3).min(8.0);
+    let took = published["duration_s"].as_f64().unwrap_or(secs) + (longest / 1e3).min(HOLD.as_secs_f64());
     merge(
         rate,
         &published,
@@ -567,12 +566,11 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
     let sent = n(&published["publish"]["sent"]);
     let secs = published["duration_s"].as_f64().unwrap_or(0.0).max(1e-3);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    let (mut connected, mut received, mut duplicates, mut reordered, mut retries) = (0, 0, 0, 0, 0);
+    let (mut connected, mut received, mut duplicates, mut reordered) = (0, 0, 0, 0);
     let mut errors = BTreeMap::new();
     let mut generator_s = 0.0;
     for r in reports {
         connected += n(&r["connections"]["connected"]) as usize;
-        retries += n(&r["connections"]["retried"]);
         received += n(&r["delivery"]["received"]);
         duplicates += n(&r["delivery"]["duplicates"]);
         reordered += n(&r["delivery"]["reordered"]);
@@ -595,7 +593,6 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
         rate,
         members_connected: connected,
         connect_errors: errors,
-        connect_retries: retries,
         node_shed_handshakes: usage.shed,
         connect_s: usage.connect_s,
         sent,
@@ -745,13 +742,12 @@ impl FleetReport {
         );
         for s in &self.steps {
             t += &format!(
-                "rate {}/s: {} connected in {:.1} s ({:?} errors, {} failed tries before, {} shed by the nodes), {:.0} deliveries/s, lost {}, duplicates {}, \
+                "rate {}/s: {} connected in {:.1} s ({:?} errors, {} shed by the nodes), {:.0} deliveries/s, lost {}, duplicates {}, \
                  latency {}, node {:.2} cores ({} µs/delivery, {} net of idle {:.2} cores, {} B RSS/conn), masters {:?} cores, generator {:.2} cores; {}\n",
                 s.rate,
                 s.members_connected,
                 s.connect_s,
                 s.connect_errors,
-                s.connect_retries,
                 s.node_shed_handshakes,
                 s.deliveries_per_sec,
                 s.lost,
@@ -780,7 +776,7 @@ mod tests {
         let published = serde_json::json!({"publish": {"sent": 40}, "duration_s": 20.0});
         let holder = |connected: u64, received: u64, latencies: Value| {
             serde_json::json!({
-                "connections": {"connected": connected, "failed": {"timeout": 1}, "retried": 3},
+                "connections": {"connected": connected, "failed": {"timeout": 1}},
                 "delivery": {"received": received, "duplicates": 1, "reordered": 0},
                 "loadtest_cpu_s": 2.0,
                 "latency_us": latencies,
@@ -804,7 +800,7 @@ mod tests {
         assert_eq!((s.members_connected, s.sent, s.expected), (15, 40, 600));
         assert_eq!((s.delivered, s.duplicates), (596, 2), "duplicates are not deliveries");
         assert_eq!(s.lost, 4);
-        assert_eq!((s.connect_errors.get("timeout"), s.connect_retries), (Some(&2), 6));
+        assert_eq!(s.connect_errors.get("timeout"), Some(&2));
         assert_eq!(s.node_shed_handshakes, 7);
         assert_eq!(s.latency_ms.count, 597);
         assert!((s.latency_ms.p50 - 1.0).abs() < 0.01);
