@@ -23,7 +23,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{procfs, report::Latency};
+use crate::{capacity, procfs, report::Latency};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -89,6 +89,10 @@ pub struct Step {
     pub node_cpu_us_per_delivery_net: Option<f64>,
     /// Growth of the nodes' resident memory from before the members connected, per member.
     pub node_rss_bytes_per_conn: Option<f64>,
+    /// What the capacity model (`docs/capacity.md`, its default constants) predicts for this
+    /// step's members and rate on one machine: the nodes' cores with every frame written at
+    /// once, and their memory per member.
+    pub model: Model,
     /// Cores each Redis master used over the step.
     pub master_cores: Vec<f64>,
     /// Cores the generator processes used over the step.
@@ -202,8 +206,10 @@ const SHED: &str = "shardcast_http_connections_shed_total";
 /// How long the members are held after the publisher's run, for its last messages.
 const HOLD: Duration = Duration::from_secs(8);
 
-/// How long the nodes' idle cost is sampled, members connected, before a step publishes.
-const IDLE: Duration = Duration::from_secs(5);
+/// How long the nodes' idle cost is sampled, members connected, before a step publishes: longer
+/// than a node takes between two returns of free memory to the system (10 s), so the memory
+/// taken at its end is what the members hold, not what their handshakes left behind.
+const IDLE: Duration = Duration::from_secs(11);
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -294,6 +300,58 @@ fn cpu(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
         .collect()
 }
 
+/// CPU seconds of the nodes (together) and of each master, sampled every [`Sampler::EVERY`] from
+/// a step's start until it is stopped: the step's work is then taken over its own window (the
+/// publishing and the last delivery), not over the members' hold and disconnects after it.
+struct Sampler {
+    stop: std::sync::mpsc::Sender<()>,
+    samples: std::thread::JoinHandle<Vec<Sample>>,
+}
+
+/// One sample: since the step's start, the nodes' CPU seconds together, each master's.
+type Sample = (Duration, f64, Vec<f64>);
+
+impl Sampler {
+    const EVERY: Duration = Duration::from_millis(100);
+
+    fn start(nodes: &[u32], masters: &[u32]) -> Sampler {
+        let (nodes, masters) = (nodes.to_vec(), masters.to_vec());
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let samples = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut samples = Vec::new();
+            loop {
+                if let (Ok(n), Ok(m)) = (cpu(&nodes), cpu(&masters)) {
+                    samples.push((start.elapsed(), n.iter().sum(), m));
+                }
+                if stopped.recv_timeout(Sampler::EVERY) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                    return samples;
+                }
+            }
+        });
+        Sampler { stop, samples }
+    }
+
+    /// Stops sampling; the nodes' CPU seconds and each master's from the start to `took` after it.
+    fn over(self, took: Duration) -> anyhow::Result<(f64, Vec<f64>)> {
+        let _ = self.stop.send(());
+        let samples = self
+            .samples
+            .join()
+            .map_err(|_| anyhow::anyhow!("the CPU sampler panicked"))?;
+        window(&samples, took).context("no CPU sample over the step")
+    }
+}
+
+/// The growth from the first sample to the first at or after `took` (the last, if none is).
+fn window(samples: &[Sample], took: Duration) -> Option<(f64, Vec<f64>)> {
+    let first = samples.first()?;
+    let end = samples.iter().find(|s| s.0 >= took).or(samples.last())?;
+    let masters = end.2.iter().zip(&first.2).map(|(b, a)| b - a).collect();
+    Some((end.1 - first.1, masters))
+}
+
+/// RSS of `pids` together, bytes.
 fn rss(pids: &[u32]) -> anyhow::Result<u64> {
     pids.iter().map(|p| Ok(procfs::sample(*p)?.rss)).sum()
 }
@@ -475,13 +533,13 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
     }
     let connect_s = started.elapsed().as_secs_f64();
     let shed = (node_counter(fleet.ports, SHED) - shed_before) as u64;
-    let rss_connected = rss(node_pids)?;
     // What the members cost the nodes with nothing published (pings, timers, presence).
     let idle_start = cpu(node_pids)?;
     std::thread::sleep(IDLE);
     let idle = (cpu(node_pids)?.iter().sum::<f64>() - idle_start.iter().sum::<f64>()) / IDLE.as_secs_f64();
+    let rss_connected = rss(node_pids)?;
     let latency_start = node_latency(fleet.ports);
-    let (node_start, master_start) = (cpu(node_pids)?, cpu(masters)?);
+    let sampler = Sampler::start(node_pids, masters);
     for h in &mut holders {
         writeln!(h.stdin, "go")?;
     }
@@ -515,14 +573,14 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
         proc.finish(deadline)?;
         reports.push(serde_json::from_str::<Value>(&text).context("a generator's report")?);
     }
-    let (node_end, master_end) = (cpu(node_pids)?, cpu(masters)?);
     // The work of the step spans its publishing and the last delivery after it (at most the time
-    // the members were held for it): CPU over that window, not over the idle tail.
+    // the members were held for it): CPU over that window, not over the hold and the disconnects.
     let longest = reports
         .iter()
         .filter_map(|r| r["latency_ms"]["max"].as_f64())
         .fold(0.0, f64::max);
     let took = published["duration_s"].as_f64().unwrap_or(secs) + (longest / 1e3).min(HOLD.as_secs_f64());
+    let (node_cpu, master_cpu) = sampler.over(Duration::from_secs_f64(took))?;
     merge(
         rate,
         &published,
@@ -530,18 +588,37 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
         Usage {
             connect_s,
             took,
-            node: node_end.iter().sum::<f64>() - node_start.iter().sum::<f64>(),
-            masters: master_end
-                .iter()
-                .zip(&master_start)
-                .map(|(b, a)| (b - a) / took)
-                .collect(),
+            node: node_cpu,
+            masters: master_cpu.iter().map(|c| c / took).collect(),
             rss_growth: rss_connected as f64 - fleet.idle_rss as f64,
             shed,
             node_idle_cores: idle,
             node_p99_ms: node_p99_ms(&latency_start, &node_latency(fleet.ports)),
         },
     )
+}
+
+/// The capacity model's prediction for a step, beside what was measured.
+#[derive(Debug, Serialize)]
+pub struct Model {
+    pub node_cores: f64,
+    /// Measured node cores over predicted, less 1 (0.1: 10% more than predicted).
+    pub node_cores_off: f64,
+    pub node_rss_bytes_per_conn: f64,
+    pub node_rss_off: Option<f64>,
+}
+
+impl Model {
+    fn of(members: usize, rate: f64, node_cores: f64, rss_per_conn: Option<f64>) -> Model {
+        let c = capacity::Constants::default();
+        let predicted = capacity::predict_cores_one_frame_per_write(members as f64, rate, &c);
+        Model {
+            node_cores: predicted,
+            node_cores_off: node_cores / predicted - 1.0,
+            node_rss_bytes_per_conn: c.bytes_per_conn,
+            node_rss_off: rss_per_conn.map(|m| m / c.bytes_per_conn - 1.0),
+        }
+    }
 }
 
 /// What `/proc` showed over a step.
@@ -589,6 +666,7 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
     let node_cores = usage.node / usage.took;
     let generator_cores = generator_s / usage.took;
     let redis_cores: f64 = usage.masters.iter().sum();
+    let rss_per_conn = (connected > 0).then(|| usage.rss_growth / connected as f64);
     Ok(Step {
         rate,
         members_connected: connected,
@@ -608,7 +686,8 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
         node_idle_cores: usage.node_idle_cores,
         node_cpu_us_per_delivery_net: (delivered > 0)
             .then(|| (usage.node - usage.node_idle_cores * usage.took).max(0.0) * 1e6 / delivered as f64),
-        node_rss_bytes_per_conn: (connected > 0).then(|| usage.rss_growth / connected as f64),
+        node_rss_bytes_per_conn: rss_per_conn,
+        model: Model::of(connected, rate, node_cores, rss_per_conn),
         bound_by: bound_by(
             Cores {
                 node: node_cores,
@@ -743,7 +822,8 @@ impl FleetReport {
         for s in &self.steps {
             t += &format!(
                 "rate {}/s: {} connected in {:.1} s ({:?} errors, {} shed by the nodes), {:.0} deliveries/s, lost {}, duplicates {}, \
-                 latency {}, node {:.2} cores ({} µs/delivery, {} net of idle {:.2} cores, {} B RSS/conn), masters {:?} cores, generator {:.2} cores; {}\n",
+                 latency {}, node {:.2} cores ({} µs/delivery, {} net of idle {:.2} cores, {} B RSS/conn), masters {:?} cores, generator {:.2} cores; \
+                 the model: node {:.2} cores ({:+.0}%), {:.0} B RSS/conn ({}); {}\n",
                 s.rate,
                 s.members_connected,
                 s.connect_s,
@@ -760,6 +840,10 @@ impl FleetReport {
                 s.node_rss_bytes_per_conn.map_or("-".into(), |v| format!("{v:.0}")),
                 s.master_cores.iter().map(|c| (c * 100.0).round() / 100.0).collect::<Vec<_>>(),
                 s.generator_cores,
+                s.model.node_cores,
+                s.model.node_cores_off * 100.0,
+                s.model.node_rss_bytes_per_conn,
+                s.model.node_rss_off.map_or("-".into(), |v| format!("{:+.0}%", v * 100.0)),
                 s.bound_by
             );
         }
@@ -805,6 +889,12 @@ mod tests {
         assert_eq!(s.latency_ms.count, 597);
         assert!((s.latency_ms.p50 - 1.0).abs() < 0.01);
         assert_eq!(s.node_rss_bytes_per_conn, Some(1000.0));
+        // The model's prediction for 15 members at 2 msg/s, and how far the measure is from it.
+        let c = capacity::Constants::default();
+        let predicted = capacity::predict_cores_one_frame_per_write(15.0, 2.0, &c);
+        assert_eq!(s.model.node_cores, predicted);
+        assert!((s.model.node_cores_off - (0.5 / predicted - 1.0)).abs() < 1e-9);
+        assert!((s.model.node_rss_off.unwrap() - (1000.0 / c.bytes_per_conn - 1.0)).abs() < 1e-9);
         assert!((s.node_cores - 0.5).abs() < 1e-9 && (s.generator_cores - 0.2).abs() < 1e-9);
         // 10 node-seconds, 2 of them idle cost (0.1 cores × 20 s), for 596 deliveries.
         let net = s.node_cpu_us_per_delivery_net.unwrap();
@@ -824,6 +914,24 @@ mod tests {
             steps: vec![s],
         });
         assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn a_steps_cpu_is_taken_over_its_own_window() {
+        let at = |ms, node, master| (Duration::from_millis(ms), node, vec![master]);
+        // Work until 2 s, then the hold and the disconnects cost more than the work did.
+        let samples = [
+            at(0, 10.0, 1.0),
+            at(1000, 11.0, 1.5),
+            at(2000, 12.0, 2.0),
+            at(3000, 20.0, 2.1),
+        ];
+        assert_eq!(window(&samples, Duration::from_millis(1500)), Some((2.0, vec![1.0])));
+        assert_eq!(window(&samples, Duration::from_secs(2)), Some((2.0, vec![1.0])));
+        // A window longer than the samples takes them all.
+        let all = window(&samples, Duration::from_secs(9)).unwrap();
+        assert!((all.0 - 10.0).abs() < 1e-9 && (all.1[0] - 1.1).abs() < 1e-9);
+        assert_eq!(window(&[], Duration::from_secs(1)), None);
     }
 
     #[test]

@@ -111,6 +111,21 @@ struct Args {
     /// plan: cores of each node machine.
     #[arg(long, default_value_t = 8.0)]
     cores_per_node: f64,
+    /// plan: node CPU of a frame written alone, µs, as measured on your hardware (docs/capacity.md).
+    #[arg(long)]
+    write_cost_us: Option<f64>,
+    /// plan: connections on the machine when --write-cost-us was measured.
+    #[arg(long)]
+    write_cost_conns: Option<f64>,
+    /// plan: node CPU of a connection each second with nothing published, µs.
+    #[arg(long)]
+    idle_cost_us: Option<f64>,
+    /// plan: node memory per connection, bytes.
+    #[arg(long)]
+    conn_bytes: Option<f64>,
+    /// plan: the nodes' open-files limit (`ulimit -n`).
+    #[arg(long)]
+    open_files: Option<u64>,
     /// The room of the stadium, churn and demo (give it shards on the nodes with --hot-room NAME=N).
     /// Default: `demo` for demo, else `stadium`.
     #[arg(long)]
@@ -727,8 +742,28 @@ fn capacity_inputs(args: &Args) -> capacity::Inputs {
         payload_bytes: args.payload_bytes as u64,
         p99_ms: args.p99_ms,
         cores_per_node: args.cores_per_node,
-        constants: capacity::Constants::default(),
+        constants: plan_constants(args),
     }
+}
+
+/// The model's default constants, with those measured on the operator's hardware in their place.
+fn plan_constants(args: &Args) -> capacity::Constants {
+    let mut c = capacity::Constants::default();
+    let given = [
+        (args.write_cost_us, &mut c.write_cost_us),
+        (args.write_cost_conns, &mut c.write_cost_conns),
+        (args.idle_cost_us, &mut c.idle_us_per_conn_s),
+        (args.conn_bytes, &mut c.bytes_per_conn),
+    ];
+    for (value, constant) in given {
+        if let Some(v) = value {
+            *constant = v;
+        }
+    }
+    if let Some(files) = args.open_files {
+        c.fd_limit = files;
+    }
+    c
 }
 
 fn fleet_plan(args: &Args) -> anyhow::Result<fleet::Plan> {
@@ -916,6 +951,19 @@ mod tests {
         assert_eq!((i.viewers, i.rooms, i.rate, i.payload_bytes), (1_000_000, 1, 10.0, 128));
         assert!(capacity::plan(&i).unwrap().nodes > 1);
         assert!(capacity::plan(&capacity_inputs(&args("lt plan --rate 0"))).is_err());
+        // Constants measured on the operator's hardware replace the defaults, and are checked.
+        let c = capacity_inputs(&args(
+            "lt plan --write-cost-us 3 --write-cost-conns 5000 --idle-cost-us 1 --conn-bytes 6000 --open-files 20000",
+        ))
+        .constants;
+        let measured = (
+            c.write_cost_us,
+            c.write_cost_conns,
+            c.idle_us_per_conn_s,
+            c.bytes_per_conn,
+        );
+        assert_eq!((measured, c.fd_limit), ((3.0, 5000.0, 1.0, 6000.0), 20_000));
+        assert!(capacity::plan(&capacity_inputs(&args("lt plan --write-cost-us=-1"))).is_err());
         assert!(capacity::plan(&capacity_inputs(&args("lt plan --viewers 5 --rooms 10"))).is_err());
     }
 
