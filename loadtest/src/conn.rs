@@ -416,6 +416,13 @@ async fn serve(spec: &Spec, ctx: &Ctx, mut phase: watch::Receiver<Phase>, stoppe
             return c.out;
         }
     }
+    // A member that joined once the run had started missed what was published before it: it took
+    // no part in the run, and what it lacks is no loss of the node's.
+    if ws.is_some() && !matches!(*phase.borrow(), Phase::Ramp) {
+        c.out.failure = Some("joined after the run started".into());
+        ctx.failed.fetch_add(1, Ordering::Relaxed);
+        return c.out;
+    }
     c.out.connected = true;
     ctx.ready.fetch_add(1, Ordering::Relaxed);
 
@@ -517,6 +524,11 @@ mod tests {
     }
 
     async fn try_connect(refuse: usize, attempts: u32) -> Outcome {
+        connect_in(Phase::Ramp, refuse, attempts).await
+    }
+
+    /// A member connecting to a node that refuses its first `refuse` connections, in `phase`.
+    async fn connect_in(phase: Phase, refuse: usize, attempts: u32) -> Outcome {
         let node = flaky_node(refuse).await;
         let ctx = Arc::new(Ctx::new(vec![node], 16, (Duration::from_secs(10), attempts), 0).unwrap());
         let spec = Spec {
@@ -530,7 +542,7 @@ mod tests {
             publish: None,
             expect: 0..0,
         };
-        let (phase, rx) = watch::channel(Phase::Ramp);
+        let (phase, rx) = watch::channel(phase);
         let task = tokio::spawn(run(spec, ctx.clone(), rx));
         let deadline = Instant::now() + Duration::from_secs(10);
         while ctx.ready.load(Ordering::Relaxed) + ctx.failed.load(Ordering::Relaxed) == 0 {
@@ -551,6 +563,14 @@ mod tests {
         assert_eq!(again.retries, 2);
         let short = try_connect(5, 3).await;
         assert_eq!((short.connected, short.retries), (false, 2), "gives up after its tries");
+    }
+
+    #[tokio::test]
+    async fn a_member_that_joins_after_the_run_started_is_not_counted_as_connected() {
+        let late = connect_in(Phase::Run(Instant::now()), 0, 1).await;
+        assert!(!late.connected);
+        assert_eq!(late.failure.as_deref(), Some("joined after the run started"));
+        assert!(connect_in(Phase::Ramp, 0, 1).await.connected, "in time, it is");
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct Step {
     /// Connections the nodes shed at `--max-http-connections` while the members connected
     /// (`shardcast_http_connections_shed_total`): handshakes that waited on a slow client.
     pub node_shed_handshakes: u64,
+    /// Connections the nodes closed while the members connected because a request was not read
+    /// in time (`shardcast_http_timeouts_total`: the headers within `--http-header-timeout`).
+    pub node_http_timeouts: u64,
     /// From starting the generators to the last member joined.
     pub connect_s: f64,
     pub sent: u64,
@@ -202,6 +205,8 @@ impl Drop for Cluster {
 
 /// The nodes' counter of connections shed at their HTTP connection cap.
 const SHED: &str = "shardcast_http_connections_shed_total";
+/// The nodes' counter of connections closed for a request not read in time.
+const TIMEOUTS: &str = "shardcast_http_timeouts_total";
 
 /// How long the members are held after the publisher's run, for its last messages.
 const HOLD: Duration = Duration::from_secs(8);
@@ -494,7 +499,7 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
         .iter()
         .flat_map(|u| ["--url".to_string(), u.clone()])
         .collect();
-    let shed_before = node_counter(fleet.ports, SHED);
+    let (shed_before, timeouts_before) = (node_counter(fleet.ports, SHED), node_counter(fleet.ports, TIMEOUTS));
     let started = Instant::now();
     let mut holders = Vec::new();
     for k in 0..plan.procs {
@@ -533,6 +538,7 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
     }
     let connect_s = started.elapsed().as_secs_f64();
     let shed = (node_counter(fleet.ports, SHED) - shed_before) as u64;
+    let timeouts = (node_counter(fleet.ports, TIMEOUTS) - timeouts_before) as u64;
     // What the members cost the nodes with nothing published (pings, timers, presence).
     let idle_start = cpu(node_pids)?;
     std::thread::sleep(IDLE);
@@ -592,6 +598,7 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
             masters: master_cpu.iter().map(|c| c / took).collect(),
             rss_growth: rss_connected as f64 - fleet.idle_rss as f64,
             shed,
+            timeouts,
             node_idle_cores: idle,
             node_p99_ms: node_p99_ms(&latency_start, &node_latency(fleet.ports)),
         },
@@ -634,6 +641,8 @@ struct Usage {
     node_idle_cores: f64,
     /// Connections the nodes shed at their HTTP connection cap while the members connected.
     shed: u64,
+    /// Connections the nodes closed for a request not read in time, meanwhile.
+    timeouts: u64,
     /// Publish to a node's worker taking the message, p99 over the nodes (bucket bound).
     node_p99_ms: Option<f64>,
 }
@@ -672,6 +681,7 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
         members_connected: connected,
         connect_errors: errors,
         node_shed_handshakes: usage.shed,
+        node_http_timeouts: usage.timeouts,
         connect_s: usage.connect_s,
         sent,
         expected,
@@ -821,7 +831,7 @@ impl FleetReport {
         );
         for s in &self.steps {
             t += &format!(
-                "rate {}/s: {} connected in {:.1} s ({:?} errors, {} shed by the nodes), {:.0} deliveries/s, lost {}, duplicates {}, \
+                "rate {}/s: {} connected in {:.1} s ({:?} errors, {} shed and {} timed out by the nodes), {:.0} deliveries/s, lost {}, duplicates {}, \
                  latency {}, node {:.2} cores ({} µs/delivery, {} net of idle {:.2} cores, {} B RSS/conn), masters {:?} cores, generator {:.2} cores; \
                  the model: node {:.2} cores ({:+.0}%), {:.0} B RSS/conn ({}); {}\n",
                 s.rate,
@@ -829,6 +839,7 @@ impl FleetReport {
                 s.connect_s,
                 s.connect_errors,
                 s.node_shed_handshakes,
+                s.node_http_timeouts,
                 s.deliveries_per_sec,
                 s.lost,
                 s.duplicates,
@@ -878,6 +889,7 @@ mod tests {
             rss_growth: 15_000.0,
             node_idle_cores: 0.1,
             shed: 7,
+            timeouts: 3,
             node_p99_ms: Some(5.0),
         };
         let s = merge(2.0, &published, &reports, usage).unwrap();
@@ -885,7 +897,7 @@ mod tests {
         assert_eq!((s.delivered, s.duplicates), (596, 2), "duplicates are not deliveries");
         assert_eq!(s.lost, 4);
         assert_eq!(s.connect_errors.get("timeout"), Some(&2));
-        assert_eq!(s.node_shed_handshakes, 7);
+        assert_eq!((s.node_shed_handshakes, s.node_http_timeouts), (7, 3));
         assert_eq!(s.latency_ms.count, 597);
         assert!((s.latency_ms.p50 - 1.0).abs() < 0.01);
         assert_eq!(s.node_rss_bytes_per_conn, Some(1000.0));
