@@ -78,7 +78,15 @@ pub struct Step {
     pub expected: u64,
     pub delivered: u64,
     pub deliveries_per_sec: f64,
+    /// Deliveries missing, counted against what the publisher sent, at every member that
+    /// connected (those the nodes closed during the step too).
     pub lost: u64,
+    /// Members the nodes closed during the step, by close code (`4008`: fell behind its budget).
+    pub closed_by_node: BTreeMap<String, u64>,
+    /// Of the lost: messages a member missed before one it received (the rest are at the end).
+    pub lost_in_gaps: u64,
+    /// Members that received none of the messages.
+    pub silent_members: u64,
     pub duplicates: u64,
     pub reordered: u64,
     pub latency_ms: Latency,
@@ -653,17 +661,20 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
     let secs = published["duration_s"].as_f64().unwrap_or(0.0).max(1e-3);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let (mut connected, mut received, mut duplicates, mut reordered) = (0, 0, 0, 0);
-    let mut errors = BTreeMap::new();
+    let (mut gaps, mut silent) = (0, 0);
+    let (mut errors, mut closed) = (BTreeMap::new(), BTreeMap::new());
     let mut generator_s = 0.0;
     for r in reports {
         connected += n(&r["connections"]["connected"]) as usize;
         received += n(&r["delivery"]["received"]);
         duplicates += n(&r["delivery"]["duplicates"]);
         reordered += n(&r["delivery"]["reordered"]);
+        gaps += n(&r["delivery"]["gap_missing"]);
+        silent += n(&r["delivery"]["silent_members"]);
         generator_s += r["loadtest_cpu_s"].as_f64().unwrap_or(0.0);
-        if let Some(failed) = r["connections"]["failed"].as_object() {
-            for (why, count) in failed {
-                *errors.entry(why.clone()).or_insert(0) += n(count);
+        for (into, what) in [(&mut errors, "failed"), (&mut closed, "closed_by_node")] {
+            for (why, count) in r["connections"][what].as_object().into_iter().flatten() {
+                *into.entry(why.clone()).or_insert(0) += n(count);
             }
         }
         for pair in r["latency_us"].as_array().into_iter().flatten() {
@@ -688,6 +699,9 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
         delivered,
         deliveries_per_sec: delivered as f64 / secs,
         lost: expected.saturating_sub(delivered),
+        closed_by_node: closed,
+        lost_in_gaps: gaps,
+        silent_members: silent,
         duplicates,
         reordered,
         latency_ms: Latency::of(&hist),
@@ -831,7 +845,7 @@ impl FleetReport {
         );
         for s in &self.steps {
             t += &format!(
-                "rate {}/s: {} connected in {:.1} s ({:?} errors, {} shed and {} timed out by the nodes), {:.0} deliveries/s, lost {}, duplicates {}, \
+                "rate {}/s: {} connected in {:.1} s ({:?} errors, {} shed and {} timed out by the nodes), {:.0} deliveries/s, lost {} (in gaps {}, {} members silent, closed by the nodes: {:?}), duplicates {}, \
                  latency {}, node {:.2} cores ({} µs/delivery, {} net of idle {:.2} cores, {} B RSS/conn), masters {:?} cores, generator {:.2} cores; \
                  the model: node {:.2} cores ({:+.0}%), {:.0} B RSS/conn ({}); {}\n",
                 s.rate,
@@ -842,6 +856,9 @@ impl FleetReport {
                 s.node_http_timeouts,
                 s.deliveries_per_sec,
                 s.lost,
+                s.lost_in_gaps,
+                s.silent_members,
+                s.closed_by_node,
                 s.duplicates,
                 s.latency_ms.full(),
                 s.node_cores,
@@ -871,8 +888,8 @@ mod tests {
         let published = serde_json::json!({"publish": {"sent": 40}, "duration_s": 20.0});
         let holder = |connected: u64, received: u64, latencies: Value| {
             serde_json::json!({
-                "connections": {"connected": connected, "failed": {"timeout": 1}},
-                "delivery": {"received": received, "duplicates": 1, "reordered": 0},
+                "connections": {"connected": connected, "failed": {"timeout": 1}, "closed_by_node": {"4008": 1}},
+                "delivery": {"received": received, "duplicates": 1, "reordered": 0, "gap_missing": 2, "silent_members": 1},
                 "loadtest_cpu_s": 2.0,
                 "latency_us": latencies,
             })
@@ -897,6 +914,8 @@ mod tests {
         assert_eq!((s.delivered, s.duplicates), (596, 2), "duplicates are not deliveries");
         assert_eq!(s.lost, 4);
         assert_eq!(s.connect_errors.get("timeout"), Some(&2));
+        assert_eq!(s.closed_by_node.get("4008"), Some(&2));
+        assert_eq!((s.lost_in_gaps, s.silent_members), (4, 2));
         assert_eq!((s.node_shed_handshakes, s.node_http_timeouts), (7, 3));
         assert_eq!(s.latency_ms.count, 597);
         assert!((s.latency_ms.p50 - 1.0).abs() < 0.01);

@@ -546,7 +546,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     }));
 
     let mut tally = Tally::default();
-    let (mut lost, mut lost_on_closed, mut unexpected) = (0, 0, 0);
+    let (mut lost, mut lost_on_closed, mut unexpected, mut silent) = (0, 0, 0, 0);
     let (mut error_frames, mut reconnect_frames, mut unparsed_frames, mut positioned) = (0, 0, 0, 0);
     let mut failed = BTreeMap::new();
     let mut closed_by_node = BTreeMap::new();
@@ -580,6 +580,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             .filter(|(p, _)| !spec.expect.contains(p))
             .map(|(_, s)| s.distinct)
             .sum::<u64>();
+        silent += u64::from(is_silent(spec, out));
         match &out.closed {
             Some(why) => {
                 *closed_by_node.entry(why.clone()).or_insert(0) += 1;
@@ -627,6 +628,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
             lost,
             lost_on_closed,
             gap_missing: tally.gap_missing,
+            silent_members: silent,
             reordered: tally.reordered,
             duplicates: tally.duplicates,
             unexpected,
@@ -732,6 +734,17 @@ async fn go(ready: usize) -> anyhow::Result<()> {
         Ok(_) => bail!("standard input closed before the run started"),
         Err(_) => bail!("no word to start within ten minutes"),
     }
+}
+
+/// Whether a connection expecting messages received none of them.
+fn is_silent(spec: &Spec, out: &Outcome) -> bool {
+    let heard: u64 = out
+        .streams
+        .iter()
+        .filter(|(p, _)| spec.expect.contains(p))
+        .map(|(_, s)| s.distinct)
+        .sum();
+    heard == 0 && !spec.expect.is_empty()
 }
 
 fn capacity_inputs(args: &Args) -> capacity::Inputs {
@@ -893,6 +906,42 @@ async fn soak_run(args: &Args) -> anyhow::Result<soak::SoakReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_member_that_heard_none_of_its_publishers_is_silent() {
+        let spec = |expect| Spec {
+            idx: 0,
+            node: 0,
+            source: "127.0.0.1".parse().unwrap(),
+            user: "u".into(),
+            encoding: Encoding::Json,
+            ws: true,
+            join: None,
+            publish: None,
+            expect,
+        };
+        let heard = |from: &[u32]| Outcome {
+            streams: from
+                .iter()
+                .map(|p| {
+                    let mut s = stats::Stream::default();
+                    s.observe(0);
+                    (*p, s)
+                })
+                .collect(),
+            ..Outcome::default()
+        };
+        assert!(is_silent(&spec(0..2), &heard(&[])));
+        assert!(
+            is_silent(&spec(0..2), &heard(&[5])),
+            "only from a publisher it did not expect"
+        );
+        assert!(!is_silent(&spec(0..2), &heard(&[1])));
+        assert!(
+            !is_silent(&spec(0..0), &heard(&[])),
+            "expecting nothing, it is not silent"
+        );
+    }
 
     fn args(line: &str) -> Args {
         Args::parse_from(line.split_whitespace())

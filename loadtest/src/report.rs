@@ -74,6 +74,8 @@ pub struct Delivery {
     pub lost_on_closed: u64,
     /// Sequence numbers skipped when a later one arrived first.
     pub gap_missing: u64,
+    /// Connections expecting messages that received none of them.
+    pub silent_members: u64,
     pub reordered: u64,
     pub duplicates: u64,
     /// Messages from publishers a connection was not expecting.
