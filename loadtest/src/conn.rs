@@ -85,6 +85,24 @@ pub struct Spec {
     pub expect: Range<u32>,
 }
 
+#[cfg(test)]
+impl Spec {
+    /// A WebSocket member of no room from 127.0.0.1 to the first node, expecting `expect`.
+    pub fn member(expect: Range<u32>) -> Spec {
+        Spec {
+            idx: 0,
+            node: 0,
+            source: "127.0.0.1".parse().unwrap(),
+            user: "u".into(),
+            encoding: Encoding::Json,
+            ws: true,
+            join: None,
+            publish: None,
+            expect,
+        }
+    }
+}
+
 /// State shared by every connection task.
 pub struct Ctx {
     pub nodes: Vec<NodeUrl>,
@@ -531,17 +549,7 @@ mod tests {
     async fn connect_in(phase: Phase, refuse: usize, attempts: u32) -> Outcome {
         let node = flaky_node(refuse).await;
         let ctx = Arc::new(Ctx::new(vec![node], 16, (Duration::from_secs(10), attempts), 0).unwrap());
-        let spec = Spec {
-            idx: 0,
-            node: 0,
-            source: "127.0.0.1".parse().unwrap(),
-            user: "u".into(),
-            encoding: Encoding::Json,
-            ws: true,
-            join: None,
-            publish: None,
-            expect: 0..0,
-        };
+        let spec = Spec::member(0..0);
         let (phase, rx) = watch::channel(phase);
         let task = tokio::spawn(run(spec, ctx.clone(), rx));
         let deadline = Instant::now() + Duration::from_secs(10);

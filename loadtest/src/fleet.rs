@@ -566,8 +566,10 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
             &rate.to_string(),
             "--duration",
             &secs.to_string(),
+            // Its count of what was sent is read once its publishers have stopped (a publish in
+            // flight at the end counts); with no members of its own it waits for nothing else.
             "--drain",
-            "0",
+            "5",
         ])
         .args(["--payload-bytes", &plan.payload_bytes.to_string(), "--json"])
         .stderr(Stdio::null())

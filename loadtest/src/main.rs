@@ -909,17 +909,7 @@ mod tests {
 
     #[test]
     fn a_member_that_heard_none_of_its_publishers_is_silent() {
-        let spec = |expect| Spec {
-            idx: 0,
-            node: 0,
-            source: "127.0.0.1".parse().unwrap(),
-            user: "u".into(),
-            encoding: Encoding::Json,
-            ws: true,
-            join: None,
-            publish: None,
-            expect,
-        };
+        let spec = Spec::member;
         let heard = |from: &[u32]| Outcome {
             streams: from
                 .iter()
