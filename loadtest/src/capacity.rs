@@ -943,6 +943,9 @@ mod tests {
         let c = Constants::default();
         let cores = predict_cores_one_frame_per_write(90_235.0, 1.0, &c);
         assert!((0.79 / cores - 1.0).abs() <= 0.25, "predicted {cores} cores");
+        // And per delivery (9.14 µs measured), the idle cost's share included.
+        let per_delivery = cores * 1e6 / 90_235.0;
+        assert!((9.14 / per_delivery - 1.0).abs() <= 0.25, "predicted {per_delivery} µs");
         assert!((4_733.0 / c.bytes_per_conn - 1.0).abs() <= 0.25);
     }
 

@@ -619,21 +619,38 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
 #[derive(Debug, Serialize)]
 pub struct Model {
     pub node_cores: f64,
-    /// Measured node cores over predicted, less 1 (0.1: 10% more than predicted).
+    /// Measured node cores over predicted, less 1 (0.1: 10% more than predicted). Understated
+    /// when members were closed (fewer deliveries) or deliveries lagged (a longer window).
     pub node_cores_off: f64,
+    /// Node CPU per delivery, the connections' idle cost included: the predicted cores over the
+    /// deliveries a second of every member.
+    pub node_cpu_us_per_delivery: f64,
+    /// Measured CPU per delivery over predicted, less 1: the check that holds whatever the
+    /// window and however many members were closed.
+    pub node_cpu_per_delivery_off: Option<f64>,
     pub node_rss_bytes_per_conn: f64,
     pub node_rss_off: Option<f64>,
 }
 
+/// What a step measured, for its check against the model.
+struct Measured {
+    node_cores: f64,
+    cpu_us_per_delivery: Option<f64>,
+    rss_per_conn: Option<f64>,
+}
+
 impl Model {
-    fn of(members: usize, rate: f64, node_cores: f64, rss_per_conn: Option<f64>) -> Model {
+    fn of(members: usize, rate: f64, m: Measured) -> Model {
         let c = capacity::Constants::default();
         let predicted = capacity::predict_cores_one_frame_per_write(members as f64, rate, &c);
+        let per_delivery = predicted * 1e6 / (members as f64 * rate);
         Model {
             node_cores: predicted,
-            node_cores_off: node_cores / predicted - 1.0,
+            node_cores_off: m.node_cores / predicted - 1.0,
+            node_cpu_us_per_delivery: per_delivery,
+            node_cpu_per_delivery_off: m.cpu_us_per_delivery.map(|u| u / per_delivery - 1.0),
             node_rss_bytes_per_conn: c.bytes_per_conn,
-            node_rss_off: rss_per_conn.map(|m| m / c.bytes_per_conn - 1.0),
+            node_rss_off: m.rss_per_conn.map(|b| b / c.bytes_per_conn - 1.0),
         }
     }
 }
@@ -689,6 +706,7 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
     let generator_cores = generator_s / usage.took;
     let redis_cores: f64 = usage.masters.iter().sum();
     let rss_per_conn = (connected > 0).then(|| usage.rss_growth / connected as f64);
+    let cpu_per_delivery = (delivered > 0).then(|| usage.node * 1e6 / delivered as f64);
     Ok(Step {
         rate,
         members_connected: connected,
@@ -708,12 +726,20 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
         reordered,
         latency_ms: Latency::of(&hist),
         node_cores,
-        node_cpu_us_per_delivery: (delivered > 0).then(|| usage.node * 1e6 / delivered as f64),
+        node_cpu_us_per_delivery: cpu_per_delivery,
         node_idle_cores: usage.node_idle_cores,
         node_cpu_us_per_delivery_net: (delivered > 0)
             .then(|| (usage.node - usage.node_idle_cores * usage.took).max(0.0) * 1e6 / delivered as f64),
         node_rss_bytes_per_conn: rss_per_conn,
-        model: Model::of(connected, rate, node_cores, rss_per_conn),
+        model: Model::of(
+            connected,
+            rate,
+            Measured {
+                node_cores,
+                cpu_us_per_delivery: cpu_per_delivery,
+                rss_per_conn,
+            },
+        ),
         bound_by: bound_by(
             Cores {
                 node: node_cores,
@@ -849,7 +875,7 @@ impl FleetReport {
             t += &format!(
                 "rate {}/s: {} connected in {:.1} s ({:?} errors, {} shed and {} timed out by the nodes), {:.0} deliveries/s, lost {} (in gaps {}, {} members silent, closed by the nodes: {:?}), duplicates {}, \
                  latency {}, node {:.2} cores ({} µs/delivery, {} net of idle {:.2} cores, {} B RSS/conn), masters {:?} cores, generator {:.2} cores; \
-                 the model: node {:.2} cores ({:+.0}%), {:.0} B RSS/conn ({}); {}\n",
+                 the model: node {:.2} cores ({:+.0}%), {:.2} µs/delivery ({}), {:.0} B RSS/conn ({}); {}\n",
                 s.rate,
                 s.members_connected,
                 s.connect_s,
@@ -872,6 +898,8 @@ impl FleetReport {
                 s.generator_cores,
                 s.model.node_cores,
                 s.model.node_cores_off * 100.0,
+                s.model.node_cpu_us_per_delivery,
+                s.model.node_cpu_per_delivery_off.map_or("-".into(), |v| format!("{:+.0}%", v * 100.0)),
                 s.model.node_rss_bytes_per_conn,
                 s.model.node_rss_off.map_or("-".into(), |v| format!("{:+.0}%", v * 100.0)),
                 s.bound_by
@@ -927,6 +955,11 @@ mod tests {
         let predicted = capacity::predict_cores_one_frame_per_write(15.0, 2.0, &c);
         assert_eq!(s.model.node_cores, predicted);
         assert!((s.model.node_cores_off - (0.5 / predicted - 1.0)).abs() < 1e-9);
+        // Per delivery: 10 node-seconds over 596 deliveries, against the prediction for 15 × 2/s.
+        let per_delivery = predicted * 1e6 / 30.0;
+        assert!((s.model.node_cpu_us_per_delivery - per_delivery).abs() < 1e-9);
+        let off = (10e6 / 596.0) / per_delivery - 1.0;
+        assert!((s.model.node_cpu_per_delivery_off.unwrap() - off).abs() < 1e-9);
         assert!((s.model.node_rss_off.unwrap() - (1000.0 / c.bytes_per_conn - 1.0)).abs() < 1e-9);
         assert!((s.node_cores - 0.5).abs() < 1e-9 && (s.generator_cores - 0.2).abs() < 1e-9);
         // 10 node-seconds, 2 of them idle cost (0.1 cores × 20 s), for 596 deliveries.
