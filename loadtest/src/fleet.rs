@@ -268,18 +268,23 @@ fn node_latency(ports: &[u16]) -> BTreeMap<String, f64> {
     buckets
 }
 
-/// A counter summed over the nodes, all its label sets together.
-fn node_counter(ports: &[u16], name: &str) -> f64 {
-    ports
-        .iter()
-        .flat_map(|port| {
-            get(*port, "/metrics")
-                .lines()
-                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum()
+/// Counters summed over the nodes, each with all its label sets together: one scrape per node.
+fn node_counters<const N: usize>(ports: &[u16], names: [&str; N]) -> [f64; N] {
+    let mut sums = [0.0; N];
+    for port in ports {
+        for line in get(*port, "/metrics").lines() {
+            for (name, sum) in names.iter().zip(&mut sums) {
+                if line.starts_with(name) && line[name.len()..].starts_with([' ', '{']) {
+                    *sum += line
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .unwrap_or(0.0);
+                }
+            }
+        }
+    }
+    sums
 }
 
 /// The 99th percentile of what the buckets gained between two scrapes, as the upper bound of its
@@ -457,6 +462,7 @@ fn cores() -> usize {
 
 /// The machine's floor at 1, 4 and 8 frames per write, with the stadium's frames.
 fn measure_floor(me: &Path, plan: &Plan) -> anyhow::Result<BTreeMap<String, f64>> {
+    let overhead = capacity::Constants::default().frame_overhead_bytes as usize;
     let out = Command::new(me)
         .args([
             "floor",
@@ -468,7 +474,8 @@ fn measure_floor(me: &Path, plan: &Plan) -> anyhow::Result<BTreeMap<String, f64>
             "1,4,8",
             "--json",
         ])
-        .args(["--payload-bytes", &(plan.payload_bytes + 72).to_string()])
+        // The frames the stadium delivers: its payload and the envelope around it.
+        .args(["--payload-bytes", &(plan.payload_bytes + overhead).to_string()])
         .stderr(Stdio::null())
         .output()?;
     let v: Value = serde_json::from_slice(&out.stdout).context("the floor's report")?;
@@ -507,7 +514,7 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
         .iter()
         .flat_map(|u| ["--url".to_string(), u.clone()])
         .collect();
-    let (shed_before, timeouts_before) = (node_counter(fleet.ports, SHED), node_counter(fleet.ports, TIMEOUTS));
+    let before = node_counters(fleet.ports, [SHED, TIMEOUTS]);
     let started = Instant::now();
     let mut holders = Vec::new();
     for k in 0..plan.procs {
@@ -545,8 +552,8 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
         }
     }
     let connect_s = started.elapsed().as_secs_f64();
-    let shed = (node_counter(fleet.ports, SHED) - shed_before) as u64;
-    let timeouts = (node_counter(fleet.ports, TIMEOUTS) - timeouts_before) as u64;
+    let after = node_counters(fleet.ports, [SHED, TIMEOUTS]);
+    let [shed, timeouts] = [after[0] - before[0], after[1] - before[1]].map(|d| d as u64);
     // What the members cost the nodes with nothing published (pings, timers, presence).
     let idle_start = cpu(node_pids)?;
     std::thread::sleep(IDLE);

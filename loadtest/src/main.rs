@@ -221,6 +221,9 @@ struct Args {
     export_latency: bool,
 }
 
+/// Rooms of the chat and soak scenarios unless `--rooms` says otherwise.
+const ROOMS: usize = 1000;
+
 /// The whole run's connections and who publishes to whom.
 struct Plan {
     specs: Vec<Spec>,
@@ -334,7 +337,7 @@ fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
             }
         }
         Scenario::Chat => {
-            let rooms = args.rooms.unwrap_or(1000).clamp(1, clients);
+            let rooms = args.rooms.unwrap_or(ROOMS).clamp(1, clients);
             let per_room = clients.div_ceil(rooms);
             let slots = per_room * clients.div_ceil(per_room);
             let every = period(clients, rate);
@@ -890,7 +893,7 @@ async fn soak_run(args: &Args) -> anyhow::Result<soak::SoakReport> {
         nodes,
         source_addrs: args.source_addrs,
         clients: clients(args).max(1),
-        rooms: args.rooms.unwrap_or(1000).max(1),
+        rooms: args.rooms.unwrap_or(ROOMS).max(1),
         rate: args.rate.unwrap_or(500.0).max(0.001),
         churn_per_sec: args.churn_per_sec.max(0.001),
         payload_bytes: args.payload_bytes,
