@@ -217,7 +217,13 @@ pub fn predict_node_cpu_per_delivery_us(frames_per_write: f64, write_us: f64, c:
 /// written at once (one frame per write): the check of a run whose nodes share a machine.
 pub fn predict_cores_one_frame_per_write(conns: f64, rate: f64, c: &Constants) -> f64 {
     let per_delivery = predict_node_cpu_per_delivery_us(1.0, write_cost_at(conns, c), c);
-    conns * (rate * per_delivery + c.idle_us_per_conn_s) / US_PER_S
+    cores_for(conns, rate, per_delivery, c)
+}
+
+/// Cores `conns` connections cost at `rate` messages a second each, a delivery costing
+/// `per_delivery_us`, with their idle cost.
+fn cores_for(conns: f64, rate: f64, per_delivery_us: f64, c: &Constants) -> f64 {
+    conns * (rate * per_delivery_us + c.idle_us_per_conn_s) / US_PER_S
 }
 
 /// Sizes the fleet for `inputs`; errors on zero, negative or non-finite inputs, and on more rooms
@@ -267,7 +273,7 @@ pub fn plan(inputs: &Inputs) -> anyhow::Result<Plan> {
         predicted_p99_ms: node.p99_ms(),
         p99_target_ms: i.p99_ms,
         node_cpu_per_delivery_us: cpu_per_delivery,
-        node_cores_each: node.conns as f64 * (i.rate * cpu_per_delivery + c.idle_us_per_conn_s) / US_PER_S,
+        node_cores_each: cores_for(node.conns as f64, i.rate, cpu_per_delivery, c),
         cores_per_node: i.cores_per_node,
         frame_bytes: frame_bytes(i),
         memory_per_node_bytes: node.memory_bytes.round() as u64,
