@@ -5,16 +5,12 @@
 //!   spliced (same encoding) or transcoded (the other).
 //! - `frame/depth_<data>`, `frame/depth_<data>_4k`: `data_depth_ok`, the nesting check every
 //!   message's data goes through, on the 128-byte payload and on 4 KiB of nested objects.
-//! - `deliver/<mix>/10000`: `Hub::deliver` of one room message to 10,000 local sockets' gates,
-//!   throughput in sockets, so criterion's "elem/s" inverted is nanoseconds per socket. Only the
-//!   `deliver` call is timed; the gates it asks to flush are flushed untimed after every delivery,
-//!   as a delivery worker does after its batch, so every push finds an empty queue: steady state.
-//! - `deliver_flush/<mix>/10000`: the same with the flushes timed, into an outlet that takes every
-//!   byte at once (the user-space half of a write: lock, gather, hand over; no system call).
-//! - `paced_turn/<mix>/10000`: paced writes (`--write-coalesce`): 9 messages recorded for a room
-//!   of 10,000 sockets, then one lane's turn writing each socket its 9 frames with one
-//!   `write_through` into the same stand-in outlet; throughput in frames (10,000 x 9), so "elem/s"
-//!   inverted is the user-space nanoseconds per delivered frame, all of it timed.
+//! - `turn/<mix>/<frames>/10000`: the delivery path: `frames` messages recorded for a room of
+//!   10,000 sockets (`Hub::record`), then one lane's turn writing each socket its frames with one
+//!   `write_through` into an outlet that takes every byte at once (the user-space half of a write:
+//!   lock, gather, hand over; no system call); throughput in frames, so criterion's "elem/s"
+//!   inverted is the user-space nanoseconds per delivered frame, all of it timed. One frame a turn
+//!   is a quiet room (each message written as it comes), 9 a busy one.
 //! - `gate/push`: queueing one frame into a gate (timed 64 pushes at a time, flushed untimed);
 //!   `gate/push_flush`: one frame's whole trip through a gate, push and flush.
 //!
@@ -157,68 +153,32 @@ fn stadium(rt: &tokio::runtime::Runtime, msgpack_every: Option<usize>) -> Hub {
     hub
 }
 
-fn bench_deliver(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let env = envelope(Encoding::Json);
-    for (group, timed_flush) in [("deliver", false), ("deliver_flush", true)] {
-        let mut g = c.benchmark_group(group);
-        g.throughput(Throughput::Elements(SOCKETS as u64));
-        for (name, msgpack_every) in [("json", None), ("mixed", Some(2))] {
-            let hub = stadium(&rt, msgpack_every);
-            let mut flush = Vec::with_capacity(SOCKETS);
-            g.bench_function(BenchmarkId::new(name, SOCKETS), |b| {
-                b.iter_custom(|iters| {
-                    let mut timed = Duration::ZERO;
-                    for _ in 0..iters {
-                        let start = Instant::now();
-                        let d = hub.deliver(black_box(&env), 0, &mut flush);
-                        if !timed_flush {
-                            timed += start.elapsed();
-                        }
-                        for gate in flush.drain(..) {
-                            gate.flush();
-                        }
-                        if timed_flush {
-                            timed += start.elapsed();
-                        }
-                        assert_eq!(d.delivered, SOCKETS);
-                    }
-                    timed
-                })
-            });
-        }
-        g.finish();
-    }
-}
-
-fn bench_paced(c: &mut Criterion) {
-    const TURN: usize = 9;
+fn bench_turn(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let env = envelope(Encoding::Json);
     let topic = Topic::Room("stadium".into());
-    let mut g = c.benchmark_group("paced_turn");
-    g.throughput(Throughput::Elements((SOCKETS * TURN) as u64));
+    let mut g = c.benchmark_group("turn");
     for (name, msgpack_every) in [("json", None), ("mixed", Some(2))] {
         let hub = stadium(&rt, msgpack_every);
         // One lane: a turn writes every socket.
-        let lanes = Arc::new(Lanes::new(1));
+        let lanes = Arc::new(Lanes::new(1, 1));
         hub.pace(lanes.clone());
         let mut scratch = Scratch::default();
-        g.bench_function(BenchmarkId::new(name, SOCKETS), |b| {
-            b.iter(|| {
-                for _ in 0..TURN {
-                    hub.record(black_box(&env), 0, &lanes);
-                }
-                let d = hub.write_lane(&topic, 0, 1, &mut scratch);
-                assert_eq!(d.delivered, SOCKETS * TURN);
-            })
-        });
+        for frames in [1, 9] {
+            g.throughput(Throughput::Elements((SOCKETS * frames) as u64));
+            g.bench_function(BenchmarkId::new(format!("{name}/{frames}"), SOCKETS), |b| {
+                b.iter(|| {
+                    for _ in 0..frames {
+                        hub.record(black_box(&env), 0, &lanes);
+                    }
+                    let d = hub.write_lane(&topic, 0, 1, &mut scratch);
+                    assert_eq!(d.delivered, SOCKETS * frames);
+                })
+            });
+        }
     }
     g.finish();
 }
@@ -253,12 +213,5 @@ fn bench_gate(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(
-    benches,
-    bench_envelope,
-    bench_frame,
-    bench_deliver,
-    bench_paced,
-    bench_gate
-);
+criterion_group!(benches, bench_envelope, bench_frame, bench_turn, bench_gate);
 criterion_main!(benches);

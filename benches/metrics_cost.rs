@@ -1,8 +1,10 @@
 //! What recording metrics costs next to the fan-out it measures.
 //!
-//! One room message fanned out to N local sockets through `Hub::deliver`, preceded by the record
-//! the delivery worker makes for each message it receives (`metrics::bus_received`), so one
-//! iteration makes every per-message record of the delivery path. Variants:
+//! One room message fanned out to N local sockets, as a quiet room's worker does it: recorded
+//! (`Hub::record`) and written at once on a lane's turn (`Hub::write_lane`, into sockets that take
+//! every byte), preceded by the record the delivery worker makes for each message it receives
+//! (`metrics::bus_received`), so one iteration makes every per-message record of the delivery
+//! path. Variants:
 //!
 //! - `fanout/no_recorder/N`: no metrics recorder installed, so the `metrics` macros are no-ops.
 //! - `fanout/prometheus/N`: the node's Prometheus recorder (`metrics::handle()`) installed.
@@ -13,8 +15,7 @@
 //!
 //! A recorder cannot be uninstalled, so the variants run in one process in the order of
 //! `criterion_group!` below: every no-recorder bench runs before the first bench that installs one
-//! (and checks that none is). Only `deliver` is timed; flushing the sockets' queues between
-//! iterations, as the delivery worker does, is not.
+//! (and checks that none is). All of it is timed.
 //!
 //! `cargo bench --bench metrics_cost -- --warm-up-time 1 --measurement-time 3`
 
@@ -22,10 +23,7 @@ mod support;
 
 use std::{
     hint::black_box,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -34,16 +32,16 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use shardcast::{
     envelope::{Envelope, Kind},
     frame::Encoding,
-    gate::Gate,
     hub::{Hub, Interest, Member},
     metrics,
     metrics::Delivery,
+    paced::{Lanes, Scratch},
     topic::Topic,
 };
 
 const ROOM: &str = "stadium";
 const SIZES: [usize; 2] = [100, 10_000];
-/// Far above what one iteration queues: the queues are flushed after every iteration.
+/// Far above what one iteration writes: the sockets take every byte.
 const BUDGET: usize = 1 << 30;
 
 static RECORDER: AtomicBool = AtomicBool::new(false);
@@ -56,9 +54,10 @@ fn install_recorder() {
 /// A hub with `n` JSON sockets in `ROOM`, and a typical score update for it.
 struct Fanout {
     hub: Hub,
-    gates: Vec<Arc<Gate>>,
+    members: usize,
+    lanes: Lanes,
+    scratch: Scratch,
     env: Envelope,
-    flush: Vec<Arc<Gate>>,
 }
 
 impl Fanout {
@@ -68,7 +67,7 @@ impl Fanout {
             .build()
             .unwrap();
         let (hub, mut interest) = Hub::new();
-        let gates = rt.block_on(async {
+        rt.block_on(async {
             // The interest manager's part: the room's channels are "subscribed" at once.
             let subscriber = hub.clone();
             tokio::spawn(async move {
@@ -78,7 +77,6 @@ impl Fanout {
                     }
                 }
             });
-            let mut gates = Vec::with_capacity(n);
             for _ in 0..n {
                 let gate = support::gate(BUDGET);
                 let id = hub.register(Member {
@@ -87,9 +85,7 @@ impl Fanout {
                 });
                 let joined = hub.join(Topic::Room(ROOM.into()), id, Duration::from_secs(5)).await;
                 joined.expect("joined");
-                gates.push(gate);
             }
-            gates
         });
         let env = Envelope {
             kind: Kind::Room,
@@ -103,37 +99,31 @@ impl Fanout {
         };
         Fanout {
             hub,
-            gates,
+            members: n,
+            lanes: Lanes::new(1, 1),
+            scratch: Scratch::default(),
             env,
-            flush: Vec::with_capacity(n),
         }
     }
 
-    /// What the delivery worker does for one message.
+    /// What the delivery worker does for one message in a quiet room.
     fn deliver(&mut self) -> Delivery {
         metrics::bus_received(0.0012);
-        self.hub.deliver(&self.env, 0, &mut self.flush)
+        self.hub.record(&self.env, 0, &self.lanes);
+        let topic = Topic::Room(ROOM.into());
+        let d = self.hub.write_lane(&topic, 0, 1, &mut self.scratch);
+        metrics::delivered(&d);
+        d
     }
 
-    /// Empties every socket's queue, as the delivery worker does after its batch.
-    fn drain(&mut self) {
-        assert_eq!(self.flush.len(), self.gates.len(), "every queue was empty before");
-        for gate in self.flush.drain(..) {
-            gate.flush();
-        }
-    }
-
-    /// Times `iters` fan-outs, draining untimed after each.
+    /// Times `iters` fan-outs.
     fn run(&mut self, iters: u64) -> Duration {
-        let mut timed = Duration::ZERO;
+        let start = Instant::now();
         for _ in 0..iters {
-            let start = Instant::now();
             let d = black_box(self.deliver());
-            timed += start.elapsed();
-            assert_eq!(d.delivered, self.gates.len());
-            self.drain();
+            assert_eq!(d.delivered, self.members);
         }
-        timed
+        start.elapsed()
     }
 }
 

@@ -428,7 +428,7 @@ async fn send_draining(gate: &Gate, frame: Bytes) -> bool {
         }
         tokio::time::sleep(DRAIN_POLL).await;
     }
-    matches!(gate.send(frame), Push::Queued { .. })
+    matches!(gate.send(frame), Push::Queued)
 }
 
 /// Sends one frame that may be larger than the budget (an answer the client asked for): once

@@ -110,8 +110,9 @@ pub struct Args {
     pub write_coalesce: Option<String>,
 
     /// Adaptive writes (--write-coalesce 0): a quiet node writes every frame at once; a busy one
-    /// gathers each socket's frames into fewer writes, waiting as long as its load needs and never
-    /// longer than this. An upper bound, not the usual wait; at most 1s. [default: 250ms]
+    /// gathers each socket's frames into fewer writes, its sockets taking turns, waiting as long
+    /// as its load needs and never longer than this. An upper bound, not the usual wait; at most
+    /// 1s. [default: 250ms]
     #[arg(long, env = "SHARDCAST_MAX_WRITE_DELAY")]
     pub max_write_delay: Option<String>,
 

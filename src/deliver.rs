@@ -1,10 +1,9 @@
 //! The route in from the bus: what the bus receives is handed here ([`Dispatch`], the bus's
 //! [`Sink`]), spread over delivery workers by channel so one channel's messages keep their order,
-//! decoded once per node, and handed to the hub: queued on each member's socket ([`Hub::deliver`])
-//! and written in passes, one `writev` per socket per pass, at once when the worker is quiet and
-//! gathered when it is busy ([`crate::gather`] decides when), or, with a fixed window, recorded
-//! for the lanes' turns ([`Hub::record`], then [`Hub::write_lane`] on each turn; the schedule is
-//! [`crate::paced`]'s).
+//! decoded once per node, and recorded in the hub for the lanes ([`Hub::record`]). Each worker
+//! writes its own lanes ([`Hub::write_lane`], see [`crate::paced`]): when [`crate::gather`] says
+//! (adaptive writes: at once when quiet, one lane a tick when busy), or on a fixed grid's ticks
+//! with `--write-coalesce` ([`Pace`]).
 //!
 //! The bus knows nothing of this module: it hands payloads to whatever [`Sink`] it was given.
 //!
@@ -25,10 +24,9 @@ use crate::{
     config::Config,
     envelope::{self, Envelope},
     frame::data_depth_ok,
-    gate::Gate,
-    gather::{Gather, Writers},
+    gather::{Gather, Turn, Written},
     hub::{Advance, Hub},
-    metrics::{self as m, Delivery},
+    metrics as m,
     paced::{Lanes, Pace, Scratch},
     topic::Topic,
 };
@@ -97,8 +95,9 @@ impl Gaps {
 }
 
 impl Dispatch {
-    /// Starts `--workers` delivery tasks feeding `hub`, each with a queue of `--worker-queue`;
-    /// adaptive (bounded by `--max-write-delay`), or paced when `--write-coalesce` is not zero.
+    /// Starts `--workers` delivery tasks feeding `hub`, each with a queue of `--worker-queue` and
+    /// its own lanes; adaptive (bounded by `--max-write-delay`), or paced when `--write-coalesce`
+    /// is not zero.
     /// `naming` tells which channel an envelope belongs on.
     pub fn start(
         hub: Hub,
@@ -118,28 +117,24 @@ impl Dispatch {
             naming,
             gaps: gaps.clone(),
         };
-        // Paced workers count their lanes' turns from the same instant; each lane is one worker's.
-        let pace = (!coalesce.is_zero()).then(|| {
-            let pace = Pace::new(Instant::now(), coalesce, workers);
-            let lanes = Arc::new(Lanes::new(pace.lanes()));
-            hub.pace(lanes.clone());
-            (pace, lanes)
-        });
-        let writers = Arc::new(Writers::new(workers));
+        // Paced workers count their lanes' turns from the same instant; adaptive ones keep their
+        // own time. Either way each lane is one worker's.
+        let pace = (!coalesce.is_zero()).then(|| Pace::new(Instant::now(), coalesce, workers));
+        let lanes = Arc::new(Lanes::new(
+            pace.map_or_else(|| Lanes::adaptive(workers), |p| p.lanes()),
+            workers,
+        ));
+        hub.pace(lanes.clone());
         let senders: Vec<_> = (0..workers)
             .map(|index| {
                 let (tx, rx) = mpsc::channel(config.worker_queue.max(1));
-                match &pace {
-                    Some((pace, lanes)) => {
-                        tracker.spawn(paced(on.clone(), rx, cancel.clone(), *pace, lanes.clone(), index))
+                let (on, cancel, lanes) = (on.clone(), cancel.clone(), lanes.clone());
+                match pace {
+                    Some(pace) => tracker.spawn(paced(on, rx, cancel, pace, lanes, index)),
+                    None => {
+                        let gather = Gather::new(lanes.of_worker(index), config.max_write_delay);
+                        tracker.spawn(adaptive(on, rx, cancel, gather, lanes, index))
                     }
-                    None => tracker.spawn(worker(
-                        on.clone(),
-                        rx,
-                        cancel.clone(),
-                        Gather::new(config.max_write_delay),
-                        (writers.clone(), index),
-                    )),
                 };
                 tx
             })
@@ -168,23 +163,23 @@ impl Sink for Dispatch {
     }
 }
 
-/// Worker `me` with adaptive writes: queues each message's frame on every member's socket as it
-/// comes, hands the sockets to their writers ([`Writers`]), and writes its own in passes, one
-/// write each with all their frames; a pass goes at once when the worker is quiet, after the wait
-/// [`Gather`] sets when it is busy. What gathered is written before the worker ends. With
-/// `--write-coalesce`, [`paced`] instead.
-async fn worker(
+/// Worker `me` with adaptive writes: records what the bus hands over for the lanes, and writes
+/// its own lanes when [`Gather`] says: all at once when it has been quiet, one lane a tick when
+/// it is busy. When cancelled, it writes its lanes once more. With `--write-coalesce`, [`paced`]
+/// instead.
+async fn adaptive(
     on: On,
     mut rx: mpsc::Receiver<Item>,
     cancel: CancellationToken,
     mut gather: Gather,
-    (writers, me): (Arc<Writers>, usize),
+    lanes: Arc<Lanes>,
+    me: usize,
 ) {
     let On { hub, naming, gaps } = on;
     let mut batch = Vec::with_capacity(BATCH);
     let mut decoded = Vec::with_capacity(BATCH);
-    let mut queued = Vec::new();
-    let mut pass = Vec::new();
+    let mut scratch = Scratch::default();
+    let mut turns = Vec::new();
     let turn = tokio::time::sleep(std::time::Duration::ZERO);
     tokio::pin!(turn);
     let mut armed = false;
@@ -195,45 +190,45 @@ async fn worker(
                     break;
                 }
                 decode(&mut batch, &naming, gaps.config.max_data_depth, &mut decoded);
-                in_order(&hub, &gaps, &mut decoded, |env, shard| {
-                    hub.deliver(env, shard, &mut queued);
-                })
-                .await;
-                writers.hand_over(me, &mut queued);
+                in_order(&hub, &gaps, &mut decoded, |env, shard| hub.record(env, shard, &lanes)).await;
             }
-            () = writers.news(me) => {}
+            () = lanes.news(me) => {}
             () = &mut turn, if armed => armed = false,
             _ = cancel.cancelled() => break,
         }
-        if armed || !writers.owes(me) {
-            continue;
-        }
-        match gather.due(Instant::now()) {
-            None => write_pass(&writers, me, &mut pass, &mut gather),
-            Some(at) => {
-                turn.as_mut().reset(at);
-                armed = true;
+        while !armed && lanes.news_for(gather.lanes()) {
+            let started = Instant::now();
+            let one;
+            let (all, write) = match gather.turn(started) {
+                Turn::At(at) => {
+                    turn.as_mut().reset(at);
+                    armed = true;
+                    continue;
+                }
+                Turn::All => (true, gather.lanes()),
+                Turn::Lane(lane) => {
+                    one = [lane];
+                    (false, &one[..])
+                }
+            };
+            turns.clear();
+            for lane in write {
+                let clock = std::time::Instant::now();
+                let (frames, writes) = write_lane(&hub, &lanes, *lane, &mut scratch);
+                turns.push(Written {
+                    lane: *lane,
+                    took: clock.elapsed(),
+                    frames,
+                    writes,
+                });
             }
+            gather.wrote(started, all, &turns);
+            m::write_gathered(gather.wait());
         }
     }
-    write_pass(&writers, me, &mut pass, &mut gather);
-}
-
-/// One write to each of worker `me`'s sockets with frames queued, timed for the next wait.
-fn write_pass(writers: &Writers, me: usize, pass: &mut Vec<Arc<Gate>>, gather: &mut Gather) {
-    writers.take(me, pass);
-    if pass.is_empty() {
-        return;
+    for lane in gather.lanes() {
+        write_lane(&hub, &lanes, *lane, &mut scratch);
     }
-    let (started, clock) = (Instant::now(), std::time::Instant::now());
-    m::delivered(&Delivery {
-        writes: pass.len(),
-        ..Delivery::default()
-    });
-    for gate in pass.drain(..) {
-        gate.flush();
-    }
-    m::write_gathered(gather.wrote(started, clock.elapsed()));
 }
 
 /// Worker `index` of a paced node: records what the bus hands over, and writes its lanes on
@@ -290,12 +285,16 @@ async fn paced(
     }
 }
 
-/// Lane `lane`'s turn: every topic with news for it.
-fn write_lane(hub: &Hub, lanes: &Lanes, lane: usize, scratch: &mut Scratch) {
+/// Lane `lane`'s turn: every topic with news for it. Returns the frames written and the writes.
+fn write_lane(hub: &Hub, lanes: &Lanes, lane: usize, scratch: &mut Scratch) -> (usize, usize) {
+    let (mut frames, mut writes) = (0, 0);
     for topic in lanes.take_dirty(lane) {
         let d = hub.write_lane(&topic, lane, lanes.count(), scratch);
         m::delivered(&d);
+        frames += d.delivered;
+        writes += d.writes;
     }
+    (frames, writes)
 }
 
 /// A decoded envelope, its channel and its shard.
@@ -606,11 +605,24 @@ mod tests {
         let span = sent[MESSAGES - 1] - sent[0];
         tokio::time::sleep(max * 2).await;
         node.stop().await;
+        // The lanes take turns: writes go out at many instants a period, not in one burst per
+        // worker (2 workers, 4 lanes each).
+        let instants: std::collections::BTreeSet<Instant> = sockets
+            .iter()
+            .flat_map(|s| s.0.lock().unwrap().iter().map(|w| w.0).collect::<Vec<_>>())
+            .collect();
+        let periods = (span.as_millis() / max.as_millis()) as usize;
+        assert!(
+            instants.len() >= 4 * periods,
+            "{} instants with writes over {periods} periods",
+            instants.len()
+        );
         for socket in &sockets {
             let frame = socket.0.lock().unwrap().last().unwrap().1 / MESSAGES;
             let writes = socket.0.lock().unwrap().len();
-            // About a write per bound: one writer, gathering for as long as it may.
-            let most = (span.as_millis() / max.as_millis()) as usize + 4;
+            // About a write per bound (less the timer's grain): one writer, gathering for as long
+            // as it may, after a few turns to learn the load.
+            let most = (span.as_millis() / (max.as_millis() - 1)) as usize + 5;
             assert!(writes <= most, "{writes} writes for {MESSAGES} frames over {span:?}");
             let waits = waits(socket, &sent, frame);
             let longest = waits.iter().max().unwrap();

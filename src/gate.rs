@@ -1,16 +1,14 @@
 //! The per-socket outbound queue, bounded by bytes like a browser's `bufferedAmount`, and the
 //! socket's write side.
 //!
-//! Producers never wait: [`Gate::push`] either queues a wire-ready frame ([`crate::wire`]) or, when
-//! the frame would pass the budget, frees the queue and marks the gate overflowed so the session
-//! closes the socket with 4008. Whoever pushed the first frame into an empty queue flushes it: the
-//! delivery worker once per batch of messages (so one `writev` carries every frame the batch queued
-//! for that socket), the session right away for its own replies. A flush writes without waiting;
-//! what the kernel does not take stays queued and counted, the gate turns congested, and the
-//! session's writer finishes the job when the socket is writable again. With paced writes a lane's
-//! turn hands the gate all its frames at once ([`Gate::write_through`]), written straight from the
-//! shared frames when nothing else waits. So a client that stops
-//! reading keeps its bytes counted and overflows instead of growing the node's memory.
+//! Producers never wait. A lane's turn hands the gate all the frames its socket gets at once
+//! ([`Gate::write_through`]), written straight from the frames every socket shares when nothing
+//! else waits ([`crate::paced`]). The session queues its own replies with [`Gate::push`] and
+//! flushes them right away. A write never waits: what the kernel does not take stays queued and
+//! counted, the gate turns congested, and the session's writer finishes the job when the socket is
+//! writable again. A frame that would pass the budget frees the queue and marks the gate
+//! overflowed, so the session closes the socket with 4008: a client that stops reading keeps its
+//! bytes counted and overflows instead of growing the node's memory.
 //!
 //! A std `Mutex` guards the queue and every write, so frames reach the socket in queue order
 //! whoever writes them. It is per socket and held for a push or one non-blocking write, never across
@@ -124,9 +122,9 @@ fn send_fd(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
 /// What became of a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
-    /// Queued; with `flush`, the queue was empty and the pusher must call [`Gate::flush`] (now, or
-    /// after its batch).
-    Queued { flush: bool },
+    /// Queued (and written, where the caller writes): counted against the budget until the kernel
+    /// takes it.
+    Queued,
     /// This push passed the budget: the queue was freed and the socket is being dropped.
     Overflow,
     /// The gate was already overflowed, closing or broken; the frame was discarded.
@@ -363,9 +361,7 @@ impl Gate {
             self.notify.notify_one();
             return Push::Overflow;
         }
-        Push::Queued {
-            flush: st.frames.len() == 1 && !st.congested,
-        }
+        Push::Queued
     }
 
     /// Hands a socket its turn's frames and writes them at once: the paced writer's path, one lock
@@ -375,7 +371,7 @@ impl Gate {
     /// the gate overflows. Behind other queued frames, or before the socket is attached, the
     /// frames join the queue and the queue is written.
     pub fn write_through(&self, frames: &[Bytes]) -> Push {
-        const DONE: Push = Push::Queued { flush: false };
+        const DONE: Push = Push::Queued;
         let mut st = self.lock();
         if !matches!(st.status, Status::Open) {
             return Push::Closed;
@@ -446,7 +442,7 @@ impl Gate {
             st.frames.push_back(frame);
         }
         self.flush();
-        Push::Queued { flush: false }
+        Push::Queued
     }
 
     /// Whether the socket is being closed (or gone): nothing more will be written.
@@ -474,7 +470,7 @@ impl Gate {
     /// Queues a frame and writes the queue now: for a session's own replies and pings.
     pub fn send(&self, frame: Bytes) -> Push {
         let pushed = self.push(frame);
-        if matches!(pushed, Push::Queued { .. }) {
+        if matches!(pushed, Push::Queued) {
             self.flush();
         }
         pushed
@@ -651,8 +647,8 @@ mod tests {
     #[tokio::test]
     async fn counts_bytes_until_the_kernel_takes_them() {
         let gate = Gate::new(100);
-        assert_eq!(gate.push(frame(1, 40)), Push::Queued { flush: true });
-        assert_eq!(gate.push(frame(2, 40)), Push::Queued { flush: false });
+        assert_eq!(gate.push(frame(1, 40)), Push::Queued);
+        assert_eq!(gate.push(frame(2, 40)), Push::Queued);
         // No socket yet: everything stays queued and counted.
         gate.flush();
         assert_eq!(gate.queued(), 80);
@@ -676,7 +672,7 @@ mod tests {
         assert_eq!(outlet.out(), expect);
         assert_eq!(gate.queued(), 0);
         // The queue is empty again: the next push asks for a flush.
-        assert_eq!(gate.send(frame(4, 5)), Push::Queued { flush: true });
+        assert_eq!(gate.send(frame(4, 5)), Push::Queued);
         assert_eq!(outlet.out().len(), 35);
     }
 
@@ -693,7 +689,7 @@ mod tests {
         assert_eq!(gate.queued(), 70);
         assert_eq!(gate.next().await, Next::Congested);
         // Congested: pushes leave the writing to the writer.
-        assert_eq!(gate.push(frame(4, 40)), Push::Queued { flush: false });
+        assert_eq!(gate.push(frame(4, 40)), Push::Queued);
         assert_eq!(gate.push(frame(5, 100)), Push::Overflow);
         assert_eq!(gate.queued(), 30, "only the rest of the partly written frame is kept");
         assert_eq!(gate.next().await, Next::Overflow);
@@ -720,13 +716,13 @@ mod tests {
         let outlet = TestOutlet::with_room(50);
         gate.attach(Box::new(outlet.clone()));
         let turn = [frame(1, 40), frame(2, 40), frame(3, 40)];
-        assert_eq!(gate.write_through(&turn), Push::Queued { flush: false });
+        assert_eq!(gate.write_through(&turn), Push::Queued);
         assert_eq!(outlet.0.lock().unwrap().writes, 1);
         // 50 bytes went: frame 1 and a quarter of frame 2; the rest is counted.
         assert_eq!(gate.queued(), 70);
         assert_eq!(gate.next().await, Next::Congested);
         // Behind the queue: the next turn joins it instead of writing.
-        assert_eq!(gate.write_through(&[frame(4, 20)]), Push::Queued { flush: false });
+        assert_eq!(gate.write_through(&[frame(4, 20)]), Push::Queued);
         assert_eq!(outlet.0.lock().unwrap().writes, 1);
         outlet.open(1000);
         gate.drain().await.unwrap();
@@ -841,14 +837,14 @@ mod tests {
         gate.attach_socket(half);
         // Small enough for the kernel to take at once: written straight through, nothing queued.
         let small = [frame(1, 10), frame(2, 20), frame(3, 30)];
-        assert_eq!(gate.write_through(&small), Push::Queued { flush: false });
+        assert_eq!(gate.write_through(&small), Push::Queued);
         assert_eq!(gate.queued(), 0, "the kernel took the whole turn");
         let mut got = vec![0; 60];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(got, small.concat());
         // More than loopback buffers hold: the rest is queued whole and drained by the writer.
         let big: Vec<Bytes> = (0..64).map(|i| frame(i, 256 << 10)).collect();
-        assert_eq!(gate.write_through(&big), Push::Queued { flush: false });
+        assert_eq!(gate.write_through(&big), Push::Queued);
         assert!(gate.queued() > 0, "the kernel left part of 16 MiB");
         let reader = tokio::spawn(async move {
             let mut got = vec![0; 64 * (256 << 10)];

@@ -1,169 +1,261 @@
-//! Adaptive writes (`--write-coalesce 0`, the default): which delivery worker writes a socket
-//! ([`Writers`]), when ([`Gather`]), and so how many frames each write carries.
+//! Adaptive writes (`--write-coalesce 0`, the default): when a delivery worker writes its lanes
+//! ([`Gather`]), and so how many frames each write carries.
 //!
-//! Any worker may queue frames on a socket (a room's shards are spread over the workers), but
-//! each socket is written by one worker, chosen by its gate's address like a paced lane: the
-//! worker that queued a socket's first frame hands the socket to its writer, so one write carries
-//! the frames of every worker. A worker writes in passes: every socket of its own with frames
-//! queued gets one `writev` with all of them.
-//! After a pass the next may start no sooner than [`SPREAD`] times as long as a pass takes,
-//! counted from its start, and never more than `--max-write-delay` after it. So a worker spends
-//! about a [`SPREAD`]th of its time in write passes before frames start to gather, and the wait
-//! follows the load by itself: a pass over many sockets, or one the kernel makes slow (a loaded
-//! machine, full socket buffers), takes longer, so frames gather longer and the next pass carries
-//! more of them per write, which is what makes it cheaper per frame. Quiet, a pass takes
-//! microseconds and each message goes out the moment it comes. How long a pass takes is a moving
-//! average of the last few, so one pass the machine stalled does not hold the next frames back
-//! for long, and a load that lasts is followed within a few passes. Nothing polls: an idle worker
-//! sleeps on its queue, and a wait is one timer armed only while frames are gathering.
+//! Frames are recorded and shared as with paced writes ([`crate::paced`]): a message's frames go
+//! to its topic's list, and each socket is written, on its lane's turn, with everything it has
+//! not had, in one `writev` straight from the shared frames. What adapts is when the turns come.
+//! A worker that has been quiet for a period writes every lane of its own at once, so a message
+//! in a quiet room goes out the moment it comes. Busy, its lanes take turns, one lane a tick,
+//! [`SPREAD`] times the time its turns take apart: a worker spends about a [`SPREAD`]th of its
+//! time writing, its writes spread evenly over the period, and each socket is written once a
+//! period with every frame that came meanwhile. The period follows the load by itself: more
+//! sockets, or a kernel that makes writes slow (a loaded machine, full socket buffers), make the
+//! turns longer, so frames gather longer and each write carries more of them, which is what
+//! makes it cheaper per frame. It never exceeds `--max-write-delay`. How long a turn takes is a
+//! moving average of the last few, so one turn the machine stalled does not hold the next frames
+//! back for long, and a load that lasts is followed within a few turns. Nothing polls: a worker
+//! with no news sleeps on its queue and its lanes' wake-up, and a timer is armed only while
+//! frames are gathering.
 //!
-//! The pass is timed on the real clock, not the runtime's: it measures work done, which a paused
+//! A turn is timed on the real clock, not the runtime's: it measures work done, which a paused
 //! test clock would not see.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
-use tokio::{sync::Notify, time::Instant};
+use tokio::time::Instant;
 
-use crate::{gate::Gate, paced::lane_of};
+/// A worker's turns may take one part in this many of its time before frames wait for them.
+pub const SPREAD: u32 = 6;
 
-/// A pass may take one part in this many of a worker's time before frames wait for the next.
-pub const SPREAD: u32 = 5;
+/// The timer's resolution: turns closer than this are not spread, the lanes go together.
+const GRAIN: Duration = Duration::from_millis(1);
 
-/// One worker's write schedule.
+/// Frames a socket must be expected to get in a period for waiting to be worth it: below, each
+/// write would carry about as many frames at once as after the wait, so frames go at once.
+const WORTH: f64 = 2.0;
+
+/// One lane's turn, as it went.
+#[derive(Debug, Clone, Copy)]
+pub struct Written {
+    pub lane: usize,
+    /// Real time the turn took.
+    pub took: Duration,
+    /// Frames written, and writes (sockets) they went in.
+    pub frames: usize,
+    pub writes: usize,
+}
+
+/// What a worker with news does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// Every lane of its own, now: it has been quiet for a period (or has never written).
+    All,
+    /// This lane, now: its tick has come.
+    Lane(usize),
+    /// Nothing before this instant.
+    At(Instant),
+}
+
+/// One worker's write schedule over its lanes.
 #[derive(Debug)]
 pub struct Gather {
+    mine: Box<[usize]>,
     max: Duration,
-    /// The earliest the next pass may start.
-    next: Option<Instant>,
-    /// How long a pass takes, averaged.
-    pass: Duration,
+    /// Index in `mine` of the lane whose tick is next.
+    next: usize,
+    /// When the latest turn started.
+    last: Option<Instant>,
+    /// How long a lane's turn takes, averaged.
+    turn: Duration,
+    /// When each lane (as `mine`) last wrote a socket.
+    wrote_at: Box<[Option<Instant>]>,
+    /// Frames a socket gets per second, averaged over the turns that wrote any.
+    rate: f64,
 }
 
 impl Gather {
-    /// A schedule that never makes a frame wait more than `max` for its pass.
-    pub fn new(max: Duration) -> Gather {
+    /// The schedule of a worker that owns lanes `mine`, never making a frame wait more than `max`.
+    pub fn new(mine: Vec<usize>, max: Duration) -> Gather {
+        assert!(!mine.is_empty(), "a worker with no lanes writes nothing");
         Gather {
+            wrote_at: vec![None; mine.len()].into(),
+            mine: mine.into(),
             max,
-            next: None,
-            pass: Duration::ZERO,
+            next: 0,
+            last: None,
+            turn: Duration::ZERO,
+            rate: 0.0,
         }
     }
 
-    /// When the next pass is due, or `None` when it may start now.
-    pub fn due(&self, now: Instant) -> Option<Instant> {
-        self.next.filter(|at| *at > now)
+    /// The lanes this worker writes.
+    pub fn lanes(&self) -> &[usize] {
+        &self.mine
     }
 
-    /// Notes a pass that started at `started` and took `took` (real time); returns how long
-    /// frames now gather before the next.
-    pub fn wrote(&mut self, started: Instant, took: Duration) -> Duration {
-        // A quarter of the way to the latest pass, each pass.
-        self.pass = (self.pass * 3 + took) / 4;
-        let wait = self.pass.saturating_mul(SPREAD).min(self.max);
-        self.next = Some(started + wait);
-        wait
+    /// How long frames now gather: each lane gets a turn once a period.
+    pub fn period(&self) -> Duration {
+        let n = self.mine.len() as u32;
+        // A tick may fire up to a grain late: the bound holds with it.
+        self.turn.saturating_mul(SPREAD * n).min(self.max.saturating_sub(GRAIN))
     }
-}
 
-/// Per worker, the sockets it writes that have frames queued, and a wake-up for when another
-/// worker queued them.
-pub struct Writers {
-    owed: Box<[(Owed, Notify)]>,
-}
-
-/// A worker's sockets to write.
-type Owed = Mutex<Vec<Arc<Gate>>>;
-
-impl Writers {
-    pub fn new(workers: usize) -> Writers {
-        Writers {
-            owed: (0..workers.max(1)).map(|_| Default::default()).collect(),
+    /// How long frames gather now: the period, or nothing when they go at once.
+    pub fn wait(&self) -> Duration {
+        let period = self.period();
+        if self.rate * period.as_secs_f64() < WORTH {
+            Duration::ZERO
+        } else {
+            period
         }
     }
 
-    /// Hands each socket in `queued` (whose first frame since its last write was just queued) to
-    /// its writer, waking the writers other than `me` that got any; leaves `queued` empty.
-    pub fn hand_over(&self, me: usize, queued: &mut Vec<Arc<Gate>>) {
-        let n = self.owed.len();
-        queued.sort_unstable_by_key(|gate| lane_of(gate, n));
-        for group in queued.chunk_by(|a, b| lane_of(a, n) == lane_of(b, n)) {
-            let writer = lane_of(&group[0], n);
-            let (gates, news) = &self.owed[writer];
-            lock(gates).extend_from_slice(group);
-            if writer != me {
-                news.notify_one();
+    /// What to do at `now` with news for some lane of this worker's: everything at once when it
+    /// has been quiet for a period, or when its sockets get too few frames for a wait to gather
+    /// any; else the next lane on its tick.
+    pub fn turn(&self, now: Instant) -> Turn {
+        let Some(last) = self.last else {
+            return Turn::All;
+        };
+        let period = self.wait();
+        if now >= last + period {
+            return Turn::All;
+        }
+        let tick = period / self.mine.len() as u32;
+        if tick < GRAIN {
+            return Turn::At(last + period);
+        }
+        if now >= last + tick {
+            Turn::Lane(self.mine[self.next])
+        } else {
+            Turn::At(last + tick)
+        }
+    }
+
+    /// Notes a turn of one lane (`all`: false) or of all (true) that started at `started`.
+    pub fn wrote(&mut self, started: Instant, all: bool, turns: &[Written]) {
+        // A lane's tick keeps to the grid, so the timer's lateness does not add up over a period.
+        let tick = self.wait() / self.mine.len() as u32;
+        let on_grid = self.last.map(|last| last + tick).filter(|due| !all && *due <= started);
+        for w in turns {
+            // A quarter of the way to the latest turn, each turn.
+            self.turn = (self.turn * 3 + w.took) / 4;
+            let Some(i) = self.mine.iter().position(|l| *l == w.lane) else {
+                continue;
+            };
+            if w.writes == 0 {
+                continue;
             }
+            if let Some(at) = self.wrote_at[i] {
+                // Frames per socket since the lane's last write, per second.
+                let since = started.saturating_duration_since(at).max(GRAIN / 10);
+                let rate = w.frames as f64 / w.writes as f64 / since.as_secs_f64();
+                self.rate = (self.rate * 3.0 + rate) / 4.0;
+            }
+            self.wrote_at[i] = Some(started);
         }
-        queued.clear();
+        if !all {
+            self.next = (self.next + 1) % self.mine.len();
+        }
+        self.last = Some(on_grid.unwrap_or(started));
     }
-
-    /// Whether worker `me` has sockets to write.
-    pub fn owes(&self, me: usize) -> bool {
-        !lock(&self.owed[me].0).is_empty()
-    }
-
-    /// Takes worker `me`'s sockets to write into `into` (empty), leaving its list empty.
-    pub fn take(&self, me: usize, into: &mut Vec<Arc<Gate>>) {
-        std::mem::swap(&mut *lock(&self.owed[me].0), into);
-    }
-
-    /// Ready when another worker handed `me` sockets to write.
-    pub async fn news(&self, me: usize) {
-        self.owed[me].1.notified().await;
-    }
-}
-
-fn lock(gates: &Owed) -> std::sync::MutexGuard<'_, Vec<Arc<Gate>>> {
-    // A list of handles: consistent whatever panicked while holding it.
-    gates.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const MINE: [usize; 4] = [1, 3, 5, 7];
+
+    /// Turns of `lanes`, each `took` long, writing 10 sockets `frames` frames each.
+    fn turns(lanes: &[usize], took: Duration, frames: usize) -> Vec<Written> {
+        lanes
+            .iter()
+            .map(|&lane| Written {
+                lane,
+                took,
+                frames: frames * 10,
+                writes: 10,
+            })
+            .collect()
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn idle_writes_at_once_busy_waits_for_its_share_and_never_past_the_bound() {
+    async fn idle_writes_at_once_busy_spreads_its_lanes_and_never_waits_past_the_bound() {
         let max = Duration::from_millis(250);
         let ms = Duration::from_millis;
-        let mut gather = Gather::new(max);
+        let mut gather = Gather::new(MINE.to_vec(), max);
         let start = Instant::now();
-        assert_eq!(gather.due(start), None, "a fresh worker writes at once");
+        assert_eq!(gather.turn(start), Turn::All, "a fresh worker writes at once");
 
-        // Passes of 4 ms: the wait follows, a quarter of the way each pass.
-        assert_eq!(gather.wrote(start, ms(4)), ms(1) * SPREAD);
-        assert_eq!(gather.due(start + ms(1)), Some(start + ms(1) * SPREAD));
-        assert_eq!(gather.due(start + ms(1) * SPREAD), None, "due once its wait is over");
+        // Turns of 1 ms, 4 frames a socket every 5 ms: the period follows, a quarter of the way
+        // each turn, to SPREAD × 4 ms, and frames gather.
+        let mut at = start;
         for _ in 0..40 {
-            gather.wrote(start, ms(4));
+            gather.wrote(at, true, &turns(&MINE, ms(1), 4));
+            at += ms(5);
         }
-        let wait = gather.wrote(start, ms(4));
-        assert!(wait > ms(4) * SPREAD * 99 / 100 && wait <= ms(4) * SPREAD, "{wait:?}");
-        tokio::time::advance(ms(100)).await;
-        assert_eq!(gather.due(Instant::now()), None, "idle since: at once");
-
-        // Quiet passes of 20 µs: the load is soon forgotten, and messages a millisecond apart go
-        // out as they come.
-        let now = Instant::now();
-        let first = gather.wrote(now, Duration::from_micros(20));
+        let period = gather.period();
         assert!(
-            first > ms(2) * SPREAD,
-            "one quiet pass does not forget the load: {first:?}"
+            period > ms(4) * SPREAD * 99 / 100 && period <= ms(4) * SPREAD,
+            "{period:?}"
+        );
+        assert_eq!(gather.wait(), period);
+        let last = at - ms(5);
+        let tick = period / 4;
+        assert_eq!(gather.turn(last + ms(1)), Turn::At(last + tick));
+        // Each tick the next lane, in turn; a timer that fires late does not push the next.
+        let late = Duration::from_micros(300);
+        let mut at = last + tick;
+        for lane in [1, 3, 5, 7, 1] {
+            assert_eq!(gather.turn(at + late), Turn::Lane(lane));
+            gather.wrote(at + late, false, &turns(&[lane], ms(1), 4));
+            assert_eq!(gather.turn(at + late), Turn::At(at + gather.period() / 4));
+            at += gather.period() / 4;
+        }
+        assert_eq!(
+            gather.turn(at + gather.period()),
+            Turn::All,
+            "quiet for a period: at once"
+        );
+
+        // The same turns, but a frame a socket every 50 ms: a wait of a period would still carry
+        // one frame a write, so frames go at once.
+        let mut at = at + ms(50);
+        for _ in 0..40 {
+            gather.wrote(at, true, &turns(&MINE, ms(1), 1));
+            at += ms(50);
+        }
+        assert!(gather.period() > ms(19), "{:?}", gather.period());
+        assert_eq!(gather.wait(), Duration::ZERO);
+        assert_eq!(gather.turn(at - ms(49)), Turn::All);
+
+        // Quiet turns of 20 µs: the load is soon forgotten.
+        let now = Instant::now();
+        gather.wrote(now, true, &turns(&MINE[..1], Duration::from_micros(20), 9));
+        assert!(
+            gather.period() > ms(4) * SPREAD / 2,
+            "one quiet turn does not forget the load"
         );
         for _ in 0..40 {
-            gather.wrote(now, Duration::from_micros(20));
+            gather.wrote(now, true, &turns(&MINE[..1], Duration::from_micros(20), 9));
         }
-        assert_eq!(gather.due(now + ms(1)), None);
+        assert_eq!(gather.turn(now + ms(1)), Turn::All);
+        // A little busier, its ticks finer than the timer: the lanes go together once a period.
+        for _ in 0..40 {
+            gather.wrote(now, true, &turns(&MINE[..1], Duration::from_micros(25), 9));
+        }
+        let period = gather.period();
+        let expect = Duration::from_micros(25 * 4) * SPREAD;
+        assert!(period > expect * 99 / 100 && period <= expect, "{period:?}");
+        assert_eq!(gather.turn(now), Turn::At(now + period));
 
-        // Passes that take longer than the bound (a huge room on a loaded box): capped.
+        // Turns that take longer than the bound allows (a huge room on a loaded box): capped.
         let now = Instant::now();
-        for _ in 0..4 {
-            gather.wrote(now, ms(400));
+        for _ in 0..20 {
+            gather.wrote(now, true, &turns(&MINE[..1], ms(400), 9));
         }
-        assert_eq!(gather.wrote(now, ms(400)), max);
-        assert_eq!(gather.due(now + ms(1)), Some(now + max));
+        assert_eq!(gather.period(), max - GRAIN, "a grain left for the timer");
+        assert_eq!(gather.turn(now + max - GRAIN), Turn::All, "never past the bound");
     }
 }

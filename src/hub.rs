@@ -2,11 +2,12 @@
 //! (a room, or a user's direct-message inbox). It knows nothing of Redis: it asks the interest
 //! manager for subscriptions and is told when they are in place.
 //!
-//! Fan-out ([`Hub::deliver`]) reads a topic's members under the map's shard read lock and pushes
-//! one shared frame per encoding into each member's gate. Pushing never waits, so the lock is held
-//! for the loop only and never across an `.await`; joins and leaves of that topic wait for the loop.
-//! With paced writes the hub instead records each message's frames in its topic ([`Hub::record`])
-//! and a lane's turn writes them ([`Hub::write_lane`]); see [`crate::paced`].
+//! Fan-out is in two steps. [`Hub::record`] builds a message's frames once, one per encoding its
+//! topic's members use, and adds them to the topic's list for the lanes; a lane's turn
+//! ([`Hub::write_lane`]) then hands each member of the topic in that lane, in one write, every
+//! frame it has not had ([`crate::paced`]; when the turns come is [`crate::gather`]'s or the fixed
+//! window's). The topic's entry is locked while a frame is recorded and while a turn lists the
+//! lane's members, never while writing and never across an `.await`.
 
 use std::{
     sync::{
@@ -77,7 +78,7 @@ enum SubState {
 #[derive(Debug)]
 struct Seat {
     member: Member,
-    /// With paced writes: the first frame number the socket gets (see [`crate::paced`]).
+    /// The first frame number the socket gets (see [`crate::paced`]).
     since: u64,
     /// While its join replays history: the live frames kept back meanwhile.
     held: Option<Box<Held>>,
@@ -119,16 +120,16 @@ impl Held {
         }
         held.bytes += frame.len();
         held.frames.push((shard, n, frame.clone()));
-        Push::Queued { flush: false }
+        Push::Queued
     }
 }
 
 #[derive(Debug)]
 struct Entry {
     members: IndexMap<SessionId, Seat, MemberHasher>,
-    /// Members per encoding: the frames a paced topic builds for each message.
+    /// Members per encoding: the frames the topic builds for each message.
     encodings: [u32; 2],
-    /// With paced writes: frames some lane has not had yet.
+    /// Frames some lane has not had yet.
     recent: Option<Box<Recent>>,
     /// Members whose live frames are held back (see [`Held`]).
     held: u32,
@@ -210,7 +211,7 @@ struct Inner {
     sessions: DashMap<SessionId, Member, Hasher>,
     next_id: AtomicU64,
     interest: mpsc::UnboundedSender<Interest>,
-    /// Set when writes are paced: where joins read their first frame number.
+    /// The lanes the workers write (set once they start): where joins read their first frame number.
     lanes: OnceLock<Arc<Lanes>>,
 }
 
@@ -496,59 +497,13 @@ impl Hub {
             .is_some()
     }
 
-    /// Hands one message to every local member of its topic: one wire frame per encoding in use,
-    /// built on first need, shared by every socket. Gates whose queue this made non-empty are
-    /// appended to `flush`: the caller flushes them once its batch of messages is delivered.
-    pub fn deliver(&self, env: &Envelope, shard: u32, flush: &mut Vec<Arc<Gate>>) -> Delivery {
-        let topic = Topic::of(env.kind, &env.target);
-        let mut out = Delivery::default();
-        let Some(entry) = self.inner.topics.get(&topic) else {
-            return out;
-        };
-        let mut frames: [Option<Option<Bytes>>; 2] = [None, None];
-        let n = env.pos;
-        for Seat { member, held, .. } in entry.members.values() {
-            let built = frames[member.encoding.index()].get_or_insert_with(|| {
-                match broadcast_frame(member.encoding, env, shard) {
-                    Ok(frame) => Some(frame),
-                    Err(e) => {
-                        tracing::debug!(error = %e, topic = ?topic, "message cannot be encoded");
-                        None
-                    }
-                }
-            });
-            let Some(frame) = built else {
-                out.unencodable += 1;
-                continue;
-            };
-            let pushed = match held {
-                Some(held) => held.keep(&member.gate, shard, n, frame),
-                None => member.gate.push(frame.clone()),
-            };
-            match pushed {
-                Push::Queued { flush: first } => {
-                    out.delivered += 1;
-                    out.bytes += frame.len();
-                    if first {
-                        flush.push(member.gate.clone());
-                    }
-                }
-                Push::Overflow => out.overflowed += 1,
-                Push::Closed => {}
-            }
-        }
-        drop(entry);
-        m::delivered(&out);
-        out
-    }
-
-    /// Paces this hub's writes on `lanes` (see [`crate::paced`]); once, before any join.
+    /// Writes this hub's topics on `lanes` (see [`crate::paced`]); once, before any join.
     pub fn pace(&self, lanes: Arc<Lanes>) {
         let _ = self.inner.lanes.set(lanes);
     }
 
-    /// With paced writes: adds one message's frames (one per encoding its members use) to its
-    /// topic, for the lanes' next turns.
+    /// Adds one message's frames (one per encoding its members use) to its topic, for the lanes'
+    /// next turns.
     pub fn record(&self, env: &Envelope, shard: u32, lanes: &Lanes) {
         let topic = Topic::of(env.kind, &env.target);
         let Some(mut entry) = self.inner.topics.get_mut(&topic) else {
@@ -589,7 +544,7 @@ impl Hub {
         lanes.record(&topic, &mut entry.recent, frames);
     }
 
-    /// With paced writes: lane `lane`'s turn for one topic. Every member in the lane gets, in one
+    /// Lane `lane`'s turn for one topic. Every member in the lane gets, in one
     /// write, the frames it has not had (those numbered from its join on).
     pub fn write_lane(&self, topic: &Topic, lane: usize, lanes: usize, s: &mut Scratch) -> Delivery {
         let mut out = Delivery::default();
@@ -619,7 +574,7 @@ impl Hub {
             }
             out.writes += 1;
             match gate.write_through(frames) {
-                Push::Queued { .. } => {
+                Push::Queued => {
                     out.delivered += frames.len();
                     out.bytes += frames.iter().map(Bytes::len).sum::<usize>();
                 }
@@ -671,9 +626,28 @@ mod tests {
         gate
     }
 
+    /// A message recorded for one lane and that lane's turn: what the members got.
+    fn deliver(hub: &Hub, lanes: &Lanes, env: &Envelope) -> Delivery {
+        hub.record(env, 0, lanes);
+        let mut out = Delivery::default();
+        for topic in lanes.take_dirty(0) {
+            let d = hub.write_lane(&topic, 0, 1, &mut Scratch::default());
+            out.delivered += d.delivered;
+            out.bytes += d.bytes;
+            out.overflowed += d.overflowed;
+            out.writes += d.writes;
+        }
+        out
+    }
+
+    /// A hub whose topics are written on one lane.
+    fn one_lane() -> (Hub, Lanes) {
+        (hub(), Lanes::new(1, 1))
+    }
+
     #[tokio::test]
     async fn a_message_reaches_each_member_of_its_room_once_in_its_encoding() {
-        let hub = hub();
+        let (hub, lanes) = one_lane();
         let json = [
             member(&hub, "r", Encoding::Json, 1 << 20).await,
             member(&hub, "r", Encoding::Json, 1 << 20).await,
@@ -684,13 +658,13 @@ mod tests {
         let json_frame = broadcast_frame(Encoding::Json, &env, 0).unwrap();
         let msgpack_frame = broadcast_frame(Encoding::MsgPack, &env, 0).unwrap();
 
-        let mut flush = Vec::new();
-        let d = hub.deliver(&env, 0, &mut flush);
+        let d = deliver(&hub, &lanes, &env);
         assert_eq!(
             d,
             Delivery {
                 delivered: 3,
                 bytes: 2 * json_frame.len() + msgpack_frame.len(),
+                writes: 3,
                 ..Delivery::default()
             }
         );
@@ -699,34 +673,28 @@ mod tests {
         }
         assert_eq!(msgpack.queued(), msgpack_frame.len());
         assert_eq!(elsewhere.queued(), 0, "another room's member gets nothing");
-        assert_eq!(
-            flush.len(),
-            3,
-            "each gate whose queue this started is flushed by the caller"
-        );
 
-        // A second message: queues that already wait are flushed by whoever started them.
-        flush.clear();
-        hub.deliver(&env, 0, &mut flush);
-        assert!(flush.is_empty());
-        assert_eq!(msgpack.queued(), 2 * msgpack_frame.len());
+        // Two messages before the lane's turn: one write each, with both frames.
+        hub.record(&env, 0, &lanes);
+        let d = deliver(&hub, &lanes, &env);
+        assert_eq!((d.delivered, d.writes), (6, 3));
+        assert_eq!(msgpack.queued(), 3 * msgpack_frame.len());
     }
 
     #[tokio::test]
     async fn an_overflowing_member_is_counted_and_the_others_still_get_the_message() {
-        let hub = hub();
+        let (hub, lanes) = one_lane();
         let small = member(&hub, "r", Encoding::Json, 8).await;
         let big = member(&hub, "r", Encoding::Json, 1 << 20).await;
-        let d = hub.deliver(&message("r", b"\"a long enough payload\""), 0, &mut Vec::new());
+        let d = deliver(&hub, &lanes, &message("r", b"\"a long enough payload\""));
         assert_eq!((d.delivered, d.overflowed), (1, 1));
         assert_eq!(small.queued(), 0, "an overflowed gate is freed");
         assert!(big.queued() > 0);
         // Data that is not JSON cannot be framed in either encoding: counted per member, sent to none.
         let _msgpack = member(&hub, "r", Encoding::MsgPack, 1 << 20).await;
         let queued = big.queued();
-        let d = hub.deliver(&message("r", b"{not json"), 0, &mut Vec::new());
-        // The overflowed member is still in the room until its session ends and leaves.
-        assert_eq!((d.unencodable, d.delivered), (3, 0));
+        let d = deliver(&hub, &lanes, &message("r", b"{not json"));
+        assert_eq!((d.delivered, d.writes), (0, 0));
         assert_eq!(big.queued(), queued);
     }
 

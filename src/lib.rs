@@ -11,8 +11,8 @@
 //! → [`publish`] (one envelope, its channel) → [`bus`] → Redis Cluster or the in-process twin.
 //!
 //! Its route out, on every node with members: [`bus`] → [`deliver`] (workers decode it once) →
-//! [`hub`] (every local member of its topic, one frame per encoding, written in passes that
-//! [`gather`] times; or [`paced`] turns) →
+//! [`hub`] (every local member of its topic, one frame per encoding, recorded for the [`paced`]
+//! lanes and written on a lane's turn, whose time [`gather`] sets, or the fixed window) →
 //! [`gate`] (each socket's byte budget and non-blocking writes) → the socket.
 //!
 //! Modules, from the edge of the node inwards:
@@ -32,11 +32,11 @@
 //! - [`bus`]: the transport seam, channel names and shard choice: [`bus::redis`] (Redis Cluster)
 //!   and [`bus::memory`] (embedded).
 //! - [`deliver`]: the delivery workers between the bus and the hub; [`gather`]: when a worker
-//!   writes (adaptive writes).
+//!   writes its lanes (adaptive writes).
 //! - [`presence`]: rooms' counts and member lists and users' online status over every node,
 //!   from each node's own contribution ([`bus::presence`] keeps them).
-//! - [`hub`]: local sockets and topics, fan-out; [`paced`]: the schedule and frame lists of
-//!   paced writes.
+//! - [`hub`]: local sockets and topics, fan-out; [`paced`]: the lanes and frame lists every write
+//!   goes through, and the fixed window's schedule.
 //! - [`gate`]: the per-socket queue, its byte budget and its non-blocking writes.
 //! - [`node`]: the shared handle; [`shutdown`]: the drain; [`metrics`]: names and recorder.
 

@@ -271,7 +271,7 @@ pub fn describe() {
     describe_histogram!(
         WRITE_GATHER,
         Unit::Seconds,
-        "Adaptive writes: after each write pass of a delivery worker, how long frames gather before the next (0 when quiet)."
+        "Adaptive writes: after each turn of a delivery worker, how long frames gather before a socket's next write (0 when quiet)."
     );
     describe_histogram!(
         JOIN_WAIT,
@@ -464,7 +464,7 @@ pub fn describe() {
     let _ = histogram!(WRITE_GATHER);
 }
 
-/// How long a delivery worker's frames gather after a write pass.
+/// How long a delivery worker's frames gather after a turn (0: they go at once).
 pub fn write_gathered(wait: std::time::Duration) {
     if let Some(h) = HOT.get() {
         h.write_gather.record(wait.as_secs_f64());

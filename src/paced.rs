@@ -1,20 +1,22 @@
-//! Paced writes (`--write-coalesce P`): each socket is written once per period, with everything
-//! its topics got meanwhile, in one `writev` straight from the frames every socket shares.
+//! Lanes: how every socket is written, once per turn of its lane, with everything its topics got
+//! meanwhile, in one `writev` straight from the frames every socket shares.
 //!
 //! A delivery worker does not touch the sockets when a message arrives: the message's frames (one
 //! per encoding in use) go to the topic's [`Recent`] list, numbered from one node-wide sequence.
-//! Sockets are spread over lanes by their gate's address; lane `k % lanes` is written on the
-//! `k`-th tick of a grid (a tick every `P / lanes`) counted from one instant, and each lane belongs
-//! to one worker. On a lane's turn its worker takes the topics with frames that lane has not had
-//! yet and hands each member in the lane its share with [`Gate::write_through`]: one lock and one
-//! write per socket per period, whatever the rate, and no per-frame, per-socket queueing in the
-//! common case. A topic's frames are dropped once every lane had them, so a list holds at most a
-//! period of its messages. A socket that joins sees only frames numbered after its join.
+//! Sockets are spread over lanes by their gate's address, and each lane belongs to one worker. On
+//! a lane's turn its worker takes the topics with frames that lane has not had yet and hands each
+//! member in the lane its share with [`Gate::write_through`]: one lock and one write per socket a
+//! turn, whatever the rate, and no per-frame, per-socket queueing in the common case. A topic's
+//! frames are dropped once every lane had them, so a list holds at most a period of its messages.
+//! A socket that joins sees only frames numbered after its join.
 //!
 //! A socket in several topics gets one write per topic with news on its lane's turn.
 //!
-//! This module owns the schedule ([`Pace`]) and the frame lists ([`Lanes`], [`Recent`]); the paced
-//! worker that follows the schedule is in [`crate::deliver`], beside the unpaced one.
+//! When the turns come is adaptive by default ([`crate::gather`]). With a fixed window
+//! (`--write-coalesce P`, paced writes) they follow a grid instead ([`Pace`]): lane `k % lanes` is
+//! written on the `k`-th tick (a tick every `P / lanes`) counted from one instant, so each socket
+//! is written once per period. This module owns the lanes ([`Lanes`], [`Recent`]) and the grid;
+//! the workers are in [`crate::deliver`].
 //!
 //! [`Gate::write_through`]: crate::gate::Gate::write_through
 
@@ -28,7 +30,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use tokio::time::Instant;
+use tokio::{sync::Notify, time::Instant};
 
 use crate::{encoding::Encoding, gate::Gate, topic::Topic};
 
@@ -141,18 +143,33 @@ impl Share {
     }
 }
 
-/// The node's lanes: the shared sequence, and per lane the topics with frames it has not had.
+/// The node's lanes: the shared sequence, per lane the topics with frames it has not had, and per
+/// worker a wake-up for when one of its lanes gets news. Lane `k` is worker `k % workers`'s.
 pub struct Lanes {
     next_seq: AtomicU64,
     dirty: Box<[Mutex<Vec<Topic>>]>,
+    wake: Box<[Notify]>,
 }
 
 impl Lanes {
-    pub fn new(lanes: usize) -> Lanes {
+    pub fn new(lanes: usize, workers: usize) -> Lanes {
         Lanes {
             next_seq: AtomicU64::new(0),
             dirty: (0..lanes).map(|_| Mutex::new(Vec::new())).collect(),
+            wake: (0..workers.max(1)).map(|_| Notify::new()).collect(),
         }
+    }
+
+    /// How many lanes adaptive writes use with `workers` workers: [`LANES`], or one per worker
+    /// when they are more, a whole number per worker.
+    pub fn adaptive(workers: usize) -> usize {
+        let workers = workers.max(1);
+        LANES.max(workers) / workers * workers
+    }
+
+    /// The lanes worker `me` writes.
+    pub fn of_worker(&self, me: usize) -> Vec<usize> {
+        (me..self.dirty.len()).step_by(self.wake.len()).collect()
     }
 
     pub fn count(&self) -> usize {
@@ -179,7 +196,11 @@ impl Lanes {
         for (lane, done) in recent.done.iter().enumerate() {
             // Clean (it had every frame so far): this frame makes the topic news for the lane.
             if last.is_none_or(|last| last < *done) {
-                self.lock(lane).push(topic.clone());
+                let mut dirty = self.lock(lane);
+                dirty.push(topic.clone());
+                if dirty.len() == 1 {
+                    self.wake[lane % self.wake.len()].notify_one();
+                }
             }
         }
         recent.frames.push_back((seq, frames));
@@ -188,6 +209,16 @@ impl Lanes {
     fn lock(&self, lane: usize) -> std::sync::MutexGuard<'_, Vec<Topic>> {
         // A list of names: consistent whatever panicked while holding it.
         self.dirty[lane].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether any of `lanes` has news.
+    pub(crate) fn news_for(&self, lanes: &[usize]) -> bool {
+        lanes.iter().any(|lane| !self.lock(*lane).is_empty())
+    }
+
+    /// Ready when one of worker `me`'s lanes got news since it last waited here.
+    pub(crate) async fn news(&self, me: usize) {
+        self.wake[me].notified().await;
     }
 
     /// The topics with news for `lane`, leaving it empty.
@@ -240,7 +271,7 @@ mod tests {
 
     #[test]
     fn a_topic_is_news_for_each_lane_once_and_its_frames_go_once_every_lane_had_them() {
-        let lanes = Lanes::new(2);
+        let lanes = Lanes::new(2, 1);
         let topic = Topic::Room("r".into());
         let mut recent = None;
         let frame = |b: &'static [u8]| [Some(Bytes::from_static(b)), None];

@@ -2,8 +2,8 @@
 //!
 //! A server's frames are not masked (RFC 6455 §5.1), so a broadcast frame's bytes (header and
 //! payload) are the same for every socket: the hub builds them once per message and encoding and
-//! every socket's queue holds a clone of the same `Bytes`. Writers hand queued frames to the kernel
-//! as they are, many per `writev`, with no per-socket framing or copying.
+//! every socket is handed a clone of the same `Bytes`. Writes hand frames to the kernel as they
+//! are, many per `writev`, with no per-socket framing or copying.
 
 use std::io;
 

@@ -3,12 +3,12 @@
 //! arithmetic, no I/O: the `plan` subcommand prints [`plan`]'s answer. The model, its constants
 //! and where it stops holding are in `docs/capacity.md`.
 //!
-//! A node's delivery workers (one per core) each write their share of the node's sockets in
-//! passes. Adaptive writes (`src/gather.rs`) let the next pass start no sooner than
-//! [`Constants::spread`] times as long as a pass takes, and never later than
-//! [`Constants::max_write_delay_ms`]: while the wait is free to grow a worker spends a fixed share
-//! of its time writing, and more load makes frames wait longer instead, so each write carries more
-//! of them and each frame costs less. Nodes are added until every limit holds: connections (and
+//! A node's delivery workers (one per core) each write their share of the node's sockets, in
+//! lanes that take turns. Adaptive writes (`src/gather.rs`) write each socket once a period of
+//! [`Constants::spread`] times what a round of turns takes, and never more than
+//! [`Constants::max_write_delay_ms`]: while the period is free to grow a worker spends a fixed
+//! share of its time writing, and more load makes frames wait longer instead, so each write carries
+//! more of them and each frame costs less. Nodes are added until every limit holds: connections (and
 //! open files), node CPU, NIC, memory and the p99 target.
 
 use std::{collections::BTreeMap, fmt::Write};
@@ -24,6 +24,10 @@ const SPARE_FDS: u64 = 64;
 const MIN_MASTERS: u64 = 3;
 const US_PER_S: f64 = 1e6;
 const MIB: f64 = 1024.0 * 1024.0;
+/// A node's lanes: 8, or one per worker when there are more (`LANES` in `src/paced.rs`).
+const LANES: f64 = 8.0;
+/// Frames a socket must get in a period for the node to wait (`WORTH` in `src/gather.rs`).
+const WORTH: f64 = 2.0;
 
 /// The load to plan for.
 #[derive(Debug, Clone)]
@@ -70,7 +74,7 @@ pub struct Constants {
     /// CPU a connection costs its node each second with nothing published (pings, timers,
     /// presence), µs: the same `stadium-100k` run, `node_idle_cores` ÷ `members_connected`.
     pub idle_us_per_conn_s: f64,
-    /// A write pass may take one part in this many of a worker's time before frames wait
+    /// A worker's turns may take one part in this many of its time before frames wait
     /// (`SPREAD` in `src/gather.rs`, set by paired stadium runs).
     pub spread: f64,
     /// The longest a frame waits for its write (`--max-write-delay`), ms.
@@ -124,7 +128,7 @@ impl Default for Constants {
             write_growth_per_doubling: 0.065,
             frame_cost_us: 0.1,
             idle_us_per_conn_s: 1.1,
-            spread: 5.0,
+            spread: 6.0,
             max_write_delay_ms: 250.0,
             frame_overhead_bytes: 72,
             bytes_per_conn: 4500.0,
@@ -160,12 +164,12 @@ pub struct Plan {
     pub deliveries_per_node_per_sec: f64,
     /// Frames one write carries, on average (1: each frame goes out alone).
     pub frames_per_write: f64,
-    /// The wait adaptive writes use: from one pass of a worker to the next, as
+    /// The period adaptive writes use: from one write of a socket to its next, as
     /// `shardcast_write_gather_seconds` shows it (0: each frame goes out as it comes).
     pub write_wait_ms: f64,
-    /// How long a worker's write pass takes, ms.
-    pub write_pass_ms: f64,
-    /// The wait plus a pass, ms.
+    /// How long a lane's turn takes (when frames go at once: a message's writes on a worker), ms.
+    pub write_turn_ms: f64,
+    /// The wait plus a turn, ms.
     pub predicted_p99_ms: f64,
     /// The p99 asked for, ms.
     pub p99_target_ms: f64,
@@ -269,7 +273,7 @@ pub fn plan(inputs: &Inputs) -> anyhow::Result<Plan> {
         deliveries_per_node_per_sec: node.conns as f64 * i.rate,
         frames_per_write: node.frames_per_write,
         write_wait_ms: node.wait_us / 1e3,
-        write_pass_ms: node.pass_us / 1e3,
+        write_turn_ms: node.turn_us / 1e3,
         predicted_p99_ms: node.p99_ms(),
         p99_target_ms: i.p99_ms,
         node_cpu_per_delivery_us: cpu_per_delivery,
@@ -427,10 +431,11 @@ struct Node {
     /// Node CPU of a frame written alone, µs, at this node's connections.
     write_us: f64,
     frames_per_write: f64,
-    /// Time between the starts of a worker's passes while frames gather; 0 when each message
-    /// goes out as it comes.
+    /// Time between a socket's writes while frames gather; 0 when each message goes out as it
+    /// comes.
     wait_us: f64,
-    pass_us: f64,
+    /// A lane's turn, or when frames go at once a message's writes on one worker.
+    turn_us: f64,
     /// The share of each worker's time spent writing (over 1: it cannot keep up).
     busy: f64,
     /// The share of each worker's time its connections cost idle.
@@ -439,16 +444,17 @@ struct Node {
 }
 
 impl Node {
-    /// A frame waits at most a wait for its pass to start and a pass for its socket's turn.
+    /// A frame waits at most a period for its lane's turn and the turn for its socket's write.
     fn p99_ms(&self) -> f64 {
-        (self.wait_us + self.pass_us) / 1e3
+        (self.wait_us + self.turn_us) / 1e3
     }
 }
 
 /// A node of a fleet of `nodes`: while writing every frame at once keeps a worker busy under
-/// one part in `spread`, frames go out as they come. Past that the wait settles where a pass
-/// takes one part in `spread` of it, `W = spread × m × write / (1 - spread × m × rate × frame)`
-/// for `m` sockets per worker, until it reaches `--max-write-delay`, where CPU grows instead.
+/// one part in `spread`, frames go out as they come. Past that the period settles where a round
+/// of turns takes one part in `spread` of it, `W = spread × m × write / (1 - spread × m × rate ×
+/// frame)` for `m` sockets per worker, until it reaches `--max-write-delay`, where CPU grows
+/// instead; unless a socket would get under [`WORTH`] frames a period, when frames go at once.
 fn node_at(i: &Inputs, nodes: u64) -> Node {
     let c = &i.constants;
     let conns = i.viewers.div_ceil(nodes);
@@ -456,25 +462,24 @@ fn node_at(i: &Inputs, nodes: u64) -> Node {
     let write_us = write_cost_at(conns as f64, c);
     let one_frame = write_us + c.frame_cost_us;
     let max_wait = c.max_write_delay_ms * 1e3;
-    let quiet = per_worker * i.rate * one_frame / US_PER_S * c.spread <= 1.0;
-    let wait_us = if quiet {
-        0.0
+    let left = 1.0 - c.spread * per_worker * i.rate * c.frame_cost_us / US_PER_S;
+    let period = if left > 0.0 {
+        (c.spread * per_worker * write_us / left).min(max_wait)
     } else {
-        let left = 1.0 - c.spread * per_worker * i.rate * c.frame_cost_us / US_PER_S;
-        if left > 0.0 {
-            (c.spread * per_worker * write_us / left).min(max_wait)
-        } else {
-            max_wait
-        }
+        max_wait
     };
+    let quiet = per_worker * i.rate * one_frame / US_PER_S * c.spread <= 1.0 || i.rate * period / US_PER_S < WORTH;
+    let wait_us = if quiet { 0.0 } else { period };
     let frames_per_write = (i.rate * wait_us / US_PER_S).max(1.0);
     let busy = per_worker * i.rate * predict_node_cpu_per_delivery_us(frames_per_write, write_us, c) / US_PER_S;
-    let pass_us = if quiet {
-        // A message's pass: its room's members on this worker.
+    let turn_us = if quiet {
+        // A message's writes: its room's members on this worker.
         let room_members = i.viewers as f64 / i.rooms as f64 / nodes as f64;
         (room_members / i.cores_per_node).clamp(1.0, per_worker.max(1.0)) * one_frame
     } else {
-        busy * wait_us
+        // A lane's turn: the round of turns, a `spread`th of the period, over the worker's lanes.
+        let lanes_per_worker = (LANES.max(i.cores_per_node) / i.cores_per_node).floor();
+        busy * wait_us / lanes_per_worker
     };
     let queued = i.rate * wait_us / US_PER_S * frame_bytes(i) as f64;
     Node {
@@ -482,7 +487,7 @@ fn node_at(i: &Inputs, nodes: u64) -> Node {
         write_us,
         frames_per_write,
         wait_us,
-        pass_us,
+        turn_us,
         busy,
         idle: per_worker * c.idle_us_per_conn_s / US_PER_S,
         memory_bytes: c.base_memory_bytes + conns as f64 * (c.bytes_per_conn + queued),
@@ -638,8 +643,8 @@ impl Plan {
         row(
             "writes",
             format!(
-                "{:.2} frames per write; passes start {:.1} ms apart (0: at once) and take {:.1} ms",
-                self.frames_per_write, self.write_wait_ms, self.write_pass_ms
+                "{:.2} frames per write; each socket written every {:.1} ms (0: at once), a turn {:.1} ms",
+                self.frames_per_write, self.write_wait_ms, self.write_turn_ms
             ),
         );
         row(
@@ -726,34 +731,66 @@ mod tests {
         let p = plan(&load(1_000_000, 1, 10.0)).unwrap();
         println!("{}", p.table());
         // 20 nodes of 50,000 hold every limit but the p99: their wait would reach the full 250 ms.
-        assert_eq!((p.nodes, p.conns_per_node, p.bound_by.as_str()), (25, 40_000, "p99"));
+        assert_eq!((p.nodes, p.conns_per_node, p.bound_by.as_str()), (29, 34_483, "p99"));
         assert_eq!(p.nodes_needed_by["connections"], Some(20));
         assert_eq!(p.deliveries_per_sec, 10_000_000.0);
-        assert_eq!(p.deliveries_per_node_per_sec, 400_000.0);
-        // A write with 40,000 connections on the machine: 7.5 µs × (1 + 0.065 × log2(40,000 /
-        // 18,000)) = 8.06 µs. Each of 8 workers writes 5,000 sockets:
-        // W = 5 × 5,000 × 8.06 µs / (1 - 5 × 5,000 × 10/s × 0.1 µs) = 206.7 ms, 2.07 frames a write.
-        let write = 7.5 * (1.0 + 0.065 * (40_000.0f64 / 18_000.0).log2());
-        assert!((write - 8.0616).abs() < 1e-3, "{write}");
-        assert!((p.write_wait_ms - 206.7).abs() < 0.1, "{}", p.write_wait_ms);
-        assert!((p.frames_per_write - 2.067).abs() < 0.01, "{}", p.frames_per_write);
-        assert!((p.predicted_p99_ms - 1.2 * p.write_wait_ms).abs() < 0.01);
+        assert_eq!(p.deliveries_per_node_per_sec, 344_830.0);
+        // A write with 34,483 connections on the machine: 7.5 µs × (1 + 0.065 × log2(34,483 /
+        // 18,000)) = 7.96 µs. Each of 8 workers writes 4,310 sockets, its one lane a turn:
+        // W = 6 × 4,310.4 × 7.96 µs / (1 - 6 × 4,310.4 × 10/s × 0.1 µs) = 211.3 ms, 2.11 frames a
+        // write (two or more: worth the wait).
+        let write = 7.5 * (1.0 + 0.065 * (34_483.0f64 / 18_000.0).log2());
+        assert!((write - 7.957).abs() < 1e-3, "{write}");
+        assert!((p.write_wait_ms - 211.26).abs() < 0.01, "{}", p.write_wait_ms);
+        assert!((p.frames_per_write - 2.1126).abs() < 1e-3, "{}", p.frames_per_write);
+        // A turn is a sixth of the period: the p99 is the period and a turn.
+        assert!((p.write_turn_ms - p.write_wait_ms / 6.0).abs() < 0.01);
+        assert!((p.predicted_p99_ms - 7.0 / 6.0 * p.write_wait_ms).abs() < 0.01);
         assert!(p.predicted_p99_ms <= 250.0);
-        // A worker writes a fifth of its time, 8 / 5 cores, and 40,000 idle connections cost
-        // 40,000 × 1.1 µs each second.
-        assert!((p.node_cores_each - 1.644).abs() < 1e-6, "{}", p.node_cores_each);
-        let writing = 400_000.0 * p.node_cpu_per_delivery_us / 1e6;
-        assert!((p.node_cores_each - writing - 0.044).abs() < 1e-9);
-        // 40k × 10/s × 200 B.
-        assert_eq!(p.egress_per_node_bytes_per_sec, 80e6);
-        assert!((p.egress_per_node_gbps - 0.64).abs() < 1e-9);
-        let memory = 30.0 * MIB + 40_000.0 * (4500.0 + 2.067 * 200.0);
+        // A worker writes a sixth of its time, 8 / 6 cores, and 34,483 idle connections cost
+        // 34,483 × 1.1 µs each second.
+        assert!((p.node_cores_each - 1.3713).abs() < 1e-4, "{}", p.node_cores_each);
+        let writing = 344_830.0 * p.node_cpu_per_delivery_us / 1e6;
+        assert!((p.node_cores_each - writing - 34_483.0 * 1.1e-6).abs() < 1e-9);
+        // 34,483 × 10/s × 200 B.
+        assert_eq!(p.egress_per_node_bytes_per_sec, 68_966_000.0);
+        let memory = 30.0 * MIB + 34_483.0 * (4500.0 + 2.1126 * 200.0);
         assert!((p.memory_per_node_bytes as f64 - memory).abs() < 0.01 * memory);
         assert_eq!((p.masters, p.shards_per_hot_room), (3, 1));
-        assert!((p.nodes_per_room - 25.0).abs() < 1e-6);
-        assert!((p.redis_cores_per_room - 10.0 * (5.0 + 1.5 * 25.0) / 1e6).abs() < 1e-9);
+        assert!((p.nodes_per_room - 29.0).abs() < 1e-6);
+        assert!((p.redis_cores_per_room - 10.0 * (5.0 + 1.5 * 29.0) / 1e6).abs() < 1e-9);
         assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
         assert!(p.warnings[0].contains("the p99 target of 250 ms sets the node count"));
+    }
+
+    #[test]
+    fn a_socket_with_under_two_frames_a_period_gets_them_at_once() {
+        // With a 50 ms target: 31 nodes, whose period (about 194 ms) would give each socket under
+        // two of the 10 frames a second, so frames go at once, a message a third of a worker's
+        // time, and the p99 is a message's writes: a long wait would buy nothing.
+        let mut tight = load(1_000_000, 1, 10.0);
+        tight.p99_ms = 50.0;
+        let p = plan(&tight).unwrap();
+        assert_eq!((p.nodes, p.frames_per_write, p.write_wait_ms), (31, 1.0, 0.0));
+        let per_worker = 1_000_000.0 / 31.0 / 8.0;
+        let write = 7.5 * (1.0 + 0.065 * (p.conns_per_node as f64 / 18_000.0).log2());
+        assert!((p.predicted_p99_ms - per_worker * (write + 0.1) / 1e3).abs() < 1e-6);
+        assert!(p.predicted_p99_ms < 50.0);
+    }
+
+    #[test]
+    fn on_fewer_cores_than_lanes_a_turn_is_a_lane_of_a_workers_sockets() {
+        // 2-core nodes: 8 lanes, 4 a worker, so a frame that just missed its lane's turn waits a
+        // period and a quarter of the worker's writing, not all of it.
+        let mut i = load(1_000_000, 1, 10.0);
+        i.cores_per_node = 2.0;
+        let p = plan(&i).unwrap();
+        assert!(p.write_wait_ms > 0.0, "{}", p.table());
+        assert!(
+            (p.write_turn_ms - p.write_wait_ms / 6.0 / 4.0).abs() < 0.01,
+            "{}",
+            p.table()
+        );
     }
 
     #[test]
@@ -900,7 +937,7 @@ mod tests {
     fn a_quiet_node_writes_each_frame_at_once() {
         let p = plan(&load(10_000, 1_000, 1.0)).unwrap();
         assert_eq!((p.nodes, p.frames_per_write, p.write_wait_ms), (1, 1.0, 0.0));
-        // Rooms of 10 over 8 workers: a message's pass is a write or two.
+        // Rooms of 10 over 8 workers: a message is a write or two on a worker.
         assert!(p.predicted_p99_ms < 0.01, "{}", p.predicted_p99_ms);
         // One frame a write with 10,000 connections on the machine, and the frame's own cost.
         let write = 7.5 * (1.0 + 0.065 * (10_000.0f64 / 18_000.0).log2());
