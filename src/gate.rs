@@ -369,12 +369,20 @@ impl Gate {
     /// kernel takes are never queued. What it does not take is queued and counted as
     /// [`Gate::push`] would (the writer finishes it when the socket is writable); past the budget
     /// the gate overflows. Behind other queued frames, or before the socket is attached, the
-    /// frames join the queue and the queue is written.
+    /// frames join the queue and the queue is written. A frame larger than the whole budget
+    /// overflows the gate before anything is written, as a push of it would.
     pub fn write_through(&self, frames: &[Bytes]) -> Push {
         const DONE: Push = Push::Queued;
         let mut st = self.lock();
         if !matches!(st.status, Status::Open) {
             return Push::Closed;
+        }
+        if frames.iter().any(|frame| frame.len() > self.budget) {
+            st.status = Status::Overflowed;
+            st.free();
+            drop(st);
+            self.notify.notify_one();
+            return Push::Overflow;
         }
         let outlet = self.outlet.get();
         let Some(to) = outlet.filter(|_| st.frames.is_empty() && !st.congested) else {
@@ -745,17 +753,24 @@ mod tests {
         assert_eq!(gate.next().await, Next::Overflow);
         assert_eq!(gate.queued(), 50, "the rest of frame 1 only");
         assert_eq!(gate.write_through(&turn), Push::Closed);
-        // A frame the kernel took part of is kept whole even when its rest alone passes the budget.
+        // A frame larger than the whole budget overflows before anything is written.
+        let gate = Gate::new(100);
+        let outlet = TestOutlet::with_room(1000);
+        gate.attach(Box::new(outlet.clone()));
+        assert_eq!(gate.write_through(&[frame(1, 10), frame(2, 150)]), Push::Overflow);
+        assert!(outlet.out().is_empty());
+        assert_eq!(gate.next().await, Next::Overflow);
+        // A frame the kernel took part of is kept whole, and what does not fit behind it overflows.
         let gate = Gate::new(100);
         let outlet = TestOutlet::with_room(10);
         gate.attach(Box::new(outlet.clone()));
-        assert_eq!(gate.write_through(&[frame(1, 150), frame(2, 10)]), Push::Overflow);
-        assert_eq!(gate.queued(), 140);
+        assert_eq!(gate.write_through(&[frame(1, 90), frame(2, 60)]), Push::Overflow);
+        assert_eq!(gate.queued(), 80);
         outlet.open(1000);
         gate.drain().await.unwrap();
         assert_eq!(
             outlet.out(),
-            frame(1, 150),
+            frame(1, 90),
             "the partly written frame, whole, and nothing after"
         );
         // Not attached yet: a turn is queued, and written on attach.

@@ -407,7 +407,8 @@ impl Limit {
 }
 
 /// The fewest nodes from 1 to `viewers` (one viewer each) for which `holds` is true, or `None`;
-/// `holds` must stay true once it is.
+/// `holds` must stay true once it is. Node CPU steps up where frames switch to going at once, but
+/// only to [`WORTH`] ÷ `spread` of each worker, under the CPU target.
 fn fewest_nodes(viewers: u64, holds: impl Fn(u64) -> bool) -> Option<u64> {
     if !holds(viewers) {
         return None;
