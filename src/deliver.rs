@@ -577,7 +577,7 @@ mod tests {
         for socket in &sockets {
             let frame = socket.0.lock().unwrap().last().unwrap().1 / MESSAGES;
             let waits = waits(socket, &sent, frame);
-            // Two spared for a pass the machine stalled for milliseconds.
+            // Two spared for a turn the machine stalled for milliseconds.
             let at_once = waits.iter().filter(|w| w.is_zero()).count();
             assert!(at_once >= MESSAGES - 2, "quiet, yet frames waited: {waits:?}");
         }
@@ -591,7 +591,8 @@ mod tests {
         let node = Paced::adaptive(max, 2);
         let mut sockets = Vec::new();
         for _ in 0..SOCKETS {
-            // 50 writes of 200 µs: a pass takes 10 ms or more, its share of time would be 40 ms.
+            // 50 writes of 200 µs over 8 lanes: a worker's round of turns takes 5 ms or more, and
+            // six of it pass the 25 ms bound.
             let cost = Duration::from_micros(200);
             sockets.push(node.join_costing("r", 1 << 20, cost).await.0);
         }
