@@ -316,13 +316,15 @@ async fn in_order(hub: &Hub, gaps: &Gaps, decoded: &mut Vec<Decoded>, mut delive
                 continue;
             }
             Advance::Gap(after) => {
+                // What history still has of the gap (its oldest may be trimmed): the shard's head
+                // moves past each, then to this message, so the next is not a gap again.
                 for missed in gaps.fill(&channel, &env.target, shard, after, pos).await {
                     if let Some(p) = missed.pos {
-                        hub.advance(&topic, shard, p);
+                        hub.skip_to(&topic, shard, p);
                     }
                     deliver(&missed, shard);
                 }
-                hub.advance(&topic, shard, pos);
+                hub.skip_to(&topic, shard, pos);
             }
         }
         deliver(&env, shard);

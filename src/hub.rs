@@ -354,6 +354,19 @@ impl Hub {
         }
     }
 
+    /// Moves a shard's head to `pos` whatever it was: after a gap, to what was read back of it
+    /// and then to the message that showed it.
+    pub fn skip_to(&self, topic: &Topic, shard: u32, pos: Pos) {
+        let Some(mut entry) = self.inner.topics.get_mut(topic) else {
+            return;
+        };
+        let shard = shard as usize;
+        if entry.heads.len() <= shard {
+            entry.heads.resize(shard + 1, None);
+        }
+        entry.heads[shard] = Some(pos);
+    }
+
     /// Ends a held join once the socket has `upto` (per shard: its replay's end, or where the
     /// shard stood when it joined): from when this node has delivered that far on every shard, the
     /// frames held back go out, in order, but for those the socket has; then it gets live frames
@@ -696,6 +709,22 @@ mod tests {
         let d = deliver(&hub, &lanes, &message("r", b"{not json"));
         assert_eq!((d.delivered, d.writes), (0, 0));
         assert_eq!(big.queued(), queued);
+    }
+
+    #[tokio::test]
+    async fn after_a_gap_read_back_in_part_the_next_message_is_not_a_gap_again() {
+        let hub = hub();
+        let _member = member(&hub, "r", Encoding::Json, 1 << 20).await;
+        let topic = Topic::Room("r".into());
+        let p = |n| Pos { epoch: 1, n, id: None };
+        assert_eq!(hub.advance(&topic, 0, p(1)), Advance::Next);
+        assert_eq!(hub.advance(&topic, 0, p(10)), Advance::Gap(p(1)));
+        // History still had only 8 and 9 of the gap: the head moves past them, then to 10.
+        for n in [8, 9, 10] {
+            hub.skip_to(&topic, 0, p(n));
+        }
+        assert_eq!(hub.advance(&topic, 0, p(11)), Advance::Next);
+        assert_eq!(hub.advance(&topic, 0, p(10)), Advance::Stale);
     }
 
     #[tokio::test]

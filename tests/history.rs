@@ -543,7 +543,11 @@ async fn migrate(cluster: &Cluster, channel: &str, stream: &str, meta: &str) -> 
 /// get every message once, in order. `burst`: the feed keeps 16 publishes in flight.
 async fn across_a_live_slot_migration(test: &str, burst: bool) {
     let cluster = Cluster::start(3, 0);
-    let cfg = history_config(Some(&cluster), test, 1);
+    let mut cfg = history_config(Some(&cluster), test, 1);
+    // Deep enough for all the feed sends while a loaded machine takes its time to resubscribe
+    // (over 1,300 messages were seen): what is trimmed cannot be read back.
+    cfg.history = vec![(glob::Pattern::new("kept*").unwrap(), Keep { size: 20_000, ..keep() })];
+    cfg.recover_max = 20_000;
     let node = Node::start(cfg.clone()).await;
     // The feed goes through another node, so the viewer's node learns of the move only from its
     // own reconcile (up to a second): what was published meanwhile it must read back.
