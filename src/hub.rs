@@ -144,6 +144,15 @@ struct Entry {
 }
 
 impl Entry {
+    /// The last position delivered on `shard` (none yet: `None`), made room for.
+    fn head(&mut self, shard: u32) -> &mut Option<Pos> {
+        let shard = shard as usize;
+        if self.heads.len() <= shard {
+            self.heads.resize(shard + 1, None);
+        }
+        &mut self.heads[shard]
+    }
+
     /// Adds a member; one already in keeps the frames it has not had yet.
     fn insert(&mut self, id: SessionId, member: Member, since: u64, hold: bool) {
         let (since, held) = match self.members.swap_remove(&id) {
@@ -339,11 +348,7 @@ impl Hub {
         let Some(mut entry) = self.inner.topics.get_mut(topic) else {
             return Advance::Next;
         };
-        let shard = shard as usize;
-        if entry.heads.len() <= shard {
-            entry.heads.resize(shard + 1, None);
-        }
-        let head = &mut entry.heads[shard];
+        let head = entry.head(shard);
         match *head {
             Some(last) if last.epoch == pos.epoch && pos.n <= last.n => Advance::Stale,
             Some(last) if last.epoch == pos.epoch && pos.n > last.n + 1 => Advance::Gap(last),
@@ -360,11 +365,7 @@ impl Hub {
         let Some(mut entry) = self.inner.topics.get_mut(topic) else {
             return;
         };
-        let shard = shard as usize;
-        if entry.heads.len() <= shard {
-            entry.heads.resize(shard + 1, None);
-        }
-        entry.heads[shard] = Some(pos);
+        *entry.head(shard) = Some(pos);
     }
 
     /// Ends a held join once the socket has `upto` (per shard: its replay's end, or where the
