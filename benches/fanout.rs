@@ -20,7 +20,6 @@ mod support;
 
 use std::{
     hint::black_box,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -28,9 +27,12 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use shardcast::{
     envelope::{Envelope, Kind},
+    fanout::{
+        lanes::Lanes,
+        writer::{Outbound, Scratch},
+    },
     frame::{broadcast_frame, data_depth_ok, json_to_msgpack, Encoding, DEFAULT_DATA_DEPTH},
-    hub::{Hub, Interest, Member},
-    paced::{Lanes, Scratch},
+    hub::{Hub, Interest},
     topic::Topic,
 };
 
@@ -123,8 +125,9 @@ fn label(e: Encoding) -> &'static str {
 
 /// A hub whose topics are subscribed as soon as asked, with `SOCKETS` members in "stadium",
 /// every `msgpack_every`-th of them (if any) speaking MessagePack.
+/// Its topics are written on one lane: a turn writes every socket.
 fn stadium(rt: &tokio::runtime::Runtime, msgpack_every: Option<usize>) -> Hub {
-    let (hub, mut interest) = Hub::new();
+    let (hub, mut interest) = Hub::new(Lanes::new(1, 1));
     let subscriber = hub.clone();
     rt.spawn(async move {
         while let Some(i) = interest.recv().await {
@@ -141,10 +144,7 @@ fn stadium(rt: &tokio::runtime::Runtime, msgpack_every: Option<usize>) -> Hub {
                 Some(n) if i % n == 0 => Encoding::MsgPack,
                 _ => Encoding::Json,
             };
-            let id = hub.register(Member {
-                gate: gate.clone(),
-                encoding,
-            });
+            let id = hub.register(Outbound::new(gate.clone(), encoding));
             hub.join(topic.clone(), id, Duration::from_secs(5))
                 .await
                 .expect("joins");
@@ -159,22 +159,18 @@ fn bench_turn(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let env = envelope(Encoding::Json);
-    let topic = Topic::Room("stadium".into());
     let mut g = c.benchmark_group("turn");
     for (name, msgpack_every) in [("json", None), ("mixed", Some(2))] {
         let hub = stadium(&rt, msgpack_every);
-        // One lane: a turn writes every socket.
-        let lanes = Arc::new(Lanes::new(1, 1));
-        hub.pace(lanes.clone());
         let mut scratch = Scratch::default();
         for frames in [1, 9] {
             g.throughput(Throughput::Elements((SOCKETS * frames) as u64));
             g.bench_function(BenchmarkId::new(format!("{name}/{frames}"), SOCKETS), |b| {
                 b.iter(|| {
                     for _ in 0..frames {
-                        hub.record(black_box(&env), 0, &lanes);
+                        hub.record(black_box(&env), 0);
                     }
-                    let d = hub.write_lane(&topic, 0, 1, &mut scratch);
+                    let d = hub.write_lane(0, &mut scratch);
                     assert_eq!(d.delivered, SOCKETS * frames);
                 })
             });

@@ -10,10 +10,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 pub use crate::auth::JwtKey;
-use crate::{
-    bus::{stream::Keep, MAX_SHARDS},
-    names,
-};
+use crate::{bus::MAX_SHARDS, history::pos::Keep, names};
 
 /// Command-line flags. Each has a `SHARDCAST_*` environment variable and a key of the same name
 /// (with `_` for `-`) in the `--config` TOML file.

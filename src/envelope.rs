@@ -20,8 +20,8 @@
 use bytes::Bytes;
 use rmp::{decode, encode};
 
-use crate::bus::stream::Pos;
 use crate::encoding::Encoding;
+use crate::history::pos::Pos;
 
 pub const VERSION: u8 = 1;
 const FIELDS: u32 = 8;
@@ -44,7 +44,7 @@ pub struct Envelope {
     pub ts_us: u64,
     pub format: Encoding,
     pub data: Bytes,
-    /// Set by the history store, never by a publisher (see [`crate::bus::stream::with_pos`]).
+    /// Set by the history store, never by a publisher (see [`crate::history::pos::with_pos`]).
     pub pos: Option<Pos>,
 }
 

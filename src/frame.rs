@@ -10,9 +10,9 @@ use serde_json::value::RawValue;
 
 pub use crate::encoding::{Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK};
 use crate::{
-    bus::stream::{BadPos, Pos},
     close::ErrorCode,
     envelope::{Envelope, Kind},
+    history::pos::{BadPos, Pos},
     names,
     wire::Payload,
 };
@@ -773,6 +773,17 @@ impl<'a> Reply<'a> {
                 let _ = rmp_serde::encode::write_named(&mut out, self);
                 out.binary()
             }
+        }
+    }
+}
+
+/// A command's answer as the frame to send, if any; a refusal is counted by its code.
+pub fn encode(answer: Result<Option<Reply<'_>>, FrameError>, encoding: Encoding) -> Option<Bytes> {
+    match answer {
+        Ok(reply) => reply.map(|r| r.encode(encoding)),
+        Err(e) => {
+            crate::metrics::bad_frame(e.code.as_str());
+            Some(Reply::error(&e).encode(encoding))
         }
     }
 }

@@ -168,8 +168,7 @@ mod tests {
     use crate::{
         bus::{memory::MemoryBus, Sink},
         encoding::Encoding,
-        gate::Gate,
-        hub::Member,
+        fanout::{gate::Gate, lanes::Lanes, writer::Outbound},
     };
 
     /// What the bus handed over: a payload only reaches it while its channel is subscribed.
@@ -191,7 +190,7 @@ mod tests {
 
     impl Node {
         fn start(delay: Duration) -> Node {
-            let (hub, requests) = Hub::new();
+            let (hub, requests) = Hub::new(Lanes::new(1, 1));
             let heard = Arc::new(Heard::default());
             let bus = Arc::new(Bus::Memory(MemoryBus::new(heard.clone())));
             let naming = Naming::new("r:", "u:", 1, HashMap::new());
@@ -206,10 +205,8 @@ mod tests {
         }
 
         fn member(&self) -> u64 {
-            self.hub.register(Member {
-                gate: Arc::new(Gate::new(1 << 20)),
-                encoding: Encoding::Json,
-            })
+            self.hub
+                .register(Outbound::new(Arc::new(Gate::new(1 << 20)), Encoding::Json))
         }
 
         /// Whether the room's channel is subscribed: a publish reaches the bus's sink only then.
@@ -258,7 +255,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_round_subscribes_each_wanted_topic_once_and_answers_subscribed_ones_at_once() {
-        let (hub, _requests) = Hub::new();
+        let (hub, _requests) = Hub::new(Lanes::new(1, 1));
         let bus = Arc::new(Bus::Memory(MemoryBus::new(Arc::new(Heard::default()))));
         let mut manager = Manager {
             hub: hub.clone(),
@@ -266,10 +263,7 @@ mod tests {
             naming: Naming::new("r:", "u:", 1, HashMap::new()),
             subscribed: HashSet::new(),
         };
-        let member = hub.register(Member {
-            gate: Arc::new(Gate::new(1 << 20)),
-            encoding: Encoding::Json,
-        });
+        let member = hub.register(Outbound::new(Arc::new(Gate::new(1 << 20)), Encoding::Json));
         let room = |n: &str| Topic::Room(n.into());
         for name in ["a", "b", "c", "gone"] {
             hub.join_later(room(name), member).unwrap();

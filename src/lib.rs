@@ -43,15 +43,13 @@
 pub mod auth;
 pub mod bus;
 pub mod close;
-pub mod commands;
+pub mod cmd;
 pub mod config;
-pub mod deliver;
 pub mod demo;
 pub mod encoding;
 pub mod envelope;
+pub mod fanout;
 pub mod frame;
-pub mod gate;
-pub mod gather;
 pub mod history;
 pub mod http;
 pub mod hub;
@@ -59,8 +57,6 @@ pub mod interest;
 pub mod metrics;
 pub mod names;
 pub mod node;
-pub mod outbox;
-pub mod paced;
 pub mod presence;
 pub mod publish;
 pub mod server;
@@ -80,7 +76,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     bus::{memory::MemoryBus, redis::RedisBus, Bus, BusError, Naming},
     config::Config,
-    deliver::Dispatch,
+    fanout::{lanes::Lanes, worker},
+    history::gaps::Gaps,
     hub::Hub,
     node::Node,
 };
@@ -108,40 +105,24 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     let metrics = metrics::handle();
     let tracker = TaskTracker::new();
     let internal = CancellationToken::new();
-    let (hub, interest_rx) = Hub::new();
+    let (hub, interest_rx) = Hub::new(Lanes::new(worker::lanes(&config), config.workers));
     let naming = Naming::new(
         &config.channel_prefix,
         &config.user_channel_prefix,
         config.default_shards,
         config.hot_rooms.clone(),
     );
-    let dispatch = Arc::new(Dispatch::start(
+    let (dispatch, queues) = worker::Dispatch::new(&config);
+    let bus = Arc::new(connect(&config, Arc::new(dispatch), &tracker, &internal).await?);
+    worker::start(
+        queues,
         hub.clone(),
         naming.clone(),
+        Gaps::new(bus.clone(), config.clone()),
         &config,
         &tracker,
         internal.clone(),
-    ));
-    let bus = if config.redis.is_empty() {
-        tracing::info!("no --redis: running alone on the embedded in-process bus");
-        metrics::bus_up(true);
-        Bus::Memory(MemoryBus::new(dispatch.clone()))
-    } else {
-        Bus::Redis(
-            RedisBus::connect(
-                &config.redis,
-                &config.node_id,
-                config.redis_timeout,
-                config.publish_replicas,
-                dispatch.clone(),
-                &tracker,
-                internal.clone(),
-            )
-            .await?,
-        )
-    };
-    let bus = Arc::new(bus);
-    dispatch.read_from(&bus);
+    );
     tracker.spawn(interest::run(
         hub.clone(),
         bus.clone(),
@@ -191,6 +172,32 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+/// The bus `config` asks for, handing what it receives to `sink`: the embedded one without
+/// `--redis`, else Redis Cluster.
+async fn connect(
+    config: &Config,
+    sink: Arc<worker::Dispatch>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<Bus, BusError> {
+    if config.redis.is_empty() {
+        tracing::info!("no --redis: running alone on the embedded in-process bus");
+        metrics::bus_up(true);
+        return Ok(Bus::Memory(MemoryBus::new(sink)));
+    }
+    let bus = RedisBus::connect(
+        &config.redis,
+        &config.node_id,
+        config.redis_timeout,
+        config.publish_replicas,
+        sink,
+        tracker,
+        cancel.clone(),
+    )
+    .await?;
+    Ok(Bus::Redis(bus))
 }
 
 /// The main listener's limits; the HTTP connection cap derived from the open-files limit unless

@@ -12,7 +12,7 @@ use crate::{
     auth::Verifier,
     bus::{Bus, Naming},
     config::Config,
-    history::Reads,
+    history::reads::Reads,
     hub::Hub,
     presence::Presence,
 };

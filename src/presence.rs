@@ -32,8 +32,8 @@ use crate::{
     },
     config::Config,
     encoding::Encoding,
+    fanout::writer::Outbound,
     frame::Reply,
-    gate::Gate,
     hub::SessionId,
     metrics as m,
 };
@@ -97,8 +97,7 @@ impl Room {
 /// A socket that joined with `presence: true`.
 struct Watcher {
     id: SessionId,
-    gate: Arc<Gate>,
-    encoding: Encoding,
+    out: Outbound,
     /// Not yet told the count.
     fresh: bool,
 }
@@ -152,16 +151,11 @@ impl Presence {
     }
 
     /// Sends `room`'s presence events to this socket until [`Presence::unwatch`].
-    pub fn watch(&self, room: &Arc<str>, id: SessionId, gate: Arc<Gate>, encoding: Encoding) {
+    pub fn watch(&self, room: &Arc<str>, id: SessionId, out: Outbound) {
         let mut state = lock(&self.state);
         let r = state.rooms.entry(room.clone()).or_default();
         r.watchers.retain(|w| w.id != id);
-        r.watchers.push(Watcher {
-            id,
-            gate,
-            encoding,
-            fresh: true,
-        });
+        r.watchers.push(Watcher { id, out, fresh: true });
     }
 
     pub fn unwatch(&self, room: &str, id: SessionId) {
@@ -408,14 +402,15 @@ fn announce(room: &str, r: &mut Room, total: &Total) {
     let (count_changed, joined, left) = changes(r.announced.as_ref(), total);
     let mut frames: [Option<Frames>; 2] = [None, None];
     for w in &mut r.watchers {
-        let slot = &mut frames[usize::from(w.encoding == Encoding::MsgPack)];
-        let f = slot.get_or_insert_with(|| Frames::new(w.encoding, room, total.count, &joined, &left));
+        let encoding = w.out.encoding();
+        let slot = &mut frames[encoding.index()];
+        let f = slot.get_or_insert_with(|| Frames::new(encoding, room, total.count, &joined, &left));
         if count_changed || w.fresh {
-            w.gate.send(f.count.clone());
+            w.out.send(f.count.clone());
         }
         if !w.fresh {
             for frame in &f.changes {
-                w.gate.send(frame.clone());
+                w.out.send(frame.clone());
             }
         }
         w.fresh = false;

@@ -22,13 +22,12 @@ use crate::{
     auth::Grants,
     bus::BusError,
     close::ErrorCode,
-    commands::Membership,
+    cmd::Membership,
     encoding::{Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK},
     envelope::Kind,
+    fanout::{gate::Gate, writer::Outbound},
     frame::{data_depth_ok, Data},
-    gate::Gate,
     http::Connection,
-    hub::Member,
     metrics as m,
     node::Node,
     presence::{listed, Presence},
@@ -121,9 +120,9 @@ async fn upgrade(
     let grants = grants(&node, &query, &headers)?;
     let protocol = ws.select(&[PROTOCOL_JSON, PROTOCOL_MSGPACK]);
     let encoding = protocol.and_then(Encoding::from_protocol).unwrap_or(Encoding::Json);
-    let (gate, membership) = register(&node, grants, encoding).await?;
+    let (out, membership) = register(&node, grants, encoding).await?;
     Ok(ws.accept(protocol, move |tcp, early| {
-        session::serve(tcp, early, node, gate, encoding, membership)
+        session::serve(tcp, early, node, out, membership)
     }))
 }
 
@@ -191,12 +190,9 @@ fn grants(node: &Node, query: &HashMap<String, String>, headers: &HeaderMap) -> 
 /// Registers the socket in the hub and subscribes its inbox. With the bus up, direct messages
 /// reach the socket from the moment its upgrade is answered; with it down the socket is still
 /// served, and its inbox is subscribed once the bus is back.
-async fn register(node: &Node, grants: Grants, encoding: Encoding) -> Result<(Arc<Gate>, Membership), Refused> {
-    let gate = Arc::new(Gate::new(node.config().max_buffered_bytes));
-    let id = node.hub().register(Member {
-        gate: gate.clone(),
-        encoding,
-    });
+async fn register(node: &Node, grants: Grants, encoding: Encoding) -> Result<(Outbound, Membership), Refused> {
+    let out = Outbound::new(Arc::new(Gate::new(node.config().max_buffered_bytes)), encoding);
+    let id = node.hub().register(out.clone());
     let membership = Membership::new(node, id, grants);
     let joined = if node.bus().is_ready() {
         node.hub()
@@ -206,7 +202,7 @@ async fn register(node: &Node, grants: Grants, encoding: Encoding) -> Result<(Ar
         node.hub().join_later(membership.user_topic(), id)
     };
     match joined {
-        Ok(()) => Ok((gate, membership)),
+        Ok(()) => Ok((out, membership)),
         Err(e) => Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable,
@@ -390,7 +386,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, BodyError> {
     Ok(out.freeze())
 }
 
-async fn publish_body(node: &Node, body: &[u8]) -> Result<Option<crate::bus::stream::Pos>, Response> {
+async fn publish_body(node: &Node, body: &[u8]) -> Result<Option<crate::history::pos::Pos>, Response> {
     let bad = |code: ErrorCode, msg: String| ApiError(StatusCode::BAD_REQUEST, code, msg).into_response();
     let body: PublishBody = serde_json::from_slice(body)
         .map_err(|e| bad(ErrorCode::BadFrame, format!("expected {{\"room\":R,\"data\":D}}: {e}")))?;

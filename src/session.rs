@@ -7,10 +7,7 @@
 use std::{
     io,
     pin::{pin, Pin},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicU64, Ordering},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -31,15 +28,17 @@ use tokio_tungstenite::{
 
 use crate::{
     close::{code, CloseReason, ErrorCode},
-    commands::{self, Membership, Out},
+    cmd::{self, Membership},
     config::Config,
-    encoding::Encoding,
     envelope,
-    frame::{decode_binary, decode_text, FrameError, Request},
-    gate::{Gate, Next},
+    fanout::writer::{self, Outbound},
+    frame::{self, decode_binary, decode_text, FrameError, Request},
     metrics as m,
     node::Node,
-    outbox::{Entry, Outbox},
+    publish::{
+        self,
+        outbox::{Entry, Outbox},
+    },
     wire,
 };
 
@@ -54,7 +53,7 @@ const READ_BUFFER_BYTES: usize = 256;
 /// every other frame. The node's own frames never pass through tungstenite (see [`crate::wire`]).
 struct Inbound {
     read: OwnedReadHalf,
-    gate: Arc<Gate>,
+    out: Outbound,
 }
 
 impl AsyncRead for Inbound {
@@ -67,7 +66,7 @@ impl AsyncWrite for Inbound {
     fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         // Tungstenite writes whole frames; a gate that is closing or overflowed drops them, which is
         // what the socket needs then.
-        self.gate.send(Bytes::copy_from_slice(buf));
+        self.out.send(Bytes::copy_from_slice(buf));
         Poll::Ready(Ok(buf.len()))
     }
 
@@ -155,18 +154,11 @@ impl Drop for Counted {
 
 /// Runs a connection until it closes. `early` holds what the client sent right behind its
 /// handshake, if it did not wait for the answer.
-pub async fn serve(
-    tcp: TcpStream,
-    early: Bytes,
-    node: Node,
-    gate: Arc<Gate>,
-    encoding: Encoding,
-    mut membership: Membership,
-) {
+pub async fn serve(tcp: TcpStream, early: Bytes, node: Node, out: Outbound, mut membership: Membership) {
     let mut counted = Counted::open();
-    let mut stream = open(tcp, early, &gate, node.config()).await;
+    let mut stream = open(tcp, early, &out, node.config()).await;
     let clock = Clock::new(node.config(), membership.expires());
-    let reason = converse(&mut stream, &node, &gate, encoding, &mut membership, clock).await;
+    let reason = converse(&mut stream, &node, &out, &mut membership, clock).await;
     // The node closed on a policy (rate, frame size) while the client may still be sending: read
     // until its answering close, so it sees our close frame instead of a reset.
     if matches!(
@@ -187,16 +179,16 @@ pub async fn serve(
 }
 
 /// Hands the socket's write half to the gate and reads the client's frames from the read half.
-async fn open(tcp: TcpStream, early: Bytes, gate: &Arc<Gate>, config: &Config) -> Stream {
+async fn open(tcp: TcpStream, early: Bytes, out: &Outbound, config: &Config) -> Stream {
     let (rx, tx) = tcp.into_split();
-    gate.attach_socket(tx);
+    out.gate().attach_socket(tx);
     let limits = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(Some(config.max_frame_bytes))
         .max_frame_size(Some(config.max_frame_bytes));
     let inbound = Inbound {
         read: rx,
-        gate: gate.clone(),
+        out: out.clone(),
     };
     // Copied and dropped: `early` is a view of hyper's read buffer (kilobytes), which would
     // otherwise stay with the socket for its whole life.
@@ -268,18 +260,18 @@ impl Clock {
     }
 
     /// What is due now: closes an expired or silent session, or pings it.
-    fn fire(&mut self, gate: &Gate, heard: &Heard) {
+    fn fire(&mut self, out: &Outbound, heard: &Heard) {
         let now = tokio::time::Instant::now();
         if self.expires.is_some_and(|at| now >= at) {
             self.expires = None;
-            gate.close(Some((code::TOKEN_EXPIRED, "token expired")));
+            out.close(Some((code::TOKEN_EXPIRED, "token expired")));
         }
         if now >= self.next_ping {
             self.next_ping = now + self.ping_interval;
             if heard.silent_for() > self.idle_timeout {
-                gate.close(Some((code::IDLE, "idle timeout")));
+                out.close(Some((code::IDLE, "idle timeout")));
             } else {
-                gate.send(wire::PING);
+                out.send(wire::PING);
             }
         }
     }
@@ -289,17 +281,16 @@ impl Clock {
 async fn converse(
     stream: &mut Stream,
     node: &Node,
-    gate: &Arc<Gate>,
-    encoding: Encoding,
+    out: &Outbound,
     membership: &mut Membership,
     mut clock: Clock,
 ) -> CloseReason {
     let grace = node.config().close_grace;
-    let mut writer = pin!(write(gate, grace));
+    let mut writer = pin!(writer::serve(out.gate(), grace));
     // Boxed so an idle session's state stays small.
     let mut timer = Box::pin(tokio::time::sleep_until(clock.wake_at()));
     let heard = Heard::new();
-    let mut reader = pin!(read(stream, node, gate, encoding, membership, &heard));
+    let mut reader = pin!(read(stream, node, out, membership, &heard));
     loop {
         tokio::select! {
             end = &mut writer => {
@@ -309,12 +300,12 @@ async fn converse(
                 return end;
             }
             reason = &mut reader => {
-                gate.close(reason.frame());
+                out.close(reason.frame());
                 let _ = Box::pin(tokio::time::timeout(grace, &mut writer)).await;
                 return reason;
             }
             _ = &mut timer => {
-                clock.fire(gate, &heard);
+                clock.fire(out, &heard);
                 timer.as_mut().reset(clock.wake_at());
             }
         }
@@ -333,30 +324,20 @@ async fn read_until_close(stream: &mut Stream) {
 async fn read(
     stream: &mut Stream,
     node: &Node,
-    gate: &Arc<Gate>,
-    encoding: Encoding,
+    out: &Outbound,
     membership: &mut Membership,
     heard: &Heard,
 ) -> CloseReason {
     // Made at the first publish: an idle session's state stays small.
     let mut outbox: Option<Box<Outbox>> = None;
-    let reason = Box::pin(commands_of(
-        stream,
-        node,
-        gate,
-        encoding,
-        membership,
-        heard,
-        &mut outbox,
-    ))
-    .await;
+    let reason = Box::pin(commands_of(stream, node, out, membership, heard, &mut outbox)).await;
     // Publishes the node has read go out even when the client is gone or closing: a feed's last
     // message before its close is not lost. Bounded: a batch waits for the bus at most its timeout.
     if let Some(outbox) = outbox.as_mut().filter(|o| !o.is_empty()) {
         let drained = async {
             while !outbox.is_empty() {
-                for frame in std::future::poll_fn(|cx| outbox.poll_answers(cx, node, encoding)).await {
-                    gate.send(frame);
+                for frame in std::future::poll_fn(|cx| outbox.poll_answers(cx, node, out.encoding())).await {
+                    out.send(frame);
                 }
             }
         };
@@ -365,29 +346,37 @@ async fn read(
     reason
 }
 
+/// What the client's next frame asks of the session.
+enum Step {
+    /// A command to admit and run (or its decoding error to answer).
+    Command(Result<Request, FrameError>),
+    /// Nothing to answer (a pong, or a ping that was within the rate).
+    Skip,
+    /// The session ends.
+    End(CloseReason),
+}
+
 /// Reads and runs the client's commands until the socket ends or the session must close;
-/// publishes go to `outbox`.
+/// publishes go to `outbox`, whose answers are sent as they come.
 async fn commands_of(
     stream: &mut Stream,
     node: &Node,
-    gate: &Arc<Gate>,
-    encoding: Encoding,
+    out: &Outbound,
     membership: &mut Membership,
     heard: &Heard,
     outbox: &mut Option<Box<Outbox>>,
 ) -> CloseReason {
-    let config = node.config();
-    let (rate, burst) = membership.command_limits(config);
+    let (rate, burst) = membership.command_limits(node.config());
     let mut limit = RateLimit::new(rate, burst, Instant::now());
     loop {
         let full = outbox.as_ref().is_some_and(|o| o.is_full());
         let msg = tokio::select! {
             answers = std::future::poll_fn(|cx| match outbox.as_mut() {
-                Some(o) => o.poll_answers(cx, node, encoding),
+                Some(o) => o.poll_answers(cx, node, out.encoding()),
                 None => std::task::Poll::Pending,
             }) => {
                 for frame in answers {
-                    gate.send(frame);
+                    out.send(frame);
                 }
                 continue;
             }
@@ -395,57 +384,84 @@ async fn commands_of(
         };
         let Some(msg) = msg else { break };
         heard.now();
-        let request = match msg {
-            Ok(Message::Text(t)) => decode_text(&t, config.max_data_depth),
-            Ok(Message::Binary(b)) => decode_binary(&b, config.max_data_depth),
-            // Tungstenite has queued the pong already; a ping still costs a write, so it draws on
-            // the command budget, and a ping flood is closed like a command flood.
-            Ok(Message::Ping(_)) => {
-                match limit.admit(Instant::now()) {
-                    Admit::Yes => {}
-                    Admit::Refuse => m::rate_limited(),
-                    Admit::Close => return CloseReason::RateLimited,
-                }
-                continue;
-            }
-            // A pong only proves the client is alive.
-            Ok(Message::Pong(_) | Message::Frame(_)) => continue,
-            Ok(Message::Close(_)) => {
-                // Tungstenite has the answering close ready; flushing hands it to the gate.
-                let _ = stream.flush().await;
-                return CloseReason::Normal;
-            }
-            Err(e) => return classify(e),
+        let request = match step(msg, stream, &mut limit, node.config()).await {
+            Step::Command(request) => request,
+            Step::Skip => continue,
+            Step::End(reason) => return reason,
         };
         let admitted = limit.admit(Instant::now());
         if admitted == Admit::Close {
             return CloseReason::RateLimited;
         }
-        // Publishes go to the outbox, to be answered in the order they came.
-        let request = match request.map(|r| commands::to_publish(r, node, membership)) {
-            Ok(Ok(publish)) => {
-                let entry = match admitted {
-                    Admit::Yes => publish.map_or_else(Entry::Refused, Entry::Publish),
-                    _ => {
-                        let id = publish.as_ref().map_or_else(|e| e.id, |p| p.id);
-                        Entry::Refused(rate_limited(id, node, membership))
-                    }
-                };
-                outbox
-                    .get_or_insert_with(|| Box::new(Outbox::new(config.max_inflight_publishes)))
-                    .push(entry);
-                continue;
-            }
-            Ok(Err(request)) => Ok(request),
-            Err(e) => Err(e),
-        };
         // Boxed: a command's future lives only while it runs, instead of in every idle session's state.
-        let out = Out { gate, encoding };
-        if let Some(frame) = Box::pin(answer(request, admitted, node, membership, out)).await {
-            gate.send(frame);
+        let answer = Box::pin(dispatch(request, admitted, node, membership, out, outbox)).await;
+        if let Some(frame) = answer {
+            out.send(frame);
         }
     }
     CloseReason::Normal
+}
+
+/// What one frame from the client is: a command, nothing to answer, or the session's end.
+async fn step(msg: Result<Message, WsError>, stream: &mut Stream, limit: &mut RateLimit, config: &Config) -> Step {
+    match msg {
+        Ok(Message::Text(t)) => Step::Command(decode_text(&t, config.max_data_depth)),
+        Ok(Message::Binary(b)) => Step::Command(decode_binary(&b, config.max_data_depth)),
+        // Tungstenite has queued the pong already; a ping still costs a write, so it draws on
+        // the command budget, and a ping flood is closed like a command flood.
+        Ok(Message::Ping(_)) => match limit.admit(Instant::now()) {
+            Admit::Yes => Step::Skip,
+            Admit::Refuse => {
+                m::rate_limited();
+                Step::Skip
+            }
+            Admit::Close => Step::End(CloseReason::RateLimited),
+        },
+        // A pong only proves the client is alive.
+        Ok(Message::Pong(_) | Message::Frame(_)) => Step::Skip,
+        Ok(Message::Close(_)) => {
+            // Tungstenite has the answering close ready; flushing hands it to the gate.
+            let _ = stream.flush().await;
+            Step::End(CloseReason::Normal)
+        }
+        Err(e) => Step::End(classify(e)),
+    }
+}
+
+/// Hands an admitted command on: a publish to the outbox (answered in the order it came), any
+/// other command to [`cmd::run`]; a refused one is answered with its error. The frame to answer
+/// with now, if any.
+async fn dispatch(
+    request: Result<Request, FrameError>,
+    admitted: Admit,
+    node: &Node,
+    membership: &mut Membership,
+    out: &Outbound,
+    outbox: &mut Option<Box<Outbox>>,
+) -> Option<Bytes> {
+    let request = match request.map(|r| publish::take(r, node, membership.grants())) {
+        Ok(Ok(publish)) => {
+            let entry = match admitted {
+                Admit::Yes => publish.map_or_else(Entry::Refused, Entry::Publish),
+                _ => {
+                    let id = publish.as_ref().map_or_else(|e| e.id, |p| p.id);
+                    Entry::Refused(rate_limited(id, node, membership))
+                }
+            };
+            outbox
+                .get_or_insert_with(|| Box::new(Outbox::new(node.config().max_inflight_publishes)))
+                .push(entry);
+            return None;
+        }
+        Ok(Err(request)) => Ok(request),
+        Err(e) => Err(e),
+    };
+    let reply = match (admitted, request) {
+        (Admit::Yes, Ok(request)) => cmd::run(request, node, membership, out).await,
+        (Admit::Yes, Err(e)) => Err(e),
+        (_, request) => Err(rate_limited(request.as_ref().ok().and_then(|r| r.id), node, membership)),
+    };
+    frame::encode(reply, out.encoding())
 }
 
 /// The error a command refused by the rate limit gets.
@@ -459,23 +475,6 @@ fn rate_limited(id: Option<i64>, node: &Node, membership: &Membership) -> FrameE
             membership.command_limits(node.config()).0
         ),
     )
-}
-
-/// Runs one admitted command, or refuses it; the frame to answer with, if any.
-async fn answer(
-    request: Result<Request, FrameError>,
-    admitted: Admit,
-    node: &Node,
-    membership: &mut Membership,
-    out: Out<'_>,
-) -> Option<Bytes> {
-    let encoding = out.encoding;
-    let reply = match (admitted, request) {
-        (Admit::Yes, Ok(request)) => commands::run(request, node, membership, out).await,
-        (Admit::Yes, Err(e)) => Err(e),
-        (_, request) => Err(rate_limited(request.as_ref().ok().and_then(|r| r.id), node, membership)),
-    };
-    commands::encode(reply, encoding)
 }
 
 /// Why the reader failed, as the close the node answers with. A connection cut without a close
@@ -503,52 +502,6 @@ fn classify(e: WsError) -> CloseReason {
     }
 }
 
-/// Finishes what the gate's non-blocking flushes could not (a congested socket) and writes the
-/// session's last frame; returns when the session must end.
-async fn write(gate: &Gate, grace: Duration) -> CloseReason {
-    loop {
-        let next = gate.next().await;
-        // Boxed: what the writer does lives only while it does it, not in every idle session.
-        if let Some(end) = Box::pin(act(gate, next, grace)).await {
-            return end;
-        }
-    }
-}
-
-/// Does what the gate asked; `Some` when the session must end.
-async fn act(gate: &Gate, next: Next, grace: Duration) -> Option<CloseReason> {
-    match next {
-        Next::Congested => {
-            // A client that stopped reading leaves the drain pending; overflow, or a close (idle,
-            // drain, expiry), ends the wait, and the close is bounded by the grace period.
-            let drained = tokio::select! {
-                drained = gate.drain() => drained.is_ok(),
-                _ = gate.interrupted() => true,
-            };
-            (!drained).then_some(CloseReason::Error)
-        }
-        Next::Overflow => {
-            let frame = Some((code::SLOW_CONSUMER, "slow consumer"));
-            Some(close(gate, frame, grace, CloseReason::SlowConsumer).await)
-        }
-        Next::Close(frame) => {
-            let why = frame.map_or(CloseReason::Normal, |(c, _)| CloseReason::for_code(c));
-            Some(close(gate, frame, grace, why).await)
-        }
-        Next::Broken => Some(CloseReason::Error),
-    }
-}
-
-/// Writes what is queued and the close frame (if any) if the socket takes them within `grace`; the
-/// connection is dropped after.
-async fn close(gate: &Gate, frame: Option<(u16, &'static str)>, grace: Duration, why: CloseReason) -> CloseReason {
-    if let Some((code, reason)) = frame {
-        gate.finish(wire::close(code, reason));
-    }
-    let _ = tokio::time::timeout(grace, gate.drain()).await;
-    why
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,11 +518,11 @@ mod tests {
         // lives only for a moment (a command, a close, a congested write) is boxed instead; the
         // outbox of publishes in flight is made at a connection's first publish. 1,440 bytes
         // measured with it (the reader's wait on its answers took 48).
-        let serve = |(a, b, c, d, e, f)| serve(a, b, c, d, e, f);
+        let serve = |(a, b, c, d, e)| serve(a, b, c, d, e);
         let size = future_size(&serve);
         assert!(size <= 1_450, "a session's state grew to {size} bytes");
-        let read = |(a, b, c, d, e, f)| read(a, b, c, d, e, f);
-        let write = |(a, b)| write(a, b);
+        let read = |(a, b, c, d, e)| read(a, b, c, d, e);
+        let write = |(a, b)| writer::serve(a, b);
         assert!(future_size(&read) + future_size(&write) <= 512);
     }
 

@@ -28,14 +28,14 @@ pub async fn drain(node: &Node) {
             after_ms: Some(*after_ms),
             ..Reply::op("reconnect", None)
         };
-        member.gate.send(notice.encode(member.encoding));
+        member.send(notice.encode(member.encoding()));
     }
     members.sort_by_key(|(after_ms, _)| *after_ms);
     // Each gate is let go once closed: it owns its socket's write half, so the socket is shut down
     // as soon as its session ends, not when the last one of the drain does.
     for (after_ms, member) in members {
         tokio::time::sleep_until((start + Duration::from_millis(after_ms)).min(deadline)).await;
-        member.gate.close(Some((code::DRAIN, "node draining")));
+        member.close(Some((code::DRAIN, "node draining")));
     }
     while node.hub().sessions() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

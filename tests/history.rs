@@ -8,7 +8,7 @@ use std::{collections::HashMap, time::Duration};
 
 use common::{config, Client, Cluster, Node};
 use serde_json::{json, Value};
-use shardcast::bus::stream::Keep;
+use shardcast::history::pos::Keep;
 
 fn keep() -> Keep {
     Keep {
@@ -283,8 +283,8 @@ async fn a_client_cut_off_for_two_seconds_resumes_on_the_other_node_missing_noth
 fn stream_keys(cfg: &shardcast::config::Config, room: &str, shard: u32) -> (String, String, String) {
     let channel = format!("{}{room}:shard{shard}", cfg.channel_prefix);
     (
-        shardcast::bus::stream::stream_key(&channel),
-        shardcast::bus::stream::meta_key(&channel),
+        shardcast::history::pos::stream_key(&channel),
+        shardcast::history::pos::meta_key(&channel),
         channel,
     )
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{config, fleet, Client, Cluster, Node};
 use serde_json::{json, Value};
-use shardcast::{bus::stream::Keep, config::Config};
+use shardcast::{config::Config, history::pos::Keep};
 
 fn configs(cluster: &Cluster, test: &str, nodes: usize) -> Vec<Config> {
     let mut base = config(Some(cluster), test);

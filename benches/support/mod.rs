@@ -6,7 +6,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use shardcast::gate::{Gate, Outlet};
+use shardcast::fanout::gate::{Gate, Outlet};
 
 /// A socket whose kernel buffer takes every byte at once.
 struct Discard;

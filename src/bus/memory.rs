@@ -14,11 +14,11 @@ use std::{
 use bytes::Bytes;
 use dashmap::DashSet;
 
-use super::{
-    stream::{with_pos, Entry, Keep, Pos, Slice},
-    BusError, Sink,
+use super::{BusError, Sink};
+use crate::{
+    history::pos::{with_pos, Entry, Keep, Pos, Slice},
+    metrics as m,
 };
-use crate::metrics as m;
 
 pub struct MemoryBus {
     channels: DashSet<String, ahash::RandomState>,

@@ -4,7 +4,7 @@
 //!
 //! The bus is transport only. What it receives it hands, as raw envelope bytes with the channel
 //! they came on, to the [`Sink`] it was given; it never decodes an envelope nor knows who is
-//! listening (the node plugs in its delivery workers, [`crate::deliver`]).
+//! listening (the node plugs in its delivery workers, [`crate::fanout::worker`]).
 //!
 //! This module also owns the two naming decisions other nodes and backend jobs must agree on,
 //! each in one function: [`Naming::room_channel`] and [`shard_for`].
@@ -13,15 +13,17 @@ mod confirm;
 pub mod memory;
 pub mod presence;
 pub mod redis;
-pub mod stream;
 mod tracked;
 
 use std::{collections::HashMap, time::Duration};
 
 use bytes::Bytes;
 
-use crate::{metrics as m, topic::Topic};
-use stream::{Keep, Pos, Slice};
+use crate::{
+    history::pos::{Keep, Pos, Slice},
+    metrics as m,
+    topic::Topic,
+};
 
 /// Where a bus hands every payload it receives, with the channel it came on. Called from the bus's
 /// reader tasks: it must not wait.

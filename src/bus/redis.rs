@@ -48,11 +48,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{
     confirm::Confirm,
     in_turn, millis,
-    stream::{meta_key, parse_entry_id, stream_key, Entry, Keep, Pos, Slice},
     tracked::{Tracked, SLOTS},
     BusError, Sink,
 };
-use crate::metrics as m;
+use crate::{
+    history::pos::{meta_key, parse_entry_id, stream_key, Entry, Keep, Pos, Slice},
+    metrics as m,
+};
 
 /// How often the reconciler re-reads the cluster topology; faster while something is broken, so
 /// a promoted replica is picked up soon after the cluster elects it.

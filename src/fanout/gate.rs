@@ -3,8 +3,9 @@
 //!
 //! Producers never wait. A lane's turn hands the gate all the frames its socket gets at once
 //! ([`Gate::write_through`]), written straight from the frames every socket shares when nothing
-//! else waits ([`crate::paced`]). The session queues its own replies with [`Gate::push`] and
-//! flushes them right away. A write never waits: what the kernel does not take stays queued and
+//! else waits ([`super::lanes`]). Replies and the node's other frames are queued with
+//! [`Gate::push`] and flushed right away. Only [`super::writer`] calls these: every frame the
+//! node sends goes through it. A write never waits: what the kernel does not take stays queued and
 //! counted, the gate turns congested, and the session's writer finishes the job when the socket is
 //! writable again. A frame that would pass the budget frees the queue and marks the gate
 //! overflowed, so the session closes the socket with 4008: a client that stops reading keeps its
@@ -306,6 +307,9 @@ impl std::fmt::Debug for Gate {
 pub struct Gate {
     state: Mutex<State>,
     notify: Notify,
+    /// Woken when queued bytes went out or the gate stopped: for a sender waiting for room
+    /// ([`Gate::room_below`]).
+    room: Notify,
     budget: usize,
     outlet: OnceLock<Attached>,
 }
@@ -322,8 +326,35 @@ impl Gate {
                 status: Status::Open,
             }),
             notify: Notify::new(),
+            room: Notify::new(),
             budget,
             outlet: OnceLock::new(),
+        }
+    }
+
+    /// Tells the writer something changed, and whoever waits for room.
+    fn wake(&self) {
+        self.notify.notify_one();
+        self.room.notify_waiters();
+    }
+
+    /// Waits until at most `bytes` are queued: true, or false once the gate stopped (closing,
+    /// overflowed, broken). Woken by the writes that empty the queue, never by polling.
+    pub async fn room_below(&self, bytes: usize) -> bool {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let st = self.lock();
+                if !matches!(st.status, Status::Open) {
+                    return false;
+                }
+                if st.queued <= bytes {
+                    return true;
+                }
+            }
+            room.await;
         }
     }
 
@@ -358,7 +389,7 @@ impl Gate {
         }
         if !st.queue(frame, self.budget) {
             drop(st);
-            self.notify.notify_one();
+            self.wake();
             return Push::Overflow;
         }
         Push::Queued
@@ -381,7 +412,7 @@ impl Gate {
             st.status = Status::Overflowed;
             st.free();
             drop(st);
-            self.notify.notify_one();
+            self.wake();
             return Push::Overflow;
         }
         let outlet = self.outlet.get();
@@ -390,7 +421,7 @@ impl Gate {
             for frame in frames {
                 if !st.queue(frame.clone(), self.budget) {
                     drop(st);
-                    self.notify.notify_one();
+                    self.wake();
                     return Push::Overflow;
                 }
             }
@@ -398,7 +429,7 @@ impl Gate {
             let broken = matches!(st.status, Status::Broken);
             drop(st);
             if wake {
-                self.notify.notify_one();
+                self.wake();
             }
             return if broken { Push::Closed } else { DONE };
         };
@@ -407,7 +438,7 @@ impl Gate {
             Err(_) => {
                 st.broke();
                 drop(st);
-                self.notify.notify_one();
+                self.wake();
                 return Push::Closed;
             }
         };
@@ -428,7 +459,7 @@ impl Gate {
         st.congested = true;
         let overflowed = rest.iter().any(|frame| !st.queue(frame.clone(), self.budget));
         drop(st);
-        self.notify.notify_one();
+        self.wake();
         if overflowed {
             Push::Overflow
         } else {
@@ -472,7 +503,7 @@ impl Gate {
             st.free();
         }
         drop(st);
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Queues a frame and writes the queue now: for a session's own replies and pings.
@@ -492,9 +523,12 @@ impl Gate {
         };
         let mut st = self.lock();
         // Congested or broken: the writer goes on from there (or ends the session).
-        if st.flush(outlet.outlet()) {
-            drop(st);
-            self.notify.notify_one();
+        let wake = st.flush(outlet.outlet());
+        drop(st);
+        if wake {
+            self.wake();
+        } else {
+            self.room.notify_waiters();
         }
     }
 
@@ -505,7 +539,7 @@ impl Gate {
             st.status = Status::Closing(frame);
         }
         drop(st);
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Waits until the writer has something to do.
@@ -535,11 +569,14 @@ impl Gate {
         loop {
             std::future::poll_fn(|cx| outlet.outlet().poll_write_ready(cx)).await?;
             let mut st = self.lock();
-            match st.write(outlet.outlet()) {
-                Ok(true) => {
-                    st.congested = false;
-                    return Ok(());
-                }
+            let wrote = st.write(outlet.outlet());
+            if matches!(wrote, Ok(true)) {
+                st.congested = false;
+            }
+            drop(st);
+            self.room.notify_waiters();
+            match wrote {
+                Ok(true) => return Ok(()),
                 Ok(false) => {}
                 Err(e) => return Err(e),
             }

@@ -24,11 +24,12 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use indexmap::IndexMap;
 
+use super::{published, Publish};
 use crate::{
-    bus::{stream::Keep, BusError},
-    commands::{encode, published, Publish},
+    bus::BusError,
     encoding::Encoding,
-    frame::FrameError,
+    frame::{encode, FrameError},
+    history::pos::Keep,
     node::Node,
 };
 

@@ -1,17 +1,13 @@
-//! The route in from the bus: what the bus receives is handed here ([`Dispatch`], the bus's
-//! [`Sink`]), spread over delivery workers by channel so one channel's messages keep their order,
-//! decoded once per node, and recorded in the hub for the lanes ([`Hub::record`]). Each worker
-//! writes its own lanes ([`Hub::write_lane`], see [`crate::paced`]): when [`crate::gather`] says
-//! (adaptive writes: at once when quiet, one lane a tick when busy), or on a fixed grid's ticks
-//! with `--write-coalesce` ([`Pace`]).
+//! The delivery workers: the route out from the bus. What the bus receives is handed here
+//! ([`Dispatch`], the bus's [`Sink`]), spread over the workers by channel so one channel's
+//! messages keep their order, decoded once per node, put in order against history where the room
+//! keeps it ([`Gaps::in_order`]), and recorded in the hub for the lanes ([`Hub::record`]). Each
+//! worker writes its own lanes ([`Hub::write_lane`]) when its [`Schedule`] says: adaptive by
+//! default, on a fixed grid with `--write-coalesce`. One loop serves both.
 //!
 //! The bus knows nothing of this module: it hands payloads to whatever [`Sink`] it was given.
-//!
-//! # The node's own gaps
-//! In a room with history every message is numbered per shard. A worker that sees a shard's
-//! number skip (the node was resubscribing after a reconnect, a failover or a slot move) reads
-//! what it missed from the shard's history and delivers it first, once and in order, then the
-//! message that showed the gap ([`Gaps`]). One that sees a number again drops it.
+//! The queues are made first, for the bus; the workers start once the bus exists, with what the
+//! gap fill needs to read it ([`Gaps`]).
 
 use std::sync::Arc;
 
@@ -19,16 +15,18 @@ use bytes::Bytes;
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use super::{
+    schedule::{Gather, Grid, Pace, Schedule, Turn, Written},
+    writer::Scratch,
+};
 use crate::{
-    bus::{stream::Pos, Bus, Naming, Sink},
+    bus::{Naming, Sink},
     config::Config,
     envelope::{self, Envelope},
     frame::data_depth_ok,
-    gather::{Gather, Turn, Written},
-    hub::{Advance, Hub},
+    history::gaps::{Decoded, Gaps},
+    hub::Hub,
     metrics as m,
-    paced::{Lanes, Pace, Scratch},
-    topic::Topic,
 };
 
 /// Messages a worker takes from its queue at once.
@@ -42,112 +40,23 @@ type Item = (Bytes, Bytes);
 #[derive(Clone)]
 pub struct Dispatch {
     workers: Arc<[mpsc::Sender<Item>]>,
-    gaps: Arc<Gaps>,
 }
 
-/// What every worker works on.
-#[derive(Clone)]
-struct On {
-    hub: Hub,
-    naming: Naming,
-    gaps: Arc<Gaps>,
-}
-
-/// Reads back what the node missed of a shard with history. The bus is made after its sink (this
-/// dispatch), so it is handed over once made ([`Dispatch::read_from`]); weakly, as the bus holds
-/// the dispatch.
-pub struct Gaps {
-    bus: std::sync::OnceLock<std::sync::Weak<Bus>>,
-    config: Config,
-}
-
-impl Gaps {
-    /// The messages of `channel` (shard `shard` of `room`) after `after` and before `upto`, in
-    /// order, with their positions: what the store still has of them.
-    async fn fill(&self, channel: &[u8], room: &str, shard: u32, after: Pos, upto: Pos) -> Vec<Envelope> {
-        let bus = self.bus.get().and_then(std::sync::Weak::upgrade);
-        let (Some(bus), Some(keep), Ok(channel)) = (bus, self.config.keep(room), std::str::from_utf8(channel)) else {
-            return Vec::new();
-        };
-        let missing = upto.n - after.n - 1;
-        // The newest messages after `after`: as many as a join may replay.
-        let slice = match bus.read(channel, after.n, self.config.recover_max, keep).await {
-            Ok(slice) if slice.head.epoch == after.epoch => slice,
-            Ok(_) => return Vec::new(),
-            Err(e) => {
-                tracing::warn!(channel, shard, error = %e, "cannot read back what the node missed");
-                return Vec::new();
-            }
-        };
-        let filled: Vec<Envelope> = slice
-            .entries
-            .iter()
-            .filter(|e| e.n > after.n && e.n < upto.n)
-            .filter_map(|entry| {
-                let mut env = Envelope::decode(&entry.envelope).ok()?;
-                env.pos = Some(slice.pos(entry));
-                Some(env)
-            })
-            .collect();
-        m::gap_filled(filled.len(), missing as usize - filled.len().min(missing as usize));
-        filled
-    }
-}
+/// The receiving ends of the workers' queues, until the workers start ([`start`]).
+pub struct Queues(Vec<mpsc::Receiver<Item>>);
 
 impl Dispatch {
-    /// Starts `--workers` delivery tasks feeding `hub`, each with a queue of `--worker-queue` and
-    /// its own lanes; adaptive (bounded by `--max-write-delay`), or paced when `--write-coalesce`
-    /// is not zero.
-    /// `naming` tells which channel an envelope belongs on.
-    pub fn start(
-        hub: Hub,
-        naming: Naming,
-        config: &Config,
-        tracker: &TaskTracker,
-        cancel: CancellationToken,
-    ) -> Dispatch {
-        let workers = config.workers.max(1);
-        let coalesce = config.write_coalesce;
-        let gaps = Arc::new(Gaps {
-            bus: std::sync::OnceLock::new(),
-            config: config.clone(),
-        });
-        let on = On {
-            hub: hub.clone(),
-            naming,
-            gaps: gaps.clone(),
-        };
-        // Paced workers count their lanes' turns from the same instant; adaptive ones keep their
-        // own time. Either way each lane is one worker's.
-        let pace = (!coalesce.is_zero()).then(|| Pace::new(Instant::now(), coalesce, workers));
-        let lanes = Arc::new(Lanes::new(
-            pace.map_or_else(|| Lanes::adaptive(workers), |p| p.lanes()),
-            workers,
-        ));
-        hub.pace(lanes.clone());
-        let senders: Vec<_> = (0..workers)
-            .map(|index| {
-                let (tx, rx) = mpsc::channel(config.worker_queue.max(1));
-                let (on, cancel, lanes) = (on.clone(), cancel.clone(), lanes.clone());
-                match pace {
-                    Some(pace) => tracker.spawn(paced(on, rx, cancel, pace, lanes, index)),
-                    None => {
-                        let gather = Gather::new(lanes.of_worker(index), config.max_write_delay);
-                        tracker.spawn(adaptive(on, rx, cancel, gather, lanes, index))
-                    }
-                };
-                tx
-            })
-            .collect();
-        Dispatch {
-            workers: senders.into(),
-            gaps,
-        }
-    }
-
-    /// The bus the workers read history back from, once it is made.
-    pub fn read_from(&self, bus: &Arc<Bus>) {
-        let _ = self.gaps.bus.set(Arc::downgrade(bus));
+    /// `--workers` queues of `--worker-queue` each: the sink to hand the bus, and their other ends.
+    pub fn new(config: &Config) -> (Dispatch, Queues) {
+        let (senders, receivers) = (0..config.workers.max(1))
+            .map(|_| mpsc::channel(config.worker_queue.max(1)))
+            .unzip::<_, _, Vec<_>, Vec<_>>();
+        (
+            Dispatch {
+                workers: senders.into(),
+            },
+            Queues(receivers),
+        )
     }
 }
 
@@ -163,49 +72,104 @@ impl Sink for Dispatch {
     }
 }
 
-/// Worker `me` with adaptive writes: records what the bus hands over for the lanes, and writes
-/// its own lanes when [`Gather`] says: all at once when it has been quiet, one lane a tick when
-/// it is busy. When cancelled, it writes its lanes once more. With `--write-coalesce`, [`paced`]
-/// instead.
-async fn adaptive(
-    on: On,
-    mut rx: mpsc::Receiver<Item>,
+/// What every worker works on.
+#[derive(Clone)]
+struct On {
+    hub: Hub,
+    naming: Naming,
+    gaps: Arc<Gaps>,
+    max_depth: usize,
+}
+
+/// Starts a worker per queue feeding `hub`, each writing its own lanes on its schedule: adaptive
+/// (bounded by `--max-write-delay`), or paced when `--write-coalesce` is not zero (every paced
+/// worker counts its turns from the same instant). `naming` tells which channel an envelope
+/// belongs on.
+pub fn start(
+    queues: Queues,
+    hub: Hub,
+    naming: Naming,
+    gaps: Gaps,
+    config: &Config,
+    tracker: &TaskTracker,
     cancel: CancellationToken,
-    mut gather: Gather,
-    lanes: Arc<Lanes>,
-    me: usize,
 ) {
-    let On { hub, naming, gaps } = on;
+    let on = On {
+        hub,
+        naming,
+        gaps: Arc::new(gaps),
+        max_depth: config.max_data_depth,
+    };
+    let pace = pace(config);
+    let started = Instant::now();
+    for (me, rx) in queues.0.into_iter().enumerate() {
+        let schedule = match pace {
+            Some(pace) => Schedule::Grid(Grid::new(pace, me, started)),
+            None => Schedule::Adaptive(Gather::new(on.hub.lanes().of_worker(me), config.max_write_delay)),
+        };
+        tracker.spawn(work(on.clone(), rx, cancel.clone(), schedule, me));
+    }
+}
+
+/// The grid of paced writes, when `--write-coalesce` is set.
+fn pace(config: &Config) -> Option<Pace> {
+    let coalesce = config.write_coalesce;
+    (!coalesce.is_zero()).then(|| Pace::new(Instant::now(), coalesce, config.workers))
+}
+
+/// How many lanes a node with `config` writes: the grid's, or adaptive writes'.
+pub fn lanes(config: &Config) -> usize {
+    let workers = config.workers.max(1);
+    pace(config).map_or_else(|| super::lanes::Lanes::adaptive(workers), |p| p.lanes())
+}
+
+/// Worker `me`: records what the bus hands over for the lanes, and writes its own lanes when its
+/// schedule says. When cancelled, it writes its lanes once more.
+async fn work(on: On, mut rx: mpsc::Receiver<Item>, cancel: CancellationToken, mut schedule: Schedule, me: usize) {
+    let On {
+        hub,
+        naming,
+        gaps,
+        max_depth,
+    } = on;
+    let lanes = hub.lanes().clone();
+    let mine = lanes.of_worker(me);
     let mut batch = Vec::with_capacity(BATCH);
     let mut decoded = Vec::with_capacity(BATCH);
     let mut scratch = Scratch::default();
     let mut turns = Vec::new();
-    let turn = tokio::time::sleep(std::time::Duration::ZERO);
-    tokio::pin!(turn);
+    let timer = tokio::time::sleep(std::time::Duration::ZERO);
+    tokio::pin!(timer);
+    // A paced worker's grid runs from the start; an adaptive one waits for news.
     let mut armed = false;
+    if let Turn::At(at) = schedule.turn(Instant::now(), false) {
+        timer.as_mut().reset(at);
+        armed = true;
+    }
     loop {
         tokio::select! {
             n = rx.recv_many(&mut batch, BATCH) => {
                 if n == 0 {
                     break;
                 }
-                decode(&mut batch, &naming, gaps.config.max_data_depth, &mut decoded);
-                in_order(&hub, &gaps, &mut decoded, |env, shard| hub.record(env, shard, &lanes)).await;
+                decode(&mut batch, &naming, max_depth, &mut decoded);
+                gaps.in_order(&hub, &mut decoded, |env, shard| hub.record(env, shard)).await;
             }
-            () = lanes.news(me) => {}
-            () = &mut turn, if armed => armed = false,
+            () = lanes.news(me), if schedule.wakes_on_news() => {}
+            () = &mut timer, if armed => armed = false,
             _ = cancel.cancelled() => break,
         }
-        while !armed && lanes.news_for(gather.lanes()) {
+        while !armed {
             let started = Instant::now();
             let one;
-            let (all, write) = match gather.turn(started) {
+            let (all, write) = match schedule.turn(started, lanes.news_for(&mine)) {
+                Turn::Idle => break,
                 Turn::At(at) => {
-                    turn.as_mut().reset(at);
+                    timer.as_mut().reset(at);
                     armed = true;
                     continue;
                 }
-                Turn::All => (true, gather.lanes()),
+                Turn::All => (true, &mine[..]),
                 Turn::Lane(lane) => {
                     one = [lane];
                     (false, &one[..])
@@ -214,121 +178,21 @@ async fn adaptive(
             turns.clear();
             for lane in write {
                 let clock = std::time::Instant::now();
-                let (frames, writes) = write_lane(&hub, &lanes, *lane, &mut scratch);
+                let d = hub.write_lane(*lane, &mut scratch);
                 turns.push(Written {
                     lane: *lane,
                     took: clock.elapsed(),
-                    frames,
-                    writes,
+                    frames: d.delivered,
+                    writes: d.writes,
                 });
             }
-            gather.wrote(started, all, &turns);
-            m::write_gathered(gather.wait());
-        }
-    }
-    for lane in gather.lanes() {
-        write_lane(&hub, &lanes, *lane, &mut scratch);
-    }
-}
-
-/// Worker `index` of a paced node: records what the bus hands over, and writes its lanes on
-/// their turns. A turn missed while the worker was busy is caught up on the next tick, lanes in
-/// order; when cancelled, it writes its lanes once more.
-async fn paced(
-    on: On,
-    mut rx: mpsc::Receiver<Item>,
-    cancel: CancellationToken,
-    pace: Pace,
-    lanes: Arc<Lanes>,
-    index: usize,
-) {
-    let On { hub, naming, gaps } = on;
-    let step = pace.step() as u64;
-    let index = index as u64;
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut decoded = Vec::with_capacity(BATCH);
-    let mut scratch = Scratch::default();
-    // Without lanes of its own, a worker only records.
-    let mut next = (index < step).then(|| {
-        let now = pace.tick_of(Instant::now()) + 1;
-        now + (index + step - now % step) % step
-    });
-    let turn = tokio::time::sleep_until(pace.at(next.unwrap_or(0)));
-    tokio::pin!(turn);
-    loop {
-        tokio::select! {
-            n = rx.recv_many(&mut batch, BATCH) => {
-                if n == 0 {
-                    break;
-                }
-                decode(&mut batch, &naming, gaps.config.max_data_depth, &mut decoded);
-                in_order(&hub, &gaps, &mut decoded, |env, shard| hub.record(env, shard, &lanes)).await;
-            }
-            () = &mut turn, if next.is_some() => {
-                let due = next.unwrap_or(0);
-                let now = pace.tick_of(Instant::now()).max(due);
-                // Every turn of this worker since the last, each lane once.
-                let mut k = due.max((now + 1).saturating_sub(pace.lanes() as u64));
-                k += (index + step - k % step) % step;
-                while k <= now {
-                    write_lane(&hub, &lanes, (k % pace.lanes() as u64) as usize, &mut scratch);
-                    k += step;
-                }
-                next = Some(k);
-                turn.as_mut().reset(pace.at(k));
-            }
-            _ = cancel.cancelled() => break,
-        }
-    }
-    for lane in (index as usize..pace.lanes()).step_by(step as usize) {
-        write_lane(&hub, &lanes, lane, &mut scratch);
-    }
-}
-
-/// Lane `lane`'s turn: every topic with news for it. Returns the frames written and the writes.
-fn write_lane(hub: &Hub, lanes: &Lanes, lane: usize, scratch: &mut Scratch) -> (usize, usize) {
-    let (mut frames, mut writes) = (0, 0);
-    for topic in lanes.take_dirty(lane) {
-        let d = hub.write_lane(&topic, lane, lanes.count(), scratch);
-        m::delivered(&d);
-        frames += d.delivered;
-        writes += d.writes;
-    }
-    (frames, writes)
-}
-
-/// A decoded envelope, its channel and its shard.
-type Decoded = (Bytes, Envelope, u32);
-
-/// Hands each envelope to `deliver` in order; one with a position goes after whatever its shard
-/// skipped (read back from history), and not at all when its shard had it already.
-async fn in_order(hub: &Hub, gaps: &Gaps, decoded: &mut Vec<Decoded>, mut deliver: impl FnMut(&Envelope, u32)) {
-    for (channel, env, shard) in decoded.drain(..) {
-        let Some(pos) = env.pos else {
-            deliver(&env, shard);
-            continue;
-        };
-        let topic = Topic::of(env.kind, &env.target);
-        match hub.advance(&topic, shard, pos) {
-            Advance::Next => {}
-            Advance::Stale => {
-                m::bus_dropped("duplicate", 1);
-                continue;
-            }
-            Advance::Gap(after) => {
-                // What history still has of the gap (its oldest may be trimmed): the shard's head
-                // moves past each, then to this message, so the next is not a gap again.
-                for missed in gaps.fill(&channel, &env.target, shard, after, pos).await {
-                    if let Some(p) = missed.pos {
-                        hub.skip_to(&topic, shard, p);
-                    }
-                    deliver(&missed, shard);
-                }
-                hub.skip_to(&topic, shard, pos);
+            if let Some(wait) = schedule.wrote(started, all, &turns) {
+                m::write_gathered(wait);
             }
         }
-        deliver(&env, shard);
-        hub.settle(&topic);
+    }
+    for lane in &mine {
+        hub.write_lane(*lane, &mut scratch);
     }
 }
 
@@ -373,10 +237,15 @@ mod tests {
 
     use super::*;
     use crate::{
+        bus::{memory::MemoryBus, Bus},
         encoding::Encoding,
         envelope::Kind,
-        gate::{Gate, Outlet},
-        hub::{Member, SessionId},
+        fanout::{
+            gate::{Gate, Outlet},
+            lanes::Lanes,
+            writer::Outbound,
+        },
+        hub::SessionId,
         topic::Topic,
     };
 
@@ -442,11 +311,14 @@ mod tests {
         }
 
         fn with(config: Config) -> Paced {
-            let hub = Hub::granting();
+            let hub = Hub::granting(Lanes::new(lanes(&config), config.workers));
             let tracker = tokio_util::task::TaskTracker::new();
             let cancel = CancellationToken::new();
             let naming = Naming::new("ws:room:", "ws:user:", 8, std::collections::HashMap::new());
-            let dispatch = Dispatch::start(hub.clone(), naming, &config, &tracker, cancel.clone());
+            let (dispatch, queues) = Dispatch::new(&config);
+            let bus = Arc::new(Bus::Memory(MemoryBus::new(Arc::new(dispatch.clone()))));
+            let gaps = Gaps::new(bus, config.clone());
+            start(queues, hub.clone(), naming, gaps, &config, &tracker, cancel.clone());
             Paced {
                 hub,
                 dispatch,
@@ -464,10 +336,7 @@ mod tests {
             let gate = Arc::new(Gate::new(budget));
             let socket = Recorder::default();
             gate.attach(Box::new(Slow(socket.clone(), cost)));
-            let id = self.hub.register(Member {
-                gate,
-                encoding: Encoding::Json,
-            });
+            let id = self.hub.register(Outbound::new(gate, Encoding::Json));
             self.rejoin(room, id).await;
             (socket, id)
         }

@@ -1,9 +1,8 @@
-//! Adaptive writes (`--write-coalesce 0`, the default): when a delivery worker writes its lanes
-//! ([`Gather`]), and so how many frames each write carries.
+//! When a delivery worker writes its lanes ([`Schedule`]), and so how many frames each write
+//! carries. Frames are recorded and shared ([`super::lanes`]); what this module decides is when
+//! each lane's turn comes.
 //!
-//! Frames are recorded and shared as with paced writes ([`crate::paced`]): a message's frames go
-//! to its topic's list, and each socket is written, on its lane's turn, with everything it has
-//! not had, in one `writev` straight from the shared frames. What adapts is when the turns come.
+//! # Adaptive writes (`--write-coalesce 0`, the default): [`Gather`]
 //! A worker that has been quiet for a period writes every lane of its own at once, so a message
 //! in a quiet room goes out the moment it comes. Busy, its lanes take turns, one lane a tick,
 //! [`SPREAD`] times the time its turns take apart: a worker spends about a [`SPREAD`]th of its
@@ -19,10 +18,17 @@
 //!
 //! A turn is timed on the real clock, not the runtime's: it measures work done, which a paused
 //! test clock would not see.
+//!
+//! # Paced writes (`--write-coalesce P`): [`Grid`]
+//! The turns follow a fixed grid ([`Pace`]): lane `k % lanes` is written on the `k`-th tick (a
+//! tick every `P / lanes`) counted from one instant, so each socket is written once per period. A
+//! turn missed while the worker was busy is caught up on the next tick, lanes in order.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use super::lanes::LANES;
 
 /// A worker's turns may take one part in this many of its time before frames wait for them.
 pub const SPREAD: u32 = 6;
@@ -54,6 +60,8 @@ pub enum Turn {
     Lane(usize),
     /// Nothing before this instant.
     At(Instant),
+    /// Nothing until news comes.
+    Idle,
 }
 
 /// One worker's write schedule over its lanes.
@@ -161,9 +169,164 @@ impl Gather {
     }
 }
 
+/// The schedule: `lanes` lanes, lane `k % lanes` written on the `k`-th tick after `start`, a tick
+/// every `every / lanes`; worker `w` of `workers` owns the lanes `k` with `k % workers == w`.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    start: Instant,
+    tick: Duration,
+    lanes: usize,
+    workers: usize,
+}
+
+impl Pace {
+    pub fn new(start: Instant, every: Duration, workers: usize) -> Pace {
+        let workers = workers.max(1);
+        // Ticks of at least a millisecond (the timer's resolution), and as many lanes per worker.
+        let mut lanes = (every.as_millis() as usize).clamp(1, LANES.max(workers));
+        if lanes > workers {
+            lanes -= lanes % workers;
+        }
+        Pace {
+            start,
+            tick: every / lanes as u32,
+            lanes,
+            workers,
+        }
+    }
+
+    pub fn lanes(&self) -> usize {
+        self.lanes
+    }
+
+    /// When tick `k` comes (in u64 nanoseconds: a 1 ms tick passes `u32::MAX` in 50 days).
+    pub(crate) fn at(&self, k: u64) -> Instant {
+        self.start + Duration::from_nanos((self.tick.as_nanos() as u64).saturating_mul(k))
+    }
+
+    /// The tick `at` falls on.
+    pub(crate) fn tick_of(&self, at: Instant) -> u64 {
+        ((at - self.start).as_nanos() / self.tick.as_nanos().max(1)) as u64
+    }
+
+    /// Ticks between two turns of one worker; worker `w` has turns at ticks `k % step == w`.
+    pub(crate) fn step(&self) -> usize {
+        self.workers.min(self.lanes)
+    }
+}
+
+/// A paced worker's place on the grid: its next tick (none: it owns no lane and only records).
+#[derive(Debug)]
+pub struct Grid {
+    pace: Pace,
+    index: u64,
+    next: Option<u64>,
+}
+
+impl Grid {
+    /// Worker `index`'s turns on `pace`, from the tick after `now`.
+    pub fn new(pace: Pace, index: usize, now: Instant) -> Grid {
+        let step = pace.step() as u64;
+        let index = index as u64;
+        let next = (index < step).then(|| {
+            let now = pace.tick_of(now) + 1;
+            now + (index + step - now % step) % step
+        });
+        Grid { pace, index, next }
+    }
+
+    /// The lane whose tick has come at `now` (the oldest due, never one more than a round behind),
+    /// or when the next tick comes.
+    fn turn(&mut self, now: Instant) -> Turn {
+        let Some(due) = self.next else {
+            return Turn::Idle;
+        };
+        if self.pace.at(due) > now {
+            return Turn::At(self.pace.at(due));
+        }
+        let step = self.pace.step() as u64;
+        let lanes = self.pace.lanes() as u64;
+        let now = self.pace.tick_of(now).max(due);
+        // Every turn of this worker since the last, each lane once.
+        let mut k = due.max((now + 1).saturating_sub(lanes));
+        k += (self.index + step - k % step) % step;
+        self.next = Some(k);
+        if k > now {
+            return Turn::At(self.pace.at(k));
+        }
+        Turn::Lane((k % lanes) as usize)
+    }
+
+    fn wrote(&mut self) {
+        if let Some(k) = &mut self.next {
+            *k += self.pace.step() as u64;
+        }
+    }
+}
+
+/// One worker's schedule: adaptive, or paced on a fixed grid.
+#[derive(Debug)]
+pub enum Schedule {
+    Adaptive(Gather),
+    Grid(Grid),
+}
+
+impl Schedule {
+    /// What to do at `now`, `news` telling whether a lane of this worker's has frames waiting.
+    pub fn turn(&mut self, now: Instant, news: bool) -> Turn {
+        match self {
+            Schedule::Adaptive(_) if !news => Turn::Idle,
+            Schedule::Adaptive(gather) => gather.turn(now),
+            Schedule::Grid(grid) => grid.turn(now),
+        }
+    }
+
+    /// Whether news of a lane wakes the worker: only adaptive turns come on news.
+    pub fn wakes_on_news(&self) -> bool {
+        matches!(self, Schedule::Adaptive(_))
+    }
+
+    /// Notes a turn of one lane (`all`: false) or of all (true) that started at `started`. Returns
+    /// how long frames now gather, for adaptive writes.
+    pub fn wrote(&mut self, started: Instant, all: bool, turns: &[Written]) -> Option<Duration> {
+        match self {
+            Schedule::Adaptive(gather) => {
+                gather.wrote(started, all, turns);
+                Some(gather.wait())
+            }
+            Schedule::Grid(grid) => {
+                grid.wrote();
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lanes_are_shared_out_evenly_between_workers() {
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        for (every, workers, lanes, step) in [
+            (ms(45), 1, 8, 1),
+            (ms(45), 2, 8, 2),
+            (ms(45), 3, 6, 3),
+            (ms(45), 16, 16, 16),
+            (ms(2), 4, 2, 2),
+            (ms(0), 2, 1, 1),
+        ] {
+            let p = Pace::new(start, every, workers);
+            assert_eq!((p.lanes, p.step()), (lanes, step), "{every:?} with {workers} workers");
+            assert!(p.tick >= ms(1) || every < ms(1));
+        }
+        let p = Pace::new(start, ms(1), 1);
+        let k = u64::from(u32::MAX);
+        assert_eq!(p.at(k + 1) - p.at(k), ms(1), "turns keep coming after 2^32 ticks");
+        assert_eq!(p.tick_of(p.at(k + 1)), k + 1);
+    }
 
     const MINE: [usize; 4] = [1, 3, 5, 7];
 

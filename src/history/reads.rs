@@ -1,4 +1,4 @@
-//! History on this node: which rooms keep it, and the reads joins make of it. Many joins of one
+//! The store's reads: what joins and the `history` command read of rooms' history. Many joins of one
 //! room at once (a drained node's clients all resuming) share their reads: per channel at most one
 //! read is in flight, and every join that asked while it was being sent waits for the next one,
 //! which covers them all (from the oldest position asked, as many messages as the most asked);
@@ -16,11 +16,11 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use super::pos::{Keep, Pos, Slice};
+use futures_util::future::join_all;
+
 use crate::{
-    bus::{
-        stream::{Keep, Pos, Slice},
-        Bus, BusError,
-    },
+    bus::{Bus, BusError, Naming},
     encoding::Encoding,
     envelope::Envelope,
     frame::broadcast_frame,
@@ -136,6 +136,31 @@ impl Reads {
         }
         rx.await
             .unwrap_or_else(|_| Err(BusError::Unavailable("history read abandoned".into())))
+    }
+
+    /// The newest `limit` messages of a room over all its shards, oldest first by publish time.
+    pub async fn newest(
+        self: &Arc<Self>,
+        naming: &Naming,
+        room: &str,
+        limit: usize,
+        keep: Keep,
+    ) -> Result<Vec<(Envelope, u32)>, BusError> {
+        let shards = naming.shards(room);
+        let reads = join_all((0..shards).map(|i| {
+            let channel = naming.room_channel(room, i);
+            async move { self.read(&channel, i, 0, limit, keep).await }
+        }))
+        .await;
+        let mut msgs = Vec::new();
+        for read in reads {
+            let read = read?;
+            msgs.extend(read.envelopes().map(|env| (env, read.shard())));
+        }
+        msgs.sort_by_key(|(env, _)| env.ts_us);
+        let skip = msgs.len().saturating_sub(limit);
+        msgs.drain(..skip);
+        Ok(msgs)
     }
 
     /// Sends a channel's reads one after another until nobody waits.

@@ -2,23 +2,20 @@
 //! meanwhile, in one `writev` straight from the frames every socket shares.
 //!
 //! A delivery worker does not touch the sockets when a message arrives: the message's frames (one
-//! per encoding in use) go to the topic's [`Recent`] list, numbered from one node-wide sequence.
-//! Sockets are spread over lanes by their gate's address, and each lane belongs to one worker. On
-//! a lane's turn its worker takes the topics with frames that lane has not had yet and hands each
-//! member in the lane its share with [`Gate::write_through`]: one lock and one write per socket a
-//! turn, whatever the rate, and no per-frame, per-socket queueing in the common case. A topic's
-//! frames are dropped once every lane had them, so a list holds at most a period of its messages.
-//! A socket that joins sees only frames numbered after its join.
+//! per encoding in use, built once by [`frames_of`]) go to the topic's [`Recent`] list, numbered
+//! from one node-wide sequence. Sockets are spread over lanes by their gate's address, and each
+//! lane belongs to one worker. On a lane's turn its worker takes the topics with frames that lane
+//! has not had yet and hands each member in the lane its share ([`super::writer`]): one lock and
+//! one write per socket a turn, whatever the rate, and no per-frame, per-socket queueing in the
+//! common case. A topic's frames are dropped once every lane had them, so a list holds at most a
+//! period of its messages. A socket that joins sees only frames numbered after its join.
 //!
-//! A socket in several topics gets one write per topic with news on its lane's turn.
+//! A socket in several topics gets one write per topic with news on its lane's turn. When the
+//! turns come is [`super::schedule`]'s.
 //!
-//! When the turns come is adaptive by default ([`crate::gather`]). With a fixed window
-//! (`--write-coalesce P`, paced writes) they follow a grid instead ([`Pace`]): lane `k % lanes` is
-//! written on the `k`-th tick (a tick every `P / lanes`) counted from one instant, so each socket
-//! is written once per period. This module owns the lanes ([`Lanes`], [`Recent`]) and the grid;
-//! the workers are in [`crate::deliver`].
-//!
-//! [`Gate::write_through`]: crate::gate::Gate::write_through
+//! [`frames_of`] is where a message becomes bytes for the wire: one frame per encoding per node.
+//! Frames of another form for the same message (compressed, or a delta to the key's last value)
+//! are built there too, once, and shared the same way.
 
 use std::{
     collections::VecDeque,
@@ -26,70 +23,57 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
 };
 
 use bytes::Bytes;
-use tokio::{sync::Notify, time::Instant};
+use tokio::sync::Notify;
 
-use crate::{encoding::Encoding, gate::Gate, topic::Topic};
+use super::gate::Gate;
+use crate::{
+    encoding::Encoding,
+    envelope::Envelope,
+    frame::broadcast_frame,
+    metrics::{self as m, Delivery},
+    topic::Topic,
+};
 
 /// Lanes when workers are few: ticks `P / 8` apart spread a node's writes over the period.
-const LANES: usize = 8;
+pub const LANES: usize = 8;
 
 /// The lane of a gate among `lanes`, stable for its life: Fibonacci hashing of its address.
 pub fn lane_of(gate: &Arc<Gate>, lanes: usize) -> usize {
     ((Arc::as_ptr(gate) as usize as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % lanes
 }
 
-/// The schedule: `lanes` lanes, lane `k % lanes` written on the `k`-th tick after `start`, a tick
-/// every `every / lanes`; worker `w` of `workers` owns the lanes `k` with `k % workers == w`.
-#[derive(Debug, Clone, Copy)]
-pub struct Pace {
-    start: Instant,
-    tick: Duration,
-    lanes: usize,
-    workers: usize,
-}
-
-impl Pace {
-    pub fn new(start: Instant, every: Duration, workers: usize) -> Pace {
-        let workers = workers.max(1);
-        // Ticks of at least a millisecond (the timer's resolution), and as many lanes per worker.
-        let mut lanes = (every.as_millis() as usize).clamp(1, LANES.max(workers));
-        if lanes > workers {
-            lanes -= lanes % workers;
-        }
-        Pace {
-            start,
-            tick: every / lanes as u32,
-            lanes,
-            workers,
-        }
-    }
-
-    pub fn lanes(&self) -> usize {
-        self.lanes
-    }
-
-    /// When tick `k` comes (in u64 nanoseconds: a 1 ms tick passes `u32::MAX` in 50 days).
-    pub(crate) fn at(&self, k: u64) -> Instant {
-        self.start + Duration::from_nanos((self.tick.as_nanos() as u64).saturating_mul(k))
-    }
-
-    /// The tick `at` falls on.
-    pub(crate) fn tick_of(&self, at: Instant) -> u64 {
-        ((at - self.start).as_nanos() / self.tick.as_nanos().max(1)) as u64
-    }
-
-    /// Ticks between two turns of one worker; worker `w` has turns at ticks `k % step == w`.
-    pub(crate) fn step(&self) -> usize {
-        self.workers.min(self.lanes)
-    }
-}
-
 /// Frames of one message, per encoding (`None`: no member used it, or it could not be encoded).
 pub type Frames = [Option<Bytes>; 2];
+
+/// One message's frames for a topic whose members use `encodings` (members per encoding): built
+/// once each, shared by every socket. What cannot be encoded is counted per member it misses.
+pub fn frames_of(env: &Envelope, shard: u32, encodings: [u32; 2], topic: &Topic) -> Frames {
+    let mut frames: Frames = [None, None];
+    let mut unencodable = 0;
+    for encoding in Encoding::ALL {
+        let users = encodings[encoding.index()];
+        if users == 0 {
+            continue;
+        }
+        match broadcast_frame(encoding, env, shard) {
+            Ok(frame) => frames[encoding.index()] = Some(frame),
+            Err(e) => {
+                tracing::debug!(error = %e, topic = ?topic, "message cannot be encoded");
+                unencodable += users as usize;
+            }
+        }
+    }
+    if unencodable > 0 {
+        m::delivered(&Delivery {
+            unencodable,
+            ..Delivery::default()
+        });
+    }
+    frames
+}
 
 /// A topic's frames that some lane has not had yet.
 #[derive(Debug)]
@@ -137,7 +121,7 @@ impl Share {
         &self.frames[self.seqs.partition_point(|s| *s < since)..]
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.seqs.clear();
         self.frames.clear();
     }
@@ -227,47 +211,9 @@ impl Lanes {
     }
 }
 
-/// Buffers reused from turn to turn.
-#[derive(Default)]
-pub struct Scratch {
-    /// Per encoding, what the lane gets of the topic at hand.
-    pub(crate) shares: [Share; 2],
-    /// The lane's members: gate, encoding, joined at.
-    pub(crate) seats: Vec<(Arc<Gate>, Encoding, u64)>,
-}
-
-impl Scratch {
-    pub(crate) fn clear(&mut self) {
-        self.shares.iter_mut().for_each(Share::clear);
-        self.seats.clear();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lanes_are_shared_out_evenly_between_workers() {
-        let start = Instant::now();
-        let ms = Duration::from_millis;
-        for (every, workers, lanes, step) in [
-            (ms(45), 1, 8, 1),
-            (ms(45), 2, 8, 2),
-            (ms(45), 3, 6, 3),
-            (ms(45), 16, 16, 16),
-            (ms(2), 4, 2, 2),
-            (ms(0), 2, 1, 1),
-        ] {
-            let p = Pace::new(start, every, workers);
-            assert_eq!((p.lanes, p.step()), (lanes, step), "{every:?} with {workers} workers");
-            assert!(p.tick >= ms(1) || every < ms(1));
-        }
-        let p = Pace::new(start, ms(1), 1);
-        let k = u64::from(u32::MAX);
-        assert_eq!(p.at(k + 1) - p.at(k), ms(1), "turns keep coming after 2^32 ticks");
-        assert_eq!(p.tick_of(p.at(k + 1)), k + 1);
-    }
 
     #[test]
     fn a_topic_is_news_for_each_lane_once_and_its_frames_go_once_every_lane_had_them() {

@@ -1,0 +1,192 @@
+//! The one way a frame reaches a socket. Broadcasts are written on their lane's turn
+//! ([`write_turn`]) or, for a join that replayed history, when its held frames are let go
+//! ([`release`]); everything else the node sends (replies, presence events, pings, replays, drain
+//! notices, closes) enters through one handle, [`Outbound`]. The session's writer task, which
+//! finishes what a congested socket did not take and writes the close, is here too
+//! ([`serve`]). Nothing else calls a [`Gate`]'s writing methods.
+//!
+//! A frame that replaces another one still queued for the same socket, or a compressed or delta
+//! form of a frame, changes what is handed to the gate here, and nowhere else.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+
+use super::{
+    gate::{Gate, Next, Push},
+    lanes::{lane_of, Share},
+};
+use crate::{
+    close::{code, CloseReason},
+    encoding::Encoding,
+    history::pos::Pos,
+    metrics::Delivery,
+    wire,
+};
+
+/// One socket as the node writes to it: its gate and the encoding it reads. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    gate: Arc<Gate>,
+    encoding: Encoding,
+}
+
+impl Outbound {
+    pub fn new(gate: Arc<Gate>, encoding: Encoding) -> Outbound {
+        Outbound { gate, encoding }
+    }
+
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    /// Its lane among `lanes`, stable for its life.
+    pub fn lane(&self, lanes: usize) -> usize {
+        lane_of(&self.gate, lanes)
+    }
+
+    /// Sends one frame now, within the socket's budget: false when the socket is going (closing,
+    /// overflowed by this frame, or broken).
+    pub fn send(&self, frame: Bytes) -> bool {
+        matches!(self.gate.send(frame), Push::Queued)
+    }
+
+    /// Sends a frame of a long answer (a replay) once the socket's queue is below half its
+    /// budget, so it goes out as the socket drains, never all at once and never past the budget.
+    /// False once the socket is gone.
+    pub async fn send_draining(&self, frame: Bytes) -> bool {
+        self.gate.room_below(self.gate.budget() / 2).await && self.send(frame)
+    }
+
+    /// Sends one frame that may be larger than the budget (an answer the client asked for): once
+    /// the queue is empty, outside the budget, so it goes out as the socket drains and cannot by
+    /// itself close the socket as a slow consumer.
+    pub async fn send_whole(&self, frame: Bytes) {
+        if self.gate.room_below(0).await {
+            self.gate.send_outside_budget(frame);
+        }
+    }
+
+    /// Closes the socket after what is queued, with this close frame (or none).
+    pub fn close(&self, frame: Option<(u16, &'static str)>) {
+        self.gate.close(frame);
+    }
+
+    /// Frees the socket's queue and drops it as a slow consumer (4008).
+    pub fn overflow(&self) {
+        self.gate.overflow();
+    }
+
+    pub fn budget(&self) -> usize {
+        self.gate.budget()
+    }
+
+    /// Bytes queued and not yet taken by the kernel.
+    pub fn queued(&self) -> usize {
+        self.gate.queued()
+    }
+}
+
+/// What a lane's turn writes of one topic, in buffers reused from turn to turn.
+#[derive(Default)]
+pub struct Scratch {
+    /// Per encoding, the frames the lane has not had.
+    pub(crate) shares: [Share; 2],
+    /// The topic's members in the lane: the socket and the first frame number it gets (what it
+    /// joined at).
+    pub(crate) seats: Vec<(Outbound, u64)>,
+}
+
+impl Scratch {
+    pub(crate) fn clear(&mut self) {
+        self.shares.iter_mut().for_each(Share::clear);
+        self.seats.clear();
+    }
+}
+
+/// A lane's turn for one topic: every seat gets, in one write, the frames of its encoding it has
+/// not had (those numbered from its join on). Empties the seats.
+pub fn write_turn(s: &mut Scratch) -> Delivery {
+    let mut out = Delivery::default();
+    for (member, since) in s.seats.drain(..) {
+        let frames = s.shares[member.encoding.index()].since(since);
+        if frames.is_empty() {
+            continue;
+        }
+        out.writes += 1;
+        match member.gate.write_through(frames) {
+            Push::Queued => {
+                out.delivered += frames.len();
+                out.bytes += frames.iter().map(Bytes::len).sum::<usize>();
+            }
+            Push::Overflow => out.overflowed += 1,
+            Push::Closed => {}
+        }
+    }
+    out
+}
+
+/// Lets go of the frames held back for a socket while its join replayed history: each in order,
+/// but for those the socket has already (at or before `upto` of its shard), then written.
+pub fn release(member: &Outbound, frames: Vec<(u32, Option<Pos>, Bytes)>, upto: &[Pos]) {
+    for (shard, pos, frame) in frames {
+        let had = match (pos, upto.get(shard as usize)) {
+            (Some(pos), Some(upto)) => pos.epoch == upto.epoch && pos.n <= upto.n,
+            _ => false,
+        };
+        if !had && matches!(member.gate.push(frame), Push::Overflow | Push::Closed) {
+            break;
+        }
+    }
+    member.gate.flush();
+}
+
+/// The session's writer: finishes what the gate's non-blocking flushes could not (a congested
+/// socket) and writes the session's last frame; returns when the session must end.
+pub async fn serve(gate: &Gate, grace: Duration) -> CloseReason {
+    loop {
+        let next = gate.next().await;
+        // Boxed: what the writer does lives only while it does it, not in every idle session.
+        if let Some(end) = Box::pin(act(gate, next, grace)).await {
+            return end;
+        }
+    }
+}
+
+/// Does what the gate asked; `Some` when the session must end.
+async fn act(gate: &Gate, next: Next, grace: Duration) -> Option<CloseReason> {
+    match next {
+        Next::Congested => {
+            // A client that stopped reading leaves the drain pending; overflow, or a close (idle,
+            // drain, expiry), ends the wait, and the close is bounded by the grace period.
+            let drained = tokio::select! {
+                drained = gate.drain() => drained.is_ok(),
+                _ = gate.interrupted() => true,
+            };
+            (!drained).then_some(CloseReason::Error)
+        }
+        Next::Overflow => {
+            let frame = Some((code::SLOW_CONSUMER, "slow consumer"));
+            Some(close(gate, frame, grace, CloseReason::SlowConsumer).await)
+        }
+        Next::Close(frame) => {
+            let why = frame.map_or(CloseReason::Normal, |(c, _)| CloseReason::for_code(c));
+            Some(close(gate, frame, grace, why).await)
+        }
+        Next::Broken => Some(CloseReason::Error),
+    }
+}
+
+/// Writes what is queued and the close frame (if any) if the socket takes them within `grace`; the
+/// connection is dropped after.
+async fn close(gate: &Gate, frame: Option<(u16, &'static str)>, grace: Duration, why: CloseReason) -> CloseReason {
+    if let Some((code, reason)) = frame {
+        gate.finish(wire::close(code, reason));
+    }
+    let _ = tokio::time::timeout(grace, gate.drain()).await;
+    why
+}
