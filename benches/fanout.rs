@@ -26,14 +26,16 @@ use std::{
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use shardcast::{
+    encoding::json_to_msgpack,
     envelope::{Envelope, Kind},
     fanout::{
         lanes::Lanes,
         writer::{Outbound, Scratch},
     },
-    frame::{broadcast_frame, data_depth_ok, json_to_msgpack, Encoding, DEFAULT_DATA_DEPTH},
+    frame::{data_depth_ok, Encoding, DEFAULT_DATA_DEPTH},
     hub::{Hub, Interest},
     topic::Topic,
+    wire::broadcast_frame,
 };
 
 const SOCKETS: usize = 10_000;

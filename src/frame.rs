@@ -1,20 +1,19 @@
-//! Client frames, both encodings: decoding what a client sends, and building what it receives.
+//! Client frames, both encodings: decoding what a client sends into a [`Request`], and the
+//! [`FrameError`] it is refused with. What the node sends is [`crate::wire`]'s.
 //!
 //! A client may send JSON text frames or MessagePack binary frames whatever it negotiated; the node
-//! answers in the negotiated encoding. Broadcast frames are built here once per message and
-//! encoding, splicing the publisher's `data` bytes in unchanged when the encodings match.
+//! answers in the negotiated encoding.
 
 use bytes::Bytes;
-use serde::{de::IgnoredAny, Deserialize, Deserializer, Serialize};
+use serde::{de::IgnoredAny, Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 pub use crate::encoding::{Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK};
 use crate::{
     close::ErrorCode,
-    envelope::{Envelope, Kind},
+    encoding::msgpack_to_json,
     history::pos::{BadPos, Pos},
     names,
-    wire::Payload,
 };
 
 /// A payload as its publisher encoded it.
@@ -511,287 +510,17 @@ fn msgpack_frame_too_deep(frame: &[u8], max: usize) -> Option<Option<i64>> {
     too_deep.then_some(id)
 }
 
-/// Why a broadcast frame could not be built for one encoding.
-#[derive(Debug, thiserror::Error)]
-pub enum TranscodeError {
-    #[error("invalid JSON data: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("invalid MessagePack data: {0}")]
-    MsgPack(String),
-}
-
-/// Transcodes MessagePack `data` to JSON text, refusing trailing bytes.
-pub fn msgpack_to_json(data: &[u8]) -> Result<Vec<u8>, TranscodeError> {
-    let mut cursor = std::io::Cursor::new(data);
-    let mut out = Vec::with_capacity(data.len() + data.len() / 2);
-    {
-        let mut de = rmp_serde::Deserializer::new(&mut cursor);
-        let mut ser = serde_json::Serializer::new(&mut out);
-        serde_transcode::transcode(&mut de, &mut ser).map_err(|e| match e.classify() {
-            serde_json::error::Category::Io => TranscodeError::MsgPack(e.to_string()),
-            _ => TranscodeError::Json(e),
-        })?;
-    }
-    if cursor.position() as usize != data.len() {
-        return Err(TranscodeError::MsgPack("trailing bytes".into()));
-    }
-    Ok(out)
-}
-
-/// Transcodes JSON `data` to MessagePack, refusing trailing characters.
-pub fn json_to_msgpack(data: &[u8]) -> Result<Vec<u8>, TranscodeError> {
-    let mut out = Vec::with_capacity(data.len());
-    let mut de = serde_json::Deserializer::from_slice(data);
-    let mut ser = rmp_serde::Serializer::new(&mut out);
-    serde_transcode::transcode(&mut de, &mut ser).map_err(|e| TranscodeError::MsgPack(e.to_string()))?;
-    de.end()?;
-    Ok(out)
-}
-
-fn check_json(data: &[u8]) -> Result<(), TranscodeError> {
-    let mut de = serde_json::Deserializer::from_slice(data);
-    IgnoredAny::deserialize(&mut de)?;
-    de.end()?;
-    Ok(())
-}
-
-fn check_msgpack(data: &[u8]) -> Result<(), TranscodeError> {
-    let mut cursor = std::io::Cursor::new(data);
-    IgnoredAny::deserialize(&mut rmp_serde::Deserializer::new(&mut cursor))
-        .map_err(|e| TranscodeError::MsgPack(e.to_string()))?;
-    if cursor.position() as usize != data.len() {
-        return Err(TranscodeError::MsgPack("trailing bytes".into()));
-    }
-    Ok(())
-}
-
-/// Builds the `msg` (room) or `dm` frame of an envelope in one encoding. A message with a
-/// position (a room with history) also carries its shard and position.
-pub fn broadcast_frame(encoding: Encoding, env: &Envelope, shard: u32) -> Result<Bytes, TranscodeError> {
-    let mut out = Payload::with_capacity(48 + env.target.len() + env.from.len() + env.data.len());
-    write_message(&mut out, encoding, env, shard)?;
-    Ok(match encoding {
-        Encoding::Json => out.text(),
-        Encoding::MsgPack => out.binary(),
-    })
-}
-
-/// Writes a message as one value (a JSON object, a MessagePack map), as a frame holds it.
-fn write_message(out: &mut Payload, encoding: Encoding, env: &Envelope, shard: u32) -> Result<(), TranscodeError> {
-    let op = match env.kind {
-        Kind::Room => "msg",
-        Kind::Direct => "dm",
-    };
-    let room = env.kind == Kind::Room;
-    let pos = env.pos.map(|p| p.to_string());
-    match encoding {
-        Encoding::Json => {
-            let converted;
-            let data: &[u8] = match env.format {
-                Encoding::Json => {
-                    check_json(&env.data)?;
-                    &env.data
-                }
-                Encoding::MsgPack => {
-                    converted = msgpack_to_json(&env.data)?;
-                    &converted
-                }
-            };
-            out.put(b"{\"op\":\"");
-            out.put(op.as_bytes());
-            out.put(b"\"");
-            if room {
-                out.put(b",\"room\":");
-                serde_json::to_writer(&mut *out, &env.target)?;
-            }
-            out.put(b",\"from\":");
-            serde_json::to_writer(&mut *out, &env.from)?;
-            if let Some(pos) = &pos {
-                out.put(format!(",\"shard\":{shard},\"pos\":\"{pos}\"").as_bytes());
-            }
-            out.put(b",\"data\":");
-            // Checked or produced by serde_json above, so UTF-8, as a text frame must be.
-            out.put(data);
-            out.put(b"}");
-        }
-        Encoding::MsgPack => {
-            let converted;
-            let data: &[u8] = match env.format {
-                Encoding::MsgPack => {
-                    check_msgpack(&env.data)?;
-                    &env.data
-                }
-                Encoding::Json => {
-                    converted = json_to_msgpack(&env.data)?;
-                    &converted
-                }
-            };
-            let fields = 3 + u32::from(room) + if pos.is_some() { 2 } else { 0 };
-            // Writes into a Vec cannot fail.
-            let _ = rmp::encode::write_map_len(&mut *out, fields);
-            let _ = rmp::encode::write_str(&mut *out, "op");
-            let _ = rmp::encode::write_str(&mut *out, op);
-            if room {
-                let _ = rmp::encode::write_str(&mut *out, "room");
-                let _ = rmp::encode::write_str(&mut *out, &env.target);
-            }
-            let _ = rmp::encode::write_str(&mut *out, "from");
-            let _ = rmp::encode::write_str(&mut *out, &env.from);
-            if let Some(pos) = &pos {
-                let _ = rmp::encode::write_str(&mut *out, "shard");
-                let _ = rmp::encode::write_uint(&mut *out, u64::from(shard));
-                let _ = rmp::encode::write_str(&mut *out, "pos");
-                let _ = rmp::encode::write_str(&mut *out, pos);
-            }
-            let _ = rmp::encode::write_str(&mut *out, "data");
-            out.put(data);
-        }
-    }
-    Ok(())
-}
-
-/// The answer to `history`: `{"op":"ok","id":I,"msgs":[...]}` with each message as a `msg` frame
-/// holds it. Messages that cannot be framed in `encoding` are left out.
-pub fn history_frame(encoding: Encoding, id: Option<i64>, msgs: &[(Envelope, u32)]) -> Bytes {
-    let mut out = Payload::with_capacity(64 + msgs.iter().map(|(e, _)| 64 + e.data.len()).sum::<usize>());
-    let mut framed = Vec::with_capacity(msgs.len());
-    for (env, shard) in msgs {
-        let mut one = Payload::with_capacity(48 + env.data.len());
-        if write_message(&mut one, encoding, env, *shard).is_ok() {
-            framed.push(one);
-        }
-    }
-    match encoding {
-        Encoding::Json => {
-            out.put(b"{\"op\":\"ok\"");
-            if let Some(id) = id {
-                out.put(format!(",\"id\":{id}").as_bytes());
-            }
-            out.put(b",\"msgs\":[");
-            for (i, one) in framed.iter().enumerate() {
-                if i > 0 {
-                    out.put(b",");
-                }
-                out.put(one.body());
-            }
-            out.put(b"]}");
-            out.text()
-        }
-        Encoding::MsgPack => {
-            let _ = rmp::encode::write_map_len(&mut out, if id.is_some() { 3 } else { 2 });
-            let _ = rmp::encode::write_str(&mut out, "op");
-            let _ = rmp::encode::write_str(&mut out, "ok");
-            if let Some(id) = id {
-                let _ = rmp::encode::write_str(&mut out, "id");
-                let _ = rmp::encode::write_sint(&mut out, id);
-            }
-            let _ = rmp::encode::write_str(&mut out, "msgs");
-            let _ = rmp::encode::write_array_len(&mut out, framed.len() as u32);
-            for one in &framed {
-                out.put(one.body());
-            }
-            out.binary()
-        }
-    }
-}
-
-/// A small reply to one connection: `ok`, `error`, `pong` or `reconnect`.
-#[derive(Debug, Serialize)]
-pub struct Reply<'a> {
-    pub op: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub id: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub code: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub after_ms: Option<u64>,
-    /// A publish's position, or where each shard of a joined room stands.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pos: Option<Positions>,
-    /// Whether a join with `since` replayed everything the client missed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub recovered: Option<bool>,
-    /// The room a presence event is about.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub room: Option<&'a str>,
-    /// The user who joined or left.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub user: Option<&'a str>,
-    /// A room's count of users.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub count: Option<u64>,
-    /// A small room's users.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub users: Option<Vec<&'a str>>,
-}
-
-/// `pos` in a reply: one position (a publish), or one per shard (a join).
-#[derive(Debug, Serialize)]
-#[serde(untagged)]
-pub enum Positions {
-    One(String),
-    Each(Vec<String>),
-}
-
-impl<'a> Reply<'a> {
-    pub fn op(op: &'a str, id: Option<i64>) -> Reply<'a> {
-        Reply {
-            op,
-            id,
-            code: None,
-            message: None,
-            after_ms: None,
-            pos: None,
-            recovered: None,
-            room: None,
-            user: None,
-            count: None,
-            users: None,
-        }
-    }
-
-    pub fn error(err: &'a FrameError) -> Reply<'a> {
-        Reply {
-            code: Some(err.code.as_str()),
-            message: Some(&err.message),
-            pos: err.pos.map(|p| Positions::One(p.to_string())),
-            ..Reply::op("error", err.id)
-        }
-    }
-
-    /// The reply's wire frame. A reply is a few fields of known types: serializing it cannot fail.
-    pub fn encode(&self, encoding: Encoding) -> Bytes {
-        let mut out = Payload::with_capacity(64);
-        match encoding {
-            Encoding::Json => {
-                let _ = serde_json::to_writer(&mut out, self);
-                out.text()
-            }
-            Encoding::MsgPack => {
-                let _ = rmp_serde::encode::write_named(&mut out, self);
-                out.binary()
-            }
-        }
-    }
-}
-
-/// A command's answer as the frame to send, if any; a refusal is counted by its code.
-pub fn encode(answer: Result<Option<Reply<'_>>, FrameError>, encoding: Encoding) -> Option<Bytes> {
-    match answer {
-        Ok(reply) => reply.map(|r| r.encode(encoding)),
-        Err(e) => {
-            crate::metrics::bad_frame(e.code.as_str());
-            Some(Reply::error(&e).encode(encoding))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use serde::Serialize;
     use tokio_tungstenite::tungstenite::Message;
+
+    use super::*;
+    use crate::{
+        encoding::json_to_msgpack,
+        envelope::{Envelope, Kind},
+        wire::{broadcast_frame, Reply},
+    };
 
     const D: usize = DEFAULT_DATA_DEPTH;
 

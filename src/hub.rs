@@ -542,7 +542,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{encoding::Encoding, envelope::Kind, fanout::gate::Gate, frame::broadcast_frame};
+    use crate::{encoding::Encoding, envelope::Kind, fanout::gate::Gate, wire::broadcast_frame};
 
     fn message(room: &str, data: &'static [u8]) -> Envelope {
         Envelope {

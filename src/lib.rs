@@ -40,6 +40,7 @@
 //! - [`gate`]: the per-socket queue, its byte budget and its non-blocking writes.
 //! - [`node`]: the shared handle; [`shutdown`]: the drain; [`metrics`]: names and recorder.
 
+pub mod accept;
 pub mod auth;
 pub mod bus;
 pub mod close;
@@ -51,7 +52,6 @@ pub mod envelope;
 pub mod fanout;
 pub mod frame;
 pub mod history;
-pub mod http;
 pub mod hub;
 pub mod interest;
 pub mod metrics;
@@ -59,7 +59,7 @@ pub mod names;
 pub mod node;
 pub mod presence;
 pub mod publish;
-pub mod server;
+pub mod routes;
 pub mod session;
 pub mod shutdown;
 pub mod throttle;
@@ -145,19 +145,19 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
 
     if let Some(addr) = node.config().metrics_listen {
         let listener = TcpListener::bind(addr).await?;
-        let app = server::metrics_router(node.clone());
+        let app = routes::metrics_router(node.clone());
         let stop = internal.clone();
-        let limits = http::Limits {
+        let limits = accept::Limits {
             max_connections: METRICS_CONNECTIONS,
             ..limits
         };
         tracker.spawn(async move {
-            if let Err(e) = http::serve(listener, app, limits, stop.cancelled_owned()).await {
+            if let Err(e) = accept::serve(listener, app, limits, stop.cancelled_owned()).await {
                 tracing::error!(error = %e, "metrics listener failed");
             }
         });
     }
-    let app = server::router(node.clone());
+    let app = routes::router(node.clone());
     let drained = {
         let node = node.clone();
         async move {
@@ -165,7 +165,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
             shutdown::drain(&node).await;
         }
     };
-    http::serve(listener, app, limits, drained).await?;
+    accept::serve(listener, app, limits, drained).await?;
 
     bus.close().await;
     internal.cancel();
@@ -202,7 +202,7 @@ async fn connect(
 
 /// The main listener's limits; the HTTP connection cap derived from the open-files limit unless
 /// set. Warns when WebSockets up to `--max-connections` could use up the descriptors left.
-fn http_limits(config: &Config) -> http::Limits {
+fn http_limits(config: &Config) -> accept::Limits {
     let open_files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft);
     let max_connections = config
         .max_http_connections
@@ -222,7 +222,7 @@ fn http_limits(config: &Config) -> http::Limits {
         max_http_connections = max_connections,
         "HTTP connection cap"
     );
-    http::Limits {
+    accept::Limits {
         header_timeout: config.http_header_timeout,
         max_connections,
     }

@@ -33,9 +33,9 @@ use crate::{
     config::Config,
     encoding::Encoding,
     fanout::writer::Outbound,
-    frame::Reply,
     hub::SessionId,
     metrics as m,
+    wire::Reply,
 };
 
 /// Presence calls a tick has in flight at once, pipelined on the bus's connections.

@@ -32,7 +32,7 @@ use crate::{
     config::Config,
     envelope,
     fanout::writer::{self, Outbound},
-    frame::{self, decode_binary, decode_text, FrameError, Request},
+    frame::{decode_binary, decode_text, FrameError, Request},
     metrics as m,
     node::Node,
     publish::{
@@ -461,7 +461,7 @@ async fn dispatch(
         (Admit::Yes, Err(e)) => Err(e),
         (_, request) => Err(rate_limited(request.as_ref().ok().and_then(|r| r.id), node, membership)),
     };
-    frame::encode(reply, out.encoding())
+    wire::encode(reply, out.encoding())
 }
 
 /// The error a command refused by the rate limit gets.

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use crate::{close::code, frame::Reply, node::Node};
+use crate::{close::code, node::Node, wire::Reply};
 
 /// Runs the drain phases; returns when every session is gone or the deadline passed.
 pub async fn drain(node: &Node) {

@@ -23,11 +23,10 @@ use bytes::Bytes;
 use common::raw;
 use proptest::prelude::*;
 use shardcast::{
+    encoding::json_to_msgpack,
     envelope::{Envelope, Kind},
-    frame::{
-        broadcast_frame, data_depth_ok, decode_binary, decode_text, json_to_msgpack, Command, Encoding,
-        DEFAULT_DATA_DEPTH,
-    },
+    frame::{data_depth_ok, decode_binary, decode_text, Command, Encoding, DEFAULT_DATA_DEPTH},
+    wire::broadcast_frame,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::{protocol::Role, Message, WebSocket};

@@ -2,7 +2,7 @@
 //! the socket's budget (it goes out whole, once the socket's queue is empty).
 
 use super::{may_join, unavailable, Answer, Membership};
-use crate::{fanout::writer::Outbound, frame::history_frame, node::Node};
+use crate::{fanout::writer::Outbound, node::Node, wire::history_frame};
 
 pub async fn run(
     id: Option<i64>,

@@ -9,7 +9,7 @@ use super::{may_join, ok, unavailable, Answer, Membership};
 use crate::{
     close::ErrorCode,
     fanout::writer::Outbound,
-    frame::{FrameError, Positions, Reply},
+    frame::FrameError,
     history::{
         pos::{Keep, Pos},
         replay::replay,
@@ -17,6 +17,7 @@ use crate::{
     metrics as m,
     node::Node,
     topic::Topic,
+    wire::{Positions, Reply},
 };
 
 /// A `join` as the client sent it.

@@ -18,8 +18,9 @@ pub use membership::Membership;
 use crate::{
     close::ErrorCode,
     fanout::writer::Outbound,
-    frame::{Command, FrameError, Reply, Request},
+    frame::{Command, FrameError, Request},
     node::Node,
+    wire::Reply,
 };
 
 /// What a command answers: `Ok(None)` means nothing (more) to answer.

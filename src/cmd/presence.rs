@@ -1,13 +1,7 @@
 //! `presence`: a room's count, and its users when the room is small enough to list them.
 
 use super::{may_join, unavailable, Answer, Membership};
-use crate::{
-    close::ErrorCode,
-    fanout::writer::Outbound,
-    frame::{FrameError, Reply},
-    node::Node,
-    presence::listed,
-};
+use crate::{close::ErrorCode, fanout::writer::Outbound, frame::FrameError, node::Node, presence::listed, wire::Reply};
 
 pub async fn run(id: Option<i64>, room: String, node: &Node, membership: &Membership, out: &Outbound) -> Answer {
     may_join(membership, &room, id)?;

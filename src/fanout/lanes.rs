@@ -32,9 +32,9 @@ use super::gate::Gate;
 use crate::{
     encoding::Encoding,
     envelope::Envelope,
-    frame::broadcast_frame,
     metrics::{self as m, Delivery},
     topic::Topic,
+    wire::broadcast_frame,
 };
 
 /// Lanes when workers are few: ticks `P / 8` apart spread a node's writes over the period.

@@ -23,8 +23,8 @@ use crate::{
     bus::{Bus, BusError, Naming},
     encoding::Encoding,
     envelope::Envelope,
-    frame::broadcast_frame,
     metrics as m,
+    wire::broadcast_frame,
 };
 
 /// One read of a channel's history, shared by every join that waited for it.

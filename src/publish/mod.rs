@@ -15,11 +15,12 @@ use crate::{
     bus::BusError,
     close::ErrorCode,
     envelope::{self, Envelope, Kind},
-    frame::{Command, Data, FrameError, Positions, Reply, Request},
+    frame::{Command, Data, FrameError, Request},
     history::pos::{Keep, Pos},
     metrics as m,
     node::Node,
     topic::Topic,
+    wire::{Positions, Reply},
 };
 
 /// A message wrapped for the bus: its channel, its envelope, and how its room keeps history.

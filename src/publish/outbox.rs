@@ -25,13 +25,7 @@ use futures_util::future::join_all;
 use indexmap::IndexMap;
 
 use super::{published, Publish};
-use crate::{
-    bus::BusError,
-    encoding::Encoding,
-    frame::{encode, FrameError},
-    history::pos::Keep,
-    node::Node,
-};
+use crate::{bus::BusError, encoding::Encoding, frame::FrameError, history::pos::Keep, node::Node, wire::encode};
 
 /// One publish waiting for its answer.
 pub enum Entry {

@@ -19,6 +19,7 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
 use crate::{
+    accept::Connection,
     auth::Grants,
     bus::BusError,
     close::ErrorCode,
@@ -27,7 +28,6 @@ use crate::{
     envelope::Kind,
     fanout::{gate::Gate, writer::Outbound},
     frame::{data_depth_ok, Data},
-    http::Connection,
     metrics as m,
     node::Node,
     presence::{listed, Presence},

@@ -9,7 +9,7 @@
 //!   `--max-connections` instead);
 //! - a client gets [`Limits::header_timeout`] to send a request's headers, which also bounds how
 //!   long a keep-alive connection may sit idle; a body is bounded where it is read
-//!   (`--http-body-timeout`, see [`crate::server`]);
+//!   (`--http-body-timeout`, see [`crate::routes`]);
 //! - at the cap, the connection that has waited longest on its client (for headers, or for a body
 //!   that [`Connection::waiting`] marks) is closed to make room, as long as it has waited
 //!   [`EVICT_AFTER`]; with none such, the new connection is answered 503 and closed at once. So a
