@@ -7,37 +7,40 @@
 //! Lower modules never import higher ones; where a lower one must call up, it defines the small
 //! trait it needs ([`bus::Sink`]) and a higher one plugs in.
 //!
-//! A message's route in: [`session`] (a client's `pub` or `dm`) or [`server`] (`POST /publish`)
-//! → [`publish`] (one envelope, its channel) → [`bus`] → Redis Cluster or the in-process twin.
+//! A message's route in: [`session`] (a client's `pub` or `dm`) or [`routes`] (`POST /publish`)
+//! → [`publish`] (one envelope, its channel; [`publish::outbox`] keeps a sender's order) →
+//! [`bus`] → Redis Cluster or the in-process twin.
 //!
-//! Its route out, on every node with members: [`bus`] → [`deliver`] (workers decode it once) →
-//! [`hub`] (every local member of its topic, one frame per encoding, recorded for the [`paced`]
-//! lanes and written on a lane's turn, whose time [`gather`] sets, or the fixed window) →
-//! [`gate`] (each socket's byte budget and non-blocking writes) → the socket.
+//! Its route out, on every node with members: [`bus`] → [`fanout::worker`] (decoded once, put in
+//! order against history by [`history::gaps`]) → [`hub`] (frames built once per encoding,
+//! recorded for the lanes of [`fanout::lanes`]) → [`fanout::writer`] (a lane's members on the
+//! turn [`fanout::schedule`] sets, one write each) → [`fanout::gate`] → the socket. Every other
+//! frame the node sends enters the same writer through [`fanout::writer::Outbound`].
 //!
 //! Modules, from the edge of the node inwards:
 //! - [`config`]: settings, their defaults and validation.
-//! - [`http`]: the HTTP/1.1 accept loop and its connection cap; [`server`]: HTTP and WebSocket
+//! - [`accept`]: the HTTP/1.1 accept loop and its connection cap; [`routes`]: HTTP and WebSocket
 //!   routes on one listener; [`upgrade`]: the WebSocket handshake, handing the TCP socket over;
 //!   [`throttle`]: the per-address rate of `POST /publish`; [`demo`]: the demo page.
 //! - [`auth`]: tokens and what they grant; [`names`]: what a room or user name may be.
-//! - [`session`]: one socket: reader, commands, pings, congested writes and closes.
-//! - [`publish`]: wraps a message in an envelope and hands it to the bus; [`outbox`]: a
-//!   connection's publishes in flight, sent in batches, answered in order.
+//! - [`session`]: one socket: its reader, rate limit, pings and the end of the session.
+//! - [`cmd`]: one file per client command (join, leave, history, presence, ping) and the socket's
+//!   [`cmd::Membership`].
+//! - [`publish`]: a message wrapped in its envelope and handed to the bus; a client's publishes
+//!   checked, sent in order through the connection's [`publish::outbox`], answered.
 //! - [`frame`]: client frames in both encodings; [`wire`]: server frames as bytes on the wire;
-//!   [`envelope`]: the bus envelope; [`encoding`]: JSON and MessagePack; [`close`]: close and
-//!   error codes.
+//!   [`envelope`]: the bus envelope; [`encoding`]: JSON and MessagePack, and transcoding between
+//!   them; [`close`]: close and error codes.
 //! - [`topic`]: a room or a user's inbox, what sockets are in.
 //! - [`interest`]: subscribe on first member, unsubscribe after the last.
 //! - [`bus`]: the transport seam, channel names and shard choice: [`bus::redis`] (Redis Cluster)
-//!   and [`bus::memory`] (embedded).
-//! - [`deliver`]: the delivery workers between the bus and the hub; [`gather`]: when a worker
-//!   writes its lanes (adaptive writes).
+//!   and [`bus::memory`] (embedded); [`bus::presence`] keeps presence contributions.
+//! - [`history`]: rooms that keep their messages: positions ([`history::pos`], the lowest
+//!   module), the store's reads, shard heads, the node's own gaps, and the replay on join.
 //! - [`presence`]: rooms' counts and member lists and users' online status over every node,
-//!   from each node's own contribution ([`bus::presence`] keeps them).
-//! - [`hub`]: local sockets and topics, fan-out; [`paced`]: the lanes and frame lists every write
-//!   goes through, and the fixed window's schedule.
-//! - [`gate`]: the per-socket queue, its byte budget and its non-blocking writes.
+//!   from each node's own contribution.
+//! - [`hub`]: local sockets and topics: who is in which, subscriptions, held frames.
+//! - [`fanout`]: the way out: delivery workers, lanes, their schedule, the writer and the gate.
 //! - [`node`]: the shared handle; [`shutdown`]: the drain; [`metrics`]: names and recorder.
 
 pub mod accept;
