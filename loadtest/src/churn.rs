@@ -7,7 +7,8 @@
 //! resume took from the drop to the join's `ok`.
 //!
 //! The pure parts (a client's positions, its tallies, the summary over clients) are apart from the
-//! sockets, so they are tested without a node.
+//! sockets, so they are tested without a node. [`Plan::from_args`] is the `churn` subcommand's
+//! plan.
 
 use std::{
     collections::BTreeMap,
@@ -20,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::{bail, Context};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::{
@@ -34,6 +36,7 @@ use crate::{
     report::{counts, Latency, NodeUsage},
     stats::{Latencies, Pending, Stream, Tally},
     wire::{self, Encoding, Inbound, JoinOk, Stamp, Target},
+    Args,
 };
 
 /// What a churn run is asked to do.
@@ -56,6 +59,37 @@ pub struct Plan {
     pub ramp_per_sec: f64,
     pub connect_timeout: Duration,
     pub pids: Vec<u32>,
+}
+
+impl Plan {
+    /// The plan the command line asks for, against `nodes`; refused for what churn cannot run.
+    pub fn from_args(args: &Args, nodes: Vec<NodeUrl>) -> anyhow::Result<Plan> {
+        let rate = args.rate.unwrap_or(200.0);
+        if !(rate > 0.0 && rate.is_finite()) {
+            bail!("--rate must be positive");
+        }
+        if args.publish_via == conn::Via::Http {
+            bail!("churn publishes with pub frames: give --publish-via ws");
+        }
+        let positive = |v: f64, name: &str| Duration::try_from_secs_f64(v.max(0.0)).with_context(|| name.to_string());
+        Ok(Plan {
+            nodes,
+            source_addrs: args.source_addrs,
+            clients: args.clients().max(1),
+            publishers: args.publishers.max(1),
+            room: args.room(),
+            prefix: args.prefix.clone(),
+            rate,
+            churn_per_sec: args.churn_per_sec,
+            payload_bytes: args.payload_bytes,
+            encodings: [args.encoding.of(0), args.encoding.of(1)],
+            duration: positive(args.duration, "--duration")?,
+            drain: positive(args.drain, "--drain")?,
+            ramp_per_sec: args.ramp_per_sec,
+            connect_timeout: positive(args.connect_timeout, "--connect-timeout")?,
+            pids: args.pids.clone(),
+        })
+    }
 }
 
 /// Tries of one resume (each within the connect timeout) before the client gives up.
@@ -940,7 +974,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<ChurnReport> {
     let own_start = procfs::own()?;
     let run_start = Instant::now();
     let _ = phase_tx.send(Phase::Run(run_start));
-    let progress = crate::bar(duration.as_secs(), "{prefix:>8} [{bar:30}] {pos}/{len} s {msg}");
+    let progress = crate::progress::bar(duration.as_secs(), "{prefix:>8} [{bar:30}] {pos}/{len} s {msg}");
     progress.set_prefix("churn");
     while run_start.elapsed() < duration {
         let left = duration.saturating_sub(run_start.elapsed());
@@ -1106,6 +1140,33 @@ pub async fn run(plan: Plan) -> anyhow::Result<ChurnReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(line: &str) -> Args {
+        Args::of(line)
+    }
+
+    #[test]
+    fn churn_plan_takes_the_defaults_and_refuses_what_it_cannot_run() {
+        let p = Plan::from_args(
+            &args("lt churn --room room --churn-per-sec 40 --encoding mixed"),
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            (p.clients, p.publishers, p.rate, p.churn_per_sec),
+            (1000, 4, 200.0, 40.0)
+        );
+        assert_eq!(p.room, "room");
+        assert_eq!(p.encodings, [Encoding::Json, Encoding::Msgpack]);
+        assert_eq!((p.duration, p.drain), (Duration::from_secs(20), Duration::from_secs(5)));
+        assert!(Plan::from_args(&args("lt churn --publish-via http"), Vec::new()).is_err());
+        assert!(Plan::from_args(&args("lt churn --rate 0"), Vec::new()).is_err());
+        assert!(Plan::from_args(&args("lt churn --duration inf"), Vec::new()).is_err());
+        assert!(
+            crate::traffic::plan(&args("lt churn"), 2).is_err(),
+            "churn has its own runner"
+        );
+    }
 
     fn stamp(publisher: u32, seq: u64) -> Stamp {
         Stamp {

@@ -1,6 +1,7 @@
 //! One client connection: connect from a chosen loopback source address, join, then read and
 //! (for publishers) publish on a timer until told to stop. Everything it saw comes back as an
-//! [`Outcome`]; a connection the node closes is counted, never a panic.
+//! [`Outcome`]; a connection the node closes is counted, never a panic. Also the nodes connected
+//! to: a `--url`, checked to be a loopback `ws://` node ([`NodeUrl::resolve`]).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -12,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
     net::{TcpSocket, TcpStream},
@@ -56,6 +57,40 @@ pub struct NodeUrl {
     pub ws: String,
     pub addr: SocketAddr,
     pub publish: String,
+}
+
+impl NodeUrl {
+    /// The node at `url`: a `ws://` URL whose host resolves to a loopback address.
+    pub async fn resolve(url: &str) -> anyhow::Result<NodeUrl> {
+        let req = url.into_client_request().with_context(|| format!("bad --url {url}"))?;
+        let uri = req.uri();
+        if uri.scheme_str() != Some("ws") {
+            bail!("--url {url}: only ws:// is supported");
+        }
+        let host = uri.host().context("no host")?;
+        let port = uri.port_u16().unwrap_or(80);
+        let addr = tokio::net::lookup_host((host, port))
+            .await?
+            .next()
+            .with_context(|| format!("{host} does not resolve"))?;
+        if !addr.ip().is_loopback() {
+            bail!("--url {url}: only loopback nodes may be loaded ({addr})");
+        }
+        Ok(NodeUrl {
+            ws: url.to_string(),
+            addr,
+            publish: format!("http://{host}:{port}/publish"),
+        })
+    }
+
+    /// The nodes at `urls`, in order; the first that is not a loopback node is the error.
+    pub async fn resolve_all(urls: &[String]) -> anyhow::Result<Vec<NodeUrl>> {
+        let mut nodes = Vec::with_capacity(urls.len());
+        for u in urls {
+            nodes.push(NodeUrl::resolve(u).await?);
+        }
+        Ok(nodes)
+    }
 }
 
 /// A connection's publishing role.

@@ -8,7 +8,8 @@
 //! rate. Their JSON reports are merged: losses against what the publisher sent, latencies from
 //! each process's histogram. Node and Redis CPU come from `/proc`, sampled around the step, and
 //! the machine's floor is measured once before the steps. Every wait has a deadline, and
-//! everything started is stopped when the run ends, however it ends.
+//! everything started is stopped when the run ends, however it ends. [`Plan::from_args`] is the
+//! `stadium-100k` subcommand's plan.
 
 use std::{
     collections::BTreeMap,
@@ -23,7 +24,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{capacity, procfs, report::Latency};
+use crate::{capacity, procfs, report::Latency, Args};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -40,6 +41,34 @@ pub struct Plan {
     pub source_addrs: u8,
     pub node_bin: PathBuf,
     pub out: PathBuf,
+}
+
+impl Plan {
+    /// The plan the command line asks for.
+    pub fn from_args(args: &Args) -> anyhow::Result<Plan> {
+        let members = args.clients();
+        let node_bin = match &args.node_bin {
+            Some(bin) => bin.clone(),
+            None => std::env::current_exe()?.with_file_name("shardcast"),
+        };
+        let duration = Duration::try_from_secs_f64(args.duration.max(1.0)).context("--duration")?;
+        Ok(Plan {
+            members,
+            nodes: args.nodes,
+            // A process may hold about 17,000 sockets under this machine's 20,000 descriptors.
+            procs: args.procs.unwrap_or(members.div_ceil(15_000)).max(1),
+            rates: args.rates.clone(),
+            shards: args.shards,
+            publishers: args.publishers.max(1),
+            payload_bytes: args.payload_bytes,
+            duration,
+            ramp_per_sec: args.ramp_per_sec,
+            // About 28,000 ports per source address, with room to spare.
+            source_addrs: args.source_addrs.max((members.div_ceil(20_000) + 1).min(250) as u8),
+            node_bin,
+            out: args.out.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -919,6 +948,20 @@ impl FleetReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(line: &str) -> Args {
+        Args::of(line)
+    }
+
+    #[test]
+    fn fleet_plan_sizes_processes_and_addresses_for_the_members() {
+        let p = Plan::from_args(&args("lt stadium-100k --node-bin /x/shardcast")).unwrap();
+        assert_eq!((p.members, p.nodes, p.procs, p.shards), (100_000, 6, 7, 16));
+        assert_eq!((p.rates.clone(), p.source_addrs), (vec![1.0, 2.0, 5.0], 6));
+        let small = Plan::from_args(&args("lt stadium-100k --clients 5000 --nodes 5 --rates 5")).unwrap();
+        assert_eq!((small.procs, small.source_addrs), (1, 2));
+        assert!(small.node_bin.ends_with("shardcast"));
+    }
 
     #[test]
     fn reports_of_several_processes_merge_into_one_step() {
