@@ -112,14 +112,16 @@ pub fn message(k: u64, fans: usize, progress: f64) -> (usize, serde_json::Value)
     }
 }
 
-pub async fn run(plan: Plan) -> anyhow::Result<DemoReport> {
-    anyhow::ensure!(!plan.nodes.is_empty(), "no --url");
-    anyhow::ensure!(
-        plan.rate > 0.0 && plan.rate <= MAX_RATE,
-        "--rate must be above 0 and at most {MAX_RATE}"
-    );
-    let acknowledged = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
+/// A voice's sending half.
+type Sink = futures_util::stream::SplitSink<conn::Ws, Message>;
+
+/// Connects the scorer and the fans, spread over the nodes: each voice's sending half, and a
+/// reader per voice counting the answers, `ok` into `acknowledged` and `error` into `refused`.
+async fn connect(
+    plan: &Plan,
+    acknowledged: &Arc<AtomicU64>,
+    refused: &Arc<AtomicU64>,
+) -> anyhow::Result<(Vec<Sink>, Vec<tokio::task::JoinHandle<()>>)> {
     let mut sinks = Vec::new();
     let mut readers = Vec::new();
     for v in 0..=plan.publishers.max(1) {
@@ -151,6 +153,19 @@ pub async fn run(plan: Plan) -> anyhow::Result<DemoReport> {
             }
         }));
     }
+    Ok((sinks, readers))
+}
+
+/// Runs the plan: connects the voices, publishes for the duration, waits for the answers.
+pub async fn run(plan: Plan) -> anyhow::Result<DemoReport> {
+    anyhow::ensure!(!plan.nodes.is_empty(), "no --url");
+    anyhow::ensure!(
+        plan.rate > 0.0 && plan.rate <= MAX_RATE,
+        "--rate must be above 0 and at most {MAX_RATE}"
+    );
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let (mut sinks, readers) = connect(&plan, &acknowledged, &refused).await?;
     let fans = sinks.len() - 1;
     let mut tick = interval(Duration::from_secs_f64(1.0 / plan.rate));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
