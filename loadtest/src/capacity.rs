@@ -1,7 +1,8 @@
 //! Sizing a deployment: how many nodes and Redis masters a load needs, what each node then
 //! spends, and which limit sets the count, from costs this crate's scenarios measure. Pure
-//! arithmetic, no I/O: the `plan` subcommand prints [`plan`]'s answer. The model, its constants
-//! and where it stops holding are in `docs/capacity.md`.
+//! arithmetic, no I/O: the `plan` subcommand prints [`plan`]'s answer for
+//! [`Inputs::from_args`]. The model, its constants and where it stops holding are in
+//! `docs/capacity.md`.
 //!
 //! A node's delivery workers (one per core) each write their share of the node's sockets, in
 //! lanes that take turns. Adaptive writes (`src/gather.rs`) write each socket once a period of
@@ -15,6 +16,8 @@ use std::{collections::BTreeMap, fmt::Write};
 
 use anyhow::{bail, ensure};
 use serde::Serialize;
+
+use crate::Args;
 
 /// The most shard channels a room may have (`--hot-room NAME=N`, 1 to 1024).
 const MAX_SHARDS: u64 = 1024;
@@ -144,6 +147,45 @@ impl Default for Constants {
             redis_us_per_subscriber_delivery: 1.5,
             redis_master_cores: 0.5,
         }
+    }
+}
+
+impl Inputs {
+    /// The load the command line asks to plan for: one room at 10 messages a second unless it
+    /// says otherwise.
+    pub fn from_args(args: &Args) -> Inputs {
+        Inputs {
+            viewers: args.viewers,
+            rooms: args.rooms() as u64,
+            rate: args.rate.unwrap_or(10.0),
+            payload_bytes: args.payload_bytes as u64,
+            p99_ms: args.p99_ms,
+            cores_per_node: args.cores_per_node,
+            constants: Constants::from_args(args),
+        }
+    }
+}
+
+impl Constants {
+    /// The model's default constants, with those measured on the operator's hardware in their
+    /// place.
+    pub fn from_args(args: &Args) -> Constants {
+        let mut c = Constants::default();
+        let given = [
+            (args.write_cost_us, &mut c.write_cost_us),
+            (args.write_cost_conns, &mut c.write_cost_conns),
+            (args.idle_cost_us, &mut c.idle_us_per_conn_s),
+            (args.conn_bytes, &mut c.bytes_per_conn),
+        ];
+        for (value, constant) in given {
+            if let Some(v) = value {
+                *constant = v;
+            }
+        }
+        if let Some(files) = args.open_files {
+            c.fd_limit = files;
+        }
+        c
     }
 }
 
@@ -714,6 +756,32 @@ fn grouped(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(line: &str) -> Args {
+        Args::of(line)
+    }
+
+    #[test]
+    fn plan_takes_the_stadium_defaults_and_refuses_bad_input() {
+        let i = Inputs::from_args(&args("lt plan --viewers 1000000"));
+        assert_eq!((i.viewers, i.rooms, i.rate, i.payload_bytes), (1_000_000, 1, 10.0, 128));
+        assert!(plan(&i).unwrap().nodes > 1);
+        assert!(plan(&Inputs::from_args(&args("lt plan --rate 0"))).is_err());
+        // Constants measured on the operator's hardware replace the defaults, and are checked.
+        let c = Inputs::from_args(&args(
+            "lt plan --write-cost-us 3 --write-cost-conns 5000 --idle-cost-us 1 --conn-bytes 6000 --open-files 20000",
+        ))
+        .constants;
+        let measured = (
+            c.write_cost_us,
+            c.write_cost_conns,
+            c.idle_us_per_conn_s,
+            c.bytes_per_conn,
+        );
+        assert_eq!((measured, c.fd_limit), ((3.0, 5000.0, 1.0, 6000.0), 20_000));
+        assert!(plan(&Inputs::from_args(&args("lt plan --write-cost-us=-1"))).is_err());
+        assert!(plan(&Inputs::from_args(&args("lt plan --viewers 5 --rooms 10"))).is_err());
+    }
 
     fn load(viewers: u64, rooms: u64, rate: f64) -> Inputs {
         Inputs {

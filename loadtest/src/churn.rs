@@ -7,7 +7,8 @@
 //! resume took from the drop to the join's `ok`.
 //!
 //! The pure parts (a client's positions, its tallies, the summary over clients) are apart from the
-//! sockets, so they are tested without a node.
+//! sockets, so they are tested without a node. [`Plan::from_args`] is the `churn` subcommand's
+//! plan.
 
 use std::{
     collections::BTreeMap,
@@ -20,10 +21,13 @@ use std::{
     time::Duration,
 };
 
+use anyhow::{bail, Context};
 use futures_util::{SinkExt, StreamExt};
+use indicatif::ProgressBar;
 use serde::Serialize;
 use tokio::{
     sync::watch,
+    task::JoinHandle,
     time::{interval_at, timeout, Instant, Interval, MissedTickBehavior},
 };
 use tokio_tungstenite::tungstenite::Message;
@@ -34,6 +38,7 @@ use crate::{
     report::{counts, Latency, NodeUsage},
     stats::{Latencies, Pending, Stream, Tally},
     wire::{self, Encoding, Inbound, JoinOk, Stamp, Target},
+    Args,
 };
 
 /// What a churn run is asked to do.
@@ -56,6 +61,37 @@ pub struct Plan {
     pub ramp_per_sec: f64,
     pub connect_timeout: Duration,
     pub pids: Vec<u32>,
+}
+
+impl Plan {
+    /// The plan the command line asks for, against `nodes`; refused for what churn cannot run.
+    pub fn from_args(args: &Args, nodes: Vec<NodeUrl>) -> anyhow::Result<Plan> {
+        let rate = args.rate.unwrap_or(200.0);
+        if !(rate > 0.0 && rate.is_finite()) {
+            bail!("--rate must be positive");
+        }
+        if args.publish_via == conn::Via::Http {
+            bail!("churn publishes with pub frames: give --publish-via ws");
+        }
+        let positive = |v: f64, name: &str| Duration::try_from_secs_f64(v.max(0.0)).with_context(|| name.to_string());
+        Ok(Plan {
+            nodes,
+            source_addrs: args.source_addrs,
+            clients: args.clients().max(1),
+            publishers: args.publishers.max(1),
+            room: args.room(),
+            prefix: args.prefix.clone(),
+            rate,
+            churn_per_sec: args.churn_per_sec,
+            payload_bytes: args.payload_bytes,
+            encodings: [args.encoding.of(0), args.encoding.of(1)],
+            duration: positive(args.duration, "--duration")?,
+            drain: positive(args.drain, "--drain")?,
+            ramp_per_sec: args.ramp_per_sec,
+            connect_timeout: positive(args.connect_timeout, "--connect-timeout")?,
+            pids: args.pids.clone(),
+        })
+    }
 }
 
 /// Tries of one resume (each within the connect timeout) before the client gives up.
@@ -490,15 +526,10 @@ async fn subscriber(i: usize, sh: Arc<Shared>, mut phase: watch::Receiver<Phase>
         pos: Positions::default(),
         c: Client::new(publishers),
     };
-    let mut ws = match timeout(sh.plan.connect_timeout, s.join(None)).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
-            s.c.failure = Some(conn::class(&e));
-            sh.failed.fetch_add(1, Ordering::Relaxed);
-            return s.c;
-        }
-        Err(_) => {
-            s.c.failure = Some("timeout".into());
+    let mut ws = match first(timeout(sh.plan.connect_timeout, s.join(None)).await) {
+        Ok(ws) => ws,
+        Err(why) => {
+            s.c.failure = Some(why);
             sh.failed.fetch_add(1, Ordering::Relaxed);
             return s.c;
         }
@@ -543,12 +574,17 @@ async fn subscriber(i: usize, sh: Arc<Shared>, mut phase: watch::Receiver<Phase>
         }
     }
     // Close first and let the node end the TCP connection (TIME_WAIT on its side).
-    let _ = timeout(CLOSE_WAIT, async {
-        let _ = ws.close(None).await;
-        while ws.next().await.is_some() {}
-    })
-    .await;
+    conn::close(ws).await;
     s.c
+}
+
+/// A task's first connection, or why it failed: the error's class, or `timeout`.
+fn first(tried: Result<anyhow::Result<Ws>, tokio::time::error::Elapsed>) -> Result<Ws, String> {
+    match tried {
+        Ok(Ok(ws)) => Ok(ws),
+        Ok(Err(e)) => Err(conn::class(&e)),
+        Err(_) => Err("timeout".into()),
+    }
 }
 
 /// What a publisher saw.
@@ -577,15 +613,10 @@ async fn publish(j: usize, sh: &Shared, mut phase: watch::Receiver<Phase>, stopp
     let encoding = plan.encodings[j % 2];
     let node = &plan.nodes[j % plan.nodes.len()];
     let user = format!("{}-p{j}", plan.prefix);
-    let mut ws = match timeout(plan.connect_timeout, conn::open(node, sh.source(j), &user, encoding)).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
-            out.failure = Some(conn::class(&e));
-            sh.failed.fetch_add(1, Ordering::Relaxed);
-            return out;
-        }
-        Err(_) => {
-            out.failure = Some("timeout".into());
+    let mut ws = match first(timeout(plan.connect_timeout, conn::open(node, sh.source(j), &user, encoding)).await) {
+        Ok(ws) => ws,
+        Err(why) => {
+            out.failure = Some(why);
             sh.failed.fetch_add(1, Ordering::Relaxed);
             return out;
         }
@@ -633,24 +664,7 @@ async fn publish(j: usize, sh: &Shared, mut phase: watch::Receiver<Phase>, stopp
                         return out;
                     }
                 };
-                if let Inbound::Ok(id) | Inbound::Error(Some(id)) = inbound {
-                    if let Some(took) = waiting.answered(id, Instant::now()) {
-                        sh.answer.record(j, took.as_micros() as u64);
-                    }
-                }
-                match inbound {
-                    Inbound::Ok(_) => {
-                        sh.acked[j].fetch_add(1, Ordering::Relaxed);
-                        if memchr::memmem::find(raw, b"pos").is_some() {
-                            sh.acked_with_pos.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Inbound::Error(Some(_)) => {
-                        sh.refused[j].fetch_add(1, Ordering::Relaxed);
-                    }
-                    Inbound::Error(None) => out.other_errors += 1,
-                    _ => {}
-                }
+                sh.answered(j, &inbound, raw, &mut waiting, &mut out);
             }
             _ = tick(&mut timer), if timer.is_some() => {
                 let seq = sh.sent[j].load(Ordering::Relaxed);
@@ -666,12 +680,34 @@ async fn publish(j: usize, sh: &Shared, mut phase: watch::Receiver<Phase>, stopp
             }
         }
     }
-    let _ = timeout(CLOSE_WAIT, async {
-        let _ = ws.close(None).await;
-        while ws.next().await.is_some() {}
-    })
-    .await;
+    conn::close(ws).await;
     out
+}
+
+impl Shared {
+    /// Counts what publisher `j` read (`raw`, scanned as `inbound`): an answer to one of its
+    /// publishes (`ok`, with or without the position, or `error`) and how long it took, or an
+    /// `error` without a publish's id.
+    fn answered(&self, j: usize, inbound: &Inbound<'_>, raw: &[u8], waiting: &mut Pending, out: &mut PubOutcome) {
+        if let Inbound::Ok(id) | Inbound::Error(Some(id)) = *inbound {
+            if let Some(took) = waiting.answered(id, Instant::now()) {
+                self.answer.record(j, took.as_micros() as u64);
+            }
+        }
+        match inbound {
+            Inbound::Ok(_) => {
+                self.acked[j].fetch_add(1, Ordering::Relaxed);
+                if memchr::memmem::find(raw, b"pos").is_some() {
+                    self.acked_with_pos.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Inbound::Error(Some(_)) => {
+                self.refused[j].fetch_add(1, Ordering::Relaxed);
+            }
+            Inbound::Error(None) => out.other_errors += 1,
+            _ => {}
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -877,37 +913,84 @@ impl ChurnReport {
     }
 }
 
+/// Runs the plan: ramp, publish and churn for the duration, drain, finish, report.
 pub async fn run(plan: Plan) -> anyhow::Result<ChurnReport> {
-    let publishers = plan.publishers;
-    let clients = plan.clients;
-    let counters = || (0..publishers).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
-    let sh = Arc::new(Shared {
-        sent: counters(),
-        acked: counters(),
-        refused: counters(),
-        acked_with_pos: AtomicU64::new(0),
-        stopped: AtomicUsize::new(0),
-        fresh: AtomicU64::new(0),
-        resumes: AtomicU64::new(0),
-        ready: AtomicUsize::new(0),
-        subscribed: AtomicUsize::new(0),
-        failed: AtomicUsize::new(0),
-        latency: Latencies::new(16),
-        recovery: Latencies::new(16),
-        answer: Latencies::new(16),
-        plan,
-    });
-    let plan = &sh.plan;
-    let pids = plan.pids.clone();
-    let samples = || {
-        pids.iter()
-            .map(|p| procfs::sample(*p))
-            .collect::<anyhow::Result<Vec<_>>>()
-    };
-    let before = samples()?;
+    let sh = Arc::new(Shared::new(plan));
+    let before = procfs::samples(&sh.plan.pids)?;
     let (phase_tx, phase_rx) = watch::channel(Phase::Ramp);
+    let ramped = ramp(&sh, &phase_rx).await;
+    let window = churn(&sh, &phase_tx).await?;
+    let drained = drain(&sh, &window).await?;
+    let ramp_s = ramped.ramp_s;
+    let (clients, publishers) = finish(&sh, &phase_tx, ramped).await;
+    let clock = Clock {
+        ramp_s,
+        duration_s: window.duration_s,
+        measured_s: drained.measured_s,
+    };
+    let usage = Usage {
+        before: &before,
+        start: &window.start,
+        end: &drained.end,
+    };
+    Ok(report(&sh, &clock, &usage, &clients, &publishers))
+}
 
-    // Ramp: subscribers at the set rate, then the publishers; wait until each is ready or failed.
+impl Shared {
+    fn new(plan: Plan) -> Shared {
+        let counters = || (0..plan.publishers).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
+        Shared {
+            sent: counters(),
+            acked: counters(),
+            refused: counters(),
+            acked_with_pos: AtomicU64::new(0),
+            stopped: AtomicUsize::new(0),
+            fresh: AtomicU64::new(0),
+            resumes: AtomicU64::new(0),
+            ready: AtomicUsize::new(0),
+            subscribed: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            latency: Latencies::new(16),
+            recovery: Latencies::new(16),
+            answer: Latencies::new(16),
+            plan,
+        }
+    }
+}
+
+/// The values of per-publisher counters.
+fn load(v: &[AtomicU64]) -> Vec<u64> {
+    v.iter().map(|a| a.load(Ordering::Relaxed)).collect()
+}
+
+/// Per publisher: messages sent, answered `ok` and answered `error`, read once.
+struct Answers {
+    sent: Vec<u64>,
+    acked: Vec<u64>,
+    refused: Vec<u64>,
+}
+
+impl Answers {
+    fn load(sh: &Shared) -> Answers {
+        Answers {
+            sent: load(&sh.sent),
+            acked: load(&sh.acked),
+            refused: load(&sh.refused),
+        }
+    }
+}
+
+/// The tasks the ramp started, and how long it took.
+struct Ramped {
+    subs: Vec<JoinHandle<Client>>,
+    pubs: Vec<JoinHandle<PubOutcome>>,
+    ramp_s: f64,
+}
+
+/// Ramp: subscribers at the set rate, then the publishers; wait until each is ready or failed.
+async fn ramp(sh: &Arc<Shared>, phase_rx: &watch::Receiver<Phase>) -> Ramped {
+    let plan = &sh.plan;
+    let (clients, publishers) = (plan.clients, plan.publishers);
     let ramp_start = Instant::now();
     let ramp_deadline =
         ramp_start + Duration::from_secs_f64(clients as f64 / plan.ramp_per_sec.max(1.0) + 5.0) + plan.connect_timeout;
@@ -927,20 +1010,49 @@ pub async fn run(plan: Plan) -> anyhow::Result<ChurnReport> {
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let ramp_s = ramp_start.elapsed().as_secs_f64();
+    Ramped {
+        subs,
+        pubs,
+        ramp_s: ramp_start.elapsed().as_secs_f64(),
+    }
+}
 
-    // Run: publish and churn for the duration; not at all when no subscriber joined (the report
-    // then says why).
+/// Readings of the nodes and of this process, taken together.
+struct Readings {
+    nodes: Vec<procfs::Sample>,
+    own: procfs::Sample,
+}
+
+impl Readings {
+    fn take(plan: &Plan) -> anyhow::Result<Readings> {
+        Ok(Readings {
+            nodes: procfs::samples(&plan.pids)?,
+            own: procfs::own()?,
+        })
+    }
+}
+
+/// The publishing window: when it started, how long it lasted, the readings at its start, and
+/// its progress bar, which the drain goes on with.
+struct Window {
+    run_start: Instant,
+    duration_s: f64,
+    start: Readings,
+    progress: ProgressBar,
+}
+
+/// Run: publish and churn for the duration; not at all when no subscriber joined (the report
+/// then says why).
+async fn churn(sh: &Shared, phase_tx: &watch::Sender<Phase>) -> anyhow::Result<Window> {
     let duration = if sh.subscribed.load(Ordering::Relaxed) == 0 {
         Duration::ZERO
     } else {
-        plan.duration
+        sh.plan.duration
     };
-    let start = samples()?;
-    let own_start = procfs::own()?;
+    let start = Readings::take(&sh.plan)?;
     let run_start = Instant::now();
     let _ = phase_tx.send(Phase::Run(run_start));
-    let progress = crate::bar(duration.as_secs(), "{prefix:>8} [{bar:30}] {pos}/{len} s {msg}");
+    let progress = crate::progress::bar(duration.as_secs(), "{prefix:>8} [{bar:30}] {pos}/{len} s {msg}");
     progress.set_prefix("churn");
     while run_start.elapsed() < duration {
         let left = duration.saturating_sub(run_start.elapsed());
@@ -953,17 +1065,29 @@ pub async fn run(plan: Plan) -> anyhow::Result<ChurnReport> {
         ));
     }
     let _ = phase_tx.send(Phase::Quiet);
-    let duration_s = run_start.elapsed().as_secs_f64();
+    Ok(Window {
+        run_start,
+        duration_s: run_start.elapsed().as_secs_f64(),
+        start,
+        progress,
+    })
+}
 
-    // Drain: every publisher stopped, every publish answered and every accepted one delivered to
-    // every subscriber that took part, for a bounded time.
-    let load = |v: &[AtomicU64]| v.iter().map(|a| a.load(Ordering::Relaxed)).collect::<Vec<_>>();
-    let drain_deadline = Instant::now() + plan.drain;
-    progress.set_prefix("drain");
+/// The readings at the end of the measured window, and its length.
+struct Drained {
+    end: Readings,
+    measured_s: f64,
+}
+
+/// Drain: every publisher stopped, every publish answered and every accepted one delivered to
+/// every subscriber that took part, for a bounded time.
+async fn drain(sh: &Shared, window: &Window) -> anyhow::Result<Drained> {
+    let drain_deadline = Instant::now() + sh.plan.drain;
+    window.progress.set_prefix("drain");
     loop {
         // Read first: what a stopped publisher sent is then visible below.
-        let all_stopped = sh.stopped.load(Ordering::Acquire) >= publishers;
-        let (sent, acked, refused) = (load(&sh.sent), load(&sh.acked), load(&sh.refused));
+        let all_stopped = sh.stopped.load(Ordering::Acquire) >= sh.plan.publishers;
+        let Answers { sent, acked, refused } = Answers::load(sh);
         let answered = acked.iter().sum::<u64>() + refused.iter().sum::<u64>();
         let published = sent.iter().sum::<u64>() - refused.iter().sum::<u64>();
         let expected = published * sh.subscribed.load(Ordering::Relaxed) as u64;
@@ -973,18 +1097,20 @@ pub async fn run(plan: Plan) -> anyhow::Result<ChurnReport> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let end = samples()?;
-    let own_end = procfs::own()?;
-    let measured_s = run_start.elapsed().as_secs_f64();
-    progress.finish_and_clear();
+    let end = Readings::take(&sh.plan)?;
+    let measured_s = window.run_start.elapsed().as_secs_f64();
+    window.progress.finish_and_clear();
+    Ok(Drained { end, measured_s })
+}
 
-    // Finish: close everything and gather what each task saw.
+/// Finish: close everything and gather what each task saw, subscribers then publishers.
+async fn finish(sh: &Shared, phase_tx: &watch::Sender<Phase>, ramped: Ramped) -> (Vec<Client>, Vec<PubOutcome>) {
     let _ = phase_tx.send(Phase::Finish);
     // A task ends within a resume's tries or its close wait after Finish.
-    let bound = (plan.connect_timeout + RESUME_PAUSE) * RESUME_TRIES + CLOSE_WAIT + Duration::from_secs(1);
-    let mut outcomes = Vec::with_capacity(clients);
-    for h in subs {
-        outcomes.push(
+    let bound = (sh.plan.connect_timeout + RESUME_PAUSE) * RESUME_TRIES + CLOSE_WAIT + Duration::from_secs(1);
+    let mut clients = Vec::with_capacity(ramped.subs.len());
+    for h in ramped.subs {
+        clients.push(
             timeout(bound, h)
                 .await
                 .ok()
@@ -995,38 +1121,94 @@ pub async fn run(plan: Plan) -> anyhow::Result<ChurnReport> {
                 }),
         );
     }
-    let mut pub_outcomes = Vec::with_capacity(publishers);
-    for h in pubs {
-        pub_outcomes.push(timeout(bound, h).await.ok().and_then(Result::ok).unwrap_or_default());
+    let mut publishers = Vec::with_capacity(ramped.pubs.len());
+    for h in ramped.pubs {
+        publishers.push(timeout(bound, h).await.ok().and_then(Result::ok).unwrap_or_default());
+    }
+    (clients, publishers)
+}
+
+/// The run's phases, seconds: the ramp, publishing, and publishing plus the drain.
+struct Clock {
+    ramp_s: f64,
+    duration_s: f64,
+    measured_s: f64,
+}
+
+/// The nodes' readings before the first connection, and all readings at the start of publishing
+/// and at the end of the drain.
+struct Usage<'a> {
+    before: &'a [procfs::Sample],
+    start: &'a Readings,
+    end: &'a Readings,
+}
+
+impl Usage<'_> {
+    /// Each node of `pids`.
+    fn nodes(&self, pids: &[u32]) -> Vec<NodeUsage> {
+        let (before, start, end) = (self.before, &self.start.nodes, &self.end.nodes);
+        pids.iter()
+            .enumerate()
+            .map(|(i, pid)| NodeUsage::of(*pid, &before[i], &start[i], &end[i]))
+            .collect()
     }
 
-    let (sent, acked, refused) = (load(&sh.sent), load(&sh.acked), load(&sh.refused));
-    let expected: Vec<u64> = sent.iter().zip(&refused).map(|(s, r)| s - r).collect();
-    let mut failed = BTreeMap::new();
-    let mut lines = Vec::new();
-    let mut closed_by_node = BTreeMap::new();
-    let mut churn = Churn {
-        target_per_sec: plan.churn_per_sec,
-        resumes: 0,
-        rate: 0.0,
-        recovered: 0,
-        not_recovered: 0,
-        unanswered: 0,
-        ended_off: 0,
-        replayed: 0,
-        replayed_duplicates: 0,
-        failed_tries: 0,
-        gave_up: 0,
-        closed_by_node: BTreeMap::new(),
-        recovery_ms: latency(&sh.recovery),
-    };
-    let (mut unpositioned, mut off_shard, mut unexpected) = (0, 0, 0);
-    for (i, c) in outcomes.iter().enumerate() {
-        if let Some(f) = &c.failure {
-            *failed.entry(f.clone()).or_insert(0) += 1;
-            continue;
+    /// This process's CPU over the measured window, seconds.
+    fn own_cpu_s(&self) -> f64 {
+        self.end.own.cpu_ns.saturating_sub(self.start.own.cpu_ns) as f64 / 1e9
+    }
+}
+
+/// The subscribers' outcomes summed: a line per subscriber that took part, the resumes, what
+/// was off, and why the others failed.
+struct Subscribed {
+    failed: BTreeMap<String, u64>,
+    lines: Vec<Line>,
+    churn: Churn,
+    unpositioned: u64,
+    off_shard: u64,
+    unexpected: u64,
+}
+
+impl Subscribed {
+    /// The sum over `clients`, each against `expected` per publisher.
+    fn of(sh: &Shared, clients: &[Client], expected: &[u64], duration_s: f64) -> Subscribed {
+        let mut sum = Subscribed {
+            failed: BTreeMap::new(),
+            lines: Vec::new(),
+            churn: Churn {
+                target_per_sec: sh.plan.churn_per_sec,
+                resumes: 0,
+                rate: 0.0,
+                recovered: 0,
+                not_recovered: 0,
+                unanswered: 0,
+                ended_off: 0,
+                replayed: 0,
+                replayed_duplicates: 0,
+                failed_tries: 0,
+                gave_up: 0,
+                closed_by_node: BTreeMap::new(),
+                recovery_ms: latency(&sh.recovery),
+            },
+            unpositioned: 0,
+            off_shard: 0,
+            unexpected: 0,
+        };
+        for (i, c) in clients.iter().enumerate() {
+            sum.add(i, c, expected);
         }
-        lines.push(c.line(i, &expected));
+        sum.churn.rate = sum.churn.resumes as f64 / duration_s;
+        sum
+    }
+
+    fn add(&mut self, i: usize, c: &Client, expected: &[u64]) {
+        if let Some(f) = &c.failure {
+            *self.failed.entry(f.clone()).or_insert(0) += 1;
+            return;
+        }
+        self.lines.push(c.line(i, expected));
+        let churn = &mut self.churn;
         churn.resumes += c.resumes;
         churn.recovered += c.recovered;
         churn.not_recovered += c.not_recovered;
@@ -1037,75 +1219,117 @@ pub async fn run(plan: Plan) -> anyhow::Result<ChurnReport> {
         churn.failed_tries += c.failed_tries;
         churn.gave_up += usize::from(c.gave_up);
         for (why, n) in &c.closed_by_node {
-            *closed_by_node.entry(why.clone()).or_insert(0) += n;
+            *churn.closed_by_node.entry(why.clone()).or_insert(0) += n;
         }
-        unpositioned += c.unpositioned;
-        off_shard += c.off_shard;
-        unexpected += c.unexpected;
+        self.unpositioned += c.unpositioned;
+        self.off_shard += c.off_shard;
+        self.unexpected += c.unexpected;
     }
-    churn.closed_by_node = closed_by_node;
-    churn.rate = churn.resumes as f64 / duration_s;
-    let mut pub_closed = BTreeMap::new();
-    let mut pub_connected = 0;
-    let mut other_errors = 0;
-    for o in &pub_outcomes {
-        match &o.failure {
-            Some(f) => *failed.entry(format!("publisher: {f}")).or_insert(0) += 1,
-            None => pub_connected += 1,
-        }
-        if let Some(why) = &o.closed {
-            *pub_closed.entry(why.clone()).or_insert(0) += 1;
-        }
-        other_errors += o.other_errors;
-    }
-    let sent_total: u64 = sent.iter().sum();
-    let answered: u64 = acked.iter().sum::<u64>() + refused.iter().sum::<u64>();
-    Ok(ChurnReport {
+}
+
+fn report(sh: &Shared, clock: &Clock, usage: &Usage<'_>, clients: &[Client], publishers: &[PubOutcome]) -> ChurnReport {
+    let plan = &sh.plan;
+    let answers = Answers::load(sh);
+    let expected: Vec<u64> = answers.sent.iter().zip(&answers.refused).map(|(s, r)| s - r).collect();
+    let mut subs = Subscribed::of(sh, clients, &expected, clock.duration_s);
+    let publish = publishing(sh, clock, &answers, publishers, &mut subs.failed);
+    ChurnReport {
         scenario: "churn",
         urls: plan.nodes.iter().map(|n| n.ws.clone()).collect(),
         room: plan.room.clone(),
         encodings: plan.encodings,
         payload_bytes: plan.payload_bytes,
-        duration_s,
-        measured_s,
+        duration_s: clock.duration_s,
+        measured_s: clock.measured_s,
         subscribers: Subscribers {
-            planned: clients,
-            connected: lines.len(),
-            failed,
-            ramp_s,
+            planned: plan.clients,
+            connected: subs.lines.len(),
+            failed: subs.failed,
+            ramp_s: clock.ramp_s,
         },
-        publish: Publish {
-            publishers,
-            connected: pub_connected,
-            target_rate: plan.rate,
-            sent: sent_total,
-            rate: sent_total as f64 / duration_s,
-            acked: acked.iter().sum(),
-            acked_with_pos: sh.acked_with_pos.load(Ordering::Relaxed),
-            refused: refused.iter().sum(),
-            unanswered: sent_total.saturating_sub(answered),
-            other_errors,
-            closed: pub_closed,
-            answer_ms: latency(&sh.answer),
-        },
-        churn,
-        delivery: summarize(lines),
-        unpositioned,
-        off_shard,
-        unexpected,
+        publish,
+        churn: subs.churn,
+        delivery: summarize(subs.lines),
+        unpositioned: subs.unpositioned,
+        off_shard: subs.off_shard,
+        unexpected: subs.unexpected,
         latency_ms: latency(&sh.latency),
-        nodes: pids
-            .iter()
-            .enumerate()
-            .map(|(i, pid)| NodeUsage::of(*pid, &before[i], &start[i], &end[i]))
-            .collect(),
-        loadtest_cpu_s: own_end.cpu_ns.saturating_sub(own_start.cpu_ns) as f64 / 1e9,
-    })
+        nodes: usage.nodes(&plan.pids),
+        loadtest_cpu_s: usage.own_cpu_s(),
+    }
+}
+
+/// The publishers' figures from their `outcomes` and `answers`; the publishers that failed are
+/// added to `failed` (`publisher: …`).
+fn publishing(
+    sh: &Shared,
+    clock: &Clock,
+    answers: &Answers,
+    outcomes: &[PubOutcome],
+    failed: &mut BTreeMap<String, u64>,
+) -> Publish {
+    let (sent, acked, refused) = (&answers.sent, &answers.acked, &answers.refused);
+    let mut closed = BTreeMap::new();
+    let mut connected = 0;
+    let mut other_errors = 0;
+    for o in outcomes {
+        match &o.failure {
+            Some(f) => *failed.entry(format!("publisher: {f}")).or_insert(0) += 1,
+            None => connected += 1,
+        }
+        if let Some(why) = &o.closed {
+            *closed.entry(why.clone()).or_insert(0) += 1;
+        }
+        other_errors += o.other_errors;
+    }
+    let sent_total: u64 = sent.iter().sum();
+    let answered: u64 = acked.iter().sum::<u64>() + refused.iter().sum::<u64>();
+    Publish {
+        publishers: sh.plan.publishers,
+        connected,
+        target_rate: sh.plan.rate,
+        sent: sent_total,
+        rate: sent_total as f64 / clock.duration_s,
+        acked: acked.iter().sum(),
+        acked_with_pos: sh.acked_with_pos.load(Ordering::Relaxed),
+        refused: refused.iter().sum(),
+        unanswered: sent_total.saturating_sub(answered),
+        other_errors,
+        closed,
+        answer_ms: latency(&sh.answer),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(line: &str) -> Args {
+        Args::of(line)
+    }
+
+    #[test]
+    fn churn_plan_takes_the_defaults_and_refuses_what_it_cannot_run() {
+        let p = Plan::from_args(
+            &args("lt churn --room room --churn-per-sec 40 --encoding mixed"),
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            (p.clients, p.publishers, p.rate, p.churn_per_sec),
+            (1000, 4, 200.0, 40.0)
+        );
+        assert_eq!(p.room, "room");
+        assert_eq!(p.encodings, [Encoding::Json, Encoding::Msgpack]);
+        assert_eq!((p.duration, p.drain), (Duration::from_secs(20), Duration::from_secs(5)));
+        assert!(Plan::from_args(&args("lt churn --publish-via http"), Vec::new()).is_err());
+        assert!(Plan::from_args(&args("lt churn --rate 0"), Vec::new()).is_err());
+        assert!(Plan::from_args(&args("lt churn --duration inf"), Vec::new()).is_err());
+        assert!(
+            crate::traffic::plan(&args("lt churn"), 2).is_err(),
+            "churn has its own runner"
+        );
+    }
 
     fn stamp(publisher: u32, seq: u64) -> Stamp {
         Stamp {

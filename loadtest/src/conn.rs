@@ -1,6 +1,7 @@
 //! One client connection: connect from a chosen loopback source address, join, then read and
 //! (for publishers) publish on a timer until told to stop. Everything it saw comes back as an
-//! [`Outcome`]; a connection the node closes is counted, never a panic.
+//! [`Outcome`]; a connection the node closes is counted, never a panic. Also the nodes connected
+//! to: a `--url`, checked to be a loopback `ws://` node ([`NodeUrl::resolve`]).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -12,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
     net::{TcpSocket, TcpStream},
@@ -56,6 +57,40 @@ pub struct NodeUrl {
     pub ws: String,
     pub addr: SocketAddr,
     pub publish: String,
+}
+
+impl NodeUrl {
+    /// The node at `url`: a `ws://` URL whose host resolves to a loopback address.
+    pub async fn resolve(url: &str) -> anyhow::Result<NodeUrl> {
+        let req = url.into_client_request().with_context(|| format!("bad --url {url}"))?;
+        let uri = req.uri();
+        if uri.scheme_str() != Some("ws") {
+            bail!("--url {url}: only ws:// is supported");
+        }
+        let host = uri.host().context("no host")?;
+        let port = uri.port_u16().unwrap_or(80);
+        let addr = tokio::net::lookup_host((host, port))
+            .await?
+            .next()
+            .with_context(|| format!("{host} does not resolve"))?;
+        if !addr.ip().is_loopback() {
+            bail!("--url {url}: only loopback nodes may be loaded ({addr})");
+        }
+        Ok(NodeUrl {
+            ws: url.to_string(),
+            addr,
+            publish: format!("http://{host}:{port}/publish"),
+        })
+    }
+
+    /// The nodes at `urls`, in order; the first that is not a loopback node is the error.
+    pub async fn resolve_all(urls: &[String]) -> anyhow::Result<Vec<NodeUrl>> {
+        let mut nodes = Vec::with_capacity(urls.len());
+        for u in urls {
+            nodes.push(NodeUrl::resolve(u).await?);
+        }
+        Ok(nodes)
+    }
 }
 
 /// A connection's publishing role.
@@ -246,6 +281,31 @@ fn publish_id(seq: u64) -> i64 {
 }
 
 impl Conn<'_> {
+    /// Connects and joins, trying again after a pause (at most `connect_attempts` tries) when a
+    /// try fails; each failed try is counted in `retries`.
+    async fn establish(&mut self) -> anyhow::Result<Ws> {
+        let (spec, ctx) = (self.spec, self.ctx);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let tried = async {
+                let mut ws = connect(spec, ctx).await?;
+                if let Some(room) = &spec.join {
+                    self.join(&mut ws, room).await?;
+                }
+                anyhow::Ok(ws)
+            }
+            .await;
+            match tried {
+                Err(_) if attempt < ctx.connect_attempts => {
+                    self.out.retries += 1;
+                    tokio::time::sleep(retry_pause(spec.idx, attempt)).await;
+                }
+                done => break done,
+            }
+        }
+    }
+
     fn on_frame(&mut self, inbound: Inbound) -> Option<i64> {
         match inbound {
             Inbound::Msg(stamp, at) => {
@@ -403,28 +463,7 @@ async fn serve(spec: &Spec, ctx: &Ctx, mut phase: watch::Receiver<Phase>, stoppe
     };
     let mut ws = None;
     if spec.ws {
-        let setup = async {
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                let tried = async {
-                    let mut ws = connect(spec, ctx).await?;
-                    if let Some(room) = &spec.join {
-                        c.join(&mut ws, room).await?;
-                    }
-                    anyhow::Ok(ws)
-                }
-                .await;
-                match tried {
-                    Err(_) if attempt < ctx.connect_attempts => {
-                        c.out.retries += 1;
-                        tokio::time::sleep(retry_pause(spec.idx, attempt)).await;
-                    }
-                    done => break done,
-                }
-            }
-        };
-        match timeout(ctx.connect_timeout, setup).await {
+        match timeout(ctx.connect_timeout, c.establish()).await {
             Ok(Ok(s)) => ws = Some(s),
             Ok(Err(e)) => c.out.failure = Some(class(&e)),
             Err(_) => c.out.failure = Some("timeout".into()),
@@ -443,61 +482,75 @@ async fn serve(spec: &Spec, ctx: &Ctx, mut phase: watch::Receiver<Phase>, stoppe
     }
     c.out.connected = true;
     ctx.ready.fetch_add(1, Ordering::Relaxed);
+    if let Err(why) = c.follow(&mut ws, &mut phase, stopped).await {
+        c.out.closed = Some(why);
+        ctx.closed.fetch_add(1, Ordering::Relaxed);
+        return c.out;
+    }
+    if let Some(ws) = ws {
+        close(ws).await;
+    }
+    c.out
+}
 
-    let publisher = spec.publish.clone();
-    let mut timer = ticker(*phase.borrow_and_update(), publisher.as_ref());
-    loop {
-        tokio::select! {
-            biased;
-            changed = phase.changed() => {
-                let now = *phase.borrow_and_update();
-                match now {
-                    _ if changed.is_err() => break,
-                    Phase::Run(_) => timer = ticker(now, publisher.as_ref()),
-                    Phase::Quiet => {
-                        // A publish in flight was sent and counted before this branch ran.
-                        timer = None;
-                        if publisher.is_some() {
-                            *stopped = true;
-                            ctx.stopped.fetch_add(1, Ordering::Release);
+impl Conn<'_> {
+    /// Reads the socket (if any) and publishes on the publisher's timer, following the run's
+    /// phases until it finishes; `stopped` once a publisher publishes no more. How the node ended
+    /// the connection is the error.
+    async fn follow(
+        &mut self,
+        ws: &mut Option<Ws>,
+        phase: &mut watch::Receiver<Phase>,
+        stopped: &mut bool,
+    ) -> Result<(), String> {
+        let publisher = self.spec.publish.clone();
+        let mut timer = ticker(*phase.borrow_and_update(), publisher.as_ref());
+        loop {
+            tokio::select! {
+                biased;
+                changed = phase.changed() => {
+                    let now = *phase.borrow_and_update();
+                    match now {
+                        _ if changed.is_err() => break,
+                        Phase::Run(_) => timer = ticker(now, publisher.as_ref()),
+                        Phase::Quiet => {
+                            // A publish in flight was sent and counted before this branch ran.
+                            timer = None;
+                            if publisher.is_some() {
+                                *stopped = true;
+                                self.ctx.stopped.fetch_add(1, Ordering::Release);
+                            }
                         }
+                        Phase::Finish => break,
+                        Phase::Ramp => {}
                     }
-                    Phase::Finish => break,
-                    Phase::Ramp => {}
                 }
-            }
-            msg = async {
-                match ws.as_mut() {
-                    Some(ws) => ws.next().await,
-                    None => std::future::pending().await,
+                msg = async {
+                    match ws.as_mut() {
+                        Some(ws) => ws.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.on_message(msg)?;
                 }
-            } => {
-                if let Err(why) = c.on_message(msg) {
-                    c.out.closed = Some(why);
-                    ctx.closed.fetch_add(1, Ordering::Relaxed);
-                    return c.out;
-                }
-            }
-            _ = tick(&mut timer), if timer.is_some() => {
-                let p = publisher.as_ref().expect("a timer only with a publisher");
-                if let Err(why) = c.publish(ws.as_mut(), p).await {
-                    c.out.closed = Some(why);
-                    ctx.closed.fetch_add(1, Ordering::Relaxed);
-                    return c.out;
+                _ = tick(&mut timer), if timer.is_some() => {
+                    let p = publisher.as_ref().expect("a timer only with a publisher");
+                    self.publish(ws.as_mut(), p).await?;
                 }
             }
         }
+        Ok(())
     }
-    if let Some(mut ws) = ws {
-        // Close first and let the node end the TCP connection, so TIME_WAIT stays on its side
-        // and the next run can reuse this source address's ports.
-        let _ = timeout(CLOSE_WAIT, async {
-            let _ = ws.close(None).await;
-            while ws.next().await.is_some() {}
-        })
-        .await;
-    }
-    c.out
+}
+
+/// Closes first and lets the node end the TCP connection, so TIME_WAIT stays on its side and the
+/// next run can reuse this source address's ports; waits [`CLOSE_WAIT`] at most.
+pub async fn close(mut ws: Ws) {
+    let _ = timeout(CLOSE_WAIT, async {
+        let _ = ws.close(None).await;
+        while ws.next().await.is_some() {}
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -4,10 +4,11 @@
 //! "minute"}`, the others chat lines, `{"type":"chat","text"}`, as the page shows them. Every
 //! publish carries an id; the report counts the `ok`s and the errors.
 //!
-//! What the k-th message is ([`message`]) is pure and tested without a node.
+//! What the k-th message is ([`message`]) is pure and tested without a node; [`Plan::from_args`]
+//! is the `demo` subcommand's plan.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -25,6 +26,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::{
     conn::{self, NodeUrl, CLOSE_WAIT},
     wire::{self, Encoding, Inbound},
+    Args,
 };
 
 /// What a demo run is asked to do.
@@ -40,6 +42,23 @@ pub struct Plan {
     pub duration: Duration,
     /// At most this long after the last publish to wait for the answers.
     pub drain: Duration,
+}
+
+impl Plan {
+    /// The plan the command line asks for, against `nodes`.
+    pub fn from_args(args: &Args, nodes: Vec<NodeUrl>) -> anyhow::Result<Plan> {
+        let positive = |v: f64, name: &str| Duration::try_from_secs_f64(v.max(0.0)).with_context(|| name.to_string());
+        Ok(Plan {
+            nodes,
+            source: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+            room: args.room(),
+            prefix: args.prefix.clone(),
+            publishers: args.publishers.max(1),
+            rate: args.rate.unwrap_or(20.0),
+            duration: positive(args.duration, "--duration")?,
+            drain: positive(args.drain, "--drain")?,
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -93,14 +112,16 @@ pub fn message(k: u64, fans: usize, progress: f64) -> (usize, serde_json::Value)
     }
 }
 
-pub async fn run(plan: Plan) -> anyhow::Result<DemoReport> {
-    anyhow::ensure!(!plan.nodes.is_empty(), "no --url");
-    anyhow::ensure!(
-        plan.rate > 0.0 && plan.rate <= MAX_RATE,
-        "--rate must be above 0 and at most {MAX_RATE}"
-    );
-    let acknowledged = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
+/// A voice's sending half.
+type Sink = futures_util::stream::SplitSink<conn::Ws, Message>;
+
+/// Connects the scorer and the fans, spread over the nodes: each voice's sending half, and a
+/// reader per voice counting the answers, `ok` into `acknowledged` and `error` into `refused`.
+async fn connect(
+    plan: &Plan,
+    acknowledged: &Arc<AtomicU64>,
+    refused: &Arc<AtomicU64>,
+) -> anyhow::Result<(Vec<Sink>, Vec<tokio::task::JoinHandle<()>>)> {
     let mut sinks = Vec::new();
     let mut readers = Vec::new();
     for v in 0..=plan.publishers.max(1) {
@@ -132,6 +153,19 @@ pub async fn run(plan: Plan) -> anyhow::Result<DemoReport> {
             }
         }));
     }
+    Ok((sinks, readers))
+}
+
+/// Runs the plan: connects the voices, publishes for the duration, waits for the answers.
+pub async fn run(plan: Plan) -> anyhow::Result<DemoReport> {
+    anyhow::ensure!(!plan.nodes.is_empty(), "no --url");
+    anyhow::ensure!(
+        plan.rate > 0.0 && plan.rate <= MAX_RATE,
+        "--rate must be above 0 and at most {MAX_RATE}"
+    );
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let (mut sinks, readers) = connect(&plan, &acknowledged, &refused).await?;
     let fans = sinks.len() - 1;
     let mut tick = interval(Duration::from_secs_f64(1.0 / plan.rate));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -174,6 +208,23 @@ pub async fn run(plan: Plan) -> anyhow::Result<DemoReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(line: &str) -> Args {
+        Args::of(line)
+    }
+
+    #[test]
+    fn demo_plan_takes_the_demo_room_and_refuses_what_is_no_duration() {
+        let p = Plan::from_args(&args("lt demo --duration 5"), Vec::new()).unwrap();
+        assert_eq!((p.room.as_str(), p.rate, p.publishers), ("demo", 20.0, 4));
+        assert_eq!(p.duration, Duration::from_secs(5));
+        assert_eq!(
+            Plan::from_args(&args("lt demo --room match"), Vec::new()).unwrap().room,
+            "match"
+        );
+        assert!(Plan::from_args(&args("lt demo --duration inf"), Vec::new()).is_err());
+        assert_eq!(args("lt stadium").room(), "stadium");
+    }
 
     #[test]
     fn every_tenth_message_is_the_score_from_the_scorer_and_the_fans_chat_in_turn() {

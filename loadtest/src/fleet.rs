@@ -8,7 +8,8 @@
 //! rate. Their JSON reports are merged: losses against what the publisher sent, latencies from
 //! each process's histogram. Node and Redis CPU come from `/proc`, sampled around the step, and
 //! the machine's floor is measured once before the steps. Every wait has a deadline, and
-//! everything started is stopped when the run ends, however it ends.
+//! everything started is stopped when the run ends, however it ends. [`Plan::from_args`] is the
+//! `stadium-100k` subcommand's plan.
 
 use std::{
     collections::BTreeMap,
@@ -23,7 +24,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{capacity, procfs, report::Latency};
+use crate::{capacity, procfs, report::Latency, Args};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -40,6 +41,34 @@ pub struct Plan {
     pub source_addrs: u8,
     pub node_bin: PathBuf,
     pub out: PathBuf,
+}
+
+impl Plan {
+    /// The plan the command line asks for.
+    pub fn from_args(args: &Args) -> anyhow::Result<Plan> {
+        let members = args.clients();
+        let node_bin = match &args.node_bin {
+            Some(bin) => bin.clone(),
+            None => std::env::current_exe()?.with_file_name("shardcast"),
+        };
+        let duration = Duration::try_from_secs_f64(args.duration.max(1.0)).context("--duration")?;
+        Ok(Plan {
+            members,
+            nodes: args.nodes,
+            // A process may hold about 17,000 sockets under this machine's 20,000 descriptors.
+            procs: args.procs.unwrap_or(members.div_ceil(15_000)).max(1),
+            rates: args.rates.clone(),
+            shards: args.shards,
+            publishers: args.publishers.max(1),
+            payload_bytes: args.payload_bytes,
+            duration,
+            ramp_per_sec: args.ramp_per_sec,
+            // About 28,000 ports per source address, with room to spare.
+            source_addrs: args.source_addrs.max((members.div_ceil(20_000) + 1).min(250) as u8),
+            node_bin,
+            out: args.out.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -374,13 +403,10 @@ fn rss(pids: &[u32]) -> anyhow::Result<u64> {
     pids.iter().map(|p| Ok(procfs::sample(*p)?.rss)).sum()
 }
 
+/// Runs the plan: a cluster and the nodes, the machine's floor, then a step per rate; writes the
+/// report and its chart to `plan.out`. Everything started is stopped however it ends.
 pub fn run(plan: &Plan) -> anyhow::Result<FleetReport> {
-    if plan.members == 0 || plan.nodes == 0 || plan.procs == 0 || plan.rates.is_empty() {
-        bail!("stadium-100k needs members, nodes, generator processes and rates");
-    }
-    if plan.rates.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
-        bail!("--rates must be positive");
-    }
+    check(plan)?;
     std::fs::create_dir_all(&plan.out)?;
     let scratch = plan.out.join("run");
     let _ = std::fs::remove_dir_all(&scratch);
@@ -388,26 +414,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<FleetReport> {
     let me = std::env::current_exe()?;
 
     let cluster = Cluster::up(&scratch.join("cluster"))?;
-    let mut nodes = Vec::new();
-    let mut ports = Vec::new();
-    for i in 0..plan.nodes {
-        let port = free_port()?;
-        let log = std::fs::File::create(scratch.join(format!("node-{i}.log")))?;
-        nodes.push(Proc::spawn(
-            Command::new(&plan.node_bin)
-                .args(["--listen", &format!("127.0.0.1:{port}"), "--redis", &cluster.seed])
-                .args(["--hot-room", &format!("stadium={}", plan.shards)])
-                .args(["--node-id", &format!("fleet-{i}")])
-                .stdout(Stdio::null())
-                .stderr(log),
-            format!("node {i}"),
-        )?);
-        ports.push(port);
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for port in &ports {
-        ready(*port, deadline)?;
-    }
+    let (mut nodes, ports) = start_nodes(plan, &scratch, &cluster.seed)?;
     let urls: Vec<String> = ports.iter().map(|p| format!("ws://127.0.0.1:{p}/ws")).collect();
     let node_pids: Vec<u32> = nodes.iter().map(Proc::pid).collect();
 
@@ -454,6 +461,43 @@ pub fn run(plan: &Plan) -> anyhow::Result<FleetReport> {
     )?;
     std::fs::write(plan.out.join("stadium-100k.svg"), chart(&report))?;
     Ok(report)
+}
+
+/// Refuses a plan with nothing to run.
+fn check(plan: &Plan) -> anyhow::Result<()> {
+    if plan.members == 0 || plan.nodes == 0 || plan.procs == 0 || plan.rates.is_empty() {
+        bail!("stadium-100k needs members, nodes, generator processes and rates");
+    }
+    if plan.rates.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
+        bail!("--rates must be positive");
+    }
+    Ok(())
+}
+
+/// Starts the plan's nodes on free loopback ports against the cluster at `seed`, each logging to
+/// `scratch`, and waits (a minute at most) until every one answers; the nodes and their ports.
+fn start_nodes(plan: &Plan, scratch: &Path, seed: &str) -> anyhow::Result<(Vec<Proc>, Vec<u16>)> {
+    let mut nodes = Vec::new();
+    let mut ports = Vec::new();
+    for i in 0..plan.nodes {
+        let port = free_port()?;
+        let log = std::fs::File::create(scratch.join(format!("node-{i}.log")))?;
+        nodes.push(Proc::spawn(
+            Command::new(&plan.node_bin)
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--redis", seed])
+                .args(["--hot-room", &format!("stadium={}", plan.shards)])
+                .args(["--node-id", &format!("fleet-{i}")])
+                .stdout(Stdio::null())
+                .stderr(log),
+            format!("node {i}"),
+        )?);
+        ports.push(port);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for port in &ports {
+        ready(*port, deadline)?;
+    }
+    Ok((nodes, ports))
 }
 
 fn cores() -> usize {
@@ -506,6 +550,9 @@ struct Fleet<'a> {
     idle_rss: u64,
 }
 
+/// One step: the members connect through the generator processes, their idle cost is taken,
+/// then one more process publishes at `rate`; the reports of all are merged with the nodes' and
+/// masters' CPU over the step's window.
 fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<Step> {
     let (node_pids, masters) = (fleet.node_pids, fleet.masters);
     let secs = plan.duration.as_secs_f64();
@@ -516,33 +563,7 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
         .collect();
     let before = node_counters(fleet.ports, [SHED, TIMEOUTS]);
     let started = Instant::now();
-    let mut holders = Vec::new();
-    for k in 0..plan.procs {
-        let share = plan.members / plan.procs + usize::from(k < plan.members % plan.procs);
-        let mut proc = Proc::spawn(
-            Command::new(me)
-                .arg("stadium")
-                .args(&url_args)
-                .args(["--clients", &share.to_string(), "--publishers", "0"])
-                .args(["--expect-publishers", &plan.publishers.to_string()])
-                .args([
-                    "--prefix",
-                    &format!("m{k}"),
-                    "--source-addrs",
-                    &plan.source_addrs.to_string(),
-                ])
-                .args(["--ramp-per-sec", &(plan.ramp_per_sec / plan.procs as f64).to_string()])
-                .args(["--duration", &(secs + HOLD.as_secs_f64()).to_string(), "--drain", "0"])
-                .args(["--connect-timeout", "30", "--json", "--wait-for-go", "--export-latency"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null()),
-            format!("generator {k}"),
-        )?;
-        let stdin = proc.child.stdin.take().context("generator stdin")?;
-        let stdout = BufReader::new(proc.child.stdout.take().context("generator stdout")?);
-        holders.push(Holder { proc, stdin, stdout });
-    }
+    let mut holders = start_holders(me, plan, &url_args)?;
     // Each says `ready N` once its members are connected (or its connect deadline passed).
     for h in &mut holders {
         let mut line = String::new();
@@ -554,48 +575,15 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
     let connect_s = started.elapsed().as_secs_f64();
     let after = node_counters(fleet.ports, [SHED, TIMEOUTS]);
     let [shed, timeouts] = [after[0] - before[0], after[1] - before[1]].map(|d| d as u64);
-    // What the members cost the nodes with nothing published (pings, timers, presence).
-    let idle_start = cpu(node_pids)?;
-    std::thread::sleep(IDLE);
-    let idle = (cpu(node_pids)?.iter().sum::<f64>() - idle_start.iter().sum::<f64>()) / IDLE.as_secs_f64();
+    let idle = idle_cores(node_pids)?;
     let rss_connected = rss(node_pids)?;
     let latency_start = node_latency(fleet.ports);
     let sampler = Sampler::start(node_pids, masters);
     for h in &mut holders {
         writeln!(h.stdin, "go")?;
     }
-    let publisher = Command::new(me)
-        .arg("stadium")
-        .args(&url_args)
-        .args(["--clients", "0", "--publishers", &plan.publishers.to_string()])
-        .args([
-            "--rate",
-            &rate.to_string(),
-            "--duration",
-            &secs.to_string(),
-            // Its count of what was sent is read once its publishers have stopped (a publish in
-            // flight at the end counts); with no members of its own it waits for nothing else.
-            "--drain",
-            "5",
-        ])
-        .args(["--payload-bytes", &plan.payload_bytes.to_string(), "--json"])
-        .stderr(Stdio::null())
-        .output()?;
-    let published: Value = serde_json::from_slice(&publisher.stdout).context("the publisher's report")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut reports = Vec::new();
-    for h in holders {
-        let Holder {
-            proc,
-            stdin,
-            mut stdout,
-        } = h;
-        drop(stdin);
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut stdout, &mut text)?;
-        proc.finish(deadline)?;
-        reports.push(serde_json::from_str::<Value>(&text).context("a generator's report")?);
-    }
+    let published = publish(me, plan, &url_args, rate)?;
+    let reports = holders_reports(holders)?;
     // The work of the step spans its publishing and the last delivery after it (at most the time
     // the members were held for it): CPU over that window, not over the hold and the disconnects.
     let longest = reports
@@ -620,6 +608,88 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
             node_p99_ms: node_p99_ms(&latency_start, &node_latency(fleet.ports)),
         },
     )
+}
+
+/// Starts the generator processes, each holding its share of the members (this program's own
+/// `stadium` with `--publishers 0`) until told to go.
+fn start_holders(me: &Path, plan: &Plan, url_args: &[String]) -> anyhow::Result<Vec<Holder>> {
+    let secs = plan.duration.as_secs_f64();
+    let mut holders = Vec::new();
+    for k in 0..plan.procs {
+        let share = plan.members / plan.procs + usize::from(k < plan.members % plan.procs);
+        let mut proc = Proc::spawn(
+            Command::new(me)
+                .arg("stadium")
+                .args(url_args)
+                .args(["--clients", &share.to_string(), "--publishers", "0"])
+                .args(["--expect-publishers", &plan.publishers.to_string()])
+                .args([
+                    "--prefix",
+                    &format!("m{k}"),
+                    "--source-addrs",
+                    &plan.source_addrs.to_string(),
+                ])
+                .args(["--ramp-per-sec", &(plan.ramp_per_sec / plan.procs as f64).to_string()])
+                .args(["--duration", &(secs + HOLD.as_secs_f64()).to_string(), "--drain", "0"])
+                .args(["--connect-timeout", "30", "--json", "--wait-for-go", "--export-latency"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+            format!("generator {k}"),
+        )?;
+        let stdin = proc.child.stdin.take().context("generator stdin")?;
+        let stdout = BufReader::new(proc.child.stdout.take().context("generator stdout")?);
+        holders.push(Holder { proc, stdin, stdout });
+    }
+    Ok(holders)
+}
+
+/// What the members cost the nodes with nothing published (pings, timers, presence), cores.
+fn idle_cores(node_pids: &[u32]) -> anyhow::Result<f64> {
+    let idle_start = cpu(node_pids)?;
+    std::thread::sleep(IDLE);
+    Ok((cpu(node_pids)?.iter().sum::<f64>() - idle_start.iter().sum::<f64>()) / IDLE.as_secs_f64())
+}
+
+/// Runs the publishing process of a step at `rate` to its end; its report.
+fn publish(me: &Path, plan: &Plan, url_args: &[String], rate: f64) -> anyhow::Result<Value> {
+    let publisher = Command::new(me)
+        .arg("stadium")
+        .args(url_args)
+        .args(["--clients", "0", "--publishers", &plan.publishers.to_string()])
+        .args([
+            "--rate",
+            &rate.to_string(),
+            "--duration",
+            &plan.duration.as_secs_f64().to_string(),
+            // Its count of what was sent is read once its publishers have stopped (a publish in
+            // flight at the end counts); with no members of its own it waits for nothing else.
+            "--drain",
+            "5",
+        ])
+        .args(["--payload-bytes", &plan.payload_bytes.to_string(), "--json"])
+        .stderr(Stdio::null())
+        .output()?;
+    serde_json::from_slice(&publisher.stdout).context("the publisher's report")
+}
+
+/// The generator processes' reports, once each has ended (a minute at most, together).
+fn holders_reports(holders: Vec<Holder>) -> anyhow::Result<Vec<Value>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut reports = Vec::new();
+    for h in holders {
+        let Holder {
+            proc,
+            stdin,
+            mut stdout,
+        } = h;
+        drop(stdin);
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut text)?;
+        proc.finish(deadline)?;
+        reports.push(serde_json::from_str::<Value>(&text).context("a generator's report")?);
+    }
+    Ok(reports)
 }
 
 /// The capacity model's prediction for a step, beside what was measured.
@@ -919,6 +989,20 @@ impl FleetReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(line: &str) -> Args {
+        Args::of(line)
+    }
+
+    #[test]
+    fn fleet_plan_sizes_processes_and_addresses_for_the_members() {
+        let p = Plan::from_args(&args("lt stadium-100k --node-bin /x/shardcast")).unwrap();
+        assert_eq!((p.members, p.nodes, p.procs, p.shards), (100_000, 6, 7, 16));
+        assert_eq!((p.rates.clone(), p.source_addrs), (vec![1.0, 2.0, 5.0], 6));
+        let small = Plan::from_args(&args("lt stadium-100k --clients 5000 --nodes 5 --rates 5")).unwrap();
+        assert_eq!((small.procs, small.source_addrs), (1, 2));
+        assert!(small.node_bin.ends_with("shardcast"));
+    }
 
     #[test]
     fn reports_of_several_processes_merge_into_one_step() {

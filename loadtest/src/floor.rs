@@ -3,7 +3,8 @@
 //! this process's runtime reads them on the other end. No WebSocket, no node: the CPU the writing
 //! thread spends per write and per frame is the floor under a node's CPU per delivered frame at the
 //! same number of frames per write (on loopback the kernel runs the receiving socket's work in the
-//! sender's context too, so it is in the floor as it is in the node's figure).
+//! sender's context too, so it is in the floor as it is in the node's figure). [`Plan::from_args`]
+//! is the `floor` subcommand's plan.
 
 use std::{
     io::{self, IoSlice, Write},
@@ -15,6 +16,8 @@ use anyhow::Context;
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
 
+use crate::Args;
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -25,6 +28,22 @@ pub struct Plan {
     pub window: Duration,
     /// How long each number of frames per write is measured.
     pub duration: Duration,
+}
+
+impl Plan {
+    /// The plan the command line asks for.
+    pub fn from_args(args: &Args) -> anyhow::Result<Plan> {
+        // A zero window is refused by the floor itself; these refuse what is not a duration at all.
+        let window = Duration::try_from_secs_f64(args.window_ms / 1e3).context("--window-ms")?;
+        let duration = Duration::try_from_secs_f64(args.duration.max(0.1)).context("--duration")?;
+        Ok(Plan {
+            sockets: args.clients(),
+            frame_bytes: args.payload_bytes,
+            frames_per_write: args.frames_per_write.clone(),
+            window,
+            duration,
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -176,6 +195,24 @@ impl FloorReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(line: &str) -> Args {
+        Args::of(line)
+    }
+
+    #[test]
+    fn floor_plan_takes_the_defaults_and_refuses_what_is_no_duration() {
+        let p = Plan::from_args(&args("lt floor --duration 2")).unwrap();
+        assert_eq!((p.sockets, p.frame_bytes), (1000, 128));
+        assert_eq!(p.frames_per_write, vec![1, 2, 4, 8, 16]);
+        assert_eq!(
+            (p.window, p.duration),
+            (Duration::from_millis(20), Duration::from_secs(2))
+        );
+        assert!(Plan::from_args(&args("lt floor --window-ms=-1")).is_err());
+        assert!(Plan::from_args(&args("lt floor --window-ms NaN")).is_err());
+        assert!(Plan::from_args(&args("lt floor --duration inf")).is_err());
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_step_writes_every_socket_each_window_with_its_frames() {

@@ -62,6 +62,11 @@ pub fn own() -> anyhow::Result<Sample> {
     sample(std::process::id())
 }
 
+/// One reading of each of `pids`, in order.
+pub fn samples(pids: &[u32]) -> anyhow::Result<Vec<Sample>> {
+    pids.iter().map(|p| sample(*p)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! The soak scenario: steady publishing with churn (clients leaving, reconnecting and joining other
 //! rooms) for a long time, sampling the nodes' RSS and open files. After warm-up both must stay
-//! flat: a leak of sockets, subscriptions or queue memory shows as growth.
+//! flat: a leak of sockets, subscriptions or queue memory shows as growth. [`Plan::from_args`] is
+//! the `soak` subcommand's plan.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -17,7 +18,7 @@ use serde::Serialize;
 use tokio::{net::TcpSocket, time::Instant};
 use tokio_tungstenite::{client_async, tungstenite::Message};
 
-use crate::procfs;
+use crate::{conn::NodeUrl, procfs, Args};
 
 /// What a soak run is asked to do.
 pub struct Plan {
@@ -33,6 +34,27 @@ pub struct Plan {
     pub sample_every: Duration,
     pub pids: Vec<u32>,
     pub prefix: String,
+}
+
+impl Plan {
+    /// The plan the command line asks for, against `nodes`.
+    pub fn from_args(args: &Args, nodes: Vec<NodeUrl>) -> Plan {
+        let duration = Duration::from_secs_f64(args.duration.max(1.0));
+        Plan {
+            nodes: nodes.into_iter().map(|n| (n.ws, n.addr)).collect(),
+            source_addrs: args.source_addrs,
+            clients: args.clients().max(1),
+            rooms: args.rooms().max(1),
+            rate: args.rate.unwrap_or(500.0).max(0.001),
+            churn_per_sec: args.churn_per_sec.max(0.001),
+            payload_bytes: args.payload_bytes,
+            duration,
+            warmup: args.warmup.map(Duration::from_secs_f64).unwrap_or(duration / 4),
+            sample_every: Duration::from_secs_f64(args.sample_every.max(0.1)),
+            pids: args.pids.clone(),
+            prefix: args.prefix.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
