@@ -209,64 +209,29 @@ fn build<D>(wire: Wire<D>, data: impl FnOnce(D) -> Result<Data, FrameError>) -> 
         Some(d) => data(d),
         None => Err(FrameError::new(id, ErrorCode::BadField, "missing field `data`")),
     };
+    let room = |field| name(id, field, "room", ErrorCode::BadRoom);
     let command = match op.as_str() {
         "join" => Command::Join {
-            room: name(id, wire.room, "room", ErrorCode::BadRoom)?,
+            room: room(wire.room)?,
             since: since(id, wire.since)?,
-            presence: match wire.presence {
-                None => false,
-                Some(Loose::Ok(b)) => b,
-                Some(Loose::Bad(_)) => {
-                    return Err(FrameError::new(
-                        id,
-                        ErrorCode::BadField,
-                        "`presence` must be true or false",
-                    ))
-                }
-            },
+            presence: flag(id, wire.presence, "`presence` must be true or false")?,
         },
-        "presence" => {
-            let room = name(id, wire.room, "room", ErrorCode::BadRoom)?;
-            if id.is_none() {
-                return Err(FrameError::new(id, ErrorCode::BadField, "`presence` needs an `id`"));
-            }
-            Command::Presence { room }
-        }
-        "history" => {
-            let room = name(id, wire.room, "room", ErrorCode::BadRoom)?;
-            if id.is_none() {
-                return Err(FrameError::new(id, ErrorCode::BadField, "`history` needs an `id`"));
-            }
-            let limit = match wire.limit {
-                Some(Loose::Ok(n)) if (1..=MAX_HISTORY_LIMIT).contains(&n) => n as usize,
-                None => return Err(FrameError::new(id, ErrorCode::BadField, "missing field `limit`")),
-                Some(_) => {
-                    return Err(FrameError::new(
-                        id,
-                        ErrorCode::BadField,
-                        format!("`limit` must be a whole number from 1 to {MAX_HISTORY_LIMIT}"),
-                    ))
-                }
-            };
-            Command::History { room, limit }
-        }
-        "leave" => Command::Leave {
-            room: name(id, wire.room, "room", ErrorCode::BadRoom)?,
+        "presence" => Command::Presence {
+            room: with_id(id, "presence", room(wire.room))?,
         },
-        "pub" => {
-            let room = name(id, wire.room, "room", ErrorCode::BadRoom)?;
-            Command::Pub {
-                room,
-                data: data(wire.data)?,
-            }
-        }
-        "dm" => {
-            let to = name(id, wire.to, "to", ErrorCode::BadUser)?;
-            Command::Dm {
-                to,
-                data: data(wire.data)?,
-            }
-        }
+        "history" => Command::History {
+            room: with_id(id, "history", room(wire.room))?,
+            limit: limit(id, wire.limit)?,
+        },
+        "leave" => Command::Leave { room: room(wire.room)? },
+        "pub" => Command::Pub {
+            room: room(wire.room)?,
+            data: data(wire.data)?,
+        },
+        "dm" => Command::Dm {
+            to: name(id, wire.to, "to", ErrorCode::BadUser)?,
+            data: data(wire.data)?,
+        },
         "ping" => Command::Ping,
         other => {
             let shown: String = other.chars().take(32).collect();
@@ -278,6 +243,42 @@ fn build<D>(wire: Wire<D>, data: impl FnOnce(D) -> Result<Data, FrameError>) -> 
         }
     };
     Ok(Request { id, command })
+}
+
+/// A command that is answered with data of its own (`presence`, `history`) needs an `id` to
+/// answer with; checked after its room.
+fn with_id(id: Option<i64>, op: &str, room: Result<String, FrameError>) -> Result<String, FrameError> {
+    let room = room?;
+    if id.is_none() {
+        return Err(FrameError::new(
+            id,
+            ErrorCode::BadField,
+            format!("`{op}` needs an `id`"),
+        ));
+    }
+    Ok(room)
+}
+
+/// An optional true or false, false when absent.
+fn flag(id: Option<i64>, field: Option<Loose<bool>>, bad: &'static str) -> Result<bool, FrameError> {
+    match field {
+        None => Ok(false),
+        Some(Loose::Ok(b)) => Ok(b),
+        Some(Loose::Bad(_)) => Err(FrameError::new(id, ErrorCode::BadField, bad)),
+    }
+}
+
+/// `history`'s `limit`: a whole number from 1 to [`MAX_HISTORY_LIMIT`].
+fn limit(id: Option<i64>, field: Option<Loose<u64>>) -> Result<usize, FrameError> {
+    match field {
+        Some(Loose::Ok(n)) if (1..=MAX_HISTORY_LIMIT).contains(&n) => Ok(n as usize),
+        None => Err(FrameError::new(id, ErrorCode::BadField, "missing field `limit`")),
+        Some(_) => Err(FrameError::new(
+            id,
+            ErrorCode::BadField,
+            format!("`limit` must be a whole number from 1 to {MAX_HISTORY_LIMIT}"),
+        )),
+    }
 }
 
 /// `since`: a list of positions, one per shard (at most [`crate::bus::MAX_SHARDS`]).

@@ -148,17 +148,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
 
     if let Some(addr) = node.config().metrics_listen {
         let listener = TcpListener::bind(addr).await?;
-        let app = routes::metrics_router(node.clone());
-        let stop = internal.clone();
-        let limits = accept::Limits {
-            max_connections: METRICS_CONNECTIONS,
-            ..limits
-        };
-        tracker.spawn(async move {
-            if let Err(e) = accept::serve(listener, app, limits, stop.cancelled_owned()).await {
-                tracing::error!(error = %e, "metrics listener failed");
-            }
-        });
+        tracker.spawn(serve_metrics(listener, node.clone(), limits, internal.clone()));
     }
     let app = routes::router(node.clone());
     let drained = {
@@ -175,6 +165,18 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+/// Serves `/metrics` alone on `--metrics-listen` until `stop`, with room for a scraper or two.
+async fn serve_metrics(listener: TcpListener, node: Node, limits: accept::Limits, stop: CancellationToken) {
+    let app = routes::metrics_router(node);
+    let limits = accept::Limits {
+        max_connections: METRICS_CONNECTIONS,
+        ..limits
+    };
+    if let Err(e) = accept::serve(listener, app, limits, stop.cancelled_owned()).await {
+        tracing::error!(error = %e, "metrics listener failed");
+    }
 }
 
 /// The bus `config` asks for, handing what it receives to `sink`: the embedded one without

@@ -137,7 +137,6 @@ async fn work(on: On, mut rx: mpsc::Receiver<Item>, cancel: CancellationToken, m
     let mut batch = Vec::with_capacity(BATCH);
     let mut decoded = Vec::with_capacity(BATCH);
     let mut scratch = Scratch::default();
-    let mut turns = Vec::new();
     let timer = tokio::time::sleep(std::time::Duration::ZERO);
     tokio::pin!(timer);
     // A paced worker's grid runs from the start; an adaptive one waits for news.
@@ -159,40 +158,49 @@ async fn work(on: On, mut rx: mpsc::Receiver<Item>, cancel: CancellationToken, m
             () = &mut timer, if armed => armed = false,
             _ = cancel.cancelled() => break,
         }
-        while !armed {
-            let started = Instant::now();
-            let one;
-            let (all, write) = match schedule.turn(started, lanes.news_for(&mine)) {
-                Turn::Idle => break,
-                Turn::At(at) => {
-                    timer.as_mut().reset(at);
-                    armed = true;
-                    continue;
-                }
-                Turn::All => (true, &mine[..]),
-                Turn::Lane(lane) => {
-                    one = [lane];
-                    (false, &one[..])
-                }
-            };
-            turns.clear();
-            for lane in write {
-                let clock = std::time::Instant::now();
-                let d = hub.write_lane(*lane, &mut scratch);
-                turns.push(Written {
-                    lane: *lane,
-                    took: clock.elapsed(),
-                    frames: d.delivered,
-                    writes: d.writes,
-                });
-            }
-            if let Some(wait) = schedule.wrote(started, all, &turns) {
-                m::write_gathered(wait);
+        if !armed {
+            if let Some(at) = take_turns(&hub, &mut schedule, &mine, &mut scratch) {
+                timer.as_mut().reset(at);
+                armed = true;
             }
         }
     }
     for lane in &mine {
         hub.write_lane(*lane, &mut scratch);
+    }
+}
+
+/// Takes the turns the schedule says are due, lane by lane; returns when the next one comes, or
+/// `None` when it waits for news.
+fn take_turns(hub: &Hub, schedule: &mut Schedule, mine: &[usize], scratch: &mut Scratch) -> Option<Instant> {
+    let lanes = hub.lanes();
+    let mut turns = Vec::new();
+    loop {
+        let started = Instant::now();
+        let one;
+        let (all, write) = match schedule.turn(started, lanes.news_for(mine)) {
+            Turn::Idle => return None,
+            Turn::At(at) => return Some(at),
+            Turn::All => (true, mine),
+            Turn::Lane(lane) => {
+                one = [lane];
+                (false, &one[..])
+            }
+        };
+        turns.clear();
+        for lane in write {
+            let clock = std::time::Instant::now();
+            let d = hub.write_lane(*lane, scratch);
+            turns.push(Written {
+                lane: *lane,
+                took: clock.elapsed(),
+                frames: d.delivered,
+                writes: d.writes,
+            });
+        }
+        if let Some(wait) = schedule.wrote(started, all, &turns) {
+            m::write_gathered(wait);
+        }
     }
 }
 
