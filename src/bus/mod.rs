@@ -9,12 +9,10 @@
 //! This module also owns the two naming decisions other nodes and backend jobs must agree on,
 //! each in one function: [`Naming::room_channel`] and [`shard_for`].
 
-mod confirm;
 pub mod memory;
 pub mod presence;
 pub mod redis;
 pub mod stream;
-mod tracked;
 
 use std::{collections::HashMap, time::Duration};
 

@@ -24,6 +24,9 @@
 //! its own master whenever its subscriber has been quiet for a second and expects it back within
 //! the command timeout; a link that misses it is rebuilt and `/readyz` reports 503 until it is back.
 
+mod confirm;
+mod tracked;
+
 use std::{
     collections::HashMap,
     sync::{
@@ -46,13 +49,13 @@ use tokio::sync::{broadcast::error::RecvError, Notify};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    confirm::Confirm,
     in_turn, millis,
     stream::{meta_key, parse_entry_id, stream_key, Entry, Keep, Pos, Slice},
-    tracked::{Tracked, SLOTS},
     BusError, Sink,
 };
 use crate::metrics as m;
+use confirm::Confirm;
+use tracked::{Tracked, SLOTS};
 
 /// How often the reconciler re-reads the cluster topology; faster while something is broken, so
 /// a promoted replica is picked up soon after the cluster elects it.
