@@ -112,6 +112,15 @@ async fn bounded<T>(
     }
 }
 
+/// `link` if there is one and its publisher is connected: where a command can go now.
+fn connected(link: Option<Arc<Link>>) -> Result<Arc<Link>, BusError> {
+    let link = link.ok_or_else(|| unavailable("no master known for the channel's slot"))?;
+    if !link.publisher.is_connected() {
+        return Err(unavailable(format!("not connected to {}", link.server)));
+    }
+    Ok(link)
+}
+
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|p| p.into_inner())
 }
@@ -314,13 +323,7 @@ impl RedisBus {
         let slot = redis_keyslot(channel.as_bytes());
         let mut moved_once = false;
         loop {
-            let link = self
-                .inner
-                .link_for(slot)
-                .ok_or_else(|| unavailable("no master known for the channel's slot"))?;
-            if !link.publisher.is_connected() {
-                return Err(unavailable(format!("not connected to {}", link.server)));
-            }
+            let link = connected(self.inner.link_for(slot))?;
             let sent = bounded(
                 self.inner.timeout,
                 link.publisher.spublish::<Value, _, _>(channel.clone(), payload.clone()),

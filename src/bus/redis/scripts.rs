@@ -20,7 +20,7 @@ use fred::{
     util::redis_keyslot,
 };
 
-use super::{bounded, links::Link, lock, unavailable, Inner, RedisBus};
+use super::{bounded, connected, links::Link, lock, unavailable, Inner, RedisBus};
 use crate::bus::{
     millis,
     stream::{meta_key, parse_entry_id, stream_key, Entry, Keep, Pos, Slice},
@@ -119,13 +119,7 @@ impl RedisBus {
         if items.len() == 1 || (history && (self.inner.replicas > 0 || sha.is_none())) {
             return Ok(items.iter().map(|_| None).collect());
         }
-        let link = self
-            .inner
-            .link_for(redis_keyslot(channel.as_bytes()))
-            .ok_or_else(|| unavailable("no master known for the channel's slot"))?;
-        if !link.publisher.is_connected() {
-            return Err(unavailable(format!("not connected to {}", link.server)));
-        }
+        let link = connected(self.inner.link_for(redis_keyslot(channel.as_bytes())))?;
         let pipeline = link.publisher.pipeline();
         for (payload, keep) in items {
             let queued: Result<(), _> = match (keep, &sha) {
@@ -195,29 +189,15 @@ impl Inner {
         let (mut loaded, mut moved, mut asked) = (false, false, None::<Server>);
         let until = tokio::time::Instant::now() + self.timeout;
         loop {
-            let link = match &asked {
+            let link = connected(match &asked {
                 Some(server) => lock(&self.links).get(server).cloned(),
                 None => self.link_for(slot),
-            }
-            .ok_or_else(|| unavailable("no master known for the channel's slot"))?;
-            if !link.publisher.is_connected() {
-                return Err(unavailable(format!("not connected to {}", link.server)));
-            }
+            })?;
             let sha = match script.sha.get() {
                 Some(sha) => sha.clone(),
                 None => self.load(&link, script).await?,
             };
-            let called = if asked.is_some() {
-                bounded(self.timeout, asking(&link.publisher, &sha, keys.clone(), args.clone())).await
-            } else {
-                bounded(
-                    self.timeout,
-                    link.publisher
-                        .evalsha::<Value, _, _, _>(sha, keys.clone(), args.clone()),
-                )
-                .await
-            };
-            let e = match called {
+            let e = match self.evalsha_on(&link, sha, asked.is_some(), &keys, &args).await {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
@@ -240,6 +220,24 @@ impl Inner {
                 }
                 _ => return Err(unavailable(e)),
             }
+        }
+    }
+
+    /// One `EVALSHA` on `link`, within the timeout; after `ASKING` when the slot's owner sent the
+    /// call there.
+    async fn evalsha_on(
+        &self,
+        link: &Link,
+        sha: String,
+        asked: bool,
+        keys: &[String],
+        args: &[Value],
+    ) -> Result<Value, fred::error::Error> {
+        let (keys, args) = (keys.to_vec(), args.to_vec());
+        if asked {
+            bounded(self.timeout, asking(&link.publisher, &sha, keys, args)).await
+        } else {
+            bounded(self.timeout, link.publisher.evalsha(sha, keys, args)).await
         }
     }
 
