@@ -28,8 +28,8 @@
 //! - this file: [`RedisBus`], what the rest of the node calls, and the state its parts share;
 //! - `links`: the connections to one master, their readers and their probes;
 //! - `routes`: the slot map, and the reconciler that keeps links and subscriptions in step with it;
-//! - `scripts`: the Lua scripts (history's append and read, presence's) and how a call follows the
-//!   cluster;
+//! - `scripts`: history's Lua scripts (append, read), and how any script's call (presence's too)
+//!   follows the cluster;
 //! - `tracked`: the subscribed channels by slot; `confirm`: `--publish-replicas`'s `WAIT` rounds.
 
 mod confirm;
