@@ -380,6 +380,44 @@ impl Config {
 #[error("invalid configuration:\n  {}", .0.join("\n  "))]
 pub struct ConfigError(pub Vec<String>);
 
+/// A configuration being read: the settings so far (each a default until parsed) and every problem
+/// found on the way.
+struct Parsing {
+    config: Config,
+    errors: Vec<String>,
+}
+
+impl Parsing {
+    /// Parses every item of a list setting and hands each to `add`.
+    fn each<T>(
+        &mut self,
+        flag: &str,
+        raws: &[String],
+        parse: impl Fn(&str) -> Result<T, String>,
+        mut add: impl FnMut(&mut Config, T),
+    ) {
+        for raw in raws {
+            match parse(raw.trim()) {
+                Ok(v) => add(&mut self.config, v),
+                Err(e) => self.errors.push(bad(flag, raw, e)),
+            }
+        }
+    }
+}
+
+/// `set!(p, "flag", raw, parser => field)`: parses a setting when it was given into
+/// `p.config.field` (else the field keeps its default), or adds why it cannot to `p.errors`.
+macro_rules! set {
+    ($p:ident, $flag:literal, $raw:expr, $parse:expr => $($field:tt)+) => {
+        if let Some(raw) = &$raw {
+            match $parse(raw.trim()) {
+                Ok(v) => $p.config.$($field)+ = v,
+                Err(e) => $p.errors.push(bad($flag, raw, e)),
+            }
+        }
+    };
+}
+
 impl Args {
     /// Reads the `--config` file, if any, under the flags and environment variables.
     pub fn with_file(self) -> Result<Args, ConfigError> {
@@ -484,94 +522,122 @@ impl Args {
         }
     }
 
-    /// Parses and checks every setting, reporting all problems at once.
+    /// Parses and checks every setting, reporting all problems at once: each group of settings is
+    /// parsed (a setting not given keeps its default), then the settings are checked against each
+    /// other.
     pub fn resolve(self) -> Result<Config, ConfigError> {
+        let mut p = Parsing {
+            config: Config::default(),
+            errors: Vec::new(),
+        };
+        self.parse_node(&mut p);
+        self.parse_bus(&mut p);
+        self.parse_sockets(&mut p);
+        self.parse_access(&mut p);
+        self.parse_http(&mut p);
+        self.parse_history(&mut p);
+        self.parse_presence(&mut p);
+        let Parsing { config, mut errors } = p;
+        errors.extend(config.validate());
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError(errors))
+        }
+    }
+
+    /// This node: where it listens, its id, its delivery workers, its log, its drain and its demo.
+    fn parse_node(&self, p: &mut Parsing) {
+        set!(p, "listen", self.listen, addr => listen);
+        set!(p, "metrics-listen", self.metrics_listen, |s| addr(s).map(Some) => metrics_listen);
+        set!(p, "node-id", self.node_id, name => node_id);
+        set!(p, "workers", self.workers, count => workers);
+        set!(p, "worker-queue", self.worker_queue, count => worker_queue);
+        set!(p, "drain-timeout", self.drain_timeout, duration => drain_timeout);
+        set!(p, "drain-jitter", self.drain_jitter, duration_or_zero => drain_jitter);
+        set!(p, "log-format", self.log_format, log_format => log_format);
+        set!(p, "demo", self.demo, boolean => demo);
+    }
+
+    /// The bus: Redis, channel names and shards, confirmations by replicas.
+    fn parse_bus(&self, p: &mut Parsing) {
+        p.each("redis", &self.redis, redis_url, |c, url| c.redis.push(url));
+        set!(p, "redis-timeout", self.redis_timeout, duration => redis_timeout);
+        set!(p, "channel-prefix", self.channel_prefix, prefix => channel_prefix);
+        set!(p, "user-channel-prefix", self.user_channel_prefix, prefix => user_channel_prefix);
+        set!(p, "default-shards", self.default_shards, shards => default_shards);
+        p.each("hot-room", &self.hot_room, hot_room, |c, (room, n)| {
+            c.hot_rooms.insert(room, n);
+        });
+        set!(p, "publish-replicas", self.publish_replicas, replicas => publish_replicas);
+    }
+
+    /// WebSockets: how many, what each may send and have queued, and their timings.
+    fn parse_sockets(&self, p: &mut Parsing) {
+        set!(p, "max-connections", self.max_connections, count => max_connections);
+        set!(p, "max-buffered-bytes", self.max_buffered_bytes, |s| size(s, 1024) => max_buffered_bytes);
+        set!(p, "max-frame-bytes", self.max_frame_bytes, |s| size(s, 128) => max_frame_bytes);
+        set!(p, "max-rooms-per-conn", self.max_rooms_per_conn, count => max_rooms_per_conn);
+        set!(p, "command-rate", self.command_rate, rate => command_rate);
+        set!(p, "command-burst", self.command_burst, rate => command_burst);
+        set!(p, "max-data-depth", self.max_data_depth, data_depth => max_data_depth);
+        set!(p, "max-inflight-publishes", self.max_inflight_publishes, |s| bounded_count(s, 4096) => max_inflight_publishes);
+        set!(p, "join-timeout", self.join_timeout, duration => join_timeout);
+        set!(p, "unsubscribe-delay", self.unsubscribe_delay, duration_or_zero => unsubscribe_delay);
+        set!(p, "close-grace", self.close_grace, duration => close_grace);
+        set!(p, "write-coalesce", self.write_coalesce, duration_or_zero => write_coalesce);
+        set!(p, "max-write-delay", self.max_write_delay, duration_or_zero => max_write_delay);
+        set!(p, "ping-interval", self.ping_interval, duration => ping_interval);
+        set!(p, "idle-timeout", self.idle_timeout, duration => idle_timeout);
+    }
+
+    /// Who may connect and publish: keys, tokens, origins, names.
+    fn parse_access(&self, p: &mut Parsing) {
+        set!(p, "api-key", self.api_key, |s| secret(s).map(Some) => api_key);
+        set!(p, "jwt-secret", self.jwt_secret, |s| secret(s).map(|s| Some(JwtKey::Secret(s))) => jwt);
+        set!(p, "jwt-public-key", self.jwt_public_key, |s| public_key(s).map(Some) => jwt);
+        set!(p, "require-exp", self.require_exp, boolean => require_exp);
+        p.each("allowed-origins", &self.allowed_origins, origin, |c, o| {
+            c.allowed_origins.push(o)
+        });
+        set!(p, "max-name-bytes", self.max_name_bytes, name_bytes => names.max_bytes);
+        set!(p, "ascii-names", self.ascii_names, boolean => names.ascii_only);
+    }
+
+    /// Plain HTTP: its timeouts, its connection cap and the publish rate.
+    fn parse_http(&self, p: &mut Parsing) {
+        set!(p, "http-header-timeout", self.http_header_timeout, duration => http_header_timeout);
+        set!(p, "http-body-timeout", self.http_body_timeout, duration => http_body_timeout);
+        set!(p, "max-http-connections", self.max_http_connections, |s| count(s).map(Some) => max_http_connections);
+        set!(p, "publish-rate", self.publish_rate, rate => publish_rate);
+        set!(p, "publish-burst", self.publish_burst, rate => publish_burst);
+    }
+
+    /// Which rooms keep history, and how much a join may replay.
+    fn parse_history(&self, p: &mut Parsing) {
+        p.each("history", &self.history, history_rule, |c, rule| c.history.push(rule));
+        set!(p, "default-history", self.default_history, |s| keep(s).map(Some) => default_history);
+        set!(p, "recover-max", self.recover_max, |s| bounded_count(s, MAX_RECOVER) => recover_max);
+    }
+
+    /// Presence: whether it is kept, how often it is written, how long it lasts, which rooms list
+    /// their users.
+    fn parse_presence(&self, p: &mut Parsing) {
+        set!(p, "presence", self.presence, boolean => presence);
+        set!(p, "presence-tick", self.presence_tick, duration => presence_tick);
+        set!(p, "presence-ttl", self.presence_ttl, duration => presence_ttl);
+        set!(p, "presence-list-max", self.presence_list_max, |s| bounded_count(s, MAX_PRESENCE_LIST) => presence_list_max);
+    }
+}
+
+impl Config {
+    /// The checks of settings against each other (each setting alone was checked as it was
+    /// parsed): every problem, one line each.
+    fn validate(&self) -> Vec<String> {
         let mut errors = Vec::new();
-        let mut c = Config::default();
-        // set!(flag, raw, parser => field): parse when given, else keep the default.
-        macro_rules! set {
-            ($flag:literal, $raw:expr, $parse:expr => $($field:tt)+) => {
-                if let Some(raw) = $raw {
-                    match $parse(raw.trim()) {
-                        Ok(v) => c.$($field)+ = v,
-                        Err(e) => errors.push(bad($flag, &raw, e)),
-                    }
-                }
-            };
-        }
-        set!("listen", self.listen, addr => listen);
-        set!("metrics-listen", self.metrics_listen, |s| addr(s).map(Some) => metrics_listen);
-        set!("node-id", self.node_id, name => node_id);
-        set!("channel-prefix", self.channel_prefix, prefix => channel_prefix);
-        set!("user-channel-prefix", self.user_channel_prefix, prefix => user_channel_prefix);
-        set!("default-shards", self.default_shards, shards => default_shards);
-        set!("max-buffered-bytes", self.max_buffered_bytes, |s| size(s, 1024) => max_buffered_bytes);
-        set!("max-frame-bytes", self.max_frame_bytes, |s| size(s, 128) => max_frame_bytes);
-        set!("max-rooms-per-conn", self.max_rooms_per_conn, count => max_rooms_per_conn);
-        set!("workers", self.workers, count => workers);
-        set!("worker-queue", self.worker_queue, count => worker_queue);
-        set!("join-timeout", self.join_timeout, duration => join_timeout);
-        set!("unsubscribe-delay", self.unsubscribe_delay, duration_or_zero => unsubscribe_delay);
-        set!("close-grace", self.close_grace, duration => close_grace);
-        set!("redis-timeout", self.redis_timeout, duration => redis_timeout);
-        set!("write-coalesce", self.write_coalesce, duration_or_zero => write_coalesce);
-        set!("max-write-delay", self.max_write_delay, duration_or_zero => max_write_delay);
-        set!("ping-interval", self.ping_interval, duration => ping_interval);
-        set!("idle-timeout", self.idle_timeout, duration => idle_timeout);
-        set!("drain-timeout", self.drain_timeout, duration => drain_timeout);
-        set!("drain-jitter", self.drain_jitter, duration_or_zero => drain_jitter);
-        set!("max-connections", self.max_connections, count => max_connections);
-        set!("command-rate", self.command_rate, rate => command_rate);
-        set!("command-burst", self.command_burst, rate => command_burst);
-        set!("max-name-bytes", self.max_name_bytes, name_bytes => names.max_bytes);
-        set!("ascii-names", self.ascii_names, boolean => names.ascii_only);
-        set!("api-key", self.api_key, |s| secret(s).map(Some) => api_key);
-        set!("jwt-secret", self.jwt_secret, |s| secret(s).map(|s| Some(JwtKey::Secret(s))) => jwt);
-        set!("jwt-public-key", self.jwt_public_key, |s| public_key(s).map(Some) => jwt);
-        set!("default-history", self.default_history, |s| keep(s).map(Some) => default_history);
-        set!("recover-max", self.recover_max, |s| bounded_count(s, MAX_RECOVER) => recover_max);
-        set!("publish-replicas", self.publish_replicas, replicas => publish_replicas);
-        for raw in self.history {
-            match history_rule(raw.trim()) {
-                Ok(rule) => c.history.push(rule),
-                Err(e) => errors.push(bad("history", &raw, e)),
-            }
-        }
-        set!("http-header-timeout", self.http_header_timeout, duration => http_header_timeout);
-        set!("http-body-timeout", self.http_body_timeout, duration => http_body_timeout);
-        set!("max-http-connections", self.max_http_connections, |s| count(s).map(Some) => max_http_connections);
-        set!("publish-rate", self.publish_rate, rate => publish_rate);
-        set!("publish-burst", self.publish_burst, rate => publish_burst);
-        set!("require-exp", self.require_exp, boolean => require_exp);
-        set!("max-data-depth", self.max_data_depth, data_depth => max_data_depth);
-        set!("log-format", self.log_format, log_format => log_format);
-        set!("max-inflight-publishes", self.max_inflight_publishes, |s| bounded_count(s, 4096) => max_inflight_publishes);
-        set!("presence", self.presence, boolean => presence);
-        set!("presence-tick", self.presence_tick, duration => presence_tick);
-        set!("presence-ttl", self.presence_ttl, duration => presence_ttl);
-        set!("presence-list-max", self.presence_list_max, |s| bounded_count(s, MAX_PRESENCE_LIST) => presence_list_max);
-        set!("demo", self.demo, boolean => demo);
-        for raw in self.redis {
-            match redis_url(raw.trim()) {
-                Ok(url) => c.redis.push(url),
-                Err(e) => errors.push(bad("redis", &raw, e)),
-            }
-        }
-        for raw in self.hot_room {
-            match hot_room(raw.trim()) {
-                Ok((room, n)) => drop(c.hot_rooms.insert(room, n)),
-                Err(e) => errors.push(bad("hot-room", &raw, e)),
-            }
-        }
-        for raw in self.allowed_origins {
-            match origin(raw.trim()) {
-                Ok(o) => c.allowed_origins.push(o),
-                Err(e) => errors.push(bad("allowed-origins", &raw, e)),
-            }
-        }
         for (flag, wait) in [
-            ("write-coalesce", c.write_coalesce),
-            ("max-write-delay", c.max_write_delay),
+            ("write-coalesce", self.write_coalesce),
+            ("max-write-delay", self.max_write_delay),
         ] {
             if wait > MAX_WRITE_WAIT {
                 errors.push(format!(
@@ -579,24 +645,20 @@ impl Args {
                 ));
             }
         }
-        if c.idle_timeout <= c.ping_interval {
+        if self.idle_timeout <= self.ping_interval {
             errors.push(format!(
                 "--idle-timeout ({:?}) must be longer than --ping-interval ({:?})",
-                c.idle_timeout, c.ping_interval
+                self.idle_timeout, self.ping_interval
             ));
         }
-        if c.presence_ttl < c.presence_tick * 2 {
+        if self.presence_ttl < self.presence_tick * 2 {
             errors.push(format!(
                 "--presence-ttl ({:?}) must be at least twice --presence-tick ({:?}), or presence \
                  would blink out between two refreshes",
-                c.presence_ttl, c.presence_tick
+                self.presence_ttl, self.presence_tick
             ));
         }
-        if errors.is_empty() {
-            Ok(c)
-        } else {
-            Err(ConfigError(errors))
-        }
+        errors
     }
 }
 

@@ -10,7 +10,7 @@
 //!   format  0 = data is MessagePack, 1 = data is JSON text
 //!   data    bin, the payload exactly as the publisher encoded it
 //!   pos     str, optional: the message's position in its channel's history, `EPOCH:N`, added by
-//!           the store when the room keeps history (see [`crate::bus::stream`])
+//!           the store when the room keeps history (see [`crate::history::pos`])
 //! ```
 //!
 //! `data` travels as opaque bytes: no hop re-encodes it, and decoding borrows it from the received

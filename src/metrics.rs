@@ -202,196 +202,77 @@ const _: () = {
     }
 };
 
-/// Help text and units for every metric, and a zero for every series, so dashboards and `rate()`
-/// work before the first event. `shardcast_bus_up` is left to the bus, which sets it on connect:
-/// a zero here would read as "bus down" on a node that never sets it (the embedded bus).
-pub fn describe() {
-    describe_gauge!(CONNECTIONS_OPEN, Unit::Count, "WebSocket connections open now.");
-    describe_counter!(
-        CONNECTIONS_ACCEPTED,
-        Unit::Count,
-        "WebSocket connections accepted (upgraded)."
-    );
-    describe_counter!(
-        CONNECTIONS_CLOSED,
-        Unit::Count,
-        "WebSocket connections closed, by reason."
-    );
-    describe_gauge!(
-        ROOMS_LOCAL,
-        Unit::Count,
-        "Rooms with local members (sampled every second)."
-    );
-    describe_gauge!(
-        TOPICS_LOCAL,
-        Unit::Count,
-        "Rooms and user inboxes with local members (sampled every second)."
-    );
-    describe_gauge!(
-        SUBSCRIPTIONS,
-        Unit::Count,
-        "Bus channels (room shards and user inboxes) this node is subscribed to."
-    );
-    describe_counter!(
-        PUBLISHED,
-        Unit::Count,
-        "Messages this node handed to the bus, by source (ws or http)."
-    );
-    describe_counter!(
-        BUS_RECEIVED,
-        Unit::Count,
-        "Envelopes received from the bus and decoded."
-    );
-    describe_counter!(
-        BUS_DROPPED,
-        Unit::Count,
-        "Bus messages dropped before delivery, by reason."
-    );
-    describe_counter!(
-        DELIVERIES,
-        Unit::Count,
-        "Frames queued to local sockets (one per message per socket)."
-    );
-    describe_counter!(DELIVERED_BYTES, Unit::Bytes, "Bytes queued to local sockets.");
-    describe_counter!(
-        SOCKET_WRITES,
-        Unit::Count,
-        "Writes of delivered frames to local sockets (one per socket per delivery batch or paced turn); deliveries per write is how well writes are coalesced."
-    );
-    describe_counter!(
-        UNENCODABLE,
-        Unit::Count,
-        "Deliveries skipped because the message has no form in the socket's encoding."
-    );
-    describe_histogram!(
-        LATENCY,
-        Unit::Seconds,
-        "Time from publish (envelope timestamp) to fan-out on this node."
-    );
-    describe_histogram!(
-        WRITE_GATHER,
-        Unit::Seconds,
-        "Adaptive writes: after each turn of a delivery worker, how long frames gather before a socket's next write (0 when quiet)."
-    );
-    describe_histogram!(
-        JOIN_WAIT,
-        Unit::Seconds,
-        "Time a join (a room, or a new socket's inbox) waited for its channels to be subscribed."
-    );
-    describe_counter!(
-        SLOW_CONSUMER_DROPS,
-        Unit::Count,
-        "Sockets closed with 4008 because their queued bytes passed the budget."
-    );
-    describe_gauge!(
-        QUEUED_BYTES,
-        Unit::Bytes,
-        "Outbound bytes queued over all local sockets (sampled every second)."
-    );
-    describe_histogram!(
-        QUEUE_DEPTH,
-        Unit::Bytes,
-        "Per-socket outbound queued bytes (sampled every second)."
-    );
-    describe_gauge!(
-        BUS_UP,
-        Unit::Count,
-        "1 when the bus is connected and every subscription is in place, else 0."
-    );
-    describe_counter!(BUS_PUBLISH_ERRORS, Unit::Count, "Publishes the bus refused or failed.");
-    describe_counter!(BUS_RECONNECTS, Unit::Count, "Redis connections rebuilt.");
-    describe_counter!(
-        BUS_RESUBSCRIPTIONS,
-        Unit::Count,
-        "Channels subscribed again after a reconnect or slot move."
-    );
-    describe_counter!(
-        BAD_FRAMES,
-        Unit::Count,
-        "Client commands refused with an error frame, by error code."
-    );
-    describe_counter!(
-        AUTH_FAILURES,
-        Unit::Count,
-        "Requests and upgrades refused for missing or wrong credentials."
-    );
-    describe_counter!(
-        RATE_LIMITED,
-        Unit::Count,
-        "Client commands refused by the per-connection rate limit."
-    );
-    describe_counter!(
-        RECOVERIES,
-        Unit::Count,
-        "Joins with `since`, by outcome: recovered (everything missed was replayed) or not_recovered."
-    );
-    describe_counter!(REPLAYED, Unit::Count, "Messages replayed to joins that recovered.");
-    describe_counter!(
-        HISTORY_READS,
-        Unit::Count,
-        "History reads by source: store (sent to Redis, or the embedded ring) or shared (a join served by another join's read)."
-    );
-    describe_histogram!(
-        PUBLISH_WAIT,
-        Unit::Seconds,
-        "With --publish-replicas: how long a publish waited for its replicas to confirm it (one WAIT covers a batch)."
-    );
-    describe_counter!(
-        GAP_FILLED,
-        Unit::Count,
-        "Messages of a shard with history the node missed (a reconnect, failover or slot move) and read back, by outcome: filled, or lost (no longer in history)."
-    );
-    describe_counter!(
-        UPGRADES_REFUSED,
-        Unit::Count,
-        "WebSocket upgrades refused before the socket opened, by reason."
-    );
-    describe_gauge!(
-        HTTP_CONNECTIONS_OPEN,
-        Unit::Count,
-        "Connections open now that are not upgraded WebSockets (HTTP requests, keep-alive, upgrades in progress)."
-    );
-    describe_counter!(
-        HTTP_CONNECTIONS_SHED,
-        Unit::Count,
-        "HTTP connections shed at --max-http-connections: refused on arrival, or evicted (closed to make room after waiting on their client)."
-    );
-    describe_counter!(
-        HTTP_TIMEOUTS,
-        Unit::Count,
-        "HTTP connections closed because the client was too slow to send its headers (or idled) or its body, by phase."
-    );
-    describe_counter!(
-        PUBLISH_RATE_LIMITED,
-        Unit::Count,
-        "POST /publish requests answered 429 by the per-address rate limit."
-    );
-    describe_gauge!(
-        PRESENCE_ROOMS,
-        Unit::Count,
-        "Rooms whose presence this node tracks: with local members or watchers, or a contribution still to withdraw."
-    );
-    describe_counter!(
-        PRESENCE_WRITES,
-        Unit::Count,
-        "Presence writes to the store, by kind: a room's contribution, or this node's users."
-    );
-    describe_counter!(
-        PRESENCE_READS,
-        Unit::Count,
-        "Presence reads from the store: a room's total (each tick per tracked room, or on demand) or a user's connections."
-    );
-    describe_counter!(
-        PRESENCE_ERRORS,
-        Unit::Count,
-        "Presence writes and reads that failed (retried next tick)."
-    );
-    describe_gauge!(
-        PRESENCE_AGE,
-        Unit::Seconds,
-        "Age of this node's oldest room contribution at the last tick; near --presence-ttl means refreshes are late and counts may blink."
-    );
+/// What kind of metric a row of [`METRICS`] describes.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
 
+/// Every metric's kind, name, unit and help text, as `/metrics` describes it.
+const METRICS: &[(Kind, &str, Unit, &str)] = &[
+    (Kind::Gauge, CONNECTIONS_OPEN, Unit::Count, "WebSocket connections open now."),
+    (Kind::Counter, CONNECTIONS_ACCEPTED, Unit::Count, "WebSocket connections accepted (upgraded)."),
+    (Kind::Counter, CONNECTIONS_CLOSED, Unit::Count, "WebSocket connections closed, by reason."),
+    (Kind::Gauge, ROOMS_LOCAL, Unit::Count, "Rooms with local members (sampled every second)."),
+    (Kind::Gauge, TOPICS_LOCAL, Unit::Count, "Rooms and user inboxes with local members (sampled every second)."),
+    (Kind::Gauge, SUBSCRIPTIONS, Unit::Count, "Bus channels (room shards and user inboxes) this node is subscribed to."),
+    (Kind::Counter, PUBLISHED, Unit::Count, "Messages this node handed to the bus, by source (ws or http)."),
+    (Kind::Counter, BUS_RECEIVED, Unit::Count, "Envelopes received from the bus and decoded."),
+    (Kind::Counter, BUS_DROPPED, Unit::Count, "Bus messages dropped before delivery, by reason."),
+    (Kind::Counter, DELIVERIES, Unit::Count, "Frames queued to local sockets (one per message per socket)."),
+    (Kind::Counter, DELIVERED_BYTES, Unit::Bytes, "Bytes queued to local sockets."),
+    (Kind::Counter, SOCKET_WRITES, Unit::Count, "Writes of delivered frames to local sockets (one per socket per delivery batch or paced turn); deliveries per write is how well writes are coalesced."),
+    (Kind::Counter, UNENCODABLE, Unit::Count, "Deliveries skipped because the message has no form in the socket's encoding."),
+    (Kind::Histogram, LATENCY, Unit::Seconds, "Time from publish (envelope timestamp) to fan-out on this node."),
+    (Kind::Histogram, WRITE_GATHER, Unit::Seconds, "Adaptive writes: after each turn of a delivery worker, how long frames gather before a socket's next write (0 when quiet)."),
+    (Kind::Histogram, JOIN_WAIT, Unit::Seconds, "Time a join (a room, or a new socket's inbox) waited for its channels to be subscribed."),
+    (Kind::Counter, SLOW_CONSUMER_DROPS, Unit::Count, "Sockets closed with 4008 because their queued bytes passed the budget."),
+    (Kind::Gauge, QUEUED_BYTES, Unit::Bytes, "Outbound bytes queued over all local sockets (sampled every second)."),
+    (Kind::Histogram, QUEUE_DEPTH, Unit::Bytes, "Per-socket outbound queued bytes (sampled every second)."),
+    (Kind::Gauge, BUS_UP, Unit::Count, "1 when the bus is connected and every subscription is in place, else 0."),
+    (Kind::Counter, BUS_PUBLISH_ERRORS, Unit::Count, "Publishes the bus refused or failed."),
+    (Kind::Counter, BUS_RECONNECTS, Unit::Count, "Redis connections rebuilt."),
+    (Kind::Counter, BUS_RESUBSCRIPTIONS, Unit::Count, "Channels subscribed again after a reconnect or slot move."),
+    (Kind::Counter, BAD_FRAMES, Unit::Count, "Client commands refused with an error frame, by error code."),
+    (Kind::Counter, AUTH_FAILURES, Unit::Count, "Requests and upgrades refused for missing or wrong credentials."),
+    (Kind::Counter, RATE_LIMITED, Unit::Count, "Client commands refused by the per-connection rate limit."),
+    (Kind::Counter, RECOVERIES, Unit::Count, "Joins with `since`, by outcome: recovered (everything missed was replayed) or not_recovered."),
+    (Kind::Counter, REPLAYED, Unit::Count, "Messages replayed to joins that recovered."),
+    (Kind::Counter, HISTORY_READS, Unit::Count, "History reads by source: store (sent to Redis, or the embedded ring) or shared (a join served by another join's read)."),
+    (Kind::Histogram, PUBLISH_WAIT, Unit::Seconds, "With --publish-replicas: how long a publish waited for its replicas to confirm it (one WAIT covers a batch)."),
+    (Kind::Counter, GAP_FILLED, Unit::Count, "Messages of a shard with history the node missed (a reconnect, failover or slot move) and read back, by outcome: filled, or lost (no longer in history)."),
+    (Kind::Counter, UPGRADES_REFUSED, Unit::Count, "WebSocket upgrades refused before the socket opened, by reason."),
+    (Kind::Gauge, HTTP_CONNECTIONS_OPEN, Unit::Count, "Connections open now that are not upgraded WebSockets (HTTP requests, keep-alive, upgrades in progress)."),
+    (Kind::Counter, HTTP_CONNECTIONS_SHED, Unit::Count, "HTTP connections shed at --max-http-connections: refused on arrival, or evicted (closed to make room after waiting on their client)."),
+    (Kind::Counter, HTTP_TIMEOUTS, Unit::Count, "HTTP connections closed because the client was too slow to send its headers (or idled) or its body, by phase."),
+    (Kind::Counter, PUBLISH_RATE_LIMITED, Unit::Count, "POST /publish requests answered 429 by the per-address rate limit."),
+    (Kind::Gauge, PRESENCE_ROOMS, Unit::Count, "Rooms whose presence this node tracks: with local members or watchers, or a contribution still to withdraw."),
+    (Kind::Counter, PRESENCE_WRITES, Unit::Count, "Presence writes to the store, by kind: a room's contribution, or this node's users."),
+    (Kind::Counter, PRESENCE_READS, Unit::Count, "Presence reads from the store: a room's total (each tick per tracked room, or on demand) or a user's connections."),
+    (Kind::Counter, PRESENCE_ERRORS, Unit::Count, "Presence writes and reads that failed (retried next tick)."),
+    (Kind::Gauge, PRESENCE_AGE, Unit::Seconds, "Age of this node's oldest room contribution at the last tick; near --presence-ttl means refreshes are late and counts may blink."),
+];
+
+/// Help text and units for every metric, and a zero for every series, so dashboards and `rate()`
+/// work before the first event.
+pub fn describe() {
+    for &(kind, name, unit, help) in METRICS {
+        match kind {
+            Kind::Counter => describe_counter!(name, unit, help),
+            Kind::Gauge => describe_gauge!(name, unit, help),
+            Kind::Histogram => describe_histogram!(name, unit, help),
+        }
+    }
+    start_at_zero();
+}
+
+/// A zero for every counter series (each value of its bounded labels) and every gauge, and the
+/// histograms below registered, so each exists from start-up. `shardcast_bus_up` is left to the
+/// bus, which sets it on connect: a zero here would read as "bus down" on a node that never sets
+/// it (the embedded bus).
+fn start_at_zero() {
     for name in [
         CONNECTIONS_ACCEPTED,
         BUS_RECEIVED,

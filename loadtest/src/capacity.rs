@@ -5,7 +5,7 @@
 //! `docs/capacity.md`.
 //!
 //! A node's delivery workers (one per core) each write their share of the node's sockets, in
-//! lanes that take turns. Adaptive writes (`src/gather.rs`) write each socket once a period of
+//! lanes that take turns. Adaptive writes (`src/fanout/schedule.rs`) write each socket once a period of
 //! [`Constants::spread`] times what a round of turns takes, and never more than
 //! [`Constants::max_write_delay_ms`]: while the period is free to grow a worker spends a fixed
 //! share of its time writing, and more load makes frames wait longer instead, so each write carries
@@ -27,9 +27,9 @@ const SPARE_FDS: u64 = 64;
 const MIN_MASTERS: u64 = 3;
 const US_PER_S: f64 = 1e6;
 const MIB: f64 = 1024.0 * 1024.0;
-/// A node's lanes: 8, or one per worker when there are more (`LANES` in `src/paced.rs`).
+/// A node's lanes: 8, or one per worker when there are more (`LANES` in `src/fanout/lanes.rs`).
 const LANES: f64 = 8.0;
-/// Frames a socket must get in a period for the node to wait (`WORTH` in `src/gather.rs`).
+/// Frames a socket must get in a period for the node to wait (`WORTH` in `src/fanout/schedule.rs`).
 const WORTH: f64 = 2.0;
 
 /// The load to plan for.
@@ -78,7 +78,7 @@ pub struct Constants {
     /// presence), µs: the same `stadium-100k` run, `node_idle_cores` ÷ `members_connected`.
     pub idle_us_per_conn_s: f64,
     /// A worker's turns may take one part in this many of its time before frames wait
-    /// (`SPREAD` in `src/gather.rs`, set by paired stadium runs).
+    /// (`SPREAD` in `src/fanout/schedule.rs`, set by paired stadium runs).
     pub spread: f64,
     /// The longest a frame waits for its write (`--max-write-delay`), ms.
     pub max_write_delay_ms: f64,

@@ -9,11 +9,9 @@
 //! This module also owns the two naming decisions other nodes and backend jobs must agree on,
 //! each in one function: [`Naming::room_channel`] and [`shard_for`].
 
-mod confirm;
 pub mod memory;
 pub mod presence;
 pub mod redis;
-mod tracked;
 
 use std::{collections::HashMap, time::Duration};
 

@@ -97,7 +97,7 @@ impl Confirm {
             CustomCommand::new_static("WAIT", None::<u16>, true),
             vec![
                 Value::Integer(i64::from(self.replicas)),
-                Value::Integer(super::millis(self.timeout)),
+                Value::Integer(crate::bus::millis(self.timeout)),
             ],
         );
         match tokio::time::timeout(bound, wait).await {

@@ -1,0 +1,235 @@
+//! The connections to one master: a publisher and a subscriber (and, with `--publish-replicas`, a
+//! connection for `WAIT`), the task that reads the subscriber's messages into the sink, the task
+//! that reacts to its reconnects and redirects, and the probe that tells a live link from one that
+//! only looks connected.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use fred::{
+    clients::Client,
+    interfaces::{ClientLike, EventInterface, PubsubInterface},
+    prelude::{Builder, Config, ReconnectPolicy, Server, ServerConfig, Value},
+    types::RespVersion,
+};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use super::{bounded, confirm::Confirm, lock, unavailable, Inner};
+use crate::{bus::BusError, metrics as m};
+
+/// A link whose subscriber heard nothing for this long is probed.
+const PROBE_WHEN_QUIET: Duration = Duration::from_secs(1);
+/// Messages fred may buffer for a link's reader before it reports them lagged (and lost). fred
+/// sizes every one of a client's event channels by this and allocates them up front, so only the
+/// subscribing client gets a large one.
+const MESSAGE_BUFFER: usize = 8192;
+const EVENT_BUFFER: usize = 64;
+
+/// The connections to one master.
+pub(super) struct Link {
+    pub(super) server: Server,
+    pub(super) publisher: Client,
+    pub(super) subscriber: Client,
+    /// The probe channel (a slot of this master).
+    pub(super) probe: Mutex<Option<String>>,
+    /// A probe was sent and has not come back yet.
+    probing: AtomicBool,
+    /// The last probe came back (or none was needed yet).
+    pub(super) alive: AtomicBool,
+    /// Milliseconds since the bus started when the subscriber last received anything.
+    heard_ms: AtomicU64,
+    /// With `--publish-replicas`: confirmations on a connection of their own.
+    pub(super) confirm: Option<(Client, Arc<Confirm>)>,
+    stop: CancellationToken,
+}
+
+impl Link {
+    /// Connects to `server` (retrying in the background while it is down) and starts the link's
+    /// reader and watcher.
+    pub(super) fn start(bus: &Arc<Inner>, server: Server) -> Result<Arc<Link>, BusError> {
+        let publisher = build(&server, false, bus.timeout, true)?;
+        let subscriber = build(&server, true, bus.timeout, true)?;
+        let stop = bus.cancel.child_token();
+        let confirm = if bus.replicas > 0 {
+            // Its commands wait up to a WAIT's timeout: give them longer.
+            let client = build(&server, false, bus.timeout * 2, true)?;
+            client.connect();
+            let confirm = Confirm::start(client.clone(), bus.replicas, bus.timeout, stop.clone());
+            Some((client, confirm))
+        } else {
+            None
+        };
+        let link = Arc::new(Link {
+            server,
+            publisher,
+            subscriber,
+            probe: Mutex::new(None),
+            probing: AtomicBool::new(false),
+            alive: AtomicBool::new(true),
+            heard_ms: AtomicU64::new(bus.now_ms()),
+            confirm,
+            stop,
+        });
+        // Listen before connecting so the first events are not missed.
+        let messages = link.subscriber.message_rx();
+        let reconnects = link.subscriber.reconnect_rx();
+        let moves = link.publisher.error_rx();
+        link.publisher.connect();
+        link.subscriber.connect();
+        bus.tracker.spawn(read_messages(bus.clone(), link.clone(), messages));
+        bus.tracker
+            .spawn(watch_link(bus.clone(), link.clone(), reconnects, moves));
+        Ok(link)
+    }
+
+    /// Stops the link's tasks and closes both connections, each within `timeout`.
+    pub(super) async fn quit(&self, timeout: Duration) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(timeout, self.subscriber.quit()).await;
+        let _ = tokio::time::timeout(timeout, self.publisher.quit()).await;
+        if let Some((client, _)) = &self.confirm {
+            let _ = tokio::time::timeout(timeout, client.quit()).await;
+        }
+    }
+}
+
+/// A centralized client to one server; a subscriber speaks RESP3 (so its connection also answers
+/// commands) and gets the large message buffer.
+pub(super) fn build(server: &Server, subscriber: bool, timeout: Duration, retry: bool) -> Result<Client, BusError> {
+    let mut config = Config {
+        server: ServerConfig::Centralized { server: server.clone() },
+        // A master down when the node starts is not fatal: keep retrying with the reconnect policy.
+        fail_fast: !retry,
+        ..Config::default()
+    };
+    if subscriber {
+        config.version = RespVersion::RESP3;
+    }
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_performance_config(|p| {
+            p.default_command_timeout = timeout;
+            p.broadcast_channel_capacity = if subscriber { MESSAGE_BUFFER } else { EVENT_BUFFER };
+        })
+        .with_connection_config(|c| {
+            c.connection_timeout = timeout;
+            c.internal_command_timeout = timeout;
+            c.max_command_attempts = 2;
+        });
+    if retry {
+        // Capped, jittered exponential backoff, forever.
+        builder.set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+    }
+    builder.build().map_err(unavailable)
+}
+
+/// Hands every message of the link's subscriber to the sink; a probe coming back marks the link
+/// alive instead.
+async fn read_messages(
+    bus: Arc<Inner>,
+    link: Arc<Link>,
+    mut rx: tokio::sync::broadcast::Receiver<fred::types::Message>,
+) {
+    loop {
+        let msg = tokio::select! {
+            msg = rx.recv() => msg,
+            _ = link.stop.cancelled() => return,
+        };
+        link.heard_ms.store(bus.now_ms(), Ordering::Relaxed);
+        match msg {
+            Ok(msg) => {
+                if msg.channel.starts_with(bus.probe_prefix.as_str()) {
+                    link.probing.store(false, Ordering::Relaxed);
+                    link.alive.store(true, Ordering::Relaxed);
+                    continue;
+                }
+                let payload = match msg.value {
+                    Value::Bytes(b) => b,
+                    Value::String(s) => s.into_inner(),
+                    _ => {
+                        m::bus_dropped("undecodable", 1);
+                        continue;
+                    }
+                };
+                bus.sink.receive(msg.channel.into_inner(), payload);
+            }
+            // fred's buffer overflowed: these messages are lost; keep reading.
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(server = %link.server, lost = n, "Redis message reader lagged");
+                m::bus_dropped("lagged", n);
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Marks a link's slots for resubscription when its subscriber reconnects, and wakes the
+/// reconciler when its publisher is redirected (the topology changed).
+async fn watch_link(
+    bus: Arc<Inner>,
+    link: Arc<Link>,
+    mut reconnects: tokio::sync::broadcast::Receiver<Server>,
+    mut errors: tokio::sync::broadcast::Receiver<(fred::error::Error, Option<Server>)>,
+) {
+    loop {
+        tokio::select! {
+            r = reconnects.recv() => match r {
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    m::bus_reconnect();
+                    tracing::info!(server = %link.server, "Redis connection rebuilt; resubscribing its slots");
+                    lock(&bus.tracked).mark_stale(&link.server);
+                    // Its probe subscription died with the connection too.
+                    *lock(&link.probe) = None;
+                    bus.wake.notify_one();
+                }
+                Err(RecvError::Closed) => return,
+            },
+            e = errors.recv() => match e {
+                Ok(_) | Err(RecvError::Lagged(_)) => bus.wake.notify_one(),
+                Err(RecvError::Closed) => return,
+            },
+            _ = link.stop.cancelled() => return,
+        }
+    }
+}
+
+/// Publishes a probe on every link whose subscriber has been quiet; a link whose previous probe
+/// never came back is rebuilt.
+pub(super) async fn probe(bus: &Arc<Inner>) {
+    let links: Vec<Arc<Link>> = lock(&bus.links).values().cloned().collect();
+    let now = bus.now_ms();
+    for link in links {
+        let quiet = now.saturating_sub(link.heard_ms.load(Ordering::Relaxed)) >= PROBE_WHEN_QUIET.as_millis() as u64;
+        if !quiet || !link.subscriber.is_connected() {
+            continue;
+        }
+        let Some(channel) = lock(&link.probe).clone() else {
+            continue;
+        };
+        // Quiet for a whole period since the last probe was sent: it did not come back.
+        if link.probing.swap(false, Ordering::Relaxed) {
+            tracing::warn!(server = %link.server, "pub/sub probe lost; rebuilding the connection");
+            link.alive.store(false, Ordering::Relaxed);
+            let subscriber = link.subscriber.clone();
+            bus.tracker.spawn(async move { subscriber.force_reconnection().await });
+            link.heard_ms.store(now, Ordering::Relaxed);
+            continue;
+        }
+        link.probing.store(true, Ordering::Relaxed);
+        let sent = bounded(
+            bus.timeout,
+            link.publisher
+                .spublish::<Value, _, _>(channel, Bytes::from_static(b"probe")),
+        );
+        if sent.await.is_err() {
+            link.alive.store(false, Ordering::Relaxed);
+        }
+    }
+}
