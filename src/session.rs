@@ -181,7 +181,7 @@ pub async fn serve(tcp: TcpStream, early: Bytes, node: Node, out: Outbound, mut 
 /// Hands the socket's write half to the gate and reads the client's frames from the read half.
 async fn open(tcp: TcpStream, early: Bytes, out: &Outbound, config: &Config) -> Stream {
     let (rx, tx) = tcp.into_split();
-    out.gate().attach_socket(tx);
+    out.attach(tx);
     let limits = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(Some(config.max_frame_bytes))
@@ -286,7 +286,7 @@ async fn converse(
     mut clock: Clock,
 ) -> CloseReason {
     let grace = node.config().close_grace;
-    let mut writer = pin!(writer::serve(out.gate(), grace));
+    let mut writer = pin!(writer::serve(out, grace));
     // Boxed so an idle session's state stays small.
     let mut timer = Box::pin(tokio::time::sleep_until(clock.wake_at()));
     let heard = Heard::new();

@@ -36,8 +36,9 @@ impl Outbound {
         Outbound { gate, encoding }
     }
 
-    pub fn gate(&self) -> &Arc<Gate> {
-        &self.gate
+    /// Connects the socket's write half once the upgrade completed; what waited goes out.
+    pub fn attach(&self, half: tokio::net::tcp::OwnedWriteHalf) {
+        self.gate.attach_socket(half);
     }
 
     pub fn encoding(&self) -> Encoding {
@@ -147,7 +148,8 @@ pub fn release(member: &Outbound, frames: Vec<(u32, Option<Pos>, Bytes)>, upto: 
 
 /// The session's writer: finishes what the gate's non-blocking flushes could not (a congested
 /// socket) and writes the session's last frame; returns when the session must end.
-pub async fn serve(gate: &Gate, grace: Duration) -> CloseReason {
+pub async fn serve(out: &Outbound, grace: Duration) -> CloseReason {
+    let gate = &*out.gate;
     loop {
         let next = gate.next().await;
         // Boxed: what the writer does lives only while it does it, not in every idle session.
