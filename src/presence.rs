@@ -14,6 +14,12 @@
 //! tick and answers from that; a read of any other room costs one round trip. The same tick sends
 //! the watchers of a room `presence` when its count changed and, for a listed room, `joined` and
 //! `left` per user (a user with two tabs on two nodes joins once and leaves with the last one).
+//!
+//! Each watcher's events are the difference to what that watcher was told, not to what the room
+//! last announced: a watcher holding no list of a listed room (new, or watching since the room was
+//! too large to list) gets the list in its `presence`, and `joined` / `left` after that, so a user
+//! who arrived before a watcher's first event is in its list rather than never announced.
+//! Watchers told the same state share its frames, encoded once per encoding.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -71,10 +77,8 @@ struct Room {
     /// When the contribution was last written (taken before the write).
     written: Option<Instant>,
     watchers: Vec<Watcher>,
-    /// The total as last read.
-    total: Option<Total>,
-    /// What the watchers were last told.
-    announced: Option<Total>,
+    /// The total as last read, shared with the watchers it was announced to.
+    total: Option<Arc<Total>>,
 }
 
 impl Room {
@@ -98,8 +102,9 @@ impl Room {
 struct Watcher {
     id: SessionId,
     out: Outbound,
-    /// Not yet told the count.
-    fresh: bool,
+    /// The total it was last told (`None`: nothing yet). Watchers in sync hold the same `Arc`,
+    /// which is how [`announce`] finds who can share frames.
+    told: Option<Arc<Total>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -155,7 +160,7 @@ impl Presence {
         let mut state = lock(&self.state);
         let r = state.rooms.entry(room.clone()).or_default();
         r.watchers.retain(|w| w.id != id);
-        r.watchers.push(Watcher { id, out, fresh: true });
+        r.watchers.push(Watcher { id, out, told: None });
     }
 
     pub fn unwatch(&self, room: &str, id: SessionId) {
@@ -185,7 +190,11 @@ impl Presence {
 
     /// The room's presence: as of this node's last tick when it tracks the room, else read now.
     pub async fn room(&self, room: &str) -> Result<Total, BusError> {
-        if let Some(total) = lock(&self.state).rooms.get(room).and_then(|r| r.total.clone()) {
+        if let Some(total) = lock(&self.state)
+            .rooms
+            .get(room)
+            .and_then(|r| r.total.as_deref().cloned())
+        {
             return Ok(total);
         }
         self.read(room).await
@@ -363,9 +372,8 @@ impl Presence {
         let mut state = lock(&self.state);
         for (room, total) in totals {
             let Some(r) = state.rooms.get_mut(&room) else { continue };
-            if !r.watchers.is_empty() {
-                announce(&room, r, &total);
-            }
+            let total = Arc::new(total);
+            announce(&room, &mut r.watchers, &total);
             r.total = Some(total);
         }
     }
@@ -382,72 +390,116 @@ fn connections_of(users: &HashMap<Arc<str>, u32>, which: HashSet<Arc<str>>) -> V
         .collect()
 }
 
-/// What a room's watchers are told after `before`: whether the count changed, and for a listed
-/// room the users who joined and who left.
-fn changes<'a>(before: Option<&'a Total>, now: &'a Total) -> (bool, Vec<&'a str>, Vec<&'a str>) {
-    let count_changed = before.is_none_or(|b| b.count != now.count);
-    match (before.and_then(|b| b.users.as_ref()), &now.users) {
-        (Some(was), Some(users)) => (
-            count_changed,
-            users.difference(was).map(String::as_str).collect(),
-            was.difference(users).map(String::as_str).collect(),
-        ),
-        _ => (count_changed, Vec::new(), Vec::new()),
+/// What a watcher is told now, after it was told `told` (`None`: nothing yet).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Diff<'a> {
+    /// It gets `presence`: the count changed, it was told nothing yet, or it gets the list.
+    presence: bool,
+    /// The room's users, in `presence`, to a watcher of a listed room that holds no list.
+    users: Option<Vec<&'a str>>,
+    joined: Vec<&'a str>,
+    left: Vec<&'a str>,
+}
+
+impl Diff<'_> {
+    fn is_empty(&self) -> bool {
+        !self.presence && self.joined.is_empty() && self.left.is_empty()
     }
 }
 
-/// Tells a room's watchers what changed since they were last told: `presence` with the count when
-/// it changed (and to a new watcher in any case), and `joined` / `left` per user of a listed room.
-fn announce(room: &str, r: &mut Room, total: &Total) {
-    let (count_changed, joined, left) = changes(r.announced.as_ref(), total);
-    let mut frames: [Option<Frames>; 2] = [None, None];
-    for w in &mut r.watchers {
-        let encoding = w.out.encoding();
-        let slot = &mut frames[encoding.index()];
-        let f = slot.get_or_insert_with(|| Frames::new(encoding, room, total.count, &joined, &left));
-        if count_changed || w.fresh {
-            w.out.send(f.count.clone());
-        }
-        if !w.fresh {
-            for frame in &f.changes {
+/// What a watcher that was told `told` hears of `now`: the count when it changed (or when it was
+/// told nothing yet); for a listed room, the list if it holds none, else who joined and who left
+/// since its list.
+fn changes<'a>(told: Option<&'a Total>, now: &'a Total) -> Diff<'a> {
+    let presence = told.is_none_or(|t| t.count != now.count);
+    let Some(users) = &now.users else {
+        // Counted, not listed: the count is all there is to tell.
+        return Diff {
+            presence,
+            ..Diff::default()
+        };
+    };
+    match told.and_then(|t| t.users.as_ref()) {
+        Some(was) => Diff {
+            presence,
+            users: None,
+            joined: users.difference(was).map(String::as_str).collect(),
+            left: was.difference(users).map(String::as_str).collect(),
+        },
+        // Told nothing yet, or only counts while the room was too large to list: every user in
+        // the room is announced by being in this list.
+        None => Diff {
+            presence: true,
+            users: listed(&now.users),
+            ..Diff::default()
+        },
+    }
+}
+
+/// Tells a room's watchers what changed since each was last told, and records that they were told
+/// `now`.
+fn announce(room: &str, watchers: &mut [Watcher], now: &Arc<Total>) {
+    // Watchers told the same state share its diff and frames: nearly always one group in sync and
+    // one of watchers new since the last tick, so the cost is per room and tick, not per watcher.
+    let mut states: Vec<Option<Arc<Total>>> = Vec::new();
+    let group: Vec<usize> = watchers
+        .iter()
+        .map(|w| match states.iter().position(|s| same(s, &w.told)) {
+            Some(g) => g,
+            None => {
+                states.push(w.told.clone());
+                states.len() - 1
+            }
+        })
+        .collect();
+    let diffs: Vec<Diff> = states.iter().map(|s| changes(s.as_deref(), now)).collect();
+    let mut frames: Vec<[Option<Vec<Bytes>>; 2]> = vec![[None, None]; states.len()];
+    for (w, g) in watchers.iter_mut().zip(group) {
+        let diff = &diffs[g];
+        if !diff.is_empty() {
+            let encoding = w.out.encoding();
+            let events = frames[g][encoding.index()].get_or_insert_with(|| events(encoding, room, now.count, diff));
+            for frame in events.iter() {
                 w.out.send(frame.clone());
             }
         }
-        w.fresh = false;
+        w.told = Some(now.clone());
     }
-    r.announced = Some(total.clone());
 }
 
-/// One tick's events for a room, encoded once per encoding.
-struct Frames {
-    count: Bytes,
-    changes: Vec<Bytes>,
+/// Whether two watchers were told the same state (the same read, not merely an equal one).
+fn same(a: &Option<Arc<Total>>, b: &Option<Arc<Total>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
 }
 
-impl Frames {
-    fn new(encoding: Encoding, room: &str, count: u64, joined: &[&str], left: &[&str]) -> Frames {
-        let event = |op, user| {
-            Reply {
-                room: Some(room),
-                user: Some(user),
-                ..Reply::op(op, None)
-            }
-            .encode(encoding)
-        };
-        Frames {
-            count: Reply {
-                room: Some(room),
-                count: Some(count),
-                ..Reply::op("presence", None)
-            }
-            .encode(encoding),
-            changes: left
-                .iter()
-                .map(|u| event("left", *u))
-                .chain(joined.iter().map(|u| event("joined", *u)))
-                .collect(),
+/// A diff's events in one encoding: `presence` first, then `left`, then `joined`.
+fn events(encoding: Encoding, room: &str, count: u64, diff: &Diff) -> Vec<Bytes> {
+    let event = |op, user| {
+        Reply {
+            room: Some(room),
+            user: Some(user),
+            ..Reply::op(op, None)
         }
-    }
+        .encode(encoding)
+    };
+    let presence = diff.presence.then(|| {
+        Reply {
+            room: Some(room),
+            count: Some(count),
+            users: diff.users.clone(),
+            ..Reply::op("presence", None)
+        }
+        .encode(encoding)
+    });
+    presence
+        .into_iter()
+        .chain(diff.left.iter().map(|u| event("left", *u)))
+        .chain(diff.joined.iter().map(|u| event("joined", *u)))
+        .collect()
 }
 
 /// A room's users as a reply lists them.
@@ -458,6 +510,7 @@ pub fn listed(users: &Option<BTreeSet<String>>) -> Option<Vec<&str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fanout::gate::Gate;
 
     fn total(users: &[&str]) -> Total {
         Total {
@@ -466,18 +519,77 @@ mod tests {
         }
     }
 
+    fn counted(count: u64) -> Total {
+        Total { count, users: None }
+    }
+
     #[test]
-    fn watchers_hear_who_joined_and_left_and_the_count_only_when_it_changed() {
-        let was = total(&["ann", "bob"]);
-        assert_eq!(changes(None, &was), (true, vec![], vec![]));
-        assert_eq!(changes(Some(&was), &was), (false, vec![], vec![]));
-        let now = total(&["bob", "cat"]);
-        assert_eq!(changes(Some(&was), &now), (false, vec!["cat"], vec!["ann"]));
-        let big = Total {
-            count: 5000,
-            users: None,
+    fn a_watcher_hears_the_difference_to_what_it_was_told_and_a_fresh_one_the_list() {
+        let was = total(&["a", "b"]);
+        let now = total(&["b", "c"]);
+        assert_eq!(
+            changes(Some(&was), &now),
+            Diff {
+                presence: false,
+                users: None,
+                joined: vec!["c"],
+                left: vec!["a"],
+            }
+        );
+        assert!(changes(Some(&now), &now).is_empty());
+        let fresh = Diff {
+            presence: true,
+            users: Some(vec!["b", "c"]),
+            ..Diff::default()
         };
-        assert_eq!(changes(Some(&was), &big), (true, vec![], vec![]));
+        assert_eq!(changes(None, &now), fresh);
+        // Only counted while the room was too large: the list again once it is small.
+        assert_eq!(changes(Some(&counted(5000)), &now), fresh);
+        // Too large to list: counts only, to a fresh watcher too.
+        let big = counted(5000);
+        let count_only = Diff {
+            presence: true,
+            ..Diff::default()
+        };
+        assert_eq!(changes(Some(&was), &big), count_only);
+        assert_eq!(changes(None, &big), count_only);
+        assert!(changes(Some(&big), &counted(5000)).is_empty());
+    }
+
+    /// A watcher whose frames stay queued (no socket attached), counted in bytes.
+    fn watcher(id: SessionId, encoding: Encoding, told: Option<Arc<Total>>) -> (Watcher, Arc<Gate>) {
+        let gate = Arc::new(Gate::new(1 << 20));
+        let out = Outbound::new(gate.clone(), encoding);
+        (Watcher { id, out, told }, gate)
+    }
+
+    fn bytes(frames: &[Bytes]) -> usize {
+        frames.iter().map(Bytes::len).sum()
+    }
+
+    #[test]
+    fn watchers_in_sync_and_a_new_one_each_hear_their_own_difference() {
+        let was = Arc::new(total(&["a", "b"]));
+        let (in_sync, in_sync_gate) = watcher(1, Encoding::Json, Some(was.clone()));
+        let (packed, packed_gate) = watcher(2, Encoding::MsgPack, Some(was.clone()));
+        let (fresh, fresh_gate) = watcher(3, Encoding::Json, None);
+        let mut watchers = vec![in_sync, packed, fresh];
+        let now = Arc::new(total(&["b", "c"]));
+        announce("r", &mut watchers, &now);
+
+        let heard = |encoding, told: Option<&Total>| bytes(&events(encoding, "r", 2, &changes(told, &now)));
+        assert_eq!(in_sync_gate.queued(), heard(Encoding::Json, Some(&*was)));
+        assert_eq!(packed_gate.queued(), heard(Encoding::MsgPack, Some(&*was)));
+        assert_eq!(fresh_gate.queued(), heard(Encoding::Json, None));
+        assert!(watchers
+            .iter()
+            .all(|w| w.told.as_ref().is_some_and(|t| Arc::ptr_eq(t, &now))));
+
+        // All in sync now: an unchanged room tells nobody anything.
+        let queued: Vec<usize> = [&in_sync_gate, &packed_gate, &fresh_gate].map(|g| g.queued()).into();
+        assert!(queued.iter().all(|&q| q > 0), "{queued:?}");
+        announce("r", &mut watchers, &Arc::new(total(&["b", "c"])));
+        assert_eq!(queued, [&in_sync_gate, &packed_gate, &fresh_gate].map(|g| g.queued()));
     }
 
     #[test]

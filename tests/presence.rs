@@ -1,6 +1,7 @@
 //! Presence over a real Redis Cluster and real sockets: exact counts after churn across three
 //! nodes, a node killed with `kill -9` dropping out within the TTL, a user's two tabs on two nodes
-//! joining and leaving once, one write per node per tick under a storm of joins, and bad input.
+//! joining and leaving once, a user who arrives before a watcher's first event listed or announced
+//! once, one write per node per tick under a storm of joins, and bad input.
 
 mod common;
 
@@ -303,6 +304,62 @@ async fn a_user_with_tabs_on_two_nodes_joins_once_and_leaves_with_the_last_tab()
     assert_eq!(counts, [&json!(2), &json!(1), &json!(2)], "{seen:?}");
 }
 
+/// The match-day report's deadline: counts settle within two ticks, and a loaded machine adds more.
+const LEARN_WITHIN: Duration = Duration::from_secs(6);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_who_arrives_before_the_watchers_first_event_is_listed_or_announced_once() {
+    let cluster = Cluster::shared();
+    let mut nodes = Vec::new();
+    for c in fleet(config(Some(cluster), "early"), "early", 2) {
+        nodes.push(Node::start(c).await);
+    }
+    let room = "final";
+    let mut watcher = Client::connect(&nodes[0].ws("?user=watcher")).await;
+    let r = watcher.request(json!({"op":"join","room":room,"presence":true})).await;
+    assert_eq!(r["op"], "ok", "{r}");
+    // Right after the ok, before the watcher's first tick: kim, with a tab on each node.
+    let mut tab_a = Client::connect(&nodes[0].ws("?user=kim")).await;
+    let mut tab_b = Client::connect(&nodes[1].ws("?user=kim")).await;
+    tab_a.join(room).await;
+    tab_b.join(room).await;
+
+    // Kim is learned from the first event's list or from a `joined`, whichever tick she landed in.
+    let learned = |seen: &[Value]| {
+        seen.iter().any(|v| {
+            (v["op"] == "presence" && v["users"].as_array().is_some_and(|u| u.contains(&json!("kim"))))
+                || (v["op"] == "joined" && v["user"] == "kim")
+        })
+    };
+    let mut seen = Vec::new();
+    let waited = tokio::time::timeout(LEARN_WITHIN, async {
+        while !learned(&seen) {
+            seen.push(watcher.recv().await.expect("watcher open"));
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "kim not learned within {LEARN_WITHIN:?}: {seen:?}");
+
+    // A marker: once bob's join is heard, anything more about kim would have been heard too.
+    let mut bob = Client::connect(&nodes[1].ws("?user=bob")).await;
+    bob.join(room).await;
+    seen.extend(frames_until(&mut watcher, |v| v["op"] == "joined" && v["user"] == "bob").await);
+    let told_of_kim = seen
+        .iter()
+        .filter(|v| {
+            v["users"].as_array().is_some_and(|u| u.contains(&json!("kim")))
+                || (v["op"] == "joined" && v["user"] == "kim")
+        })
+        .count();
+    assert_eq!(told_of_kim, 1, "kim listed or announced once: {seen:?}");
+    let first = seen.iter().find(|v| v["op"] == "presence").unwrap();
+    assert!(
+        first["users"].is_array(),
+        "a listed room's first event lists it: {first}"
+    );
+    assert!(seen.iter().all(|v| v["op"] != "left"), "nobody left: {seen:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_joins_cost_at_most_a_presence_write_per_node_per_tick() {
     // A cluster of its own: its command counts are this test's alone.
@@ -379,7 +436,7 @@ async fn embedded_presence_answers_from_memory_and_refuses_bad_input() {
         .await;
     assert_eq!(r["op"], "ok", "{r}");
     let event = ann.recv().await.unwrap();
-    assert_eq!(event, json!({"op":"presence","room":"open1","count":1}));
+    assert_eq!(event, json!({"op":"presence","room":"open1","count":1,"users":["ann"]}));
     let r = presence_of(&mut ann, "open1").await;
     assert_eq!((&r["count"], &r["users"]), (&json!(1), &json!(["ann"])), "{r}");
 
@@ -406,7 +463,7 @@ async fn embedded_presence_answers_from_memory_and_refuses_bad_input() {
     let r = ann.request(json!({"op":"join","room":"open2","presence":true})).await;
     assert_eq!(r["op"], "ok", "{r}");
     let event = ann.recv().await.unwrap();
-    assert_eq!(event, json!({"op":"presence","room":"open2","count":1}));
+    assert_eq!(event, json!({"op":"presence","room":"open2","count":1,"users":["ann"]}));
 
     drop(ann);
     eventually("ann offline once her socket closed", || async {
