@@ -436,13 +436,16 @@ async fn readyz(State(node): State<Node>) -> (StatusCode, &'static str) {
 }
 
 /// For a load balancer's health check: 503 only when this node should get no new clients
-/// (draining, or at `--max-connections`). Unlike `/readyz` it stays 200 while Redis blips, which
-/// would otherwise take every node out of rotation at once.
+/// (draining, at `--max-connections`, or just started and not linked to every Redis master yet).
+/// Unlike `/readyz` it stays 200 while Redis blips once the node has been linked, which would
+/// otherwise take every node out of rotation at once.
 async fn acceptz(State(node): State<Node>) -> (StatusCode, &'static str) {
     if node.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else if node.hub().sessions() >= node.config().max_connections {
         (StatusCode::SERVICE_UNAVAILABLE, "full\n")
+    } else if !node.bus().has_linked() {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
     } else {
         (StatusCode::OK, "accepting\n")
     }

@@ -1,5 +1,5 @@
-//! Resilience: Redis Cluster faults, Redis down and back, drain on deploy, dead sockets.
-//! Each fault test starts its own cluster, since it breaks it.
+//! Resilience: Redis Cluster faults, Redis down and back, a node just started, drain on deploy,
+//! dead sockets. Each fault test starts its own cluster, since it breaks it.
 
 mod common;
 
@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{config, eventually, free_port, status, Client, Cluster, Node, Process};
 use serde_json::json;
-use shardcast::bus::shard_for;
+use shardcast::{bus::shard_for, history::pos::Keep};
 
 /// On SIGTERM every client is told its own `after_ms`, drawn over `--drain-jitter`, and is closed
 /// with 4001 at that time, not before: reconnects reach the fleet spread over the window, not in
@@ -145,6 +145,9 @@ async fn redis_down_at_start_and_mid_run_then_back() {
     let a_inbox = format!("{}a", cfg.user_channel_prefix);
     let node = Node::start_unready(cfg).await;
     assert_eq!(status(&node.url("/readyz")).await, 503);
+    // Never linked: no clients from the balancer yet.
+    let acceptz = node.url("/acceptz");
+    assert_eq!(status(&acceptz).await, 503);
     // Still serving: sockets connect; joins and publishes fail visibly.
     let mut a = Client::connect(&node.ws("?user=a")).await;
     let r = a.request(json!({"op":"join","room":"r"})).await;
@@ -163,6 +166,7 @@ async fn redis_down_at_start_and_mid_run_then_back() {
     let cluster = Cluster::start_on(&ports, 3, 0, 2000);
     let ready = node.url("/readyz");
     eventually("ready once Redis is up", || async { status(&ready).await == 200 }).await;
+    assert_eq!(status(&acceptz).await, 200);
     a.join("r").await;
     let mut b = Client::connect(&node.ws("?user=b")).await;
     // a's inbox, wanted since it connected, is subscribed by the retry (every second, so possibly
@@ -182,6 +186,8 @@ async fn redis_down_at_start_and_mid_run_then_back() {
         status(&ready).await == 503
     })
     .await;
+    // A blip after the node was linked: it stays in the balancer's rotation.
+    assert_eq!(status(&acceptz).await, 200);
     let r = b.request(json!({"op":"pub","room":"r","data":2})).await;
     assert_eq!(r["code"], "unavailable", "{r}");
     let _cluster = Cluster::start_on(&ports, 3, 0, 2000);
@@ -478,4 +484,85 @@ async fn a_drained_socket_is_released_once_closed_not_at_the_end_of_the_drain() 
         last - first
     );
     assert!(node.child.wait().unwrap().success());
+}
+
+/// History for room `match`, as the tests of a node just started keep it.
+fn match_history() -> Vec<(glob::Pattern, Keep)> {
+    let keep = Keep {
+        size: 100,
+        ttl: Duration::from_secs(60),
+    };
+    vec![(glob::Pattern::new("match").unwrap(), keep)]
+}
+
+/// A node answers `/healthz` while its links to the masters are still connecting. A join of a room
+/// with history and a publish sent the moment it answers wait for the links (within
+/// `--join-timeout` and `--redis-timeout`) rather than failing at once with `unavailable`. Several
+/// starts, since the window is a few milliseconds wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_just_started_serves_joins_and_publishes_at_once() {
+    const STARTS: usize = 16;
+    let cluster = Cluster::shared();
+    for start in 0..STARTS {
+        let mut cfg = config(Some(cluster), "fresh");
+        cfg.history = match_history();
+        // Returns as soon as `/healthz` answers.
+        let node = Node::start_unready(cfg).await;
+        let mut c = Client::connect(&node.ws("?user=fan")).await;
+        let r = c.request(json!({"op":"join","room":"match"})).await;
+        assert_eq!(r["op"], "ok", "start {start}: join: {r}");
+        let r = c.request(json!({"op":"pub","room":"match","data":start})).await;
+        assert_eq!(r["op"], "ok", "start {start}: pub: {r}");
+        assert_eq!(c.recv().await.unwrap()["data"], start);
+        node.stop().await;
+    }
+}
+
+/// `/acceptz` lets a node into the balancer only once it has a link to every master: started while
+/// a master is frozen, it answers `/healthz` but `/acceptz` stays 503 until the master is back. A
+/// join sent meanwhile to a room on that master waits for it, and succeeds once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acceptz_waits_until_every_master_is_linked() {
+    // A long node timeout: the cluster does not fail the frozen master over meanwhile.
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let cluster = Cluster::start_on(&ports, 3, 0, 30_000);
+    let mut cfg = config(Some(&cluster), "acceptz");
+    cfg.history = match_history();
+    // Room and commands wait for the master for a few seconds, not forever.
+    cfg.redis_timeout = Duration::from_secs(5);
+    cfg.join_timeout = Duration::from_secs(10);
+    let frozen = cluster.owner_of(cluster.slot(&format!("{}match:shard0", cfg.channel_prefix)));
+    // The node reads the slot map from a master that answers.
+    let seed = ports.iter().find(|p| **p != frozen).unwrap();
+    cfg.redis = vec![format!("redis://127.0.0.1:{seed}")];
+    let pid = cluster.pid(frozen);
+    signal(&pid, "-STOP");
+    let node = Node::start_unready(cfg).await;
+    let acceptz = node.url("/acceptz");
+    assert_eq!(
+        status(&acceptz).await,
+        503,
+        "admitting clients with a master not linked"
+    );
+
+    // A client that came anyway (not through the balancer) joins a room on the frozen master.
+    let mut c = Client::connect(&node.ws("?user=fan")).await;
+    let join = c.send_request(json!({"op":"join","room":"match"})).await;
+    assert_eq!(status(&acceptz).await, 503);
+    let thawed = Instant::now();
+    signal(&pid, "-CONT");
+    let r = c.reply(join).await;
+    assert_eq!(r["op"], "ok", "join while the master came back: {r}");
+    eventually("acceptz 200 once every master is linked", || async {
+        status(&acceptz).await == 200
+    })
+    .await;
+    eprintln!(
+        "acceptz: the frozen master's link came up {:?} after SIGCONT",
+        thawed.elapsed()
+    );
+    let r = c.request(json!({"op":"pub","room":"match","data":1})).await;
+    assert_eq!(r["op"], "ok", "{r}");
+    assert_eq!(c.recv().await.unwrap()["data"], 1);
+    node.stop().await;
 }
