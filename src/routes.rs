@@ -117,6 +117,10 @@ async fn upgrade(
     ws: Upgrade,
 ) -> Result<Response, Refused> {
     admit(&node, &headers)?;
+    // Held until the answer is ready: the token check and the inbox's subscription.
+    let Some(_handshake) = node.handshakes().start() else {
+        return Ok(busy(node.config().max_handshakes));
+    };
     let grants = grants(&node, &query, &headers)?;
     let protocol = ws.select(&[PROTOCOL_JSON, PROTOCOL_MSGPACK]);
     let encoding = protocol.and_then(Encoding::from_protocol).unwrap_or(Encoding::Json);
@@ -124,6 +128,23 @@ async fn upgrade(
     Ok(ws.accept(protocol, move |tcp, early| {
         session::serve(tcp, early, node, out, membership)
     }))
+}
+
+/// The `Retry-After` of an upgrade refused at `--max-handshakes`, in whole seconds: drawn from this
+/// range, so that clients refused together and honouring it as it is do not all come back at once.
+const BUSY_RETRY_AFTER_SECS: std::ops::RangeInclusive<u64> = 1..=3;
+
+/// An upgrade refused because `max` handshakes are in progress: 503 with `Retry-After`, at once and
+/// before any costly work, so that a connect storm cannot starve the sockets the node has. The
+/// connection is closed too: the refused client holds nothing of the node's while it waits.
+fn busy(max: usize) -> Response {
+    let msg = format!("{max} handshakes in progress (--max-handshakes); retry later");
+    let mut response = ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, msg).closing();
+    let retry = rand::random_range(BUSY_RETRY_AFTER_SECS);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+    response
 }
 
 /// Whether the node takes a new socket now: not draining, under its cap, from an allowed origin.

@@ -1,13 +1,15 @@
-//! Resilience: Redis Cluster faults, Redis down and back, a node just started, drain on deploy,
-//! dead sockets. Each fault test starts its own cluster, since it breaks it.
+//! Resilience: Redis Cluster faults, Redis down and back, a node just started, connect storms,
+//! drain on deploy, dead sockets. Each fault test starts its own cluster, since it breaks it.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{config, eventually, free_port, status, Client, Cluster, Node, Process};
+use common::{config, eventually, free_port, metric, status, Client, Cluster, Node, Process};
+use futures_util::StreamExt;
 use serde_json::json;
 use shardcast::{bus::shard_for, history::pos::Keep};
+use tokio_tungstenite::tungstenite::{self, Message};
 
 /// On SIGTERM every client is told its own `after_ms`, drawn over `--drain-jitter`, and is closed
 /// with 4001 at that time, not before: reconnects reach the fleet spread over the window, not in
@@ -565,4 +567,114 @@ async fn acceptz_waits_until_every_master_is_linked() {
     assert_eq!(r["op"], "ok", "{r}");
     assert_eq!(c.recv().await.unwrap()["data"], 1);
     node.stop().await;
+}
+
+/// A connect storm cannot starve the sockets a node has: at most `--max-handshakes` upgrades are
+/// answered at once, the excess gets 503 with `Retry-After` at once, and an open socket keeps
+/// getting its pongs and frames meanwhile. The handshakes here are slow the way a storm makes them
+/// slow, on the node's side: each waits for its inbox's subscription, on a master paused with
+/// `CLIENT PAUSE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_handshakes_upgrades_get_503_at_once_and_open_sockets_are_served() {
+    const PAUSE: Duration = Duration::from_secs(5);
+    let cluster = Cluster::start(3, 0);
+    let (rooms, users) = common::prefix("storm");
+    // Two users whose inboxes are on one master (the one paused), and a room on another.
+    let owner = |channel: String| cluster.owner_of(cluster.slot(&channel));
+    let paused = owner(format!("{users}slow0"));
+    let slow: Vec<String> = (0..)
+        .map(|i| format!("slow{i}"))
+        .filter(|u| owner(format!("{users}{u}")) == paused)
+        .take(2)
+        .collect();
+    let room = (0..)
+        .map(|i| format!("lobby{i}"))
+        .find(|r| owner(format!("{rooms}{r}:shard0")) != paused)
+        .unwrap();
+    // A process of its own: its metrics are its own.
+    let node = Process::spawn(&[
+        "--redis",
+        &cluster.url,
+        "--channel-prefix",
+        &rooms,
+        "--user-channel-prefix",
+        &users,
+        "--max-handshakes",
+        "2",
+        "--redis-timeout",
+        "10s",
+        "--join-timeout",
+        "10s",
+    ]);
+    let ready = node.url("/readyz");
+    eventually("node ready", || async { status(&ready).await == 200 }).await;
+    let mut open = Client::connect(&node.ws("?user=open")).await;
+    open.join(&room).await;
+
+    let pause_ms = PAUSE.as_millis().to_string();
+    cluster.redis_cli(paused, &["client", "pause", &pause_ms, "all"]);
+    let since = Instant::now();
+    let slow: Vec<_> = slow
+        .iter()
+        .map(|u| tokio::spawn(tokio_tungstenite::connect_async(node.ws(&format!("?user={u}")))))
+        .collect();
+    let metrics = node.url("/metrics");
+    eventually("both slow handshakes in progress", || async {
+        metric(&metrics, "shardcast_handshakes_in_progress").await == Some(2.0)
+    })
+    .await;
+
+    // The excess: refused at once, while the two are still waiting.
+    let asked = Instant::now();
+    match tokio_tungstenite::connect_async(node.ws("?user=late")).await {
+        Err(tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 503);
+            let retry = r.headers().get("retry-after").expect("Retry-After");
+            let secs: u64 = retry.to_str().unwrap().parse().expect("whole seconds");
+            assert!((1..=3).contains(&secs), "Retry-After: {secs}");
+        }
+        other => panic!(
+            "the upgrade past --max-handshakes was not refused: {:?} after {:?}",
+            other.map(|(_, r)| r.status()),
+            asked.elapsed()
+        ),
+    }
+    let refused_in = asked.elapsed();
+    assert!(refused_in < Duration::from_secs(1), "refused only after {refused_in:?}");
+    assert!(
+        slow.iter().all(|h| !h.is_finished()),
+        "the slow handshakes were over already"
+    );
+
+    // The open socket is served meanwhile: a pong to its ping frame, an answer to its command, a
+    // message of its room.
+    open.send_raw(Message::Ping("still there".into())).await;
+    let ponged = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(msg)) = open.ws.next().await {
+            if let Message::Pong(p) = msg {
+                return p;
+            }
+        }
+        panic!("closed");
+    })
+    .await
+    .expect("a pong while the handshakes wait");
+    assert_eq!(&ponged[..], b"still there");
+    assert_eq!(open.request(json!({"op":"ping"})).await["op"], "pong");
+    open.publish(&room, json!("during")).await;
+    assert_eq!(open.recv().await.unwrap()["data"], "during");
+    assert!(
+        since.elapsed() < PAUSE,
+        "the checks above must run while the master is paused"
+    );
+    eprintln!("storm: the upgrade past --max-handshakes was refused in {refused_in:?}");
+
+    // Once Redis answers again the slow handshakes complete.
+    for h in slow {
+        let done = tokio::time::timeout(common::WAIT, h).await.expect("in time").unwrap();
+        let (mut ws, _) = done.expect("a slow handshake succeeded once the master was back");
+        let _ = ws.close(None).await;
+    }
+    assert_eq!(metric(&metrics, "shardcast_handshakes_refused_total").await, Some(1.0));
+    assert_eq!(metric(&metrics, "shardcast_handshakes_in_progress").await, Some(0.0));
 }
