@@ -15,6 +15,10 @@
 //!   [`EVICT_AFTER`]; with none such, the new connection is answered 503 and closed at once. So a
 //!   slowloris cannot hold the node: the slow connections make room for new ones, and the listen
 //!   backlog keeps moving.
+//!
+//! A WebSocket handshake's work once its request is in (its token, its inbox's subscription) is
+//! bounded apart, by [`crate::upgrade::Handshakes`] (`--max-handshakes`): a connection waiting on
+//! its client costs a descriptor, which this loop bounds, not work.
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -20,7 +20,8 @@
 //! Modules, from the edge of the node inwards:
 //! - [`config`]: settings, their defaults and validation.
 //! - [`accept`]: the HTTP/1.1 accept loop and its connection cap; [`routes`]: HTTP and WebSocket
-//!   routes on one listener; [`upgrade`]: the WebSocket handshake, handing the TCP socket over;
+//!   routes on one listener; [`upgrade`]: the WebSocket handshake, handing the TCP socket over,
+//!   and the bound on handshakes in progress;
 //!   [`throttle`]: the per-address rate of `POST /publish`; [`demo`]: the demo page.
 //! - [`auth`]: tokens and what they grant; [`names`]: what a room or user name may be.
 //! - [`session`]: one socket: its reader, rate limit, pings and the end of the session.

@@ -16,6 +16,8 @@ use crate::close::{CloseReason, ErrorCode};
 pub const CONNECTIONS_OPEN: &str = "shardcast_connections_open";
 pub const CONNECTIONS_ACCEPTED: &str = "shardcast_connections_accepted_total";
 pub const CONNECTIONS_CLOSED: &str = "shardcast_connections_closed_total";
+pub const HANDSHAKES_IN_PROGRESS: &str = "shardcast_handshakes_in_progress";
+pub const HANDSHAKES_REFUSED: &str = "shardcast_handshakes_refused_total";
 // Rooms and subscriptions.
 pub const ROOMS_LOCAL: &str = "shardcast_rooms_local";
 pub const TOPICS_LOCAL: &str = "shardcast_topics_local";
@@ -215,6 +217,8 @@ const METRICS: &[(Kind, &str, Unit, &str)] = &[
     (Kind::Gauge, CONNECTIONS_OPEN, Unit::Count, "WebSocket connections open now."),
     (Kind::Counter, CONNECTIONS_ACCEPTED, Unit::Count, "WebSocket connections accepted (upgraded)."),
     (Kind::Counter, CONNECTIONS_CLOSED, Unit::Count, "WebSocket connections closed, by reason."),
+    (Kind::Gauge, HANDSHAKES_IN_PROGRESS, Unit::Count, "WebSocket handshakes being answered now (token, inbox subscription); at most --max-handshakes."),
+    (Kind::Counter, HANDSHAKES_REFUSED, Unit::Count, "WebSocket upgrades answered 503 with Retry-After at once because --max-handshakes were in progress (a connect storm)."),
     (Kind::Gauge, ROOMS_LOCAL, Unit::Count, "Rooms with local members (sampled every second)."),
     (Kind::Gauge, TOPICS_LOCAL, Unit::Count, "Rooms and user inboxes with local members (sampled every second)."),
     (Kind::Gauge, SUBSCRIPTIONS, Unit::Count, "Bus channels (room shards and user inboxes) this node is subscribed to."),
@@ -290,6 +294,7 @@ fn start_at_zero() {
         PUBLISH_RATE_LIMITED,
         PRESENCE_READS,
         PRESENCE_ERRORS,
+        HANDSHAKES_REFUSED,
     ] {
         counter!(name).increment(0);
     }
@@ -314,6 +319,7 @@ fn start_at_zero() {
         HTTP_CONNECTIONS_OPEN,
         PRESENCE_ROOMS,
         PRESENCE_AGE,
+        HANDSHAKES_IN_PROGRESS,
     ] {
         gauge!(name).increment(0.0);
     }
@@ -368,6 +374,19 @@ pub fn connection_closed(reason: CloseReason) {
     if reason == CloseReason::SlowConsumer {
         counter!(SLOW_CONSUMER_DROPS).increment(1);
     }
+}
+
+pub fn handshake_started() {
+    gauge!(HANDSHAKES_IN_PROGRESS).increment(1.0);
+}
+
+pub fn handshake_ended() {
+    gauge!(HANDSHAKES_IN_PROGRESS).decrement(1.0);
+}
+
+/// An upgrade refused at `--max-handshakes`.
+pub fn handshake_refused() {
+    counter!(HANDSHAKES_REFUSED).increment(1);
 }
 
 pub fn published(source: &'static str) {

@@ -1,5 +1,5 @@
-//! The handle every part of a running node shares: configuration, hub, bus, channel naming and
-//! the drain flag. Cheap to clone.
+//! The handle every part of a running node shares: configuration, hub, bus, channel naming, the
+//! handshakes in progress and the drain flag. Cheap to clone.
 
 use std::sync::{
     atomic::{AtomicBool, Ordering},
@@ -15,6 +15,7 @@ use crate::{
     history::reads::Reads,
     hub::Hub,
     presence::Presence,
+    upgrade::Handshakes,
 };
 
 #[derive(Clone)]
@@ -31,6 +32,7 @@ struct Inner {
     verifier: Option<Verifier>,
     history: Arc<Reads>,
     presence: Option<Arc<Presence>>,
+    handshakes: Handshakes,
     draining: AtomicBool,
 }
 
@@ -48,6 +50,7 @@ impl Node {
         let presence = config
             .presence
             .then(|| Arc::new(Presence::new(&config, bus.clone(), naming.clone())));
+        let handshakes = Handshakes::new(config.max_handshakes);
         Node {
             inner: Arc::new(Inner {
                 config,
@@ -58,6 +61,7 @@ impl Node {
                 verifier,
                 history,
                 presence,
+                handshakes,
                 draining,
             }),
         }
@@ -71,6 +75,11 @@ impl Node {
     /// Presence, unless `--presence false`.
     pub fn presence(&self) -> Option<&Arc<Presence>> {
         self.inner.presence.as_ref()
+    }
+
+    /// The WebSocket handshakes in progress, at most `--max-handshakes`.
+    pub fn handshakes(&self) -> &Handshakes {
+        &self.inner.handshakes
     }
 
     /// The token checker, when auth is configured.

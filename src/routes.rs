@@ -117,6 +117,10 @@ async fn upgrade(
     ws: Upgrade,
 ) -> Result<Response, Refused> {
     admit(&node, &headers)?;
+    // Held until the answer is ready: the token check and the inbox's subscription.
+    let Some(_handshake) = node.handshakes().start() else {
+        return Ok(busy(node.config().max_handshakes));
+    };
     let grants = grants(&node, &query, &headers)?;
     let protocol = ws.select(&[PROTOCOL_JSON, PROTOCOL_MSGPACK]);
     let encoding = protocol.and_then(Encoding::from_protocol).unwrap_or(Encoding::Json);
@@ -124,6 +128,23 @@ async fn upgrade(
     Ok(ws.accept(protocol, move |tcp, early| {
         session::serve(tcp, early, node, out, membership)
     }))
+}
+
+/// The `Retry-After` of an upgrade refused at `--max-handshakes`, in whole seconds: drawn from this
+/// range, so that clients refused together and honouring it as it is do not all come back at once.
+const BUSY_RETRY_AFTER_SECS: std::ops::RangeInclusive<u64> = 1..=3;
+
+/// An upgrade refused because `max` handshakes are in progress: 503 with `Retry-After`, at once and
+/// before any costly work, so that a connect storm cannot starve the sockets the node has. The
+/// connection is closed too: the refused client holds nothing of the node's while it waits.
+fn busy(max: usize) -> Response {
+    let msg = format!("{max} handshakes in progress (--max-handshakes); retry later");
+    let mut response = ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, msg).closing();
+    let retry = rand::random_range(BUSY_RETRY_AFTER_SECS);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+    response
 }
 
 /// Whether the node takes a new socket now: not draining, under its cap, from an allowed origin.
@@ -436,13 +457,16 @@ async fn readyz(State(node): State<Node>) -> (StatusCode, &'static str) {
 }
 
 /// For a load balancer's health check: 503 only when this node should get no new clients
-/// (draining, or at `--max-connections`). Unlike `/readyz` it stays 200 while Redis blips, which
-/// would otherwise take every node out of rotation at once.
+/// (draining, at `--max-connections`, or just started and not linked to every Redis master yet).
+/// Unlike `/readyz` it stays 200 while Redis blips once the node has been linked, which would
+/// otherwise take every node out of rotation at once.
 async fn acceptz(State(node): State<Node>) -> (StatusCode, &'static str) {
     if node.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else if node.hub().sessions() >= node.config().max_connections {
         (StatusCode::SERVICE_UNAVAILABLE, "full\n")
+    } else if !node.bus().has_linked() {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
     } else {
         (StatusCode::OK, "accepting\n")
     }

@@ -47,6 +47,9 @@ use crate::{
 /// per socket up front (and zero-fills its free part on every read). A larger frame still arrives
 /// whole: tungstenite reserves its full length and reads it in chunks of this size.
 const READ_BUFFER_BYTES: usize = 256;
+/// How late the session's timer may fire before the node counts itself too busy to have served
+/// the socket meanwhile: a node keeping up fires its timers within milliseconds.
+const LATE: Duration = Duration::from_secs(1);
 
 /// The socket as tungstenite sees it: it reads the client's frames from the read half, and what it
 /// writes by itself (pongs, the answer to a client's close) goes through the gate, in order with
@@ -207,7 +210,7 @@ async fn open(tcp: TcpStream, early: Bytes, out: &Outbound, config: &Config) -> 
 
 /// When the client was last heard from: set by the reader, read by the [`Clock`].
 struct Heard {
-    started: Instant,
+    started: tokio::time::Instant,
     /// Milliseconds since `started`.
     at_ms: AtomicU64,
 }
@@ -215,7 +218,7 @@ struct Heard {
 impl Heard {
     fn new() -> Heard {
         Heard {
-            started: Instant::now(),
+            started: tokio::time::Instant::now(),
             at_ms: AtomicU64::new(0),
         }
     }
@@ -260,15 +263,21 @@ impl Clock {
     }
 
     /// What is due now: closes an expired or silent session, or pings it.
+    ///
+    /// Silence is judged only when the timer fires on time. One that fires late means the node did
+    /// not run the session for a while (a connect storm holding the cores): the pings due meanwhile
+    /// went out late or not at all, so the client's silence is the node's doing. The session is
+    /// pinged then, and judged at the next ping.
     fn fire(&mut self, out: &Outbound, heard: &Heard) {
         let now = tokio::time::Instant::now();
+        let late = now.saturating_duration_since(self.wake_at()) > LATE;
         if self.expires.is_some_and(|at| now >= at) {
             self.expires = None;
             out.close(Some((code::TOKEN_EXPIRED, "token expired")));
         }
         if now >= self.next_ping {
             self.next_ping = now + self.ping_interval;
-            if heard.silent_for() > self.idle_timeout {
+            if !late && heard.silent_for() > self.idle_timeout {
                 out.close(Some((code::IDLE, "idle timeout")));
             } else {
                 out.send(wire::PING);
@@ -293,6 +302,9 @@ async fn converse(
     let mut reader = pin!(read(stream, node, out, membership, &heard));
     loop {
         tokio::select! {
+            // The reader before the timer: what the client sent is read before its silence is
+            // judged, however long the node took to come back to this session.
+            biased;
             end = &mut writer => {
                 // The close frame is out: let the client answer it before the socket is dropped,
                 // so it reads a clean close rather than a reset.
@@ -524,6 +536,51 @@ mod tests {
         let read = |(a, b, c, d, e)| read(a, b, c, d, e);
         let write = |(a, b)| writer::serve(a, b);
         assert!(future_size(&read) + future_size(&write) <= 512);
+    }
+
+    /// A clock and what it sends to a socket with nothing attached: whether it closed it, and
+    /// whether it pinged it.
+    fn clock(ping: u64, idle: u64) -> (Clock, Outbound, std::sync::Arc<crate::fanout::gate::Gate>) {
+        let config = Config {
+            ping_interval: Duration::from_secs(ping),
+            idle_timeout: Duration::from_secs(idle),
+            ..Config::default()
+        };
+        let gate = std::sync::Arc::new(crate::fanout::gate::Gate::new(1 << 20));
+        let out = Outbound::new(gate.clone(), crate::encoding::Encoding::Json);
+        (Clock::new(&config, None), out, gate)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_is_judged_on_time_never_after_the_node_was_too_busy_to_run_the_session() {
+        // On time: a client silent past the idle timeout is closed at the next ping.
+        let (mut on_time, out, gate) = clock(20, 60);
+        let heard = Heard::new();
+        while !gate.is_closing() {
+            tokio::time::sleep_until(on_time.wake_at()).await;
+            on_time.fire(&out, &heard);
+        }
+        assert_eq!(heard.silent_for(), Duration::from_secs(80));
+
+        // The node did not run the session for 65 s after its first ping was due: its client was
+        // never asked. It is pinged, not closed, and judged on time at the next ping.
+        let (mut late, out, gate) = clock(20, 60);
+        let heard = Heard::new();
+        tokio::time::advance(Duration::from_secs(85)).await;
+        late.fire(&out, &heard);
+        assert!(!gate.is_closing(), "closed as idle after the node's own delay");
+        assert!(gate.queued() > 0, "pinged");
+        // It answers: heard, then on time at the next ping, not idle.
+        heard.now();
+        tokio::time::sleep_until(late.wake_at()).await;
+        late.fire(&out, &heard);
+        assert!(!gate.is_closing());
+        // A client that stays silent is still closed, on time.
+        while !gate.is_closing() {
+            tokio::time::sleep_until(late.wake_at()).await;
+            late.fire(&out, &heard);
+        }
+        assert!(heard.silent_for() > Duration::from_secs(60));
     }
 
     #[test]

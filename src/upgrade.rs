@@ -1,8 +1,14 @@
 //! The WebSocket opening handshake (RFC 6455 §4.2), answered here rather than by axum's extractor
 //! because the node needs the TCP socket itself once the upgrade is done: its write half goes to
 //! the socket's gate, which writes frames built once for every socket as they are.
+//!
+//! Also how many handshakes a node answers at once ([`Handshakes`], `--max-handshakes`). A
+//! handshake is the costly part of a connection's life (its token checked, its inbox subscribed,
+//! its session set up); in a connect storm, unbounded, they queue ahead of everything the open
+//! sockets need (their pings, pongs and frames), which is how members came to be closed as idle.
+//! Past the bound an upgrade is answered 503 with `Retry-After` at once, before any of that work.
 
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 use axum::{
     extract::FromRequestParts,
@@ -12,8 +18,57 @@ use axum::{
 use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::{
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use crate::metrics as m;
+
+/// The handshakes a node answers at once. Cheap to clone.
+///
+/// A handshake counts from when its request is routed (its headers are in) until its answer is
+/// ready. Time spent waiting on the client, before its headers or after the answer, is not counted:
+/// a client that trickles its request (a slowloris) holds an HTTP connection, which
+/// [`crate::accept`] bounds and evicts, never one of these.
+#[derive(Clone)]
+pub struct Handshakes {
+    permits: Arc<Semaphore>,
+}
+
+/// One handshake in progress; the place is given back when it is dropped.
+pub struct Handshake {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Handshakes {
+    pub fn new(max: usize) -> Handshakes {
+        Handshakes {
+            permits: Arc::new(Semaphore::new(max.max(1))),
+        }
+    }
+
+    /// A place for one more handshake, or `None` (counted) when every place is taken.
+    pub fn start(&self) -> Option<Handshake> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                m::handshake_started();
+                Some(Handshake { _permit: permit })
+            }
+            Err(_) => {
+                m::handshake_refused();
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        m::handshake_ended();
+    }
+}
 
 /// A valid upgrade request, not answered yet.
 pub struct Upgrade {

@@ -317,12 +317,13 @@ async fn logs_in_a_file_have_no_colour_and_start_with_the_version_node_bus_and_s
 
 #[tokio::test]
 async fn acceptz_is_503_only_when_the_node_should_get_no_new_clients() {
-    // Redis unreachable: not ready, but still accepting (a blip must not empty the rotation).
+    // Redis unreachable from the start: the node was never linked, so it takes no clients yet
+    // (a node that was linked stays accepting through a Redis blip: tests/resilience.rs).
     let down = format!("redis://127.0.0.1:{}", free_port());
     let node = Process::spawn(&["--max-connections", "2", "--redis", &down, "--drain-jitter", "0s"]);
     eventually("node up", || async { status(&node.url("/healthz")).await == 200 }).await;
     assert_eq!(status(&node.url("/readyz")).await, 503);
-    assert_eq!(status(&node.url("/acceptz")).await, 200);
+    assert_eq!(status(&node.url("/acceptz")).await, 503);
     drop(node);
 
     let node = Process::spawn(&[

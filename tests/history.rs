@@ -709,8 +709,16 @@ async fn two_thousand_clients_resuming_at_once_share_their_reads() {
     const SHARDS: u64 = 4;
     let cluster = Cluster::start(3, 0);
     let (room_prefix, user_prefix) = common::prefix("hist-storm");
-    // Presence off: its scripts would be counted with the reads.
-    let extra = ["--redis-timeout", "10s", "--presence", "false"];
+    // Presence off: its scripts would be counted with the reads. The clients connect 500 at a
+    // time and do not retry a refused upgrade, as real ones do: no bound on handshakes.
+    let extra = [
+        "--redis-timeout",
+        "10s",
+        "--presence",
+        "false",
+        "--max-handshakes",
+        "100000",
+    ];
     let node = history_node(&cluster, &room_prefix, &user_prefix, &extra);
     let ready = node.url("/readyz");
     eventually("node ready", || async { status(&ready).await == 200 }).await;

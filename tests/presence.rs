@@ -181,6 +181,8 @@ async fn after_churn_of_5000_clients_over_three_nodes_every_node_counts_exactly_
 async fn a_node_killed_with_9_drops_out_of_presence_within_the_ttl_and_a_tick() {
     let cluster = Cluster::shared();
     let base = config(Some(cluster), "kill");
+    // Its clients connect 200 at a time and do not retry a refused upgrade, as real ones do: no
+    // bound on handshakes.
     let doomed = Process::spawn(&[
         "--redis",
         &cluster.url,
@@ -191,6 +193,8 @@ async fn a_node_killed_with_9_drops_out_of_presence_within_the_ttl_and_a_tick() 
         "--command-rate",
         "100000",
         "--command-burst",
+        "100000",
+        "--max-handshakes",
         "100000",
     ]);
     eventually("the process is ready", || async {

@@ -1,13 +1,15 @@
-//! Resilience: Redis Cluster faults, Redis down and back, drain on deploy, dead sockets.
-//! Each fault test starts its own cluster, since it breaks it.
+//! Resilience: Redis Cluster faults, Redis down and back, a node just started, connect storms,
+//! drain on deploy, dead sockets. Each fault test starts its own cluster, since it breaks it.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{config, eventually, free_port, status, Client, Cluster, Node, Process};
+use common::{config, eventually, free_port, metric, status, Client, Cluster, Node, Process};
+use futures_util::StreamExt;
 use serde_json::json;
-use shardcast::bus::shard_for;
+use shardcast::{bus::shard_for, history::pos::Keep};
+use tokio_tungstenite::tungstenite::{self, Message};
 
 /// On SIGTERM every client is told its own `after_ms`, drawn over `--drain-jitter`, and is closed
 /// with 4001 at that time, not before: reconnects reach the fleet spread over the window, not in
@@ -145,6 +147,9 @@ async fn redis_down_at_start_and_mid_run_then_back() {
     let a_inbox = format!("{}a", cfg.user_channel_prefix);
     let node = Node::start_unready(cfg).await;
     assert_eq!(status(&node.url("/readyz")).await, 503);
+    // Never linked: no clients from the balancer yet.
+    let acceptz = node.url("/acceptz");
+    assert_eq!(status(&acceptz).await, 503);
     // Still serving: sockets connect; joins and publishes fail visibly.
     let mut a = Client::connect(&node.ws("?user=a")).await;
     let r = a.request(json!({"op":"join","room":"r"})).await;
@@ -163,6 +168,7 @@ async fn redis_down_at_start_and_mid_run_then_back() {
     let cluster = Cluster::start_on(&ports, 3, 0, 2000);
     let ready = node.url("/readyz");
     eventually("ready once Redis is up", || async { status(&ready).await == 200 }).await;
+    assert_eq!(status(&acceptz).await, 200);
     a.join("r").await;
     let mut b = Client::connect(&node.ws("?user=b")).await;
     // a's inbox, wanted since it connected, is subscribed by the retry (every second, so possibly
@@ -182,6 +188,8 @@ async fn redis_down_at_start_and_mid_run_then_back() {
         status(&ready).await == 503
     })
     .await;
+    // A blip after the node was linked: it stays in the balancer's rotation.
+    assert_eq!(status(&acceptz).await, 200);
     let r = b.request(json!({"op":"pub","room":"r","data":2})).await;
     assert_eq!(r["code"], "unavailable", "{r}");
     let _cluster = Cluster::start_on(&ports, 3, 0, 2000);
@@ -478,4 +486,195 @@ async fn a_drained_socket_is_released_once_closed_not_at_the_end_of_the_drain() 
         last - first
     );
     assert!(node.child.wait().unwrap().success());
+}
+
+/// History for room `match`, as the tests of a node just started keep it.
+fn match_history() -> Vec<(glob::Pattern, Keep)> {
+    let keep = Keep {
+        size: 100,
+        ttl: Duration::from_secs(60),
+    };
+    vec![(glob::Pattern::new("match").unwrap(), keep)]
+}
+
+/// A node answers `/healthz` while its links to the masters are still connecting. A join of a room
+/// with history and a publish sent the moment it answers wait for the links (within
+/// `--join-timeout` and `--redis-timeout`) rather than failing at once with `unavailable`. Several
+/// starts, since the window is a few milliseconds wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_just_started_serves_joins_and_publishes_at_once() {
+    const STARTS: usize = 16;
+    let cluster = Cluster::shared();
+    for start in 0..STARTS {
+        let mut cfg = config(Some(cluster), "fresh");
+        cfg.history = match_history();
+        // Returns as soon as `/healthz` answers.
+        let node = Node::start_unready(cfg).await;
+        let mut c = Client::connect(&node.ws("?user=fan")).await;
+        let r = c.request(json!({"op":"join","room":"match"})).await;
+        assert_eq!(r["op"], "ok", "start {start}: join: {r}");
+        let r = c.request(json!({"op":"pub","room":"match","data":start})).await;
+        assert_eq!(r["op"], "ok", "start {start}: pub: {r}");
+        assert_eq!(c.recv().await.unwrap()["data"], start);
+        node.stop().await;
+    }
+}
+
+/// `/acceptz` lets a node into the balancer only once it has a link to every master: started while
+/// a master is frozen, it answers `/healthz` but `/acceptz` stays 503 until the master is back. A
+/// join sent meanwhile to a room on that master waits for it, and succeeds once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acceptz_waits_until_every_master_is_linked() {
+    // A long node timeout: the cluster does not fail the frozen master over meanwhile.
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let cluster = Cluster::start_on(&ports, 3, 0, 30_000);
+    let mut cfg = config(Some(&cluster), "acceptz");
+    cfg.history = match_history();
+    // Room and commands wait for the master for a few seconds, not forever.
+    cfg.redis_timeout = Duration::from_secs(5);
+    cfg.join_timeout = Duration::from_secs(10);
+    let frozen = cluster.owner_of(cluster.slot(&format!("{}match:shard0", cfg.channel_prefix)));
+    // The node reads the slot map from a master that answers.
+    let seed = ports.iter().find(|p| **p != frozen).unwrap();
+    cfg.redis = vec![format!("redis://127.0.0.1:{seed}")];
+    let pid = cluster.pid(frozen);
+    signal(&pid, "-STOP");
+    let node = Node::start_unready(cfg).await;
+    let acceptz = node.url("/acceptz");
+    assert_eq!(
+        status(&acceptz).await,
+        503,
+        "admitting clients with a master not linked"
+    );
+
+    // A client that came anyway (not through the balancer) joins a room on the frozen master.
+    let mut c = Client::connect(&node.ws("?user=fan")).await;
+    let join = c.send_request(json!({"op":"join","room":"match"})).await;
+    assert_eq!(status(&acceptz).await, 503);
+    let thawed = Instant::now();
+    signal(&pid, "-CONT");
+    let r = c.reply(join).await;
+    assert_eq!(r["op"], "ok", "join while the master came back: {r}");
+    eventually("acceptz 200 once every master is linked", || async {
+        status(&acceptz).await == 200
+    })
+    .await;
+    eprintln!(
+        "acceptz: the frozen master's link came up {:?} after SIGCONT",
+        thawed.elapsed()
+    );
+    let r = c.request(json!({"op":"pub","room":"match","data":1})).await;
+    assert_eq!(r["op"], "ok", "{r}");
+    assert_eq!(c.recv().await.unwrap()["data"], 1);
+    node.stop().await;
+}
+
+/// A connect storm cannot starve the sockets a node has: at most `--max-handshakes` upgrades are
+/// answered at once, the excess gets 503 with `Retry-After` at once, and an open socket keeps
+/// getting its pongs and frames meanwhile. The handshakes here are slow the way a storm makes them
+/// slow, on the node's side: each waits for its inbox's subscription, on a master paused with
+/// `CLIENT PAUSE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_handshakes_upgrades_get_503_at_once_and_open_sockets_are_served() {
+    const PAUSE: Duration = Duration::from_secs(5);
+    let cluster = Cluster::start(3, 0);
+    let (rooms, users) = common::prefix("storm");
+    // Two users whose inboxes are on one master (the one paused), and a room on another.
+    let owner = |channel: String| cluster.owner_of(cluster.slot(&channel));
+    let paused = owner(format!("{users}slow0"));
+    let slow: Vec<String> = (0..)
+        .map(|i| format!("slow{i}"))
+        .filter(|u| owner(format!("{users}{u}")) == paused)
+        .take(2)
+        .collect();
+    let room = (0..)
+        .map(|i| format!("lobby{i}"))
+        .find(|r| owner(format!("{rooms}{r}:shard0")) != paused)
+        .unwrap();
+    // A process of its own: its metrics are its own.
+    let node = Process::spawn(&[
+        "--redis",
+        &cluster.url,
+        "--channel-prefix",
+        &rooms,
+        "--user-channel-prefix",
+        &users,
+        "--max-handshakes",
+        "2",
+        "--redis-timeout",
+        "10s",
+        "--join-timeout",
+        "10s",
+    ]);
+    let ready = node.url("/readyz");
+    eventually("node ready", || async { status(&ready).await == 200 }).await;
+    let mut open = Client::connect(&node.ws("?user=open")).await;
+    open.join(&room).await;
+
+    let pause_ms = PAUSE.as_millis().to_string();
+    cluster.redis_cli(paused, &["client", "pause", &pause_ms, "all"]);
+    let since = Instant::now();
+    let slow: Vec<_> = slow
+        .iter()
+        .map(|u| tokio::spawn(tokio_tungstenite::connect_async(node.ws(&format!("?user={u}")))))
+        .collect();
+    let metrics = node.url("/metrics");
+    eventually("both slow handshakes in progress", || async {
+        metric(&metrics, "shardcast_handshakes_in_progress").await == Some(2.0)
+    })
+    .await;
+
+    // The excess: refused at once, while the two are still waiting.
+    let asked = Instant::now();
+    match tokio_tungstenite::connect_async(node.ws("?user=late")).await {
+        Err(tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 503);
+            let retry = r.headers().get("retry-after").expect("Retry-After");
+            let secs: u64 = retry.to_str().unwrap().parse().expect("whole seconds");
+            assert!((1..=3).contains(&secs), "Retry-After: {secs}");
+        }
+        other => panic!(
+            "the upgrade past --max-handshakes was not refused: {:?} after {:?}",
+            other.map(|(_, r)| r.status()),
+            asked.elapsed()
+        ),
+    }
+    let refused_in = asked.elapsed();
+    assert!(refused_in < Duration::from_secs(1), "refused only after {refused_in:?}");
+    assert!(
+        slow.iter().all(|h| !h.is_finished()),
+        "the slow handshakes were over already"
+    );
+
+    // The open socket is served meanwhile: a pong to its ping frame, an answer to its command, a
+    // message of its room.
+    open.send_raw(Message::Ping("still there".into())).await;
+    let ponged = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(msg)) = open.ws.next().await {
+            if let Message::Pong(p) = msg {
+                return p;
+            }
+        }
+        panic!("closed");
+    })
+    .await
+    .expect("a pong while the handshakes wait");
+    assert_eq!(&ponged[..], b"still there");
+    assert_eq!(open.request(json!({"op":"ping"})).await["op"], "pong");
+    open.publish(&room, json!("during")).await;
+    assert_eq!(open.recv().await.unwrap()["data"], "during");
+    assert!(
+        since.elapsed() < PAUSE,
+        "the checks above must run while the master is paused"
+    );
+    eprintln!("storm: the upgrade past --max-handshakes was refused in {refused_in:?}");
+
+    // Once Redis answers again the slow handshakes complete.
+    for h in slow {
+        let done = tokio::time::timeout(common::WAIT, h).await.expect("in time").unwrap();
+        let (mut ws, _) = done.expect("a slow handshake succeeded once the master was back");
+        let _ = ws.close(None).await;
+    }
+    assert_eq!(metric(&metrics, "shardcast_handshakes_refused_total").await, Some(1.0));
+    assert_eq!(metric(&metrics, "shardcast_handshakes_in_progress").await, Some(0.0));
 }

@@ -290,6 +290,16 @@ impl Bus {
         }
     }
 
+    /// Whether the node has been linked to its bus since it started: at once embedded; with Redis,
+    /// once every master has had a connected link. Until then a node takes no clients (`/acceptz`);
+    /// after it, Redis blips show in [`Bus::is_ready`] only.
+    pub fn has_linked(&self) -> bool {
+        match self {
+            Bus::Memory(_) => true,
+            Bus::Redis(b) => b.has_linked(),
+        }
+    }
+
     /// Leaves the bus: unsubscribes and closes connections.
     pub async fn close(&self) {
         if let Bus::Redis(b) = self {

@@ -1,7 +1,7 @@
 //! The connections to one master: a publisher and a subscriber (and, with `--publish-replicas`, a
 //! connection for `WAIT`), the task that reads the subscriber's messages into the sink, the task
-//! that reacts to its reconnects and redirects, and the probe that tells a live link from one that
-//! only looks connected.
+//! that reacts to its reconnects and redirects, the task that tells the bus when a connection is
+//! up, and the probe that tells a live link from one that only looks connected.
 
 use std::{
     sync::{
@@ -21,7 +21,7 @@ use fred::{
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use super::{bounded, confirm::Confirm, lock, unavailable, Inner};
+use super::{bounded, confirm::Confirm, lock, unavailable, Inner, Via};
 use crate::{bus::BusError, metrics as m};
 
 /// A link whose subscriber heard nothing for this long is probed.
@@ -31,6 +31,9 @@ const PROBE_WHEN_QUIET: Duration = Duration::from_secs(1);
 /// subscribing client gets a large one.
 const MESSAGE_BUFFER: usize = 8192;
 const EVENT_BUFFER: usize = 64;
+/// How often a connection fred has announced is looked at until it takes commands: fred announces
+/// a (re)connection a moment before it marks it connected.
+const UP_POLL: Duration = Duration::from_millis(5);
 
 /// The connections to one master.
 pub(super) struct Link {
@@ -77,15 +80,18 @@ impl Link {
             confirm,
             stop,
         });
-        // Listen before connecting so the first events are not missed.
+        // Listen before connecting so the first events are not missed (fred announces the first
+        // connection as it does every later one).
         let messages = link.subscriber.message_rx();
         let reconnects = link.subscriber.reconnect_rx();
         let moves = link.publisher.error_rx();
+        let up = (link.publisher.reconnect_rx(), link.subscriber.reconnect_rx());
         link.publisher.connect();
         link.subscriber.connect();
         bus.tracker.spawn(read_messages(bus.clone(), link.clone(), messages));
         bus.tracker
             .spawn(watch_link(bus.clone(), link.clone(), reconnects, moves));
+        bus.tracker.spawn(announce_up(bus.clone(), link.clone(), up));
         Ok(link)
     }
 
@@ -197,6 +203,41 @@ async fn watch_link(
             },
             _ = link.stop.cancelled() => return,
         }
+    }
+}
+
+/// Tells the bus each time one of the link's connections is up, so that commands waiting for the
+/// link go on at once ([`Inner::link_up`]). A connection fred announced is looked at every
+/// [`UP_POLL`] until it takes commands, for at most the command timeout (a connection that fails
+/// again meanwhile is announced again when it is rebuilt).
+async fn announce_up(
+    bus: Arc<Inner>,
+    link: Arc<Link>,
+    (mut publisher, mut subscriber): (
+        tokio::sync::broadcast::Receiver<Server>,
+        tokio::sync::broadcast::Receiver<Server>,
+    ),
+) {
+    loop {
+        let via = tokio::select! {
+            r = publisher.recv() => match r {
+                Ok(_) | Err(RecvError::Lagged(_)) => Via::Publisher,
+                Err(RecvError::Closed) => return,
+            },
+            r = subscriber.recv() => match r {
+                Ok(_) | Err(RecvError::Lagged(_)) => Via::Subscriber,
+                Err(RecvError::Closed) => return,
+            },
+            _ = link.stop.cancelled() => return,
+        };
+        let until = tokio::time::Instant::now() + bus.timeout;
+        while !via.of(&link).is_connected() && tokio::time::Instant::now() < until {
+            tokio::select! {
+                _ = tokio::time::sleep(UP_POLL) => {}
+                _ = link.stop.cancelled() => return,
+            }
+        }
+        bus.links_changed();
     }
 }
 

@@ -19,6 +19,13 @@
 //! master changed or its connection was rebuilt. Every subscription change goes through one async
 //! lock, so a resubscription never races an unsubscription of the same channel.
 //!
+//! # Links coming up
+//! A node serves as soon as it has read the slot map, while its links are still connecting. A
+//! command whose master's link is not connected yet (just started, or a master coming back) waits
+//! for it within its timeout, rather than failing at once: every link tells the bus when one of its
+//! connections comes up ([`Inner::links_up`]), and the waiting commands look again. The same news
+//! marks the moment the node has been linked to every master once, which `/acceptz` waits for.
+//!
 //! # Liveness
 //! A connection can look healthy and deliver nothing. Each link publishes a probe on a channel of
 //! its own master whenever its subscriber has been quiet for a second and expects it back within
@@ -40,18 +47,22 @@ mod tracked;
 
 use std::{
     collections::HashMap,
-    sync::{atomic::Ordering, Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, RwLock,
+    },
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use fred::{
+    clients::Client,
     interfaces::{ClientLike, PubsubInterface},
     prelude::{Config, Server, Value},
     util::redis_keyslot,
 };
 use futures_util::future::join_all;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{in_turn, BusError, Sink};
@@ -83,8 +94,31 @@ struct Inner {
     ops: tokio::sync::Mutex<()>,
     tracked: Mutex<Tracked>,
     wake: Notify,
+    /// Sent whenever a link may have come up: one of its connections was (re)made, or the slot map
+    /// was read again. A command whose master's link is not connected waits on it (see
+    /// [`Inner::link_up`]).
+    links_up: watch::Sender<()>,
+    /// Every master of the slot map has had both its connections up at once since the node
+    /// started: from then on the node takes clients (`/acceptz`), whatever blips follow.
+    linked_once: AtomicBool,
     tracker: TaskTracker,
     cancel: CancellationToken,
+}
+
+/// Which connection of a link a command goes over.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    Publisher,
+    Subscriber,
+}
+
+impl Via {
+    fn of(self, link: &Link) -> &Client {
+        match self {
+            Via::Publisher => &link.publisher,
+            Via::Subscriber => &link.subscriber,
+        }
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
@@ -109,15 +143,6 @@ async fn bounded<T>(
             "no answer from Redis in time",
         )),
     }
-}
-
-/// `link` if there is one and its publisher is connected: where a command can go now.
-fn connected(link: Option<Arc<Link>>) -> Result<Arc<Link>, BusError> {
-    let link = link.ok_or_else(|| unavailable("no master known for the channel's slot"))?;
-    if !link.publisher.is_connected() {
-        return Err(unavailable(format!("not connected to {}", link.server)));
-    }
-    Ok(link)
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -160,6 +185,8 @@ impl RedisBus {
             ops: tokio::sync::Mutex::new(()),
             tracked: Mutex::new(Tracked::default()),
             wake: Notify::new(),
+            links_up: watch::Sender::new(()),
+            linked_once: AtomicBool::new(false),
             tracker: tracker.clone(),
             cancel,
         });
@@ -239,26 +266,27 @@ impl RedisBus {
     /// fails when any of its slots did, so a dead master fails only the topics with channels on it.
     pub async fn subscribe(&self, topics: &[Vec<String>]) -> Vec<Result<(), BusError>> {
         let _op = self.inner.ops.lock().await;
-        let mut failed: HashMap<u16, BusError> = HashMap::new();
-        let mut work = Vec::new();
-        for (slot, group) in group_by_slot(topics.iter().flatten().cloned().collect()) {
-            match self.inner.link_for(slot) {
-                Some(link) => work.push((slot, group, link)),
-                None => drop(failed.insert(slot, unavailable("no master known for a channel's slot"))),
-            }
-        }
-        let timeout = self.inner.timeout;
-        let results = join_all(work.into_iter().map(|(slot, group, link)| async move {
-            let r = bounded(timeout, link.subscriber.ssubscribe(group.clone())).await;
-            (slot, group, link.server.clone(), r)
+        let inner = &self.inner;
+        let deadline = tokio::time::Instant::now() + inner.timeout;
+        let groups = group_by_slot(topics.iter().flatten().cloned().collect());
+        let results = join_all(groups.into_iter().map(|(slot, group)| async move {
+            let r = match inner.link_up(|| inner.link_for(slot), Via::Subscriber, deadline).await {
+                Ok(link) => bounded(inner.timeout, link.subscriber.ssubscribe(group.clone()))
+                    .await
+                    .map(|()| link.server.clone())
+                    .map_err(unavailable),
+                Err(e) => Err(e),
+            };
+            (slot, group, r)
         }))
         .await;
+        let mut failed: HashMap<u16, BusError> = HashMap::new();
         {
-            let mut t = lock(&self.inner.tracked);
-            for (slot, group, server, r) in results {
+            let mut t = lock(&inner.tracked);
+            for (slot, group, r) in results {
                 match r {
-                    Ok(()) => t.add(slot, group, &server),
-                    Err(e) => drop(failed.insert(slot, unavailable(e))),
+                    Ok(server) => t.add(slot, group, &server),
+                    Err(e) => drop(failed.insert(slot, e)),
                 }
             }
             m::subscriptions(t.len());
@@ -312,6 +340,12 @@ impl RedisBus {
         self.inner.is_ready()
     }
 
+    /// Whether every master has had a connected link since the node started (see
+    /// [`Inner::has_linked`]).
+    pub fn has_linked(&self) -> bool {
+        self.inner.has_linked()
+    }
+
     pub async fn close(&self) {
         let links: Vec<_> = lock(&self.inner.links).drain().map(|(_, l)| l).collect();
         join_all(links.iter().map(|l| l.quit(self.inner.timeout))).await;
@@ -320,9 +354,13 @@ impl RedisBus {
     /// Publishes without history: SPUBLISH on the channel's master, following it once if it moved.
     async fn publish(&self, channel: String, payload: Bytes) -> Result<(), BusError> {
         let slot = redis_keyslot(channel.as_bytes());
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
         let mut moved_once = false;
         loop {
-            let link = connected(self.inner.link_for(slot))?;
+            let link = self
+                .inner
+                .link_up(|| self.inner.link_for(slot), Via::Publisher, deadline)
+                .await?;
             let sent = bounded(
                 self.inner.timeout,
                 link.publisher.spublish::<Value, _, _>(channel.clone(), payload.clone()),
@@ -347,16 +385,73 @@ impl Inner {
         lock(&self.links).get(&server).cloned()
     }
 
-    fn is_ready(&self) -> bool {
+    /// The link `find` names once its `via` connection is up: at once when it is, else as soon as
+    /// a link comes up and it is among them; `unavailable` if it is not by `deadline`. Right after
+    /// start every link is still connecting, and a master coming back takes a moment: a command
+    /// meeting either waits, within its timeout, rather than failing at once.
+    async fn link_up(
+        &self,
+        find: impl Fn() -> Option<Arc<Link>>,
+        via: Via,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<Link>, BusError> {
+        let up = || find().filter(|link| via.of(link).is_connected());
+        if let Some(link) = up() {
+            return Ok(link);
+        }
+        // Listening before looking again, so that news sent in between is not missed.
+        let mut news = self.links_up.subscribe();
+        loop {
+            if let Some(link) = up() {
+                return Ok(link);
+            }
+            tokio::select! {
+                // The sender lives in `self`: this never fails while a command runs.
+                _ = news.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(match find() {
+                        Some(link) => unavailable(format!("not connected to {} in time", link.server)),
+                        None => unavailable("no master known for the channel's slot"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Wakes the commands waiting for a link ([`Inner::link_up`]): a connection of a link came up,
+    /// or the slot map was read again.
+    fn links_changed(&self) {
+        self.has_linked();
+        self.links_up.send_replace(());
+    }
+
+    /// Whether every master of a complete slot map has had both its connections up at once since
+    /// the node started. Latched: after that a blip (a failover, Redis restarting) does not make a
+    /// node look new; `/readyz` reports those.
+    fn has_linked(&self) -> bool {
+        if self.linked_once.load(Ordering::Relaxed) {
+            return true;
+        }
+        let linked = self.every_master(|l| l.publisher.is_connected() && l.subscriber.is_connected());
+        if linked && !self.linked_once.swap(true, Ordering::Relaxed) {
+            tracing::info!("linked to every Redis master");
+        }
+        linked
+    }
+
+    /// Whether the slot map is complete and every master in it has a link for which `ok` holds.
+    fn every_master(&self, ok: impl Fn(&Link) -> bool) -> bool {
         let routes = read(&self.routes);
         if !routes.complete {
             return false;
         }
         let links = lock(&self.links);
-        let linked = routes.masters.iter().all(|s| {
-            links.get(s).is_some_and(|l| {
-                l.publisher.is_connected() && l.subscriber.is_connected() && l.alive.load(Ordering::Relaxed)
-            })
+        routes.masters.iter().all(|s| links.get(s).is_some_and(|l| ok(l)))
+    }
+
+    fn is_ready(&self) -> bool {
+        let linked = self.every_master(|l| {
+            l.publisher.is_connected() && l.subscriber.is_connected() && l.alive.load(Ordering::Relaxed)
         });
         linked && lock(&self.tracked).settled()
     }

@@ -87,8 +87,13 @@ impl Inner {
             return false;
         };
         self.relink(&routes.masters);
-        self.place_probes(&routes).await;
+        let probes = self.probes_to_place(&routes);
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
+        // A command that found no master for its slot, or no link yet, may find one now. The map
+        // is in place before any probe waits on its master, so a master slow to answer (frozen,
+        // still coming up) holds back no command to the others.
+        self.links_changed();
+        self.place_probes(probes).await;
         true
     }
 
@@ -141,27 +146,39 @@ impl Inner {
         }
     }
 
-    /// Each link probes on a channel of a slot its master owns; one whose channel moved away gets
-    /// a new one.
-    async fn place_probes(&self, routes: &Routes) {
+    /// Each link probes on a channel of a slot its master owns: the links whose probe channel is
+    /// missing or moved away, each with a new one.
+    fn probes_to_place(&self, routes: &Routes) -> Vec<(Arc<Link>, String)> {
         let links: Vec<Arc<Link>> = lock(&self.links).values().cloned().collect();
-        for link in links {
-            let owned =
-                |c: &String| routes.by_slot[redis_keyslot(c.as_bytes()) as usize].as_ref() == Some(&link.server);
-            if lock(&link.probe).as_ref().is_some_and(owned) {
-                continue;
-            }
-            let channel = (0u32..)
-                .map(|n| format!("{}{n}", self.probe_prefix))
-                .find(owned)
-                .expect("every master owns some slot");
+        links
+            .into_iter()
+            .filter_map(|link| {
+                let owned =
+                    |c: &String| routes.by_slot[redis_keyslot(c.as_bytes()) as usize].as_ref() == Some(&link.server);
+                if lock(&link.probe).as_ref().is_some_and(owned) || !routes.masters.contains(&link.server) {
+                    return None;
+                }
+                let channel = (0u32..)
+                    .map(|n| format!("{}{n}", self.probe_prefix))
+                    .find(owned)
+                    .expect("every master owns some slot");
+                Some((link, channel))
+            })
+            .collect()
+    }
+
+    /// Subscribes the new probe channels, all at once: a master slow to answer holds back no
+    /// other's.
+    async fn place_probes(&self, probes: Vec<(Arc<Link>, String)>) {
+        join_all(probes.into_iter().map(|(link, channel)| async move {
             if bounded(self.timeout, link.subscriber.ssubscribe(channel.clone()))
                 .await
                 .is_ok()
             {
                 *lock(&link.probe) = Some(channel);
             }
-        }
+        }))
+        .await;
     }
 }
 

@@ -20,7 +20,7 @@ use fred::{
     util::redis_keyslot,
 };
 
-use super::{bounded, connected, links::Link, lock, unavailable, Inner, RedisBus};
+use super::{bounded, links::Link, lock, unavailable, Inner, RedisBus, Via};
 use crate::{
     bus::{millis, BusError},
     history::pos::{meta_key, parse_entry_id, stream_key, Entry, Keep, Pos, Slice},
@@ -118,7 +118,12 @@ impl RedisBus {
         if items.len() == 1 || (history && (self.inner.replicas > 0 || sha.is_none())) {
             return Ok(items.iter().map(|_| None).collect());
         }
-        let link = connected(self.inner.link_for(redis_keyslot(channel.as_bytes())))?;
+        let slot = redis_keyslot(channel.as_bytes());
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        let link = self
+            .inner
+            .link_up(|| self.inner.link_for(slot), Via::Publisher, deadline)
+            .await?;
         let pipeline = link.publisher.pipeline();
         for (payload, keep) in items {
             let queued: Result<(), _> = match (keep, &sha) {
@@ -188,10 +193,11 @@ impl Inner {
         let (mut loaded, mut moved, mut asked) = (false, false, None::<Server>);
         let until = tokio::time::Instant::now() + self.timeout;
         loop {
-            let link = connected(match &asked {
+            let find = || match &asked {
                 Some(server) => lock(&self.links).get(server).cloned(),
                 None => self.link_for(slot),
-            })?;
+            };
+            let link = self.link_up(find, Via::Publisher, until).await?;
             let sha = match script.sha.get() {
                 Some(sha) => sha.clone(),
                 None => self.load(&link, script).await?,
