@@ -333,8 +333,8 @@ impl Args {
             Scenario::Floor => 2 * self.clients() as u64,
             // The members are held by the generator processes it starts; a plan opens nothing.
             Scenario::Stadium100k | Scenario::Plan => 0,
-            // Viewers and publishers, and HAProxy (started from here) holds both ends of each.
-            Scenario::Matchday => 3 * (self.clients() as u64 + self.publishers as u64 + 1),
+            // HAProxy, started from here with this limit, holds two descriptors per client.
+            Scenario::Matchday => 2 * (self.clients() as u64 + self.publishers as u64 + 1),
             _ => self.clients() as u64 + self.publishers as u64,
         };
         files + 64
