@@ -335,7 +335,7 @@ impl Conn<'_> {
                     self.answered(id);
                 }
             }
-            Inbound::Reconnect => self.out.reconnects += 1,
+            Inbound::Reconnect(_) => self.out.reconnects += 1,
             Inbound::Other => self.out.unparsed += 1,
         }
         None

@@ -15,7 +15,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -24,7 +24,12 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{capacity, procfs, report::Latency, Args};
+use crate::{
+    capacity, procfs,
+    procs::{free_port, get, ready, Cluster, Proc},
+    report::Latency,
+    Args,
+};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -47,14 +52,11 @@ impl Plan {
     /// The plan the command line asks for.
     pub fn from_args(args: &Args) -> anyhow::Result<Plan> {
         let members = args.clients();
-        let node_bin = match &args.node_bin {
-            Some(bin) => bin.clone(),
-            None => std::env::current_exe()?.with_file_name("shardcast"),
-        };
+        let node_bin = args.node_bin()?;
         let duration = Duration::try_from_secs_f64(args.duration.max(1.0)).context("--duration")?;
         Ok(Plan {
             members,
-            nodes: args.nodes,
+            nodes: args.nodes.unwrap_or(6),
             // A process may hold about 17,000 sockets under this machine's 20,000 descriptors.
             procs: args.procs.unwrap_or(members.div_ceil(15_000)).max(1),
             rates: args.rates.clone(),
@@ -66,7 +68,7 @@ impl Plan {
             // About 28,000 ports per source address, with room to spare.
             source_addrs: args.source_addrs.max((members.div_ceil(20_000) + 1).min(250) as u8),
             node_bin,
-            out: args.out.clone(),
+            out: args.out(),
         })
     }
 }
@@ -143,103 +145,6 @@ pub struct Step {
     pub bound_by: String,
 }
 
-/// A started process, killed when dropped.
-struct Proc {
-    child: Child,
-    what: String,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command, what: impl Into<String>) -> anyhow::Result<Proc> {
-        let what = what.into();
-        let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
-        Ok(Proc { child, what })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for the process to exit, at most until `deadline`; kills it then.
-    fn finish(mut self, deadline: Instant) -> anyhow::Result<std::process::ExitStatus> {
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                bail!("{} did not end in time", self.what);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Asks the process to stop (SIGTERM), waits up to `grace`, then kills it.
-    fn stop(&mut self, grace: Duration) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// The cluster `redis-cluster/up` started, taken down when dropped.
-struct Cluster {
-    dir: PathBuf,
-    seed: String,
-    masters: Vec<u32>,
-}
-
-impl Cluster {
-    fn up(dir: &Path) -> anyhow::Result<Cluster> {
-        let out = Command::new("redis-cluster/up")
-            .args(["--replicas", "0", "--masters", "3", "--port", "auto", "--dir"])
-            .arg(dir)
-            .args(["--owner-pid", &std::process::id().to_string()])
-            .stderr(Stdio::inherit())
-            .output()
-            .context("redis-cluster/up (run from the repository)")?;
-        if !out.status.success() {
-            bail!("redis-cluster/up failed");
-        }
-        let seed = String::from_utf8(out.stdout)?
-            .lines()
-            .last()
-            .context("redis-cluster/up printed no seed")?
-            .trim()
-            .to_string();
-        let masters = std::fs::read_to_string(dir.join("pids"))?
-            .split_whitespace()
-            .map(str::parse)
-            .collect::<Result<_, _>>()?;
-        Ok(Cluster {
-            dir: dir.to_path_buf(),
-            seed,
-            masters,
-        })
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("redis-cluster/down").arg("--dir").arg(&self.dir).output();
-    }
-}
-
 /// The nodes' counter of connections shed at their HTTP connection cap.
 const SHED: &str = "shardcast_http_connections_shed_total";
 /// The nodes' counter of connections closed for a request not read in time.
@@ -252,32 +157,6 @@ const HOLD: Duration = Duration::from_secs(8);
 /// than a node takes between two returns of free memory to the system (10 s), so the memory
 /// taken at its end is what the members hold, not what their handshakes left behind.
 const IDLE: Duration = Duration::from_secs(11);
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A node's answer to `GET path`, whole (status line, headers, body), or empty.
-fn get(port: u16, path: &str) -> String {
-    use std::io::Read;
-    let mut answer = String::new();
-    if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        let _ = s.read_to_string(&mut answer);
-    }
-    answer
-}
-
-fn ready(port: u16, deadline: Instant) -> anyhow::Result<()> {
-    while Instant::now() < deadline {
-        if get(port, "/readyz").starts_with("HTTP/1.1 200") {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("the node on port {port} was not ready in time")
-}
 
 /// The nodes' `shardcast_delivery_latency_seconds` buckets (publish to a worker taking the
 /// message), summed over the nodes: upper bound in seconds, cumulative count.
@@ -413,7 +292,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<FleetReport> {
     std::fs::create_dir_all(&scratch)?;
     let me = std::env::current_exe()?;
 
-    let cluster = Cluster::up(&scratch.join("cluster"))?;
+    let cluster = Cluster::up(&scratch.join("cluster"), 0, 2000)?;
     let (mut nodes, ports) = start_nodes(plan, &scratch, &cluster.seed)?;
     let urls: Vec<String> = ports.iter().map(|p| format!("ws://127.0.0.1:{p}/ws")).collect();
     let node_pids: Vec<u32> = nodes.iter().map(Proc::pid).collect();
@@ -426,7 +305,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<FleetReport> {
             urls: &urls,
             ports: &ports,
             node_pids: &node_pids,
-            masters: &cluster.masters,
+            masters: cluster.master_pids(),
             idle_rss,
         };
         let step = run_step(&me, plan, *rate, &fleet)?;
@@ -439,7 +318,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<FleetReport> {
     for node in &mut nodes {
         node.stop(Duration::from_secs(20));
     }
-    let master_pids = cluster.masters.clone();
+    let master_pids = cluster.master_pids().to_vec();
     drop(cluster);
     let report = FleetReport {
         members: plan.members,

@@ -5,13 +5,16 @@
 //! This file is the command line only: the flags ([`Args`]), their per-scenario defaults, and the
 //! dispatch to each scenario's module, which builds its plan from the flags and runs it.
 
+mod balancer;
 mod capacity;
 mod churn;
 mod conn;
 mod demo;
 mod fleet;
 mod floor;
+mod matchday;
 mod procfs;
+mod procs;
 mod progress;
 mod report;
 mod soak;
@@ -58,6 +61,13 @@ enum Scenario {
     /// repository (it uses redis-cluster/up); it stops everything it started.
     #[value(name = "stadium-100k")]
     Stadium100k,
+    /// A match played as a test: --clients viewers (default 2,000) through HAProxy over --nodes
+    /// node processes (default 3) on a cluster of 3 masters and 3 replicas it starts, in a score
+    /// room with history and a chat room, live through kick-off, a steady feed, a goal (chat
+    /// x--goal-factor), a rolling deploy, a master killed and the final whistle; per phase:
+    /// connected, closes by code, acknowledged messages lost, duplicates, reorders, latency, time
+    /// to reconnect. Writes JSON and an SVG timeline to --out. Run from the repository.
+    Matchday,
     /// No traffic: what a deployment needs (nodes, masters, shards per room, memory and egress
     /// per node) for --viewers over --rooms (default 1) at --rate messages/s per room (default 10),
     /// from the capacity model (docs/capacity.md).
@@ -182,9 +192,9 @@ struct Args {
     /// floor: milliseconds between two writes to the same socket.
     #[arg(long, default_value_t = 20.0)]
     window_ms: f64,
-    /// stadium-100k: node processes to start.
-    #[arg(long, default_value_t = 6)]
-    nodes: usize,
+    /// stadium-100k, matchday: node processes to start. Default: 6 (stadium-100k), 3 (matchday).
+    #[arg(long)]
+    nodes: Option<usize>,
     /// stadium-100k: the publishing rates to run, msg/s, one step each.
     #[arg(long, value_delimiter = ',', default_value = "1,2,5")]
     rates: Vec<f64>,
@@ -194,12 +204,44 @@ struct Args {
     /// stadium-100k: generator processes for the members. Default: one per 15,000 members.
     #[arg(long)]
     procs: Option<usize>,
-    /// stadium-100k: the node binary. Default: `shardcast` beside this program.
+    /// stadium-100k, matchday: the node binary. Default: `shardcast` beside this program.
     #[arg(long)]
     node_bin: Option<std::path::PathBuf>,
-    /// stadium-100k: where the JSON report and the chart go.
-    #[arg(long, default_value = "/tmp/shardcast-stadium-100k")]
-    out: std::path::PathBuf,
+    /// stadium-100k, matchday: where the JSON report and the chart go. Default:
+    /// /tmp/shardcast-SCENARIO.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    /// matchday: seconds the kick-off may take for every viewer to be in both rooms.
+    #[arg(long, default_value_t = 15.0)]
+    kickoff: f64,
+    /// matchday: seconds of the steady feed.
+    #[arg(long, default_value_t = 20.0)]
+    steady: f64,
+    /// matchday: seconds of the goal's chat.
+    #[arg(long, default_value_t = 10.0)]
+    goal: f64,
+    /// matchday: seconds of play after a replica took the killed master's slots.
+    #[arg(long, default_value_t = 8.0)]
+    after_kill: f64,
+    /// matchday: seconds of play before the feed stops.
+    #[arg(long, default_value_t = 5.0)]
+    whistle: f64,
+    /// matchday: messages a second of the score feed (the chat's are --rate, default 20).
+    #[arg(long, default_value_t = 2.0)]
+    score_rate: f64,
+    /// matchday: how many times faster the chat goes during the goal.
+    #[arg(long, default_value_t = 10.0)]
+    goal_factor: f64,
+    /// matchday: the nodes' --drain-jitter, seconds: a drained node's clients come back spread
+    /// over it.
+    #[arg(long, default_value_t = 2.0)]
+    drain_jitter: f64,
+    /// matchday: the clients' first full-jitter ceiling, milliseconds (the JS client's default).
+    #[arg(long, default_value_t = 500.0)]
+    backoff_base_ms: f64,
+    /// matchday: the clients' largest full-jitter ceiling, milliseconds (the JS client's default).
+    #[arg(long, default_value_t = 20_000.0)]
+    backoff_cap_ms: f64,
     /// A generator process of a multi-process run: its subscribers expect these publishers, which
     /// another process runs (with --publishers 0).
     #[arg(long, hide = true, default_value_t = 0)]
@@ -220,7 +262,8 @@ const ROOMS: usize = 1000;
 impl Scenario {
     /// Its name on the command line and in reports.
     fn name(self) -> String {
-        format!("{self:?}").to_lowercase()
+        self.to_possible_value()
+            .map_or_else(|| format!("{self:?}").to_lowercase(), |v| v.get_name().to_string())
     }
 }
 
@@ -242,6 +285,7 @@ impl Args {
         self.clients.unwrap_or(match self.scenario {
             Scenario::Stadium | Scenario::Dm => 2000,
             Scenario::Stadium100k => 100_000,
+            Scenario::Matchday => 2000,
             Scenario::Plan => 0,
             Scenario::Chat => 10_000,
             Scenario::Idle => 18_000,
@@ -267,6 +311,21 @@ impl Args {
         })
     }
 
+    /// `--node-bin`, or `shardcast` beside this program.
+    fn node_bin(&self) -> anyhow::Result<std::path::PathBuf> {
+        match &self.node_bin {
+            Some(bin) => Ok(bin.clone()),
+            None => Ok(std::env::current_exe()?.with_file_name("shardcast")),
+        }
+    }
+
+    /// `--out`, or `/tmp/shardcast-SCENARIO`.
+    fn out(&self) -> std::path::PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| format!("/tmp/shardcast-{}", self.scenario.name()).into())
+    }
+
     /// The open files the run needs, at least.
     fn files_needed(&self) -> u64 {
         let files = match self.scenario {
@@ -274,6 +333,8 @@ impl Args {
             Scenario::Floor => 2 * self.clients() as u64,
             // The members are held by the generator processes it starts; a plan opens nothing.
             Scenario::Stadium100k | Scenario::Plan => 0,
+            // HAProxy, started from here with this limit, holds two descriptors per client.
+            Scenario::Matchday => 2 * (self.clients() as u64 + self.publishers as u64 + 1),
             _ => self.clients() as u64 + self.publishers as u64,
         };
         files + 64
@@ -330,6 +391,11 @@ fn dispatch(args: &Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<(S
         ),
         // Processes, not connections: no runtime needed.
         Scenario::Stadium100k => shown(fleet::run(&fleet::Plan::from_args(args)?)?, fleet::FleetReport::table),
+        // Processes driven from this thread, the clients on the runtime.
+        Scenario::Matchday => shown(
+            matchday::run(&matchday::Plan::from_args(args)?, runtime)?,
+            matchday::MatchReport::table,
+        ),
     }
 }
 

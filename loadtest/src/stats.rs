@@ -79,6 +79,17 @@ impl Stream {
     pub fn lost(&self, sent: u64) -> u64 {
         sent.saturating_sub(self.distinct)
     }
+
+    /// The sequence numbers of `0..sent` not received, as sorted disjoint ranges: the gaps it
+    /// remembers, then everything from one past the highest received.
+    pub fn missing(&self, sent: u64) -> impl Iterator<Item = Range<u64>> + '_ {
+        let tail = (self.next < sent).then_some(self.next..sent);
+        self.gaps
+            .iter()
+            .map(move |g| g.start.min(sent)..g.end.min(sent))
+            .chain(tail)
+            .filter(|r| !r.is_empty())
+    }
 }
 
 /// Counters of one connection, summed over all at the end.
@@ -155,6 +166,17 @@ impl Latencies {
         h.saturating_record(us.clamp(1, MAX_US));
     }
 
+    /// What was recorded since the last take, merged; the shards start empty again.
+    pub fn take(&self) -> Histogram<u64> {
+        let mut all = Histogram::new_with_bounds(1, MAX_US, 3).expect("valid bounds");
+        for s in &self.shards {
+            let mut h = s.lock().unwrap_or_else(|p| p.into_inner());
+            all.add(&*h).expect("same bounds");
+            h.reset();
+        }
+        all
+    }
+
     pub fn merged(&self) -> Histogram<u64> {
         let mut all = Histogram::new_with_bounds(1, MAX_US, 3).expect("valid bounds");
         for s in &self.shards {
@@ -226,6 +248,19 @@ mod tests {
     }
 
     #[test]
+    fn what_is_missing_is_the_gaps_and_the_tail() {
+        let (s, _) = feed(&[0, 1, 4, 5, 9]);
+        assert_eq!(s.missing(12).collect::<Vec<_>>(), vec![2..4, 6..9, 10..12]);
+        assert_eq!(
+            s.missing(7).collect::<Vec<_>>(),
+            vec![2..4, 6..7],
+            "cut at what was sent"
+        );
+        assert_eq!(s.missing(2).count(), 0);
+        assert_eq!(Stream::default().missing(3).collect::<Vec<_>>(), vec![0..3]);
+    }
+
+    #[test]
     fn a_stream_that_starts_late_counts_the_start_as_a_gap() {
         let (s, t) = feed(&[3, 4]);
         assert_eq!(t.gap_missing, 3);
@@ -276,5 +311,8 @@ mod tests {
         assert!(h.max() >= MAX_US);
         let p50 = h.value_at_quantile(0.5);
         assert!((495..=505).contains(&p50), "{p50}");
+        assert_eq!(l.take().len(), 1002);
+        assert_eq!(l.take().len(), 0, "a take empties the shards");
+        assert_eq!(l.merged().len(), 0);
     }
 }

@@ -57,8 +57,8 @@ pub enum Inbound<'a> {
     Ok(i64),
     /// An `error` frame, with the id of the command it answers.
     Error(Option<i64>),
-    /// A `reconnect` frame (the node is draining).
-    Reconnect,
+    /// A `reconnect` frame (the node is draining), with its `after_ms`.
+    Reconnect(Option<u64>),
     /// Anything else (`pong`, or a frame this scan does not understand).
     Other,
 }
@@ -221,6 +221,36 @@ pub fn join_ok_msgpack(frame: &[u8]) -> Option<JoinOk> {
     is_ok.then_some(ok)
 }
 
+/// The `code` of an `error` frame, in either encoding (errors are rare: read whole). `None` when
+/// the frame is not an error or has no code.
+pub fn error_code(frame: &Message) -> Option<String> {
+    match frame {
+        Message::Text(t) => {
+            let v: serde_json::Value = serde_json::from_str(t).ok()?;
+            (v["op"] == "error").then(|| v["code"].as_str().map(str::to_owned))?
+        }
+        Message::Binary(b) => {
+            let mut rd = &b[..];
+            let entries = rmp::decode::read_map_len(&mut rd).ok()?;
+            let (mut is_error, mut code) = (false, None);
+            for _ in 0..entries {
+                match read_str(&mut rd)? {
+                    b"id" => {
+                        rmp::decode::read_int::<i64, _>(&mut rd).ok()?;
+                    }
+                    b"op" => is_error = read_str(&mut rd)? == b"error",
+                    b"code" => code = Some(String::from_utf8_lossy(read_str(&mut rd)?).into_owned()),
+                    _ => {
+                        read_str(&mut rd)?;
+                    }
+                }
+            }
+            code.filter(|_| is_error)
+        }
+        _ => None,
+    }
+}
+
 /// The body of `POST /publish`.
 pub fn http_body(room: &str, from: &str, stamp: Stamp, size: usize) -> String {
     let data = json_data(stamp, size);
@@ -293,8 +323,9 @@ pub fn scan_json(text: &str) -> Inbound<'_> {
     if let Some(rest) = b.strip_prefix(br#"{"op":"error""#) {
         return Inbound::Error(rest.strip_prefix(br#","id":"#).and_then(leading_int));
     }
-    if b.starts_with(br#"{"op":"reconnect""#) {
-        return Inbound::Reconnect;
+    if let Some(rest) = b.strip_prefix(br#"{"op":"reconnect""#) {
+        let after = rest.strip_prefix(br#","after_ms":"#).and_then(leading_int);
+        return Inbound::Reconnect(after.and_then(|ms| u64::try_from(ms).ok()));
     }
     Inbound::Other
 }
@@ -331,7 +362,12 @@ pub fn scan_msgpack(frame: &[u8]) -> Inbound<'_> {
                 _ => None,
             })
         }
-        Some(b"reconnect") => return Inbound::Reconnect,
+        Some(b"reconnect") => {
+            return Inbound::Reconnect(match read_str(&mut rd) {
+                Some(b"after_ms") => rmp::decode::read_int(&mut rd).ok(),
+                _ => None,
+            })
+        }
         _ => return Inbound::Other,
     }
     let (mut shard, mut pos) = (None, None);
@@ -411,7 +447,11 @@ mod tests {
             scan_json(r#"{"op":"error","code":"bad_frame","message":"x"}"#),
             Inbound::Error(None)
         );
-        assert_eq!(scan_json(r#"{"op":"reconnect","after_ms":5}"#), Inbound::Reconnect);
+        assert_eq!(
+            scan_json(r#"{"op":"reconnect","after_ms":5}"#),
+            Inbound::Reconnect(Some(5))
+        );
+        assert_eq!(scan_json(r#"{"op":"reconnect"}"#), Inbound::Reconnect(None));
         assert_eq!(
             scan_json(r#"{"op":"msg","room":"r","from":"u","data":"hi"}"#),
             Inbound::Other
@@ -483,6 +523,24 @@ mod tests {
         rmp::encode::write_uint(&mut err, 12).unwrap();
         rmp::encode::write_str(&mut err, "code").unwrap();
         assert_eq!(scan_msgpack(&err), Inbound::Error(Some(12)));
+        let mut reconnect = Vec::new();
+        rmp::encode::write_map_len(&mut reconnect, 2).unwrap();
+        for s in ["op", "reconnect", "after_ms"] {
+            rmp::encode::write_str(&mut reconnect, s).unwrap();
+        }
+        rmp::encode::write_uint(&mut reconnect, 1500).unwrap();
+        assert_eq!(scan_msgpack(&reconnect), Inbound::Reconnect(Some(1500)));
+    }
+
+    #[test]
+    fn an_errors_code_is_read_in_both_encodings() {
+        let text = r#"{"op":"error","id":4,"code":"unavailable","message":"bus down"}"#;
+        assert_eq!(error_code(&Message::Text(text.into())).as_deref(), Some("unavailable"));
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        let packed = Message::Binary(rmp_serde::to_vec_named(&v).unwrap().into());
+        assert_eq!(error_code(&packed).as_deref(), Some("unavailable"));
+        assert_eq!(error_code(&Message::Text(r#"{"op":"ok","id":4}"#.into())), None);
+        assert_eq!(error_code(&Message::Binary(b"\xc1".to_vec().into())), None);
     }
 
     #[test]
