@@ -1,7 +1,17 @@
-//! The connections to one master: a publisher and a subscriber (and, with `--publish-replicas`, a
-//! connection for `WAIT`), the task that reads the subscriber's messages into the sink, the task
-//! that reacts to its reconnects and redirects, and the probe that tells a live link from one that
-//! only looks connected.
+//! The connections to one master: a publisher, a connection for scripts, a subscriber (and, with
+//! `--publish-replicas`, a connection for `WAIT`), the task that reads the subscriber's messages
+//! into the sink, the task that reacts to its reconnects and redirects, and the probe that tells a
+//! live link from one that only looks connected.
+//!
+//! # At most once per command
+//! fred writes a command again when its connection broke before the answer came, and it breaks a
+//! connection itself whenever any answer on it is `CLUSTERDOWN` (which a healthy master gives to
+//! every command with keys while another master's slots have none, during a failover). A plain
+//! `SPUBLISH` Redis already ran would go out twice, after later ones. So every connection writes a
+//! command once: whether to send it again is the bus's decision, made only where that is safe
+//! (see [`super::RedisBus::publish_in_order`]). And the commands with keys (history's and
+//! presence's scripts) have a connection of their own, so their `CLUSTERDOWN` never breaks the
+//! connection plain publishes are on.
 
 use std::{
     sync::{
@@ -35,7 +45,11 @@ const EVENT_BUFFER: usize = 64;
 /// The connections to one master.
 pub(super) struct Link {
     pub(super) server: Server,
+    /// `SPUBLISH`, the probe, `CLUSTER SLOTS`: commands without keys.
     pub(super) publisher: Client,
+    /// Scripts (`EVALSHA`, `SCRIPT LOAD`): commands with keys, which fail with `CLUSTERDOWN` while
+    /// some slot has no master.
+    pub(super) scripts: Client,
     pub(super) subscriber: Client,
     /// The probe channel (a slot of this master).
     pub(super) probe: Mutex<Option<String>>,
@@ -55,6 +69,7 @@ impl Link {
     /// reader and watcher.
     pub(super) fn start(bus: &Arc<Inner>, server: Server) -> Result<Arc<Link>, BusError> {
         let publisher = build(&server, false, bus.timeout, true)?;
+        let scripts = build(&server, false, bus.timeout, true)?;
         let subscriber = build(&server, true, bus.timeout, true)?;
         let stop = bus.cancel.child_token();
         let confirm = if bus.replicas > 0 {
@@ -69,6 +84,7 @@ impl Link {
         let link = Arc::new(Link {
             server,
             publisher,
+            scripts,
             subscriber,
             probe: Mutex::new(None),
             probing: AtomicBool::new(false),
@@ -81,11 +97,13 @@ impl Link {
         let messages = link.subscriber.message_rx();
         let reconnects = link.subscriber.reconnect_rx();
         let moves = link.publisher.error_rx();
+        let script_errors = link.scripts.error_rx();
         link.publisher.connect();
+        link.scripts.connect();
         link.subscriber.connect();
         bus.tracker.spawn(read_messages(bus.clone(), link.clone(), messages));
         bus.tracker
-            .spawn(watch_link(bus.clone(), link.clone(), reconnects, moves));
+            .spawn(watch_link(bus.clone(), link.clone(), reconnects, moves, script_errors));
         Ok(link)
     }
 
@@ -94,6 +112,7 @@ impl Link {
         self.stop.cancel();
         let _ = tokio::time::timeout(timeout, self.subscriber.quit()).await;
         let _ = tokio::time::timeout(timeout, self.publisher.quit()).await;
+        let _ = tokio::time::timeout(timeout, self.scripts.quit()).await;
         if let Some((client, _)) = &self.confirm {
             let _ = tokio::time::timeout(timeout, client.quit()).await;
         }
@@ -121,7 +140,8 @@ pub(super) fn build(server: &Server, subscriber: bool, timeout: Duration, retry:
         .with_connection_config(|c| {
             c.connection_timeout = timeout;
             c.internal_command_timeout = timeout;
-            c.max_command_attempts = 2;
+            // Written once, never again by fred (see the module's docs).
+            c.max_command_attempts = 1;
         });
     if retry {
         // Capped, jittered exponential backoff, forever.
@@ -170,13 +190,18 @@ async fn read_messages(
     }
 }
 
+/// A connection's errors, as fred broadcasts them.
+type Errors = tokio::sync::broadcast::Receiver<(fred::error::Error, Option<Server>)>;
+
 /// Marks a link's slots for resubscription when its subscriber reconnects, and wakes the
-/// reconciler when its publisher is redirected (the topology changed).
+/// reconciler when its publisher or scripts connection meets an error (the topology may have
+/// changed).
 async fn watch_link(
     bus: Arc<Inner>,
     link: Arc<Link>,
     mut reconnects: tokio::sync::broadcast::Receiver<Server>,
-    mut errors: tokio::sync::broadcast::Receiver<(fred::error::Error, Option<Server>)>,
+    mut errors: Errors,
+    mut script_errors: Errors,
 ) {
     loop {
         tokio::select! {
@@ -192,6 +217,10 @@ async fn watch_link(
                 Err(RecvError::Closed) => return,
             },
             e = errors.recv() => match e {
+                Ok(_) | Err(RecvError::Lagged(_)) => bus.wake.notify_one(),
+                Err(RecvError::Closed) => return,
+            },
+            e = script_errors.recv() => match e {
                 Ok(_) | Err(RecvError::Lagged(_)) => bus.wake.notify_one(),
                 Err(RecvError::Closed) => return,
             },
