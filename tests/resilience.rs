@@ -762,3 +762,73 @@ async fn a_master_killed_under_load_repeats_and_reorders_nothing() {
         task.abort();
     }
 }
+
+/// A node that only subscribes learns of a slot move from Redis dropping its subscription, not
+/// from a MOVED (it publishes nothing): it must notice within moments, not at its next reconcile.
+/// A room without history loses what was published in between: at 200 msg/s, at most 10. The
+/// slot moves twice, about half a reconcile period apart, so that one of the moves comes far from
+/// any reconcile, whenever they run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_move_costs_a_room_without_history_at_most_ten_messages_at_200_per_second() {
+    const EVERY: Duration = Duration::from_millis(5);
+    let cluster = Cluster::start(3, 0);
+    let cfg = config(Some(&cluster), "move-plain");
+    let channel = format!("{}lobby:shard0", cfg.channel_prefix);
+    let slot = cluster.slot(&channel);
+    let node = Node::start(cfg.clone()).await;
+    let feeder = Node::start(shardcast::config::Config {
+        node_id: "feeder".into(),
+        ..cfg
+    })
+    .await;
+    let mut c = Client::connect(&node.ws("?user=viewer")).await;
+    c.join("lobby").await;
+    let (got, reader) = viewer(c);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let started = Instant::now();
+    let (feed, sent) = paced_sender(feeder.ws("?user=p0"), "lobby", 0, EVERY, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.migrate_slot(slot).await;
+    // Each move ends 400 ms after it starts: the second ends 1.5 s after the first.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let between = sent.load(std::sync::atomic::Ordering::SeqCst);
+    let to = cluster.migrate_slot(slot).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.cancel();
+    let paced = feed.await.unwrap();
+    let rate = paced.acked.len() as f64 / started.elapsed().as_secs_f64();
+    eventually("the channel subscribed on its new master", || async {
+        cluster.redis_cli(to, &["pubsub", "shardchannels", &channel]).trim() == channel
+    })
+    .await;
+    // What is still on its way arrives.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = got.lock().unwrap().remove("lobby").unwrap_or_default();
+    let (repeated, reordered) = repeats_and_reorders(&got);
+    let have: std::collections::HashSet<u64> = got.iter().map(|(_, i)| *i).collect();
+    let (first, second): (Vec<u64>, Vec<u64>) = paced
+        .acked
+        .iter()
+        .copied()
+        .filter(|i| !have.contains(i))
+        .partition(|i| *i < between);
+    eprintln!(
+        "slot moves: {} acknowledged at {rate:.0} msg/s, {} refused; lost {} at the first move, {} at the \
+         second ({first:?} {second:?}); {repeated} repeated, {reordered} reordered",
+        paced.acked.len(),
+        paced.refused.len(),
+        first.len(),
+        second.len(),
+    );
+    assert!(rate > 150.0, "the feed published at {rate:.0} msg/s only");
+    assert_eq!((repeated, reordered), (0, 0));
+    assert!(
+        first.len() <= 10 && second.len() <= 10,
+        "acknowledged messages lost across a move: {} and {}",
+        first.len(),
+        second.len()
+    );
+    reader.abort();
+    node.stop().await;
+    feeder.stop().await;
+}

@@ -14,6 +14,7 @@
 //! connection plain publishes are on.
 
 use std::{
+    collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -26,12 +27,13 @@ use fred::{
     clients::Client,
     interfaces::{ClientLike, EventInterface, PubsubInterface},
     prelude::{Builder, Config, ReconnectPolicy, Server, ServerConfig, Value},
-    types::RespVersion,
+    types::{CustomCommand, RespVersion},
 };
+use futures_util::future::join_all;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use super::{bounded, confirm::Confirm, lock, unavailable, Inner};
+use super::{bounded, bytes_of, confirm::Confirm, lock, unavailable, Inner};
 use crate::{bus::BusError, metrics as m};
 
 /// A link whose subscriber heard nothing for this long is probed.
@@ -261,4 +263,88 @@ pub(super) async fn probe(bus: &Arc<Inner>) {
             link.alive.store(false, Ordering::Relaxed);
         }
     }
+}
+
+/// How often each link's subscriber is asked how many channels it is subscribed to.
+const WATCH_EVERY: Duration = Duration::from_millis(20);
+/// The longest the watch waits before waking the reconciler again for a link still short of
+/// subscriptions (it waits the watch's period, then twice as long each time, up to this).
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How long the watch waits for a subscriber's count: a master that takes longer is skipped this
+/// round (a frozen one is the probe's to find), and the others are not held up.
+const WATCH_ANSWER_WITHIN: Duration = Duration::from_millis(250);
+
+/// Notices that a master dropped subscriptions the node holds on it (Redis drops a slot's
+/// subscriptions when the slot moves away, and fred drops the push that says so), within
+/// [`WATCH_EVERY`] and a round trip: every link holding tracked channels is asked `CLIENT INFO`
+/// on its subscriber, and one whose `ssub` is below what the node subscribed there sends the
+/// reconciler to its master at once. Cheap: a command per master every 20 ms, and none for a
+/// master the node holds nothing on.
+pub(super) async fn watch(bus: Arc<Inner>) {
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Per master still short: when the reconciler may be woken for it again, and the wait after.
+    let mut short: HashMap<Server, (tokio::time::Instant, Duration)> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = bus.cancel.cancelled() => return,
+        }
+        let links: Vec<Arc<Link>> = lock(&bus.links).values().cloned().collect();
+        let checks = links.into_iter().map(|link| {
+            let bus = bus.clone();
+            async move {
+                let lost = lost(&bus, &link).await;
+                (link.server.clone(), lost)
+            }
+        });
+        let now = tokio::time::Instant::now();
+        for (server, lost) in join_all(checks).await {
+            let Some(lost) = lost.filter(|n| *n > 0) else {
+                short.remove(&server);
+                continue;
+            };
+            let (next, wait) = short.entry(server.clone()).or_insert((now, WATCH_EVERY));
+            if now < *next {
+                continue;
+            }
+            if *wait == WATCH_EVERY {
+                tracing::info!(%server, lost, "a master dropped subscriptions; resubscribing");
+            }
+            *next = now + *wait;
+            *wait = (*wait * 2).min(WATCH_BACKOFF_MAX);
+            *lock(&bus.suspect) = Some(server);
+            bus.wake.notify_one();
+        }
+    }
+}
+
+/// How many of the channels the node subscribed on `link` Redis no longer has there; `None` when
+/// it holds none there or the link cannot say now.
+async fn lost(bus: &Inner, link: &Link) -> Option<u64> {
+    if !link.subscriber.is_connected() {
+        return None;
+    }
+    // Unsubscriptions under way when Redis counts would look like losses: allow for them.
+    let unsubscribed = bus.unsubscribed.load(Ordering::SeqCst);
+    let held = u64::from(lock(&bus.tracked).count_on(&link.server));
+    if held == 0 {
+        return None;
+    }
+    let probe = u64::from(lock(&link.probe).is_some());
+    let info = bounded(
+        WATCH_ANSWER_WITHIN,
+        link.subscriber
+            .custom::<Value, _>(CustomCommand::new_static("CLIENT", None::<u16>, false), vec!["INFO"]),
+    )
+    .await
+    .ok()?;
+    let during = bus.unsubscribed.load(Ordering::SeqCst) - unsubscribed;
+    let subscribed: u64 = std::str::from_utf8(&bytes_of(info)?)
+        .ok()?
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("ssub="))?
+        .parse()
+        .ok()?;
+    Some((held + probe).saturating_sub(subscribed + during))
 }

@@ -15,9 +15,16 @@
 //! fred does not keep sharded subscriptions alive by itself: Redis drops them on a slot move (with a
 //! `sunsubscribe` push fred discards) and they die with a failed master. So the bus tracks every
 //! channel by hash slot and by the master it was subscribed on; a reconciler re-reads the topology
-//! every second (and at once after any reconnect or MOVED) and subscribes again wherever a slot's
-//! master changed or its connection was rebuilt. Every subscription change goes through one async
-//! lock, so a resubscription never races an unsubscription of the same channel.
+//! every second (and at once after any reconnect or MOVED, or when a link lost subscriptions) and
+//! subscribes again wherever a slot's master changed or its connection was rebuilt. Every
+//! subscription change goes through one async lock, so a resubscription never races an
+//! unsubscription of the same channel.
+//!
+//! A node that only subscribes never meets a MOVED, and the push that tells of a move is lost: so
+//! every 20 ms the bus asks each link's subscriber how many channels Redis still has it subscribed
+//! to, and a master that has fewer than the node holds there sends the reconciler to it at once
+//! (`links::watch`). A plain room's messages published meanwhile are lost: a slot move costs it
+//! about the watch's period and two round trips, not a second.
 //!
 //! # Liveness
 //! A connection can look healthy and deliver nothing. Each link publishes a probe on a channel of
@@ -92,6 +99,11 @@ struct Inner {
     /// Serializes subscribe, unsubscribe and resubscribe.
     ops: tokio::sync::Mutex<()>,
     tracked: Mutex<Tracked>,
+    /// Channels unsubscribed so far (`links::watch` allows for those in flight).
+    unsubscribed: AtomicU64,
+    /// A master that dropped subscriptions the node holds on it: the reconciler reads the slot
+    /// map from it first, since it knows where its slots went.
+    suspect: Mutex<Option<Server>>,
     wake: Notify,
     tracker: TaskTracker,
     cancel: CancellationToken,
@@ -177,6 +189,8 @@ impl RedisBus {
             routes: RwLock::new(Routes::unknown()),
             ops: tokio::sync::Mutex::new(()),
             tracked: Mutex::new(Tracked::default()),
+            unsubscribed: AtomicU64::new(0),
+            suspect: Mutex::new(None),
             wake: Notify::new(),
             tracker: tracker.clone(),
             cancel,
@@ -188,6 +202,7 @@ impl RedisBus {
             tracing::warn!(?urls, "Redis Cluster not reachable yet; retrying in the background");
         }
         tracker.spawn(routes::reconcile(inner.clone()));
+        tracker.spawn(links::watch(inner.clone()));
         let bus = RedisBus { inner };
         m::bus_up(bus.is_ready());
         Ok(bus)
@@ -338,6 +353,9 @@ impl RedisBus {
             }
             m::subscriptions(t.len());
         }
+        // Counted before they go, so that the watch never takes them for subscriptions lost.
+        let n: usize = work.iter().map(|(_, group)| group.len()).sum();
+        self.inner.unsubscribed.fetch_add(n as u64, Ordering::SeqCst);
         // Untracked first: if the owner is unreachable its subscriptions die with the connection.
         let links: Vec<_> = work
             .into_iter()
