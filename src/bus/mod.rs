@@ -140,19 +140,19 @@ fn millis(d: Duration) -> i64 {
 /// Publishes messages one at a time with `one`, each once the one before succeeded; from the first
 /// that fails on, every one fails with its error and is not sent, so a later message never goes
 /// out while an earlier one of the same channel was lost.
-async fn in_turn<Fut>(
-    items: impl IntoIterator<Item = (Bytes, Option<Keep>)>,
-    mut one: impl FnMut(Bytes, Option<Keep>) -> Fut,
+async fn in_turn<T, Fut>(
+    items: impl IntoIterator<Item = T>,
+    mut one: impl FnMut(T) -> Fut,
 ) -> Vec<Result<Option<Pos>, BusError>>
 where
     Fut: std::future::Future<Output = Result<Option<Pos>, BusError>>,
 {
     let mut out = Vec::new();
     let mut failed: Option<BusError> = None;
-    for (payload, keep) in items {
+    for item in items {
         let r = match &failed {
             Some(e) => Err(e.clone()),
-            None => one(payload, keep).await,
+            None => one(item).await,
         };
         if let Err(e) = &r {
             failed.get_or_insert_with(|| e.clone());
@@ -193,7 +193,7 @@ impl Bus {
         let results = match self {
             Bus::Redis(b) => b.publish_in_order(channel, items).await,
             Bus::Memory(b) => {
-                in_turn(items, |payload, keep| {
+                in_turn(items, |(payload, keep)| {
                     std::future::ready(b.send(channel, payload, keep))
                 })
                 .await

@@ -3,7 +3,8 @@
 //!
 //! Every history channel has a stream of its messages and a small hash beside it, both in the
 //! channel's own hash slot (`{<channel>}:hist` and `{<channel>}:meta`: Redis hashes only what is
-//! inside the braces, so they live on the channel's master). The hash holds the stream's **epoch**
+//! inside the braces, so they live on the channel's master), and there too the ids of its recent
+//! appends (`{<channel>}:ids:<window>`), which make an append sent again happen once. The hash holds the stream's **epoch**
 //! (made when the hash is, from the master's clock) and `n`, the number of the last message. A
 //! message's position is `<epoch>:<n>`: numbers follow each other without a hole, so a reader
 //! that finds `n + 1` after `n` knows it missed nothing, and one that finds another epoch knows the
@@ -141,6 +142,12 @@ pub fn meta_key(channel: &str) -> String {
     format!("{{{channel}}}:meta")
 }
 
+/// The ids of the appends made in one window of time, with their positions, so that an append
+/// sent again is not appended twice (see `bus::redis::scripts`): in the channel's slot too.
+pub fn ids_key(channel: &str, window: u64) -> String {
+    format!("{{{channel}}}:ids:{window}")
+}
+
 /// An envelope as published (a MessagePack array of 8) with its position added as a ninth field,
 /// spliced in without re-encoding: what the Redis script does with `cmsgpack`, for the embedded
 /// bus. `None` when the envelope is not an array of 8.
@@ -236,7 +243,7 @@ mod tests {
     #[test]
     fn keys_hash_to_the_channels_slot() {
         let ch = "ws:room:lobby:shard3";
-        for key in [stream_key(ch), meta_key(ch)] {
+        for key in [stream_key(ch), meta_key(ch), ids_key(ch, 123_456)] {
             assert_eq!(
                 fred::util::redis_keyslot(key.as_bytes()),
                 fred::util::redis_keyslot(ch.as_bytes())

@@ -606,3 +606,67 @@ pub fn hs256(claims: Value) -> String {
     )
     .unwrap()
 }
+
+impl Cluster {
+    /// The port of the master of every slot, from one `CLUSTER SLOTS`.
+    pub fn slot_map(&self) -> Vec<u16> {
+        let slots = self.redis_cli(self.ports[0], &["cluster", "slots"]);
+        let lines: Vec<&str> = slots.lines().collect();
+        let mut map = vec![0; 16384];
+        let mut i = 0;
+        while i + 3 < lines.len() {
+            if let (Ok(start), Ok(end), Ok(port)) = (
+                lines[i].parse::<usize>(),
+                lines[i + 1].parse::<usize>(),
+                lines[i + 3].parse::<u16>(),
+            ) {
+                if start <= end && end < map.len() && lines[i + 2].contains('.') {
+                    map[start..=end].fill(port);
+                    i += 4;
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        assert!(map.iter().all(|p| *p != 0), "a slot without a master: {slots}");
+        map
+    }
+}
+
+impl Cluster {
+    /// Moves `slot` to another master, as `redis-cli --cluster reshard` does, while traffic goes
+    /// on: marks it importing and migrating, lets a moment pass in that state, migrates every key
+    /// in it, lets another moment pass, then gives it to the new master on every node. Returns
+    /// the new master's port.
+    pub async fn migrate_slot(&self, slot: u16) -> u16 {
+        let from = self.owner_of(slot);
+        let to = self
+            .slot_map()
+            .into_iter()
+            .find(|p| *p != from)
+            .expect("another master");
+        let id = |port: u16| self.redis_cli(port, &["cluster", "myid"]).trim().to_string();
+        let (from_id, to_id, s) = (id(from), id(to), slot.to_string());
+        self.redis_cli(to, &["cluster", "setslot", &s, "importing", &from_id]);
+        self.redis_cli(from, &["cluster", "setslot", &s, "migrating", &to_id]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let keys: Vec<String> = self
+            .redis_cli(from, &["cluster", "getkeysinslot", &s, "1000"])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if !keys.is_empty() {
+            let port = to.to_string();
+            let mut args = vec!["migrate", "127.0.0.1", &port, "", "0", "5000", "keys"];
+            args.extend(keys.iter().map(String::as_str));
+            let moved = self.redis_cli(from, &args);
+            assert_eq!(moved.trim(), "OK", "MIGRATE: {moved}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for p in &self.ports {
+            self.redis_cli(*p, &["cluster", "setslot", &s, "node", &to_id]);
+        }
+        to
+    }
+}

@@ -1,9 +1,21 @@
-//! The connections to one master: a publisher and a subscriber (and, with `--publish-replicas`, a
-//! connection for `WAIT`), the task that reads the subscriber's messages into the sink, the task
-//! that reacts to its reconnects and redirects, the task that tells the bus when a connection is
-//! up, and the probe that tells a live link from one that only looks connected.
+//! The connections to one master: a publisher, a connection for scripts, a subscriber (and, with
+//! `--publish-replicas`, a connection for `WAIT`), the task that reads the subscriber's messages
+//! into the sink, the task that reacts to its reconnects and redirects, the task that tells the bus
+//! when a connection is up, and the probe that tells a live link from one that only looks
+//! connected.
+//!
+//! # At most once per command
+//! fred writes a command again when its connection broke before the answer came, and it breaks a
+//! connection itself whenever any answer on it is `CLUSTERDOWN` (which a healthy master gives to
+//! every command with keys while another master's slots have none, during a failover). A plain
+//! `SPUBLISH` Redis already ran would go out twice, after later ones. So every connection writes a
+//! command once: whether to send it again is the bus's decision, made only where that is safe
+//! (see [`super::RedisBus::publish_in_order`]). And the commands with keys (history's and
+//! presence's scripts) have a connection of their own, so their `CLUSTERDOWN` never breaks the
+//! connection plain publishes are on.
 
 use std::{
+    collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -16,12 +28,13 @@ use fred::{
     clients::Client,
     interfaces::{ClientLike, EventInterface, PubsubInterface},
     prelude::{Builder, Config, ReconnectPolicy, Server, ServerConfig, Value},
-    types::RespVersion,
+    types::{CustomCommand, RespVersion},
 };
+use futures_util::future::join_all;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use super::{bounded, confirm::Confirm, lock, unavailable, Inner, Via};
+use super::{bounded, bytes_of, confirm::Confirm, lock, unavailable, Inner, Via};
 use crate::{bus::BusError, metrics as m};
 
 /// A link whose subscriber heard nothing for this long is probed.
@@ -38,7 +51,11 @@ const UP_POLL: Duration = Duration::from_millis(5);
 /// The connections to one master.
 pub(super) struct Link {
     pub(super) server: Server,
+    /// `SPUBLISH`, the probe, `CLUSTER SLOTS`: commands without keys.
     pub(super) publisher: Client,
+    /// Scripts (`EVALSHA`, `SCRIPT LOAD`): commands with keys, which fail with `CLUSTERDOWN` while
+    /// some slot has no master.
+    pub(super) scripts: Client,
     pub(super) subscriber: Client,
     /// The probe channel (a slot of this master).
     pub(super) probe: Mutex<Option<String>>,
@@ -58,6 +75,7 @@ impl Link {
     /// reader and watcher.
     pub(super) fn start(bus: &Arc<Inner>, server: Server) -> Result<Arc<Link>, BusError> {
         let publisher = build(&server, false, bus.timeout, true)?;
+        let scripts = build(&server, false, bus.timeout, true)?;
         let subscriber = build(&server, true, bus.timeout, true)?;
         let stop = bus.cancel.child_token();
         let confirm = if bus.replicas > 0 {
@@ -72,6 +90,7 @@ impl Link {
         let link = Arc::new(Link {
             server,
             publisher,
+            scripts,
             subscriber,
             probe: Mutex::new(None),
             probing: AtomicBool::new(false),
@@ -85,12 +104,18 @@ impl Link {
         let messages = link.subscriber.message_rx();
         let reconnects = link.subscriber.reconnect_rx();
         let moves = link.publisher.error_rx();
-        let up = (link.publisher.reconnect_rx(), link.subscriber.reconnect_rx());
+        let up = (
+            link.publisher.reconnect_rx(),
+            link.scripts.reconnect_rx(),
+            link.subscriber.reconnect_rx(),
+        );
+        let script_errors = link.scripts.error_rx();
         link.publisher.connect();
+        link.scripts.connect();
         link.subscriber.connect();
         bus.tracker.spawn(read_messages(bus.clone(), link.clone(), messages));
         bus.tracker
-            .spawn(watch_link(bus.clone(), link.clone(), reconnects, moves));
+            .spawn(watch_link(bus.clone(), link.clone(), reconnects, moves, script_errors));
         bus.tracker.spawn(announce_up(bus.clone(), link.clone(), up));
         Ok(link)
     }
@@ -100,6 +125,7 @@ impl Link {
         self.stop.cancel();
         let _ = tokio::time::timeout(timeout, self.subscriber.quit()).await;
         let _ = tokio::time::timeout(timeout, self.publisher.quit()).await;
+        let _ = tokio::time::timeout(timeout, self.scripts.quit()).await;
         if let Some((client, _)) = &self.confirm {
             let _ = tokio::time::timeout(timeout, client.quit()).await;
         }
@@ -127,7 +153,8 @@ pub(super) fn build(server: &Server, subscriber: bool, timeout: Duration, retry:
         .with_connection_config(|c| {
             c.connection_timeout = timeout;
             c.internal_command_timeout = timeout;
-            c.max_command_attempts = 2;
+            // Written once, never again by fred (see the module's docs).
+            c.max_command_attempts = 1;
         });
     if retry {
         // Capped, jittered exponential backoff, forever.
@@ -176,13 +203,18 @@ async fn read_messages(
     }
 }
 
+/// A connection's errors, as fred broadcasts them.
+type Errors = tokio::sync::broadcast::Receiver<(fred::error::Error, Option<Server>)>;
+
 /// Marks a link's slots for resubscription when its subscriber reconnects, and wakes the
-/// reconciler when its publisher is redirected (the topology changed).
+/// reconciler when its publisher or scripts connection meets an error (the topology may have
+/// changed).
 async fn watch_link(
     bus: Arc<Inner>,
     link: Arc<Link>,
     mut reconnects: tokio::sync::broadcast::Receiver<Server>,
-    mut errors: tokio::sync::broadcast::Receiver<(fred::error::Error, Option<Server>)>,
+    mut errors: Errors,
+    mut script_errors: Errors,
 ) {
     loop {
         tokio::select! {
@@ -201,6 +233,10 @@ async fn watch_link(
                 Ok(_) | Err(RecvError::Lagged(_)) => bus.wake.notify_one(),
                 Err(RecvError::Closed) => return,
             },
+            e = script_errors.recv() => match e {
+                Ok(_) | Err(RecvError::Lagged(_)) => bus.wake.notify_one(),
+                Err(RecvError::Closed) => return,
+            },
             _ = link.stop.cancelled() => return,
         }
     }
@@ -213,7 +249,8 @@ async fn watch_link(
 async fn announce_up(
     bus: Arc<Inner>,
     link: Arc<Link>,
-    (mut publisher, mut subscriber): (
+    (mut publisher, mut scripts, mut subscriber): (
+        tokio::sync::broadcast::Receiver<Server>,
         tokio::sync::broadcast::Receiver<Server>,
         tokio::sync::broadcast::Receiver<Server>,
     ),
@@ -222,6 +259,10 @@ async fn announce_up(
         let via = tokio::select! {
             r = publisher.recv() => match r {
                 Ok(_) | Err(RecvError::Lagged(_)) => Via::Publisher,
+                Err(RecvError::Closed) => return,
+            },
+            r = scripts.recv() => match r {
+                Ok(_) | Err(RecvError::Lagged(_)) => Via::Scripts,
                 Err(RecvError::Closed) => return,
             },
             r = subscriber.recv() => match r {
@@ -273,4 +314,88 @@ pub(super) async fn probe(bus: &Arc<Inner>) {
             link.alive.store(false, Ordering::Relaxed);
         }
     }
+}
+
+/// How often each link's subscriber is asked how many channels it is subscribed to.
+const WATCH_EVERY: Duration = Duration::from_millis(20);
+/// The longest the watch waits before waking the reconciler again for a link still short of
+/// subscriptions (it waits the watch's period, then twice as long each time, up to this).
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How long the watch waits for a subscriber's count: a master that takes longer is skipped this
+/// round (a frozen one is the probe's to find), and the others are not held up.
+const WATCH_ANSWER_WITHIN: Duration = Duration::from_millis(250);
+
+/// Notices that a master dropped subscriptions the node holds on it (Redis drops a slot's
+/// subscriptions when the slot moves away, and fred drops the push that says so), within
+/// [`WATCH_EVERY`] and a round trip: every link holding tracked channels is asked `CLIENT INFO`
+/// on its subscriber, and one whose `ssub` is below what the node subscribed there sends the
+/// reconciler to its master at once. Cheap: a command per master every 20 ms, and none for a
+/// master the node holds nothing on.
+pub(super) async fn watch(bus: Arc<Inner>) {
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Per master still short: when the reconciler may be woken for it again, and the wait after.
+    let mut short: HashMap<Server, (tokio::time::Instant, Duration)> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = bus.cancel.cancelled() => return,
+        }
+        let links: Vec<Arc<Link>> = lock(&bus.links).values().cloned().collect();
+        let checks = links.into_iter().map(|link| {
+            let bus = bus.clone();
+            async move {
+                let lost = lost(&bus, &link).await;
+                (link.server.clone(), lost)
+            }
+        });
+        let now = tokio::time::Instant::now();
+        for (server, lost) in join_all(checks).await {
+            let Some(lost) = lost.filter(|n| *n > 0) else {
+                short.remove(&server);
+                continue;
+            };
+            let (next, wait) = short.entry(server.clone()).or_insert((now, WATCH_EVERY));
+            if now < *next {
+                continue;
+            }
+            if *wait == WATCH_EVERY {
+                tracing::info!(%server, lost, "a master dropped subscriptions; resubscribing");
+            }
+            *next = now + *wait;
+            *wait = (*wait * 2).min(WATCH_BACKOFF_MAX);
+            *lock(&bus.suspect) = Some(server);
+            bus.wake.notify_one();
+        }
+    }
+}
+
+/// How many of the channels the node subscribed on `link` Redis no longer has there; `None` when
+/// it holds none there or the link cannot say now.
+async fn lost(bus: &Inner, link: &Link) -> Option<u64> {
+    if !link.subscriber.is_connected() {
+        return None;
+    }
+    // Unsubscriptions under way when Redis counts would look like losses: allow for them.
+    let unsubscribed = bus.unsubscribed.load(Ordering::SeqCst);
+    let held = u64::from(lock(&bus.tracked).count_on(&link.server));
+    if held == 0 {
+        return None;
+    }
+    let probe = u64::from(lock(&link.probe).is_some());
+    let info = bounded(
+        WATCH_ANSWER_WITHIN,
+        link.subscriber
+            .custom::<Value, _>(CustomCommand::new_static("CLIENT", None::<u16>, false), vec!["INFO"]),
+    )
+    .await
+    .ok()?;
+    let during = bus.unsubscribed.load(Ordering::SeqCst) - unsubscribed;
+    let subscribed: u64 = std::str::from_utf8(&bytes_of(info)?)
+        .ok()?
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("ssub="))?
+        .parse()
+        .ok()?;
+    Some((held + probe).saturating_sub(subscribed + during))
 }

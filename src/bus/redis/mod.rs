@@ -1,10 +1,10 @@
 //! The Redis Cluster bus: sharded pub/sub only (SPUBLISH, SSUBSCRIBE, SUNSUBSCRIBE).
 //!
 //! # One link per master
-//! The node keeps one `Link` per cluster master: a publishing and a subscribing connection (two
-//! fred clients in centralized mode), so its Redis connections are bounded by the number of masters,
-//! whatever the number of rooms or shards. The bus routes each channel to its slot's master itself,
-//! from `CLUSTER SLOTS` read through any live link.
+//! The node keeps one `Link` per cluster master: a publishing, a scripting and a subscribing
+//! connection (fred clients in centralized mode), so its Redis connections are bounded by the
+//! number of masters, whatever the number of rooms or shards. The bus routes each channel to its
+//! slot's master itself, from `CLUSTER SLOTS` read through any live link.
 //!
 //! Why not one cluster-mode client: fred runs one router task per client, and while it reconnects
 //! to a dead master every command and message of that client waits, so a master's death stalled
@@ -15,9 +15,16 @@
 //! fred does not keep sharded subscriptions alive by itself: Redis drops them on a slot move (with a
 //! `sunsubscribe` push fred discards) and they die with a failed master. So the bus tracks every
 //! channel by hash slot and by the master it was subscribed on; a reconciler re-reads the topology
-//! every second (and at once after any reconnect or MOVED) and subscribes again wherever a slot's
-//! master changed or its connection was rebuilt. Every subscription change goes through one async
-//! lock, so a resubscription never races an unsubscription of the same channel.
+//! every second (and at once after any reconnect or MOVED, or when a link lost subscriptions) and
+//! subscribes again wherever a slot's master changed or its connection was rebuilt. Every
+//! subscription change goes through one async lock, so a resubscription never races an
+//! unsubscription of the same channel.
+//!
+//! A node that only subscribes never meets a MOVED, and the push that tells of a move is lost: so
+//! every 20 ms the bus asks each link's subscriber how many channels Redis still has it subscribed
+//! to, and a master that has fewer than the node holds there sends the reconciler to it at once
+//! (`links::watch`). A plain room's messages published meanwhile are lost: a slot move costs it
+//! about the watch's period and two round trips, not a second.
 //!
 //! # Links coming up
 //! A node serves as soon as it has read the slot map, while its links are still connecting. A
@@ -48,7 +55,7 @@ mod tracked;
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, RwLock,
     },
     time::{Duration, Instant},
@@ -73,6 +80,7 @@ use crate::{
 use links::Link;
 use routes::Routes;
 pub(super) use scripts::{bytes_of, Script};
+use scripts::{Item, Resend};
 use tracked::Tracked;
 
 pub struct RedisBus {
@@ -87,12 +95,22 @@ struct Inner {
     sink: Arc<dyn Sink>,
     /// Probe channels start with this; unique per node so nodes never answer each other's probes.
     probe_prefix: String,
+    /// What this bus's append ids start with: the node id and a random tag, since a node id can
+    /// come back after a restart and count from 0 again.
+    append_prefix: String,
+    /// Appends given an id so far.
+    appends: AtomicU64,
     started: Instant,
     links: Mutex<HashMap<Server, Arc<Link>>>,
     routes: RwLock<Routes>,
     /// Serializes subscribe, unsubscribe and resubscribe.
     ops: tokio::sync::Mutex<()>,
     tracked: Mutex<Tracked>,
+    /// Channels unsubscribed so far (`links::watch` allows for those in flight).
+    unsubscribed: AtomicU64,
+    /// A master that dropped subscriptions the node holds on it: the reconciler reads the slot
+    /// map from it first, since it knows where its slots went.
+    suspect: Mutex<Option<Server>>,
     wake: Notify,
     /// Sent whenever a link may have come up: one of its connections was (re)made, or the slot map
     /// was read again. A command whose master's link is not connected waits on it (see
@@ -109,6 +127,7 @@ struct Inner {
 #[derive(Debug, Clone, Copy)]
 enum Via {
     Publisher,
+    Scripts,
     Subscriber,
 }
 
@@ -116,10 +135,15 @@ impl Via {
     fn of(self, link: &Link) -> &Client {
         match self {
             Via::Publisher => &link.publisher,
+            Via::Scripts => &link.scripts,
             Via::Subscriber => &link.subscriber,
         }
     }
 }
+
+/// The pause between two attempts of an append sent again, and between two looks at whether its
+/// master is back.
+const RESEND_PAUSE: Duration = Duration::from_millis(25);
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(e.to_string())
@@ -173,17 +197,22 @@ impl RedisBus {
         for url in urls {
             seeds.extend(Config::from_url_centralized(url).map_err(unavailable)?.server.hosts());
         }
+        let tag = format!("{node_id}:{:08x}", rand::random::<u32>());
         let inner = Arc::new(Inner {
             seeds,
             timeout,
             replicas,
             sink,
-            probe_prefix: format!("shardcast:probe:{node_id}:{:08x}:", rand::random::<u32>()),
+            probe_prefix: format!("shardcast:probe:{tag}:"),
+            append_prefix: tag,
+            appends: AtomicU64::new(0),
             started: Instant::now(),
             links: Mutex::new(HashMap::new()),
             routes: RwLock::new(Routes::unknown()),
             ops: tokio::sync::Mutex::new(()),
             tracked: Mutex::new(Tracked::default()),
+            unsubscribed: AtomicU64::new(0),
+            suspect: Mutex::new(None),
             wake: Notify::new(),
             links_up: watch::Sender::new(()),
             linked_once: AtomicBool::new(false),
@@ -197,30 +226,43 @@ impl RedisBus {
             tracing::warn!(?urls, "Redis Cluster not reachable yet; retrying in the background");
         }
         tracker.spawn(routes::reconcile(inner.clone()));
+        tracker.spawn(links::watch(inner.clone()));
         let bus = RedisBus { inner };
         m::bus_up(bus.is_ready());
         Ok(bus)
     }
 
-    /// Publishes one message, appending to the channel's history first when it keeps one.
+    /// Publishes one message, appending to the channel's history first when it keeps one: a batch
+    /// of one (see [`RedisBus::publish_in_order`]).
     pub async fn send(&self, channel: String, payload: Bytes, keep: Option<Keep>) -> Result<Option<Pos>, BusError> {
-        match keep {
-            None => self.publish(channel, payload).await.map(|()| None),
-            Some(keep) => self.append(channel, payload, keep).await.map(Some),
-        }
+        let mut results = self.publish_in_order(&channel, vec![(payload, keep)]).await;
+        results.pop().expect("one answer per message")
     }
 
     /// Publishes several messages to one channel in order, in one round trip: one pipeline of
-    /// SPUBLISH (or the append script, for history) on the channel's master. Where an answer is an
-    /// error (the slot moved or is moving, the script is not loaded), that message and every one
-    /// after it are published again one at a time, each only once the one before it succeeded, and
-    /// all after the first that still fails fail too: within the batch, a later message never goes
-    /// out while an earlier one of the same channel was lost.
+    /// SPUBLISH (or the append script, for history) on the channel's master. Where Redis answered
+    /// a message without running it (the slot moved or is moving, the script is not loaded), that
+    /// message and every one after it are published again one at a time, each only once the one
+    /// before it succeeded, and all after the first that still fails fail too: within the batch, a
+    /// later message never goes out while an earlier one of the same channel was lost.
+    ///
+    /// Where a message may have run (its connection broke before the answer came), it is sent
+    /// again only if that is harmless. A plain publish is not: it and the rest of the batch fail
+    /// with `unavailable`, and the client decides. An append is: it carries an id its script
+    /// refuses to append twice, so it goes again with the rest, in turn, each as often as it fails
+    /// (a broken connection rebuilt, a failover's new master) within [`Resend::within`] of the
+    /// batch's start.
     pub async fn publish_in_order(
         &self,
         channel: &str,
         items: Vec<(Bytes, Option<Keep>)>,
     ) -> Vec<Result<Option<Pos>, BusError>> {
+        // Each append's id is made once, so every attempt of it carries the same.
+        let items: Vec<Item> = items
+            .into_iter()
+            .map(|(payload, keep)| self.inner.item(payload, keep))
+            .collect();
+        let resend = Resend::from_now(self.inner.timeout);
         let pipelined = match self.pipelined(channel, &items).await {
             Ok(results) => results,
             Err(e) => return items.iter().map(|_| Err(e.clone())).collect(),
@@ -228,18 +270,39 @@ impl RedisBus {
         let mut out = Vec::with_capacity(items.len());
         let mut items = items.into_iter();
         for result in pipelined {
-            let (payload, keep) = items.next().expect("one answer per message");
+            let item = items.next().expect("one answer per message");
             match result {
                 Some(answer) => out.push(answer),
                 None => {
                     // The first message the pipeline could not publish: this one and the rest, in turn.
-                    let rest = std::iter::once((payload, keep)).chain(items.by_ref());
-                    out.extend(in_turn(rest, |payload, keep| self.send(channel.to_string(), payload, keep)).await);
+                    let rest = std::iter::once(item).chain(items.by_ref());
+                    out.extend(in_turn(rest, |item| self.send_again(channel, item, resend)).await);
                     break;
                 }
             }
         }
         out
+    }
+
+    /// Sends a message of a batch (again, or the first time when the batch goes one at a time). A
+    /// plain publish goes once, following its slot once if it moved. An append goes under its id,
+    /// and again while it fails and there is time, each time once its slot's master has a scripts
+    /// connection up: the same id never appends twice.
+    async fn send_again(&self, channel: &str, item: Item, resend: Resend) -> Result<Option<Pos>, BusError> {
+        let (Some(keep), Some(id)) = (item.keep, item.id.as_deref()) else {
+            resend.check()?;
+            return self.publish(channel.to_string(), item.payload).await.map(|()| None);
+        };
+        loop {
+            self.inner.scripts_up(channel, resend).await?;
+            match self.append(channel, item.payload.clone(), keep, id).await {
+                Err(BusError::Unavailable(e)) if resend.check().is_ok() => {
+                    tracing::debug!(channel, error = %e, "append failed; sending it again under its id");
+                    tokio::time::sleep(RESEND_PAUSE).await;
+                }
+                result => return result.map(Some),
+            }
+        }
     }
 
     /// Reads the channel's history (see [`crate::bus::Bus::read`]).
@@ -315,6 +378,9 @@ impl RedisBus {
             }
             m::subscriptions(t.len());
         }
+        // Counted before they go, so that the watch never takes them for subscriptions lost.
+        let n: usize = work.iter().map(|(_, group)| group.len()).sum();
+        self.inner.unsubscribed.fetch_add(n as u64, Ordering::SeqCst);
         // Untracked first: if the owner is unreachable its subscriptions die with the connection.
         let links: Vec<_> = work
             .into_iter()
@@ -351,7 +417,8 @@ impl RedisBus {
         join_all(links.iter().map(|l| l.quit(self.inner.timeout))).await;
     }
 
-    /// Publishes without history: SPUBLISH on the channel's master, following it once if it moved.
+    /// Publishes without history: SPUBLISH on the channel's master, following it once if it moved
+    /// (Redis did not run it then). Any other failure is final: it may have gone out.
     async fn publish(&self, channel: String, payload: Bytes) -> Result<(), BusError> {
         let slot = redis_keyslot(channel.as_bytes());
         let deadline = tokio::time::Instant::now() + self.inner.timeout;
@@ -379,7 +446,32 @@ impl RedisBus {
     }
 }
 
+/// `link` if there is one and its `via` connection is connected: where a command can go now.
+fn connected(link: Option<Arc<Link>>, via: Via) -> Result<Arc<Link>, BusError> {
+    let link = link.ok_or_else(|| unavailable("no master known for the channel's slot"))?;
+    if !via.of(&link).is_connected() {
+        return Err(unavailable(format!("not connected to {}", link.server)));
+    }
+    Ok(link)
+}
+
 impl Inner {
+    /// Waits until the master of `channel`'s slot has its scripts connection up, for as long as
+    /// `resend` allows; the reason it is not, after that.
+    async fn scripts_up(&self, channel: &str, resend: Resend) -> Result<(), BusError> {
+        let slot = redis_keyslot(channel.as_bytes());
+        loop {
+            let down = match connected(self.link_for(slot), Via::Scripts) {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            if resend.check().is_err() {
+                return Err(down);
+            }
+            tokio::time::sleep(RESEND_PAUSE).await;
+        }
+    }
+
     fn link_for(&self, slot: u16) -> Option<Arc<Link>> {
         let server = read(&self.routes).by_slot[slot as usize].clone()?;
         lock(&self.links).get(&server).cloned()
@@ -432,7 +524,8 @@ impl Inner {
         if self.linked_once.load(Ordering::Relaxed) {
             return true;
         }
-        let linked = self.every_master(|l| l.publisher.is_connected() && l.subscriber.is_connected());
+        let linked = self
+            .every_master(|l| l.publisher.is_connected() && l.scripts.is_connected() && l.subscriber.is_connected());
         if linked && !self.linked_once.swap(true, Ordering::Relaxed) {
             tracing::info!("linked to every Redis master");
         }
@@ -451,12 +544,27 @@ impl Inner {
 
     fn is_ready(&self) -> bool {
         let linked = self.every_master(|l| {
-            l.publisher.is_connected() && l.subscriber.is_connected() && l.alive.load(Ordering::Relaxed)
+            l.publisher.is_connected()
+                && l.scripts.is_connected()
+                && l.subscriber.is_connected()
+                && l.alive.load(Ordering::Relaxed)
         });
         linked && lock(&self.tracked).settled()
     }
 
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// A message to publish; an append gets its id (this bus's prefix and a count).
+    fn item(&self, payload: Bytes, keep: Option<Keep>) -> Item {
+        let id = keep.map(|_| {
+            format!(
+                "{}:{}",
+                self.append_prefix,
+                self.appends.fetch_add(1, Ordering::Relaxed)
+            )
+        });
+        Item { payload, keep, id }
     }
 }

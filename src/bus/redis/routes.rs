@@ -83,7 +83,12 @@ impl Inner {
     /// Reads the slot map, links every master in it and lets go of the others, and gives each
     /// link a probe channel on its own master. True when the topology was read.
     pub(super) async fn refresh(self: &Arc<Self>) -> bool {
-        let Some(routes) = self.read_routes().await else {
+        self.refresh_via(None).await
+    }
+
+    /// [`Inner::refresh`], reading the slot map through `first`'s link first when it has one.
+    async fn refresh_via(self: &Arc<Self>, first: Option<Server>) -> bool {
+        let Some(routes) = self.read_routes(first).await else {
             return false;
         };
         self.relink(&routes.masters);
@@ -97,9 +102,11 @@ impl Inner {
         true
     }
 
-    /// `CLUSTER SLOTS` through any answering link, else through a seed.
-    async fn read_routes(&self) -> Option<Routes> {
-        let candidates: Vec<Arc<Link>> = lock(&self.links).values().cloned().collect();
+    /// `CLUSTER SLOTS` through any answering link (`first`'s before the others), else through a
+    /// seed.
+    async fn read_routes(&self, first: Option<Server>) -> Option<Routes> {
+        let mut candidates: Vec<Arc<Link>> = lock(&self.links).values().cloned().collect();
+        candidates.sort_by_key(|l| Some(&l.server) != first.as_ref());
         for link in candidates.iter().filter(|l| l.publisher.is_connected()) {
             let read = tokio::time::timeout(self.timeout, link.publisher.cluster_slots::<Value>()).await;
             if let Some(routes) = read.ok().and_then(Result::ok).and_then(parse_slots) {
@@ -197,7 +204,8 @@ pub(super) async fn reconcile(bus: Arc<Inner>) {
             _ = bus.wake.notified() => {}
             _ = bus.cancel.cancelled() => return,
         }
-        bus.refresh().await;
+        let suspect = lock(&bus.suspect).take();
+        bus.refresh_via(suspect).await;
         resubscribe_moved(&bus).await;
         links::probe(&bus).await;
         let ready = bus.is_ready();

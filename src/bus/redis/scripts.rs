@@ -7,9 +7,23 @@
 //!
 //! A script is called by its SHA and loaded where a master answers `NOSCRIPT`; a call follows the
 //! cluster where the slot moved (`MOVED`), is moving (`ASK`, then `ASKING`) or is split for a
-//! moment (`TRYAGAIN`).
+//! moment (`TRYAGAIN`). Scripts go on the link's scripts connection (see [`super::links`]).
+//!
+//! # Appending once
+//! An append whose answer was lost (its connection broke) may have run, or not. It is safe to
+//! send again because each carries an id, made once per message by the bus (not part of the
+//! envelope: older nodes decode what this one publishes), and the script keeps the ids it
+//! appended, with their positions, for a window ([`id_window`]): an id it already has is answered
+//! with its position, neither appended nor published again. The ids live in two hashes beside the
+//! stream, in the channel's slot, one per window of the node's clock (`{<channel>}:ids:<window>`,
+//! [`ids_key`]), each expiring two windows after its last write; a call looks in the window of now
+//! and the one before. The node's own clock is enough: only the node that made an id sends it
+//! again.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use bytes::Bytes;
 use fred::{
@@ -23,17 +37,24 @@ use fred::{
 use super::{bounded, links::Link, lock, unavailable, Inner, RedisBus, Via};
 use crate::{
     bus::{millis, BusError},
-    history::pos::{meta_key, parse_entry_id, stream_key, Entry, Keep, Pos, Slice},
+    history::pos::{ids_key, meta_key, parse_entry_id, stream_key, Entry, Keep, Pos, Slice},
 };
 
 /// Appends a message to its channel's stream and publishes it with its position, in one step on
 /// the channel's master: nothing is in history without being published, nor published without a
-/// position. KEYS: stream, meta, channel. ARGV: envelope, size, ttl in milliseconds. The position
-/// is spliced into the envelope as a ninth field (`cmsgpack` packs it as a str), never re-packed.
+/// position. KEYS: stream, meta, channel, the ids of this window and of the one before. ARGV:
+/// envelope, size, ttl in milliseconds, the append's id, how long the ids are kept in
+/// milliseconds. The position is spliced into the envelope as a ninth field (`cmsgpack` packs it
+/// as a str), never re-packed. An id appended already gets its position back, and nothing else
+/// happens.
 const APPEND: &str = r#"
 local env = ARGV[1]
 if string.byte(env, 1) ~= 0x98 then
   return redis.error_reply('ERR the envelope must be a MessagePack array of 8')
+end
+local seen = redis.call('HGET', KEYS[4], ARGV[4]) or redis.call('HGET', KEYS[5], ARGV[4])
+if seen then
+  return seen
 end
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
@@ -47,6 +68,8 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 local pos = epoch .. ':' .. n .. ':' .. id
 redis.call('SPUBLISH', KEYS[3], string.char(0x99) .. string.sub(env, 2) .. cmsgpack.pack(pos))
+redis.call('HSET', KEYS[4], ARGV[4], pos)
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
 return pos
 "#;
 
@@ -87,11 +110,58 @@ impl Script {
 static APPEND_SCRIPT: Script = Script::new(APPEND);
 static READ_SCRIPT: Script = Script::new(READ);
 
+/// One message of a batch: its envelope, how its room keeps history, and (with history) the id
+/// every attempt of its append carries.
+pub(super) struct Item {
+    pub(super) payload: Bytes,
+    pub(super) keep: Option<Keep>,
+    pub(super) id: Option<String>,
+}
+
+/// How long the ids of appends are kept (at least this, at most twice): more than the longest an
+/// append can take from its first attempt to the last run of its script. A batch's appends are
+/// sent again only within [`Resend::within`] of its start (two timeouts), and an attempt's calls
+/// take a few timeouts at worst (following a move, then a migration). A command a frozen master
+/// holds for longer than this could still run after an attempt sent again ran: nothing bounds
+/// that.
+pub(super) fn id_window(timeout: Duration) -> Duration {
+    (timeout * 5).max(Duration::from_secs(10))
+}
+
+/// Until when the messages of a batch may be sent again.
+#[derive(Clone, Copy)]
+pub(super) struct Resend {
+    until: tokio::time::Instant,
+}
+
+impl Resend {
+    /// Twice the timeout: room for the pipeline's answer and a few attempts after it.
+    pub(super) fn within(timeout: Duration) -> Duration {
+        timeout * 2
+    }
+
+    pub(super) fn from_now(timeout: Duration) -> Resend {
+        Resend {
+            until: tokio::time::Instant::now() + Resend::within(timeout),
+        }
+    }
+
+    /// Whether there is time left to send a message again.
+    pub(super) fn check(self) -> Result<(), BusError> {
+        if tokio::time::Instant::now() < self.until {
+            Ok(())
+        } else {
+            Err(unavailable("no time left to publish it again"))
+        }
+    }
+}
+
 impl RedisBus {
-    /// Appends to the channel's history and publishes, in one step on its master.
-    pub(super) async fn append(&self, channel: String, payload: Bytes, keep: Keep) -> Result<Pos, BusError> {
-        let (keys, args) = append_call(&channel, payload, keep);
-        let pos = appended(self.inner.eval(&APPEND_SCRIPT, &channel, keys, args).await?)?;
+    /// Appends to the channel's history and publishes, in one step on its master; `id` makes the
+    /// append happen once however many times it is sent.
+    pub(super) async fn append(&self, channel: &str, payload: Bytes, keep: Keep, id: &str) -> Result<Pos, BusError> {
+        let (keys, args) = append_call(channel, payload, keep, id, self.inner.timeout);
+        let pos = appended(self.inner.eval(&APPEND_SCRIPT, channel, keys, args).await?)?;
         if self.inner.replicas == 0 {
             return Ok(pos);
         }
@@ -100,35 +170,37 @@ impl RedisBus {
             .link_for(redis_keyslot(channel.as_bytes()))
             .and_then(|link| link.confirm.as_ref().map(|(_, c)| c.clone()));
         match confirm {
-            Some(confirm) if confirm.confirm(meta_key(&channel), millis(keep.ttl)).await => Ok(pos),
+            Some(confirm) if confirm.confirm(meta_key(channel), millis(keep.ttl)).await => Ok(pos),
             _ => Err(BusError::Unconfirmed(pos)),
         }
     }
 
     /// The pipeline of [`RedisBus::publish_in_order`]: per message its answer, or `None` from the
-    /// first one Redis refused on (to be published again in turn). With `--publish-replicas` every
-    /// append waits for its confirmation, so messages go one at a time instead.
+    /// first one to be published again in turn: the first Redis answered without running it, or,
+    /// with history, the first whose answer was lost (its append goes again under its id). A plain
+    /// publish whose answer was lost may have gone out: it and the rest fail. With
+    /// `--publish-replicas` every append waits for its confirmation, so messages go one at a time
+    /// instead.
     pub(super) async fn pipelined(
         &self,
         channel: &str,
-        items: &[(Bytes, Option<Keep>)],
+        items: &[Item],
     ) -> Result<Vec<Option<Result<Option<Pos>, BusError>>>, BusError> {
-        let history = items.iter().any(|(_, keep)| keep.is_some());
+        let history = items.iter().any(|item| item.keep.is_some());
         let sha = APPEND_SCRIPT.sha.get().cloned();
         if items.len() == 1 || (history && (self.inner.replicas > 0 || sha.is_none())) {
             return Ok(items.iter().map(|_| None).collect());
         }
         let slot = redis_keyslot(channel.as_bytes());
         let deadline = tokio::time::Instant::now() + self.inner.timeout;
-        let link = self
-            .inner
-            .link_up(|| self.inner.link_for(slot), Via::Publisher, deadline)
-            .await?;
-        let pipeline = link.publisher.pipeline();
-        for (payload, keep) in items {
-            let queued: Result<(), _> = match (keep, &sha) {
-                (Some(keep), Some(sha)) => {
-                    let (keys, args) = append_call(channel, payload.clone(), *keep);
+        // History's appends go over the scripts' connection, plain publishes over the publisher's.
+        let via = if history { Via::Scripts } else { Via::Publisher };
+        let link = self.inner.link_up(|| self.inner.link_for(slot), via, deadline).await?;
+        let pipeline = via.of(&link).pipeline();
+        for item in items {
+            let queued: Result<(), _> = match (item.keep, &item.id, &sha) {
+                (Some(keep), Some(id), Some(sha)) => {
+                    let (keys, args) = append_call(channel, item.payload.clone(), keep, id, self.inner.timeout);
                     pipeline
                         .custom(
                             CustomCommand::new_static("EVALSHA", None::<u16>, false),
@@ -136,24 +208,44 @@ impl RedisBus {
                         )
                         .await
                 }
-                _ => pipeline.spublish(channel.to_string(), payload.clone()).await,
+                _ => pipeline.spublish(channel.to_string(), item.payload.clone()).await,
             };
             queued.map_err(unavailable)?;
         }
-        let answers: Vec<Result<Value, fred::error::Error>> =
+        let mut answers: Vec<Result<Value, fred::error::Error>> =
             match tokio::time::timeout(self.inner.timeout, pipeline.try_all::<Value>()).await {
                 Ok(answers) => answers,
                 Err(_) => return Err(unavailable("no answer from Redis in time")),
             };
+        // A pipeline whose connection broke is answered with one error for all of it.
+        if answers.len() != items.len() {
+            let e = match answers.pop() {
+                Some(Err(e)) => e,
+                _ => fred::error::Error::new(fred::error::ErrorKind::Unknown, "a pipeline answered in part"),
+            };
+            answers = items.iter().map(|_| Err(e.clone())).collect();
+        }
         let mut out = Vec::with_capacity(items.len());
-        let mut refused = false;
-        for ((_, keep), answer) in items.iter().zip(answers) {
-            refused |= answer.is_err();
-            out.push((!refused).then(|| match (keep, answer) {
-                (None, _) => Ok(None),
-                (Some(_), Ok(v)) => appended(v).map(Some),
-                (Some(_), Err(e)) => Err(unavailable(e)),
-            }));
+        let (mut again, mut failed) = (false, None::<BusError>);
+        for (item, answer) in items.iter().zip(answers) {
+            if let Some(e) = &failed {
+                out.push(Some(Err(e.clone())));
+                continue;
+            }
+            again |= match &answer {
+                Ok(_) => false,
+                Err(e) => item.keep.is_some() || retry_for(e).is_some(),
+            };
+            out.push(match (again, item.keep, answer) {
+                (true, _, _) => None,
+                (false, None, Ok(_)) => Some(Ok(None)),
+                (false, Some(_), Ok(v)) => Some(appended(v).map(Some)),
+                (false, _, Err(e)) => {
+                    let e = unavailable(e);
+                    failed = Some(e.clone());
+                    Some(Err(e))
+                }
+            });
         }
         Ok(out)
     }
@@ -197,7 +289,7 @@ impl Inner {
                 Some(server) => lock(&self.links).get(server).cloned(),
                 None => self.link_for(slot),
             };
-            let link = self.link_up(find, Via::Publisher, until).await?;
+            let link = self.link_up(find, Via::Scripts, until).await?;
             let sha = match script.sha.get() {
                 Some(sha) => sha.clone(),
                 None => self.load(&link, script).await?,
@@ -240,15 +332,15 @@ impl Inner {
     ) -> Result<Value, fred::error::Error> {
         let (keys, args) = (keys.to_vec(), args.to_vec());
         if asked {
-            bounded(self.timeout, asking(&link.publisher, &sha, keys, args)).await
+            bounded(self.timeout, asking(&link.scripts, &sha, keys, args)).await
         } else {
-            bounded(self.timeout, link.publisher.evalsha(sha, keys, args)).await
+            bounded(self.timeout, link.scripts.evalsha(sha, keys, args)).await
         }
     }
 
     /// Loads a script on one master; its SHA is the same everywhere.
     async fn load(&self, link: &Link, script: &Script) -> Result<String, BusError> {
-        let sha: String = bounded(self.timeout, link.publisher.script_load(script.source))
+        let sha: String = bounded(self.timeout, link.scripts.script_load(script.source))
             .await
             .map_err(unavailable)?;
         Ok(script.sha.get_or_init(|| sha).clone())
@@ -296,13 +388,37 @@ fn evalsha(sha: &str, keys: Vec<String>, args: Vec<Value>) -> Vec<Value> {
     call
 }
 
-/// The append script's keys and arguments for one message on `channel`.
-fn append_call(channel: &str, payload: Bytes, keep: Keep) -> (Vec<String>, Vec<Value>) {
-    let keys = vec![stream_key(channel), meta_key(channel), channel.to_string()];
+/// The append script's keys and arguments for one message on `channel`, with its id: the ids of
+/// the window now (on this node's clock) and of the one before, each kept two windows.
+fn append_call(channel: &str, payload: Bytes, keep: Keep, id: &str, timeout: Duration) -> (Vec<String>, Vec<Value>) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    append_call_at(now, channel, payload, keep, id, timeout)
+}
+
+/// [`append_call`] at `now` (since the Unix epoch).
+fn append_call_at(
+    now: Duration,
+    channel: &str,
+    payload: Bytes,
+    keep: Keep,
+    id: &str,
+    timeout: Duration,
+) -> (Vec<String>, Vec<Value>) {
+    let window = id_window(timeout);
+    let this = (now.as_millis() / window.as_millis()) as u64;
+    let keys = vec![
+        stream_key(channel),
+        meta_key(channel),
+        channel.to_string(),
+        ids_key(channel, this),
+        ids_key(channel, this.saturating_sub(1)),
+    ];
     let args = vec![
         Value::Bytes(payload),
         Value::Integer(i64::from(keep.size)),
         Value::Integer(millis(keep.ttl)),
+        Value::from(id),
+        Value::Integer(millis(window * 2)),
     ];
     (keys, args)
 }
@@ -384,4 +500,117 @@ fn parse_read(v: Value) -> Option<Slice> {
         head: Pos { epoch, n, id },
         entries: out,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use fred::{
+        interfaces::EventInterface,
+        prelude::{Builder, Config},
+    };
+
+    use super::*;
+
+    /// A standalone redis-server on a free port, for the scripts alone; stopped on drop.
+    struct Standalone(std::process::Child, u16);
+
+    impl Standalone {
+        fn start() -> Standalone {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server (redis-cluster/install-redis installs it)");
+            Standalone(child, port)
+        }
+
+        async fn client(&self, resp3: bool) -> Client {
+            let mut config = Config::from_url(&format!("redis://127.0.0.1:{}", self.1)).unwrap();
+            if resp3 {
+                config.version = fred::types::RespVersion::RESP3;
+            }
+            let client = Builder::from_config(config).build().unwrap();
+            for _ in 0..100 {
+                client.connect();
+                if client.wait_for_connect().await.is_ok() {
+                    return client;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("redis-server on port {} did not start", self.1);
+        }
+    }
+
+    impl Drop for Standalone {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn envelope(data: &'static [u8]) -> Bytes {
+        crate::envelope::Envelope {
+            kind: crate::envelope::Kind::Room,
+            origin: "n".into(),
+            target: "r".into(),
+            from: "u".into(),
+            ts_us: 1,
+            format: crate::encoding::Encoding::Json,
+            data: Bytes::from_static(data),
+            pos: None,
+        }
+        .encode()
+    }
+
+    #[tokio::test]
+    async fn an_append_sent_again_gets_its_position_and_is_neither_appended_nor_published_twice() {
+        const T: Duration = Duration::from_secs(2);
+        let redis = Standalone::start();
+        let client = redis.client(false).await;
+        let subscriber = redis.client(true).await;
+        let mut messages = subscriber.message_rx();
+        let channel = "ws:room:r:shard0";
+        subscriber.ssubscribe(channel).await.unwrap();
+        let sha: String = client.script_load(APPEND).await.unwrap();
+        let keep = Keep {
+            size: 100,
+            ttl: Duration::from_secs(60),
+        };
+        let now = Duration::from_secs(1_700_000_000);
+        let window = id_window(T);
+        let append = |at: Duration, id: &'static str, data: &'static [u8]| {
+            let (client, sha) = (client.clone(), sha.clone());
+            async move {
+                let (keys, args) = append_call_at(at, channel, envelope(data), keep, id, T);
+                appended(client.evalsha::<Value, _, _, _>(sha, keys, args).await.unwrap()).unwrap()
+            }
+        };
+        let first = append(now, "n:1", b"1").await;
+        // Sent again (its answer lost): the same position, in the same window and in the next.
+        assert_eq!(append(now, "n:1", b"1").await, first);
+        assert_eq!(append(now + window, "n:1", b"1").await, first);
+        let second = append(now, "n:2", b"2").await;
+        assert_eq!(second.n, first.n + 1);
+        let len: u64 = client
+            .custom(
+                CustomCommand::new_static("XLEN", None::<u16>, false),
+                vec![stream_key(channel)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(len, 2, "each id appended once");
+        let mut published = Vec::new();
+        while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), messages.recv()).await {
+            let envelope = crate::envelope::Envelope::decode(&bytes_of(m.value).unwrap()).unwrap();
+            published.push(envelope.pos.unwrap());
+        }
+        assert_eq!(published, [first, second], "each id published once");
+        // Two windows on, the id is forgotten: the window bounds what the ids cost.
+        assert_eq!(append(now + window * 2, "n:1", b"1").await.n, second.n + 1);
+    }
 }

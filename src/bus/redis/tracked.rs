@@ -5,6 +5,10 @@
 //! A node holds one inbox channel per connected user, so this is per-connection memory: a set of
 //! names and two fixed arrays over the 16,384 slots, about 60 bytes per channel. (A map of slots
 //! to sets of names, with a map of slots to masters beside it, cost about 220.)
+//!
+//! It also counts the channels subscribed on each master, which Redis counts too (`ssub` in
+//! `CLIENT INFO`): where Redis has fewer, some were dropped (a slot moved) and the node has not
+//! noticed yet (see `links::watch`).
 
 use std::collections::HashSet;
 
@@ -23,6 +27,8 @@ pub struct Tracked {
     owner: Box<[u32]>,
     /// Every master seen, each once (a cluster's nodes: a handful, whatever the failovers).
     servers: Vec<Server>,
+    /// Channels subscribed on each of `servers`, by index.
+    on_server: Vec<u32>,
     /// Slots to subscribe again (their connection was rebuilt or a command failed).
     stale: HashSet<u16>,
 }
@@ -34,6 +40,7 @@ impl Default for Tracked {
             per_slot: vec![0; SLOTS].into_boxed_slice(),
             owner: vec![NONE; SLOTS].into_boxed_slice(),
             servers: Vec::new(),
+            on_server: Vec::new(),
             stale: HashSet::new(),
         }
     }
@@ -55,23 +62,54 @@ impl Tracked {
             Some(i) => i as u32,
             None => {
                 self.servers.push(server.clone());
+                self.on_server.push(0);
                 (self.servers.len() - 1) as u32
             }
         }
+    }
+
+    /// How many tracked channels were subscribed on `server`.
+    pub fn count_on(&self, server: &Server) -> u32 {
+        match self.servers.iter().position(|s| s == server) {
+            Some(i) => self.on_server[i],
+            None => 0,
+        }
+    }
+
+    /// `slot`'s channels are now counted on `server` (`NONE`: on none).
+    fn set_owner(&mut self, slot: u16, server: u32) {
+        let (old, n) = (self.owner[slot as usize], self.per_slot[slot as usize]);
+        if let Some(count) = self.on_server.get_mut(old as usize) {
+            *count -= n;
+        }
+        if let Some(count) = self.on_server.get_mut(server as usize) {
+            *count += n;
+        }
+        self.owner[slot as usize] = server;
     }
 
     fn owner_of(&self, slot: u16) -> Option<&Server> {
         self.servers.get(self.owner[slot as usize] as usize)
     }
 
-    /// `channels` (all of `slot`) were subscribed on `server`.
+    /// `channels` (all of `slot`) were subscribed on `server`. The slot's other channels, if they
+    /// were subscribed on another master (the slot moved, and they were not subscribed again
+    /// yet), are to be subscribed again on this one.
     pub fn add(&mut self, slot: u16, channels: Vec<String>, server: &Server) {
+        let index = self.intern(server);
+        let before = self.owner[slot as usize];
+        if before != NONE && before != index && self.per_slot[slot as usize] > 0 {
+            self.stale.insert(slot);
+        }
+        let mut added = 0;
         for c in channels {
             if self.channels.insert(c.into_boxed_str()) {
-                self.per_slot[slot as usize] += 1;
+                added += 1;
             }
         }
-        self.owner[slot as usize] = self.intern(server);
+        self.set_owner(slot, index);
+        self.per_slot[slot as usize] += added;
+        self.on_server[index as usize] += added;
     }
 
     /// Stops tracking `channels` (all of `slot`); returns the master they were subscribed on, to
@@ -88,6 +126,9 @@ impl Tracked {
             return None;
         }
         let owner = self.owner_of(slot).cloned();
+        if let Some(count) = self.on_server.get_mut(self.owner[slot as usize] as usize) {
+            *count -= removed;
+        }
         let left = &mut self.per_slot[slot as usize];
         *left -= removed;
         if *left == 0 {
@@ -142,7 +183,8 @@ impl Tracked {
     /// `slot`'s channels were subscribed again, on `server`.
     pub fn resubscribed(&mut self, slot: u16, server: &Server) {
         self.stale.remove(&slot);
-        self.owner[slot as usize] = self.intern(server);
+        let index = self.intern(server);
+        self.set_owner(slot, index);
     }
 
     /// Subscribing `slot`'s channels again failed; the next round tries once more.
@@ -182,8 +224,10 @@ mod tests {
         assert_eq!(t.len(), 1);
         // Not tracked (any more): nothing to unsubscribe.
         assert_eq!(t.remove(slot, &chans[..2]), None);
+        assert_eq!(t.count_on(&server(7000)), 1);
         assert_eq!(t.remove(slot, &chans[2..]), Some(server(7000)));
         assert_eq!(t.len(), 0);
+        assert_eq!(t.count_on(&server(7000)), 0);
         assert!(
             t.to_resubscribe(&routes_to(7001)).is_empty(),
             "an empty slot has nothing to move"
@@ -205,7 +249,9 @@ mod tests {
         let (slot, mut got, to) = work.into_iter().next().unwrap();
         got.sort();
         assert_eq!((slot, got, to), (a, chans_a, server(7001)));
+        assert_eq!((t.count_on(&server(7000)), t.count_on(&server(7001))), (3, 0));
         t.resubscribed(a, &server(7001));
+        assert_eq!((t.count_on(&server(7000)), t.count_on(&server(7001))), (1, 2));
         assert!(t.to_resubscribe(&routes).is_empty());
         // A slot without a master waits.
         routes[b as usize] = None;
@@ -238,5 +284,19 @@ mod tests {
         t.mark_stale(&server(7001));
         assert_eq!(t.remove(b, &chans_b), Some(server(7001)));
         assert!(t.settled());
+    }
+
+    #[test]
+    fn a_channel_subscribed_on_a_slots_new_master_brings_the_slots_others_along() {
+        let mut t = Tracked::default();
+        let (a, chans) = names("a", 3);
+        t.add(a, chans[..2].to_vec(), &server(7000));
+        // The slot moved; a join subscribes a new channel of it on the new master before the
+        // reconciler noticed: the two before it were dropped by the old one.
+        t.add(a, chans[2..].to_vec(), &server(7001));
+        assert_eq!((t.count_on(&server(7000)), t.count_on(&server(7001))), (0, 3));
+        let mut work = t.to_resubscribe(&routes_to(7001));
+        work[0].1.sort();
+        assert_eq!(work, [(a, chans, server(7001))]);
     }
 }
