@@ -3,7 +3,7 @@
 //! the issue requires of the room with history (no acknowledged message lost, none duplicated or
 //! reordered, in any phase), no duplicate and no reorder in the chat room, that every viewer is in both rooms at
 //! the end, that the deploy and the failover happened, and that the run stopped everything it
-//! started; prints the rest (the chat room's losses and duplicates) with the table.
+//! started; prints the rest (the chat room's losses) with the table.
 
 use std::{path::PathBuf, process::Command};
 

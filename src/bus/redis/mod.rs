@@ -217,7 +217,8 @@ impl RedisBus {
             links_up: watch::Sender::new(()),
             linked_once: AtomicBool::new(false),
             tracker: tracker.clone(),
-            cancel,
+            // The bus's own: closing it stops its tasks and its waiting commands, not the node's.
+            cancel: cancel.child_token(),
         });
         if tokio::time::timeout(timeout, inner.refresh())
             .await
@@ -412,7 +413,10 @@ impl RedisBus {
         self.inner.has_linked()
     }
 
+    /// Stops the bus's own tasks and the commands waiting for a link (none will come up now),
+    /// then quits every link.
     pub async fn close(&self) {
+        self.inner.cancel.cancel();
         let links: Vec<_> = lock(&self.inner.links).drain().map(|(_, l)| l).collect();
         join_all(links.iter().map(|l| l.quit(self.inner.timeout))).await;
     }
@@ -500,6 +504,8 @@ impl Inner {
             tokio::select! {
                 // The sender lives in `self`: this never fails while a command runs.
                 _ = news.changed() => {}
+                // Closing: the links are going, none will come up for this command.
+                _ = self.cancel.cancelled() => return Err(unavailable("the bus is closing")),
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(match find() {
                         Some(link) => unavailable(format!("not connected to {} in time", link.server)),
