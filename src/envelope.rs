@@ -158,6 +158,23 @@ pub fn overhead(env: &Envelope) -> usize {
 }
 
 #[cfg(test)]
+impl Envelope {
+    /// A JSON message to `room` from a publisher `p` of node `n1`, as the unit tests publish it.
+    pub(crate) fn to_room(room: &str, data: Bytes) -> Envelope {
+        Envelope {
+            kind: Kind::Room,
+            origin: "n1".into(),
+            target: room.into(),
+            from: "p".into(),
+            ts_us: 0,
+            format: Encoding::Json,
+            data,
+            pos: None,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -542,19 +542,10 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{encoding::Encoding, envelope::Kind, fanout::gate::Gate, wire::broadcast_frame};
+    use crate::{encoding::Encoding, fanout::gate::Gate, wire::broadcast_frame};
 
     fn message(room: &str, data: &'static [u8]) -> Envelope {
-        Envelope {
-            kind: Kind::Room,
-            origin: "n1".into(),
-            target: room.into(),
-            from: "p".into(),
-            ts_us: 0,
-            format: Encoding::Json,
-            data: Bytes::from_static(data),
-            pos: None,
-        }
+        Envelope::to_room(room, Bytes::from_static(data))
     }
 
     /// A socket that is not connected yet: what fan-out pushes stays queued and counted.

@@ -247,7 +247,6 @@ mod tests {
     use crate::{
         bus::{memory::MemoryBus, Bus},
         encoding::Encoding,
-        envelope::Kind,
         fanout::{
             gate::{Gate, Outlet},
             lanes::Lanes,
@@ -361,16 +360,7 @@ mod tests {
         }
 
         fn publish_data(&self, channel: &str, room: &str, data: Bytes) {
-            let env = Envelope {
-                kind: Kind::Room,
-                origin: "n1".into(),
-                target: room.into(),
-                from: "p".into(),
-                ts_us: 0,
-                format: Encoding::Json,
-                data,
-                pos: None,
-            };
+            let env = Envelope::to_room(room, data);
             self.dispatch
                 .receive(Bytes::copy_from_slice(channel.as_bytes()), env.encode());
         }

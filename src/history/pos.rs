@@ -253,16 +253,7 @@ mod tests {
 
     #[test]
     fn the_position_is_spliced_as_a_ninth_field() {
-        let env = crate::envelope::Envelope {
-            kind: crate::envelope::Kind::Room,
-            origin: "n".into(),
-            target: "r".into(),
-            from: "u".into(),
-            ts_us: 1,
-            format: crate::encoding::Encoding::Json,
-            data: Bytes::from_static(b"1"),
-            pos: None,
-        };
+        let env = crate::envelope::Envelope::to_room("r", Bytes::from_static(b"1"));
         let pos = Pos {
             epoch: 9,
             n: 3,

@@ -554,17 +554,7 @@ mod tests {
     }
 
     fn envelope(data: &'static [u8]) -> Bytes {
-        crate::envelope::Envelope {
-            kind: crate::envelope::Kind::Room,
-            origin: "n".into(),
-            target: "r".into(),
-            from: "u".into(),
-            ts_us: 1,
-            format: crate::encoding::Encoding::Json,
-            data: Bytes::from_static(data),
-            pos: None,
-        }
-        .encode()
+        crate::envelope::Envelope::to_room("r", Bytes::from_static(data)).encode()
     }
 
     #[tokio::test]
