@@ -34,7 +34,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
     conn::{self, NodeUrl, Phase, Ws, CLOSE_WAIT},
-    procfs,
+    procfs::{self, Readings},
     report::{counts, Latency, NodeUsage},
     stats::{Latencies, Pending, Stream, Tally},
     wire::{self, Encoding, Inbound, JoinOk, Stamp, Target},
@@ -1017,21 +1017,6 @@ async fn ramp(sh: &Arc<Shared>, phase_rx: &watch::Receiver<Phase>) -> Ramped {
     }
 }
 
-/// Readings of the nodes and of this process, taken together.
-struct Readings {
-    nodes: Vec<procfs::Sample>,
-    own: procfs::Sample,
-}
-
-impl Readings {
-    fn take(plan: &Plan) -> anyhow::Result<Readings> {
-        Ok(Readings {
-            nodes: procfs::samples(&plan.pids)?,
-            own: procfs::own()?,
-        })
-    }
-}
-
 /// The publishing window: when it started, how long it lasted, the readings at its start, and
 /// its progress bar, which the drain goes on with.
 struct Window {
@@ -1049,7 +1034,7 @@ async fn churn(sh: &Shared, phase_tx: &watch::Sender<Phase>) -> anyhow::Result<W
     } else {
         sh.plan.duration
     };
-    let start = Readings::take(&sh.plan)?;
+    let start = Readings::take(&sh.plan.pids, &[])?;
     let run_start = Instant::now();
     let _ = phase_tx.send(Phase::Run(run_start));
     let progress = crate::progress::bar(duration.as_secs(), "{prefix:>8} [{bar:30}] {pos}/{len} s {msg}");
@@ -1097,7 +1082,7 @@ async fn drain(sh: &Shared, window: &Window) -> anyhow::Result<Drained> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let end = Readings::take(&sh.plan)?;
+    let end = Readings::take(&sh.plan.pids, &[])?;
     let measured_s = window.run_start.elapsed().as_secs_f64();
     window.progress.finish_and_clear();
     Ok(Drained { end, measured_s })

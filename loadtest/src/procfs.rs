@@ -67,6 +67,24 @@ pub fn samples(pids: &[u32]) -> anyhow::Result<Vec<Sample>> {
     pids.iter().map(|p| sample(*p)).collect()
 }
 
+/// Readings of the nodes, of auxiliary processes (Redis, say) and of this process, taken together
+/// at one moment of a run.
+pub struct Readings {
+    pub nodes: Vec<Sample>,
+    pub aux: Vec<Sample>,
+    pub own: Sample,
+}
+
+impl Readings {
+    pub fn take(pids: &[u32], aux_pids: &[u32]) -> anyhow::Result<Readings> {
+        Ok(Readings {
+            nodes: samples(pids)?,
+            aux: samples(aux_pids)?,
+            own: own()?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

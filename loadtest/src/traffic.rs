@@ -19,7 +19,7 @@ use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 use crate::{
     conn::{self, Ctx, NodeUrl, Outcome, Phase, Publisher, Spec, Via},
-    procfs::{self, Sample},
+    procfs::{self, Readings, Sample},
     progress,
     report::{AuxUsage, Connections, Delivery, Latency, NodeUsage, Publish, Report},
     stats::Tally,
@@ -311,23 +311,6 @@ async fn go(ready: usize) -> anyhow::Result<()> {
     }
 }
 
-/// Readings of the nodes, the auxiliary processes and this process, taken together.
-struct Readings {
-    nodes: Vec<Sample>,
-    aux: Vec<Sample>,
-    own: Sample,
-}
-
-impl Readings {
-    fn take(args: &Args) -> anyhow::Result<Readings> {
-        Ok(Readings {
-            nodes: procfs::samples(&args.pids)?,
-            aux: procfs::samples(&args.aux_pids)?,
-            own: procfs::own()?,
-        })
-    }
-}
-
 /// The publishing window: when it started, how long it lasted, the readings at its start, and
 /// its progress bar, which the drain goes on with.
 struct Window {
@@ -339,7 +322,7 @@ struct Window {
 
 /// Run: publish for `--duration` (or hold the connections, for idle), then turn quiet.
 async fn publish(args: &Args, ctx: &Ctx, phase_tx: &watch::Sender<Phase>) -> anyhow::Result<Window> {
-    let usage = Readings::take(args)?;
+    let usage = Readings::take(&args.pids, &args.aux_pids)?;
     let run_start = Instant::now();
     let _ = phase_tx.send(Phase::Run(run_start));
     let duration = Duration::from_secs_f64(args.duration.max(0.0));
@@ -392,7 +375,7 @@ async fn drain(args: &Args, plan: &Plan, started: usize, ctx: &Ctx, window: &Win
     while ctx.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let usage = Readings::take(args)?;
+    let usage = Readings::take(&args.pids, &args.aux_pids)?;
     let measured_s = window.start.elapsed().as_secs_f64();
     window.progress.finish_and_clear();
     Ok(Drained {
