@@ -573,13 +573,7 @@ impl Gate {
                     return Push::Overflow;
                 }
             }
-            let wake = outlet.is_some_and(|to| st.flush(to.outlet()));
-            let broken = matches!(st.status, Status::Broken);
-            drop(st);
-            if wake {
-                self.wake();
-            }
-            return if broken { Push::Closed } else { DONE };
+            return self.flush_queued(st);
         };
         let (whole, written) = match write_direct(to, frames) {
             Ok(done) => done,
@@ -647,7 +641,13 @@ impl Gate {
                 return Push::Overflow;
             }
         }
-        let wake = outlet.is_some_and(|to| st.flush(to.outlet()));
+        self.flush_queued(st)
+    }
+
+    /// Writes what was just queued, if the socket is attached: `Queued`, or `Closed` when the
+    /// write found the connection gone.
+    fn flush_queued(&self, mut st: std::sync::MutexGuard<'_, State>) -> Push {
+        let wake = self.outlet.get().is_some_and(|to| st.flush(to.outlet()));
         let broken = matches!(st.status, Status::Broken);
         drop(st);
         if wake {
@@ -971,6 +971,57 @@ mod tests {
         gate.write_through(&[frame(5, 10), frame(6, 10)], &[]);
         assert_eq!(outlet.0.lock().unwrap().writes, 3);
         assert_eq!(gate.queued(), 0);
+    }
+
+    /// A `msg` frame of key `key` in a conflated room, and its tag.
+    fn keyed(key: &str, i: u32) -> (Bytes, Tag) {
+        let mut env = crate::envelope::Envelope::to_room("m", Bytes::from(format!("{i}")));
+        env.key = Some(key.into());
+        let frame = wire::broadcast_frame(crate::encoding::Encoding::Json, &env, 0).unwrap();
+        let tag = Arc::new(super::super::lanes::Keyed {
+            room: "m".into(),
+            key: key.into(),
+            seq: u64::from(i),
+            conflate: true,
+        });
+        (frame, Some(tag))
+    }
+
+    #[tokio::test]
+    async fn past_the_mark_a_keys_queued_value_is_replaced_in_place_and_unkeyed_frames_queue() {
+        let gate = Gate::conflating(100_000, 200);
+        let outlet = TestOutlet::with_room(0);
+        gate.attach(Box::new(outlet.clone()));
+        let (mut frames, mut tags) = (Vec::new(), Vec::new());
+        for i in 0..30 {
+            let (f, t) = keyed(if i % 2 == 0 { "score" } else { "clock" }, i);
+            frames.push(f);
+            tags.push(t);
+            if i == 10 {
+                let chat = crate::envelope::Envelope::to_room("m", Bytes::from_static(b"\"chat\""));
+                frames.push(wire::broadcast_frame(crate::encoding::Encoding::Json, &chat, 0).unwrap());
+                tags.push(None);
+            }
+        }
+        assert_eq!(gate.write_through(&frames, &tags), Push::Queued);
+        // Below the mark the first frames queued whole; then one slot per key, the chat line kept.
+        outlet.open(100_000);
+        gate.drain().await.unwrap();
+        let got: Vec<serde_json::Value> = wire::tests::read_all(&outlet.out())
+            .into_iter()
+            .filter_map(|m| serde_json::from_str(m.to_text().ok()?).ok())
+            .collect();
+        assert_eq!(got.iter().filter(|v| v["data"] == "chat").count(), 1, "the unkeyed frame queued");
+        let keyed: Vec<&serde_json::Value> = got.iter().filter(|v| v["key"].is_string()).collect();
+        assert!(keyed.len() < 30, "conflated: {} frames", keyed.len());
+        let skipped: u64 = keyed.iter().filter_map(|v| v["skipped"].as_u64()).sum();
+        assert_eq!(keyed.len() as u64 + skipped, 30);
+        for key in ["score", "clock"] {
+            let last = keyed.iter().filter(|v| v["key"] == key).last().unwrap();
+            assert_eq!(last["data"], if key == "score" { 28 } else { 29 });
+        }
+        // Drained: it left conflation, and frames go straight through again.
+        assert!(gate.lock().conflation.is_none());
     }
 
     #[tokio::test]
