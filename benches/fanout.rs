@@ -66,6 +66,8 @@ fn envelope(format: Encoding) -> Envelope {
         format,
         data,
         pos: None,
+        key: None,
+        key_seq: None,
     }
 }
 

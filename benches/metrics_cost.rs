@@ -95,6 +95,8 @@ impl Fanout {
             format: Encoding::Json,
             data: Bytes::from_static(br#"{"home":2,"away":1,"minute":67,"event":"goal","by":"No. 9"}"#),
             pos: None,
+            key: None,
+            key_seq: None,
         };
         Fanout {
             hub,

@@ -61,6 +61,9 @@ pub enum ErrorCode {
     /// in time: it may be lost if its master dies now. The error carries its `pos`; do not
     /// publish it again blindly.
     Unconfirmed,
+    /// A keyed message with a new key, in a room whose latest values already hold
+    /// `--max-keys-per-room` keys: nothing was published.
+    TooManyKeys,
 }
 
 impl ErrorCode {
@@ -80,6 +83,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unconfirmed => "unconfirmed",
+            ErrorCode::TooManyKeys => "too_many_keys",
         }
     }
 }

@@ -180,6 +180,26 @@ pub struct Args {
     #[arg(long, env = "SHARDCAST_RECOVER_MAX")]
     pub recover_max: Option<String>,
 
+    /// How long a key's latest value is kept after its last update. [default: 1h]
+    #[arg(long, env = "SHARDCAST_LATEST_TTL")]
+    pub latest_ttl: Option<String>,
+
+    /// Most keys one room's latest values hold (counted on each of its shards); a publish of a new
+    /// key past it is refused with `too_many_keys`. [default: 1000]
+    #[arg(long, env = "SHARDCAST_MAX_KEYS_PER_ROOM")]
+    pub max_keys_per_room: Option<String>,
+
+    /// Rooms whose keyed messages are conflated for a socket that falls behind, NAME_GLOB
+    /// (repeatable; the variable takes a comma list): its queued value of a key is replaced by the
+    /// newer one instead of queueing behind it. [default: none]
+    #[arg(long, env = "SHARDCAST_CONFLATE", value_delimiter = ',')]
+    pub conflate: Vec<String>,
+
+    /// Queued bytes (the node's queue and the kernel's unsent ones) past which a socket in a
+    /// --conflate room is conflated. [default: half of --max-buffered-bytes]
+    #[arg(long, env = "SHARDCAST_CONFLATE_ABOVE")]
+    pub conflate_above: Option<String>,
+
     /// Replicas that must confirm (WAIT) a publish to a room with history before it is
     /// acknowledged; fewer within --redis-timeout answers `unconfirmed`. Redis Cluster only. [default: 0]
     #[arg(long, env = "SHARDCAST_PUBLISH_REPLICAS")]
@@ -288,6 +308,13 @@ pub struct Config {
     pub history: Vec<(glob::Pattern, Keep)>,
     pub default_history: Option<Keep>,
     pub recover_max: usize,
+    /// How long a key's latest value outlives its last update.
+    pub latest_ttl: Duration,
+    pub max_keys_per_room: u32,
+    /// Rooms whose keyed messages are conflated for a socket that falls behind.
+    pub conflate: Vec<glob::Pattern>,
+    /// `None`: half of `max_buffered_bytes`.
+    pub conflate_above: Option<usize>,
     pub publish_replicas: u32,
     pub http_header_timeout: Duration,
     pub http_body_timeout: Duration,
@@ -352,6 +379,10 @@ impl Default for Config {
             history: Vec::new(),
             default_history: None,
             recover_max: 1000,
+            latest_ttl: Duration::from_secs(3600),
+            max_keys_per_room: 1000,
+            conflate: Vec::new(),
+            conflate_above: None,
             publish_replicas: 0,
             http_header_timeout: Duration::from_secs(5),
             http_body_timeout: Duration::from_secs(10),
@@ -379,6 +410,16 @@ impl Config {
             .find(|(pattern, _)| pattern.matches(room))
             .map(|(_, keep)| *keep)
             .or(self.default_history)
+    }
+
+    /// Whether a room's keyed messages are conflated for a socket that falls behind.
+    pub fn conflates(&self, room: &str) -> bool {
+        self.conflate.iter().any(|pattern| pattern.matches(room))
+    }
+
+    /// Queued bytes past which a socket in a conflated room is conflated.
+    pub fn conflate_above(&self) -> usize {
+        self.conflate_above.unwrap_or(self.max_buffered_bytes / 2)
     }
 }
 
@@ -512,6 +553,10 @@ impl Args {
             history: list(self.history, base.history),
             default_history: self.default_history.or(base.default_history),
             recover_max: self.recover_max.or(base.recover_max),
+            latest_ttl: self.latest_ttl.or(base.latest_ttl),
+            max_keys_per_room: self.max_keys_per_room.or(base.max_keys_per_room),
+            conflate: list(self.conflate, base.conflate),
+            conflate_above: self.conflate_above.or(base.conflate_above),
             publish_replicas: self.publish_replicas.or(base.publish_replicas),
             http_header_timeout: self.http_header_timeout.or(base.http_header_timeout),
             http_body_timeout: self.http_body_timeout.or(base.http_body_timeout),
@@ -544,6 +589,7 @@ impl Args {
         self.parse_access(&mut p);
         self.parse_http(&mut p);
         self.parse_history(&mut p);
+        self.parse_latest(&mut p);
         self.parse_presence(&mut p);
         let Parsing { config, mut errors } = p;
         errors.extend(config.validate());
@@ -629,6 +675,16 @@ impl Args {
         set!(p, "recover-max", self.recover_max, |s| bounded_count(s, MAX_RECOVER) => recover_max);
     }
 
+    /// Keyed messages: how long and how many latest values are kept, and which rooms conflate.
+    fn parse_latest(&self, p: &mut Parsing) {
+        set!(p, "latest-ttl", self.latest_ttl, duration => latest_ttl);
+        set!(p, "max-keys-per-room", self.max_keys_per_room, max_keys => max_keys_per_room);
+        p.each("conflate", &self.conflate, conflate_rule, |c, rule| {
+            c.conflate.push(rule)
+        });
+        set!(p, "conflate-above", self.conflate_above, |s| size(s, 1024).map(Some) => conflate_above);
+    }
+
     /// Presence: whether it is kept, how often it is written, how long it lasts, which rooms list
     /// their users.
     fn parse_presence(&self, p: &mut Parsing) {
@@ -659,6 +715,16 @@ impl Config {
                 "--idle-timeout ({:?}) must be longer than --ping-interval ({:?})",
                 self.idle_timeout, self.ping_interval
             ));
+        }
+        if self.conflate_above.is_some_and(|b| b >= self.max_buffered_bytes) {
+            errors.push(format!(
+                "--conflate-above must be below --max-buffered-bytes ({} bytes), or a socket would be \
+                 dropped before it is conflated",
+                self.max_buffered_bytes
+            ));
+        }
+        if self.latest_ttl < Duration::from_secs(1) {
+            errors.push("--latest-ttl must be at least 1s".into());
         }
         if self.presence_ttl < self.presence_tick * 2 {
             errors.push(format!(
@@ -789,6 +855,20 @@ fn history_rule(s: &str) -> Result<(glob::Pattern, Keep), String> {
         .ok_or("expected NAME_GLOB=SIZE/TTL, such as match:*=1000/10m")?;
     let pattern = glob::Pattern::new(glob).map_err(|e| format!("NAME_GLOB: {e}"))?;
     Ok((pattern, keep(rest)?))
+}
+
+/// The most keys a room's latest values may be allowed.
+const MAX_KEYS: u32 = 100_000;
+
+fn max_keys(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=MAX_KEYS).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {MAX_KEYS}")),
+    }
+}
+
+fn conflate_rule(s: &str) -> Result<glob::Pattern, String> {
+    glob::Pattern::new(s).map_err(|e| format!("NAME_GLOB: {e}"))
 }
 
 /// The most replicas a publish may wait for.

@@ -10,8 +10,14 @@
 //!   format  0 = data is MessagePack, 1 = data is JSON text
 //!   data    bin, the payload exactly as the publisher encoded it
 //!   pos     str, optional: the message's position in its channel's history, `EPOCH:N`, added by
-//!           the store when the room keeps history (see [`crate::history::pos`])
+//!           the store when the room keeps history (see [`crate::history::pos`]); nil for none
+//!   key     str, optional: what this message is the new value of (`score`, `odds:4711`)
+//!   key_seq uint, optional: the key's update number on its channel, added by the store with the
+//!           key's latest value (see [`crate::latest`]); nil as published
 //! ```
+//!
+//! A message without a key is an array of 8 (9 with its position); a keyed one is an array of 11
+//! whatever it carries, so the store splices its position and update number in place.
 //!
 //! `data` travels as opaque bytes: no hop re-encodes it, and decoding borrows it from the received
 //! buffer. Decoders accept longer arrays and ignore the extra trailing fields, so a later minor
@@ -25,6 +31,8 @@ use crate::history::pos::Pos;
 
 pub const VERSION: u8 = 1;
 const FIELDS: u32 = 8;
+/// The fields of a keyed envelope: position, key and update number after the eight.
+const KEYED_FIELDS: u32 = 11;
 /// MessagePack's nil.
 const NIL: u8 = 0xc0;
 
@@ -46,6 +54,11 @@ pub struct Envelope {
     pub data: Bytes,
     /// Set by the history store, never by a publisher (see [`crate::history::pos::with_pos`]).
     pub pos: Option<Pos>,
+    /// What the message is the new value of, where it is one.
+    pub key: Option<String>,
+    /// Set by the store of latest values, never by a publisher: the key's update number on its
+    /// channel, which orders a key's values (see [`crate::latest`]).
+    pub key_seq: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,12 +70,27 @@ pub enum DecodeError {
 }
 
 impl Envelope {
-    /// Encodes into one buffer sized up front, so publishing allocates once. The position is
-    /// never encoded: the history store adds it.
+    /// Encodes into one buffer sized up front, so publishing allocates once. The position and the
+    /// key's update number are never encoded (nil where the layout has them): the stores add them.
     pub fn encode(&self) -> Bytes {
+        self.encode_with(None, None)
+    }
+
+    /// Encodes with the position and update number as the stores splice them in: what the
+    /// embedded bus publishes.
+    pub fn encode_stored(&self) -> Bytes {
+        self.encode_with(self.pos, self.key_seq)
+    }
+
+    fn encode_with(&self, pos: Option<Pos>, key_seq: Option<u64>) -> Bytes {
         let mut out = Vec::with_capacity(self.encoded_len_hint());
+        let fields = match (&self.key, pos) {
+            (Some(_), _) => KEYED_FIELDS,
+            (None, Some(_)) => FIELDS + 1,
+            (None, None) => FIELDS,
+        };
         // Writes into a Vec cannot fail.
-        let _ = encode::write_array_len(&mut out, FIELDS);
+        let _ = encode::write_array_len(&mut out, fields);
         let _ = encode::write_pfix(&mut out, VERSION);
         let _ = encode::write_pfix(&mut out, self.kind as u8);
         let _ = encode::write_str(&mut out, &self.origin);
@@ -71,11 +99,29 @@ impl Envelope {
         let _ = encode::write_uint(&mut out, self.ts_us);
         let _ = encode::write_pfix(&mut out, self.format.wire_format());
         let _ = encode::write_bin(&mut out, &self.data);
+        if fields > FIELDS {
+            match pos {
+                Some(pos) => {
+                    let _ = encode::write_str(&mut out, &pos.to_string());
+                }
+                None => out.push(NIL),
+            }
+        }
+        if let Some(key) = &self.key {
+            let _ = encode::write_str(&mut out, key);
+            match key_seq {
+                Some(n) => {
+                    let _ = encode::write_uint(&mut out, n);
+                }
+                None => out.push(NIL),
+            }
+        }
         Bytes::from(out)
     }
 
     fn encoded_len_hint(&self) -> usize {
-        32 + self.origin.len() + self.target.len() + self.from.len() + self.data.len()
+        let key = self.key.as_ref().map_or(0, |k| k.len() + 16);
+        32 + self.origin.len() + self.target.len() + self.from.len() + self.data.len() + key
     }
 
     /// Decodes an envelope; `data` is a slice of `buf`, not a copy.
@@ -114,9 +160,13 @@ impl Envelope {
         let data = buf.slice(start..start + n);
         rd = &rd[n..];
         // A ninth field is the position: a str, or nil for none.
-        let pos = if len > FIELDS && rd.first() != Some(&NIL) {
-            let raw = read_str(&mut rd, "pos")?;
-            Some(raw.parse().map_err(|_| DecodeError::Malformed("pos"))?)
+        let pos = match read_optional(&mut rd, len > FIELDS, "pos")? {
+            Some(raw) => Some(raw.parse().map_err(|_| DecodeError::Malformed("pos"))?),
+            None => None,
+        };
+        let key = read_optional(&mut rd, len > FIELDS + 1, "key")?;
+        let key_seq = if len > FIELDS + 2 && rd.first() != Some(&NIL) {
+            Some(decode::read_int(&mut rd).map_err(|_| DecodeError::Malformed("key_seq"))?)
         } else {
             None
         };
@@ -129,8 +179,22 @@ impl Envelope {
             format,
             data,
             pos,
+            key,
+            key_seq,
         })
     }
+}
+
+/// An optional str field: nil (consumed) or absent (`present` false) is none.
+fn read_optional(rd: &mut &[u8], present: bool, what: &'static str) -> Result<Option<String>, DecodeError> {
+    if !present {
+        return Ok(None);
+    }
+    if rd.first() == Some(&NIL) {
+        *rd = &rd[1..];
+        return Ok(None);
+    }
+    read_str(rd, what).map(Some)
 }
 
 fn read_str(rd: &mut &[u8], what: &'static str) -> Result<String, DecodeError> {
@@ -170,6 +234,8 @@ impl Envelope {
             format: Encoding::Json,
             data,
             pos: None,
+            key: None,
+            key_seq: None,
         }
     }
 }
@@ -188,6 +254,8 @@ mod tests {
             format: Encoding::Json,
             data: Bytes::copy_from_slice(data),
             pos: None,
+            key: None,
+            key_seq: None,
         }
     }
 
@@ -227,6 +295,28 @@ mod tests {
         wire.push(0xc0); // nil: no position
         wire.push(0xc0); // nil, a field appended later
         assert_eq!(Envelope::decode(&Bytes::from(wire)).unwrap(), env);
+    }
+
+    #[test]
+    fn a_keyed_envelope_has_eleven_fields_and_the_stores_fill_them() {
+        let mut env = sample(b"[2,1]");
+        env.key = Some("score".into());
+        let wire = env.encode();
+        assert_eq!(wire[0], 0x9b);
+        assert_eq!(&wire[wire.len() - 8..], b"\xc0\xa5score\xc0");
+        assert_eq!(Envelope::decode(&wire).unwrap(), env);
+        env.pos = Some("7:3".parse().unwrap());
+        env.key_seq = Some(300);
+        let stored = env.encode_stored();
+        assert_eq!(Envelope::decode(&stored).unwrap(), env);
+        // What a publisher encodes never carries what only the stores know.
+        assert_eq!(env.encode(), wire);
+        // An unkeyed envelope stays an array of 8, 9 with its position.
+        let mut plain = sample(b"1");
+        assert_eq!(plain.encode()[0], 0x98);
+        plain.pos = Some("7:4".parse().unwrap());
+        assert_eq!(plain.encode_stored()[0], 0x99);
+        assert_eq!(Envelope::decode(&plain.encode_stored()).unwrap(), plain);
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub enum Command {
         since: Option<Vec<Pos>>,
         /// Also send the room's presence events to this socket.
         presence: bool,
+        /// First send the latest message of every key of the room.
+        latest: bool,
+        /// At most this many messages per second per key to this socket, the latest winning.
+        max_rate: Option<u32>,
     },
     /// The room's presence: its count of users and, for a small room, who they are.
     Presence {
@@ -48,6 +52,8 @@ pub enum Command {
     Pub {
         room: String,
         data: Data,
+        /// What the message is the new value of, where it is one.
+        key: Option<String>,
     },
     Dm {
         to: String,
@@ -126,7 +132,16 @@ struct Wire<D> {
     limit: Option<Loose<u64>>,
     #[serde(default)]
     presence: Option<Loose<bool>>,
+    #[serde(default)]
+    key: Option<Loose<String>>,
+    #[serde(default)]
+    latest: Option<Loose<bool>>,
+    #[serde(default)]
+    max_rate: Option<Loose<u64>>,
 }
+
+/// The most messages per second per key a join's `max_rate` may ask for.
+pub const MAX_RATE: u64 = 1000;
 
 /// The most messages one `history` asks for.
 pub const MAX_HISTORY_LIMIT: u64 = 1000;
@@ -215,6 +230,8 @@ fn build<D>(wire: Wire<D>, data: impl FnOnce(D) -> Result<Data, FrameError>) -> 
             room: room(wire.room)?,
             since: since(id, wire.since)?,
             presence: flag(id, wire.presence, "`presence` must be true or false")?,
+            latest: flag(id, wire.latest, "`latest` must be true or false")?,
+            max_rate: max_rate(id, wire.max_rate)?,
         },
         "presence" => Command::Presence {
             room: with_id(id, "presence", room(wire.room))?,
@@ -226,6 +243,10 @@ fn build<D>(wire: Wire<D>, data: impl FnOnce(D) -> Result<Data, FrameError>) -> 
         "leave" => Command::Leave { room: room(wire.room)? },
         "pub" => Command::Pub {
             room: room(wire.room)?,
+            key: wire
+                .key
+                .map(|k| name(id, Some(k), "key", ErrorCode::BadField))
+                .transpose()?,
             data: data(wire.data)?,
         },
         "dm" => Command::Dm {
@@ -265,6 +286,19 @@ fn flag(id: Option<i64>, field: Option<Loose<bool>>, bad: &'static str) -> Resul
         None => Ok(false),
         Some(Loose::Ok(b)) => Ok(b),
         Some(Loose::Bad(_)) => Err(FrameError::new(id, ErrorCode::BadField, bad)),
+    }
+}
+
+/// A join's `max_rate`: a whole number from 1 to [`MAX_RATE`], or none.
+fn max_rate(id: Option<i64>, field: Option<Loose<u64>>) -> Result<Option<u32>, FrameError> {
+    match field {
+        None => Ok(None),
+        Some(Loose::Ok(n)) if (1..=MAX_RATE).contains(&n) => Ok(Some(n as u32)),
+        Some(_) => Err(FrameError::new(
+            id,
+            ErrorCode::BadField,
+            format!("`max_rate` must be a whole number from 1 to {MAX_RATE}"),
+        )),
     }
 }
 
@@ -547,6 +581,41 @@ mod tests {
     }
 
     #[test]
+    fn decodes_keys_latest_and_max_rate_and_refuses_bad_ones() {
+        let r = decode_text(r#"{"op":"pub","room":"m","key":"odds:4711","data":1}"#, D).unwrap();
+        assert!(matches!(r.command, Command::Pub { key: Some(ref k), .. } if k == "odds:4711"));
+        let r = decode_text(r#"{"op":"join","room":"m","latest":true,"max_rate":2}"#, D).unwrap();
+        assert!(matches!(
+            r.command,
+            Command::Join {
+                latest: true,
+                max_rate: Some(2),
+                ..
+            }
+        ));
+        let long = format!(
+            r#"{{"op":"pub","room":"m","id":1,"key":"{}","data":1}}"#,
+            "k".repeat(129)
+        );
+        for bad in [
+            r#"{"op":"pub","room":"m","id":1,"key":"{hot}","data":1}"#,
+            r#"{"op":"pub","room":"m","id":1,"key":"a\u0007b","data":1}"#,
+            r#"{"op":"pub","room":"m","id":1,"key":"a\u202Eb","data":1}"#,
+            r#"{"op":"pub","room":"m","id":1,"key":"","data":1}"#,
+            r#"{"op":"pub","room":"m","id":1,"key":7,"data":1}"#,
+            long.as_str(),
+            r#"{"op":"join","room":"m","id":1,"latest":"yes"}"#,
+            r#"{"op":"join","room":"m","id":1,"max_rate":0}"#,
+            r#"{"op":"join","room":"m","id":1,"max_rate":1001}"#,
+            r#"{"op":"join","room":"m","id":1,"max_rate":2.5}"#,
+            r#"{"op":"join","room":"m","id":1,"max_rate":"2"}"#,
+        ] {
+            let e = err(bad);
+            assert_eq!((e.code, e.id), (ErrorCode::BadField, Some(1)), "{bad}");
+        }
+    }
+
+    #[test]
     fn decodes_every_command_from_json() {
         let r = decode_text(r#"{"op":"join","room":"stadium","id":7}"#, D).unwrap();
         assert_eq!(
@@ -557,6 +626,8 @@ mod tests {
                     room: "stadium".into(),
                     since: None,
                     presence: false,
+                    latest: false,
+                    max_rate: None,
                 }
             }
         );
@@ -568,7 +639,8 @@ mod tests {
                 data: Data {
                     format: Encoding::Json,
                     bytes: Bytes::from_static(br#"{"a":[1, 2]}"#)
-                }
+                },
+                key: None,
             }
         );
         let r = decode_text(r#"{"op":"dm","to":"bob","data":null}"#, D).unwrap();
@@ -822,6 +894,8 @@ mod tests {
             format,
             data: Bytes::from_static(data),
             pos: None,
+            key: None,
+            key_seq: None,
         }
     }
 

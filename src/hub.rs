@@ -26,8 +26,8 @@ use crate::{
     envelope::Envelope,
     fanout::{
         gate::Push,
-        lanes::{frames_of, Lanes, Recent},
-        writer::{self, Outbound, Scratch},
+        lanes::{frames_of, Keyed, Lanes, Recent, Tag},
+        writer::{self, Floors, HeldFrame, Outbound, Scratch, Seated},
     },
     history::{
         heads::{Advance, Heads},
@@ -77,8 +77,10 @@ struct Seat {
     member: Outbound,
     /// The first frame number the socket gets (see [`crate::fanout::lanes`]).
     since: u64,
-    /// While its join replays history: the live frames kept back meanwhile.
+    /// While its join replays history or sends latest values: the live frames kept back meanwhile.
     held: Option<Box<Held>>,
+    /// After a join with `latest`: the keys whose live values must be newer than what it was sent.
+    floors: Option<Arc<Floors>>,
 }
 
 /// Live frames kept back for a member while its join replays history, so that the replay and what
@@ -95,8 +97,7 @@ struct Held {
 
 #[derive(Debug, Default)]
 struct HeldFrames {
-    /// Shard, position (none for a message without one), frame.
-    frames: Vec<(u32, Option<Pos>, Bytes)>,
+    frames: Vec<HeldFrame>,
     bytes: usize,
 }
 
@@ -108,7 +109,7 @@ impl Held {
 
     /// Keeps a frame back, within the socket's budget like a queued one: past it the socket is
     /// closed as a slow consumer.
-    fn keep(&self, member: &Outbound, shard: u32, n: Option<Pos>, frame: &Bytes) -> Push {
+    fn keep(&self, member: &Outbound, shard: u32, n: Option<Pos>, tag: &Tag, frame: &Bytes) -> Push {
         let mut held = self.lock();
         if held.bytes + frame.len() > member.budget() {
             *held = HeldFrames::default();
@@ -116,7 +117,7 @@ impl Held {
             return Push::Overflow;
         }
         held.bytes += frame.len();
-        held.frames.push((shard, n, frame.clone()));
+        held.frames.push((shard, n, tag.clone(), frame.clone()));
         Push::Queued
     }
 }
@@ -135,6 +136,8 @@ struct Entry {
     /// In a room with history: where each shard stands on this node. Forgotten with the topic,
     /// that is when its channels are unsubscribed.
     heads: Heads,
+    /// A `--conflate` room.
+    conflate: bool,
     state: SubState,
     waiters: Vec<oneshot::Sender<Result<(), JoinError>>>,
 }
@@ -154,7 +157,15 @@ impl Entry {
         let held = held.or_else(|| hold.then(Box::default));
         self.encodings[member.encoding().index()] += 1;
         self.held += u32::from(held.is_some());
-        self.members.insert(id, Seat { member, since, held });
+        self.members.insert(
+            id,
+            Seat {
+                member,
+                since,
+                held,
+                floors: None,
+            },
+        );
     }
 
     fn remove(&mut self, id: SessionId) -> bool {
@@ -200,12 +211,20 @@ struct Inner {
     /// The lanes the workers write: where frames are recorded, and where joins read their first
     /// frame number.
     lanes: Arc<Lanes>,
+    /// Rooms whose keyed messages are conflated for a socket that falls behind.
+    conflate: Vec<glob::Pattern>,
 }
 
 impl Hub {
     /// A hub whose topics are written on `lanes`, and the receiving end of its interest requests
     /// (for the interest manager).
     pub fn new(lanes: Lanes) -> (Hub, mpsc::UnboundedReceiver<Interest>) {
+        Hub::conflating(lanes, Vec::new())
+    }
+
+    /// [`Hub::new`], with the rooms (`--conflate`) whose keyed messages are conflated for a socket
+    /// that falls behind.
+    pub fn conflating(lanes: Lanes, conflate: Vec<glob::Pattern>) -> (Hub, mpsc::UnboundedReceiver<Interest>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let hub = Hub {
             inner: Arc::new(Inner {
@@ -214,6 +233,7 @@ impl Hub {
                 next_id: AtomicU64::new(1),
                 interest: tx,
                 lanes: Arc::new(lanes),
+                conflate,
             }),
         };
         (hub, rx)
@@ -307,6 +327,10 @@ impl Hub {
             held: 0,
             releasing: 0,
             heads: Heads::default(),
+            conflate: match topic {
+                Topic::Room(room) => self.inner.conflate.iter().any(|p| p.matches(room)),
+                Topic::User(_) => false,
+            },
             state: SubState::Unsubscribed,
             waiters: Vec::new(),
         });
@@ -363,6 +387,29 @@ impl Hub {
         true
     }
 
+    /// Seeds a topic's shard heads where this node delivered nothing yet (see [`Heads::seed`]).
+    pub fn seed(&self, topic: &Topic, heads: &[Pos]) {
+        if let Some(mut entry) = self.inner.topics.get_mut(topic) {
+            for (shard, pos) in heads.iter().enumerate() {
+                entry.heads.seed(shard as u32, *pos);
+            }
+        }
+    }
+
+    /// Sets a held socket's floors: what a join with `latest` sent it, before its release, so that
+    /// neither what was held nor what comes live takes a key backwards.
+    pub fn set_floors(&self, topic: &Topic, id: SessionId, floors: Floors) {
+        if let Some(seat) = self
+            .inner
+            .topics
+            .get_mut(topic)
+            .as_mut()
+            .and_then(|e| e.members.get_mut(&id))
+        {
+            seat.floors = Some(Arc::new(floors));
+        }
+    }
+
     /// Lets go of the held sockets of a topic whose shards this node has now delivered as far as
     /// each socket has: after every message with a position.
     pub fn settle(&self, topic: &Topic) {
@@ -397,7 +444,7 @@ impl Hub {
             let upto = held.upto.unwrap_or_default();
             let frames = held.frames.into_inner().unwrap_or_else(|p| p.into_inner()).frames;
             // Written under the topic's lock, so no live frame can overtake them.
-            writer::release(&seat.member, frames, &upto);
+            writer::release(&seat.member, frames, &upto, seat.floors.as_deref());
         }
         entry.held -= let_go;
         entry.releasing -= let_go;
@@ -479,15 +526,24 @@ impl Hub {
             return;
         }
         let frames = frames_of(env, shard, entry.encodings, &topic);
+        let tag: Tag = match (&env.key, &topic) {
+            (Some(key), Topic::Room(room)) => Some(Arc::new(Keyed {
+                room: room.clone(),
+                key: key.as_str().into(),
+                seq: env.key_seq.unwrap_or(0),
+                conflate: entry.conflate,
+            })),
+            _ => None,
+        };
         if entry.held > 0 {
             let n = env.pos;
             for Seat { member, held, .. } in entry.members.values() {
                 if let (Some(held), Some(frame)) = (held, &frames[member.encoding().index()]) {
-                    held.keep(member, shard, n, frame);
+                    held.keep(member, shard, n, &tag, frame);
                 }
             }
         }
-        self.inner.lanes.record(&topic, &mut entry.recent, frames);
+        self.inner.lanes.record(&topic, &mut entry.recent, frames, tag);
     }
 
     /// Lane `lane`'s turn: every topic with news for it hands its members in the lane to the
@@ -525,9 +581,19 @@ impl Hub {
             entry.recent = None;
         }
         let lanes = self.inner.lanes.count();
-        for Seat { member, since, held } in entry.members.values() {
+        for Seat {
+            member,
+            since,
+            held,
+            floors,
+        } in entry.members.values()
+        {
             if held.is_none() && member.lane(lanes) == lane {
-                s.seats.push((member.clone(), *since));
+                s.seats.push(Seated {
+                    member: member.clone(),
+                    since: *since,
+                    floors: floors.clone(),
+                });
             }
         }
         true

@@ -213,7 +213,7 @@ mod tests {
         async fn subscribed(&self) -> bool {
             let before = *self.heard.0.lock().unwrap();
             self.bus
-                .publish("r:lobby:shard0".into(), Bytes::from_static(b"x"), None)
+                .publish("r:lobby:shard0".into(), Bytes::from_static(b"x"), Default::default())
                 .await
                 .unwrap();
             *self.heard.0.lock().unwrap() > before

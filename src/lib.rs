@@ -58,6 +58,7 @@ pub mod frame;
 pub mod history;
 pub mod hub;
 pub mod interest;
+pub mod latest;
 pub mod metrics;
 pub mod names;
 pub mod node;
@@ -109,7 +110,10 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     let metrics = metrics::handle();
     let tracker = TaskTracker::new();
     let internal = CancellationToken::new();
-    let (hub, interest_rx) = Hub::new(Lanes::new(worker::lanes(&config), config.workers));
+    let (hub, interest_rx) = Hub::conflating(
+        Lanes::new(worker::lanes(&config), config.workers),
+        config.conflate.clone(),
+    );
     let naming = Naming::new(
         &config.channel_prefix,
         &config.user_channel_prefix,

@@ -36,6 +36,10 @@ pub const RECOVERIES: &str = "shardcast_recoveries_total";
 pub const REPLAYED: &str = "shardcast_replayed_messages_total";
 pub const HISTORY_READS: &str = "shardcast_history_reads_total";
 pub const GAP_FILLED: &str = "shardcast_history_gap_filled_total";
+// Keyed messages.
+pub const CONFLATING: &str = "shardcast_conflating_sockets";
+pub const SKIPPED: &str = "shardcast_conflated_values_total";
+pub const LATEST_SENT: &str = "shardcast_latest_values_sent_total";
 pub const PRESENCE_ROOMS: &str = "shardcast_presence_rooms";
 pub const PRESENCE_WRITES: &str = "shardcast_presence_writes_total";
 pub const PRESENCE_READS: &str = "shardcast_presence_reads_total";
@@ -129,7 +133,7 @@ pub const CLOSE_REASONS: [CloseReason; 10] = [
     CloseReason::InvalidPayload,
 ];
 /// Codes a socket's command can fail with (`unauthorized` is HTTP only).
-pub const BAD_FRAME_CODES: [ErrorCode; 12] = [
+pub const BAD_FRAME_CODES: [ErrorCode; 13] = [
     ErrorCode::BadFrame,
     ErrorCode::UnknownOp,
     ErrorCode::BadField,
@@ -142,6 +146,7 @@ pub const BAD_FRAME_CODES: [ErrorCode; 12] = [
     ErrorCode::Forbidden,
     ErrorCode::RateLimited,
     ErrorCode::Unconfirmed,
+    ErrorCode::TooManyKeys,
 ];
 pub const PUBLISH_SOURCES: [&str; 2] = ["ws", "http"];
 pub const DROP_REASONS: [&str; 6] = [
@@ -187,6 +192,7 @@ const fn bad_frame_slot(c: ErrorCode) -> usize {
         ErrorCode::Forbidden => 9,
         ErrorCode::RateLimited => 10,
         ErrorCode::Unconfirmed => 11,
+        ErrorCode::TooManyKeys => 12,
         ErrorCode::Unauthorized => usize::MAX,
     }
 }
@@ -244,6 +250,9 @@ const METRICS: &[(Kind, &str, Unit, &str)] = &[
     (Kind::Counter, RATE_LIMITED, Unit::Count, "Client commands refused by the per-connection rate limit."),
     (Kind::Counter, RECOVERIES, Unit::Count, "Joins with `since`, by outcome: recovered (everything missed was replayed) or not_recovered."),
     (Kind::Counter, REPLAYED, Unit::Count, "Messages replayed to joins that recovered."),
+    (Kind::Gauge, CONFLATING, Unit::Count, "Sockets conflating now: behind past --conflate-above, served the latest value of each key of their --conflate rooms."),
+    (Kind::Counter, SKIPPED, Unit::Count, "Values of a key a conflating socket did not get, replaced in its queue by a newer one."),
+    (Kind::Counter, LATEST_SENT, Unit::Count, "Latest values sent to joins with `latest`."),
     (Kind::Counter, HISTORY_READS, Unit::Count, "History reads by source: store (sent to Redis, or the embedded ring) or shared (a join served by another join's read)."),
     (Kind::Histogram, PUBLISH_WAIT, Unit::Seconds, "With --publish-replicas: how long a publish waited for its replicas to confirm it (one WAIT covers a batch)."),
     (Kind::Counter, GAP_FILLED, Unit::Count, "Messages of a shard with history the node missed (a reconnect, failover or slot move) and read back, by outcome: filled, or lost (no longer in history)."),
@@ -291,6 +300,8 @@ fn start_at_zero() {
         AUTH_FAILURES,
         RATE_LIMITED,
         REPLAYED,
+        SKIPPED,
+        LATEST_SENT,
         PUBLISH_RATE_LIMITED,
         PRESENCE_READS,
         PRESENCE_ERRORS,
@@ -320,6 +331,7 @@ fn start_at_zero() {
         PRESENCE_ROOMS,
         PRESENCE_AGE,
         HANDSHAKES_IN_PROGRESS,
+        CONFLATING,
     ] {
         gauge!(name).increment(0.0);
     }
@@ -438,6 +450,21 @@ pub fn recovery(recovered: bool) {
 
 pub fn replayed(messages: usize) {
     counter!(REPLAYED).increment(messages as u64);
+}
+
+/// A socket began (1) or stopped (-1) conflating.
+pub fn conflating(change: i8) {
+    gauge!(CONFLATING).increment(f64::from(change));
+}
+
+/// Values of a key a conflating socket will not get.
+pub fn skipped(values: u64) {
+    counter!(SKIPPED).increment(values);
+}
+
+/// Latest values sent to a join.
+pub fn latest_sent(values: usize) {
+    counter!(LATEST_SENT).increment(values as u64);
 }
 
 /// One read of a channel's history sent to the store, shared by `waiters` joins.

@@ -44,6 +44,7 @@ pub fn router(node: Node) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/acceptz", get(acceptz))
+        .route("/rooms/{room}/latest", get(room_latest))
         .route("/metrics", get(metrics));
     let router = match node.presence() {
         Some(_) => router
@@ -212,7 +213,13 @@ fn grants(node: &Node, query: &HashMap<String, String>, headers: &HeaderMap) -> 
 /// reach the socket from the moment its upgrade is answered; with it down the socket is still
 /// served, and its inbox is subscribed once the bus is back.
 async fn register(node: &Node, grants: Grants, encoding: Encoding) -> Result<(Outbound, Membership), Refused> {
-    let out = Outbound::new(Arc::new(Gate::new(node.config().max_buffered_bytes)), encoding);
+    let config = node.config();
+    let above = if config.conflate.is_empty() {
+        usize::MAX
+    } else {
+        config.conflate_above()
+    };
+    let out = Outbound::new(Arc::new(Gate::conflating(config.max_buffered_bytes, above)), encoding);
     let id = node.hub().register(out.clone());
     let membership = Membership::new(node, id, grants);
     let joined = if node.bus().is_ready() {
@@ -247,6 +254,7 @@ struct PublishBody<'a> {
     #[serde(borrow)]
     data: &'a RawValue,
     from: Option<String>,
+    key: Option<String>,
 }
 
 /// `POST /publish`. Checked in order of cost: the address's rate and the key before a byte of the
@@ -338,6 +346,25 @@ fn api_key(config: &crate::config::Config, headers: &HeaderMap) -> Result<(), Ap
     ))
 }
 
+/// `GET /rooms/<room>/latest`: `{"room":R,"msgs":[…]}`, the latest message of every key of the
+/// room, as a join with `latest` sends them.
+async fn room_latest(State(node): State<Node>, Path(room): Path<String>, headers: HeaderMap) -> Response {
+    if let Err(e) = api_key(node.config(), &headers) {
+        return e.into_response();
+    }
+    if let Err(e) = node.config().names.check(&room) {
+        return ApiError(StatusCode::BAD_REQUEST, ErrorCode::BadRoom, format!("`room` {e}")).into_response();
+    }
+    match crate::latest::room::read(&node, &room).await {
+        Ok(msgs) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            crate::wire::latest_body(&room, &msgs),
+        )
+            .into_response(),
+        Err(e) => ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string()).into_response(),
+    }
+}
+
 /// `GET /rooms/<room>/presence`: `{"count":N,"users":[…]}`, `users` only for a small room.
 async fn room_presence(State(node): State<Node>, Path(room): Path<String>, headers: HeaderMap) -> Response {
     let presence = match presence_request(&node, &headers, &room, ErrorCode::BadRoom) {
@@ -420,6 +447,11 @@ async fn publish_body(node: &Node, body: &[u8]) -> Result<Option<crate::history:
     policy
         .check(&from)
         .map_err(|e| bad(ErrorCode::BadUser, format!("`from` {e}")))?;
+    if let Some(key) = &body.key {
+        policy
+            .check(key)
+            .map_err(|e| bad(ErrorCode::BadField, format!("`key` {e}")))?;
+    }
     let data = body.data.get().as_bytes();
     if !data_depth_ok(Encoding::Json, data, config.max_data_depth) {
         let msg = format!("data nests deeper than {} levels", config.max_data_depth);
@@ -429,7 +461,7 @@ async fn publish_body(node: &Node, body: &[u8]) -> Result<Option<crate::history:
         format: Encoding::Json,
         bytes: Bytes::copy_from_slice(data),
     };
-    let pos = publish::publish(node, Kind::Room, body.room, &from, data)
+    let pos = publish::publish(node, Kind::Room, body.room, &from, data, body.key)
         .await
         .map_err(|e| match e {
             BusError::Unconfirmed(pos) => {
@@ -439,6 +471,9 @@ async fn publish_body(node: &Node, body: &[u8]) -> Result<Option<crate::history:
                     "pos": pos.to_string(),
                 });
                 (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+            }
+            e @ BusError::TooManyKeys => {
+                ApiError(StatusCode::CONFLICT, ErrorCode::TooManyKeys, e.to_string()).into_response()
             }
             e => ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string()).into_response(),
         })?;

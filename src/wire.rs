@@ -92,18 +92,77 @@ pub fn close(code: u16, reason: &str) -> Bytes {
 }
 
 /// Builds the `msg` (room) or `dm` frame of an envelope in one encoding. A message with a
-/// position (a room with history) also carries its shard and position.
+/// position (a room with history) also carries its shard and position, a keyed one its key.
 pub fn broadcast_frame(encoding: Encoding, env: &Envelope, shard: u32) -> Result<Bytes, TranscodeError> {
-    let mut out = Payload::with_capacity(48 + env.target.len() + env.from.len() + env.data.len());
-    write_message(&mut out, encoding, env, shard)?;
+    framed(encoding, env, shard, false)
+}
+
+/// The frame of a key's latest value sent on a join: a `msg` frame marked `"latest":true`.
+pub fn latest_frame(encoding: Encoding, env: &Envelope, shard: u32) -> Result<Bytes, TranscodeError> {
+    framed(encoding, env, shard, true)
+}
+
+fn framed(encoding: Encoding, env: &Envelope, shard: u32, latest: bool) -> Result<Bytes, TranscodeError> {
+    let key = env.key.as_ref().map_or(0, |k| k.len() + 24);
+    let mut out = Payload::with_capacity(48 + env.target.len() + env.from.len() + env.data.len() + key);
+    write_message(&mut out, encoding, env, shard, latest)?;
     Ok(match encoding {
         Encoding::Json => out.text(),
         Encoding::MsgPack => out.binary(),
     })
 }
 
+/// The same `msg` frame with `"skipped":N` added: the values of its key the socket did not get.
+/// The field goes first (JSON) or as the map's first pair (MessagePack, a `msg` map has fewer than
+/// 16 pairs), so nothing else is re-encoded. `None` for a frame the node did not build this way.
+pub fn with_skipped(frame: &[u8], skipped: u32) -> Option<Bytes> {
+    let (opcode, payload) = unframe(frame)?;
+    let mut out = Payload::with_capacity(payload.len() + 16);
+    match opcode {
+        OpCode::Data(Data::Text) if payload.first() == Some(&b'{') => {
+            out.put(format!("{{\"skipped\":{skipped},").as_bytes());
+            out.put(&payload[1..]);
+            Some(out.text())
+        }
+        OpCode::Data(Data::Binary) if payload.first().is_some_and(|b| (0x80..0x8f).contains(b)) => {
+            out.put(&[payload[0] + 1]);
+            let _ = rmp::encode::write_str(&mut out, "skipped");
+            let _ = rmp::encode::write_uint(&mut out, u64::from(skipped));
+            out.put(&payload[1..]);
+            Some(out.binary())
+        }
+        _ => None,
+    }
+}
+
+/// The opcode and payload of one whole unmasked frame, as [`Payload`] builds them.
+fn unframe(frame: &[u8]) -> Option<(OpCode, &[u8])> {
+    let (&b0, rest) = frame.split_first()?;
+    let (&b1, rest) = rest.split_first()?;
+    if b0 & 0x80 == 0 || b1 & 0x80 != 0 {
+        return None;
+    }
+    let opcode = match b0 & 0x0f {
+        0x1 => OpCode::Data(Data::Text),
+        0x2 => OpCode::Data(Data::Binary),
+        _ => return None,
+    };
+    let (len, rest) = match b1 & 0x7f {
+        126 => (u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize, &rest[2..]),
+        127 => (u64::from_be_bytes(rest.get(..8)?.try_into().ok()?) as usize, &rest[8..]),
+        n => (n as usize, rest),
+    };
+    (rest.len() == len).then_some((opcode, rest))
+}
+
 /// Writes a message as one value (a JSON object, a MessagePack map), as a frame holds it.
-fn write_message(out: &mut Payload, encoding: Encoding, env: &Envelope, shard: u32) -> Result<(), TranscodeError> {
+fn write_message(
+    out: &mut Payload,
+    encoding: Encoding,
+    env: &Envelope,
+    shard: u32,
+    latest: bool,
+) -> Result<(), TranscodeError> {
     let op = match env.kind {
         Kind::Room => "msg",
         Kind::Direct => "dm",
@@ -135,6 +194,13 @@ fn write_message(out: &mut Payload, encoding: Encoding, env: &Envelope, shard: u
             if let Some(pos) = &pos {
                 out.put(format!(",\"shard\":{shard},\"pos\":\"{pos}\"").as_bytes());
             }
+            if let Some(key) = &env.key {
+                out.put(b",\"key\":");
+                serde_json::to_writer(&mut *out, key)?;
+            }
+            if latest {
+                out.put(b",\"latest\":true");
+            }
             out.put(b",\"data\":");
             // Checked or produced by serde_json above, so UTF-8, as a text frame must be.
             out.put(data);
@@ -152,7 +218,11 @@ fn write_message(out: &mut Payload, encoding: Encoding, env: &Envelope, shard: u
                     &converted
                 }
             };
-            let fields = 3 + u32::from(room) + if pos.is_some() { 2 } else { 0 };
+            let fields = 3
+                + u32::from(room)
+                + if pos.is_some() { 2 } else { 0 }
+                + u32::from(env.key.is_some())
+                + u32::from(latest);
             // Writes into a Vec cannot fail.
             let _ = rmp::encode::write_map_len(&mut *out, fields);
             let _ = rmp::encode::write_str(&mut *out, "op");
@@ -169,6 +239,14 @@ fn write_message(out: &mut Payload, encoding: Encoding, env: &Envelope, shard: u
                 let _ = rmp::encode::write_str(&mut *out, "pos");
                 let _ = rmp::encode::write_str(&mut *out, pos);
             }
+            if let Some(key) = &env.key {
+                let _ = rmp::encode::write_str(&mut *out, "key");
+                let _ = rmp::encode::write_str(&mut *out, key);
+            }
+            if latest {
+                let _ = rmp::encode::write_str(&mut *out, "latest");
+                let _ = rmp::encode::write_bool(&mut *out, true);
+            }
             let _ = rmp::encode::write_str(&mut *out, "data");
             out.put(data);
         }
@@ -183,7 +261,7 @@ pub fn history_frame(encoding: Encoding, id: Option<i64>, msgs: &[(Envelope, u32
     let mut framed = Vec::with_capacity(msgs.len());
     for (env, shard) in msgs {
         let mut one = Payload::with_capacity(48 + env.data.len());
-        if write_message(&mut one, encoding, env, *shard).is_ok() {
+        if write_message(&mut one, encoding, env, *shard, false).is_ok() {
             framed.push(one);
         }
     }
@@ -219,6 +297,29 @@ pub fn history_frame(encoding: Encoding, id: Option<i64>, msgs: &[(Envelope, u32
             out.binary()
         }
     }
+}
+
+/// The body of `GET /rooms/<room>/latest`: `{"room":R,"msgs":[...]}`, each message as a `msg`
+/// frame of a join with `latest` holds it. Messages that cannot be framed as JSON are left out.
+pub fn latest_body(room: &str, msgs: &[(Envelope, u32)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + msgs.iter().map(|(e, _)| 96 + e.data.len()).sum::<usize>());
+    out.extend_from_slice(b"{\"room\":");
+    // Writes into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, room);
+    out.extend_from_slice(b",\"msgs\":[");
+    let mut first = true;
+    for (env, shard) in msgs {
+        let mut one = Payload::with_capacity(48 + env.data.len());
+        if write_message(&mut one, Encoding::Json, env, *shard, true).is_ok() {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(one.body());
+        }
+    }
+    out.extend_from_slice(b"]}");
+    out
 }
 
 /// A small reply to one connection: `ok`, `error`, `pong` or `reconnect`.

@@ -135,6 +135,9 @@ proptest! {
             format: Encoding::Json,
             data: Bytes::from(data.to_string()),
             pos: None,
+            // Keyed: the longest layout, with every optional field.
+            key: Some("odds:4711".into()),
+            key_seq: None,
         };
         let wire = env.encode();
         prop_assert_eq!(Envelope::decode(&wire).unwrap(), env.clone());
@@ -154,7 +157,7 @@ proptest! {
     fn published_data_reaches_both_encodings_intact(data in any_json()) {
         let text = serde_json::json!({"op":"pub","room":"r","data":data}).to_string();
         let Command::Pub { data: d, .. } = decode_text(&text, DEFAULT_DATA_DEPTH).unwrap().command else { panic!("not a pub") };
-        let env = Envelope { kind: Kind::Room, origin: "n".into(), target: "r".into(), from: "u".into(), ts_us: 1, format: d.format, data: d.bytes, pos: None };
+        let env = Envelope { kind: Kind::Room, origin: "n".into(), target: "r".into(), from: "u".into(), ts_us: 1, format: d.format, data: d.bytes, pos: None, key: None, key_seq: None };
         let json_frame = broadcast_frame(Encoding::Json, &env, 0).unwrap();
         let v: serde_json::Value = serde_json::from_str(read(&json_frame).to_text().unwrap()).unwrap();
         prop_assert_eq!(&v["data"], &data);

@@ -565,6 +565,8 @@ fn envelope_of(kind: Kind, target: &str, format: Encoding, data: &[u8]) -> Vec<u
         format,
         data: data.to_vec().into(),
         pos: None,
+        key: None,
+        key_seq: None,
     }
     .encode()
     .to_vec()

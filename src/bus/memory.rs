@@ -1,6 +1,7 @@
 //! The embedded bus: one node, no Redis. A publish goes straight to this node's delivery workers
 //! when the channel is subscribed, exactly as a Redis message would arrive. History lives in a
-//! bounded ring per channel, with the same positions and the same splice as the Redis script's.
+//! bounded ring per channel, with the same positions and the same splice as the Redis script's,
+//! and the latest values of keyed messages with the same limits (see [`crate::latest`]).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -14,15 +15,18 @@ use std::{
 use bytes::Bytes;
 use dashmap::DashSet;
 
-use super::{BusError, Sink};
+use super::{BusError, Sink, Store};
 use crate::{
+    envelope::Envelope,
     history::pos::{with_pos, Entry, Keep, Pos, Slice},
+    latest::Latest,
     metrics as m,
 };
 
 pub struct MemoryBus {
     channels: DashSet<String, ahash::RandomState>,
-    rings: Mutex<Rings>,
+    /// Boxed: the bus is an enum whose variants stay near in size.
+    rings: Mutex<Box<Rings>>,
     presence: Box<super::presence::Memory>,
     sink: Arc<dyn Sink>,
 }
@@ -31,6 +35,17 @@ pub struct MemoryBus {
 struct Rings {
     map: HashMap<String, Ring, ahash::RandomState>,
     looks: u32,
+    latest: HashMap<String, Values, ahash::RandomState>,
+}
+
+/// One channel's latest values, as the Redis hash beside it keeps them: per key the envelope as
+/// published and when it was, and the channel's count of keyed updates.
+#[derive(Default)]
+struct Values {
+    map: HashMap<String, (Bytes, Instant), ahash::RandomState>,
+    seq: u64,
+    /// The last update, and how long the values outlive it.
+    touched: Option<(Instant, std::time::Duration)>,
 }
 
 /// One channel's history: its newest messages and where it stands. Like the Redis stream, it
@@ -80,7 +95,7 @@ impl MemoryBus {
     pub fn new(sink: Arc<dyn Sink>) -> MemoryBus {
         MemoryBus {
             channels: DashSet::with_hasher(ahash::RandomState::new()),
-            rings: Mutex::new(Rings::default()),
+            rings: Mutex::new(Box::default()),
             presence: Box::default(),
             sink,
         }
@@ -91,12 +106,71 @@ impl MemoryBus {
         &self.presence
     }
 
-    /// Publishes, appending to the channel's history first when it keeps one.
-    pub fn send(&self, channel: &str, payload: Bytes, keep: Option<Keep>) -> Result<Option<Pos>, BusError> {
-        match keep {
-            None => self.publish(channel, payload).map(|()| None),
-            Some(keep) => self.append(channel, &payload, keep).map(Some),
+    /// Publishes, appending to the channel's history first when it keeps one, and keeping a keyed
+    /// message as its key's latest value.
+    pub fn send(&self, channel: &str, payload: Bytes, store: &Store) -> Result<Option<Pos>, BusError> {
+        match store {
+            Store {
+                keep: None,
+                latest: None,
+            } => self.publish(channel, payload).map(|()| None),
+            Store {
+                keep: Some(keep),
+                latest: None,
+            } => self.append(channel, &payload, *keep).map(Some),
+            Store {
+                keep,
+                latest: Some(latest),
+            } => self.keyed(channel, &payload, *keep, latest),
         }
+    }
+
+    /// A keyed message: refused past the most keys, else appended (with history), numbered, kept as
+    /// its key's latest value and published, under one lock as the Redis script does it in one step.
+    fn keyed(
+        &self,
+        channel: &str,
+        payload: &Bytes,
+        keep: Option<Keep>,
+        latest: &Latest,
+    ) -> Result<Option<Pos>, BusError> {
+        let malformed = |_| BusError::Unavailable("the envelope is not a keyed envelope".into());
+        let mut env = Envelope::decode(payload).map_err(malformed)?;
+        let mut rings = self.lock();
+        let now = Instant::now();
+        look(&mut rings, now);
+        let values = rings.latest.entry(channel.to_owned()).or_default();
+        values.map.retain(|_, (_, at)| now.duration_since(*at) < latest.ttl);
+        if !values.map.contains_key(&latest.key) && values.map.len() >= latest.max_keys as usize {
+            return Err(BusError::TooManyKeys);
+        }
+        let pos = keep.map(|keep| {
+            let ring = ring(&mut rings, channel, keep);
+            append_entry(ring, payload, keep)
+        });
+        let values = rings.latest.entry(channel.to_owned()).or_default();
+        values.seq += 1;
+        values.touched = Some((now, latest.ttl));
+        env.pos = pos;
+        env.key_seq = Some(values.seq);
+        let stored = env.encode_stored();
+        values.map.insert(latest.key.clone(), (stored.clone(), now));
+        self.publish(channel, stored)?;
+        Ok(pos)
+    }
+
+    /// The latest values of a channel's keys, those updated within `ttl`.
+    pub fn latest(&self, channel: &str, ttl: std::time::Duration) -> Vec<Bytes> {
+        let rings = self.lock();
+        let now = Instant::now();
+        rings.latest.get(channel).map_or_else(Vec::new, |values| {
+            values
+                .map
+                .values()
+                .filter(|(_, at)| now.duration_since(*at) < ttl)
+                .map(|(env, _)| env.clone())
+                .collect()
+        })
     }
 
     fn publish(&self, channel: &str, payload: Bytes) -> Result<(), BusError> {
@@ -111,26 +185,14 @@ impl MemoryBus {
     fn append(&self, channel: &str, envelope: &[u8], keep: Keep) -> Result<Pos, BusError> {
         let mut rings = self.lock();
         let ring = ring(&mut rings, channel, keep);
-        // One master, no failover: the number is id enough.
-        let n = ring.head.n + 1;
-        let pos = Pos {
-            epoch: ring.head.epoch,
-            n,
-            id: Some((0, n)),
+        let next = Pos {
+            n: ring.head.n + 1,
+            id: Some((0, ring.head.n + 1)),
+            ..ring.head
         };
-        let spliced =
-            with_pos(envelope, pos).ok_or_else(|| BusError::Unavailable("the envelope is not an array of 8".into()))?;
-        ring.head = pos;
-        ring.ttl = keep.ttl;
-        ring.touched = Instant::now();
-        ring.entries.push_back(Entry {
-            n,
-            id: (0, n),
-            envelope: Bytes::copy_from_slice(envelope),
-        });
-        while ring.entries.len() > keep.size as usize {
-            ring.entries.pop_front();
-        }
+        let spliced = with_pos(envelope, next)
+            .ok_or_else(|| BusError::Unavailable("the envelope is not an array of 8".into()))?;
+        let pos = append_entry(ring, envelope, keep);
         self.publish(channel, spliced)?;
         Ok(pos)
     }
@@ -147,7 +209,7 @@ impl MemoryBus {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Rings> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Box<Rings>> {
         // Each change under this lock is one step: consistent whatever panicked elsewhere.
         self.rings.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -169,17 +231,48 @@ impl MemoryBus {
     }
 }
 
-/// Rings looked at between two sweeps of the expired ones.
+/// Appends an envelope (as published) to a ring: its position.
+fn append_entry(ring: &mut Ring, envelope: &[u8], keep: Keep) -> Pos {
+    // One master, no failover: the number is id enough.
+    let n = ring.head.n + 1;
+    let pos = Pos {
+        epoch: ring.head.epoch,
+        n,
+        id: Some((0, n)),
+    };
+    ring.head = pos;
+    ring.ttl = keep.ttl;
+    ring.touched = Instant::now();
+    ring.entries.push_back(Entry {
+        n,
+        id: (0, n),
+        envelope: Bytes::copy_from_slice(envelope),
+    });
+    while ring.entries.len() > keep.size as usize {
+        ring.entries.pop_front();
+    }
+    pos
+}
+
+/// Counts a look at the rings and latest values, sweeping the expired ones now and then.
+fn look(rings: &mut Rings, now: Instant) {
+    rings.looks += 1;
+    if rings.looks % SWEEP_EVERY == 0 {
+        rings.map.retain(|_, r| !r.expired(now));
+        rings
+            .latest
+            .retain(|_, v| v.touched.is_some_and(|(at, ttl)| now.duration_since(at) < ttl));
+    }
+}
+
+/// Rings (and channels' latest values) looked at between two sweeps of the expired ones.
 const SWEEP_EVERY: u32 = 1024;
 
 /// The channel's ring, made (with a new epoch) when missing or expired. Expired rings are swept
 /// now and then, so abandoned rooms leave nothing behind.
 fn ring<'a>(rings: &'a mut Rings, channel: &str, keep: Keep) -> &'a mut Ring {
     let now = Instant::now();
-    rings.looks += 1;
-    if rings.looks % SWEEP_EVERY == 0 {
-        rings.map.retain(|_, r| !r.expired(now));
-    }
+    look(rings, now);
     let ring = rings
         .map
         .entry(channel.to_owned())

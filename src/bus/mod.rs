@@ -19,6 +19,7 @@ use bytes::Bytes;
 
 use crate::{
     history::pos::{Keep, Pos, Slice},
+    latest::Latest,
     metrics as m,
     topic::Topic,
 };
@@ -37,6 +38,33 @@ pub enum BusError {
     /// time: it may be lost if its master dies now. Not to be published again blindly.
     #[error("published at {0} but not confirmed by enough replicas in time")]
     Unconfirmed(Pos),
+    /// A keyed message with a new key, where the channel's latest values hold the most keys:
+    /// nothing was published.
+    #[error("the room holds the most keys it may (--max-keys-per-room)")]
+    TooManyKeys,
+}
+
+impl BusError {
+    /// Whether the message may have been lost (a later one must not go out before it): not for
+    /// one refused.
+    fn is_loss(&self) -> bool {
+        !matches!(self, BusError::TooManyKeys)
+    }
+}
+
+/// What a channel keeps of a message beside publishing it: the room's history, the key's latest
+/// value. Both nothing for a plain publish.
+#[derive(Debug, Clone, Default)]
+pub struct Store {
+    pub keep: Option<Keep>,
+    pub latest: Option<Latest>,
+}
+
+impl Store {
+    /// Whether anything is kept: the publish goes through the store (a script, once under its id).
+    pub fn keeps(&self) -> bool {
+        self.keep.is_some() || self.latest.is_some()
+    }
 }
 
 /// The most shards one room may have; past this a room is better split by the application.
@@ -122,10 +150,12 @@ impl Naming {
         }
     }
 
-    /// The channel a message from `sender` to `topic` is published on.
-    pub fn publish_channel(&self, topic: &Topic, sender: &str) -> String {
+    /// The channel a message from `sender` to `topic` is published on: a room's shard is chosen by
+    /// the message's key where it has one (every update of a key has one order), else by its
+    /// sender (a sender's messages keep theirs).
+    pub fn publish_channel(&self, topic: &Topic, sender: &str, key: Option<&str>) -> String {
         match topic {
-            Topic::Room(room) => self.room_channel(room, shard_for(sender, self.shards(room))),
+            Topic::Room(room) => self.room_channel(room, shard_for(key.unwrap_or(sender), self.shards(room))),
             Topic::User(user) => self.user_channel(user),
         }
     }
@@ -154,8 +184,12 @@ where
             Some(e) => Err(e.clone()),
             None => one(item).await,
         };
-        if let Err(e) = &r {
-            failed.get_or_insert_with(|| e.clone());
+        // A refused message was not lost: the ones after it still go.
+        match &r {
+            Err(e) if e.is_loss() => {
+                failed.get_or_insert_with(|| e.clone());
+            }
+            _ => {}
         }
         out.push(r);
     }
@@ -169,12 +203,13 @@ pub enum Bus {
 }
 
 impl Bus {
-    /// Publishes an envelope on a channel. With `keep`, the message is appended to the channel's
-    /// history in the same step, and its position is returned (and travels with it).
-    pub async fn publish(&self, channel: String, payload: Bytes, keep: Option<Keep>) -> Result<Option<Pos>, BusError> {
+    /// Publishes an envelope on a channel. What `store` says is kept in the same step: with
+    /// history, the message is appended and its position is returned (and travels with it); with
+    /// a key, it becomes the key's latest value.
+    pub async fn publish(&self, channel: String, payload: Bytes, store: Store) -> Result<Option<Pos>, BusError> {
         let result = match self {
-            Bus::Memory(b) => b.send(&channel, payload, keep),
-            Bus::Redis(b) => b.send(channel, payload, keep).await,
+            Bus::Memory(b) => b.send(&channel, payload, &store),
+            Bus::Redis(b) => b.send(channel, payload, store).await,
         };
         if result.is_err() {
             m::publish_error();
@@ -188,13 +223,13 @@ impl Bus {
     pub async fn publish_in_order(
         &self,
         channel: &str,
-        items: Vec<(Bytes, Option<Keep>)>,
+        items: Vec<(Bytes, Store)>,
     ) -> Vec<Result<Option<Pos>, BusError>> {
         let results = match self {
             Bus::Redis(b) => b.publish_in_order(channel, items).await,
             Bus::Memory(b) => {
-                in_turn(items, |(payload, keep)| {
-                    std::future::ready(b.send(channel, payload, keep))
+                in_turn(items, |(payload, store)| {
+                    std::future::ready(b.send(channel, payload, &store))
                 })
                 .await
             }
@@ -214,6 +249,14 @@ impl Bus {
         match self {
             Bus::Memory(b) => Ok(b.read(channel, after, cap, keep)),
             Bus::Redis(b) => b.read(channel, after, cap, keep).await,
+        }
+    }
+
+    /// The latest values of a channel's keys (envelopes as published), those updated within `ttl`.
+    pub async fn latest(&self, channel: &str, ttl: Duration) -> Result<Vec<Bytes>, BusError> {
+        match self {
+            Bus::Memory(b) => Ok(b.latest(channel, ttl)),
+            Bus::Redis(b) => b.latest(channel, ttl).await,
         }
     }
 
@@ -340,7 +383,7 @@ mod tests {
             ]
         );
         assert_eq!(n.channels(&Topic::User("bob".into())), vec!["ws:user:bob"]);
-        let ch = n.publish_channel(&Topic::Room("stadium".into()), "123456789");
+        let ch = n.publish_channel(&Topic::Room("stadium".into()), "123456789", None);
         assert_eq!(ch, format!("ws:room:stadium:shard{}", 0xcbf4_3926u32 % 4));
     }
 

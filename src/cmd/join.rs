@@ -1,23 +1,26 @@
 //! `join`: puts the socket in a room once the room's channels are subscribed, so that anything
 //! published after the `ok` reaches it. In a room with history the join first sends what the
-//! client missed after its `since` ([`crate::history::replay`]); `presence: true` starts the
-//! room's presence events.
+//! client missed after its `since` ([`crate::history::replay`]); with `latest: true` it sends the
+//! latest value of every key of the room before anything live (but where it recovered: the
+//! replay has what the client missed), and no key goes backwards across the switch to live;
+//! `presence: true` starts the room's presence events.
 
 use std::sync::Arc;
 
 use super::{may_join, ok, unavailable, Answer, Membership};
 use crate::{
+    bus::BusError,
     close::ErrorCode,
-    fanout::writer::Outbound,
+    fanout::writer::{Floors, Outbound},
     frame::FrameError,
     history::{
         pos::{Keep, Pos},
-        replay::replay,
+        replay::{replay, Replayed},
     },
-    metrics as m,
+    latest, metrics as m,
     node::Node,
     topic::Topic,
-    wire::{Positions, Reply},
+    wire::{latest_frame, Positions, Reply},
 };
 
 /// A `join` as the client sent it.
@@ -26,6 +29,8 @@ pub struct Join {
     pub room: String,
     pub since: Option<Vec<Pos>>,
     pub presence: bool,
+    pub latest: bool,
+    pub max_rate: Option<u32>,
 }
 
 pub async fn run(join: Join, node: &Node, membership: &mut Membership, out: &Outbound) -> Answer {
@@ -34,6 +39,8 @@ pub async fn run(join: Join, node: &Node, membership: &mut Membership, out: &Out
         room,
         since,
         presence,
+        latest,
+        max_rate: _,
     } = join;
     let room: Arc<str> = room.into();
     if membership.is_in(&room) {
@@ -52,9 +59,10 @@ pub async fn run(join: Join, node: &Node, membership: &mut Membership, out: &Out
             format!("a connection may be in at most {max} rooms"),
         ));
     }
-    let answer = match node.config().keep(&room) {
-        Some(keep) => with_history(node, membership, out, id, room.clone(), keep, since).await,
-        None => plain(node, membership, id, room.clone(), since.is_some()).await,
+    let keep = node.config().keep(&room);
+    let answer = match keep {
+        None if !latest => plain(node, membership, id, room.clone(), since.is_some()).await,
+        _ => held(node, membership, out, id, room.clone(), keep, since, latest).await,
     };
     if presence && answer.is_ok() {
         membership.watch(&room, out);
@@ -80,16 +88,21 @@ async fn plain(node: &Node, membership: &mut Membership, id: Option<i64>, room: 
     ok(id)
 }
 
-/// Joins a room with history: replays what the client missed after `since` when every shard
-/// still has all of it, then answers with where each shard stands and goes live.
-async fn with_history(
+/// Joins holding live frames back while the socket is sent first what it asked for: in a room
+/// with history, what it missed after `since` when every shard still has all of it; with `latest`,
+/// the latest value of every key (unless the replay recovered everything). Then it answers (with
+/// where each shard stands, in a room with history) and goes live, without a gap, a duplicate, or
+/// a key going backwards.
+#[allow(clippy::too_many_arguments)]
+async fn held(
     node: &Node,
     membership: &mut Membership,
     out: &Outbound,
     id: Option<i64>,
     room: Arc<str>,
-    keep: Keep,
+    keep: Option<Keep>,
     since: Option<Vec<Pos>>,
+    latest: bool,
 ) -> Answer {
     let topic = Topic::Room(room.clone());
     node.hub()
@@ -97,21 +110,69 @@ async fn with_history(
         .await
         .map_err(|e| unavailable(id, &e))?;
     membership.entered(room.clone());
-    let replayed = match replay(node, out, &room, keep, since).await {
-        Ok(replayed) => replayed,
+    let sent = async {
+        let replayed = match keep {
+            Some(keep) => Some(replay(node, out, &room, keep, since.clone()).await?),
+            None => None,
+        };
+        let floors = match replayed.as_ref().and_then(|r| r.recovered) {
+            Some(true) => None,
+            _ if latest => Some(send_latest(node, out, &room).await?),
+            _ => None,
+        };
+        Ok::<_, BusError>((replayed, floors))
+    };
+    let (replayed, floors) = match sent.await {
+        Ok(sent) => sent,
         Err(e) => {
             membership.leave(&room);
             return Err(unavailable(id, &e));
         }
     };
+    if let Some(floors) = floors {
+        node.hub().set_floors(&topic, membership.id(), floors);
+    }
+    let heads = replayed.as_ref().map_or_else(Vec::new, |r| r.heads.clone());
+    node.hub().seed(&topic, &heads);
     if id.is_some() {
         let reply = Reply {
-            pos: Some(Positions::Each(replayed.heads.iter().map(Pos::to_string).collect())),
-            recovered: replayed.recovered,
+            pos: replayed
+                .as_ref()
+                .map(|r| Positions::Each(r.heads.iter().map(Pos::to_string).collect())),
+            recovered: match replayed {
+                Some(Replayed { recovered, .. }) => recovered,
+                // Nothing to resume from: the room keeps no history.
+                None => since.is_some().then_some(false),
+            },
             ..Reply::op("ok", id)
         };
         out.send(reply.encode(out.encoding()));
     }
-    node.hub().release(&topic, membership.id(), replayed.heads);
+    if keep.is_none() && since.is_some() {
+        m::recovery(false);
+    }
+    node.hub().release(&topic, membership.id(), heads);
     Ok(None)
+}
+
+/// Sends the socket the latest value of every key of `room`, marked `latest`, as it drains; the
+/// floors that keep each key from going backwards after them.
+async fn send_latest(node: &Node, out: &Outbound, room: &str) -> Result<Floors, BusError> {
+    let values = latest::room::read(node, room).await?;
+    let mut floors = Vec::with_capacity(values.len());
+    let mut sent = 0;
+    for (env, shard) in &values {
+        let Ok(frame) = latest_frame(out.encoding(), env, *shard) else {
+            continue;
+        };
+        if !out.send_draining(frame).await {
+            break;
+        }
+        sent += 1;
+        if let Some(key) = &env.key {
+            floors.push((key.as_str().into(), env.key_seq.unwrap_or(0)));
+        }
+    }
+    m::latest_sent(sent);
+    Ok(Floors::new(floors))
 }

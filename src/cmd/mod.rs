@@ -31,13 +31,21 @@ pub async fn run(request: Request, node: &Node, membership: &mut Membership, out
     let id = request.id;
     match request.command {
         Command::Ping => Ok(Some(ping::run(id))),
-        Command::Join { room, since, presence } => {
+        Command::Join {
+            room,
+            since,
+            presence,
+            latest,
+            max_rate,
+        } => {
             named(node, id, &room, ErrorCode::BadRoom)?;
             let join = join::Join {
                 id,
                 room,
                 since,
                 presence,
+                latest,
+                max_rate,
             };
             join::run(join, node, membership, out).await
         }

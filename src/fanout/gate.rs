@@ -11,6 +11,18 @@
 //! overflowed, so the session closes the socket with 4008: a client that stops reading keeps its
 //! bytes counted and overflows instead of growing the node's memory.
 //!
+//! # Conflation
+//! In a `--conflate` room a socket that falls behind is served the latest value of each key
+//! instead of every value ([`Gate::write_through`] with the frames' keys). Once what it has queued,
+//! counting the bytes the kernel holds unsent (`SIOCOUTQ`: on a weak link the kernel's send buffer,
+//! autotuned up to megabytes, fills with stale values first), passes `--conflate-above`, the gate
+//! conflates: its kernel buffer is cut to [`CONFLATED_SNDBUF`] so what waits stays in the gate's
+//! queue, and a keyed frame replaces the queued frame of the same room and key, in its place,
+//! marked with how many values the socket skipped (`"skipped":N`). Unkeyed frames queue as ever,
+//! and the budget still holds for what cannot be conflated. The gate leaves conflation when its
+//! queue drains; the kernel buffer stays small for the socket's life. What conflation keeps is one
+//! slot per key queued: bounded by the keys of its rooms.
+//!
 //! A std `Mutex` guards the queue and every write, so frames reach the socket in queue order
 //! whoever writes them. It is per socket and held for a push or one non-blocking write, never across
 //! an `.await`.
@@ -25,8 +37,17 @@ use std::{
 #[cfg(target_os = "linux")]
 use std::os::fd::BorrowedFd;
 
+use std::{collections::HashMap, sync::Arc};
+
 use bytes::{Buf, Bytes};
 use tokio::{net::tcp::OwnedWriteHalf, sync::Notify};
+
+use super::lanes::Tag;
+use crate::{metrics as m, wire};
+
+/// The kernel send buffer of a socket once conflated: small, so what waits is in the gate's queue,
+/// where a newer value can replace it (Linux doubles it for its own bookkeeping).
+pub const CONFLATED_SNDBUF: usize = 16 * 1024;
 
 /// Frames handed to one `writev` at most.
 const MAX_SLICES: usize = 64;
@@ -101,6 +122,53 @@ impl Attached {
     }
 }
 
+impl Attached {
+    /// Bytes the kernel holds unsent or unacknowledged (`SIOCOUTQ`); 0 for a stand-in.
+    fn unsent(&self) -> usize {
+        match self {
+            #[cfg(target_os = "linux")]
+            Attached::Socket(s) => {
+                use std::os::fd::AsRawFd;
+                let mut n: libc::c_int = 0;
+                // SAFETY: the descriptor is open for the borrow's life and `n` outlives the call,
+                // which only writes one int.
+                let r = unsafe { libc::ioctl(s.fd().as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+                if r == 0 {
+                    n.max(0) as usize
+                } else {
+                    0
+                }
+            }
+            _ => 0,
+        }
+    }
+
+    /// Caps the kernel's send buffer (`SO_SNDBUF`), which also stops its autotuning.
+    fn shrink_send_buffer(&self, bytes: usize) {
+        #[cfg(target_os = "linux")]
+        if let Attached::Socket(s) = self {
+            use std::os::fd::AsRawFd;
+            let size = bytes.min(libc::c_int::MAX as usize) as libc::c_int;
+            // SAFETY: the descriptor is open for the borrow's life; the option is one int, read
+            // from `size`, which outlives the call.
+            let r = unsafe {
+                libc::setsockopt(
+                    s.fd().as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r != 0 {
+                tracing::debug!(error = %io::Error::last_os_error(), "could not cut a conflated socket's send buffer");
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = bytes;
+    }
+}
+
 /// One `sendmsg` on a socket, not waiting and not raising SIGPIPE.
 #[cfg(target_os = "linux")]
 fn send_fd(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
@@ -166,6 +234,20 @@ struct State {
     /// written are taken to be these.
     exempt: usize,
     status: Status,
+    /// While conflating: where each key's queued value is.
+    conflation: Option<Box<Conflation>>,
+}
+
+/// A room and a key.
+type Slot = (Arc<str>, Box<str>);
+
+/// A conflating gate's keyed frames still queued: per room and key, the frame's place (counted from
+/// the conflation's start, so pops need not renumber) and the values it stands for but one.
+#[derive(Debug, Default)]
+struct Conflation {
+    /// Frames written whole since the conflation began.
+    popped: u64,
+    slots: HashMap<Slot, (u64, u32), ahash::RandomState>,
 }
 
 impl State {
@@ -233,11 +315,53 @@ impl State {
             written -= front.len();
             self.frames.pop_front();
             self.partial = false;
+            if let Some(c) = self.conflation.as_mut() {
+                c.popped += 1;
+            }
         }
+        if self.frames.is_empty() && self.conflation.take().is_some() {
+            m::conflating(-1);
+        }
+    }
+
+    /// Queues a frame while conflating: a keyed frame of a conflated room replaces its key's
+    /// queued value (unless that one is partly written) in place; anything else queues as
+    /// [`State::queue`] does.
+    fn conflate(&mut self, frame: &Bytes, tag: &Tag, budget: usize) -> bool {
+        let (Some(keyed), Some(c)) = (tag.as_ref().filter(|k| k.conflate), self.conflation.as_mut()) else {
+            return self.queue(frame.clone(), budget);
+        };
+        let slot = (keyed.room.clone(), keyed.key.clone());
+        let place = c.slots.get(&slot).and_then(|&(at, skipped)| {
+            let i = at.checked_sub(c.popped)? as usize;
+            (i < self.frames.len() && !(i == 0 && self.partial)).then_some((i, skipped))
+        });
+        let Some((i, skipped)) = place else {
+            let at = c.popped + self.frames.len() as u64;
+            c.slots.insert(slot, (at, 0));
+            return self.queue(frame.clone(), budget);
+        };
+        let skipped = skipped + 1;
+        let Some(marked) = wire::with_skipped(frame, skipped) else {
+            return self.queue(frame.clone(), budget);
+        };
+        m::skipped(1);
+        c.slots.insert(slot, (c.popped + i as u64, skipped));
+        self.queued = self.queued - self.frames[i].len() + marked.len();
+        self.frames[i] = marked;
+        if self.queued - self.exempt > budget {
+            self.status = Status::Overflowed;
+            self.free();
+            return false;
+        }
+        true
     }
 
     /// Frees the queue, but for a partly written frame, which the socket needs whole.
     fn free(&mut self) {
+        if self.conflation.take().is_some() {
+            m::conflating(-1);
+        }
         let head = if self.partial { self.frames.pop_front() } else { None };
         self.frames = VecDeque::new();
         self.queued = 0;
@@ -311,11 +435,23 @@ pub struct Gate {
     /// ([`Gate::room_below`]).
     room: Notify,
     budget: usize,
+    /// Queued bytes (the kernel's unsent ones too) past which keyed frames of a conflated room are
+    /// conflated; `usize::MAX`: never.
+    conflate_above: usize,
     outlet: OnceLock<Attached>,
 }
 
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if self.lock().conflation.is_some() {
+            m::conflating(-1);
+        }
+    }
+}
+
 impl Gate {
-    pub fn new(budget: usize) -> Gate {
+    /// A gate that conflates past `above` queued bytes (see the module's doc).
+    pub fn conflating(budget: usize, above: usize) -> Gate {
         Gate {
             state: Mutex::new(State {
                 frames: VecDeque::new(),
@@ -324,12 +460,18 @@ impl Gate {
                 congested: false,
                 exempt: 0,
                 status: Status::Open,
+                conflation: None,
             }),
             notify: Notify::new(),
             room: Notify::new(),
             budget,
+            conflate_above: above,
             outlet: OnceLock::new(),
         }
+    }
+
+    pub fn new(budget: usize) -> Gate {
+        Gate::conflating(budget, usize::MAX)
     }
 
     /// Tells the writer something changed, and whoever waits for room.
@@ -402,11 +544,17 @@ impl Gate {
     /// the gate overflows. Behind other queued frames, or before the socket is attached, the
     /// frames join the queue and the queue is written. A frame larger than the whole budget
     /// overflows the gate before anything is written, as a push of it would.
-    pub fn write_through(&self, frames: &[Bytes]) -> Push {
+    ///
+    /// `tags` are the frames' keys (one per frame, or none at all): with them a gate that conflates
+    /// may conflate.
+    pub fn write_through(&self, frames: &[Bytes], tags: &[Tag]) -> Push {
         const DONE: Push = Push::Queued;
         let mut st = self.lock();
         if !matches!(st.status, Status::Open) {
             return Push::Closed;
+        }
+        if self.conflate_above != usize::MAX && tags.iter().flatten().any(|k| k.conflate) {
+            return self.write_conflated(st, frames, tags);
         }
         if frames.iter().any(|frame| frame.len() > self.budget) {
             st.status = Status::Overflowed;
@@ -464,6 +612,51 @@ impl Gate {
             Push::Overflow
         } else {
             DONE
+        }
+    }
+
+    /// [`Gate::write_through`] for frames some of which may be conflated: conflating from when the
+    /// queue and the kernel's unsent bytes pass the mark.
+    fn write_conflated(&self, mut st: std::sync::MutexGuard<'_, State>, frames: &[Bytes], tags: &[Tag]) -> Push {
+        let outlet = self.outlet.get();
+        if st.conflation.is_none() {
+            let incoming: usize = frames.iter().map(Bytes::len).sum();
+            let unsent = outlet.map_or(0, Attached::unsent);
+            if st.queued + unsent + incoming > self.conflate_above {
+                st.conflation = Some(Box::default());
+                m::conflating(1);
+                if let Some(to) = outlet {
+                    to.shrink_send_buffer(CONFLATED_SNDBUF);
+                }
+            }
+        }
+        for (i, frame) in frames.iter().enumerate() {
+            let tag = tags.get(i).unwrap_or(&None);
+            let queued = if st.conflation.is_some() {
+                st.conflate(frame, tag, self.budget)
+            } else {
+                frame.len() <= self.budget && st.queue(frame.clone(), self.budget)
+            };
+            if !queued {
+                if matches!(st.status, Status::Open) {
+                    st.status = Status::Overflowed;
+                    st.free();
+                }
+                drop(st);
+                self.wake();
+                return Push::Overflow;
+            }
+        }
+        let wake = outlet.is_some_and(|to| st.flush(to.outlet()));
+        let broken = matches!(st.status, Status::Broken);
+        drop(st);
+        if wake {
+            self.wake();
+        }
+        if broken {
+            Push::Closed
+        } else {
+            Push::Queued
         }
     }
 
@@ -761,13 +954,13 @@ mod tests {
         let outlet = TestOutlet::with_room(50);
         gate.attach(Box::new(outlet.clone()));
         let turn = [frame(1, 40), frame(2, 40), frame(3, 40)];
-        assert_eq!(gate.write_through(&turn), Push::Queued);
+        assert_eq!(gate.write_through(&turn, &[]), Push::Queued);
         assert_eq!(outlet.0.lock().unwrap().writes, 1);
         // 50 bytes went: frame 1 and a quarter of frame 2; the rest is counted.
         assert_eq!(gate.queued(), 70);
         assert_eq!(gate.next().await, Next::Congested);
         // Behind the queue: the next turn joins it instead of writing.
-        assert_eq!(gate.write_through(&[frame(4, 20)]), Push::Queued);
+        assert_eq!(gate.write_through(&[frame(4, 20)], &[]), Push::Queued);
         assert_eq!(outlet.0.lock().unwrap().writes, 1);
         outlet.open(1000);
         gate.drain().await.unwrap();
@@ -775,7 +968,7 @@ mod tests {
         assert_eq!(outlet.out(), expect);
         assert_eq!(gate.queued(), 0);
         // Nothing waits any more: a whole turn goes in one write.
-        gate.write_through(&[frame(5, 10), frame(6, 10)]);
+        gate.write_through(&[frame(5, 10), frame(6, 10)], &[]);
         assert_eq!(outlet.0.lock().unwrap().writes, 3);
         assert_eq!(gate.queued(), 0);
     }
@@ -786,22 +979,22 @@ mod tests {
         let outlet = TestOutlet::with_room(10);
         gate.attach(Box::new(outlet.clone()));
         let turn = [frame(1, 60), frame(2, 60), frame(3, 60)];
-        assert_eq!(gate.write_through(&turn), Push::Overflow);
+        assert_eq!(gate.write_through(&turn, &[]), Push::Overflow);
         assert_eq!(gate.next().await, Next::Overflow);
         assert_eq!(gate.queued(), 50, "the rest of frame 1 only");
-        assert_eq!(gate.write_through(&turn), Push::Closed);
+        assert_eq!(gate.write_through(&turn, &[]), Push::Closed);
         // A frame larger than the whole budget overflows before anything is written.
         let gate = Gate::new(100);
         let outlet = TestOutlet::with_room(1000);
         gate.attach(Box::new(outlet.clone()));
-        assert_eq!(gate.write_through(&[frame(1, 10), frame(2, 150)]), Push::Overflow);
+        assert_eq!(gate.write_through(&[frame(1, 10), frame(2, 150)], &[]), Push::Overflow);
         assert!(outlet.out().is_empty());
         assert_eq!(gate.next().await, Next::Overflow);
         // A frame the kernel took part of is kept whole, and what does not fit behind it overflows.
         let gate = Gate::new(100);
         let outlet = TestOutlet::with_room(10);
         gate.attach(Box::new(outlet.clone()));
-        assert_eq!(gate.write_through(&[frame(1, 90), frame(2, 60)]), Push::Overflow);
+        assert_eq!(gate.write_through(&[frame(1, 90), frame(2, 60)], &[]), Push::Overflow);
         assert_eq!(gate.queued(), 80);
         outlet.open(1000);
         gate.drain().await.unwrap();
@@ -812,14 +1005,14 @@ mod tests {
         );
         // Not attached yet: a turn is queued, and written on attach.
         let gate = Gate::new(100);
-        gate.write_through(&[frame(7, 5), frame(8, 5)]);
+        gate.write_through(&[frame(7, 5), frame(8, 5)], &[]);
         assert_eq!(gate.queued(), 10);
         let outlet = TestOutlet::with_room(100);
         gate.attach(Box::new(outlet.clone()));
         assert_eq!(outlet.out(), [frame(7, 5), frame(8, 5)].concat());
         // A failed write breaks the gate.
         outlet.0.lock().unwrap().fail = true;
-        assert_eq!(gate.write_through(&[frame(9, 5)]), Push::Closed);
+        assert_eq!(gate.write_through(&[frame(9, 5)], &[]), Push::Closed);
         assert_eq!(gate.next().await, Next::Broken);
     }
 
@@ -889,14 +1082,14 @@ mod tests {
         gate.attach_socket(half);
         // Small enough for the kernel to take at once: written straight through, nothing queued.
         let small = [frame(1, 10), frame(2, 20), frame(3, 30)];
-        assert_eq!(gate.write_through(&small), Push::Queued);
+        assert_eq!(gate.write_through(&small, &[]), Push::Queued);
         assert_eq!(gate.queued(), 0, "the kernel took the whole turn");
         let mut got = vec![0; 60];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(got, small.concat());
         // More than loopback buffers hold: the rest is queued whole and drained by the writer.
         let big: Vec<Bytes> = (0..64).map(|i| frame(i, 256 << 10)).collect();
-        assert_eq!(gate.write_through(&big), Push::Queued);
+        assert_eq!(gate.write_through(&big, &[]), Push::Queued);
         assert!(gate.queued() > 0, "the kernel left part of 16 MiB");
         let reader = tokio::spawn(async move {
             let mut got = vec![0; 64 * (256 << 10)];

@@ -48,6 +48,29 @@ pub fn lane_of(gate: &Arc<Gate>, lanes: usize) -> usize {
 /// Frames of one message, per encoding (`None`: no member used it, or it could not be encoded).
 pub type Frames = [Option<Bytes>; 2];
 
+/// What a keyed message's frames are the value of, shared by its frames on every lane: for a
+/// socket that must not get a key's values out of order (after a join with `latest`) and for a
+/// socket conflated in a `--conflate` room ([`super::gate`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Keyed {
+    pub room: Arc<str>,
+    pub key: Box<str>,
+    /// The key's update number (0 where the store gave none).
+    pub seq: u64,
+    /// The room is conflated for a socket that falls behind.
+    pub conflate: bool,
+}
+
+impl Keyed {
+    /// Whether `other` is a value of the same key of the same room.
+    pub fn same_key(&self, other: &Keyed) -> bool {
+        self.key == other.key && self.room == other.room
+    }
+}
+
+/// A frame's key, where it has one.
+pub type Tag = Option<Arc<Keyed>>;
+
 /// One message's frames for a topic whose members use `encodings` (members per encoding): built
 /// once each, shared by every socket. What cannot be encoded is counted per member it misses.
 pub fn frames_of(env: &Envelope, shard: u32, encodings: [u32; 2], topic: &Topic) -> Frames {
@@ -78,8 +101,8 @@ pub fn frames_of(env: &Envelope, shard: u32, encodings: [u32; 2], topic: &Topic)
 /// A topic's frames that some lane has not had yet.
 #[derive(Debug)]
 pub struct Recent {
-    /// Oldest first, with their sequence numbers.
-    frames: VecDeque<(u64, Frames)>,
+    /// Oldest first, with their sequence numbers and keys.
+    frames: VecDeque<(u64, Frames, Tag)>,
     /// Per lane: frames numbered below this went to it.
     done: Box<[u64]>,
 }
@@ -89,19 +112,20 @@ impl Recent {
     /// forgets those every lane had. True when nothing is left.
     pub fn take_for(&mut self, lane: usize, out: &mut [Share; 2]) -> bool {
         let from = self.done[lane];
-        for (seq, frames) in self.frames.iter().filter(|(seq, _)| *seq >= from) {
+        for (seq, frames, tag) in self.frames.iter().filter(|(seq, ..)| *seq >= from) {
             for (share, frame) in out.iter_mut().zip(frames) {
                 if let Some(frame) = frame {
                     share.seqs.push(*seq);
                     share.frames.push(frame.clone());
+                    share.tags.push(tag.clone());
                 }
             }
         }
-        if let Some((last, _)) = self.frames.back() {
+        if let Some((last, ..)) = self.frames.back() {
             self.done[lane] = last + 1;
         }
         let floor = self.done.iter().copied().min().unwrap_or(0);
-        while self.frames.front().is_some_and(|(seq, _)| *seq < floor) {
+        while self.frames.front().is_some_and(|(seq, ..)| *seq < floor) {
             self.frames.pop_front();
         }
         self.frames.is_empty()
@@ -113,6 +137,7 @@ impl Recent {
 pub struct Share {
     seqs: Vec<u64>,
     frames: Vec<Bytes>,
+    tags: Vec<Tag>,
 }
 
 impl Share {
@@ -121,9 +146,15 @@ impl Share {
         &self.frames[self.seqs.partition_point(|s| *s < since)..]
     }
 
+    /// The keys of the frames [`Share::since`] gives, one per frame.
+    pub fn tags_since(&self, since: u64) -> &[Tag] {
+        &self.tags[self.seqs.partition_point(|s| *s < since)..]
+    }
+
     pub(crate) fn clear(&mut self) {
         self.seqs.clear();
         self.frames.clear();
+        self.tags.clear();
     }
 }
 
@@ -167,7 +198,7 @@ impl Lanes {
 
     /// Adds a message's frames to a topic's list (made when missing) and marks the topic for every
     /// lane that had all its frames so far. The caller holds the topic's entry exclusively.
-    pub fn record(&self, topic: &Topic, recent: &mut Option<Box<Recent>>, frames: Frames) {
+    pub fn record(&self, topic: &Topic, recent: &mut Option<Box<Recent>>, frames: Frames, tag: Tag) {
         let seq = self.next_seq.fetch_add(1, Ordering::AcqRel);
         let lanes = self.dirty.len();
         let recent = recent.get_or_insert_with(|| {
@@ -176,7 +207,7 @@ impl Lanes {
                 done: vec![seq; lanes].into(),
             })
         });
-        let last = recent.frames.back().map(|(s, _)| *s);
+        let last = recent.frames.back().map(|(s, ..)| *s);
         for (lane, done) in recent.done.iter().enumerate() {
             // Clean (it had every frame so far): this frame makes the topic news for the lane.
             if last.is_none_or(|last| last < *done) {
@@ -187,7 +218,7 @@ impl Lanes {
                 }
             }
         }
-        recent.frames.push_back((seq, frames));
+        recent.frames.push_back((seq, frames, tag));
     }
 
     fn lock(&self, lane: usize) -> std::sync::MutexGuard<'_, Vec<Topic>> {
@@ -221,8 +252,8 @@ mod tests {
         let topic = Topic::Room("r".into());
         let mut recent = None;
         let frame = |b: &'static [u8]| [Some(Bytes::from_static(b)), None];
-        lanes.record(&topic, &mut recent, frame(b"a"));
-        lanes.record(&topic, &mut recent, frame(b"b"));
+        lanes.record(&topic, &mut recent, frame(b"a"), None);
+        lanes.record(&topic, &mut recent, frame(b"b"), None);
         assert_eq!(lanes.take_dirty(0).len(), 1, "news once, however many frames");
         assert_eq!(lanes.take_dirty(1).len(), 1);
         let r = recent.as_mut().unwrap();
@@ -236,7 +267,7 @@ mod tests {
         );
         assert!(out[1].frames.is_empty());
         // Lane 0 is clean again, lane 1 still has two to take: a third frame is news for lane 0 only.
-        lanes.record(&topic, &mut recent, frame(b"c"));
+        lanes.record(&topic, &mut recent, frame(b"c"), None);
         assert_eq!(lanes.take_dirty(0).len(), 1);
         assert!(lanes.take_dirty(1).is_empty());
         let r = recent.as_mut().unwrap();

@@ -8,13 +8,17 @@
 //! A frame that replaces another one still queued for the same socket, or a compressed or delta
 //! form of a frame, changes what is handed to the gate here, and nowhere else.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::Bytes;
 
 use super::{
     gate::{Gate, Next, Push},
-    lanes::{lane_of, Share},
+    lanes::{lane_of, Share, Tag},
 };
 use crate::{
     close::{code, CloseReason},
@@ -92,14 +96,50 @@ impl Outbound {
     }
 }
 
+/// Per key, the update number of the latest value a join sent a socket: a live value at or below
+/// it is one the socket has, or an older one, and is not written, so no key goes backwards across
+/// the switch to live. A key's floor goes once a newer value passed it. At most one per key of the
+/// room.
+#[derive(Debug, Default)]
+pub struct Floors(Mutex<HashMap<Box<str>, u64, ahash::RandomState>>);
+
+impl Floors {
+    pub fn new(sent: impl IntoIterator<Item = (Box<str>, u64)>) -> Floors {
+        Floors(Mutex::new(sent.into_iter().collect()))
+    }
+
+    /// Whether a frame of this key goes to the socket.
+    fn admits(&self, tag: &Tag) -> bool {
+        let Some(keyed) = tag else { return true };
+        let mut floors = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match floors.get(&keyed.key) {
+            Some(&floor) if keyed.seq <= floor => false,
+            Some(_) => {
+                floors.remove(&keyed.key);
+                true
+            }
+            None => true,
+        }
+    }
+}
+
+/// One member of a topic in a lane's turn: its socket, the first frame number it gets (what it
+/// joined at), and its keys' floors after a join with `latest`.
+pub struct Seated {
+    pub(crate) member: Outbound,
+    pub(crate) since: u64,
+    pub(crate) floors: Option<Arc<Floors>>,
+}
+
 /// What a lane's turn writes of one topic, in buffers reused from turn to turn.
 #[derive(Default)]
 pub struct Scratch {
     /// Per encoding, the frames the lane has not had.
     pub(crate) shares: [Share; 2],
-    /// The topic's members in the lane: the socket and the first frame number it gets (what it
-    /// joined at).
-    pub(crate) seats: Vec<(Outbound, u64)>,
+    /// The topic's members in the lane.
+    pub(crate) seats: Vec<Seated>,
+    /// The frames and keys of a seat with floors, those that pass them.
+    passed: (Vec<Bytes>, Vec<Tag>),
 }
 
 impl Scratch {
@@ -113,13 +153,26 @@ impl Scratch {
 /// not had (those numbered from its join on). Empties the seats.
 pub fn write_turn(s: &mut Scratch) -> Delivery {
     let mut out = Delivery::default();
-    for (member, since) in s.seats.drain(..) {
-        let frames = s.shares[member.encoding.index()].since(since);
+    for Seated { member, since, floors } in s.seats.drain(..) {
+        let share = &s.shares[member.encoding.index()];
+        let (mut frames, mut tags) = (share.since(since), share.tags_since(since));
+        if let Some(floors) = &floors {
+            let (f, t) = &mut s.passed;
+            f.clear();
+            t.clear();
+            for (frame, tag) in frames.iter().zip(tags) {
+                if floors.admits(tag) {
+                    f.push(frame.clone());
+                    t.push(tag.clone());
+                }
+            }
+            (frames, tags) = (f, t);
+        }
         if frames.is_empty() {
             continue;
         }
         out.writes += 1;
-        match member.gate.write_through(frames) {
+        match member.gate.write_through(frames, tags) {
             Push::Queued => {
                 out.delivered += frames.len();
                 out.bytes += frames.iter().map(Bytes::len).sum::<usize>();
@@ -131,14 +184,20 @@ pub fn write_turn(s: &mut Scratch) -> Delivery {
     out
 }
 
-/// Lets go of the frames held back for a socket while its join replayed history: each in order,
-/// but for those the socket has already (at or before `upto` of its shard), then written.
-pub fn release(member: &Outbound, frames: Vec<(u32, Option<Pos>, Bytes)>, upto: &[Pos]) {
-    for (shard, pos, frame) in frames {
+/// A frame held back for a socket while its join sent it history or latest values: its shard, its
+/// position, its key.
+pub type HeldFrame = (u32, Option<Pos>, Tag, Bytes);
+
+/// Lets go of the frames held back for a socket while its join replayed history or sent latest
+/// values: each in order, but for those the socket has already (at or before `upto` of its shard,
+/// or at or below its key's floor), then written.
+pub fn release(member: &Outbound, frames: Vec<HeldFrame>, upto: &[Pos], floors: Option<&Floors>) {
+    for (shard, pos, tag, frame) in frames {
         let had = match (pos, upto.get(shard as usize)) {
             (Some(pos), Some(upto)) => pos.epoch == upto.epoch && pos.n <= upto.n,
             _ => false,
         };
+        let had = had || floors.is_some_and(|f| !f.admits(&tag));
         if !had && matches!(member.gate.push(frame), Push::Overflow | Push::Closed) {
             break;
         }

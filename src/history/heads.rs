@@ -17,9 +17,10 @@ pub enum Advance {
     Gap(Pos),
 }
 
-/// Per shard, the position of the last message delivered (none yet: `None`).
+/// Per shard, the position of the last message delivered (none yet: `None`), and whether it is
+/// only seeded ([`Heads::seed`]).
 #[derive(Debug, Default)]
-pub struct Heads(Vec<Option<Pos>>);
+pub struct Heads(Vec<Option<Pos>>, Vec<bool>);
 
 impl Heads {
     /// The last position delivered on `shard`, made room for.
@@ -27,8 +28,28 @@ impl Heads {
         let shard = shard as usize;
         if self.0.len() <= shard {
             self.0.resize(shard + 1, None);
+            self.1.resize(shard + 1, false);
         }
+        self.1[shard] = false;
         &mut self.0[shard]
+    }
+
+    /// Where a join read a shard to stand, for a shard this node has delivered nothing on since it
+    /// subscribed: what is at or before it is no member's (every member's join read after the
+    /// subscription, so at or after it), and what comes after it will arrive. Without a seed a
+    /// quiet shard would hold such a join until its next message. Seeds from several joins keep
+    /// the lowest; a delivered message replaces the seed.
+    pub fn seed(&mut self, shard: u32, pos: Pos) {
+        let i = shard as usize;
+        let seeded = self.1.get(i).copied().unwrap_or(false);
+        let head = self.head(shard);
+        match *head {
+            None => *head = Some(pos),
+            Some(h) if seeded && h.epoch == pos.epoch && pos.n < h.n => *head = Some(pos),
+            Some(_) if !seeded => return,
+            Some(_) => {}
+        }
+        self.1[i] = true;
     }
 
     /// Where a message with a position stands against the last one delivered on its shard; the
@@ -69,6 +90,20 @@ impl Heads {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_seed_stands_for_a_quiet_shard_until_a_message_is_delivered() {
+        let mut heads = Heads::default();
+        let p = |n| Pos { epoch: 1, n, id: None };
+        assert!(!heads.reached(&[p(5)]));
+        heads.seed(0, p(7));
+        heads.seed(0, p(5));
+        assert!(heads.reached(&[p(5)]) && !heads.reached(&[p(7)]), "the lowest seed");
+        assert_eq!(heads.advance(0, p(5)), Advance::Stale, "no member's");
+        assert_eq!(heads.advance(0, p(6)), Advance::Next);
+        heads.seed(0, p(2));
+        assert!(heads.reached(&[p(6)]), "a delivered head is not seeded over");
+    }
 
     #[test]
     fn after_a_gap_read_back_in_part_the_next_message_is_not_a_gap_again() {

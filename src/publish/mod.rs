@@ -12,31 +12,43 @@ use bytes::Bytes;
 
 use crate::{
     auth::Grants,
-    bus::BusError,
+    bus::{BusError, Store},
     close::ErrorCode,
     envelope::{self, Envelope, Kind},
     frame::{Command, Data, FrameError, Request},
-    history::pos::{Keep, Pos},
+    history::pos::Pos,
+    latest::Latest,
     metrics as m,
     node::Node,
     topic::Topic,
     wire::{Positions, Reply},
 };
 
-/// A message wrapped for the bus: its channel, its envelope, and how its room keeps history.
+/// A message wrapped for the bus: its channel, its envelope, and what its channel keeps of it.
 pub struct Outgoing {
     pub channel: String,
     pub envelope: Bytes,
-    pub keep: Option<Keep>,
+    pub store: Store,
 }
 
 /// Wraps `data` from `from` to `target` (a room, or a user's inbox for direct messages) in its
-/// envelope, on the channel its topic and sender choose.
-pub fn wrap(node: &Node, kind: Kind, target: String, from: &str, data: Data) -> Outgoing {
-    let channel = node.naming().publish_channel(&Topic::of(kind, &target), from);
-    let keep = match kind {
-        Kind::Room => node.config().keep(&target),
-        Kind::Direct => None,
+/// envelope, on the channel its topic and sender (or key) choose. A keyed message is kept as its
+/// key's latest value.
+pub fn wrap(node: &Node, kind: Kind, target: String, from: &str, data: Data, key: Option<String>) -> Outgoing {
+    let config = node.config();
+    let channel = node
+        .naming()
+        .publish_channel(&Topic::of(kind, &target), from, key.as_deref());
+    let store = match kind {
+        Kind::Room => Store {
+            keep: config.keep(&target),
+            latest: key.clone().map(|key| Latest {
+                key,
+                ttl: config.latest_ttl,
+                max_keys: config.max_keys_per_room,
+            }),
+        },
+        Kind::Direct => Store::default(),
     };
     let env = Envelope {
         kind,
@@ -47,19 +59,28 @@ pub fn wrap(node: &Node, kind: Kind, target: String, from: &str, data: Data) -> 
         format: data.format,
         data: data.bytes,
         pos: None,
+        key,
+        key_seq: None,
     };
     Outgoing {
         channel,
         envelope: env.encode(),
-        keep,
+        store,
     }
 }
 
-/// Publishes `data` from `from` to `target`. In a room with history the message is appended in
-/// the same step: its position is returned.
-pub async fn publish(node: &Node, kind: Kind, target: String, from: &str, data: Data) -> Result<Option<Pos>, BusError> {
-    let out = wrap(node, kind, target, from, data);
-    node.bus().publish(out.channel, out.envelope, out.keep).await
+/// Publishes `data` from `from` to `target`, as `key`'s new value where it has one. In a room with
+/// history the message is appended in the same step: its position is returned.
+pub async fn publish(
+    node: &Node,
+    kind: Kind,
+    target: String,
+    from: &str,
+    data: Data,
+    key: Option<String>,
+) -> Result<Option<Pos>, BusError> {
+    let out = wrap(node, kind, target, from, data, key);
+    node.bus().publish(out.channel, out.envelope, out.store).await
 }
 
 /// A `pub` or `dm` checked and wrapped for the bus; [`outbox`] sends it.
@@ -73,13 +94,16 @@ pub struct Publish {
 /// in its envelope. Any other command comes back as it was.
 pub fn take(request: Request, node: &Node, grants: &Grants) -> Result<Result<Publish, FrameError>, Request> {
     let id = request.id;
-    let (kind, target, data, code) = match request.command {
-        Command::Pub { room, data } => (Kind::Room, room, data, ErrorCode::BadRoom),
-        Command::Dm { to, data } => (Kind::Direct, to, data, ErrorCode::BadUser),
+    let (kind, target, data, code, key) = match request.command {
+        Command::Pub { room, data, key } => (Kind::Room, room, data, ErrorCode::BadRoom, key),
+        Command::Dm { to, data } => (Kind::Direct, to, data, ErrorCode::BadUser, None),
         command => return Err(Request { id, command }),
     };
     if let Err(e) = node.config().names.check(&target) {
         return Ok(Err(FrameError::new(id, code, e.to_string())));
+    }
+    if let Some(Err(e)) = key.as_deref().map(|k| node.config().names.check(k)) {
+        return Ok(Err(FrameError::new(id, ErrorCode::BadField, format!("`key` {e}"))));
     }
     if !grants.may_publish() {
         return Ok(Err(FrameError::new(
@@ -91,7 +115,7 @@ pub fn take(request: Request, node: &Node, grants: &Grants) -> Result<Result<Pub
     Ok(Ok(Publish {
         id,
         direct: kind == Kind::Direct,
-        out: wrap(node, kind, target, &grants.user, data),
+        out: wrap(node, kind, target, &grants.user, data, key),
     }))
 }
 
@@ -104,6 +128,7 @@ pub fn published(p: &Publish, result: Result<Option<Pos>, BusError>) -> Result<O
             pos: Some(pos),
             ..FrameError::new(id, ErrorCode::Unconfirmed, e.to_string())
         },
+        e @ BusError::TooManyKeys => FrameError::new(id, ErrorCode::TooManyKeys, e.to_string()),
         e => FrameError::new(id, ErrorCode::Unavailable, e.to_string()),
     })?;
     m::published("ws");

@@ -25,7 +25,13 @@ use futures_util::future::join_all;
 use indexmap::IndexMap;
 
 use super::{published, Publish};
-use crate::{bus::BusError, encoding::Encoding, frame::FrameError, history::pos::Keep, node::Node, wire::encode};
+use crate::{
+    bus::{BusError, Store},
+    encoding::Encoding,
+    frame::FrameError,
+    node::Node,
+    wire::encode,
+};
 
 /// One publish waiting for its answer.
 pub enum Entry {
@@ -101,7 +107,7 @@ impl Outbox {
 }
 
 /// Where a batch's messages for one channel came in it, and the messages.
-type Channel = (Vec<usize>, Vec<(Bytes, Option<Keep>)>);
+type Channel = (Vec<usize>, Vec<(Bytes, Store)>);
 
 /// Sends one batch, a pipeline per channel, and answers every entry in order.
 async fn send(node: Node, encoding: Encoding, batch: Vec<Entry>) -> Sent {
@@ -110,7 +116,7 @@ async fn send(node: Node, encoding: Encoding, batch: Vec<Entry>) -> Sent {
         if let Entry::Publish(p) = entry {
             let (places, items) = channels.entry(p.out.channel.as_str()).or_default();
             places.push(i);
-            items.push((p.out.envelope.clone(), p.out.keep));
+            items.push((p.out.envelope.clone(), p.out.store.clone()));
         }
     }
     let bus = node.bus();

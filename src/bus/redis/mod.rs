@@ -74,6 +74,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{in_turn, BusError, Sink};
 use crate::{
+    bus::Store,
     history::pos::{Keep, Pos, Slice},
     metrics as m,
 };
@@ -233,15 +234,15 @@ impl RedisBus {
         Ok(bus)
     }
 
-    /// Publishes one message, appending to the channel's history first when it keeps one: a batch
-    /// of one (see [`RedisBus::publish_in_order`]).
-    pub async fn send(&self, channel: String, payload: Bytes, keep: Option<Keep>) -> Result<Option<Pos>, BusError> {
-        let mut results = self.publish_in_order(&channel, vec![(payload, keep)]).await;
+    /// Publishes one message, keeping what `store` says in the same step: a batch of one (see
+    /// [`RedisBus::publish_in_order`]).
+    pub async fn send(&self, channel: String, payload: Bytes, store: Store) -> Result<Option<Pos>, BusError> {
+        let mut results = self.publish_in_order(&channel, vec![(payload, store)]).await;
         results.pop().expect("one answer per message")
     }
 
     /// Publishes several messages to one channel in order, in one round trip: one pipeline of
-    /// SPUBLISH (or the append script, for history) on the channel's master. Where Redis answered
+    /// SPUBLISH (or the store script, for history and keyed messages) on the channel's master. Where Redis answered
     /// a message without running it (the slot moved or is moving, the script is not loaded), that
     /// message and every one after it are published again one at a time, each only once the one
     /// before it succeeded, and all after the first that still fails fail too: within the batch, a
@@ -256,12 +257,12 @@ impl RedisBus {
     pub async fn publish_in_order(
         &self,
         channel: &str,
-        items: Vec<(Bytes, Option<Keep>)>,
+        items: Vec<(Bytes, Store)>,
     ) -> Vec<Result<Option<Pos>, BusError>> {
-        // Each append's id is made once, so every attempt of it carries the same.
+        // Each store's id is made once, so every attempt of it carries the same.
         let items: Vec<Item> = items
             .into_iter()
-            .map(|(payload, keep)| self.inner.item(payload, keep))
+            .map(|(payload, store)| self.inner.item(payload, store))
             .collect();
         let resend = Resend::from_now(self.inner.timeout);
         let pipelined = match self.pipelined(channel, &items).await {
@@ -290,20 +291,25 @@ impl RedisBus {
     /// and again while it fails and there is time, each time once its slot's master has a scripts
     /// connection up: the same id never appends twice.
     async fn send_again(&self, channel: &str, item: Item, resend: Resend) -> Result<Option<Pos>, BusError> {
-        let (Some(keep), Some(id)) = (item.keep, item.id.as_deref()) else {
+        let Some(id) = item.id.as_deref() else {
             resend.check()?;
             return self.publish(channel.to_string(), item.payload).await.map(|()| None);
         };
         loop {
             self.inner.scripts_up(channel, resend).await?;
-            match self.append(channel, item.payload.clone(), keep, id).await {
+            match self.store(channel, item.payload.clone(), &item.store, id).await {
                 Err(BusError::Unavailable(e)) if resend.check().is_ok() => {
-                    tracing::debug!(channel, error = %e, "append failed; sending it again under its id");
+                    tracing::debug!(channel, error = %e, "store failed; sending it again under its id");
                     tokio::time::sleep(RESEND_PAUSE).await;
                 }
-                result => return result.map(Some),
+                result => return result,
             }
         }
+    }
+
+    /// The channel's latest values (see [`crate::bus::Bus::latest`]).
+    pub async fn latest(&self, channel: &str, ttl: Duration) -> Result<Vec<Bytes>, BusError> {
+        self.inner.read_latest(channel, ttl).await
     }
 
     /// Reads the channel's history (see [`crate::bus::Bus::read`]).
@@ -562,15 +568,15 @@ impl Inner {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// A message to publish; an append gets its id (this bus's prefix and a count).
-    fn item(&self, payload: Bytes, keep: Option<Keep>) -> Item {
-        let id = keep.map(|_| {
+    /// A message to publish; one that is kept gets its id (this bus's prefix and a count).
+    fn item(&self, payload: Bytes, store: Store) -> Item {
+        let id = store.keeps().then(|| {
             format!(
                 "{}:{}",
                 self.append_prefix,
                 self.appends.fetch_add(1, Ordering::Relaxed)
             )
         });
-        Item { payload, keep, id }
+        Item { payload, store, id }
     }
 }

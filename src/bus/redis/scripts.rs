@@ -1,8 +1,10 @@
 //! The Lua scripts the bus runs on a channel's master, and how a call reaches it.
 //!
-//! History's two scripts live here: `APPEND` appends a message to its channel's stream and
-//! publishes it with its position in one step, `READ` reads where a channel's history stands
-//! (the stream's keys and positions are [`crate::history::pos`]'s). Presence keeps its scripts in
+//! The scripts of what a channel keeps live here: `STORE` appends a message to its channel's
+//! stream and/or stores it as its key's latest value, and publishes it with what they add, in one
+//! step; `READ` reads where a channel's history stands (the stream's keys and positions are
+//! [`crate::history::pos`]'s); `LATEST` reads the channel's latest values (their keys are
+//! [`crate::latest`]'s). Presence keeps its scripts in
 //! [`crate::bus::presence`] and calls them through [`RedisBus::call`](super::RedisBus::call).
 //!
 //! A script is called by its SHA and loaded where a master answers `NOSCRIPT`; a call follows the
@@ -10,8 +12,8 @@
 //! moment (`TRYAGAIN`). Scripts go on the link's scripts connection (see [`super::links`]).
 //!
 //! # Appending once
-//! An append whose answer was lost (its connection broke) may have run, or not. It is safe to
-//! send again because each carries an id, made once per message by the bus (not part of the
+//! An append (or a keyed publish) whose answer was lost (its connection broke) may have run, or
+//! not. It is safe to send again because each carries an id, made once per message by the bus (not part of the
 //! envelope: older nodes decode what this one publishes), and the script keeps the ids it
 //! appended, with their positions, for a window ([`id_window`]): an id it already has is answered
 //! with its position, neither appended nor published again. The ids live in two hashes beside the
@@ -36,41 +38,104 @@ use fred::{
 
 use super::{bounded, links::Link, lock, unavailable, Inner, RedisBus, Via};
 use crate::{
-    bus::{millis, BusError},
+    bus::{millis, BusError, Store},
     history::pos::{ids_key, meta_key, parse_entry_id, stream_key, Entry, Keep, Pos, Slice},
+    latest::{seq_key, times_key, values_key},
 };
 
-/// Appends a message to its channel's stream and publishes it with its position, in one step on
-/// the channel's master: nothing is in history without being published, nor published without a
-/// position. KEYS: stream, meta, channel, the ids of this window and of the one before. ARGV:
-/// envelope, size, ttl in milliseconds, the append's id, how long the ids are kept in
-/// milliseconds. The position is spliced into the envelope as a ninth field (`cmsgpack` packs it
-/// as a str), never re-packed. An id appended already gets its position back, and nothing else
-/// happens.
-const APPEND: &str = r#"
+/// Publishes a message that is kept, in one step on the channel's master: appended to the
+/// channel's stream (a room with history) and/or stored as its key's latest value (a keyed
+/// message), and published with what the stores add. Nothing is kept without being published, nor
+/// published without it. KEYS: channel, the ids of this window and of the one before, stream,
+/// meta, latest values, their update times, the key's update counter. ARGV: envelope, the
+/// publish's id, how long the ids are kept in milliseconds, history size ('' without history),
+/// history ttl in milliseconds, key ('' without one), the key's packed length, the latest values'
+/// ttl in milliseconds, the most keys. The position and the key's update number are spliced into
+/// the envelope in place (`cmsgpack` packs them), the rest never re-packed. An id published
+/// already gets its position back ('' without history), and nothing else happens. A new key past
+/// the most keys is refused (`TOOMANYKEYS`) before anything is written.
+const STORE: &str = r#"
 local env = ARGV[1]
-if string.byte(env, 1) ~= 0x98 then
+local keyed = ARGV[6] ~= ''
+local head
+if keyed then
+  local kl = tonumber(ARGV[7])
+  if string.byte(env, 1) ~= 0x9b or string.byte(env, #env) ~= 0xc0 or string.byte(env, #env - kl - 1) ~= 0xc0 then
+    return redis.error_reply('ERR a keyed envelope must be a MessagePack array of 11')
+  end
+  head = string.sub(env, 2, #env - kl - 2)
+elseif string.byte(env, 1) ~= 0x98 then
   return redis.error_reply('ERR the envelope must be a MessagePack array of 8')
 end
-local seen = redis.call('HGET', KEYS[4], ARGV[4]) or redis.call('HGET', KEYS[5], ARGV[4])
+local seen = redis.call('HGET', KEYS[2], ARGV[2]) or redis.call('HGET', KEYS[3], ARGV[2])
 if seen then
   return seen
 end
-local epoch = redis.call('HGET', KEYS[2], 'epoch')
-if not epoch then
+local now
+if keyed then
   local t = redis.call('TIME')
-  epoch = t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('HSET', KEYS[2], 'epoch', epoch)
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now - tonumber(ARGV[8]), 'LIMIT', 0, 256)
+  for _, k in ipairs(gone) do
+    redis.call('HDEL', KEYS[6], k)
+    redis.call('ZREM', KEYS[7], k)
+  end
+  if redis.call('HEXISTS', KEYS[6], ARGV[6]) == 0 and redis.call('HLEN', KEYS[6]) >= tonumber(ARGV[9]) then
+    return redis.error_reply('TOOMANYKEYS the room holds ' .. ARGV[9] .. ' keys')
+  end
 end
-local n = redis.call('HINCRBY', KEYS[2], 'n', 1)
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'n', n, 'e', env)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local pos = ''
+if ARGV[4] ~= '' then
+  local epoch = redis.call('HGET', KEYS[5], 'epoch')
+  if not epoch then
+    local t = redis.call('TIME')
+    epoch = t[1] .. string.format('%06d', tonumber(t[2]))
+    redis.call('HSET', KEYS[5], 'epoch', epoch)
+  end
+  local n = redis.call('HINCRBY', KEYS[5], 'n', 1)
+  local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'n', n, 'e', env)
+  redis.call('PEXPIRE', KEYS[4], ARGV[5])
+  redis.call('PEXPIRE', KEYS[5], ARGV[5])
+  pos = epoch .. ':' .. n .. ':' .. id
+end
+local out = env
+if keyed then
+  local seq = redis.call('INCR', KEYS[8])
+  local p = string.char(0xc0)
+  if pos ~= '' then
+    p = cmsgpack.pack(pos)
+  end
+  out = string.char(0x9b) .. head .. p .. string.sub(env, #env - tonumber(ARGV[7]), #env - 1) .. cmsgpack.pack(seq)
+  redis.call('HSET', KEYS[6], ARGV[6], out)
+  redis.call('ZADD', KEYS[7], now, ARGV[6])
+  redis.call('PEXPIRE', KEYS[6], ARGV[8])
+  redis.call('PEXPIRE', KEYS[7], ARGV[8])
+  redis.call('PEXPIRE', KEYS[8], ARGV[8])
+elseif pos ~= '' then
+  out = string.char(0x99) .. string.sub(env, 2) .. cmsgpack.pack(pos)
+end
+redis.call('SPUBLISH', KEYS[1], out)
+redis.call('HSET', KEYS[2], ARGV[2], pos)
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-local pos = epoch .. ':' .. n .. ':' .. id
-redis.call('SPUBLISH', KEYS[3], string.char(0x99) .. string.sub(env, 2) .. cmsgpack.pack(pos))
-redis.call('HSET', KEYS[4], ARGV[4], pos)
-redis.call('PEXPIRE', KEYS[4], ARGV[5])
 return pos
+"#;
+
+/// The latest values of a channel's keys, those updated within the ttl. KEYS: latest values, their
+/// update times. ARGV: the ttl in milliseconds.
+const LATEST: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local keys = redis.call('ZRANGEBYSCORE', KEYS[2], now - tonumber(ARGV[1]), '+inf')
+local out = {}
+for i = 1, #keys, 1000 do
+  local values = redis.call('HMGET', KEYS[1], unpack(keys, i, math.min(i + 999, #keys)))
+  for _, v in ipairs(values) do
+    if v then
+      out[#out + 1] = v
+    end
+  end
+end
+return out
 "#;
 
 /// Reads where a channel's history stands and its newest messages after a number, at most a cap
@@ -107,14 +172,15 @@ impl Script {
     }
 }
 
-static APPEND_SCRIPT: Script = Script::new(APPEND);
+static STORE_SCRIPT: Script = Script::new(STORE);
+static LATEST_SCRIPT: Script = Script::new(LATEST);
 static READ_SCRIPT: Script = Script::new(READ);
 
-/// One message of a batch: its envelope, how its room keeps history, and (with history) the id
-/// every attempt of its append carries.
+/// One message of a batch: its envelope, what its channel keeps of it, and (where it keeps
+/// anything) the id every attempt of its store carries.
 pub(super) struct Item {
     pub(super) payload: Bytes,
-    pub(super) keep: Option<Keep>,
+    pub(super) store: Store,
     pub(super) id: Option<String>,
 }
 
@@ -157,27 +223,37 @@ impl Resend {
 }
 
 impl RedisBus {
-    /// Appends to the channel's history and publishes, in one step on its master; `id` makes the
-    /// append happen once however many times it is sent.
-    pub(super) async fn append(&self, channel: &str, payload: Bytes, keep: Keep, id: &str) -> Result<Pos, BusError> {
-        let (keys, args) = append_call(channel, payload, keep, id, self.inner.timeout);
-        let pos = appended(self.inner.eval(&APPEND_SCRIPT, channel, keys, args).await?)?;
-        if self.inner.replicas == 0 {
+    /// Keeps a message (its history, its key's latest value) and publishes it, in one step on its
+    /// master; `id` makes it happen once however many times it is sent. The position where the
+    /// channel keeps history.
+    pub(super) async fn store(
+        &self,
+        channel: &str,
+        payload: Bytes,
+        store: &Store,
+        id: &str,
+    ) -> Result<Option<Pos>, BusError> {
+        let (keys, args) = store_call(channel, payload, store, id, self.inner.timeout);
+        let pos = stored(self.inner.eval(&STORE_SCRIPT, channel, keys, args).await?)?;
+        let (Some(pos), Some(keep)) = (pos, store.keep) else {
             return Ok(pos);
+        };
+        if self.inner.replicas == 0 {
+            return Ok(Some(pos));
         }
         let confirm = self
             .inner
             .link_for(redis_keyslot(channel.as_bytes()))
             .and_then(|link| link.confirm.as_ref().map(|(_, c)| c.clone()));
         match confirm {
-            Some(confirm) if confirm.confirm(meta_key(channel), millis(keep.ttl)).await => Ok(pos),
+            Some(confirm) if confirm.confirm(meta_key(channel), millis(keep.ttl)).await => Ok(Some(pos)),
             _ => Err(BusError::Unconfirmed(pos)),
         }
     }
 
     /// The pipeline of [`RedisBus::publish_in_order`]: per message its answer, or `None` from the
     /// first one to be published again in turn: the first Redis answered without running it, or,
-    /// with history, the first whose answer was lost (its append goes again under its id). A plain
+    /// where it is kept, the first whose answer was lost (its store goes again under its id). A plain
     /// publish whose answer was lost may have gone out: it and the rest fail. With
     /// `--publish-replicas` every append waits for its confirmation, so messages go one at a time
     /// instead.
@@ -186,21 +262,21 @@ impl RedisBus {
         channel: &str,
         items: &[Item],
     ) -> Result<Vec<Option<Result<Option<Pos>, BusError>>>, BusError> {
-        let history = items.iter().any(|item| item.keep.is_some());
-        let sha = APPEND_SCRIPT.sha.get().cloned();
-        if items.len() == 1 || (history && (self.inner.replicas > 0 || sha.is_none())) {
+        let kept = items.iter().any(|item| item.id.is_some());
+        let sha = STORE_SCRIPT.sha.get().cloned();
+        if items.len() == 1 || (kept && (self.inner.replicas > 0 || sha.is_none())) {
             return Ok(items.iter().map(|_| None).collect());
         }
         let slot = redis_keyslot(channel.as_bytes());
         let deadline = tokio::time::Instant::now() + self.inner.timeout;
-        // History's appends go over the scripts' connection, plain publishes over the publisher's.
-        let via = if history { Via::Scripts } else { Via::Publisher };
+        // What is kept goes over the scripts' connection, plain publishes over the publisher's.
+        let via = if kept { Via::Scripts } else { Via::Publisher };
         let link = self.inner.link_up(|| self.inner.link_for(slot), via, deadline).await?;
         let pipeline = via.of(&link).pipeline();
         for item in items {
-            let queued: Result<(), _> = match (item.keep, &item.id, &sha) {
-                (Some(keep), Some(id), Some(sha)) => {
-                    let (keys, args) = append_call(channel, item.payload.clone(), keep, id, self.inner.timeout);
+            let queued: Result<(), _> = match (&item.id, &sha) {
+                (Some(id), Some(sha)) => {
+                    let (keys, args) = store_call(channel, item.payload.clone(), &item.store, id, self.inner.timeout);
                     pipeline
                         .custom(
                             CustomCommand::new_static("EVALSHA", None::<u16>, false),
@@ -234,12 +310,12 @@ impl RedisBus {
             }
             again |= match &answer {
                 Ok(_) => false,
-                Err(e) => item.keep.is_some() || retry_for(e).is_some(),
+                Err(e) => item.id.is_some() || retry_for(e).is_some(),
             };
-            out.push(match (again, item.keep, answer) {
+            out.push(match (again, &item.id, answer) {
                 (true, _, _) => None,
                 (false, None, Ok(_)) => Some(Ok(None)),
-                (false, Some(_), Ok(v)) => Some(appended(v).map(Some)),
+                (false, Some(_), Ok(v)) => Some(stored(v)),
                 (false, _, Err(e)) => {
                     let e = unavailable(e);
                     failed = Some(e.clone());
@@ -268,6 +344,19 @@ impl Inner {
         ];
         let v = self.eval(&READ_SCRIPT, channel, keys, args).await?;
         parse_read(v).ok_or_else(|| unavailable("the read script answered something else than a slice"))
+    }
+
+    /// Reads the channel's latest values (see [`crate::bus::Bus::latest`]).
+    pub(super) async fn read_latest(self: &Arc<Self>, channel: &str, ttl: Duration) -> Result<Vec<Bytes>, BusError> {
+        let keys = vec![values_key(channel), times_key(channel)];
+        let v = self
+            .eval(&LATEST_SCRIPT, channel, keys, vec![Value::Integer(millis(ttl))])
+            .await?;
+        match v {
+            Value::Array(values) => Ok(values.into_iter().filter_map(bytes_of).collect()),
+            Value::Null => Ok(Vec::new()),
+            _ => Err(unavailable("the latest script answered something else than a list")),
+        }
     }
 
     /// Calls a script on the master of `channel`'s slot, loading it where it is missing and
@@ -315,6 +404,7 @@ impl Inner {
                     asked = None;
                     tokio::time::sleep(TRY_AGAIN_PAUSE).await;
                 }
+                _ if e.details().starts_with("TOOMANYKEYS") => return Err(BusError::TooManyKeys),
                 _ => return Err(unavailable(e)),
             }
         }
@@ -388,46 +478,72 @@ fn evalsha(sha: &str, keys: Vec<String>, args: Vec<Value>) -> Vec<Value> {
     call
 }
 
-/// The append script's keys and arguments for one message on `channel`, with its id: the ids of
+/// The store script's keys and arguments for one message on `channel`, with its id: the ids of
 /// the window now (on this node's clock) and of the one before, each kept two windows.
-fn append_call(channel: &str, payload: Bytes, keep: Keep, id: &str, timeout: Duration) -> (Vec<String>, Vec<Value>) {
+fn store_call(channel: &str, payload: Bytes, store: &Store, id: &str, timeout: Duration) -> (Vec<String>, Vec<Value>) {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    append_call_at(now, channel, payload, keep, id, timeout)
+    store_call_at(now, channel, payload, store, id, timeout)
 }
 
-/// [`append_call`] at `now` (since the Unix epoch).
-fn append_call_at(
+/// [`store_call`] at `now` (since the Unix epoch).
+fn store_call_at(
     now: Duration,
     channel: &str,
     payload: Bytes,
-    keep: Keep,
+    store: &Store,
     id: &str,
     timeout: Duration,
 ) -> (Vec<String>, Vec<Value>) {
     let window = id_window(timeout);
     let this = (now.as_millis() / window.as_millis()) as u64;
     let keys = vec![
-        stream_key(channel),
-        meta_key(channel),
         channel.to_string(),
         ids_key(channel, this),
         ids_key(channel, this.saturating_sub(1)),
+        stream_key(channel),
+        meta_key(channel),
+        values_key(channel),
+        times_key(channel),
+        seq_key(channel),
     ];
+    let (size, history_ttl) = match store.keep {
+        Some(keep) => (Value::Integer(i64::from(keep.size)), millis(keep.ttl)),
+        None => (Value::from(""), 1),
+    };
+    let (key, key_len, latest_ttl, max_keys) = match &store.latest {
+        Some(latest) => (
+            Value::from(latest.key.as_str()),
+            crate::latest::packed_len(&latest.key) as i64,
+            millis(latest.ttl),
+            i64::from(latest.max_keys),
+        ),
+        None => (Value::from(""), 0, 1, 0),
+    };
     let args = vec![
         Value::Bytes(payload),
-        Value::Integer(i64::from(keep.size)),
-        Value::Integer(millis(keep.ttl)),
         Value::from(id),
         Value::Integer(millis(window * 2)),
+        size,
+        Value::Integer(history_ttl),
+        key,
+        Value::Integer(key_len),
+        Value::Integer(latest_ttl),
+        Value::Integer(max_keys),
     ];
     (keys, args)
 }
 
-/// The append script's answer: the message's position.
-fn appended(v: Value) -> Result<Pos, BusError> {
-    bytes_of(v)
-        .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
-        .ok_or_else(|| unavailable("the append script answered something else than a position"))
+/// The store script's answer: the message's position, none ('') without history.
+fn stored(v: Value) -> Result<Option<Pos>, BusError> {
+    let b = bytes_of(v).ok_or_else(|| unavailable("the store script answered something else than a position"))?;
+    if b.is_empty() {
+        return Ok(None);
+    }
+    std::str::from_utf8(&b)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Some)
+        .ok_or_else(|| unavailable("the store script answered something else than a position"))
 }
 
 /// `ASKING` then `EVALSHA` on one connection, as Redis wants for a key of a slot being migrated.
@@ -566,7 +682,7 @@ mod tests {
         let mut messages = subscriber.message_rx();
         let channel = "ws:room:r:shard0";
         subscriber.ssubscribe(channel).await.unwrap();
-        let sha: String = client.script_load(APPEND).await.unwrap();
+        let sha: String = client.script_load(STORE).await.unwrap();
         let keep = Keep {
             size: 100,
             ttl: Duration::from_secs(60),
@@ -576,8 +692,14 @@ mod tests {
         let append = |at: Duration, id: &'static str, data: &'static [u8]| {
             let (client, sha) = (client.clone(), sha.clone());
             async move {
-                let (keys, args) = append_call_at(at, channel, envelope(data), keep, id, T);
-                appended(client.evalsha::<Value, _, _, _>(sha, keys, args).await.unwrap()).unwrap()
+                let store = Store {
+                    keep: Some(keep),
+                    latest: None,
+                };
+                let (keys, args) = store_call_at(at, channel, envelope(data), &store, id, T);
+                stored(client.evalsha::<Value, _, _, _>(sha, keys, args).await.unwrap())
+                    .unwrap()
+                    .unwrap()
             }
         };
         let first = append(now, "n:1", b"1").await;
