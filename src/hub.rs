@@ -27,6 +27,7 @@ use crate::{
     fanout::{
         gate::Push,
         lanes::{frames_of, Keyed, Lanes, Recent, Tag},
+        rate::Rate,
         writer::{self, Floors, HeldFrame, Outbound, Scratch, Seated},
     },
     history::{
@@ -81,6 +82,8 @@ struct Seat {
     held: Option<Box<Held>>,
     /// After a join with `latest`: the keys whose live values must be newer than what it was sent.
     floors: Option<Arc<Floors>>,
+    /// A join's `max_rate`.
+    rate: Option<Arc<Rate>>,
 }
 
 /// Live frames kept back for a member while its join replays history, so that the replay and what
@@ -164,6 +167,7 @@ impl Entry {
                 since,
                 held,
                 floors: None,
+                rate: None,
             },
         );
     }
@@ -396,9 +400,9 @@ impl Hub {
         }
     }
 
-    /// Sets a held socket's floors: what a join with `latest` sent it, before its release, so that
-    /// neither what was held nor what comes live takes a key backwards.
-    pub fn set_floors(&self, topic: &Topic, id: SessionId, floors: Floors) {
+    /// Sets a held socket's floors (what a join with `latest` sent it, so that neither what was
+    /// held nor what comes live takes a key backwards) and pace (`max_rate`), before its release.
+    pub fn set_keys(&self, topic: &Topic, id: SessionId, floors: Option<Floors>, rate: Option<Arc<Rate>>) {
         if let Some(seat) = self
             .inner
             .topics
@@ -406,7 +410,8 @@ impl Hub {
             .as_mut()
             .and_then(|e| e.members.get_mut(&id))
         {
-            seat.floors = Some(Arc::new(floors));
+            seat.floors = floors.map(Arc::new);
+            seat.rate = rate;
         }
     }
 
@@ -586,6 +591,7 @@ impl Hub {
             since,
             held,
             floors,
+            rate,
         } in entry.members.values()
         {
             if held.is_none() && member.lane(lanes) == lane {
@@ -593,6 +599,7 @@ impl Hub {
                     member: member.clone(),
                     since: *since,
                     floors: floors.clone(),
+                    rate: rate.clone(),
                 });
             }
         }

@@ -251,7 +251,7 @@ const METRICS: &[(Kind, &str, Unit, &str)] = &[
     (Kind::Counter, RECOVERIES, Unit::Count, "Joins with `since`, by outcome: recovered (everything missed was replayed) or not_recovered."),
     (Kind::Counter, REPLAYED, Unit::Count, "Messages replayed to joins that recovered."),
     (Kind::Gauge, CONFLATING, Unit::Count, "Sockets conflating now: behind past --conflate-above, served the latest value of each key of their --conflate rooms."),
-    (Kind::Counter, SKIPPED, Unit::Count, "Values of a key a conflating socket did not get, replaced in its queue by a newer one."),
+    (Kind::Counter, SKIPPED, Unit::Count, "Values of a key a socket did not get, replaced by a newer one, by reason: conflated (in a conflating socket's queue) or max_rate (waiting for the join's max_rate)."),
     (Kind::Counter, LATEST_SENT, Unit::Count, "Latest values sent to joins with `latest`."),
     (Kind::Counter, HISTORY_READS, Unit::Count, "History reads by source: store (sent to Redis, or the embedded ring) or shared (a join served by another join's read)."),
     (Kind::Histogram, PUBLISH_WAIT, Unit::Seconds, "With --publish-replicas: how long a publish waited for its replicas to confirm it (one WAIT covers a batch)."),
@@ -300,7 +300,6 @@ fn start_at_zero() {
         AUTH_FAILURES,
         RATE_LIMITED,
         REPLAYED,
-        SKIPPED,
         LATEST_SENT,
         PUBLISH_RATE_LIMITED,
         PRESENCE_READS,
@@ -337,6 +336,9 @@ fn start_at_zero() {
     }
     for reason in CLOSE_REASONS {
         counter!(CONNECTIONS_CLOSED, "reason" => reason.as_str()).increment(0);
+    }
+    for reason in ["conflated", "max_rate"] {
+        counter!(SKIPPED, "reason" => reason).increment(0);
     }
     for source in PUBLISH_SOURCES {
         counter!(PUBLISHED, "source" => source).increment(0);
@@ -457,9 +459,9 @@ pub fn conflating(change: i8) {
     gauge!(CONFLATING).increment(f64::from(change));
 }
 
-/// Values of a key a conflating socket will not get.
-pub fn skipped(values: u64) {
-    counter!(SKIPPED).increment(values);
+/// Values of a key a socket will not get: `conflated` or `max_rate`.
+pub fn skipped(reason: &'static str, values: u64) {
+    counter!(SKIPPED, "reason" => reason).increment(values);
 }
 
 /// Latest values sent to a join.

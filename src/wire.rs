@@ -112,23 +112,42 @@ fn framed(encoding: Encoding, env: &Envelope, shard: u32, latest: bool) -> Resul
     })
 }
 
-/// The same `msg` frame with `"skipped":N` added: the values of its key the socket did not get.
-/// The field goes first (JSON) or as the map's first pair (MessagePack, a `msg` map has fewer than
-/// 16 pairs), so nothing else is re-encoded. `None` for a frame the node did not build this way.
+/// The same `msg` frame with `"skipped":N` added: the values of its key the socket did not get
+/// (added to those a frame marked already says). The field goes first (JSON) or as the map's first
+/// pair (MessagePack, a `msg` map has fewer than 16 pairs), so nothing else is re-encoded. `None`
+/// for a frame the node did not build this way.
 pub fn with_skipped(frame: &[u8], skipped: u32) -> Option<Bytes> {
+    const JSON_FIELD: &[u8] = b"{\"skipped\":";
+    const MSGPACK_KEY: &[u8] = b"\xa7skipped";
     let (opcode, payload) = unframe(frame)?;
     let mut out = Payload::with_capacity(payload.len() + 16);
     match opcode {
         OpCode::Data(Data::Text) if payload.first() == Some(&b'{') => {
-            out.put(format!("{{\"skipped\":{skipped},").as_bytes());
-            out.put(&payload[1..]);
+            let (had, rest) = match payload.strip_prefix(JSON_FIELD) {
+                Some(rest) => {
+                    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+                    let had: u32 = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+                    (had, rest.get(digits + 1..)?)
+                }
+                None => (0, &payload[1..]),
+            };
+            out.put(format!("{{\"skipped\":{},", had.saturating_add(skipped)).as_bytes());
+            out.put(rest);
             Some(out.text())
         }
         OpCode::Data(Data::Binary) if payload.first().is_some_and(|b| (0x80..0x8f).contains(b)) => {
-            out.put(&[payload[0] + 1]);
+            let body = &payload[1..];
+            let (header, had, rest) = match body.strip_prefix(MSGPACK_KEY) {
+                Some(mut after) => {
+                    let had: u32 = rmp::decode::read_int(&mut after).ok()?;
+                    (payload[0], had, after)
+                }
+                None => (payload[0] + 1, 0, body),
+            };
+            out.put(&[header]);
             let _ = rmp::encode::write_str(&mut out, "skipped");
-            let _ = rmp::encode::write_uint(&mut out, u64::from(skipped));
-            out.put(&payload[1..]);
+            let _ = rmp::encode::write_uint(&mut out, u64::from(had.saturating_add(skipped)));
+            out.put(rest);
             Some(out.binary())
         }
         _ => None,
@@ -428,6 +447,38 @@ pub(crate) mod tests {
             out.push(msg);
         }
         out
+    }
+
+    #[test]
+    fn a_keyed_frame_carries_its_key_and_marks_are_added_without_reencoding() {
+        let mut env = Envelope::to_room("m", Bytes::from_static(br#"{"h":1}"#));
+        env.key = Some("score".into());
+        for encoding in Encoding::ALL {
+            let read = |frame: &Bytes| -> serde_json::Value {
+                match read_all(frame).pop().unwrap() {
+                    Message::Text(t) => serde_json::from_str(&t).unwrap(),
+                    Message::Binary(b) => rmp_serde::from_slice(&b).unwrap(),
+                    other => panic!("{other:?}"),
+                }
+            };
+            let live = broadcast_frame(encoding, &env, 0).unwrap();
+            let v = read(&live);
+            assert_eq!((v["key"].as_str(), v.get("latest")), (Some("score"), None), "{v}");
+            assert_eq!(read(&latest_frame(encoding, &env, 0).unwrap())["latest"], true);
+            let once = with_skipped(&live, 3).unwrap();
+            let v = read(&once);
+            assert_eq!(
+                (v["skipped"].as_u64(), v["data"]["h"].as_u64()),
+                (Some(3), Some(1)),
+                "{v}"
+            );
+            // Marked again: the counts add up, the field is there once.
+            let twice = read(&with_skipped(&once, 2).unwrap());
+            assert_eq!(twice["skipped"], 5, "{twice}");
+            assert_eq!(twice.as_object().unwrap().len(), v.as_object().unwrap().len());
+        }
+        assert!(with_skipped(&PING, 1).is_none());
+        assert!(with_skipped(b"\x81", 1).is_none());
     }
 
     #[test]

@@ -467,3 +467,49 @@ async fn a_history_join_on_a_fresh_node_goes_live_though_some_shards_are_quiet()
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rate_sends_at_most_that_many_values_per_key_a_second_and_the_last_one_always() {
+    let node = Node::start(config(None, "max-rate")).await;
+    let mut fan = Client::connect(&node.ws("?user=fan")).await;
+    let (first, _) = join_latest(&mut fan, "paced", json!({"max_rate": 2})).await;
+    assert!(first.is_empty());
+    let mut feed = Client::connect(&node.ws("?user=feed")).await;
+    let started = std::time::Instant::now();
+    for i in 0..60u64 {
+        feed.send(json!({"op":"pub","room":"paced","key":"score","data":i}))
+            .await;
+        if i % 20 == 0 {
+            feed.publish("paced", json!({"chat": i})).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (mut scores, mut chat, mut skipped) = (Vec::new(), 0, 0);
+    while scores.last() != Some(&59) {
+        let m = next_msg(&mut fan).await;
+        if m["key"] == "score" {
+            scores.push(m["data"].as_u64().unwrap());
+            skipped += m["skipped"].as_u64().unwrap_or(0);
+        } else {
+            chat += 1;
+        }
+    }
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(chat, 3, "unkeyed messages are not paced");
+    assert!(scores.windows(2).all(|w| w[0] < w[1]), "in order: {scores:?}");
+    assert!(
+        scores.len() as f64 <= took * 2.0 + 2.0,
+        "{} values in {took:.1}s at max_rate 2: {scores:?}",
+        scores.len()
+    );
+    assert_eq!(
+        scores.len() as u64 + skipped,
+        60,
+        "each value sent or counted as skipped"
+    );
+    for bad in [json!(0), json!(1001), json!("2"), json!(1.5)] {
+        let r = fan.request(json!({"op":"join","room":"other","max_rate":bad})).await;
+        assert_eq!(r["code"], "bad_field", "{bad}: {r}");
+    }
+    node.stop().await;
+}

@@ -11,7 +11,10 @@ use super::{may_join, ok, unavailable, Answer, Membership};
 use crate::{
     bus::BusError,
     close::ErrorCode,
-    fanout::writer::{Floors, Outbound},
+    fanout::{
+        rate::Rate,
+        writer::{Floors, Outbound},
+    },
     frame::FrameError,
     history::{
         pos::{Keep, Pos},
@@ -40,7 +43,7 @@ pub async fn run(join: Join, node: &Node, membership: &mut Membership, out: &Out
         since,
         presence,
         latest,
-        max_rate: _,
+        max_rate,
     } = join;
     let room: Arc<str> = room.into();
     if membership.is_in(&room) {
@@ -61,8 +64,15 @@ pub async fn run(join: Join, node: &Node, membership: &mut Membership, out: &Out
     }
     let keep = node.config().keep(&room);
     let answer = match keep {
-        None if !latest => plain(node, membership, id, room.clone(), since.is_some()).await,
-        _ => held(node, membership, out, id, room.clone(), keep, since, latest).await,
+        None if !latest && max_rate.is_none() => plain(node, membership, id, room.clone(), since.is_some()).await,
+        _ => {
+            let asked = Asked {
+                since,
+                latest,
+                max_rate,
+            };
+            held(node, membership, out, id, room.clone(), keep, asked).await
+        }
     };
     if presence && answer.is_ok() {
         membership.watch(&room, out);
@@ -88,12 +98,18 @@ async fn plain(node: &Node, membership: &mut Membership, id: Option<i64>, room: 
     ok(id)
 }
 
+/// What a held join asks for besides the room.
+struct Asked {
+    since: Option<Vec<Pos>>,
+    latest: bool,
+    max_rate: Option<u32>,
+}
+
 /// Joins holding live frames back while the socket is sent first what it asked for: in a room
 /// with history, what it missed after `since` when every shard still has all of it; with `latest`,
 /// the latest value of every key (unless the replay recovered everything). Then it answers (with
 /// where each shard stands, in a room with history) and goes live, without a gap, a duplicate, or
-/// a key going backwards.
-#[allow(clippy::too_many_arguments)]
+/// a key going backwards, paced by `max_rate` where it asked for one.
 async fn held(
     node: &Node,
     membership: &mut Membership,
@@ -101,9 +117,13 @@ async fn held(
     id: Option<i64>,
     room: Arc<str>,
     keep: Option<Keep>,
-    since: Option<Vec<Pos>>,
-    latest: bool,
+    asked: Asked,
 ) -> Answer {
+    let Asked {
+        since,
+        latest,
+        max_rate,
+    } = asked;
     let topic = Topic::Room(room.clone());
     node.hub()
         .join_held(topic.clone(), membership.id(), node.config().join_timeout)
@@ -129,9 +149,8 @@ async fn held(
             return Err(unavailable(id, &e));
         }
     };
-    if let Some(floors) = floors {
-        node.hub().set_floors(&topic, membership.id(), floors);
-    }
+    let rate = max_rate.map(|n| Rate::start(n, out.clone()));
+    node.hub().set_keys(&topic, membership.id(), floors, rate);
     let heads = replayed.as_ref().map_or_else(Vec::new, |r| r.heads.clone());
     node.hub().seed(&topic, &heads);
     if id.is_some() {

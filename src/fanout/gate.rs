@@ -345,7 +345,7 @@ impl State {
         let Some(marked) = wire::with_skipped(frame, skipped) else {
             return self.queue(frame.clone(), budget);
         };
-        m::skipped(1);
+        m::skipped("conflated", 1);
         c.slots.insert(slot, (c.popped + i as u64, skipped));
         self.queued = self.queued - self.frames[i].len() + marked.len();
         self.frames[i] = marked;

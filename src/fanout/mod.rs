@@ -10,13 +10,16 @@
 //! - [`writer`]: the only caller of a gate's writes: a lane's turn, held frames let go, and
 //!   [`writer::Outbound`], the entry point for replies, presence events, pings, replays, drain
 //!   notices and closes.
-//! - [`gate`]: one socket's byte budget and non-blocking writes.
+//! - [`gate`]: one socket's byte budget and non-blocking writes, and conflation for a socket that
+//!   falls behind.
+//! - [`rate`]: `max_rate`, at most N values per second of each key to one socket.
 //!
 //! Who is in which topic is the hub's ([`crate::hub`]): a worker asks it to record a message
 //! and to write a lane, and the hub hands the lane's members to the writer.
 
 pub mod gate;
 pub mod lanes;
+pub mod rate;
 pub mod schedule;
 pub mod worker;
 pub mod writer;

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use super::{
     gate::{Gate, Next, Push},
     lanes::{lane_of, Share, Tag},
+    rate::Rate,
 };
 use crate::{
     close::{code, CloseReason},
@@ -124,11 +125,12 @@ impl Floors {
 }
 
 /// One member of a topic in a lane's turn: its socket, the first frame number it gets (what it
-/// joined at), and its keys' floors after a join with `latest`.
+/// joined at), its keys' floors after a join with `latest`, and its `max_rate`.
 pub struct Seated {
     pub(crate) member: Outbound,
     pub(crate) since: u64,
     pub(crate) floors: Option<Arc<Floors>>,
+    pub(crate) rate: Option<Arc<Rate>>,
 }
 
 /// What a lane's turn writes of one topic, in buffers reused from turn to turn.
@@ -138,7 +140,7 @@ pub struct Scratch {
     pub(crate) shares: [Share; 2],
     /// The topic's members in the lane.
     pub(crate) seats: Vec<Seated>,
-    /// The frames and keys of a seat with floors, those that pass them.
+    /// The frames and keys of a seat with floors or a pace, those that go now.
     passed: (Vec<Bytes>, Vec<Tag>),
 }
 
@@ -153,16 +155,29 @@ impl Scratch {
 /// not had (those numbered from its join on). Empties the seats.
 pub fn write_turn(s: &mut Scratch) -> Delivery {
     let mut out = Delivery::default();
-    for Seated { member, since, floors } in s.seats.drain(..) {
+    for Seated {
+        member,
+        since,
+        floors,
+        rate,
+    } in s.seats.drain(..)
+    {
         let share = &s.shares[member.encoding.index()];
         let (mut frames, mut tags) = (share.since(since), share.tags_since(since));
-        if let Some(floors) = &floors {
+        if floors.is_some() || rate.is_some() {
             let (f, t) = &mut s.passed;
             f.clear();
             t.clear();
             for (frame, tag) in frames.iter().zip(tags) {
-                if floors.admits(tag) {
-                    f.push(frame.clone());
+                if floors.as_ref().is_some_and(|floors| !floors.admits(tag)) {
+                    continue;
+                }
+                let now = match &rate {
+                    Some(rate) => rate.admit(frame, tag),
+                    None => Some(frame.clone()),
+                };
+                if let Some(frame) = now {
+                    f.push(frame);
                     t.push(tag.clone());
                 }
             }
