@@ -431,24 +431,35 @@ test("keyed messages: a keyed publish arrives with its key; a join with latest g
   }
 });
 
-test("maxRate: an integer from 1 to 1000 or a TypeError; sent on the join, the node thins a key to it and says how many were skipped", async () => {
+test("maxRate: an integer from 1 to 1000 or a TypeError, nothing sent; a good one goes on the join frame", async () => {
   const node = await startNode(historyArgs());
   const sockets = [];
-  const slow = connect(node.ws, { user: "slow", WebSocket: framesSent(sockets) });
-  const feed = connect(node.ws, { user: "feed" });
+  const c = connect(node.ws, { user: "c", WebSocket: framesSent(sockets) });
   try {
     for (const bad of [0, 1001, 1.5, -1, NaN, Infinity, "10", null]) {
-      assert.throws(() => slow.join("rated", { maxRate: bad }), TypeError, `maxRate ${String(bad)}`);
+      assert.throws(() => c.join("rated", { maxRate: bad }), TypeError, `maxRate ${String(bad)}`);
     }
-    const room = slow.join("rated", { maxRate: 1 });
-    const fast = slow.join("rated-fast", { maxRate: 1000 });
-    const got = record(room);
-    await Promise.all([room.ready, fast.ready]);
+    const slowest = c.join("rated", { maxRate: 1 });
+    const fastest = c.join("rated-fast", { maxRate: 1000 });
+    await Promise.all([slowest.ready, fastest.ready]);
     const sent = joins(sockets[0]);
     assert.equal(sent.rated.max_rate, 1);
     assert.equal(sent["rated-fast"].max_rate, 1000);
     assert.equal(sockets[0].filter((f) => f.op === "join" && f.room === "rated").length, 1, "the refused joins sent nothing");
+  } finally {
+    c.close();
+    await node.stop();
+  }
+});
 
+test("maxRate: the node thins a key to it, newest last, and each message says how many it skipped", async () => {
+  const node = await startNode(historyArgs());
+  const slow = connect(node.ws, { user: "slow" });
+  const feed = connect(node.ws, { user: "feed" });
+  try {
+    const room = slow.join("rated", { maxRate: 1 });
+    const got = record(room);
+    await room.ready;
     const pub = feed.join("rated");
     await pub.ready;
     const VALUES = 30;
@@ -468,14 +479,14 @@ test("maxRate: an integer from 1 to 1000 or a TypeError; sent on the join, the n
   }
 });
 
-test("a room joined with latest asks for it again on a re-join without positions; one with positions resumes with since", async () => {
+test("a room joined with latest asks for it again on a re-join without positions, one with positions resumes with since; maxRate is asked again", async () => {
   const node = await startNode(historyArgs());
   const lb = await startBalancer([node.port]);
   const sockets = [];
   const fan = connect(lb.ws, { user: "fan", reconnect: { base: 100, cap: 300 }, WebSocket: framesSent(sockets) });
   const feed = connect(node.ws, { user: "feed" });
   try {
-    const plain = fan.join("board", { latest: true });
+    const plain = fan.join("board", { latest: true, maxRate: 50 });
     const hist = fan.join("hist-board", { latest: true });
     const plainGot = record(plain);
     const histGot = record(hist);
@@ -502,6 +513,7 @@ test("a room joined with latest asks for it again on a re-join without positions
     const again = joins(sockets[sockets.length - 1]);
     assert.equal(again.board.latest, true, "no positions: latest asked again");
     assert.equal(again.board.since, undefined);
+    assert.equal(again.board.max_rate, 50, "the rate is the socket's: asked again");
     assert.ok(Array.isArray(again["hist-board"].since), "positions: resumed with since");
     assert.equal(again["hist-board"].latest, undefined, "and no latest beside since");
 
