@@ -38,10 +38,13 @@
 //!   and [`bus::memory`] (embedded); [`bus::presence`] keeps presence contributions.
 //! - [`history`]: rooms that keep their messages: positions ([`history::pos`], the lowest
 //!   module), the store's reads, shard heads, the node's own gaps, and the replay on join.
+//! - [`latest`]: keyed messages' latest values: what the stores keep beside each channel, and a
+//!   room's values read for a join with `latest` and `GET /rooms/<room>/latest`.
 //! - [`presence`]: rooms' counts and member lists and users' online status over every node,
 //!   from each node's own contribution.
 //! - [`hub`]: local sockets and topics: who is in which, subscriptions, held frames.
-//! - [`fanout`]: the way out: delivery workers, lanes, their schedule, the writer and the gate.
+//! - [`fanout`]: the way out: delivery workers, lanes, their schedule, the writer, a join's
+//!   `max_rate` ([`fanout::rate`]) and the gate (with conflation for a socket that falls behind).
 //! - [`node`]: the shared handle; [`shutdown`]: the drain; [`metrics`]: names and recorder.
 
 pub mod accept;

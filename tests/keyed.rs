@@ -367,7 +367,7 @@ async fn stalled_reader(conflate: bool) -> (Vec<Value>, Option<u16>) {
     let metrics = node.url("/metrics");
     if conflate {
         eventually("the socket to conflate", || async {
-            common::metric(&metrics, "shardcast_conflated_values_total")
+            common::metric(&metrics, "shardcast_conflated_values_total{reason=\"conflated\"}")
                 .await
                 .is_some_and(|v| v > 0.0)
         })

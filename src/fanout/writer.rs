@@ -111,7 +111,10 @@ impl Floors {
 
     /// Whether a frame of this key goes to the socket.
     fn admits(&self, tag: &Tag) -> bool {
-        let Some(keyed) = tag else { return true };
+        // A value without an update number (a backend's own SPUBLISH) cannot be placed: it goes.
+        let Some(keyed) = tag.as_ref().filter(|k| k.seq != 0) else {
+            return true;
+        };
         let mut floors = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match floors.get(&keyed.key) {
             Some(&floor) if keyed.seq <= floor => false,
