@@ -1,11 +1,12 @@
 //! The demo scenario: a match for the demo page (`GET /demo` on nodes run with `--demo true`). A
 //! scorer and `--publishers` fans publish into one room at `--rate` messages per second in all, for
 //! `--duration`: every tenth message is the score, `{"type":"score","home","away","score":[h,a],
-//! "minute"}`, the others chat lines, `{"type":"chat","text"}`, as the page shows them. Every
-//! publish carries an id; the report counts the `ok`s and the errors.
+//! "minute"}`, published with the key `score` (so a page joining with `latest` mid-match gets the
+//! current score at once), the others chat lines, `{"type":"chat","text"}`, as the page shows them.
+//! Every publish carries an id; the report counts the `ok`s and the errors.
 //!
-//! What the k-th message is ([`message`]) is pure and tested without a node; [`Plan::from_args`]
-//! is the `demo` subcommand's plan.
+//! What the k-th message is ([`message`]) and its `pub` frame ([`pub_frame`]) are pure and tested
+//! without a node; [`Plan::from_args`] is the `demo` subcommand's plan.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -86,6 +87,8 @@ const AWAY: &str = "Tigers";
 const MAX_RATE: f64 = 10_000.0;
 /// Every this many messages one is the score.
 const SCORE_EVERY: u64 = 10;
+/// The key the score is published with: each score replaces the one before.
+const SCORE_KEY: &str = "score";
 const CHANTS: [&str; 6] = [
     "what a save!",
     "offside, surely",
@@ -96,20 +99,29 @@ const CHANTS: [&str; 6] = [
 ];
 
 /// The `k`-th message of a match `progress` (0 to 1) through: who sends it (0 is the scorer, `1..`
-/// the fans) and its data.
-pub fn message(k: u64, fans: usize, progress: f64) -> (usize, serde_json::Value) {
+/// the fans), its key (the score's; chat lines have none, each is news) and its data.
+pub fn message(k: u64, fans: usize, progress: f64) -> (usize, Option<&'static str>, serde_json::Value) {
     if k.is_multiple_of(SCORE_EVERY) {
         // A goal every seventh score update, the home side every other one.
         let goals = k / SCORE_EVERY / 7;
         let (home, away) = (goals.div_ceil(2), goals / 2);
         let minute = (progress.clamp(0.0, 1.0) * 90.0).round() as u64;
         let data = json!({"type": "score", "home": HOME, "away": AWAY, "score": [home, away], "minute": minute});
-        (0, data)
+        (0, Some(SCORE_KEY), data)
     } else {
         let fan = 1 + (k as usize % fans.max(1));
         let text = format!("{} #{k}", CHANTS[k as usize % CHANTS.len()]);
-        (fan, json!({"type": "chat", "text": text}))
+        (fan, None, json!({"type": "chat", "text": text}))
     }
+}
+
+/// The `pub` frame of a message to `room` with the command id `id`, with `key` when it has one.
+pub fn pub_frame(room: &str, id: u64, key: Option<&str>, data: serde_json::Value) -> serde_json::Value {
+    let mut frame = json!({"op": "pub", "room": room, "data": data, "id": id});
+    if let Some(key) = key {
+        frame["key"] = key.into();
+    }
+    frame
 }
 
 /// A voice's sending half.
@@ -174,8 +186,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<DemoReport> {
     while start.elapsed() < plan.duration {
         tick.tick().await;
         let progress = start.elapsed().as_secs_f64() / plan.duration.as_secs_f64();
-        let (voice, data) = message(published, fans, progress);
-        let frame = json!({"op": "pub", "room": plan.room, "data": data, "id": published});
+        let (voice, key, data) = message(published, fans, progress);
+        let frame = pub_frame(&plan.room, published, key, data);
         sinks[voice]
             .send(Message::Text(frame.to_string().into()))
             .await
@@ -228,19 +240,34 @@ mod tests {
 
     #[test]
     fn every_tenth_message_is_the_score_from_the_scorer_and_the_fans_chat_in_turn() {
-        let (voice, score) = message(0, 3, 0.0);
+        let (voice, key, score) = message(0, 3, 0.0);
         assert_eq!(voice, 0);
+        assert_eq!(key, Some("score"));
         assert_eq!(score["type"], "score");
         assert_eq!(score["score"], json!([0, 0]));
-        let (_, later) = message(70 * 3, 3, 0.5);
+        let (_, _, later) = message(70 * 3, 3, 0.5);
         assert_eq!(
             (later["score"].clone(), later["minute"].clone()),
             (json!([2, 1]), json!(45))
         );
         let voices: Vec<usize> = (1..10).map(|k| message(k, 3, 0.0).0).collect();
         assert_eq!(voices, [2, 3, 1, 2, 3, 1, 2, 3, 1]);
-        let (_, chat) = message(7, 3, 0.0);
+        let (_, key, chat) = message(7, 3, 0.0);
+        assert_eq!(key, None);
         assert_eq!(chat["type"], "chat");
         assert!(chat["text"].as_str().unwrap().ends_with("#7"));
+    }
+
+    #[test]
+    fn the_score_is_published_with_its_key_and_a_chat_line_with_none() {
+        let (_, key, data) = message(10, 3, 0.2);
+        assert_eq!(
+            pub_frame("demo", 10, key, data.clone()),
+            json!({"op": "pub", "room": "demo", "data": data, "id": 10, "key": "score"})
+        );
+        let (_, key, chat) = message(11, 3, 0.2);
+        let frame = pub_frame("demo", 11, key, chat);
+        assert_eq!(frame["op"], "pub");
+        assert!(frame.get("key").is_none(), "{frame}");
     }
 }

@@ -1,6 +1,7 @@
 // The demo page: a scoreboard and a chat in one room, on the SDK. Query parameters: `token` (with
 // auth on), `user` (without), `room` (default `demo`). Scores are `{type:"score", home, away,
-// score:[h,a], minute}`, chat lines `{type:"chat", text}` (what `shardcast-loadtest demo` sends).
+// score:[h,a], minute}` published with the key `score`, chat lines `{type:"chat", text}` (what
+// `shardcast-loadtest demo` sends).
 
 import { connect, type Message } from "../src/index.js";
 
@@ -30,7 +31,9 @@ setInterval(() => {
   $("rate").textContent = String(arrivals.length);
 }, 250);
 
-const room = client.join(roomName);
+// `latest`: the score's current value comes before the join's answer, so a page opened mid-match
+// (or back after a reconnect without history) shows the score at once, not at the next update.
+const room = client.join(roomName, { latest: true });
 room.on("message", (m: Message) => {
   arrivals.push(performance.now());
   const d = m.data as { type?: string; [k: string]: unknown };

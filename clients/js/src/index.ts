@@ -16,6 +16,25 @@ export interface Message {
   data: unknown;
   shard?: number;
   pos?: string;
+  /** The key it was published with: a newer message of the same key replaces it. */
+  key?: string;
+  /** How many values of `key` before this one this socket never got (`maxRate`, a slow socket). */
+  skipped?: number;
+  /** Sent on a join with `latest`, before its `ok`: the key's current value, not a new one. */
+  latest?: boolean;
+}
+
+export interface JoinOptions {
+  /** After a reconnect, ask for what was missed (`since`) in rooms with history. Default true. */
+  recover?: boolean;
+  /**
+   * Get the current value of every key of the room before the join's `ok` (a scoreboard opened
+   * mid-match shows the score at once). Asked again on every re-join that cannot resume from
+   * positions (a room without history, or `recover: false`).
+   */
+  latest?: boolean;
+  /** At most this many messages per second per key to this socket (1 to 1000); the newest wins. */
+  maxRate?: number;
 }
 
 export interface DirectMessage {
@@ -159,11 +178,19 @@ export class Client extends Emitter<ClientEvents> {
     });
   }
 
-  /** Joins `name` (again after every reconnect, until `leave`); the same room if already joined. */
-  join(name: string, options: { recover?: boolean } = {}): Room {
+  /**
+   * Joins `name` (again after every reconnect, until `leave`); the same room if already joined
+   * (its options are the first join's). A `maxRate` that is not an integer from 1 to 1000 throws a
+   * `TypeError` at once, rather than failing the join on every connection.
+   */
+  join(name: string, options: JoinOptions = {}): Room {
+    const { maxRate } = options;
+    if (maxRate !== undefined && !(Number.isInteger(maxRate) && maxRate >= 1 && maxRate <= 1000)) {
+      throw new TypeError(`maxRate must be an integer from 1 to 1000, not ${String(maxRate)}`);
+    }
     let room = this.#rooms.get(name);
     if (!room) {
-      room = new Room(this, name, options.recover ?? true);
+      room = new Room(this, name, options.recover ?? true, options.latest ?? false, maxRate);
       this.#rooms.set(name, room);
       if (this.#connected()) this.#join(room);
     }
@@ -404,6 +431,11 @@ export class Client extends Emitter<ClientEvents> {
     const frame: Frame = { op: "join", room: room.name };
     const resuming = room.everJoined;
     if (resuming && room.recover && room.last) frame.since = room.last;
+    // With positions the node replays what was missed, the newer values of keys included; without
+    // them (no history, or no recovery) only the current values can catch the room up again.
+    else if (room.wantsLatest) frame.latest = true;
+    // The rate is the socket's, so every connection is told again.
+    if (room.maxRate !== undefined) frame.max_rate = room.maxRate;
     this.#request(frame, false).then(
       (ok) => {
         // Left while the join was on its way: leave on the node too.
@@ -441,6 +473,8 @@ export class Room extends Emitter<RoomEvents> {
   /** @internal Per shard, the position of the last message seen (history rooms only). */
   last: string[] | null = null;
   readonly #seen = new Set<string>();
+  /** The newest message per key, for `latest()`. */
+  readonly #latest = new Map<string, Message>();
   readonly #client: Client;
   /** Resolves on the first join's `ok`, rejects with its error. */
   readonly ready: Promise<void>;
@@ -451,6 +485,10 @@ export class Room extends Emitter<RoomEvents> {
     client: Client,
     readonly name: string,
     readonly recover: boolean,
+    /** @internal Joins ask for the keys' current values (`join`'s `latest`). */
+    readonly wantsLatest: boolean = false,
+    /** @internal `join`'s `maxRate`. */
+    readonly maxRate?: number,
   ) {
     super();
     this.#client = client;
@@ -459,10 +497,20 @@ export class Room extends Emitter<RoomEvents> {
     this.ready.catch(() => {});
   }
 
-  /** Publishes `data` to the room; resolves with its position in rooms with history. */
-  async publish(data: unknown): Promise<{ pos?: string }> {
-    const ok = await this.#client.request({ op: "pub", room: this.name, data });
+  /**
+   * Publishes `data` to the room; resolves with its position in rooms with history. With `key`, it
+   * is that key's new value: joins with `latest` get it until a newer one of the key replaces it.
+   */
+  async publish(data: unknown, options: { key?: string } = {}): Promise<{ pos?: string }> {
+    const frame: Frame = { op: "pub", room: this.name, data };
+    if (options.key !== undefined) frame.key = options.key;
+    const ok = await this.#client.request(frame);
     return typeof ok.pos === "string" ? { pos: ok.pos } : {};
+  }
+
+  /** The newest message received per key (keyed messages only), as a copy; empty after `leave`. */
+  latest(): Map<string, Message> {
+    return new Map(this.#latest);
   }
 
   /** The newest `limit` (1 to 1000) messages, oldest first; empty in a room without history. */
@@ -475,6 +523,7 @@ export class Room extends Emitter<RoomEvents> {
   async leave(): Promise<void> {
     const wasJoined = this.joined;
     this.joined = false;
+    this.#latest.clear();
     if (this.#client.forget(this) && wasJoined) {
       await this.#client.request({ op: "leave", room: this.name }).catch((e: ShardcastError) => {
         if (e.code !== "not_joined" && e.code !== "disconnected") throw e;
@@ -511,6 +560,7 @@ export class Room extends Emitter<RoomEvents> {
       if (this.#seen.size > SEEN) this.#seen.delete(this.#seen.values().next().value as string);
       if (this.last && m.shard < this.last.length) this.last[m.shard] = m.pos;
     }
+    if (m.key !== undefined) this.#latest.set(m.key, m);
     this.emit("message", m);
   }
 }
@@ -519,5 +569,8 @@ function message(f: Frame): Message {
   const m: Message = { room: f.room as string, from: f.from as string, data: f.data };
   if (typeof f.shard === "number") m.shard = f.shard;
   if (typeof f.pos === "string") m.pos = f.pos;
+  if (typeof f.key === "string") m.key = f.key;
+  if (typeof f.skipped === "number") m.skipped = f.skipped;
+  if (f.latest === true) m.latest = true;
   return m;
 }

@@ -2,7 +2,8 @@
 // two nodes with history and --demo true on a real Redis Cluster, behind a round-robin TCP balancer.
 // The page shows the live score, and when the node it is on drains it goes reconnecting, then
 // connected on the other node, recovered, with no chat line missing. A screenshot is left in the
-// output directory.
+// output directory. A page opened mid-match shows the current score at once (its join asks for the
+// latest value of each key).
 
 import assert from "node:assert/strict";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -26,22 +27,13 @@ async function openConnections(node) {
   return Number(line?.split(" ")[1] ?? 0);
 }
 
-test("the demo page survives the drain of its node: reconnecting, connected elsewhere, recovered, nothing missing", { timeout: 180_000 }, async () => {
-  const args = [
-    "--redis",
-    cluster.url,
-    ...prefixes(),
-    "--demo",
-    "true",
-    "--history",
-    "demo=1000/10m",
-    "--jwt-secret",
-    SECRET,
-    "--drain-jitter",
-    "1s",
-  ];
-  const nodes = await Promise.all([startNode(args), startNode(args)]);
-  const lb = await startBalancer(nodes.map((n) => n.port));
+/** Flags of a demo node with history in the demo room, on channels of its own. */
+function demoArgs() {
+  return ["--redis", cluster.url, ...prefixes(), "--demo", "true", "--history", "demo=1000/10m", "--jwt-secret", SECRET, "--drain-jitter", "1s"];
+}
+
+/** Headless Chromium on a profile of its own; `close()` removes the profile too. */
+async function launch() {
   const profile = mkdtempSync(path.join(os.tmpdir(), "shardcast-chromium-"));
   const browser = await puppeteer.launch({
     executablePath: CHROMIUM,
@@ -59,6 +51,20 @@ test("the demo page survives the drain of its node: reconnecting, connected else
       "--disable-dev-shm-usage",
     ],
   });
+  return {
+    browser,
+    close: async () => {
+      await browser.close();
+      rmSync(profile, { recursive: true, force: true });
+    },
+  };
+}
+
+test("the demo page survives the drain of its node: reconnecting, connected elsewhere, recovered, nothing missing", { timeout: 180_000 }, async () => {
+  const args = demoArgs();
+  const nodes = await Promise.all([startNode(args), startNode(args)]);
+  const lb = await startBalancer(nodes.map((n) => n.port));
+  const { browser, close } = await launch();
   let feed;
   try {
     const page = await browser.newPage();
@@ -86,7 +92,7 @@ test("the demo page survives the drain of its node: reconnecting, connected else
     const publishLine = async (i) => {
       await room.publish({ type: "chat", text: `line ${i}` });
       if (i % 10 === 0) {
-        await room.publish({ type: "score", home: "Lions", away: "Tigers", score: [i / 10, 1], minute: 10 + i });
+        await room.publish({ type: "score", home: "Lions", away: "Tigers", score: [i / 10, 1], minute: 10 + i }, { key: "score" });
       }
     };
     for (let i = 0; i < 20; i++) await publishLine(i);
@@ -129,9 +135,43 @@ test("the demo page survives the drain of its node: reconnecting, connected else
     );
   } finally {
     feed?.close();
-    await browser.close();
-    rmSync(profile, { recursive: true, force: true });
+    await close();
     await lb.close();
     await Promise.all(nodes.map((n) => n.stop()));
+  }
+});
+
+test("a page opened mid-match shows the current score at once, with no publish after it opened", { timeout: 120_000 }, async () => {
+  const node = await startNode(demoArgs());
+  const { browser, close } = await launch();
+  const feed = connect(node.ws, { token: hs256({ sub: "feed", pub: true }) });
+  try {
+    const room = feed.join("demo");
+    await room.ready;
+    const score = (h, a, minute) => ({ type: "score", home: "Lions", away: "Tigers", score: [h, a], minute });
+    await room.publish(score(1, 0, 12), { key: "score" });
+    await room.publish({ type: "chat", text: "what a goal" });
+    await room.publish(score(3, 2, 67), { key: "score" });
+    // Nothing is published from here on: the feed is gone before the page opens.
+    feed.close();
+
+    const page = await browser.newPage();
+    const problems = [];
+    page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+    await page.goto(`http://127.0.0.1:${node.port}/demo?token=${hs256({ sub: "late-viewer" })}`);
+    await page.waitForFunction(() => document.getElementById("minute")?.textContent === "67'", { timeout: 20_000 });
+    const text = (selector) => page.$eval(selector, (e) => e.textContent);
+    assert.deepEqual(
+      [await text("#home"), await text("#home-score"), await text("#away-score"), await text("#away")],
+      ["Lions", "3", "2", "Tigers"],
+      "the newest score, not the first",
+    );
+    assert.equal(await page.$$eval("#chat li", (lis) => lis.length), 0, "chat lines are not keyed: none replayed");
+    assert.equal(await text("#state"), "connected");
+    assert.deepEqual(problems, []);
+  } finally {
+    feed.close();
+    await close();
+    await node.stop();
   }
 });

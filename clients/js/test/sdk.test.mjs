@@ -1,13 +1,14 @@
 // The SDK against the node's real binary and a real Redis Cluster: resume without loss after a
 // killed connection, duplicates dropped, a drain's reconnects spread over the node's window, token
-// refresh on 4003, no retry after 1008/1009, MessagePack.
+// refresh on 4003, no retry after 1008/1009, MessagePack, keyed messages (a join's latest values,
+// maxRate, latest asked again on a resume without positions).
 
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { monitorEventLoopDelay } from "node:perf_hooks";
 import WebSocket from "ws";
 import { connect as connectMsgpack } from "../dist/msgpack.js";
-import { connect, hs256, prefixes, startBalancer, startCluster, startNode, until } from "./harness.mjs";
+import { connect, freePort, hs256, prefixes, startBalancer, startCluster, startNode, until } from "./harness.mjs";
 
 let cluster;
 before(async () => {
@@ -335,6 +336,207 @@ test("bad input gets a clear error and the client keeps working; a room left bef
   } finally {
     bad.close();
     c.close();
+    await node.stop();
+  }
+});
+
+/** A WebSocket class that keeps, per socket the SDK opens, the frames it sends (JSON only). */
+function framesSent(sockets) {
+  return class extends WebSocket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      this.sentFrames = [];
+      sockets.push(this.sentFrames);
+    }
+    send(data, ...rest) {
+      this.sentFrames.push(JSON.parse(data));
+      return super.send(data, ...rest);
+    }
+  };
+}
+
+/** The join frames among `frames`, by room. */
+function joins(frames) {
+  return Object.fromEntries(frames.filter((f) => f.op === "join").map((f) => [f.room, f]));
+}
+
+test("keyed messages: a keyed publish arrives with its key; a join with latest gets each key's value before its ok, room.latest() keeps it until leave", async () => {
+  const node = await startNode(historyArgs());
+  const feed = connect(node.ws, { user: "feed" });
+  const early = connect(node.ws, { user: "early" });
+  const late = connect(node.ws, { user: "late" });
+  try {
+    // A room without history and one with.
+    for (const name of ["board", "hist-board"]) {
+      const watching = early.join(name);
+      const seen = record(watching);
+      await watching.ready;
+      const room = feed.join(name);
+      await room.ready;
+      await room.publish({ score: [1, 0] }, { key: "score" });
+      await room.publish("a chat line");
+      await room.publish({ score: [2, 0] }, { key: "score" });
+      await room.publish(12, { key: "clock" });
+      await until(`4 messages in ${name}`, () => seen.messages.length >= 4);
+      assert.deepEqual(
+        seen.messages.map((m) => [m.key, m.data, m.latest]),
+        [
+          ["score", { score: [1, 0] }, undefined],
+          [undefined, "a chat line", undefined],
+          ["score", { score: [2, 0] }, undefined],
+          ["clock", 12, undefined],
+        ],
+        `${name}: live messages carry their key`,
+      );
+      assert.deepEqual(
+        [...watching.latest()].map(([k, m]) => [k, m.data]),
+        [
+          ["score", { score: [2, 0] }],
+          ["clock", 12],
+        ],
+      );
+
+      const joined = late.join(name, { latest: true });
+      const got = record(joined);
+      let beforeOk;
+      joined.on("joined", () => (beforeOk = got.messages.map((m) => [m.key, m.data, m.latest, m.from])));
+      await joined.ready;
+      assert.deepEqual(
+        beforeOk.sort(),
+        [
+          ["clock", 12, true, "feed"],
+          ["score", { score: [2, 0] }, true, "feed"],
+        ],
+        `${name}: each key's current value, before the join's ok, and no unkeyed message`,
+      );
+      const latest = joined.latest();
+      assert.deepEqual(latest.get("score").data, { score: [2, 0] });
+      assert.equal(latest.get("clock").data, 12);
+      latest.delete("score");
+      assert.equal(joined.latest().size, 2, "latest() is a copy");
+
+      await room.publish({ score: [3, 0] }, { key: "score" });
+      await until(`the live score in ${name}`, () => got.messages.length >= 3);
+      assert.equal(got.messages[2].key, "score");
+      assert.equal(got.messages[2].latest, undefined, "a live message is not a latest value");
+      assert.deepEqual(joined.latest().get("score").data, { score: [3, 0] });
+      await joined.leave();
+      assert.equal(joined.latest().size, 0, "cleared on leave");
+    }
+  } finally {
+    feed.close();
+    early.close();
+    late.close();
+    await node.stop();
+  }
+});
+
+test("maxRate: an integer from 1 to 1000 or a TypeError, nothing sent; a good one goes on the join frame", async () => {
+  const node = await startNode(historyArgs());
+  const sockets = [];
+  const c = connect(node.ws, { user: "c", WebSocket: framesSent(sockets) });
+  try {
+    for (const bad of [0, 1001, 1.5, -1, NaN, Infinity, "10", null]) {
+      assert.throws(() => c.join("rated", { maxRate: bad }), TypeError, `maxRate ${String(bad)}`);
+    }
+    const slowest = c.join("rated", { maxRate: 1 });
+    const fastest = c.join("rated-fast", { maxRate: 1000 });
+    await Promise.all([slowest.ready, fastest.ready]);
+    const sent = joins(sockets[0]);
+    assert.equal(sent.rated.max_rate, 1);
+    assert.equal(sent["rated-fast"].max_rate, 1000);
+    assert.equal(sockets[0].filter((f) => f.op === "join" && f.room === "rated").length, 1, "the refused joins sent nothing");
+  } finally {
+    c.close();
+    await node.stop();
+  }
+});
+
+test("maxRate: the node thins a key to it, newest last, and each message says how many it skipped", async () => {
+  const node = await startNode(historyArgs());
+  const slow = connect(node.ws, { user: "slow" });
+  const feed = connect(node.ws, { user: "feed" });
+  try {
+    const room = slow.join("rated", { maxRate: 1 });
+    const got = record(room);
+    await room.ready;
+    const pub = feed.join("rated");
+    await pub.ready;
+    const VALUES = 30;
+    for (let i = 0; i < VALUES; i++) await pub.publish(i, { key: "tick" });
+    await until("the last value", () => got.messages.some((m) => m.data === VALUES - 1));
+    const received = got.messages.map((m) => m.data);
+    const skipped = got.messages.reduce((n, m) => n + (m.skipped ?? 0), 0);
+    assert.ok(received.length < VALUES, `thinned at 1 per second: got ${received}`);
+    assert.ok(got.messages.some((m) => m.skipped > 0), "a message says what it replaced");
+    assert.equal(received.length + skipped, VALUES, `every value got or counted as skipped: ${JSON.stringify(got.messages)}`);
+    assert.deepEqual([...received].sort((a, b) => a - b), received, "in order, the newest last");
+    assert.equal(room.latest().get("tick").data, VALUES - 1);
+  } finally {
+    slow.close();
+    feed.close();
+    await node.stop();
+  }
+});
+
+test("a room joined with latest asks for it again on a re-join without positions, one with positions resumes with since; maxRate is asked again", async () => {
+  const node = await startNode(historyArgs());
+  const lb = await startBalancer([node.port]);
+  const sockets = [];
+  const fan = connect(lb.ws, { user: "fan", reconnect: { base: 100, cap: 300 }, WebSocket: framesSent(sockets) });
+  const feed = connect(node.ws, { user: "feed" });
+  try {
+    const plain = fan.join("board", { latest: true, maxRate: 50 });
+    const hist = fan.join("hist-board", { latest: true });
+    const plainGot = record(plain);
+    const histGot = record(hist);
+    await Promise.all([plain.ready, hist.ready]);
+    const pubs = [feed.join("board"), feed.join("hist-board")];
+    await Promise.all(pubs.map((r) => r.ready));
+    for (const r of pubs) await r.publish(1, { key: "score" });
+    await until("the first score", () => plainGot.messages.length === 1 && histGot.messages.length === 1);
+
+    // Cut, and nowhere to reconnect to until the next score is out.
+    const dead = await freePort();
+    lb.targets = [dead];
+    lb.cut();
+    await until("the fan disconnected", () => fan.state === "reconnecting");
+    for (const r of pubs) await r.publish(2, { key: "score" });
+    lb.targets = [node.port];
+    let plainAtRecovered;
+    plain.on("recovered", () => (plainAtRecovered = plainGot.messages.map((m) => [m.data, m.latest])));
+    await until("both rooms back", () => plainGot.recovered.length === 1 && histGot.recovered.length === 1);
+
+    const first = joins(sockets[0]);
+    assert.equal(first.board.latest, true);
+    assert.equal(first["hist-board"].latest, true);
+    const again = joins(sockets[sockets.length - 1]);
+    assert.equal(again.board.latest, true, "no positions: latest asked again");
+    assert.equal(again.board.since, undefined);
+    assert.equal(again.board.max_rate, 50, "the rate is the socket's: asked again");
+    assert.ok(Array.isArray(again["hist-board"].since), "positions: resumed with since");
+    assert.equal(again["hist-board"].latest, undefined, "and no latest beside since");
+
+    assert.deepEqual(plainAtRecovered, [
+      [1, undefined],
+      [2, true],
+    ], "the room without history caught up on the key before its ok");
+    assert.deepEqual(plainGot.recovered, [false]);
+    assert.equal(plain.latest().get("score").data, 2);
+    await until("the replayed score", () => histGot.messages.length === 2);
+    assert.deepEqual(histGot.recovered, [true]);
+    assert.deepEqual(
+      histGot.messages.map((m) => [m.data, m.key, m.latest]),
+      [
+        [1, "score", undefined],
+        [2, "score", undefined],
+      ],
+      "the room with history replayed what was missed",
+    );
+  } finally {
+    fan.close();
+    feed.close();
+    await lb.close();
     await node.stop();
   }
 });
