@@ -431,9 +431,10 @@ export class Client extends Emitter<ClientEvents> {
     const frame: Frame = { op: "join", room: room.name };
     const resuming = room.everJoined;
     if (resuming && room.recover && room.last) frame.since = room.last;
-    // With positions the node replays what was missed, the newer values of keys included; without
-    // them (no history, or no recovery) only the current values can catch the room up again.
-    else if (room.wantsLatest) frame.latest = true;
+    // With positions the node replays what was missed, the newer values of keys included; where it
+    // cannot (no history, no recovery, or history lost in a failover) the current values catch the
+    // room up instead: the node sends them only when the replay does not happen.
+    if (room.wantsLatest) frame.latest = true;
     // The rate is the socket's, so every connection is told again.
     if (room.maxRate !== undefined) frame.max_rate = room.maxRate;
     this.#request(frame, false).then(
