@@ -513,3 +513,38 @@ async fn max_rate_sends_at_most_that_many_values_per_key_a_second_and_the_last_o
     }
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_since_the_replay_wins_where_it_recovers_and_the_latest_values_where_it_cannot() {
+    let mut cfg = config(None, "since-latest");
+    cfg.history = vec![(
+        glob::Pattern::new("kept*").unwrap(),
+        Keep {
+            size: 100,
+            ttl: Duration::from_secs(600),
+        },
+    )];
+    let node = Node::start(cfg).await;
+    let mut feed = Client::connect(&node.ws("?user=feed")).await;
+    let mut fan = Client::connect(&node.ws("?user=fan")).await;
+    let ok = fan.request(json!({"op":"join","room":"kept","id":1})).await;
+    let at = ok["pos"].clone();
+    for i in 0..3 {
+        assert_eq!(pub_key(&mut feed, "kept", "score", json!(i)).await["op"], "ok");
+    }
+    feed.publish("kept", json!("chat")).await;
+    // Resuming from where it was: the replay, every message missed, none marked latest.
+    let mut back = Client::connect(&node.ws("?user=fan")).await;
+    let (first, ok) = join_latest(&mut back, "kept", json!({"since": at})).await;
+    assert_eq!(ok["recovered"], true, "{ok}");
+    let data: Vec<Value> = first.iter().map(|m| m["data"].clone()).collect();
+    assert_eq!(data, [json!(0), json!(1), json!(2), json!("chat")]);
+    assert!(first.iter().all(|m| m.get("latest").is_none()));
+    // From a position of a stream that is gone: not recovered, the keys' latest values instead.
+    let mut lost = Client::connect(&node.ws("?user=fan")).await;
+    let (first, ok) = join_latest(&mut lost, "kept", json!({"since": ["1:5"]})).await;
+    assert_eq!(ok["recovered"], false, "{ok}");
+    let data: Vec<(Value, Value)> = first.iter().map(|m| (m["data"].clone(), m["latest"].clone())).collect();
+    assert_eq!(data, [(json!(2), json!(true))]);
+    node.stop().await;
+}
