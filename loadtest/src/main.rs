@@ -12,14 +12,19 @@ mod conn;
 mod demo;
 mod fleet;
 mod floor;
+mod keyed;
+mod kickoff;
 mod matchday;
 mod procfs;
 mod procs;
 mod progress;
 mod report;
+mod scrape;
 mod soak;
 mod stats;
 mod traffic;
+mod weak;
+mod weaklink;
 mod wire;
 
 use anyhow::Context;
@@ -68,6 +73,20 @@ enum Scenario {
     /// connected, closes by code, acknowledged messages lost, duplicates, reorders, latency, time
     /// to reconnect. Writes JSON and an SVG timeline to --out. Run from the repository.
     Matchday,
+    /// Keyed messages and weak links: one room (--room, default `match:weak`) with a score feed
+    /// (--rate 20 msg/s of --value-bytes 1024, key `score`) and a chat (--chat-rate 4), --clients
+    /// viewers (200) of which --weak-share (0.1) read at --weak-bytes-per-sec (4096) through a
+    /// small receive buffer; once per --modes (`conflate`: the node conflates the room past
+    /// --conflate-above; `plain`: it does not), each on a node it starts (embedded bus): weak
+    /// viewers closed with 4008 and when, the age of the score they show, values skipped, and the
+    /// healthy viewers' latency. Writes weak.json to --out.
+    Weak,
+    /// Joins with `latest` at kick-off: --keys keys (100, `odds:N`, of --value-bytes 128)
+    /// published into --room (default `kickoff`), then --joins joins (10,000) over --join-window
+    /// seconds (10) from --clients sockets (1,000, leaving between joins) over --nodes node
+    /// processes (2) on a 3-master cluster it starts; per join, the time to every latest value and
+    /// the `ok`, and errors. Writes kickoff.json to --out. Run from the repository.
+    Kickoff,
     /// No traffic: what a deployment needs (nodes, masters, shards per room, memory and egress
     /// per node) for --viewers over --rooms (default 1) at --rate messages/s per room (default 10),
     /// from the capacity model (docs/capacity.md).
@@ -96,7 +115,8 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=250))]
     source_addrs: u8,
     /// Clients: subscribers (stadium, churn), room members (chat), users (dm) or connections
-    /// (idle). Default: 2000, 10000, 2000, 18000; 1000 (soak, churn).
+    /// (idle). Default: 2000, 10000, 2000, 18000; 1000 (soak, churn); viewers (weak, 200);
+    /// sockets making the joins (kickoff, 1000).
     #[arg(long)]
     clients: Option<usize>,
     /// Publishing connections of the stadium (not subscribed).
@@ -130,14 +150,14 @@ struct Args {
     #[arg(long)]
     open_files: Option<u64>,
     /// The room of the stadium, churn and demo (give it shards on the nodes with --hot-room NAME=N).
-    /// Default: `demo` for demo, else `stadium`.
+    /// Default: `demo` for demo, `match:weak` for weak, `kickoff` for kickoff, else `stadium`.
     #[arg(long)]
     room: Option<String>,
     /// Prefix of generated user and chat room names.
     #[arg(long, default_value = "lt")]
     prefix: String,
     /// Messages published per second, all publishers together. Default: 200 (stadium),
-    /// 2000 (chat), 1000 (dm).
+    /// 2000 (chat), 1000 (dm); the score feed's (weak, 20).
     #[arg(long)]
     rate: Option<f64>,
     /// Size of each message's data.
@@ -192,7 +212,8 @@ struct Args {
     /// floor: milliseconds between two writes to the same socket.
     #[arg(long, default_value_t = 20.0)]
     window_ms: f64,
-    /// stadium-100k, matchday: node processes to start. Default: 6 (stadium-100k), 3 (matchday).
+    /// stadium-100k, matchday, kickoff: node processes to start. Default: 6 (stadium-100k), 3
+    /// (matchday), 2 (kickoff).
     #[arg(long)]
     nodes: Option<usize>,
     /// stadium-100k: the publishing rates to run, msg/s, one step each.
@@ -204,10 +225,11 @@ struct Args {
     /// stadium-100k: generator processes for the members. Default: one per 15,000 members.
     #[arg(long)]
     procs: Option<usize>,
-    /// stadium-100k, matchday: the node binary. Default: `shardcast` beside this program.
+    /// stadium-100k, matchday, weak, kickoff: the node binary. Default: `shardcast` beside this
+    /// program.
     #[arg(long)]
     node_bin: Option<std::path::PathBuf>,
-    /// stadium-100k, matchday: where the JSON report and the chart go. Default:
+    /// stadium-100k, matchday, weak, kickoff: where the JSON report (and the chart) go. Default:
     /// /tmp/shardcast-SCENARIO.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -250,6 +272,44 @@ struct Args {
     /// line on standard input before the run starts.
     #[arg(long, hide = true)]
     wait_for_go: bool,
+    /// weak: the share of --clients that read over a weak link.
+    #[arg(long, default_value_t = 0.1)]
+    weak_share: f64,
+    /// weak: bytes a second a weak viewer reads.
+    #[arg(long, default_value_t = 4096.0)]
+    weak_bytes_per_sec: f64,
+    /// weak: the receive buffer (SO_RCVBUF) a weak viewer asks for before it connects.
+    #[arg(long, default_value_t = 4096)]
+    weak_rcvbuf: u32,
+    /// weak: the TCP segment size a weak viewer announces (TCP_MAXSEG) before it connects, as a
+    /// client beyond loopback would (1400); 0 keeps loopback's ~64 KiB, with which the node's
+    /// kernel sizes the socket's send buffer at megabytes.
+    #[arg(long, default_value_t = 0)]
+    weak_mss: u32,
+    /// weak: chat lines a second (unkeyed, of --payload-bytes).
+    #[arg(long, default_value_t = 4.0)]
+    chat_rate: f64,
+    /// weak, kickoff: bytes of each keyed value. Default: 1024 (weak), 128 (kickoff).
+    #[arg(long)]
+    value_bytes: Option<usize>,
+    /// weak: how the node runs, one pass each: `conflate` (--conflate on the room) and `plain`.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "conflate,plain")]
+    modes: Vec<weak::Mode>,
+    /// weak: the node's --conflate-above in the conflate mode.
+    #[arg(long, default_value = "16KiB")]
+    conflate_above: String,
+    /// weak: the node's --max-buffered-bytes. Default: the node's (1MiB).
+    #[arg(long)]
+    max_buffered_bytes: Option<String>,
+    /// kickoff: keys published before the joins, `odds:0` onwards.
+    #[arg(long, default_value_t = 100)]
+    keys: usize,
+    /// kickoff: joins with `latest`, all sockets together.
+    #[arg(long, default_value_t = 10_000)]
+    joins: usize,
+    /// kickoff: seconds the joins are spread over.
+    #[arg(long, default_value_t = 10.0)]
+    join_window: f64,
     /// Adds the end-to-end latencies, as (microseconds, count) pairs, to the JSON report, so that
     /// reports of several processes can be merged.
     #[arg(long, hide = true)]
@@ -291,6 +351,8 @@ impl Args {
             Scenario::Idle => 18_000,
             Scenario::Soak | Scenario::Floor | Scenario::Churn => 1000,
             Scenario::Demo => 0,
+            Scenario::Weak => 200,
+            Scenario::Kickoff => 1000,
         })
     }
 
@@ -303,12 +365,20 @@ impl Args {
     /// `--room`, or the scenario's default.
     fn room(&self) -> String {
         self.room.clone().unwrap_or_else(|| {
-            if self.scenario == Scenario::Demo {
-                "demo".into()
-            } else {
-                "stadium".into()
+            match self.scenario {
+                Scenario::Demo => "demo",
+                Scenario::Weak => "match:weak",
+                Scenario::Kickoff => "kickoff",
+                _ => "stadium",
             }
+            .into()
         })
+    }
+
+    /// `--value-bytes`, or the scenario's default.
+    fn value_bytes(&self) -> usize {
+        self.value_bytes
+            .unwrap_or(if self.scenario == Scenario::Weak { 1024 } else { 128 })
     }
 
     /// `--node-bin`, or `shardcast` beside this program.
@@ -395,6 +465,15 @@ fn dispatch(args: &Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<(S
         Scenario::Matchday => shown(
             matchday::run(&matchday::Plan::from_args(args)?, runtime)?,
             matchday::MatchReport::table,
+        ),
+        // A node per mode started from this thread, the clients on the runtime.
+        Scenario::Weak => shown(
+            weak::run(&weak::Plan::from_args(args)?, runtime)?,
+            weak::WeakReport::table,
+        ),
+        Scenario::Kickoff => shown(
+            kickoff::run(&kickoff::Plan::from_args(args)?, runtime)?,
+            kickoff::KickoffReport::table,
         ),
     }
 }

@@ -51,7 +51,8 @@ pub fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
         Scenario::Dm => 1000.0,
         Scenario::Idle | Scenario::Floor | Scenario::Stadium100k | Scenario::Plan => 0.0,
         Scenario::Soak => 500.0,
-        Scenario::Demo | Scenario::Matchday => 20.0,
+        Scenario::Demo | Scenario::Matchday | Scenario::Weak => 20.0,
+        Scenario::Kickoff => 0.0,
     });
     if args.scenario != Scenario::Idle && !(rate > 0.0 && rate.is_finite()) {
         bail!("--rate must be positive");
@@ -75,6 +76,8 @@ pub fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
         | Scenario::Demo
         | Scenario::Stadium100k
         | Scenario::Matchday
+        | Scenario::Weak
+        | Scenario::Kickoff
         | Scenario::Plan => {
             bail!("the {:?} scenario has its own runner", args.scenario)
         }
