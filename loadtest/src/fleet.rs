@@ -353,9 +353,6 @@ fn check(plan: &Plan) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How much lower than the generators the nodes run (`nice -n`).
-const NODE_NICENESS: &str = "5";
-
 /// Starts the plan's nodes on free loopback ports against the cluster at `seed`, each logging to
 /// `scratch`, and waits (a minute at most) until every one answers; the nodes and their ports.
 fn start_nodes(plan: &Plan, scratch: &Path, seed: &str) -> anyhow::Result<(Vec<Proc>, Vec<u16>)> {
@@ -364,14 +361,8 @@ fn start_nodes(plan: &Plan, scratch: &Path, seed: &str) -> anyhow::Result<(Vec<P
     for i in 0..plan.nodes {
         let port = free_port()?;
         let log = std::fs::File::create(scratch.join(format!("node-{i}.log")))?;
-        // Below the generators' priority: they stand for 100,000 phones on cores of their own, and
-        // on one machine a starved generator answers pings late, which a node rightly reads as a
-        // dead phone. With the node the starved side, the run shows what a node saturated by a
-        // connect storm does to the sockets it has. `nice` execs the node: the pid is the node's.
         nodes.push(Proc::spawn(
-            Command::new("nice")
-                .args(["-n", NODE_NICENESS])
-                .arg(&plan.node_bin)
+            Command::new(&plan.node_bin)
                 .args(["--listen", &format!("127.0.0.1:{port}"), "--redis", seed])
                 .args(["--hot-room", &format!("stadium={}", plan.shards)])
                 .args(["--node-id", &format!("fleet-{i}")])

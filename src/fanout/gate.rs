@@ -47,7 +47,7 @@ use crate::{metrics as m, wire};
 
 /// The kernel send buffer of a socket once conflated: small, so what waits is in the gate's queue,
 /// where a newer value can replace it (Linux doubles it for its own bookkeeping).
-pub const CONFLATED_SNDBUF: usize = 16 * 1024;
+pub const CONFLATED_SNDBUF: usize = 4 * 1024;
 
 /// Frames handed to one `writev` at most.
 const MAX_SLICES: usize = 64;
@@ -1011,7 +1011,11 @@ mod tests {
             .into_iter()
             .filter_map(|m| serde_json::from_str(m.to_text().ok()?).ok())
             .collect();
-        assert_eq!(got.iter().filter(|v| v["data"] == "chat").count(), 1, "the unkeyed frame queued");
+        assert_eq!(
+            got.iter().filter(|v| v["data"] == "chat").count(),
+            1,
+            "the unkeyed frame queued"
+        );
         let keyed: Vec<&serde_json::Value> = got.iter().filter(|v| v["key"].is_string()).collect();
         assert!(keyed.len() < 30, "conflated: {} frames", keyed.len());
         let skipped: u64 = keyed.iter().filter_map(|v| v["skipped"].as_u64()).sum();
