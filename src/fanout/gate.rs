@@ -1021,7 +1021,7 @@ mod tests {
         let skipped: u64 = keyed.iter().filter_map(|v| v["skipped"].as_u64()).sum();
         assert_eq!(keyed.len() as u64 + skipped, 30);
         for key in ["score", "clock"] {
-            let last = keyed.iter().filter(|v| v["key"] == key).last().unwrap();
+            let last = keyed.iter().rfind(|v| v["key"] == key).unwrap();
             assert_eq!(last["data"], if key == "score" { 28 } else { 29 });
         }
         // Drained: it left conflation, and frames go straight through again.
