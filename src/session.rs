@@ -266,9 +266,13 @@ impl Clock {
     ///
     /// Silence is judged only when the timer fires on time. One that fires late means the node did
     /// not run the session for a while (a connect storm holding the cores): the pings due meanwhile
-    /// went out late or not at all, so the client's silence is the node's doing. The session is
-    /// pinged then, and judged at the next ping.
-    fn fire(&mut self, out: &Outbound, heard: &Heard) {
+    /// went out late or not at all, so the client's silence is the node's doing. Nor is it judged
+    /// while a connect storm filled `--max-handshakes` within the idle timeout (`stormed`): the
+    /// storm may have held the client's side as much as the node's (its pongs late on a congested
+    /// link, or on a machine shared with the storm), and a live viewer dropped then comes back into
+    /// the storm. The session is pinged then, and judged at a later ping; a dead one is closed
+    /// once the storm is an idle timeout past.
+    fn fire(&mut self, out: &Outbound, heard: &Heard, stormed: bool) {
         let now = tokio::time::Instant::now();
         let late = now.saturating_duration_since(self.wake_at()) > LATE;
         if self.expires.is_some_and(|at| now >= at) {
@@ -277,7 +281,7 @@ impl Clock {
         }
         if now >= self.next_ping {
             self.next_ping = now + self.ping_interval;
-            if !late && heard.silent_for() > self.idle_timeout {
+            if !late && !stormed && heard.silent_for() > self.idle_timeout {
                 out.close(Some((code::IDLE, "idle timeout")));
             } else {
                 out.send(wire::PING);
@@ -317,7 +321,8 @@ async fn converse(
                 return reason;
             }
             _ = &mut timer => {
-                clock.fire(out, &heard);
+                let stormed = node.handshakes().stormed_within(clock.idle_timeout);
+                clock.fire(out, &heard, stormed);
                 timer.as_mut().reset(clock.wake_at());
             }
         }
@@ -558,7 +563,7 @@ mod tests {
         let heard = Heard::new();
         while !gate.is_closing() {
             tokio::time::sleep_until(on_time.wake_at()).await;
-            on_time.fire(&out, &heard);
+            on_time.fire(&out, &heard, false);
         }
         assert_eq!(heard.silent_for(), Duration::from_secs(80));
 
@@ -567,20 +572,37 @@ mod tests {
         let (mut late, out, gate) = clock(20, 60);
         let heard = Heard::new();
         tokio::time::advance(Duration::from_secs(85)).await;
-        late.fire(&out, &heard);
+        late.fire(&out, &heard, false);
         assert!(!gate.is_closing(), "closed as idle after the node's own delay");
         assert!(gate.queued() > 0, "pinged");
         // It answers: heard, then on time at the next ping, not idle.
         heard.now();
         tokio::time::sleep_until(late.wake_at()).await;
-        late.fire(&out, &heard);
+        late.fire(&out, &heard, false);
         assert!(!gate.is_closing());
         // A client that stays silent is still closed, on time.
         while !gate.is_closing() {
             tokio::time::sleep_until(late.wake_at()).await;
-            late.fire(&out, &heard);
+            late.fire(&out, &heard, false);
         }
         assert!(heard.silent_for() > Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_is_not_judged_while_a_connect_storm_fills_the_handshakes() {
+        let (mut clock, out, gate) = clock(20, 60);
+        let heard = Heard::new();
+        // Silent past the idle timeout, the timer on time, but a storm within it: pinged, kept.
+        for _ in 0..5 {
+            tokio::time::sleep_until(clock.wake_at()).await;
+            clock.fire(&out, &heard, true);
+        }
+        assert!(heard.silent_for() > Duration::from_secs(60));
+        assert!(!gate.is_closing(), "closed as idle in a connect storm");
+        // The storm over: judged at the next ping.
+        tokio::time::sleep_until(clock.wake_at()).await;
+        clock.fire(&out, &heard, false);
+        assert!(gate.is_closing());
     }
 
     #[test]

@@ -8,7 +8,14 @@
 //! sockets need (their pings, pongs and frames), which is how members came to be closed as idle.
 //! Past the bound an upgrade is answered 503 with `Retry-After` at once, before any of that work.
 
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use axum::{
     extract::FromRequestParts,
@@ -35,6 +42,10 @@ use crate::metrics as m;
 #[derive(Clone)]
 pub struct Handshakes {
     permits: Arc<Semaphore>,
+    /// When every place was last taken (a handshake refused), in milliseconds from `since`; 0:
+    /// never.
+    full_at: Arc<AtomicU64>,
+    since: Instant,
 }
 
 /// One handshake in progress; the place is given back when it is dropped.
@@ -46,7 +57,16 @@ impl Handshakes {
     pub fn new(max: usize) -> Handshakes {
         Handshakes {
             permits: Arc::new(Semaphore::new(max.max(1))),
+            full_at: Arc::new(AtomicU64::new(0)),
+            since: Instant::now(),
         }
+    }
+
+    /// Whether every place was taken within the last `window`: a connect storm, which may have
+    /// held the cores from the node's sockets and from their clients alike.
+    pub fn stormed_within(&self, window: Duration) -> bool {
+        let at = self.full_at.load(Ordering::Relaxed);
+        at != 0 && (self.since.elapsed().as_millis() as u64).saturating_sub(at) <= window.as_millis() as u64
     }
 
     /// A place for one more handshake, or `None` (counted) when every place is taken.
@@ -58,6 +78,8 @@ impl Handshakes {
             }
             Err(_) => {
                 m::handshake_refused();
+                let now = (self.since.elapsed().as_millis() as u64).max(1);
+                self.full_at.store(now, Ordering::Relaxed);
                 None
             }
         }
@@ -171,5 +193,23 @@ impl Upgrade {
             headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_handshake_marks_a_storm_for_a_window() {
+        let handshakes = Handshakes::new(2);
+        assert!(!handshakes.stormed_within(Duration::from_secs(60)), "no storm yet");
+        let held = [handshakes.start(), handshakes.start()];
+        assert!(held.iter().all(Option::is_some));
+        assert!(!handshakes.stormed_within(Duration::from_secs(60)), "full, none refused yet");
+        assert!(handshakes.start().is_none());
+        assert!(handshakes.stormed_within(Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!handshakes.stormed_within(Duration::from_millis(10)), "past the window");
     }
 }
