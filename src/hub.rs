@@ -26,7 +26,8 @@ use crate::{
     envelope::Envelope,
     fanout::{
         gate::Push,
-        lanes::{frames_of, Keyed, Lanes, Recent, Tag},
+        keyed::{Keyed, Tag},
+        lanes::{frames_of, Lanes, Recent},
         rate::Rate,
         writer::{self, Floors, HeldFrame, Outbound, Scratch, Seated},
     },

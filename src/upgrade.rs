@@ -206,7 +206,10 @@ mod tests {
         assert!(!handshakes.stormed_within(Duration::from_secs(60)), "no storm yet");
         let held = [handshakes.start(), handshakes.start()];
         assert!(held.iter().all(Option::is_some));
-        assert!(!handshakes.stormed_within(Duration::from_secs(60)), "full, none refused yet");
+        assert!(
+            !handshakes.stormed_within(Duration::from_secs(60)),
+            "full, none refused yet"
+        );
         assert!(handshakes.start().is_none());
         assert!(handshakes.stormed_within(Duration::from_secs(60)));
         std::thread::sleep(Duration::from_millis(30));

@@ -149,7 +149,10 @@ async fn held(
             return Err(unavailable(id, &e));
         }
     };
-    let rate = max_rate.map(|n| Rate::start(n, out.clone()));
+    let rate = max_rate.map(|n| {
+        let out = out.clone();
+        Rate::start(n, Box::new(move |frame| out.send(frame)))
+    });
     node.hub().set_keys(&topic, membership.id(), floors, rate);
     let heads = replayed.as_ref().map_or_else(Vec::new, |r| r.heads.clone());
     node.hub().seed(&topic, &heads);

@@ -42,7 +42,7 @@ use std::{collections::HashMap, sync::Arc};
 use bytes::{Buf, Bytes};
 use tokio::{net::tcp::OwnedWriteHalf, sync::Notify};
 
-use super::lanes::Tag;
+use super::keyed::Tag;
 use crate::{metrics as m, wire};
 
 /// The kernel send buffer of a socket once conflated: small, so what waits is in the gate's queue,
@@ -978,7 +978,7 @@ mod tests {
         let mut env = crate::envelope::Envelope::to_room("m", Bytes::from(format!("{i}")));
         env.key = Some(key.into());
         let frame = wire::broadcast_frame(crate::encoding::Encoding::Json, &env, 0).unwrap();
-        let tag = Arc::new(super::super::lanes::Keyed {
+        let tag = Arc::new(super::super::keyed::Keyed {
             room: "m".into(),
             key: key.into(),
             seq: u64::from(i),

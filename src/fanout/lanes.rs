@@ -28,7 +28,7 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::gate::Gate;
+use super::{gate::Gate, keyed::Tag};
 use crate::{
     encoding::Encoding,
     envelope::Envelope,
@@ -47,29 +47,6 @@ pub fn lane_of(gate: &Arc<Gate>, lanes: usize) -> usize {
 
 /// Frames of one message, per encoding (`None`: no member used it, or it could not be encoded).
 pub type Frames = [Option<Bytes>; 2];
-
-/// What a keyed message's frames are the value of, shared by its frames on every lane: for a
-/// socket that must not get a key's values out of order (after a join with `latest`) and for a
-/// socket conflated in a `--conflate` room ([`super::gate`]).
-#[derive(Debug, PartialEq, Eq)]
-pub struct Keyed {
-    pub room: Arc<str>,
-    pub key: Box<str>,
-    /// The key's update number (0 where the store gave none).
-    pub seq: u64,
-    /// The room is conflated for a socket that falls behind.
-    pub conflate: bool,
-}
-
-impl Keyed {
-    /// Whether `other` is a value of the same key of the same room.
-    pub fn same_key(&self, other: &Keyed) -> bool {
-        self.key == other.key && self.room == other.room
-    }
-}
-
-/// A frame's key, where it has one.
-pub type Tag = Option<Arc<Keyed>>;
 
 /// One message's frames for a topic whose members use `encodings` (members per encoding): built
 /// once each, shared by every socket. What cannot be encoded is counted per member it misses.

@@ -5,6 +5,7 @@
 //!   records messages for the lanes and writes its lanes when its schedule says.
 //! - [`lanes`]: a message's frames built once per encoding ([`lanes::frames_of`]), recorded per
 //!   topic and shared by every socket; which lane each socket is in.
+//! - [`keyed`]: a frame's key, shared by its copies on every lane.
 //! - [`schedule`]: when a worker writes its lanes: adaptive ([`schedule::Gather`]) or on a fixed
 //!   grid ([`schedule::Grid`]).
 //! - [`writer`]: the only caller of a gate's writes: a lane's turn, held frames let go, and
@@ -18,6 +19,7 @@
 //! and to write a lane, and the hub hands the lane's members to the writer.
 
 pub mod gate;
+pub mod keyed;
 pub mod lanes;
 pub mod rate;
 pub mod schedule;

@@ -17,14 +17,16 @@ use std::{
 use bytes::Bytes;
 use tokio::{sync::Notify, time::Instant};
 
-use super::{lanes::Tag, writer::Outbound};
+use super::keyed::Tag;
 use crate::{metrics as m, wire};
 
 /// One socket's pace in one room.
-#[derive(Debug)]
+/// Sends one frame to the socket now: false once the socket is going.
+pub type Send = Box<dyn Fn(Bytes) -> bool + std::marker::Send + Sync>;
+
 pub struct Rate {
     every: Duration,
-    out: Outbound,
+    send: Send,
     keys: Mutex<HashMap<Box<str>, Key, ahash::RandomState>>,
     /// Wakes the pacing task: a value is pending, or the socket left the room.
     wake: Arc<Notify>,
@@ -38,6 +40,12 @@ struct Key {
     pending: Option<(Bytes, u32)>,
 }
 
+impl std::fmt::Debug for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rate").field("every", &self.every).finish()
+    }
+}
+
 impl Drop for Rate {
     fn drop(&mut self) {
         self.wake.notify_one();
@@ -45,12 +53,13 @@ impl Drop for Rate {
 }
 
 impl Rate {
-    /// A pace of `per_second` values per key for `out`, and its task started.
-    pub fn start(per_second: u32, out: Outbound) -> Arc<Rate> {
+    /// A pace of `per_second` values per key for the socket `send` writes to, and its task
+    /// started.
+    pub fn start(per_second: u32, send: Send) -> Arc<Rate> {
         let wake = Arc::new(Notify::new());
         let rate = Arc::new(Rate {
             every: Duration::from_secs(1) / per_second.max(1),
-            out,
+            send,
             keys: Mutex::new(HashMap::default()),
             wake: wake.clone(),
         });
@@ -133,7 +142,7 @@ async fn pace(rate: Weak<Rate>, wake: Arc<Notify>) {
             let Some(rate) = rate.upgrade() else { return };
             let (frames, next) = rate.due();
             for frame in frames {
-                if !rate.out.send(frame) {
+                if !(rate.send)(frame) {
                     return;
                 }
             }

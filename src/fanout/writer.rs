@@ -18,7 +18,8 @@ use bytes::Bytes;
 
 use super::{
     gate::{Gate, Next, Push},
-    lanes::{lane_of, Share, Tag},
+    keyed::Tag,
+    lanes::{lane_of, Share},
     rate::Rate,
 };
 use crate::{
