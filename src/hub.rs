@@ -593,9 +593,13 @@ impl Hub {
             held,
             floors,
             rate,
-        } in entry.members.values()
+        } in entry.members.values_mut()
         {
             if held.is_none() && member.lane(lanes) == lane {
+                // Spent floors are dropped: the socket is written from the shared frames again.
+                if floors.as_ref().is_some_and(|f| f.spent()) {
+                    *floors = None;
+                }
                 s.seats.push(Seated {
                     member: member.clone(),
                     since: *since,
@@ -677,6 +681,33 @@ mod tests {
         let d = deliver(&hub, &env);
         assert_eq!((d.delivered, d.writes), (6, 3));
         assert_eq!(msgpack.queued(), 3 * msgpack_frame.len());
+    }
+
+    #[tokio::test]
+    async fn a_join_with_latest_holds_back_older_values_and_once_its_floors_are_spent_takes_the_shared_path() {
+        let hub = one_lane();
+        let topic = Topic::Room("r".into());
+        let gate = Arc::new(Gate::new(1 << 20));
+        let id = hub.register(Outbound::new(gate.clone(), Encoding::Json));
+        hub.join_held(topic.clone(), id, Duration::from_secs(5)).await.unwrap();
+        // The join sent the socket `score` at update 5.
+        hub.set_keys(&topic, id, Some(Floors::new([("score".into(), 5)])), None);
+        hub.release(&topic, id, Vec::new());
+        let keyed = |seq: u64| {
+            let mut env = message("r", b"1");
+            env.key = Some("score".into());
+            env.key_seq = Some(seq);
+            env
+        };
+        let floors = |hub: &Hub| hub.inner.topics.get(&topic).unwrap().members[&id].floors.is_some();
+        // An older value on its way, and the one sent: neither written.
+        assert_eq!(deliver(&hub, &keyed(4)).delivered, 0);
+        assert_eq!(deliver(&hub, &keyed(5)).delivered, 0);
+        assert!(floors(&hub));
+        // A newer one goes and lifts the key's floor; the next turn drops the spent floors.
+        assert_eq!(deliver(&hub, &keyed(6)).delivered, 1);
+        assert_eq!(deliver(&hub, &keyed(7)).delivered, 1);
+        assert!(!floors(&hub), "spent floors dropped");
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -101,13 +101,33 @@ impl Outbound {
 /// Per key, the update number of the latest value a join sent a socket: a live value at or below
 /// it is one the socket has, or an older one, and is not written, so no key goes backwards across
 /// the switch to live. A key's floor goes once a newer value passed it. At most one per key of the
-/// room.
-#[derive(Debug, Default)]
-pub struct Floors(Mutex<HashMap<Box<str>, u64, ahash::RandomState>>);
+/// room, and for [`FLOOR_WINDOW`] at most: an older value can only be one still on its way to this
+/// node when the join read the values, and once the floors are spent the socket is written from
+/// the shared frames again, with no work of its own.
+#[derive(Debug)]
+pub struct Floors {
+    keys: Mutex<HashMap<Box<str>, u64, ahash::RandomState>>,
+    until: Instant,
+}
+
+/// How long a join's floors hold: far longer than a message takes from its master to a node.
+pub const FLOOR_WINDOW: Duration = Duration::from_secs(30);
 
 impl Floors {
     pub fn new(sent: impl IntoIterator<Item = (Box<str>, u64)>) -> Floors {
-        Floors(Mutex::new(sent.into_iter().collect()))
+        Floors {
+            keys: Mutex::new(sent.into_iter().collect()),
+            until: Instant::now() + FLOOR_WINDOW,
+        }
+    }
+
+    /// Whether nothing is left to hold back: every key passed, or the window is over.
+    pub fn spent(&self) -> bool {
+        Instant::now() >= self.until || self.lock().is_empty()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, u64, ahash::RandomState>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether a frame of this key goes to the socket.
@@ -116,7 +136,7 @@ impl Floors {
         let Some(keyed) = tag.as_ref().filter(|k| k.seq != 0) else {
             return true;
         };
-        let mut floors = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut floors = self.lock();
         match floors.get(&keyed.key) {
             Some(&floor) if keyed.seq <= floor => false,
             Some(_) => {
