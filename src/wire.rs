@@ -154,24 +154,12 @@ pub fn with_skipped(frame: &[u8], skipped: u32) -> Option<Bytes> {
     }
 }
 
-/// The opcode and payload of one whole unmasked frame, as [`Payload`] builds them.
+/// The opcode and payload of one whole, final, unmasked frame, as [`Payload`] builds them.
 fn unframe(frame: &[u8]) -> Option<(OpCode, &[u8])> {
-    let (&b0, rest) = frame.split_first()?;
-    let (&b1, rest) = rest.split_first()?;
-    if b0 & 0x80 == 0 || b1 & 0x80 != 0 {
-        return None;
-    }
-    let opcode = match b0 & 0x0f {
-        0x1 => OpCode::Data(Data::Text),
-        0x2 => OpCode::Data(Data::Binary),
-        _ => return None,
-    };
-    let (len, rest) = match b1 & 0x7f {
-        126 => (u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize, &rest[2..]),
-        127 => (u64::from_be_bytes(rest.get(..8)?.try_into().ok()?) as usize, &rest[8..]),
-        n => (n as usize, rest),
-    };
-    (rest.len() == len).then_some((opcode, rest))
+    let mut cursor = io::Cursor::new(frame);
+    let (header, len) = FrameHeader::parse(&mut cursor).ok().flatten()?;
+    let payload = &frame[cursor.position() as usize..];
+    (header.is_final && header.mask.is_none() && payload.len() as u64 == len).then_some((header.opcode, payload))
 }
 
 /// Writes a message as one value (a JSON object, a MessagePack map), as a frame holds it.

@@ -996,7 +996,7 @@ async fn ramp(sh: &Arc<Shared>, phase_rx: &watch::Receiver<Phase>) -> Ramped {
         ramp_start + Duration::from_secs_f64(clients as f64 / plan.ramp_per_sec.max(1.0) + 5.0) + plan.connect_timeout;
     let mut subs = Vec::with_capacity(clients);
     while subs.len() < clients {
-        let due = ((ramp_start.elapsed().as_secs_f64() * plan.ramp_per_sec) as usize + 1).min(clients);
+        let due = conn::ramp_due(ramp_start.elapsed(), plan.ramp_per_sec, clients);
         while subs.len() < due {
             subs.push(tokio::spawn(subscriber(subs.len(), sh.clone(), phase_rx.clone())));
         }

@@ -222,6 +222,12 @@ fn retry_pause(idx: usize, attempt: u32) -> Duration {
     Duration::from_millis(250 + spread)
 }
 
+/// How many of `total` clients a ramp of `per_sec` a second has due `elapsed` after its start: the
+/// first at once.
+pub fn ramp_due(elapsed: Duration, per_sec: f64, total: usize) -> usize {
+    ((elapsed.as_secs_f64() * per_sec) as usize + 1).min(total)
+}
+
 /// How long the final close handshake may take.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(3);
 

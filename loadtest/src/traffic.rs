@@ -276,7 +276,7 @@ async fn ramp(args: &Args, specs: &[Spec], ctx: &Arc<Ctx>, phase: &watch::Receiv
     let ramp_deadline =
         ramp_start + Duration::from_secs_f64(total as f64 / args.ramp_per_sec.max(1.0) + args.connect_timeout + 5.0);
     loop {
-        let due = ((ramp_start.elapsed().as_secs_f64() * args.ramp_per_sec) as usize + 1).min(total);
+        let due = conn::ramp_due(ramp_start.elapsed(), args.ramp_per_sec, total);
         while handles.len() < due {
             let Some(spec) = specs.next() else { break };
             handles.push(tokio::spawn(conn::run(spec.clone(), ctx.clone(), phase.clone())));

@@ -331,7 +331,7 @@ fn kick_off(
     let deadline = started + plan.kickoff;
     let mut viewers = Vec::with_capacity(plan.viewers);
     while viewers.len() < plan.viewers {
-        let due = ((started.elapsed().as_secs_f64() * plan.ramp_per_sec) as usize + 1).min(plan.viewers);
+        let due = crate::conn::ramp_due(started.elapsed(), plan.ramp_per_sec, plan.viewers);
         while viewers.len() < due {
             viewers.push(runtime.spawn(viewer::viewer(ctx.clone(), viewers.len(), stop.clone())));
         }

@@ -318,7 +318,7 @@ fn start_viewers(
     let started = Instant::now();
     let mut handles = Vec::with_capacity(plan.viewers);
     while handles.len() < plan.viewers {
-        let due = ((started.elapsed().as_secs_f64() * plan.ramp_per_sec) as usize + 1).min(plan.viewers);
+        let due = crate::conn::ramp_due(started.elapsed(), plan.ramp_per_sec, plan.viewers);
         while handles.len() < due {
             let idx = handles.len();
             handles.push(runtime.spawn(viewer::viewer(ctx.clone(), idx, stop.clone())));
