@@ -200,6 +200,20 @@ pub struct Args {
     #[arg(long, env = "SHARDCAST_CONFLATE_ABOVE")]
     pub conflate_above: Option<String>,
 
+    /// Negotiate permessage-deflate with clients that offer it (true or false): each frame is
+    /// compressed once per node and shared by every socket that negotiated it. [default: true]
+    #[arg(long, env = "SHARDCAST_COMPRESS")]
+    pub compress: Option<String>,
+
+    /// Frames whose payload is shorter than this go out uncompressed, SIZE. [default: 200]
+    #[arg(long, env = "SHARDCAST_COMPRESS_MIN_BYTES")]
+    pub compress_min_bytes: Option<String>,
+
+    /// For a socket that joined with `delta`: a key's value goes whole at least once every this
+    /// many of its messages. [default: 50]
+    #[arg(long, env = "SHARDCAST_DELTA_FULL_EVERY")]
+    pub delta_full_every: Option<String>,
+
     /// Replicas that must confirm (WAIT) a publish to a room with history before it is
     /// acknowledged; fewer within --redis-timeout answers `unconfirmed`. Redis Cluster only. [default: 0]
     #[arg(long, env = "SHARDCAST_PUBLISH_REPLICAS")]
@@ -315,6 +329,12 @@ pub struct Config {
     pub conflate: Vec<glob::Pattern>,
     /// `None`: half of `max_buffered_bytes`.
     pub conflate_above: Option<usize>,
+    /// Negotiate permessage-deflate.
+    pub compress: bool,
+    /// Payloads shorter than this are never compressed.
+    pub compress_min_bytes: usize,
+    /// A key's value goes whole at least once every this many of its messages (`delta` joins).
+    pub delta_full_every: u32,
     pub publish_replicas: u32,
     pub http_header_timeout: Duration,
     pub http_body_timeout: Duration,
@@ -383,6 +403,9 @@ impl Default for Config {
             max_keys_per_room: 1000,
             conflate: Vec::new(),
             conflate_above: None,
+            compress: true,
+            compress_min_bytes: 200,
+            delta_full_every: 50,
             publish_replicas: 0,
             http_header_timeout: Duration::from_secs(5),
             http_body_timeout: Duration::from_secs(10),
@@ -557,6 +580,9 @@ impl Args {
             max_keys_per_room: self.max_keys_per_room.or(base.max_keys_per_room),
             conflate: list(self.conflate, base.conflate),
             conflate_above: self.conflate_above.or(base.conflate_above),
+            compress: self.compress.or(base.compress),
+            compress_min_bytes: self.compress_min_bytes.or(base.compress_min_bytes),
+            delta_full_every: self.delta_full_every.or(base.delta_full_every),
             publish_replicas: self.publish_replicas.or(base.publish_replicas),
             http_header_timeout: self.http_header_timeout.or(base.http_header_timeout),
             http_body_timeout: self.http_body_timeout.or(base.http_body_timeout),
@@ -590,6 +616,7 @@ impl Args {
         self.parse_http(&mut p);
         self.parse_history(&mut p);
         self.parse_latest(&mut p);
+        self.parse_wire(&mut p);
         self.parse_presence(&mut p);
         let Parsing { config, mut errors } = p;
         errors.extend(config.validate());
@@ -683,6 +710,13 @@ impl Args {
             c.conflate.push(rule)
         });
         set!(p, "conflate-above", self.conflate_above, |s| size(s, 1024).map(Some) => conflate_above);
+    }
+
+    /// Bytes on the wire: compression and deltas.
+    fn parse_wire(&self, p: &mut Parsing) {
+        set!(p, "compress", self.compress, boolean => compress);
+        set!(p, "compress-min-bytes", self.compress_min_bytes, |s| size(s, 0) => compress_min_bytes);
+        set!(p, "delta-full-every", self.delta_full_every, full_every => delta_full_every);
     }
 
     /// Presence: whether it is kept, how often it is written, how long it lasts, which rooms list
@@ -864,6 +898,16 @@ fn max_keys(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n) if (1..=MAX_KEYS).contains(&n) => Ok(n),
         _ => Err(format!("expected a whole number from 1 to {MAX_KEYS}")),
+    }
+}
+
+/// The longest run of deltas a key may have between whole values.
+const MAX_FULL_EVERY: u32 = 10_000;
+
+fn full_every(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=MAX_FULL_EVERY).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {MAX_FULL_EVERY}")),
     }
 }
 

@@ -30,16 +30,32 @@ use crate::{
     wire,
 };
 
-/// One socket as the node writes to it: its gate and the encoding it reads. Cheap to clone.
+/// One socket as the node writes to it: its gate, the encoding it reads and whether it negotiated
+/// permessage-deflate. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Outbound {
     gate: Arc<Gate>,
     encoding: Encoding,
+    deflate: bool,
 }
 
 impl Outbound {
     pub fn new(gate: Arc<Gate>, encoding: Encoding) -> Outbound {
-        Outbound { gate, encoding }
+        Outbound {
+            gate,
+            encoding,
+            deflate: false,
+        }
+    }
+
+    /// The same socket, reading compressed frames (it negotiated permessage-deflate) or not.
+    pub fn deflating(self, deflate: bool) -> Outbound {
+        Outbound { deflate, ..self }
+    }
+
+    /// Whether the socket negotiated permessage-deflate: it takes the shared compressed frames.
+    pub fn deflates(&self) -> bool {
+        self.deflate
     }
 
     /// Connects the socket's write half once the upgrade completed; what waited goes out.
