@@ -36,6 +36,8 @@ pub enum Command {
         latest: bool,
         /// At most this many messages per second per key to this socket, the latest winning.
         max_rate: Option<u32>,
+        /// Keyed values may come as deltas to the socket's previous value of the key.
+        delta: bool,
     },
     /// The room's presence: its count of users and, for a small room, who they are.
     Presence {
@@ -138,6 +140,8 @@ struct Wire<D> {
     latest: Option<Loose<bool>>,
     #[serde(default)]
     max_rate: Option<Loose<u64>>,
+    #[serde(default)]
+    delta: Option<Loose<bool>>,
 }
 
 /// The most messages per second per key a join's `max_rate` may ask for.
@@ -232,6 +236,7 @@ fn build<D>(wire: Wire<D>, data: impl FnOnce(D) -> Result<Data, FrameError>) -> 
             presence: flag(id, wire.presence, "`presence` must be true or false")?,
             latest: flag(id, wire.latest, "`latest` must be true or false")?,
             max_rate: max_rate(id, wire.max_rate)?,
+            delta: flag(id, wire.delta, "`delta` must be true or false")?,
         },
         "presence" => Command::Presence {
             room: with_id(id, "presence", room(wire.room))?,
@@ -590,9 +595,12 @@ mod tests {
             Command::Join {
                 latest: true,
                 max_rate: Some(2),
+                delta: false,
                 ..
             }
         ));
+        let r = decode_text(r#"{"op":"join","room":"m","delta":true}"#, D).unwrap();
+        assert!(matches!(r.command, Command::Join { delta: true, .. }));
         let long = format!(
             r#"{{"op":"pub","room":"m","id":1,"key":"{}","data":1}}"#,
             "k".repeat(129)
@@ -609,6 +617,8 @@ mod tests {
             r#"{"op":"join","room":"m","id":1,"max_rate":1001}"#,
             r#"{"op":"join","room":"m","id":1,"max_rate":2.5}"#,
             r#"{"op":"join","room":"m","id":1,"max_rate":"2"}"#,
+            r#"{"op":"join","room":"m","id":1,"delta":"yes"}"#,
+            r#"{"op":"join","room":"m","id":1,"delta":1}"#,
         ] {
             let e = err(bad);
             assert_eq!((e.code, e.id), (ErrorCode::BadField, Some(1)), "{bad}");
@@ -628,6 +638,7 @@ mod tests {
                     presence: false,
                     latest: false,
                     max_rate: None,
+                    delta: false,
                 }
             }
         );

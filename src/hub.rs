@@ -25,9 +25,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     envelope::Envelope,
     fanout::{
+        delta::{Bases, Values},
+        form::{Form, FORMS},
         gate::Push,
         keyed::{Keyed, Tag},
-        lanes::{frames_of, Lanes, Recent},
+        lanes::{frames_of, Lanes, Recent, Shaping},
         rate::Rate,
         writer::{self, Floors, HeldFrame, Outbound, Scratch, Seated},
     },
@@ -73,6 +75,15 @@ enum SubState {
     Subscribed,
 }
 
+/// How a socket joins a topic.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Joining {
+    /// Its live frames are held back until [`Hub::release`] (it is first sent what it missed).
+    pub hold: bool,
+    /// It reads keyed values whole or as deltas (`"delta":true`).
+    pub delta: bool,
+}
+
 /// A member of a topic.
 #[derive(Debug)]
 struct Seat {
@@ -85,6 +96,20 @@ struct Seat {
     floors: Option<Arc<Floors>>,
     /// A join's `max_rate`.
     rate: Option<Arc<Rate>>,
+    /// It joined with `delta`: keyed values come whole or as deltas.
+    delta: bool,
+    /// With `delta` and no `max_rate`: the values it has, on which deltas apply.
+    bases: Option<Arc<Bases>>,
+}
+
+impl Seat {
+    fn form(&self) -> Form {
+        Form {
+            encoding: self.member.encoding(),
+            deflate: self.member.deflates(),
+            delta: self.delta,
+        }
+    }
 }
 
 /// Live frames kept back for a member while its join replays history, so that the replay and what
@@ -129,8 +154,10 @@ impl Held {
 #[derive(Debug)]
 struct Entry {
     members: IndexMap<SessionId, Seat, MemberHasher>,
-    /// Members per encoding: the frames the topic builds for each message.
-    encodings: [u32; 2],
+    /// Members per form: the frames the topic builds for each message.
+    forms: [u32; FORMS],
+    /// Per key, the last value framed for members that take deltas.
+    values: Option<Box<Values>>,
     /// Frames some lane has not had yet.
     recent: Option<Box<Recent>>,
     /// Members whose live frames are held back (see [`Held`]).
@@ -148,36 +175,38 @@ struct Entry {
 
 impl Entry {
     /// Adds a member; one already in keeps the frames it has not had yet.
-    fn insert(&mut self, id: SessionId, member: Outbound, since: u64, hold: bool) {
+    /// Adds a member; one already in keeps the frames it has not had yet, unless it now reads
+    /// another form (with or without `delta`): it then gets frames from `since` on, as a new one.
+    fn insert(&mut self, id: SessionId, member: Outbound, since: u64, hold: bool, delta: bool) {
         let (since, held) = match self.members.swap_remove(&id) {
             Some(old) => {
-                self.encodings[old.member.encoding().index()] -= 1;
+                self.forms[old.form().index()] -= 1;
                 self.held -= u32::from(old.held.is_some());
                 self.releasing -= u32::from(old.held.as_ref().is_some_and(|h| h.upto.is_some()));
-                (old.since, old.held)
+                (if old.delta == delta { old.since } else { since }, old.held)
             }
             None => (since, None),
         };
         let held = held.or_else(|| hold.then(Box::default));
-        self.encodings[member.encoding().index()] += 1;
         self.held += u32::from(held.is_some());
-        self.members.insert(
-            id,
-            Seat {
-                member,
-                since,
-                held,
-                floors: None,
-                rate: None,
-            },
-        );
+        let seat = Seat {
+            member,
+            since,
+            held,
+            floors: None,
+            rate: None,
+            delta,
+            bases: delta.then(Arc::default),
+        };
+        self.forms[seat.form().index()] += 1;
+        self.members.insert(id, seat);
     }
 
     fn remove(&mut self, id: SessionId) -> bool {
         let Some(seat) = self.members.swap_remove(&id) else {
             return false;
         };
-        self.encodings[seat.member.encoding().index()] -= 1;
+        self.forms[seat.form().index()] -= 1;
         self.held -= u32::from(seat.held.is_some());
         self.releasing -= u32::from(seat.held.as_ref().is_some_and(|h| h.upto.is_some()));
         true
@@ -218,18 +247,24 @@ struct Inner {
     lanes: Arc<Lanes>,
     /// Rooms whose keyed messages are conflated for a socket that falls behind.
     conflate: Vec<glob::Pattern>,
+    /// How frames are compressed and keyed values sent as deltas.
+    shaping: Shaping,
 }
 
 impl Hub {
     /// A hub whose topics are written on `lanes`, and the receiving end of its interest requests
     /// (for the interest manager).
     pub fn new(lanes: Lanes) -> (Hub, mpsc::UnboundedReceiver<Interest>) {
-        Hub::conflating(lanes, Vec::new())
+        Hub::shaping(lanes, Vec::new(), Shaping::default())
     }
 
     /// [`Hub::new`], with the rooms (`--conflate`) whose keyed messages are conflated for a socket
-    /// that falls behind.
-    pub fn conflating(lanes: Lanes, conflate: Vec<glob::Pattern>) -> (Hub, mpsc::UnboundedReceiver<Interest>) {
+    /// that falls behind, and how frames are compressed and keyed values sent as deltas.
+    pub fn shaping(
+        lanes: Lanes,
+        conflate: Vec<glob::Pattern>,
+        shaping: Shaping,
+    ) -> (Hub, mpsc::UnboundedReceiver<Interest>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let hub = Hub {
             inner: Arc::new(Inner {
@@ -239,6 +274,7 @@ impl Hub {
                 interest: tx,
                 lanes: Arc::new(lanes),
                 conflate,
+                shaping,
             }),
         };
         (hub, rx)
@@ -282,17 +318,20 @@ impl Hub {
     /// so that anything published after this returns reaches the socket. On failure the socket is
     /// taken out of the topic again.
     pub async fn join(&self, topic: Topic, id: SessionId, timeout: Duration) -> Result<(), JoinError> {
-        self.join_with(topic, id, timeout, false).await
+        self.join_with(topic, id, timeout, Joining::default()).await
     }
 
-    /// Joins as [`Hub::join`] does, but holds the socket's live frames back until [`Hub::release`]:
-    /// for a join that first sends the socket what it missed. Leaving drops what was held.
-    pub async fn join_held(&self, topic: Topic, id: SessionId, timeout: Duration) -> Result<(), JoinError> {
-        self.join_with(topic, id, timeout, true).await
-    }
-
-    async fn join_with(&self, topic: Topic, id: SessionId, timeout: Duration, hold: bool) -> Result<(), JoinError> {
-        let Some(rx) = self.enter(&topic, id, hold)? else {
+    /// Joins as [`Hub::join`] does, as `joining` says: holding the socket's live frames back until
+    /// [`Hub::release`], for a join that first sends the socket what it missed (leaving drops what
+    /// was held); reading keyed values as deltas.
+    pub async fn join_with(
+        &self,
+        topic: Topic,
+        id: SessionId,
+        timeout: Duration,
+        joining: Joining,
+    ) -> Result<(), JoinError> {
+        let Some(rx) = self.enter(&topic, id, joining)? else {
             return Ok(());
         };
         let asked = Instant::now();
@@ -311,7 +350,7 @@ impl Hub {
     /// Adds a registered socket to a topic without waiting: the subscription is made, and retried
     /// while the bus is down, in the background.
     pub fn join_later(&self, topic: Topic, id: SessionId) -> Result<(), JoinError> {
-        self.enter(&topic, id, false).map(drop)
+        self.enter(&topic, id, Joining::default()).map(drop)
     }
 
     /// Inserts the member; returns a receiver when the topic is not subscribed yet.
@@ -319,7 +358,7 @@ impl Hub {
         &self,
         topic: &Topic,
         id: SessionId,
-        hold: bool,
+        joining: Joining,
     ) -> Result<Option<oneshot::Receiver<Result<(), JoinError>>>, JoinError> {
         let Some(member) = self.inner.sessions.get(&id).map(|m| m.clone()) else {
             return Err(JoinError::Closed);
@@ -327,7 +366,8 @@ impl Hub {
         let mut entry = self.inner.topics.entry(topic.clone()).or_insert_with(|| Entry {
             // Most topics are one user's inbox with one socket: start small, rooms grow as needed.
             members: IndexMap::with_capacity_and_hasher(1, MemberHasher::default()),
-            encodings: [0; 2],
+            forms: [0; FORMS],
+            values: None,
             recent: None,
             held: 0,
             releasing: 0,
@@ -340,7 +380,7 @@ impl Hub {
             waiters: Vec::new(),
         });
         let since = self.inner.lanes.next_seq();
-        entry.insert(id, member, since, hold);
+        entry.insert(id, member, since, joining.hold, joining.delta);
         if entry.state == SubState::Subscribed {
             return Ok(None);
         }
@@ -412,6 +452,10 @@ impl Hub {
             .and_then(|e| e.members.get_mut(&id))
         {
             seat.floors = floors.map(Arc::new);
+            // A paced socket's values are sent late or not at all: it gets them whole.
+            if rate.is_some() {
+                seat.bases = None;
+            }
             seat.rate = rate;
         }
     }
@@ -531,21 +575,31 @@ impl Hub {
         if entry.members.is_empty() {
             return;
         }
-        let frames = frames_of(env, shard, entry.encodings, &topic);
         let tag: Tag = match (&env.key, &topic) {
             (Some(key), Topic::Room(room)) => Some(Arc::new(Keyed {
                 room: room.clone(),
                 key: key.as_str().into(),
                 seq: env.key_seq.unwrap_or(0),
                 conflate: entry.conflate,
+                delta_of: None,
             })),
             _ => None,
         };
+        let entry = &mut *entry;
+        let frames = frames_of(
+            env,
+            shard,
+            &entry.forms,
+            &topic,
+            &tag,
+            &mut entry.values,
+            self.inner.shaping,
+        );
         if entry.held > 0 {
             let n = env.pos;
-            for Seat { member, held, .. } in entry.members.values() {
-                if let (Some(held), Some(frame)) = (held, &frames[member.encoding().index()]) {
-                    held.keep(member, shard, n, &tag, frame);
+            for seat in entry.members.values() {
+                if let (Some(held), Some(framed)) = (&seat.held, &frames[seat.form().index()]) {
+                    held.keep(&seat.member, shard, n, &tag, &framed.whole);
                 }
             }
         }
@@ -587,24 +641,19 @@ impl Hub {
             entry.recent = None;
         }
         let lanes = self.inner.lanes.count();
-        for Seat {
-            member,
-            since,
-            held,
-            floors,
-            rate,
-        } in entry.members.values_mut()
-        {
-            if held.is_none() && member.lane(lanes) == lane {
+        for seat in entry.members.values_mut() {
+            if seat.held.is_none() && seat.member.lane(lanes) == lane {
                 // Spent floors are dropped: the socket is written from the shared frames again.
-                if floors.as_ref().is_some_and(|f| f.spent()) {
-                    *floors = None;
+                if seat.floors.as_ref().is_some_and(|f| f.spent()) {
+                    seat.floors = None;
                 }
                 s.seats.push(Seated {
-                    member: member.clone(),
-                    since: *since,
-                    floors: floors.clone(),
-                    rate: rate.clone(),
+                    member: seat.member.clone(),
+                    form: seat.form(),
+                    since: seat.since,
+                    floors: seat.floors.clone(),
+                    rate: seat.rate.clone(),
+                    bases: seat.bases.clone(),
                 });
             }
         }
@@ -689,7 +738,13 @@ mod tests {
         let topic = Topic::Room("r".into());
         let gate = Arc::new(Gate::new(1 << 20));
         let id = hub.register(Outbound::new(gate.clone(), Encoding::Json));
-        hub.join_held(topic.clone(), id, Duration::from_secs(5)).await.unwrap();
+        let held = Joining {
+            hold: true,
+            delta: false,
+        };
+        hub.join_with(topic.clone(), id, Duration::from_secs(5), held)
+            .await
+            .unwrap();
         // The join sent the socket `score` at update 5.
         hub.set_keys(&topic, id, Some(Floors::new([("score".into(), 5)])), None);
         hub.release(&topic, id, Vec::new());

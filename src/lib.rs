@@ -52,6 +52,7 @@ pub mod auth;
 pub mod bus;
 pub mod close;
 pub mod cmd;
+pub mod compress;
 pub mod config;
 pub mod demo;
 pub mod encoding;
@@ -84,7 +85,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     bus::{memory::MemoryBus, redis::RedisBus, Bus, BusError, Naming},
     config::Config,
-    fanout::{lanes::Lanes, worker},
+    fanout::{
+        lanes::{Lanes, Shaping},
+        worker,
+    },
     history::gaps::Gaps,
     hub::Hub,
     node::Node,
@@ -113,9 +117,13 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     let metrics = metrics::handle();
     let tracker = TaskTracker::new();
     let internal = CancellationToken::new();
-    let (hub, interest_rx) = Hub::conflating(
+    let (hub, interest_rx) = Hub::shaping(
         Lanes::new(worker::lanes(&config), config.workers),
         config.conflate.clone(),
+        Shaping {
+            compress_min_bytes: config.compress_min_bytes,
+            delta_full_every: config.delta_full_every,
+        },
     );
     let naming = Naming::new(
         &config.channel_prefix,

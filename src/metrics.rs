@@ -29,6 +29,8 @@ pub const BUS_RECEIVED: &str = "shardcast_bus_messages_received_total";
 pub const BUS_DROPPED: &str = "shardcast_bus_messages_dropped_total";
 pub const DELIVERIES: &str = "shardcast_deliveries_total";
 pub const DELIVERED_BYTES: &str = "shardcast_delivered_bytes_total";
+pub const DELIVERED_FULL_BYTES: &str = "shardcast_delivered_full_bytes_total";
+pub const DELTA_VALUES: &str = "shardcast_delta_values_total";
 pub const SOCKET_WRITES: &str = "shardcast_socket_writes_total";
 pub const WRITE_GATHER: &str = "shardcast_write_gather_seconds";
 // History.
@@ -93,6 +95,9 @@ pub fn handle() -> PrometheusHandle {
                 latency: histogram!(LATENCY),
                 deliveries: counter!(DELIVERIES),
                 delivered_bytes: counter!(DELIVERED_BYTES),
+                delivered_full_bytes: counter!(DELIVERED_FULL_BYTES),
+                delta_values: counter!(DELTA_VALUES, "form" => "delta"),
+                whole_values: counter!(DELTA_VALUES, "form" => "whole"),
                 socket_writes: counter!(SOCKET_WRITES),
                 unencodable: counter!(UNENCODABLE),
                 write_gather: histogram!(WRITE_GATHER),
@@ -110,6 +115,9 @@ struct HotPath {
     latency: Histogram,
     deliveries: Counter,
     delivered_bytes: Counter,
+    delivered_full_bytes: Counter,
+    delta_values: Counter,
+    whole_values: Counter,
     socket_writes: Counter,
     unencodable: Counter,
     write_gather: Histogram,
@@ -233,6 +241,8 @@ const METRICS: &[(Kind, &str, Unit, &str)] = &[
     (Kind::Counter, BUS_DROPPED, Unit::Count, "Bus messages dropped before delivery, by reason."),
     (Kind::Counter, DELIVERIES, Unit::Count, "Frames queued to local sockets (one per message per socket)."),
     (Kind::Counter, DELIVERED_BYTES, Unit::Bytes, "Bytes queued to local sockets."),
+    (Kind::Counter, DELIVERED_FULL_BYTES, Unit::Bytes, "What the bytes queued to local sockets would have been uncompressed and without deltas; shardcast_delivered_bytes_total over this is the share of bytes that went on the wire."),
+    (Kind::Counter, DELTA_VALUES, Unit::Count, "Keyed values queued to sockets that joined with delta, by form (delta: the difference to the socket's previous value; whole)."),
     (Kind::Counter, SOCKET_WRITES, Unit::Count, "Writes of delivered frames to local sockets (one per socket per delivery batch or paced turn); deliveries per write is how well writes are coalesced."),
     (Kind::Counter, UNENCODABLE, Unit::Count, "Deliveries skipped because the message has no form in the socket's encoding."),
     (Kind::Histogram, LATENCY, Unit::Seconds, "Time from publish (envelope timestamp) to fan-out on this node."),
@@ -291,6 +301,7 @@ fn start_at_zero() {
         BUS_RECEIVED,
         DELIVERIES,
         DELIVERED_BYTES,
+        DELIVERED_FULL_BYTES,
         SOCKET_WRITES,
         UNENCODABLE,
         SLOW_CONSUMER_DROPS,
@@ -336,6 +347,9 @@ fn start_at_zero() {
     }
     for reason in CLOSE_REASONS {
         counter!(CONNECTIONS_CLOSED, "reason" => reason.as_str()).increment(0);
+    }
+    for form in ["delta", "whole"] {
+        counter!(DELTA_VALUES, "form" => form).increment(0);
     }
     for reason in ["conflated", "max_rate"] {
         counter!(SKIPPED, "reason" => reason).increment(0);
@@ -431,12 +445,22 @@ pub struct Delivery {
     pub unencodable: usize,
     /// Sockets written (each once, with all its frames).
     pub writes: usize,
+    /// What the delivered frames would have been uncompressed and whole (no delta).
+    pub full_bytes: usize,
+    /// Keyed values delivered to sockets that joined with `delta`: as deltas, and whole.
+    pub deltas: usize,
+    pub wholes: usize,
 }
 
 pub fn delivered(d: &Delivery) {
     if let Some(h) = HOT.get() {
         h.deliveries.increment(d.delivered as u64);
         h.delivered_bytes.increment(d.bytes as u64);
+        h.delivered_full_bytes.increment(d.full_bytes as u64);
+        if d.deltas + d.wholes > 0 {
+            h.delta_values.increment(d.deltas as u64);
+            h.whole_values.increment(d.wholes as u64);
+        }
         h.socket_writes.increment(d.writes as u64);
         if d.unencodable > 0 {
             h.unencodable.increment(d.unencodable as u64);

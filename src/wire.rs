@@ -6,12 +6,13 @@
 //! every socket is handed a clone of the same `Bytes`. Writes hand frames to the kernel as they
 //! are, many per `writev`, with no per-socket framing or copying.
 
-use std::io;
+use std::{borrow::Cow, io};
 
 use bytes::{Buf, Bytes};
 use serde::Serialize;
 
 use crate::{
+    compress,
     encoding::{check_json, check_msgpack, json_to_msgpack, msgpack_to_json, Encoding, TranscodeError},
     envelope::{Envelope, Kind},
     frame::FrameError,
@@ -49,18 +50,20 @@ impl Payload {
 
     /// A text frame; the caller wrote UTF-8 (JSON it built or checked).
     pub fn text(self) -> Bytes {
-        self.finish(OpCode::Data(Data::Text))
+        self.finish(OpCode::Data(Data::Text), false)
     }
 
     pub fn binary(self) -> Bytes {
-        self.finish(OpCode::Data(Data::Binary))
+        self.finish(OpCode::Data(Data::Binary), false)
     }
 
-    fn finish(self, opcode: OpCode) -> Bytes {
+    /// A frame whose payload is compressed (RSV1 set, RFC 7692 §6).
+    fn finish(self, opcode: OpCode, rsv1: bool) -> Bytes {
         let mut buf = self.0;
         let len = (buf.len() - MAX_HEADER) as u64;
         let header = FrameHeader {
             opcode,
+            rsv1,
             ..FrameHeader::default()
         };
         let start = MAX_HEADER - header.len(len);
@@ -88,24 +91,86 @@ pub fn close(code: u16, reason: &str) -> Bytes {
     let mut p = Payload::with_capacity(2 + reason.len());
     p.put(&code.to_be_bytes());
     p.put(reason.as_bytes());
-    p.finish(OpCode::Control(Control::Close))
+    p.finish(OpCode::Control(Control::Close), false)
+}
+
+/// The compressed form of a data frame the node built ([`crate::compress`]): the same message,
+/// RSV1 set, for every socket that negotiated permessage-deflate. `None` when the payload is
+/// shorter than `min` or would not shrink: such a frame goes as it is, which the extension allows
+/// message by message.
+pub fn deflated(frame: &Bytes, min: usize) -> Option<Bytes> {
+    let (header, payload) = unframe(frame)?;
+    if payload.len() < min || header.rsv1 || !matches!(header.opcode, OpCode::Data(_)) {
+        return None;
+    }
+    let small = compress::deflate(payload);
+    let mut out = Payload::with_capacity(small.len());
+    out.put(&small);
+    let out = out.finish(header.opcode, true);
+    (out.len() < frame.len()).then_some(out)
 }
 
 /// Builds the `msg` (room) or `dm` frame of an envelope in one encoding. A message with a
 /// position (a room with history) also carries its shard and position, a keyed one its key.
 pub fn broadcast_frame(encoding: Encoding, env: &Envelope, shard: u32) -> Result<Bytes, TranscodeError> {
-    framed(encoding, env, shard, false)
+    framed(encoding, env, shard, false, Carried::Value)
 }
 
 /// The frame of a key's latest value sent on a join: a `msg` frame marked `"latest":true`.
 pub fn latest_frame(encoding: Encoding, env: &Envelope, shard: u32) -> Result<Bytes, TranscodeError> {
-    framed(encoding, env, shard, true)
+    framed(encoding, env, shard, true, Carried::Value)
 }
 
-fn framed(encoding: Encoding, env: &Envelope, shard: u32, latest: bool) -> Result<Bytes, TranscodeError> {
+/// What the `data` of a keyed `msg` frame carries.
+#[derive(Debug, Clone, Copy)]
+pub enum Carried<'a> {
+    /// The value, as every socket that did not join with `delta` reads it.
+    Value,
+    /// For a socket that joined with `delta`: `"delta":false` and the value's exact bytes (its
+    /// JSON text as a string, or its MessagePack bytes as `bin`), the base of the next delta.
+    Whole,
+    /// For a socket that joined with `delta` and has the key's previous value: `"delta":true` and
+    /// the fossil delta from that value's bytes to this one's (a string, or `bin`).
+    Delta(&'a [u8]),
+}
+
+/// The `msg` frame of a keyed message for a socket that joined with `delta` ([`Carried`]). A delta
+/// that is not UTF-8 cannot be a JSON string: an error, and such a socket gets the whole value.
+pub fn keyed_frame(
+    encoding: Encoding,
+    env: &Envelope,
+    shard: u32,
+    carried: Carried<'_>,
+) -> Result<Bytes, TranscodeError> {
+    framed(encoding, env, shard, false, carried)
+}
+
+/// A message's data as `encoding` puts it in a frame: the bytes a delta is computed between.
+pub fn value_of(encoding: Encoding, env: &Envelope) -> Result<Cow<'_, [u8]>, TranscodeError> {
+    Ok(match (encoding, env.format) {
+        (Encoding::Json, Encoding::Json) => {
+            check_json(&env.data)?;
+            Cow::Borrowed(&env.data)
+        }
+        (Encoding::Json, Encoding::MsgPack) => Cow::Owned(msgpack_to_json(&env.data)?),
+        (Encoding::MsgPack, Encoding::MsgPack) => {
+            check_msgpack(&env.data)?;
+            Cow::Borrowed(&env.data)
+        }
+        (Encoding::MsgPack, Encoding::Json) => Cow::Owned(json_to_msgpack(&env.data)?),
+    })
+}
+
+fn framed(
+    encoding: Encoding,
+    env: &Envelope,
+    shard: u32,
+    latest: bool,
+    carried: Carried<'_>,
+) -> Result<Bytes, TranscodeError> {
     let key = env.key.as_ref().map_or(0, |k| k.len() + 24);
-    let mut out = Payload::with_capacity(48 + env.target.len() + env.from.len() + env.data.len() + key);
-    write_message(&mut out, encoding, env, shard, latest)?;
+    let mut out = Payload::with_capacity(64 + env.target.len() + env.from.len() + env.data.len() + key);
+    write_message(&mut out, encoding, env, shard, latest, carried)?;
     Ok(match encoding {
         Encoding::Json => out.text(),
         Encoding::MsgPack => out.binary(),
@@ -117,9 +182,27 @@ fn framed(encoding: Encoding, env: &Envelope, shard: u32, latest: bool) -> Resul
 /// pair (MessagePack, a `msg` map has fewer than 16 pairs), so nothing else is re-encoded. `None`
 /// for a frame the node did not build this way.
 pub fn with_skipped(frame: &[u8], skipped: u32) -> Option<Bytes> {
+    let (header, payload) = unframe(frame)?;
+    if !header.rsv1 {
+        return skipped_added(header.opcode, payload, skipped).map(|p| p.finish(header.opcode, false));
+    }
+    // A compressed frame (a socket that negotiated permessage-deflate): inflated, marked and
+    // compressed again, for this socket alone. Only a conflating socket's frames come here.
+    let plain = compress::inflate(payload, MAX_EDITED)?;
+    let marked = skipped_added(header.opcode, &plain, skipped)?;
+    let mut out = Payload::with_capacity(marked.body().len() / 2);
+    out.put(&compress::deflate(marked.body()));
+    Some(out.finish(header.opcode, true))
+}
+
+/// The largest frame [`with_skipped`] inflates to mark it: the node's own frames are never larger
+/// than what a publish may carry, well below this.
+const MAX_EDITED: usize = 64 << 20;
+
+/// A `msg` payload with `"skipped":N` added, as [`with_skipped`] places it.
+fn skipped_added(opcode: OpCode, payload: &[u8], skipped: u32) -> Option<Payload> {
     const JSON_FIELD: &[u8] = b"{\"skipped\":";
     const MSGPACK_KEY: &[u8] = b"\xa7skipped";
-    let (opcode, payload) = unframe(frame)?;
     let mut out = Payload::with_capacity(payload.len() + 16);
     match opcode {
         OpCode::Data(Data::Text) if payload.first() == Some(&b'{') => {
@@ -133,7 +216,6 @@ pub fn with_skipped(frame: &[u8], skipped: u32) -> Option<Bytes> {
             };
             out.put(format!("{{\"skipped\":{},", had.saturating_add(skipped)).as_bytes());
             out.put(rest);
-            Some(out.text())
         }
         OpCode::Data(Data::Binary) if payload.first().is_some_and(|b| (0x80..0x8f).contains(b)) => {
             let body = &payload[1..];
@@ -148,18 +230,18 @@ pub fn with_skipped(frame: &[u8], skipped: u32) -> Option<Bytes> {
             let _ = rmp::encode::write_str(&mut out, "skipped");
             let _ = rmp::encode::write_uint(&mut out, u64::from(had.saturating_add(skipped)));
             out.put(rest);
-            Some(out.binary())
         }
-        _ => None,
+        _ => return None,
     }
+    Some(out)
 }
 
-/// The opcode and payload of one whole, final, unmasked frame, as [`Payload`] builds them.
-fn unframe(frame: &[u8]) -> Option<(OpCode, &[u8])> {
+/// The header and payload of one whole, final, unmasked frame, as [`Payload`] builds them.
+fn unframe(frame: &[u8]) -> Option<(FrameHeader, &[u8])> {
     let mut cursor = io::Cursor::new(frame);
     let (header, len) = FrameHeader::parse(&mut cursor).ok().flatten()?;
     let payload = &frame[cursor.position() as usize..];
-    (header.is_final && header.mask.is_none() && payload.len() as u64 == len).then_some((header.opcode, payload))
+    (header.is_final && header.mask.is_none() && payload.len() as u64 == len).then_some((header, payload))
 }
 
 /// Writes a message as one value (a JSON object, a MessagePack map), as a frame holds it.
@@ -169,6 +251,7 @@ fn write_message(
     env: &Envelope,
     shard: u32,
     latest: bool,
+    carried: Carried<'_>,
 ) -> Result<(), TranscodeError> {
     let op = match env.kind {
         Kind::Room => "msg",
@@ -176,19 +259,14 @@ fn write_message(
     };
     let room = env.kind == Kind::Room;
     let pos = env.pos.map(|p| p.to_string());
+    let value = value_of(encoding, env)?;
+    let (delta, data): (Option<bool>, &[u8]) = match carried {
+        Carried::Value => (None, &value),
+        Carried::Whole => (Some(false), &value),
+        Carried::Delta(delta) => (Some(true), delta),
+    };
     match encoding {
         Encoding::Json => {
-            let converted;
-            let data: &[u8] = match env.format {
-                Encoding::Json => {
-                    check_json(&env.data)?;
-                    &env.data
-                }
-                Encoding::MsgPack => {
-                    converted = msgpack_to_json(&env.data)?;
-                    &converted
-                }
-            };
             out.put(b"{\"op\":\"");
             out.put(op.as_bytes());
             out.put(b"\"");
@@ -209,27 +287,25 @@ fn write_message(
                 out.put(b",\"latest\":true");
             }
             out.put(b",\"data\":");
-            // Checked or produced by serde_json above, so UTF-8, as a text frame must be.
-            out.put(data);
+            match delta {
+                // Checked or produced by serde_json, so UTF-8, as a text frame must be.
+                None => out.put(data),
+                Some(delta) => {
+                    let text = std::str::from_utf8(data)
+                        .map_err(|_| <serde_json::Error as serde::de::Error>::custom("a delta that is not UTF-8"))?;
+                    serde_json::to_writer(&mut *out, text)?;
+                    out.put(if delta { b",\"delta\":true" } else { b",\"delta\":false" });
+                }
+            }
             out.put(b"}");
         }
         Encoding::MsgPack => {
-            let converted;
-            let data: &[u8] = match env.format {
-                Encoding::MsgPack => {
-                    check_msgpack(&env.data)?;
-                    &env.data
-                }
-                Encoding::Json => {
-                    converted = json_to_msgpack(&env.data)?;
-                    &converted
-                }
-            };
             let fields = 3
                 + u32::from(room)
                 + if pos.is_some() { 2 } else { 0 }
                 + u32::from(env.key.is_some())
-                + u32::from(latest);
+                + u32::from(latest)
+                + u32::from(delta.is_some());
             // Writes into a Vec cannot fail.
             let _ = rmp::encode::write_map_len(&mut *out, fields);
             let _ = rmp::encode::write_str(&mut *out, "op");
@@ -254,8 +330,17 @@ fn write_message(
                 let _ = rmp::encode::write_str(&mut *out, "latest");
                 let _ = rmp::encode::write_bool(&mut *out, true);
             }
+            if let Some(delta) = delta {
+                let _ = rmp::encode::write_str(&mut *out, "delta");
+                let _ = rmp::encode::write_bool(&mut *out, delta);
+            }
             let _ = rmp::encode::write_str(&mut *out, "data");
-            out.put(data);
+            match delta {
+                None => out.put(data),
+                Some(_) => {
+                    let _ = rmp::encode::write_bin(&mut *out, data);
+                }
+            }
         }
     }
     Ok(())
@@ -268,7 +353,7 @@ pub fn history_frame(encoding: Encoding, id: Option<i64>, msgs: &[(Envelope, u32
     let mut framed = Vec::with_capacity(msgs.len());
     for (env, shard) in msgs {
         let mut one = Payload::with_capacity(48 + env.data.len());
-        if write_message(&mut one, encoding, env, *shard, false).is_ok() {
+        if write_message(&mut one, encoding, env, *shard, false, Carried::Value).is_ok() {
             framed.push(one);
         }
     }
@@ -317,7 +402,7 @@ pub fn latest_body(room: &str, msgs: &[(Envelope, u32)]) -> Vec<u8> {
     let mut first = true;
     for (env, shard) in msgs {
         let mut one = Payload::with_capacity(48 + env.data.len());
-        if write_message(&mut one, Encoding::Json, env, *shard, true).is_ok() {
+        if write_message(&mut one, Encoding::Json, env, *shard, true, Carried::Value).is_ok() {
             if !first {
                 out.push(b',');
             }

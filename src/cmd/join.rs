@@ -20,6 +20,7 @@ use crate::{
         pos::{Keep, Pos},
         replay::{replay, Replayed},
     },
+    hub::Joining,
     latest, metrics as m,
     node::Node,
     topic::Topic,
@@ -34,6 +35,7 @@ pub struct Join {
     pub presence: bool,
     pub latest: bool,
     pub max_rate: Option<u32>,
+    pub delta: bool,
 }
 
 pub async fn run(join: Join, node: &Node, membership: &mut Membership, out: &Outbound) -> Answer {
@@ -44,6 +46,7 @@ pub async fn run(join: Join, node: &Node, membership: &mut Membership, out: &Out
         presence,
         latest,
         max_rate,
+        delta,
     } = join;
     let room: Arc<str> = room.into();
     if membership.is_in(&room) {
@@ -64,12 +67,15 @@ pub async fn run(join: Join, node: &Node, membership: &mut Membership, out: &Out
     }
     let keep = node.config().keep(&room);
     let answer = match keep {
-        None if !latest && max_rate.is_none() => plain(node, membership, id, room.clone(), since.is_some()).await,
+        None if !latest && max_rate.is_none() => {
+            plain(node, membership, id, room.clone(), since.is_some(), delta).await
+        }
         _ => {
             let asked = Asked {
                 since,
                 latest,
                 max_rate,
+                delta,
             };
             held(node, membership, out, id, room.clone(), keep, asked).await
         }
@@ -81,9 +87,22 @@ pub async fn run(join: Join, node: &Node, membership: &mut Membership, out: &Out
 }
 
 /// Joins a room without history; a client that asked to resume is told nothing was recovered.
-async fn plain(node: &Node, membership: &mut Membership, id: Option<i64>, room: Arc<str>, resume: bool) -> Answer {
+async fn plain(
+    node: &Node,
+    membership: &mut Membership,
+    id: Option<i64>,
+    room: Arc<str>,
+    resume: bool,
+    delta: bool,
+) -> Answer {
+    let joining = Joining { hold: false, delta };
     node.hub()
-        .join(Topic::Room(room.clone()), membership.id(), node.config().join_timeout)
+        .join_with(
+            Topic::Room(room.clone()),
+            membership.id(),
+            node.config().join_timeout,
+            joining,
+        )
         .await
         .map_err(|e| unavailable(id, &e))?;
     membership.entered(room);
@@ -103,6 +122,7 @@ struct Asked {
     since: Option<Vec<Pos>>,
     latest: bool,
     max_rate: Option<u32>,
+    delta: bool,
 }
 
 /// Joins holding live frames back while the socket is sent first what it asked for: in a room
@@ -123,10 +143,12 @@ async fn held(
         since,
         latest,
         max_rate,
+        delta,
     } = asked;
     let topic = Topic::Room(room.clone());
+    let joining = Joining { hold: true, delta };
     node.hub()
-        .join_held(topic.clone(), membership.id(), node.config().join_timeout)
+        .join_with(topic.clone(), membership.id(), node.config().join_timeout, joining)
         .await
         .map_err(|e| unavailable(id, &e))?;
     membership.entered(room.clone());

@@ -37,6 +37,7 @@ pub async fn run(request: Request, node: &Node, membership: &mut Membership, out
             presence,
             latest,
             max_rate,
+            delta,
         } => {
             named(node, id, &room, ErrorCode::BadRoom)?;
             let join = join::Join {
@@ -46,6 +47,7 @@ pub async fn run(request: Request, node: &Node, membership: &mut Membership, out
                 presence,
                 latest,
                 max_rate,
+                delta,
             };
             join::run(join, node, membership, out).await
         }

@@ -332,6 +332,13 @@ impl State {
             return self.queue(frame.clone(), budget);
         };
         let slot = (keyed.room.clone(), keyed.key.clone());
+        if keyed.delta_of.is_some() {
+            // A delta needs the value before it: it queues, and a newer value of the key replaces
+            // it, never the value it is based on.
+            let at = c.popped + self.frames.len() as u64;
+            c.slots.insert(slot, (at, 0));
+            return self.queue(frame.clone(), budget);
+        }
         let place = c.slots.get(&slot).and_then(|&(at, skipped)| {
             let i = at.checked_sub(c.popped)? as usize;
             (i < self.frames.len() && !(i == 0 && self.partial)).then_some((i, skipped))
@@ -799,6 +806,11 @@ impl Gate {
     }
 
     /// Bytes counted against the budget now.
+    /// Whether the socket is conflating now: behind past its mark, its queued values replaceable.
+    pub fn is_conflating(&self) -> bool {
+        self.lock().conflation.is_some()
+    }
+
     pub fn queued(&self) -> usize {
         self.lock().queued
     }
@@ -983,6 +995,7 @@ mod tests {
             key: key.into(),
             seq: u64::from(i),
             conflate: true,
+            delta_of: None,
         });
         (frame, Some(tag))
     }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 /// What a keyed message's frames are the value of.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keyed {
     pub room: Arc<str>,
     pub key: Box<str>,
@@ -14,6 +14,9 @@ pub struct Keyed {
     pub seq: u64,
     /// The room is conflated for a socket that falls behind (`--conflate`).
     pub conflate: bool,
+    /// On a delta frame's key: the update number of the value the delta turns into this one. A
+    /// conflating socket never has a delta replace a queued value (its base would be lost).
+    pub delta_of: Option<u64>,
 }
 
 /// A frame's key, where it has one.

@@ -28,13 +28,18 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::{gate::Gate, keyed::Tag};
+use super::{
+    delta::Values,
+    form::{Form, FORMS},
+    gate::Gate,
+    keyed::{Keyed, Tag},
+};
 use crate::{
     encoding::Encoding,
     envelope::Envelope,
     metrics::{self as m, Delivery},
     topic::Topic,
-    wire::broadcast_frame,
+    wire::{broadcast_frame, deflated, keyed_frame, value_of, Carried},
 };
 
 /// Lanes when workers are few: ticks `P / 8` apart spread a node's writes over the period.
@@ -45,24 +50,139 @@ pub fn lane_of(gate: &Arc<Gate>, lanes: usize) -> usize {
     ((Arc::as_ptr(gate) as usize as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % lanes
 }
 
-/// Frames of one message, per encoding (`None`: no member used it, or it could not be encoded).
-pub type Frames = [Option<Bytes>; 2];
+/// How frames are shaped for the wire: `--compress-min-bytes` and `--delta-full-every`.
+#[derive(Debug, Clone, Copy)]
+pub struct Shaping {
+    pub compress_min_bytes: usize,
+    pub delta_full_every: u32,
+}
 
-/// One message's frames for a topic whose members use `encodings` (members per encoding): built
-/// once each, shared by every socket. What cannot be encoded is counted per member it misses.
-pub fn frames_of(env: &Envelope, shard: u32, encodings: [u32; 2], topic: &Topic) -> Frames {
-    let mut frames: Frames = [None, None];
+impl Default for Shaping {
+    fn default() -> Shaping {
+        Shaping {
+            compress_min_bytes: 200,
+            delta_full_every: 50,
+        }
+    }
+}
+
+/// One message's frame in one form.
+#[derive(Debug, Clone)]
+pub struct Framed {
+    /// The message whole: what every socket of the form can read.
+    pub whole: Bytes,
+    /// In a delta form, for a keyed message: the delta frame and its key (which says what it is
+    /// based on), for the sockets whose last value of the key is that base.
+    pub delta: Option<(Bytes, Arc<Keyed>)>,
+    /// The length of the message's frame uncompressed and whole, for the bytes-saved metrics.
+    pub full: u32,
+}
+
+/// Frames of one message, per form (`None`: no member reads that form, or it could not be
+/// encoded).
+pub type Frames = [Option<Framed>; FORMS];
+
+/// One message's frames for a topic whose members read `forms` (members per form): each form in
+/// use built once, shared by every socket of it; compression and deltas computed once. `values`
+/// holds the topic's last value per key, for deltas; `tag` is the message's key. What cannot be
+/// encoded is counted per member it misses.
+pub fn frames_of(
+    env: &Envelope,
+    shard: u32,
+    forms: &[u32; FORMS],
+    topic: &Topic,
+    tag: &Tag,
+    values: &mut Option<Box<Values>>,
+    shaping: Shaping,
+) -> Frames {
+    let mut frames: Frames = Default::default();
     let mut unencodable = 0;
+    let used = |f: Form| forms[f.index()] > 0;
+    let keyed = tag.as_ref().filter(|k| k.seq > 0);
+    // Deltas, where a socket reads keyed values as deltas: once per message, per encoding.
+    let delta_users = |e: Encoding| {
+        used(Form {
+            encoding: e,
+            deflate: false,
+            delta: true,
+        }) || used(Form {
+            encoding: e,
+            deflate: true,
+            delta: true,
+        })
+    };
+    let (base, deltas) = match keyed {
+        Some(k) if Encoding::ALL.into_iter().any(delta_users) => {
+            let bytes = Encoding::ALL.map(|e| delta_users(e).then(|| value_of(e, env).ok()).flatten());
+            let next = values
+                .get_or_insert_with(Box::default)
+                .next(&k.key, k.seq, bytes, shaping.delta_full_every);
+            (next.base, next.deltas)
+        }
+        _ => (None, [None, None]),
+    };
+    let delta_tag = keyed.zip(base).map(|(k, base)| {
+        Arc::new(Keyed {
+            delta_of: Some(base),
+            ..Keyed::clone(k)
+        })
+    });
     for encoding in Encoding::ALL {
-        let users = encodings[encoding.index()];
-        if users == 0 {
+        let mine: Vec<Form> = Form::all().filter(|f| f.encoding == encoding && used(*f)).collect();
+        if mine.is_empty() {
             continue;
         }
-        match broadcast_frame(encoding, env, shard) {
-            Ok(frame) => frames[encoding.index()] = Some(frame),
+        let plain = match broadcast_frame(encoding, env, shard) {
+            Ok(frame) => frame,
             Err(e) => {
                 tracing::debug!(error = %e, topic = ?topic, "message cannot be encoded");
-                unencodable += users as usize;
+                unencodable += mine.iter().map(|f| forms[f.index()] as usize).sum::<usize>();
+                continue;
+            }
+        };
+        let full = plain.len() as u32;
+        // For sockets that read deltas: the whole value as their base, and the delta to it.
+        let (whole, delta) = match keyed {
+            Some(_) if mine.iter().any(|f| f.delta) => {
+                let whole = keyed_frame(encoding, env, shard, Carried::Whole).unwrap_or_else(|_| plain.clone());
+                let delta = deltas[encoding.index()]
+                    .as_ref()
+                    .and_then(|d| keyed_frame(encoding, env, shard, Carried::Delta(d)).ok())
+                    .filter(|d| d.len() < whole.len());
+                (whole, delta)
+            }
+            _ => (plain.clone(), None),
+        };
+        // Compressed once each: an unkeyed message's frame is the same for both.
+        let squeeze = |frame: &Bytes| deflated(frame, shaping.compress_min_bytes).unwrap_or_else(|| frame.clone());
+        let deflating = mine.iter().any(|f| f.deflate);
+        let small_plain = deflating.then(|| squeeze(&plain));
+        for delta_form in [false, true] {
+            let form = Form {
+                encoding,
+                deflate: false,
+                delta: delta_form,
+            };
+            let (whole, delta) = if delta_form { (&whole, &delta) } else { (&plain, &None) };
+            if used(form) {
+                frames[form.index()] = Some(Framed {
+                    whole: whole.clone(),
+                    delta: delta.clone().zip(delta_tag.clone()),
+                    full,
+                });
+            }
+            let form = Form { deflate: true, ..form };
+            if let Some(small_plain) = small_plain.as_ref().filter(|_| used(form)) {
+                let small = if whole.as_ptr() == plain.as_ptr() {
+                    small_plain.clone()
+                } else {
+                    squeeze(whole)
+                };
+                frames[form.index()] = Some(Framed {
+                    whole: small,
+                    delta: delta.as_ref().map(squeeze).zip(delta_tag.clone()),
+                    full,
+                });
             }
         }
     }
@@ -85,16 +205,18 @@ pub struct Recent {
 }
 
 impl Recent {
-    /// The frames lane `lane` has not had yet, per encoding ([`Share`]); marks them had, and
-    /// forgets those every lane had. True when nothing is left.
-    pub fn take_for(&mut self, lane: usize, out: &mut [Share; 2]) -> bool {
+    /// The frames lane `lane` has not had yet, per form ([`Share`]); marks them had, and forgets
+    /// those every lane had. True when nothing is left.
+    pub fn take_for(&mut self, lane: usize, out: &mut [Share; FORMS]) -> bool {
         let from = self.done[lane];
         for (seq, frames, tag) in self.frames.iter().filter(|(seq, ..)| *seq >= from) {
-            for (share, frame) in out.iter_mut().zip(frames) {
-                if let Some(frame) = frame {
+            for (share, framed) in out.iter_mut().zip(frames) {
+                if let Some(framed) = framed {
                     share.seqs.push(*seq);
-                    share.frames.push(frame.clone());
+                    share.frames.push(framed.whole.clone());
                     share.tags.push(tag.clone());
+                    share.full.push(framed.full);
+                    share.deltas.push(framed.delta.clone());
                 }
             }
         }
@@ -109,29 +231,49 @@ impl Recent {
     }
 }
 
-/// One encoding's frames for a lane's turn, oldest first, and their numbers.
+/// One form's frames for a lane's turn, oldest first, and their numbers.
 #[derive(Debug, Default)]
 pub struct Share {
     seqs: Vec<u64>,
     frames: Vec<Bytes>,
     tags: Vec<Tag>,
+    /// Per frame, its length uncompressed and whole.
+    full: Vec<u32>,
+    /// Per frame, in a delta form: the delta frame of a keyed message, and its key.
+    deltas: Vec<Option<(Bytes, Arc<Keyed>)>>,
 }
 
 impl Share {
     /// The frames numbered `since` or later: what a socket that joined at `since` gets.
     pub fn since(&self, since: u64) -> &[Bytes] {
-        &self.frames[self.seqs.partition_point(|s| *s < since)..]
+        &self.frames[self.from(since)..]
     }
 
     /// The keys of the frames [`Share::since`] gives, one per frame.
     pub fn tags_since(&self, since: u64) -> &[Tag] {
-        &self.tags[self.seqs.partition_point(|s| *s < since)..]
+        &self.tags[self.from(since)..]
+    }
+
+    /// The uncompressed, whole lengths of the frames [`Share::since`] gives.
+    pub fn full_since(&self, since: u64) -> &[u32] {
+        &self.full[self.from(since)..]
+    }
+
+    /// The delta frames beside the frames [`Share::since`] gives.
+    pub fn deltas_since(&self, since: u64) -> &[Option<(Bytes, Arc<Keyed>)>] {
+        &self.deltas[self.from(since)..]
+    }
+
+    fn from(&self, since: u64) -> usize {
+        self.seqs.partition_point(|s| *s < since)
     }
 
     pub(crate) fn clear(&mut self) {
         self.seqs.clear();
         self.frames.clear();
         self.tags.clear();
+        self.full.clear();
+        self.deltas.clear();
     }
 }
 
@@ -228,13 +370,21 @@ mod tests {
         let lanes = Lanes::new(2, 1);
         let topic = Topic::Room("r".into());
         let mut recent = None;
-        let frame = |b: &'static [u8]| [Some(Bytes::from_static(b)), None];
+        let frame = |b: &'static [u8]| {
+            let mut frames: Frames = Default::default();
+            frames[0] = Some(Framed {
+                whole: Bytes::from_static(b),
+                delta: None,
+                full: b.len() as u32,
+            });
+            frames
+        };
         lanes.record(&topic, &mut recent, frame(b"a"), None);
         lanes.record(&topic, &mut recent, frame(b"b"), None);
         assert_eq!(lanes.take_dirty(0).len(), 1, "news once, however many frames");
         assert_eq!(lanes.take_dirty(1).len(), 1);
         let r = recent.as_mut().unwrap();
-        let mut out: [Share; 2] = Default::default();
+        let mut out: [Share; FORMS] = Default::default();
         assert!(!r.take_for(0, &mut out));
         assert_eq!(out[0].seqs, [0, 1]);
         assert_eq!(
@@ -248,11 +398,11 @@ mod tests {
         assert_eq!(lanes.take_dirty(0).len(), 1);
         assert!(lanes.take_dirty(1).is_empty());
         let r = recent.as_mut().unwrap();
-        let mut out: [Share; 2] = Default::default();
+        let mut out: [Share; FORMS] = Default::default();
         assert!(!r.take_for(1, &mut out), "lane 0 has not had frame 2");
         assert_eq!(out[0].frames.len(), 3);
         assert_eq!(r.frames.len(), 1, "frames 0 and 1 went to both lanes: dropped");
-        let mut out: [Share; 2] = Default::default();
+        let mut out: [Share; FORMS] = Default::default();
         assert!(r.take_for(0, &mut out));
         assert_eq!(out[0].seqs, [2]);
         assert_eq!(lanes.next_seq(), 3);

@@ -5,6 +5,10 @@
 //!   records messages for the lanes and writes its lanes when its schedule says.
 //! - [`lanes`]: a message's frames built once per encoding ([`lanes::frames_of`]), recorded per
 //!   topic and shared by every socket; which lane each socket is in.
+//! - [`form`]: the forms of a message's frames: per encoding, compressed or not, keyed values
+//!   whole or as deltas.
+//! - [`delta`]: shared deltas per key: the last value per key a topic framed, and the values each
+//!   socket has.
 //! - [`keyed`]: a frame's key, shared by its copies on every lane.
 //! - [`schedule`]: when a worker writes its lanes: adaptive ([`schedule::Gather`]) or on a fixed
 //!   grid ([`schedule::Grid`]).
@@ -18,6 +22,8 @@
 //! Who is in which topic is the hub's ([`crate::hub`]): a worker asks it to record a message
 //! and to write a lane, and the hub hands the lane's members to the writer.
 
+pub mod delta;
+pub mod form;
 pub mod gate;
 pub mod keyed;
 pub mod lanes;

@@ -17,6 +17,8 @@ use std::{
 use bytes::Bytes;
 
 use super::{
+    delta::Bases,
+    form::{Form, FORMS},
     gate::{Gate, Next, Push},
     keyed::Tag,
     lanes::{lane_of, Share},
@@ -164,24 +166,27 @@ impl Floors {
     }
 }
 
-/// One member of a topic in a lane's turn: its socket, the first frame number it gets (what it
-/// joined at), its keys' floors after a join with `latest`, and its `max_rate`.
+/// One member of a topic in a lane's turn: its socket, the form it reads, the first frame number
+/// it gets (what it joined at), its keys' floors after a join with `latest`, its `max_rate`, and,
+/// when it takes deltas, the values it has.
 pub struct Seated {
     pub(crate) member: Outbound,
+    pub(crate) form: Form,
     pub(crate) since: u64,
     pub(crate) floors: Option<Arc<Floors>>,
     pub(crate) rate: Option<Arc<Rate>>,
+    pub(crate) bases: Option<Arc<Bases>>,
 }
 
 /// What a lane's turn writes of one topic, in buffers reused from turn to turn.
 #[derive(Default)]
 pub struct Scratch {
-    /// Per encoding, the frames the lane has not had.
-    pub(crate) shares: [Share; 2],
+    /// Per form, the frames the lane has not had.
+    pub(crate) shares: [Share; FORMS],
     /// The topic's members in the lane.
     pub(crate) seats: Vec<Seated>,
-    /// The frames and keys of a seat with floors or a pace, those that go now.
-    passed: (Vec<Bytes>, Vec<Tag>),
+    /// The frames, keys and whole lengths of a seat with floors, a pace or deltas: those that go now.
+    passed: (Vec<Bytes>, Vec<Tag>, Vec<u32>),
 }
 
 impl Scratch {
@@ -191,24 +196,30 @@ impl Scratch {
     }
 }
 
-/// A lane's turn for one topic: every seat gets, in one write, the frames of its encoding it has
-/// not had (those numbered from its join on). Empties the seats.
+/// A lane's turn for one topic: every seat gets, in one write, the frames of its form it has not
+/// had (those numbered from its join on); a seat that takes deltas gets a key's delta where it has
+/// the delta's base and is not conflating, the whole value otherwise. Empties the seats.
 pub fn write_turn(s: &mut Scratch) -> Delivery {
     let mut out = Delivery::default();
     for Seated {
         member,
+        form,
         since,
         floors,
         rate,
+        bases,
     } in s.seats.drain(..)
     {
-        let share = &s.shares[member.encoding.index()];
-        let (mut frames, mut tags) = (share.since(since), share.tags_since(since));
-        if floors.is_some() || rate.is_some() {
-            let (f, t) = &mut s.passed;
+        let share = &s.shares[form.index()];
+        let (mut frames, mut tags, mut full) = (share.since(since), share.tags_since(since), share.full_since(since));
+        if floors.is_some() || rate.is_some() || bases.is_some() {
+            let (f, t, l) = &mut s.passed;
             f.clear();
             t.clear();
-            for (frame, tag) in frames.iter().zip(tags) {
+            l.clear();
+            // A conflating socket's queued values may be replaced: it gets whole values.
+            let conflating = bases.is_some() && member.gate.is_conflating();
+            for (((frame, tag), len), delta) in frames.iter().zip(tags).zip(full).zip(share.deltas_since(since)) {
                 if floors.as_ref().is_some_and(|floors| !floors.admits(tag)) {
                     continue;
                 }
@@ -216,12 +227,25 @@ pub fn write_turn(s: &mut Scratch) -> Delivery {
                     Some(rate) => rate.admit(frame, tag),
                     None => Some(frame.clone()),
                 };
-                if let Some(frame) = now {
-                    f.push(frame);
-                    t.push(tag.clone());
+                let Some(mut frame) = now else { continue };
+                let mut tag = tag.clone();
+                if let (Some(bases), Some(keyed)) = (&bases, tag.clone()) {
+                    let base = delta.as_ref().and_then(|(_, k)| k.delta_of);
+                    let has_base = bases.take(&keyed.key, keyed.seq, base);
+                    match delta.as_ref().filter(|_| has_base && !conflating) {
+                        Some((delta, delta_tag)) => {
+                            frame = delta.clone();
+                            tag = Some(delta_tag.clone());
+                            out.deltas += 1;
+                        }
+                        None => out.wholes += 1,
+                    }
                 }
+                f.push(frame);
+                t.push(tag);
+                l.push(*len);
             }
-            (frames, tags) = (f, t);
+            (frames, tags, full) = (f, t, l);
         }
         if frames.is_empty() {
             continue;
@@ -231,6 +255,7 @@ pub fn write_turn(s: &mut Scratch) -> Delivery {
             Push::Queued => {
                 out.delivered += frames.len();
                 out.bytes += frames.iter().map(Bytes::len).sum::<usize>();
+                out.full_bytes += full.iter().map(|l| *l as usize).sum::<usize>();
             }
             Push::Overflow => out.overflowed += 1,
             Push::Closed => {}

@@ -1,5 +1,5 @@
 //! A join that replays history. The socket has joined holding its live frames back
-//! ([`crate::hub::Hub::join_held`]); this reads each shard's history (a read shared with other
+//! ([`crate::hub::Hub::join_with`]); this reads each shard's history (a read shared with other
 //! joins, [`super::reads`]) and sends everything after the client's `since` first. The join then
 //! answers `ok` with where each shard now stands and lets go of what was held that is newer
 //! ([`crate::hub::Hub::release`]): no gap and no duplicate across the switch to live.
