@@ -636,6 +636,9 @@ impl Hub {
                 total.bytes += d.bytes;
                 total.overflowed += d.overflowed;
                 total.writes += d.writes;
+                total.full_bytes += d.full_bytes;
+                total.deltas += d.deltas;
+                total.wholes += d.wholes;
             }
         }
         total
