@@ -142,9 +142,13 @@ async fn next_msg(ws: &mut raw::RawWs) -> (bool, Vec<u8>) {
 async fn frames_are_compressed_only_for_sockets_that_negotiated_and_only_when_on() {
     let node = Node::start(config(None, "deflate-or-not")).await;
     let (mut plain, head) = raw::connect_answered(node.addr, "?user=plain", "").await;
-    assert_eq!(raw::header(&head, "sec-websocket-extensions"), None, "{head}");
+    assert_eq!(raw::answer_header(&head, "sec-websocket-extensions"), None, "{head}");
     let (mut deflating, head) = raw::connect_answered(node.addr, "?user=deflating", OFFER).await;
-    assert_eq!(raw::header(&head, "sec-websocket-extensions"), Some(ANSWER), "{head}");
+    assert_eq!(
+        raw::answer_header(&head, "sec-websocket-extensions"),
+        Some(ANSWER),
+        "{head}"
+    );
     raw_join(&mut plain, "r").await;
     raw_join(&mut deflating, "r").await;
     let large = json!({"text": "the same words again and again ".repeat(100)});
@@ -171,7 +175,7 @@ async fn frames_are_compressed_only_for_sockets_that_negotiated_and_only_when_on
     let node = Node::start(cfg).await;
     let (mut ws, head) = raw::connect_answered(node.addr, "?user=off", OFFER).await;
     assert_eq!(
-        raw::header(&head, "sec-websocket-extensions"),
+        raw::answer_header(&head, "sec-websocket-extensions"),
         None,
         "--compress false: {head}"
     );
@@ -198,7 +202,11 @@ async fn bad_offers_are_declined_and_the_upgrade_still_succeeds() {
     ] {
         let extra = format!("Sec-WebSocket-Extensions: {offer}\r\n");
         let (mut ws, head) = raw::connect_answered(node.addr, "?user=bad", &extra).await;
-        assert_eq!(raw::header(&head, "sec-websocket-extensions"), None, "{offer}: {head}");
+        assert_eq!(
+            raw::answer_header(&head, "sec-websocket-extensions"),
+            None,
+            "{offer}: {head}"
+        );
         // Declined: RSV1 is then a protocol error.
         ws.send(&raw::masked(0xc1, &compress::deflate(b"{}"))).await.unwrap();
         assert_eq!(ws.close_frame(WAIT).await.map(|c| c.0), Some(1002), "{offer}");
@@ -206,7 +214,11 @@ async fn bad_offers_are_declined_and_the_upgrade_still_succeeds() {
     // A bad offer, then a good one: the good one is answered.
     let extra = "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=8, permessage-deflate\r\n";
     let (_, head) = raw::connect_answered(node.addr, "?user=good", extra).await;
-    assert_eq!(raw::header(&head, "sec-websocket-extensions"), Some(ANSWER), "{head}");
+    assert_eq!(
+        raw::answer_header(&head, "sec-websocket-extensions"),
+        Some(ANSWER),
+        "{head}"
+    );
     node.stop().await;
 }
 
@@ -280,7 +292,10 @@ async fn bad_compressed_frames_are_closed_at_once_while_another_socket_keeps_rec
     for (what, negotiate, bytes, code) in cases {
         let offer = if negotiate { OFFER } else { "" };
         let (mut ws, head) = raw::connect_answered(node.addr, "?user=bad", offer).await;
-        assert_eq!(raw::header(&head, "sec-websocket-extensions").is_some(), negotiate);
+        assert_eq!(
+            raw::answer_header(&head, "sec-websocket-extensions").is_some(),
+            negotiate
+        );
         let started = Instant::now();
         let _ = ws.send(&bytes).await;
         let close = ws.close_frame(WAIT).await;

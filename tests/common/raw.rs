@@ -100,7 +100,7 @@ pub async fn connect_answered(addr: SocketAddr, query: &str, extra: &str) -> (Ra
 }
 
 /// A header's value in the head of an answer, if it is there once.
-pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+pub fn answer_header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines().find_map(|l| {
         let (n, v) = l.split_once(':')?;
         n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
