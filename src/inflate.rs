@@ -177,7 +177,8 @@ impl Inflating {
 
     /// Whether an inflater is held now (between a compressed message's first frame and the
     /// socket's next quiet moment).
-    pub fn holds_inflater(&self) -> bool {
+    #[cfg(test)]
+    fn holds_inflater(&self) -> bool {
         self.inflater.is_some()
     }
 
@@ -624,6 +625,13 @@ mod tests {
             Some(WsError::Io(e)) => Error::of(e),
             _ => None,
         }
+    }
+
+    #[test]
+    fn an_idle_reader_is_small() {
+        // Every socket that negotiated the extension holds one for its life (docs/design.md).
+        let size = std::mem::size_of::<Inflating>();
+        assert!(size <= 200, "an Inflating grew to {size} bytes");
     }
 
     #[tokio::test]
