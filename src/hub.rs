@@ -460,6 +460,21 @@ impl Hub {
         }
     }
 
+    /// Starts a socket's values of a topic over (a client whose delta did not apply joined again):
+    /// the next value of every key goes to it whole.
+    pub fn restart_values(&self, topic: &Topic, id: SessionId) {
+        if let Some(seat) = self
+            .inner
+            .topics
+            .get_mut(topic)
+            .as_mut()
+            .and_then(|e| e.members.get_mut(&id))
+            .filter(|seat| seat.bases.is_some())
+        {
+            seat.bases = Some(Arc::default());
+        }
+    }
+
     /// Lets go of the held sockets of a topic whose shards this node has now delivered as far as
     /// each socket has: after every message with a position.
     pub fn settle(&self, topic: &Topic) {
