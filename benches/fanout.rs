@@ -191,7 +191,9 @@ fn bench_turn(c: &mut Criterion) {
 
 /// A match's state, about 1 KB, of which update `i` changes a few bytes.
 fn scoreboard(i: u64) -> Envelope {
-    let players: Vec<String> = (0..22).map(|p| format!("{{\"n\":{p},\"name\":\"Player {p}\",\"touches\":{}}}", (i + p) / 5)).collect();
+    let players: Vec<String> = (0..22)
+        .map(|p| format!("{{\"n\":{p},\"name\":\"Player {p}\",\"touches\":{}}}", (i + p) / 5))
+        .collect();
     let data = format!(
         "{{\"home\":\"Arsenal\",\"away\":\"Chelsea\",\"score\":[{},{}],\"minute\":{},\"players\":[{}]}}",
         i / 40,
@@ -238,7 +240,11 @@ fn bench_bytes(c: &mut Criterion) {
         .expect("runtime");
     let mut g = c.benchmark_group("bytes");
     g.throughput(Throughput::Elements(SOCKETS as u64));
-    for (name, deflate, delta) in [("plain", false, false), ("deflate", true, false), ("delta+deflate", true, true)] {
+    for (name, deflate, delta) in [
+        ("plain", false, false),
+        ("deflate", true, false),
+        ("delta+deflate", true, true),
+    ] {
         let hub = shaped_stadium(&rt, deflate, delta);
         let mut scratch = Scratch::default();
         let mut i = 0;
@@ -297,5 +303,12 @@ fn bench_gate(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_envelope, bench_frame, bench_turn, bench_bytes, bench_gate);
+criterion_group!(
+    benches,
+    bench_envelope,
+    bench_frame,
+    bench_turn,
+    bench_bytes,
+    bench_gate
+);
 criterion_main!(benches);
