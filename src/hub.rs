@@ -733,6 +733,7 @@ mod tests {
             Delivery {
                 delivered: 3,
                 bytes: 2 * json_frame.len() + msgpack_frame.len(),
+                full_bytes: 2 * json_frame.len() + msgpack_frame.len(),
                 writes: 3,
                 ..Delivery::default()
             }
