@@ -133,10 +133,10 @@ fn label(e: Encoding) -> &'static str {
     }
 }
 
-/// A hub whose topics are subscribed as soon as asked, with `SOCKETS` members in "stadium",
-/// every `msgpack_every`-th of them (if any) speaking MessagePack.
-/// Its topics are written on one lane: a turn writes every socket.
-fn stadium(rt: &tokio::runtime::Runtime, msgpack_every: Option<usize>) -> Hub {
+/// A hub whose topics are subscribed as soon as asked, with `SOCKETS` members in "stadium", the
+/// `i`-th of them as `member(i)` says. Its topics are written on one lane: a turn writes every
+/// socket.
+fn stadium(rt: &tokio::runtime::Runtime, member: impl Fn(usize) -> (Outbound, Joining)) -> Hub {
     let (hub, mut interest) = Hub::new(Lanes::new(1, 1));
     let subscriber = hub.clone();
     rt.spawn(async move {
@@ -146,16 +146,11 @@ fn stadium(rt: &tokio::runtime::Runtime, msgpack_every: Option<usize>) -> Hub {
             }
         }
     });
-    let topic = Topic::Room("stadium".into());
-    let gates: Vec<_> = (0..SOCKETS).map(|_| support::gate(BUDGET)).collect();
     rt.block_on(async {
-        for (i, gate) in gates.iter().enumerate() {
-            let encoding = match msgpack_every {
-                Some(n) if i % n == 0 => Encoding::MsgPack,
-                _ => Encoding::Json,
-            };
-            let id = hub.register(Outbound::new(gate.clone(), encoding));
-            hub.join(topic.clone(), id, Duration::from_secs(5))
+        for i in 0..SOCKETS {
+            let (out, joining) = member(i);
+            let id = hub.register(out);
+            hub.join_with(Topic::Room("stadium".into()), id, Duration::from_secs(5), joining)
                 .await
                 .expect("joins");
         }
@@ -163,15 +158,32 @@ fn stadium(rt: &tokio::runtime::Runtime, msgpack_every: Option<usize>) -> Hub {
     hub
 }
 
-fn bench_turn(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// A plain member: every `msgpack_every`-th (if any) speaking MessagePack.
+fn plain_member(i: usize, msgpack_every: Option<usize>) -> (Outbound, Joining) {
+    let encoding = match msgpack_every {
+        Some(n) if i % n == 0 => Encoding::MsgPack,
+        _ => Encoding::Json,
+    };
+    let joining = Joining {
+        hold: false,
+        delta: false,
+    };
+    (Outbound::new(support::gate(BUDGET), encoding), joining)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("runtime");
+        .expect("runtime")
+}
+
+fn bench_turn(c: &mut Criterion) {
+    let rt = runtime();
     let env = envelope(Encoding::Json);
     let mut g = c.benchmark_group("turn");
     for (name, msgpack_every) in [("json", None), ("mixed", Some(2))] {
-        let hub = stadium(&rt, msgpack_every);
+        let hub = stadium(&rt, |i| plain_member(i, msgpack_every));
         let mut scratch = Scratch::default();
         for frames in [1, 9] {
             g.throughput(Throughput::Elements((SOCKETS * frames) as u64));
@@ -209,35 +221,8 @@ fn scoreboard(i: u64) -> Envelope {
     }
 }
 
-/// A hub with `SOCKETS` JSON members in "stadium", each deflating and joined with `delta` as asked.
-fn shaped_stadium(rt: &tokio::runtime::Runtime, deflate: bool, delta: bool) -> Hub {
-    let (hub, mut interest) = Hub::new(Lanes::new(1, 1));
-    let subscriber = hub.clone();
-    rt.spawn(async move {
-        while let Some(i) = interest.recv().await {
-            if let Interest::Want(t) = i {
-                subscriber.subscribed(&t, Ok(()));
-            }
-        }
-    });
-    rt.block_on(async {
-        for _ in 0..SOCKETS {
-            let out = Outbound::new(support::gate(BUDGET), Encoding::Json).deflating(deflate);
-            let id = hub.register(out);
-            let joining = Joining { hold: false, delta };
-            hub.join_with(Topic::Room("stadium".into()), id, Duration::from_secs(5), joining)
-                .await
-                .expect("joins");
-        }
-    });
-    hub
-}
-
 fn bench_bytes(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let mut g = c.benchmark_group("bytes");
     g.throughput(Throughput::Elements(SOCKETS as u64));
     for (name, deflate, delta) in [
@@ -245,7 +230,10 @@ fn bench_bytes(c: &mut Criterion) {
         ("deflate", true, false),
         ("delta+deflate", true, true),
     ] {
-        let hub = shaped_stadium(&rt, deflate, delta);
+        let hub = stadium(&rt, |_| {
+            let out = Outbound::new(support::gate(BUDGET), Encoding::Json).deflating(deflate);
+            (out, Joining { hold: false, delta })
+        });
         let mut scratch = Scratch::default();
         let mut i = 0;
         let (mut bytes, mut full) = (0, 0);

@@ -444,34 +444,36 @@ impl Hub {
     /// Sets a held socket's floors (what a join with `latest` sent it, so that neither what was
     /// held nor what comes live takes a key backwards) and pace (`max_rate`), before its release.
     pub fn set_keys(&self, topic: &Topic, id: SessionId, floors: Option<Floors>, rate: Option<Arc<Rate>>) {
-        if let Some(seat) = self
-            .inner
-            .topics
-            .get_mut(topic)
-            .as_mut()
-            .and_then(|e| e.members.get_mut(&id))
-        {
+        self.with_seat(topic, id, |seat| {
             seat.floors = floors.map(Arc::new);
             // A paced socket's values are sent late or not at all: it gets them whole.
             if rate.is_some() {
                 seat.bases = None;
             }
             seat.rate = rate;
-        }
+        });
     }
 
     /// Starts a socket's values of a topic over (a client whose delta did not apply joined again):
     /// the next value of every key goes to it whole.
     pub fn restart_values(&self, topic: &Topic, id: SessionId) {
+        self.with_seat(topic, id, |seat| {
+            if seat.bases.is_some() {
+                seat.bases = Some(Arc::default());
+            }
+        });
+    }
+
+    /// Changes a member's seat in a topic, if it has one.
+    fn with_seat(&self, topic: &Topic, id: SessionId, change: impl FnOnce(&mut Seat)) {
         if let Some(seat) = self
             .inner
             .topics
             .get_mut(topic)
             .as_mut()
             .and_then(|e| e.members.get_mut(&id))
-            .filter(|seat| seat.bases.is_some())
         {
-            seat.bases = Some(Arc::default());
+            change(seat);
         }
     }
 
