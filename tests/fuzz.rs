@@ -417,6 +417,31 @@ fn ws_bytes() -> impl Strategy<Value = Vec<u8>> {
 /// Close codes the node may send.
 const CONTRACT_CODES: [u16; 9] = [1000, 1002, 1007, 1008, 1009, 4001, 4002, 4003, 4008];
 
+/// Sends `bytes` on a socket upgraded with `query` and the extra `headers`, then shuts the write
+/// side: the node closes the socket, in whole frames, with a contract code if any, without
+/// panicking, and goes on serving.
+fn served_or_closed(query: &str, headers: &str, bytes: &[u8]) -> Result<(), TestCaseError> {
+    let live = live();
+    let panics = NODE_PANICS.load(Ordering::SeqCst);
+    let ending = live.runtime.block_on(async {
+        let mut ws = raw::connect(live.addr, query, headers).await;
+        let _ = ws.send(bytes).await;
+        let _ = ws.tcp.shutdown().await;
+        ws.read_to_end(ANSWER_WITHIN).await
+    });
+    prop_assert!(ending.closed, "the connection stayed open: {:?}", ending);
+    prop_assert!(ending.rest.is_empty(), "not whole frames: {:?}", ending);
+    if let Some((code, _)) = ending.close() {
+        prop_assert!(CONTRACT_CODES.contains(&code), "close code {}", code);
+    }
+    prop_assert_eq!(NODE_PANICS.load(Ordering::SeqCst), panics, "the node panicked");
+    prop_assert!(
+        live.runtime.block_on(still_serving(live.addr)),
+        "the node stopped serving"
+    );
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(net_cases())]
 
@@ -450,21 +475,7 @@ proptest! {
 
     #[test]
     fn websocket_bytes_are_served_or_closed_with_a_contract_code(bytes in ws_bytes()) {
-        let live = live();
-        let panics = NODE_PANICS.load(Ordering::SeqCst);
-        let ending = live.runtime.block_on(async {
-            let mut ws = raw::connect(live.addr, "?user=fuzz", "").await;
-            let _ = ws.send(&bytes).await;
-            let _ = ws.tcp.shutdown().await;
-            ws.read_to_end(ANSWER_WITHIN).await
-        });
-        prop_assert!(ending.closed, "the connection stayed open: {:?}", ending);
-        prop_assert!(ending.rest.is_empty(), "not whole frames: {:?}", ending);
-        if let Some((code, _)) = ending.close() {
-            prop_assert!(CONTRACT_CODES.contains(&code), "close code {}", code);
-        }
-        prop_assert_eq!(NODE_PANICS.load(Ordering::SeqCst), panics, "the node panicked");
-        prop_assert!(live.runtime.block_on(still_serving(live.addr)), "the node stopped serving");
+        served_or_closed("?user=fuzz", "", &bytes)?;
     }
 }
 
@@ -649,21 +660,7 @@ proptest! {
 
     #[test]
     fn compressed_websocket_bytes_are_served_or_closed_with_a_contract_code(bytes in compressed_frames()) {
-        let live = live();
-        let panics = NODE_PANICS.load(Ordering::SeqCst);
-        let ending = live.runtime.block_on(async {
-            let offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
-            let mut ws = raw::connect(live.addr, "?user=fuzz-deflate", offer).await;
-            let _ = ws.send(&bytes).await;
-            let _ = ws.tcp.shutdown().await;
-            ws.read_to_end(ANSWER_WITHIN).await
-        });
-        prop_assert!(ending.closed, "the connection stayed open: {:?}", ending);
-        prop_assert!(ending.rest.is_empty(), "not whole frames: {:?}", ending);
-        if let Some((code, _)) = ending.close() {
-            prop_assert!(CONTRACT_CODES.contains(&code), "close code {}", code);
-        }
-        prop_assert_eq!(NODE_PANICS.load(Ordering::SeqCst), panics, "the node panicked");
-        prop_assert!(live.runtime.block_on(still_serving(live.addr)), "the node stopped serving");
+        let offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+        served_or_closed("?user=fuzz-deflate", offer, &bytes)?;
     }
 }
