@@ -8,10 +8,11 @@
 //!
 //! Clients keep their compression context across messages (the node never asks otherwise: old
 //! Safari breaks with `client_no_context_takeover`), so a message may refer to any of the last
-//! 32 KiB the client sent. The inflater (about 43 KiB) is made when the socket sends a compressed
-//! message and dropped when the socket goes quiet; what stays is the last 32 KiB of what it
-//! inflated, which primes a fresh inflater as a stored block (flate2's default backend has no
-//! `set_dictionary`). Each message is inflated as a stream of its own ending with a final empty
+//! bytes the client sent, as far back as its window: 1 KiB where the client let the node choose
+//! (`client_max_window_bits`, which browsers offer: their commands are small), else 32 KiB. The
+//! inflater (about 43 KiB) is made when the socket sends a compressed message and dropped when the
+//! socket goes quiet; what stays is the window's worth of what it inflated, which primes a fresh
+//! inflater as a stored block (flate2's default backend has no `set_dictionary`). Each message is inflated as a stream of its own ending with a final empty
 //! block, so a message that does not end on a block boundary (cut short) is seen at once.
 //!
 //! Sizes are checked as bytes come out of the inflater, a bounded chunk at a time: a message that
@@ -35,8 +36,9 @@ use crate::{close::CloseReason, metrics as m};
 
 /// The most inflated bytes handed to tungstenite in one frame, and so the most inflated at once.
 pub const CHUNK: usize = 16 << 10;
-/// How far back a deflate stream may refer: what is kept of a client's inflated bytes.
-const WINDOW: usize = 32 << 10;
+/// How far back a deflate stream may refer at most (a 15-bit window): what is kept of a client's
+/// inflated bytes when it negotiated no smaller window.
+pub const WINDOW_BITS: u8 = 15;
 /// How much is read from the socket at once.
 const READ_CHUNK: usize = 4 << 10;
 /// The longest client frame header: 2 bytes, a 64-bit length and a mask.
@@ -126,7 +128,8 @@ enum Message {
 }
 
 /// One socket's reader of compressed frames. Idle, it holds a few words and the window (what the
-/// client sent last, at most 32 KiB); its buffers and its inflater exist while it reads.
+/// client sent last: at most 1 KiB with the window the node asks browsers for, 32 KiB from a
+/// client that could not be asked); its buffers and its inflater exist while it reads.
 pub struct Inflating {
     /// `--max-frame-bytes`: the most one message may inflate to.
     limit: usize,
@@ -141,9 +144,11 @@ pub struct Inflating {
     at: At,
     message: Message,
     inflater: Option<Box<Decompress>>,
-    /// The last bytes inflated, the most recent at the end: between [`WINDOW`] and twice that
-    /// while reading, trimmed to [`WINDOW`] when the socket goes quiet.
+    /// The last bytes inflated, the most recent at the end: between the window's size and twice
+    /// that while reading, trimmed to its size when the socket goes quiet.
     window: Vec<u8>,
+    /// How far back the client's messages may refer: 2 to the window bits it negotiated.
+    window_size: u32,
     /// The socket ended, or a refusal was returned: nothing more is read.
     done: bool,
 }
@@ -157,9 +162,10 @@ enum Step {
 }
 
 impl Inflating {
-    /// A reader for messages of at most `limit` bytes inflated; `early` is what the client sent
-    /// behind its handshake, read before the socket.
-    pub fn new(limit: usize, early: Vec<u8>) -> Inflating {
+    /// A reader for messages of at most `limit` bytes inflated, compressed with a window of
+    /// `window_bits` (8 to 15); `early` is what the client sent behind its handshake, read before
+    /// the socket.
+    pub fn new(limit: usize, window_bits: u8, early: Vec<u8>) -> Inflating {
         Inflating {
             limit,
             raw: early,
@@ -171,6 +177,7 @@ impl Inflating {
             message: Message::None,
             inflater: None,
             window: Vec::new(),
+            window_size: 1 << window_bits.clamp(8, WINDOW_BITS),
             done: false,
         }
     }
@@ -180,6 +187,12 @@ impl Inflating {
     #[cfg(test)]
     fn holds_inflater(&self) -> bool {
         self.inflater.is_some()
+    }
+
+    /// How many inflated bytes the reader keeps for the client's next message.
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        self.window.len()
     }
 
     /// Reads the client's frames from `socket` into `buf` as tungstenite should see them.
@@ -276,8 +289,8 @@ impl Inflating {
         if !self.ready {
             self.out = Vec::new();
         }
-        if self.window.len() > WINDOW {
-            self.window.drain(..self.window.len() - WINDOW);
+        if self.window.len() > self.window_size as usize {
+            self.window.drain(..self.window.len() - self.window_size as usize);
         }
         self.window.shrink_to_fit();
     }
@@ -359,7 +372,7 @@ impl Inflating {
     fn start_stream(&mut self) {
         let inflater = self.inflater.get_or_insert_with(|| Box::new(Decompress::new(false)));
         inflater.reset(false);
-        let start = self.window.len().saturating_sub(WINDOW);
+        let start = self.window.len().saturating_sub(self.window_size as usize);
         let window = &self.window[start..];
         if window.is_empty() {
             return;
@@ -483,8 +496,8 @@ impl Inflating {
             return Err(Error::TooLarge);
         }
         self.window.extend_from_slice(&self.out[from..]);
-        if self.window.len() >= 2 * WINDOW {
-            self.window.drain(..self.window.len() - WINDOW);
+        if self.window.len() >= 2 * self.window_size as usize {
+            self.window.drain(..self.window.len() - self.window_size as usize);
         }
         Ok((used, made))
     }
@@ -601,7 +614,7 @@ mod tests {
         let wire = [wire, &frame(0x88, &1000u16.to_be_bytes())].concat();
         let over = Over {
             bytes: &wire,
-            inflating: Inflating::new(limit, Vec::new()),
+            inflating: Inflating::new(limit, WINDOW_BITS, Vec::new()),
             writes: Vec::new(),
         };
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
@@ -735,7 +748,7 @@ mod tests {
     #[tokio::test]
     async fn the_inflater_goes_when_the_socket_is_quiet_and_the_context_stays() {
         let (mut near, mut far) = tokio::io::duplex(1 << 16);
-        let mut inflating = Inflating::new(1 << 20, Vec::new());
+        let mut inflating = Inflating::new(1 << 20, WINDOW_BITS, Vec::new());
         let mut client = Client::new();
         let read_one = |inflating: &mut Inflating, far: &mut tokio::io::DuplexStream| {
             let mut got = Vec::new();
@@ -760,5 +773,34 @@ mod tests {
         }
         let again = client.deflate(line);
         assert!(again.len() < line.len() / 2, "the client refers back: {again:x?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_negotiated_a_small_window_costs_that_window_when_quiet() {
+        let (mut near, mut far) = tokio::io::duplex(1 << 16);
+        let mut inflating = Inflating::new(1 << 20, 10, Vec::new());
+        // Stored blocks: a client that refers back to nothing.
+        let mut client = Client(Compress::new(Compression::none(), false));
+        use tokio::io::AsyncWriteExt;
+        for i in 0..8u8 {
+            let message = vec![b'a' + i; 400];
+            near.write_all(&frame(0xc1, &client.deflate(&message))).await.unwrap();
+            let mut buf = vec![0u8; 1024];
+            let mut got = Vec::new();
+            while got.len() < 400 {
+                let mut rb = ReadBuf::new(&mut buf);
+                let waker = futures_util::task::noop_waker();
+                match inflating.poll_read(&mut far, &mut Context::from_waker(&waker), &mut rb) {
+                    Poll::Ready(Ok(())) => got.extend_from_slice(rb.filled()),
+                    other => panic!("message {i}: {other:?}"),
+                }
+            }
+            assert!(got.ends_with(&message), "message {i}");
+        }
+        let mut buf = [0u8; 64];
+        let waker = futures_util::task::noop_waker();
+        let quiet = inflating.poll_read(&mut far, &mut Context::from_waker(&waker), &mut ReadBuf::new(&mut buf));
+        assert!(quiet.is_pending());
+        assert_eq!(inflating.kept(), 1024, "a 10-bit window: 1 KiB kept, not 32");
     }
 }

@@ -126,10 +126,11 @@ async fn upgrade(
     let protocol = ws.select(&[PROTOCOL_JSON, PROTOCOL_MSGPACK]);
     let encoding = protocol.and_then(Encoding::from_protocol).unwrap_or(Encoding::Json);
     // With `--compress false` no extension is answered, whatever the client offered.
-    let deflate = node.config().compress && ws.deflate_offered();
-    let (out, membership) = register(&node, grants, encoding, deflate).await?;
-    Ok(ws.accept(protocol, deflate, move |tcp, early| {
-        session::serve(tcp, early, node, out, membership)
+    let deflate = ws.deflate_offered().filter(|_| node.config().compress);
+    let (out, membership) = register(&node, grants, encoding, deflate.is_some()).await?;
+    let client_window_bits = deflate.map_or(0, |d| d.client_window_bits);
+    Ok(ws.accept(protocol, deflate.is_some(), move |tcp, early| {
+        session::serve(tcp, early, node, out, membership, client_window_bits)
     }))
 }
 

@@ -165,10 +165,18 @@ impl Drop for Counted {
 }
 
 /// Runs a connection until it closes. `early` holds what the client sent right behind its
-/// handshake, if it did not wait for the answer.
-pub async fn serve(tcp: TcpStream, early: Bytes, node: Node, out: Outbound, mut membership: Membership) {
+/// handshake, if it did not wait for the answer; `client_window_bits`, the window its compressed
+/// messages may refer back to, where it negotiated permessage-deflate.
+pub async fn serve(
+    tcp: TcpStream,
+    early: Bytes,
+    node: Node,
+    out: Outbound,
+    mut membership: Membership,
+    client_window_bits: u8,
+) {
     let mut counted = Counted::open();
-    let mut stream = open(tcp, early, &out, node.config()).await;
+    let mut stream = open(tcp, early, &out, node.config(), client_window_bits).await;
     let clock = Clock::new(node.config(), membership.expires());
     let reason = converse(&mut stream, &node, &out, &mut membership, clock).await;
     // The node closed on a policy (rate, frame size) while the client may still be sending: read
@@ -191,7 +199,7 @@ pub async fn serve(tcp: TcpStream, early: Bytes, node: Node, out: Outbound, mut 
 }
 
 /// Hands the socket's write half to the gate and reads the client's frames from the read half.
-async fn open(tcp: TcpStream, early: Bytes, out: &Outbound, config: &Config) -> Stream {
+async fn open(tcp: TcpStream, early: Bytes, out: &Outbound, config: &Config, client_window_bits: u8) -> Stream {
     let (rx, tx) = tcp.into_split();
     out.attach(tx);
     let limits = WebSocketConfig::default()
@@ -203,9 +211,10 @@ async fn open(tcp: TcpStream, early: Bytes, out: &Outbound, config: &Config) -> 
     let mut partial = early.to_vec();
     drop(early);
     // What the client sent early may be compressed already: it is read through the inflater too.
-    let inflating = out
-        .deflates()
-        .then(|| Box::new(Inflating::new(config.max_frame_bytes, std::mem::take(&mut partial))));
+    let inflating = out.deflates().then(|| {
+        let early = std::mem::take(&mut partial);
+        Box::new(Inflating::new(config.max_frame_bytes, client_window_bits, early))
+    });
     let inbound = Inbound {
         read: rx,
         inflating,
@@ -551,7 +560,7 @@ mod tests {
         // lives only for a moment (a command, a close, a congested write) is boxed instead; the
         // outbox of publishes in flight is made at a connection's first publish. 1,440 bytes
         // measured with it (the reader's wait on its answers took 48).
-        let serve = |(a, b, c, d, e)| serve(a, b, c, d, e);
+        let serve = |(a, b, c, d, e, f)| serve(a, b, c, d, e, f);
         let size = future_size(&serve);
         assert!(size <= 1_450, "a session's state grew to {size} bytes");
         let read = |(a, b, c, d, e)| read(a, b, c, d, e);

@@ -96,8 +96,8 @@ impl Drop for Handshake {
 pub struct Upgrade {
     key: HeaderValue,
     offered: Option<HeaderValue>,
-    /// The permessage-deflate answer to the client's extension offers, if one is acceptable.
-    deflate: Option<&'static str>,
+    /// permessage-deflate as the client's offers allow, if one is acceptable.
+    deflate: Option<Deflate>,
     on_upgrade: OnUpgrade,
 }
 
@@ -171,9 +171,9 @@ impl Upgrade {
             .find_map(|p| supported.iter().copied().find(|s| *s == p))
     }
 
-    /// Whether the client offered permessage-deflate with parameters the node can honour.
-    pub fn deflate_offered(&self) -> bool {
-        self.deflate.is_some()
+    /// permessage-deflate as the client offered it, if with parameters the node can honour.
+    pub fn deflate_offered(&self) -> Option<Deflate> {
+        self.deflate
     }
 
     /// Answers 101 (with `protocol`, if any, and permessage-deflate if `deflate` and the client
@@ -207,26 +207,59 @@ impl Upgrade {
         if let Some(p) = protocol {
             headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
         }
-        if let Some(answer) = self.deflate.filter(|_| deflate) {
-            headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(answer));
+        if let Some(agreed) = self.deflate.filter(|_| deflate) {
+            headers.insert(
+                header::SEC_WEBSOCKET_EXTENSIONS,
+                HeaderValue::from_static(agreed.answer),
+            );
         }
         response
     }
 }
 
-/// The answer to a client that offered permessage-deflate. Each server frame is compressed on its
-/// own (`server_no_context_takeover`), so one compressed frame serves every socket; the client may
-/// keep its context (old Safari breaks when told not to), which [`crate::inflate`] follows.
-const DEFLATE: &str = "permessage-deflate; server_no_context_takeover";
-/// The same, to an offer that asked for the window the node compresses with (15 bits), which the
-/// answer must then repeat (RFC 7692 §7.1.2.1).
-const DEFLATE_WINDOW_15: &str = "permessage-deflate; server_no_context_takeover; server_max_window_bits=15";
+/// permessage-deflate as agreed with one client: the answer to its offer, and the window it
+/// compresses its own messages with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deflate {
+    answer: &'static str,
+    /// The client's window, in bits: what [`crate::inflate`] keeps of what it sent.
+    pub client_window_bits: u8,
+}
+
+/// The client's window the node asks for when the client lets it choose: 1 KiB. A client's
+/// frames are small commands that gain little from a larger one, and the node keeps the window of
+/// every socket that compresses (a 15-bit one would be 32 KiB for each browser in a stadium).
+const CLIENT_WINDOW_BITS: u8 = 10;
+
+/// The answer to an acceptable offer. Each server frame is compressed on its own
+/// (`server_no_context_takeover`), so one compressed frame serves every socket; the client may
+/// keep its context (old Safari breaks when told not to), which [`crate::inflate`] follows. An
+/// offer that asked for the window the node compresses with (15 bits) gets it repeated (RFC 7692
+/// §7.1.2.1); one that offered `client_max_window_bits` is told the client's window.
+fn answer(window_15: bool, client_bits: Option<u8>) -> &'static str {
+    match (window_15, client_bits) {
+        (false, None) => "permessage-deflate; server_no_context_takeover",
+        (false, Some(8)) => "permessage-deflate; server_no_context_takeover; client_max_window_bits=8",
+        (false, Some(9)) => "permessage-deflate; server_no_context_takeover; client_max_window_bits=9",
+        (false, Some(_)) => "permessage-deflate; server_no_context_takeover; client_max_window_bits=10",
+        (true, None) => "permessage-deflate; server_no_context_takeover; server_max_window_bits=15",
+        (true, Some(8)) => {
+            "permessage-deflate; server_no_context_takeover; server_max_window_bits=15; client_max_window_bits=8"
+        }
+        (true, Some(9)) => {
+            "permessage-deflate; server_no_context_takeover; server_max_window_bits=15; client_max_window_bits=9"
+        }
+        (true, Some(_)) => {
+            "permessage-deflate; server_no_context_takeover; server_max_window_bits=15; client_max_window_bits=10"
+        }
+    }
+}
 
 /// The answer to the first acceptable permessage-deflate offer in a `Sec-WebSocket-Extensions`
 /// list (RFC 7692 §5, §7), or `None` when none is acceptable. An offer is declined when its
 /// parameters are unknown, repeated or malformed, when it asks for a window of fewer than 15 bits
 /// for the node's frames (the node compresses with 15), or when a window size is not 8 to 15.
-fn deflate_answer(offers: &str) -> Option<&'static str> {
+fn deflate_answer(offers: &str) -> Option<Deflate> {
     split_unquoted(offers, ',').find_map(|offer| {
         let mut parts = split_unquoted(offer, ';');
         let name = parts.next()?.trim();
@@ -235,6 +268,8 @@ fn deflate_answer(offers: &str) -> Option<&'static str> {
         }
         let mut seen: Vec<String> = Vec::new();
         let mut window_15 = false;
+        // The client's window as the node answers it, where the client let the node choose.
+        let mut client_bits = None;
         for param in parts {
             let (key, value) = match param.split_once('=') {
                 Some((k, v)) => (k.trim(), Some(unquote(v.trim())?)),
@@ -254,16 +289,19 @@ fn deflate_answer(offers: &str) -> Option<&'static str> {
                     }
                     window_15 = true;
                 }
-                // The client may use any window: the node inflates with the largest.
-                ("client_max_window_bits", None) => {}
+                // The client lets the node choose its window, up to what it says.
+                ("client_max_window_bits", None) => client_bits = Some(CLIENT_WINDOW_BITS),
                 ("client_max_window_bits", Some(v)) => {
-                    window_bits(v)?;
+                    client_bits = Some(window_bits(v)?.min(CLIENT_WINDOW_BITS));
                 }
                 _ => return None,
             }
             seen.push(key);
         }
-        Some(if window_15 { DEFLATE_WINDOW_15 } else { DEFLATE })
+        Some(Deflate {
+            answer: answer(window_15, client_bits),
+            client_window_bits: client_bits.unwrap_or(crate::inflate::WINDOW_BITS),
+        })
     })
 }
 
@@ -326,26 +364,48 @@ mod tests {
 
     #[test]
     fn the_first_acceptable_deflate_offer_is_answered() {
+        const DEFLATE: &str = "permessage-deflate; server_no_context_takeover";
+        const CLIENT_10: &str = "permessage-deflate; server_no_context_takeover; client_max_window_bits=10";
+        let agreed = |answer: &'static str, client_window_bits: u8| {
+            Some(Deflate {
+                answer,
+                client_window_bits,
+            })
+        };
         for (offers, answer) in [
-            ("permessage-deflate", Some(DEFLATE)),
-            // What browsers send.
-            ("permessage-deflate; client_max_window_bits", Some(DEFLATE)),
-            ("permessage-deflate; client_no_context_takeover", Some(DEFLATE)),
-            ("PerMessage-Deflate ; Server_No_Context_Takeover", Some(DEFLATE)),
-            ("permessage-deflate; client_max_window_bits=10", Some(DEFLATE)),
-            ("permessage-deflate; client_max_window_bits=\"9\"", Some(DEFLATE)),
-            ("permessage-deflate; server_max_window_bits=15", Some(DEFLATE_WINDOW_15)),
+            ("permessage-deflate", agreed(DEFLATE, 15)),
+            // What browsers send: the client's window is the node's to choose.
+            ("permessage-deflate; client_max_window_bits", agreed(CLIENT_10, 10)),
+            ("permessage-deflate; client_no_context_takeover", agreed(DEFLATE, 15)),
+            ("PerMessage-Deflate ; Server_No_Context_Takeover", agreed(DEFLATE, 15)),
+            ("permessage-deflate; client_max_window_bits=12", agreed(CLIENT_10, 10)),
+            ("permessage-deflate; client_max_window_bits=10", agreed(CLIENT_10, 10)),
+            (
+                "permessage-deflate; client_max_window_bits=\"9\"",
+                agreed("permessage-deflate; server_no_context_takeover; client_max_window_bits=9", 9),
+            ),
+            (
+                "permessage-deflate; server_max_window_bits=15",
+                agreed("permessage-deflate; server_no_context_takeover; server_max_window_bits=15", 15),
+            ),
+            (
+                "permessage-deflate; server_max_window_bits=15; client_max_window_bits",
+                agreed(
+                    "permessage-deflate; server_no_context_takeover; server_max_window_bits=15; client_max_window_bits=10",
+                    10,
+                ),
+            ),
             // Several offers: the first the node can honour wins.
             (
                 "permessage-deflate; server_max_window_bits=10, permessage-deflate",
-                Some(DEFLATE),
+                agreed(DEFLATE, 15),
             ),
             (
                 "x-webkit-deflate-frame, permessage-deflate; client_max_window_bits",
-                Some(DEFLATE),
+                agreed(CLIENT_10, 10),
             ),
             // A comma inside a quoted value does not split offers.
-            ("permessage-deflate; x=\"a,b\", permessage-deflate", Some(DEFLATE)),
+            ("permessage-deflate; x=\"a,b\", permessage-deflate", agreed(DEFLATE, 15)),
             ("", None),
             ("x-webkit-deflate-frame", None),
             ("permessage-deflate; server_max_window_bits=7", None),

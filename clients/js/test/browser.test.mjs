@@ -235,7 +235,7 @@ test("in Chromium the page negotiates permessage-deflate and joins with delta: i
         }),
       `ws://127.0.0.1:${node.port}/ws?token=${hs256({ sub: "probe" })}`,
     );
-    assert.equal(extensions, "permessage-deflate; server_no_context_takeover");
+    assert.equal(extensions, "permessage-deflate; server_no_context_takeover; client_max_window_bits=10");
     assert.deepEqual(problems, []);
     assert.equal(await text("#said"), "", "no error on the page");
   } finally {
