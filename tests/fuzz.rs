@@ -28,7 +28,7 @@ use shardcast::{
     encoding::json_to_msgpack,
     envelope::{Envelope, Kind},
     frame::{data_depth_ok, decode_binary, decode_text, Command, Encoding, DEFAULT_DATA_DEPTH},
-    inflate::{Inflating, CHUNK},
+    inflate::{Inflating, CHUNK, WINDOW_BITS},
     wire::broadcast_frame,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -564,7 +564,7 @@ fn wire_of(messages: &[Sent]) -> Vec<u8> {
 /// socket), `read` bytes at a time: what it hands on, and whether it stopped on an error.
 fn inflate_all(wire: &[u8], early: usize, read: usize) -> (Vec<u8>, bool) {
     let early = early.min(wire.len());
-    let mut inflating = Inflating::new(INFLATE_LIMIT, wire[..early].to_vec());
+    let mut inflating = Inflating::new(INFLATE_LIMIT, WINDOW_BITS, wire[..early].to_vec());
     let mut socket = &wire[early..];
     let waker = futures_util::task::noop_waker();
     let mut cx = std::task::Context::from_waker(&waker);
