@@ -28,6 +28,7 @@ use crate::{
     envelope::Kind,
     fanout::{gate::Gate, writer::Outbound},
     frame::{data_depth_ok, Data},
+    hooks::publish::Moderated,
     metrics as m,
     node::Node,
     presence::{listed, Presence},
@@ -457,9 +458,14 @@ async fn publish_body(node: &Node, body: &[u8]) -> Result<Option<crate::history:
         let msg = format!("data nests deeper than {} levels", config.max_data_depth);
         return Err(bad(ErrorCode::BadData, msg));
     }
+    // Without an API key anyone may post here: a publish hook decides, as for a client's `pub`.
+    let data = match config.api_key {
+        None => moderated(node, &from, &body.room, body.data, body.key.as_deref()).await?,
+        Some(_) => Bytes::copy_from_slice(data),
+    };
     let data = Data {
         format: Encoding::Json,
-        bytes: Bytes::copy_from_slice(data),
+        bytes: data,
     };
     let pos = publish::publish(node, Kind::Room, body.room, &from, data, body.key)
         .await
@@ -479,6 +485,27 @@ async fn publish_body(node: &Node, body: &[u8]) -> Result<Option<crate::history:
         })?;
     m::published("http");
     Ok(pos)
+}
+
+/// `data` as the room's publish hook (if any) makes it, or the error answer: the app's refusal
+/// (403 with its own code) or, the backend failing, 503 `unavailable`.
+async fn moderated(node: &Node, from: &str, room: &str, data: &RawValue, key: Option<&str>) -> Result<Bytes, Response> {
+    match node.hooks().publish(from, room, data, key).await {
+        Ok(Moderated::AsIs) => Ok(Bytes::copy_from_slice(data.get().as_bytes())),
+        Ok(Moderated::Replaced(bytes)) => match publish::replaced(node, None, &bytes) {
+            Ok(()) => Ok(bytes),
+            Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.code, e.message).into_response()),
+        },
+        Err(refusal) => {
+            let e = refusal.frame_error(None, "publish");
+            let status = match e.code {
+                ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let code = e.app_code.as_deref().unwrap_or(e.code.as_str());
+            Err((status, Json(serde_json::json!({ "code": code, "message": e.message }))).into_response())
+        }
+    }
 }
 
 async fn readyz(State(node): State<Node>) -> (StatusCode, &'static str) {

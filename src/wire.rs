@@ -473,7 +473,7 @@ impl<'a> Reply<'a> {
 
     pub fn error(err: &'a FrameError) -> Reply<'a> {
         Reply {
-            code: Some(err.code.as_str()),
+            code: Some(err.app_code.as_deref().unwrap_or(err.code.as_str())),
             message: Some(&err.message),
             pos: err.pos.map(|p| Positions::One(p.to_string())),
             ..Reply::op("error", err.id)
