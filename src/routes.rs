@@ -28,7 +28,10 @@ use crate::{
     envelope::Kind,
     fanout::{gate::Gate, writer::Outbound},
     frame::{data_depth_ok, Data},
-    hooks::publish::Moderated,
+    hooks::{
+        connect::{self, Verdict},
+        publish::Moderated,
+    },
     metrics as m,
     node::Node,
     presence::{listed, Presence},
@@ -115,15 +118,25 @@ fn refuse(status: StatusCode, code: ErrorCode, reason: &'static str, message: St
 async fn upgrade(
     State(node): State<Node>,
     Query(query): Query<HashMap<String, String>>,
+    connection: Option<Extension<Connection>>,
     headers: HeaderMap,
     ws: Upgrade,
 ) -> Result<Response, Refused> {
     admit(&node, &headers)?;
-    // Held until the answer is ready: the token check and the inbox's subscription.
+    // Held until the answer is ready: the token check (or the connect hook) and the inbox's
+    // subscription.
     let Some(_handshake) = node.handshakes().start() else {
         return Ok(busy(node.config().max_handshakes));
     };
-    let grants = grants(&node, &query, &headers)?;
+    let grants = match (node.verifier(), grants(&node, &query, &headers)) {
+        // A valid token needs no hook.
+        (Some(_), Ok(grants)) => grants,
+        (_, result) if !node.hooks().connects() => result?,
+        _ => {
+            let addr = connection.map(|Extension(c)| c.peer().to_string()).unwrap_or_default();
+            connect_hook(&node, &query, &headers, addr).await?
+        }
+    };
     let protocol = ws.select(&[PROTOCOL_JSON, PROTOCOL_MSGPACK]);
     let encoding = protocol.and_then(Encoding::from_protocol).unwrap_or(Encoding::Json);
     let (out, membership) = register(&node, grants, encoding).await?;
@@ -186,18 +199,7 @@ fn grants(node: &Node, query: &HashMap<String, String>, headers: &HeaderMap) -> 
     let names = node.config().names;
     let unauthorized = |msg: String| refuse(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "auth", msg);
     let Some(verifier) = node.verifier() else {
-        return match query.get("user") {
-            Some(user) => match names.check(user) {
-                Ok(()) => Ok(Grants::open(user.as_str().into())),
-                Err(e) => Err(refuse(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::BadUser,
-                    "bad_user",
-                    format!("`user` {e}"),
-                )),
-            },
-            None => Ok(Grants::open(format!("anon-{:016x}", rand::random::<u64>()).into())),
-        };
+        return open(node, query);
     };
     let token = query.get("token").map(String::as_str).or_else(|| bearer(headers));
     let Some(token) = token else {
@@ -207,6 +209,59 @@ fn grants(node: &Node, query: &HashMap<String, String>, headers: &HeaderMap) -> 
         Ok(grants) if names.check(&grants.user).is_err() => Err(unauthorized("`sub` breaks the name rules".into())),
         Ok(grants) => Ok(grants),
         Err(e) => Err(unauthorized(e.to_string())),
+    }
+}
+
+/// Every right under the name the client gave (or an anonymous one): a node without auth.
+fn open(node: &Node, query: &HashMap<String, String>) -> Result<Grants, Refused> {
+    match query.get("user") {
+        Some(user) => match node.config().names.check(user) {
+            Ok(()) => Ok(Grants::open(user.as_str().into())),
+            Err(e) => Err(refuse(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadUser,
+                "bad_user",
+                format!("`user` {e}"),
+            )),
+        },
+        None => Ok(Grants::open(format!("anon-{:016x}", rand::random::<u64>()).into())),
+    }
+}
+
+/// What the connect hook grants an upgrade without a valid token: its grants, its refusal with
+/// its status, 503 when the backend failed (unless `--hook-on-error connect=allow`, which admits
+/// the socket as a node without auth would).
+async fn connect_hook(
+    node: &Node,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    addr: String,
+) -> Result<Grants, Refused> {
+    let upgrade = connect::Upgrade { addr, query, headers };
+    match node.hooks().connect(upgrade).await {
+        Verdict::Granted(grants) => match node.config().names.check(&grants.user) {
+            Ok(()) => Ok(grants),
+            Err(e) => Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "unavailable",
+                format!("connect hook: user {e}"),
+            )),
+        },
+        Verdict::Rejected { status, reason } => {
+            let (status, code) = match status {
+                403 => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+                _ => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
+            };
+            Err(refuse(status, code, "auth", reason))
+        }
+        Verdict::Unavailable(e) => Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "unavailable",
+            format!("connect hook: {e}"),
+        )),
+        Verdict::Allowed => open(node, query),
     }
 }
 
