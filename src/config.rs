@@ -1286,6 +1286,52 @@ mod tests {
     }
 
     #[test]
+    fn hook_settings_parse_and_a_hook_url_that_is_not_http_fails_at_start() {
+        let c = parse(&[
+            "--hook-publish",
+            "chat:*=http://127.0.0.1:9000/publish",
+            "--hook-join",
+            "members:*=http://127.0.0.1:9000/join",
+            "--hook-on-error",
+            "publish=allow",
+            "--hook-timeout",
+            "250ms",
+            "--hook-join-cache",
+            "30s",
+            "--hook-forward-headers",
+            "Cookie,Authorization",
+            "--hook-secret",
+            "s3cret",
+        ])
+        .unwrap();
+        let h = &c.hooks;
+        assert!(h.publish[0].0.matches("chat:1") && h.connect.is_none());
+        assert_eq!(h.join[0].1.path(), "/join");
+        assert_eq!(h.on_error.publish, hook_settings::OnError::Allow);
+        assert_eq!(h.on_error.join, hook_settings::OnError::Deny, "deny unless set");
+        assert_eq!(
+            (h.timeout, h.join_cache),
+            (Duration::from_millis(250), Duration::from_secs(30))
+        );
+        assert_eq!(h.forward_headers, ["cookie", "authorization"]);
+        assert_eq!(h.secret.as_deref(), Some("s3cret"));
+        let err = parse(&[
+            "--hook-connect",
+            "ftp://127.0.0.1/x",
+            "--hook-publish",
+            "chat:*=redis://127.0.0.1:7000",
+            "--hook-disconnect",
+            "127.0.0.1:9000",
+            "--hook-on-error",
+            "everything=allow",
+            "--hook-timeout",
+            "0s",
+        ])
+        .unwrap_err();
+        assert_eq!(err.0.len(), 5, "{err}");
+    }
+
+    #[test]
     fn the_http_cap_follows_the_open_files_limit() {
         assert_eq!(http_connection_cap(1024), 128);
         assert_eq!(http_connection_cap(20_000), 2_500);
