@@ -163,6 +163,9 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     let limits = http_limits(&config);
     let hooks = hooks::Hooks::new(config.hooks.clone())?;
     let node = Node::new(config, hub, bus.clone(), naming, metrics, verifier, hooks);
+    if let Some(batches) = node.hooks().disconnects(internal.clone()) {
+        tracker.spawn(batches);
+    }
     if let Some(presence) = node.presence() {
         tracker.spawn(presence.clone().run(internal.clone()));
     }

@@ -129,7 +129,7 @@ static HOT: OnceLock<HotPath> = OnceLock::new();
 // Every value the bounded labels take, so each series exists (at zero) from start-up. A variant
 // added to `CloseReason` or `ErrorCode` stops the `*_slot` matches compiling until it has a slot,
 // and the const checks below then fail until it is in the list at that slot.
-pub const CLOSE_REASONS: [CloseReason; 10] = [
+pub const CLOSE_REASONS: [CloseReason; 11] = [
     CloseReason::Normal,
     CloseReason::SlowConsumer,
     CloseReason::FrameTooLarge,
@@ -140,6 +140,7 @@ pub const CLOSE_REASONS: [CloseReason; 10] = [
     CloseReason::RateLimited,
     CloseReason::ProtocolError,
     CloseReason::InvalidPayload,
+    CloseReason::Removed,
 ];
 /// Codes a socket's command can fail with (`unauthorized` is HTTP only).
 pub const BAD_FRAME_CODES: [ErrorCode; 13] = [
@@ -184,6 +185,7 @@ const fn close_reason_slot(r: CloseReason) -> usize {
         CloseReason::RateLimited => 7,
         CloseReason::ProtocolError => 8,
         CloseReason::InvalidPayload => 9,
+        CloseReason::Removed => 10,
     }
 }
 

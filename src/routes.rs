@@ -1,4 +1,4 @@
-//! HTTP and WebSocket on one listener: `/ws`, `/publish`, `/rooms/<room>/presence`,
+//! HTTP and WebSocket on one listener: `/ws`, `/publish`, `/disconnect`, `/rooms/<room>/presence`,
 //! `/users/<user>`, `/healthz`, `/readyz`, `/acceptz`, `/metrics`, and `/demo` with `--demo true`.
 //! Requests are checked here and turned into hub and bus calls; errors map to the wire here only.
 
@@ -22,7 +22,7 @@ use crate::{
     accept::Connection,
     auth::Grants,
     bus::BusError,
-    close::ErrorCode,
+    close::{code, ErrorCode},
     cmd::Membership,
     encoding::{Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK},
     envelope::Kind,
@@ -45,6 +45,7 @@ pub fn router(node: Node) -> Router {
     let router = Router::new()
         .route("/ws", get(upgrade))
         .route("/publish", post(publish_http).layer(Extension(throttle)))
+        .route("/disconnect", post(disconnect))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/acceptz", get(acceptz))
@@ -560,6 +561,52 @@ async fn moderated(node: &Node, from: &str, room: &str, data: &RawValue, key: Op
             let code = e.app_code.as_deref().unwrap_or(e.code.as_str());
             Err((status, Json(serde_json::json!({ "code": code, "message": e.message }))).into_response())
         }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    user: String,
+    code: Option<u16>,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /disconnect {"user":U,"code":4010,"reason":R}`, for the app's backend (`--api-key`
+/// required): every socket of U, on every node, is closed with 4010, through U's inbox channel.
+async fn disconnect(State(node): State<Node>, headers: HeaderMap, body: Bytes) -> Response {
+    let config = node.config();
+    if config.api_key.is_none() {
+        let msg = "POST /disconnect needs --api-key".to_string();
+        return ApiError(StatusCode::FORBIDDEN, ErrorCode::Forbidden, msg).into_response();
+    }
+    if let Err(e) = api_key(config, &headers) {
+        return e.closing();
+    }
+    let bad = |code: ErrorCode, msg: String| ApiError(StatusCode::BAD_REQUEST, code, msg).into_response();
+    let body: DisconnectBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return bad(
+                ErrorCode::BadFrame,
+                format!("expected {{\"user\":U,\"code\":4010}}: {e}"),
+            )
+        }
+    };
+    if let Err(e) = config.names.check(&body.user) {
+        return bad(ErrorCode::BadUser, format!("`user` {e}"));
+    }
+    if body.code.is_some_and(|c| c != code::REMOVED) {
+        return bad(ErrorCode::BadField, format!("`code` must be {}", code::REMOVED));
+    }
+    let data = Data {
+        format: Encoding::Json,
+        bytes: serde_json::json!({ "reason": body.reason }).to_string().into(),
+    };
+    match publish::publish(&node, Kind::Disconnect, body.user, "server", data, None).await {
+        Ok(_) => StatusCode::ACCEPTED.into_response(),
+        Err(e) => ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string()).into_response(),
     }
 }
 

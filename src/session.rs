@@ -178,6 +178,7 @@ pub async fn serve(tcp: TcpStream, early: Bytes, node: Node, out: Outbound, mut 
         .await;
     }
     counted.reason = reason;
+    node.hooks().disconnected(&membership.grants().user, reason.code());
     drop(membership);
 }
 

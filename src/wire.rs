@@ -255,7 +255,8 @@ fn write_message(
 ) -> Result<(), TranscodeError> {
     let op = match env.kind {
         Kind::Room => "msg",
-        Kind::Direct => "dm",
+        // Never framed: the hub closes the user's sockets instead.
+        Kind::Direct | Kind::Disconnect => "dm",
     };
     let room = env.kind == Kind::Room;
     let pos = env.pos.map(|p| p.to_string());

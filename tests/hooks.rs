@@ -578,3 +578,60 @@ async fn the_join_hook_forbids_and_its_answers_are_cached_per_user_and_room() {
         "one request per (user, room) within the cache"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_disconnect_closes_every_socket_of_the_user_on_every_node_and_the_hook_hears_of_it() {
+    let backend = Backend::start(ok()).await;
+    let cluster = common::Cluster::shared();
+    let mut base = config(Some(cluster), "disconnect");
+    base.api_key = Some("app-key".into());
+    base.hooks.disconnect = Some(settings::url(&backend.url("/disconnect")).unwrap());
+    base.hooks.batch = Duration::from_millis(200);
+    base.hooks.secret = Some(SECRET.into());
+    let mut nodes = Vec::new();
+    for c in common::fleet(base, "disconnect", 2) {
+        nodes.push(Node::start(c).await);
+    }
+    let mut on_a = Client::connect(&nodes[0].ws("?user=ann")).await;
+    let mut on_b = Client::connect(&nodes[1].ws("?user=ann")).await;
+    let mut bob = Client::connect(&nodes[1].ws("?user=bob")).await;
+
+    let http = reqwest::Client::new();
+    let post = |body: Value, key: &'static str| {
+        http.post(nodes[0].url("/disconnect"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+    };
+    assert_eq!(post(json!({"user":"ann"}), "wrong").await.unwrap().status(), 401);
+    assert_eq!(
+        post(json!({"user":"ann","code":4000}), "app-key")
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    let r = post(json!({"user":"ann","code":4010,"reason":"banned"}), "app-key")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(on_a.close_code().await, Some(4010), "on the node asked");
+    assert_eq!(on_b.close_code().await, Some(4010), "on the other node");
+    bob.join("lobby").await;
+
+    common::eventually("the disconnect hook heard of both of ann's sockets", || async {
+        let events: Vec<Value> = backend
+            .seen()
+            .iter()
+            .filter(|s| s.path == "/disconnect")
+            .flat_map(|s| s.body["events"].as_array().cloned().unwrap_or_default())
+            .collect();
+        events
+            .iter()
+            .filter(|e| e["user"] == "ann" && e["code"] == 4010 && e["at_ms"].as_u64().is_some())
+            .count()
+            == 2
+    })
+    .await;
+    assert!(backend.seen().iter().all(signed));
+}

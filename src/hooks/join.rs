@@ -16,11 +16,14 @@ use super::{route, settings::OnError, AppError, Hooks, Refusal};
 /// The most answers the cache keeps; past it, the expired ones go, then all of them.
 const MAX_CACHED: usize = 100_000;
 
+/// A join answer kept, and until when.
+type Kept = (Instant, Result<(), Refusal>);
+
 /// Join answers by (user, room), each until it expires.
 pub struct Cache {
     ttl: Duration,
     // A std Mutex: a lookup or an insert, never held across an await.
-    answers: Mutex<HashMap<(String, String), (Instant, Result<(), Refusal>)>>,
+    answers: Mutex<HashMap<(String, String), Kept>>,
 }
 
 impl Cache {

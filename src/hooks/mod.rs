@@ -1,6 +1,7 @@
 //! Backend hooks: the app's own backend decides who connects ([`connect`]), who joins a room
-//! ([`join`]) and what a published line becomes ([`publish`]), over HTTP/1.1 with JSON; request
-//! and answer bodies are listed in docs/protocol.md.
+//! ([`join`]) and what a published line becomes ([`publish`]), and hears of every socket that
+//! closed ([`disconnect`]), over HTTP/1.1 with JSON; request and answer bodies are listed in
+//! docs/protocol.md.
 //!
 //! Every request goes through its URL's [`backend::Backend`]: a [`breaker::Breaker`], a bound on
 //! requests in flight, and a log that speaks once per interval. Requests are signed ([`sign`])
@@ -14,6 +15,7 @@ pub mod backend;
 pub mod breaker;
 pub mod client;
 pub mod connect;
+pub mod disconnect;
 pub mod join;
 pub mod publish;
 pub mod settings;
@@ -40,6 +42,7 @@ struct Inner {
     join: Vec<(glob::Pattern, Arc<Backend>)>,
     publish: Vec<(glob::Pattern, Arc<Backend>)>,
     joins: join::Cache,
+    disconnects: Option<disconnect::Disconnects>,
 }
 
 /// Why a hook said no.
@@ -104,6 +107,10 @@ impl Hooks {
                 join: routes(&settings.join),
                 publish: routes(&settings.publish),
                 joins: join::Cache::new(settings.join_cache),
+                disconnects: settings
+                    .disconnect
+                    .as_ref()
+                    .map(|url| disconnect::Disconnects::new(backend(url))),
                 client,
                 settings,
             }),

@@ -52,7 +52,7 @@ pub fn wrap(node: &Node, kind: Kind, target: String, from: &str, data: Data, key
                 max_keys: config.max_keys_per_room,
             }),
         },
-        Kind::Direct => Store::default(),
+        Kind::Direct | Kind::Disconnect => Store::default(),
     };
     let env = Envelope {
         kind,
