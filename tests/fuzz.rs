@@ -412,7 +412,7 @@ fn ws_bytes() -> impl Strategy<Value = Vec<u8>> {
 }
 
 /// Close codes the node may send.
-const CONTRACT_CODES: [u16; 9] = [1000, 1002, 1007, 1008, 1009, 4001, 4002, 4003, 4008];
+const CONTRACT_CODES: [u16; 10] = [1000, 1002, 1007, 1008, 1009, 4001, 4002, 4003, 4008, 4010];
 
 proptest! {
     #![proptest_config(net_cases())]

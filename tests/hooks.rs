@@ -488,6 +488,7 @@ async fn the_connect_hook_grants_what_a_token_would_and_rejects_with_its_status(
         match body["headers"]["cookie"].as_str() {
             Some("session=ann") => Json(json!({"user":"ann","rooms":["members:*"],"pub":true})).into_response(),
             Some("session=banned") => Json(json!({"reject":{"status":403,"reason":"banned"}})).into_response(),
+            Some("session=broken") => StatusCode::BAD_GATEWAY.into_response(),
             _ => Json(json!({"reject":{"status":401,"reason":"log in first"}})).into_response(),
         }
     }))
@@ -528,7 +529,12 @@ async fn the_connect_hook_grants_what_a_token_would_and_rejects_with_its_status(
     );
     assert!(seen[0].body["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
 
-    for (cookie, status) in [(Some("session=banned"), 403), (None, 401)] {
+    // A backend that fails refuses the upgrade (--hook-on-error connect=deny, the default).
+    for (cookie, status) in [
+        (Some("session=banned"), 403),
+        (None, 401),
+        (Some("session=broken"), 503),
+    ] {
         match upgrade(cookie).await {
             Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), status),
             other => panic!("{cookie:?}: {:?}", other.map(|_| ())),
@@ -538,7 +544,7 @@ async fn the_connect_hook_grants_what_a_token_would_and_rejects_with_its_status(
     let token = common::hs256(json!({"sub":"tok","exp":common::now() + 60}));
     let mut tok = Client::connect(&node.ws(&format!("?token={token}"))).await;
     tok.join("lobby").await;
-    assert_eq!(backend.seen().len(), 3, "the token's upgrade did not ask");
+    assert_eq!(backend.seen().len(), 4, "the token's upgrade did not ask");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -634,4 +640,33 @@ async fn post_disconnect_closes_every_socket_of_the_user_on_every_node_and_the_h
     })
     .await;
     assert!(backend.seen().iter().all(signed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_waiting_for_the_hook_count_in_the_sockets_window_of_publishes() {
+    let backend = Backend::start(answering(|_| async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        Json(json!({"ok":true})).into_response()
+    }))
+    .await;
+    let mut c = hooked("window", |h| {
+        h.timeout = Duration::from_secs(5);
+        h.publish = vec![route(&format!("chat:*={}", backend.url("/publish")))];
+    });
+    c.max_inflight_publishes = 2;
+    let node = Node::start(c).await;
+    let mut ann = Client::connect(&node.ws("?user=ann")).await;
+    let started = Instant::now();
+    for _ in 0..2 {
+        ann.send(json!({"op":"pub","room":"chat:1","data":{"text":"hi"}})).await;
+    }
+    // The window is full of lines waiting for the backend: the node reads nothing more until
+    // their answers come, so the ping is answered after them.
+    let pong = ann.request(json!({"op":"ping"})).await;
+    assert_eq!(pong["op"], "pong", "{pong}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "answered after {:?}, beside two pending hook answers",
+        started.elapsed()
+    );
 }
