@@ -63,7 +63,7 @@ impl Backend {
         let result = self.call(client, hook, body, answer).await;
         if let Err(e) = &result {
             m::hook_error(hook, e.kind());
-            self.complain(hook, e);
+            let _ = self.complain(hook, e);
         }
         result
     }
@@ -121,17 +121,42 @@ impl Backend {
     }
 
     /// Logs a failure unless one was logged within [`LOG_EVERY`]; then counts it for the next line.
-    fn complain(&self, hook: Hook, e: &HookError) {
+    /// Whether it logged.
+    fn complain(&self, hook: Hook, e: &HookError) -> bool {
         let now = Instant::now();
         let held = {
             let mut quiet = self.log.lock().unwrap_or_else(|e| e.into_inner());
             if quiet.last.is_some_and(|at| now.duration_since(at) < LOG_EVERY) {
                 quiet.held += 1;
-                return;
+                return false;
             }
             quiet.last = Some(now);
             std::mem::take(&mut quiet.held)
         };
         tracing::warn!(hook, url = %self.url, error = %e, not_logged = held, "hook failed (failures are logged at most once per 10s)");
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_backend_is_logged_once_per_interval_not_once_per_request() {
+        let backend = Backend::new(Url::parse("http://127.0.0.1:9/hook").unwrap(), vec!["publish"], 1);
+        let spoke: Vec<bool> = (0..100)
+            .map(|_| backend.complain("publish", &HookError::Status(500)))
+            .collect();
+        assert_eq!(
+            spoke.iter().filter(|s| **s).count(),
+            1,
+            "one line for a burst of failures"
+        );
+        assert_eq!(
+            backend.log.lock().unwrap().held,
+            99,
+            "the rest counted for the next line"
+        );
     }
 }
