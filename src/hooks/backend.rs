@@ -63,7 +63,7 @@ impl Backend {
         let result = self.call(client, hook, body, answer).await;
         if let Err(e) = &result {
             m::hook_error(hook, e.kind());
-            let _ = self.complain(hook, e);
+            self.complain(hook, e);
         }
         result
     }
