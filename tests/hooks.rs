@@ -235,9 +235,14 @@ async fn the_publish_hook_passes_masks_and_refuses_lines_from_sockets_and_http()
     // A room no hook names goes straight out.
     ann.publish("lobby", json!({"text":"a slur"})).await;
     assert_eq!(next_msg(&mut fan).await["room"], "lobby");
+    // A MessagePack publisher's line reaches the backend as JSON.
+    let mut packed = Client::connect_with(&node.ws("?user=mp"), Some("shardcast.v1.msgpack")).await;
+    packed.publish("chat:1", json!({"text":"mask this too"})).await;
+    assert_eq!(next_msg(&mut fan).await["data"], json!({"text":"***"}));
 
     let seen = backend.seen();
-    assert_eq!(seen.len(), 3, "one request per hooked line");
+    assert_eq!(seen.len(), 4, "one request per hooked line");
+    assert_eq!(seen[3].body["data"], json!({"text":"mask this too"}), "as JSON");
     assert_eq!(seen[0].path, "/publish");
     assert_eq!(
         seen[0].body,
@@ -426,7 +431,16 @@ async fn every_broken_answer_is_an_error_and_nothing_is_published() {
     let mut ann = Client::connect(&node.ws("?user=ann")).await;
     let redirect = backend.url("/elsewhere");
     let large = "a".repeat(300 << 10);
+    // Valid JSON, but more than the node takes from a publisher (--max-frame-bytes, 64 KiB).
+    let larger_than_a_frame = "b".repeat(100 << 10);
     let cases: Vec<(&str, Answer)> = vec![
+        ("over 65536 bytes", {
+            let text = larger_than_a_frame.clone();
+            answering(move |_| {
+                let text = text.clone();
+                async move { Json(json!({"data":{"text":text}})).into_response() }
+            })
+        }),
         ("bad answer", answering(|_| async { "not json".into_response() })),
         (
             "bad answer",

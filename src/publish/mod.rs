@@ -174,16 +174,22 @@ fn moderation(
     }))
 }
 
-/// Checks a message the publish hook sent instead, as a publisher's own would be.
+/// Checks a message the publish hook sent instead, as a publisher's own would be: no larger than
+/// `--max-frame-bytes`, no deeper than `--max-data-depth`.
 pub fn replaced(node: &Node, id: Option<i64>, data: &[u8]) -> Result<(), FrameError> {
-    let depth = node.config().max_data_depth;
-    if data_depth_ok(Encoding::Json, data, depth) {
+    let config = node.config();
+    let (most, depth) = (config.max_frame_bytes, config.max_data_depth);
+    let wrong = if data.len() > most {
+        format!("over {most} bytes")
+    } else if !data_depth_ok(Encoding::Json, data, depth) {
+        format!("nested deeper than {depth} levels")
+    } else {
         return Ok(());
-    }
+    };
     Err(FrameError::new(
         id,
         ErrorCode::Unavailable,
-        format!("publish hook: its data nests deeper than {depth} levels"),
+        format!("publish hook: the data it sent instead is {wrong}"),
     ))
 }
 
