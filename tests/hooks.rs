@@ -571,8 +571,15 @@ async fn the_join_hook_forbids_and_its_answers_are_cached_per_user_and_room() {
         }
     }))
     .await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let node = Node::start(hooked("join", |h| {
-        h.join = vec![route(&format!("members:*={}", backend.url("/join")))];
+        h.join = vec![
+            route(&format!("members:*={}", backend.url("/join"))),
+            route(&format!("vip:*=http://{dead}/join")),
+        ];
         h.join_cache = Duration::from_secs(60);
     }))
     .await;
@@ -583,6 +590,13 @@ async fn the_join_hook_forbids_and_its_answers_are_cached_per_user_and_room() {
         (Some("forbidden"), Some("members only"))
     );
     bob.join("lobby").await;
+    // A backend that is down refuses the join (--hook-on-error join=deny, the default), and is
+    // not kept: the next join asks again.
+    for _ in 0..2 {
+        let r = bob.request(json!({"op":"join","room":"vip:1"})).await;
+        assert_eq!(r["code"], "unavailable", "{r}");
+        assert!(r["message"].as_str().unwrap().starts_with("join hook:"), "{r}");
+    }
     let mut ann = Client::connect(&node.ws("?user=ann")).await;
     ann.join("members:1").await;
     let r = ann.request(json!({"op":"leave","room":"members:1"})).await;
