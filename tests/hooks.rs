@@ -289,7 +289,6 @@ async fn a_senders_lines_keep_their_order_however_the_answers_come_and_senders_a
     fan.join("chat:1").await;
     let mut ann = Client::connect(&node.ws("?user=ann")).await;
     let mut bob = Client::connect(&node.ws("?user=bob")).await;
-    let started = Instant::now();
     for i in 0..N {
         ann.send(json!({"op":"pub","room":"chat:1","data":{"i":i}})).await;
         bob.send(json!({"op":"pub","room":"chat:1","data":{"i":i + 100}})).await;
@@ -309,13 +308,8 @@ async fn a_senders_lines_keep_their_order_however_the_answers_come_and_senders_a
     let sent: Vec<u64> = (0..N).collect();
     assert_eq!(from_ann, sent, "ann's order");
     assert_eq!(from_bob, sent, "bob's order");
-    // Pipelined: one at a time would take the sum of the delays (over 1.5 s per sender).
+    // Pipelined: one at a time, no more than one request would ever be in flight per sender.
     assert!(backend.most_in_flight() > 2, "requests went one at a time");
-    assert!(
-        started.elapsed() < Duration::from_millis(1500),
-        "took {:?}",
-        started.elapsed()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,14 +338,20 @@ async fn a_hanging_backend_fails_lines_in_time_opens_the_breaker_and_never_stall
     assert_eq!(next_msg(&mut fan).await["data"], 1);
     let joined = ann.request(json!({"op":"join","room":"other"})).await;
     assert_eq!(joined["op"], "ok", "{joined}");
-    assert!(started.elapsed() < timeout, "ann's commands waited for the hook");
+    assert!(
+        ann.inbox.iter().all(|v| v["id"] != json!(line)),
+        "ann's join waited for the hook's answer"
+    );
     let r = ann.reply(line).await;
     assert_eq!(
         (r["op"].as_str(), r["code"].as_str()),
         (Some("error"), Some("unavailable")),
         "{r}"
     );
-    assert!(started.elapsed() < timeout * 3, "answered within the timeout");
+    assert!(
+        started.elapsed() < timeout + Duration::from_secs(1),
+        "answered within the timeout"
+    );
     assert_eq!(next_msg(&mut ann).await["data"], 1, "ann got the news meanwhile");
 
     // Five failures in a row open the breaker: the next line fails at once, without a request.
@@ -367,7 +367,7 @@ async fn a_hanging_backend_fails_lines_in_time_opens_the_breaker_and_never_stall
         .request(json!({"op":"pub","room":"chat:1","data":{"text":"hi"}}))
         .await;
     assert!(
-        started.elapsed() < timeout / 2,
+        started.elapsed() < timeout,
         "waited {:?} on an open breaker",
         started.elapsed()
     );
