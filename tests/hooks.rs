@@ -243,6 +243,15 @@ async fn the_publish_hook_passes_masks_and_refuses_lines_from_sockets_and_http()
     let seen = backend.seen();
     assert_eq!(seen.len(), 4, "one request per hooked line");
     assert_eq!(seen[3].body["data"], json!({"text":"mask this too"}), "as JSON");
+    // Counted (the recorder is the test process's: other tests' requests may be in it too).
+    let metrics = node.url("/metrics");
+    for name in [
+        r#"shardcast_hook_requests_total{hook="publish"}"#,
+        r#"shardcast_hook_latency_seconds_count{hook="publish"}"#,
+    ] {
+        let n = common::metric(&metrics, name).await.unwrap_or(0.0);
+        assert!(n >= 4.0, "{name} = {n}");
+    }
     assert_eq!(seen[0].path, "/publish");
     assert_eq!(
         seen[0].body,
@@ -485,6 +494,11 @@ async fn every_broken_answer_is_an_error_and_nothing_is_published() {
             "{why}: {r}"
         );
         assert!(r["message"].as_str().unwrap().contains(why), "{why}: {r}");
+        if why == "redirect" {
+            // Only this test's backend redirects.
+            let name = r#"shardcast_hook_errors_total{hook="publish",kind="redirect"}"#;
+            assert_eq!(common::metric(&node.url("/metrics"), name).await, Some(1.0));
+        }
         // A good answer between two bad ones keeps the breaker shut.
         backend.answer(ok());
         ann.publish("chat:1", json!({"text":"fine"})).await;
