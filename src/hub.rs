@@ -461,6 +461,21 @@ impl Hub {
         }
     }
 
+    /// Starts a socket's values of a topic over (a client whose delta did not apply joined again):
+    /// the next value of every key goes to it whole.
+    pub fn restart_values(&self, topic: &Topic, id: SessionId) {
+        if let Some(seat) = self
+            .inner
+            .topics
+            .get_mut(topic)
+            .as_mut()
+            .and_then(|e| e.members.get_mut(&id))
+            .filter(|seat| seat.bases.is_some())
+        {
+            seat.bases = Some(Arc::default());
+        }
+    }
+
     /// Lets go of the held sockets of a topic whose shards this node has now delivered as far as
     /// each socket has: after every message with a position.
     pub fn settle(&self, topic: &Topic) {
@@ -628,6 +643,9 @@ impl Hub {
                 total.bytes += d.bytes;
                 total.overflowed += d.overflowed;
                 total.writes += d.writes;
+                total.full_bytes += d.full_bytes;
+                total.deltas += d.deltas;
+                total.wholes += d.wholes;
             }
         }
         total
@@ -722,6 +740,7 @@ mod tests {
             Delivery {
                 delivered: 3,
                 bytes: 2 * json_frame.len() + msgpack_frame.len(),
+                full_bytes: 2 * json_frame.len() + msgpack_frame.len(),
                 writes: 3,
                 ..Delivery::default()
             }
