@@ -582,6 +582,8 @@ test("a publish hook's refusal is an error like any; 4010 (removed by the app) i
     client.close();
     await node.stop();
     backend.close();
+  }
+});
 
 /** A match's state: each update changes a few bytes of it. */
 function matchState(i) {
