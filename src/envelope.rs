@@ -5,7 +5,7 @@
 //! [ version=1, kind, origin, target, from, ts_us, format, data ]
 //!   kind    0 = room message (target is the room), 1 = direct message (target is the user id),
 //!           2 = disconnect (target is the user id: every socket of the user closes with 4010;
-//!           data is JSON, `{"reason":R}`, for the logs)
+//!           data is JSON, `{"reason":R}`, the app's reason, for the record)
 //!   origin  str, id of the publishing node (any string for a backend job)
 //!   from    str, sender id
 //!   ts_us   uint, publish time in microseconds since the Unix epoch
