@@ -79,6 +79,23 @@ impl Grants {
         }
     }
 
+    /// What a connect hook's answer grants: exactly what a token with these claims would (`sub`,
+    /// `rooms`, `pub`, `exp`).
+    pub fn granted(
+        user: Arc<str>,
+        rooms: Option<Vec<glob::Pattern>>,
+        can_publish: bool,
+        expires: Option<u64>,
+    ) -> Grants {
+        Grants {
+            user,
+            rooms,
+            can_publish,
+            expires,
+            limits: None,
+        }
+    }
+
     pub fn may_join(&self, room: &str) -> bool {
         self.rooms
             .as_ref()

@@ -26,6 +26,9 @@ pub mod code {
     pub const TOKEN_EXPIRED: u16 = 4003;
     /// The socket's outbound queue passed `--max-buffered-bytes`.
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// The app removed the user (`POST /disconnect`): every socket of the user, on every node.
+    /// Clients do not reconnect without the app's consent.
+    pub const REMOVED: u16 = 4010;
 }
 
 /// `code` strings carried by `{"op":"error"}` frames and by HTTP error bodies.
@@ -110,6 +113,8 @@ pub enum CloseReason {
     ProtocolError,
     /// The client sent text that is not UTF-8; closed with 1007.
     InvalidPayload,
+    /// The app removed the user (`POST /disconnect`); closed with 4010.
+    Removed,
 }
 
 impl CloseReason {
@@ -125,6 +130,7 @@ impl CloseReason {
             CloseReason::RateLimited => "rate_limited",
             CloseReason::ProtocolError => "protocol_error",
             CloseReason::InvalidPayload => "invalid_payload",
+            CloseReason::Removed => "removed",
         }
     }
 
@@ -152,7 +158,26 @@ impl CloseReason {
             code::POLICY => CloseReason::RateLimited,
             code::PROTOCOL_ERROR => CloseReason::ProtocolError,
             code::INVALID_PAYLOAD => CloseReason::InvalidPayload,
+            code::REMOVED => CloseReason::Removed,
             _ => CloseReason::Normal,
+        }
+    }
+
+    /// The close code a session that ended for this reason got (1006 when it was cut without
+    /// one): what the disconnect hook is told.
+    pub fn code(self) -> u16 {
+        match self {
+            CloseReason::Normal => code::NORMAL,
+            CloseReason::SlowConsumer => code::SLOW_CONSUMER,
+            CloseReason::FrameTooLarge => code::FRAME_TOO_LARGE,
+            CloseReason::Idle => code::IDLE,
+            CloseReason::Auth => code::TOKEN_EXPIRED,
+            CloseReason::Drain => code::DRAIN,
+            CloseReason::Error => 1006,
+            CloseReason::RateLimited => code::POLICY,
+            CloseReason::ProtocolError => code::PROTOCOL_ERROR,
+            CloseReason::InvalidPayload => code::INVALID_PAYLOAD,
+            CloseReason::Removed => code::REMOVED,
         }
     }
 }
@@ -173,5 +198,10 @@ mod tests {
             assert_eq!(CloseReason::for_code(c), reason);
         }
         assert_eq!(CloseReason::Normal.frame(), None);
+        for reason in crate::metrics::CLOSE_REASONS {
+            if reason != CloseReason::Error {
+                assert_eq!(CloseReason::for_code(reason.code()), reason, "{reason:?}");
+            }
+        }
     }
 }

@@ -10,7 +10,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 pub use crate::auth::JwtKey;
-use crate::{bus::MAX_SHARDS, history::pos::Keep, names};
+use crate::{bus::MAX_SHARDS, history::pos::Keep, hooks::settings as hook_settings, names};
 
 /// Command-line flags. Each has a `SHARDCAST_*` environment variable and a key of the same name
 /// (with `_` for `-`) in the `--config` TOML file.
@@ -282,6 +282,54 @@ pub struct Args {
     /// Serve the demo page (a scoreboard and a chat built on the JS client) at GET /demo (true or false). [default: false]
     #[arg(long, env = "SHARDCAST_DEMO")]
     pub demo: Option<String>,
+
+    /// Connect hook: an upgrade without a valid token asks this backend (http://…) who the socket
+    /// is and what it may do. [default: none]
+    #[arg(long, env = "SHARDCAST_HOOK_CONNECT")]
+    pub hook_connect: Option<String>,
+
+    /// Join hook for matching rooms, NAME_GLOB=URL (repeatable, first match wins; the variable takes
+    /// a comma list). [default: none]
+    #[arg(long, env = "SHARDCAST_HOOK_JOIN", value_delimiter = ',')]
+    pub hook_join: Vec<String>,
+
+    /// Publish hook for matching rooms, NAME_GLOB=URL (repeatable, first match wins; the variable
+    /// takes a comma list): the backend passes, replaces or refuses each message first. [default: none]
+    #[arg(long, env = "SHARDCAST_HOOK_PUBLISH", value_delimiter = ',')]
+    pub hook_publish: Vec<String>,
+
+    /// Disconnect hook: told of closed sockets, in batches. [default: none]
+    #[arg(long, env = "SHARDCAST_HOOK_DISCONNECT")]
+    pub hook_disconnect: Option<String>,
+
+    /// How often the disconnect hook is sent the disconnects gathered. [default: 1s]
+    #[arg(long, env = "SHARDCAST_HOOK_BATCH")]
+    pub hook_batch: Option<String>,
+
+    /// Request headers the connect hook is given, comma-separated (e.g. Cookie,Authorization). [default: none]
+    #[arg(long, env = "SHARDCAST_HOOK_FORWARD_HEADERS", value_delimiter = ',')]
+    pub hook_forward_headers: Vec<String>,
+
+    /// The longest a hook backend may take to answer, connecting and the whole answer included. [default: 1s]
+    #[arg(long, env = "SHARDCAST_HOOK_TIMEOUT")]
+    pub hook_timeout: Option<String>,
+
+    /// What a hook's failure means, HOOK=deny|allow for connect, join and publish (repeatable; the
+    /// variable takes a comma list). [default: deny for each]
+    #[arg(long, env = "SHARDCAST_HOOK_ON_ERROR", value_delimiter = ',')]
+    pub hook_on_error: Vec<String>,
+
+    /// Requests one hook backend URL may have in flight; past it a request fails at once. [default: 1000]
+    #[arg(long, env = "SHARDCAST_HOOK_MAX_INFLIGHT")]
+    pub hook_max_inflight: Option<String>,
+
+    /// How long a join hook's answer holds for its (user, room); 0 asks every time. [default: 0s]
+    #[arg(long, env = "SHARDCAST_HOOK_JOIN_CACHE")]
+    pub hook_join_cache: Option<String>,
+
+    /// Key of the HMAC-SHA256 signature every hook request carries. [default: none, unsigned]
+    #[arg(long, env = "SHARDCAST_HOOK_SECRET")]
+    pub hook_secret: Option<String>,
 }
 
 /// The validated configuration every part of the node reads.
@@ -352,6 +400,8 @@ pub struct Config {
     pub max_inflight_publishes: usize,
     /// Serve `GET /demo`.
     pub demo: bool,
+    /// The backend hooks, each off unless its URL is set.
+    pub hooks: hook_settings::Settings,
 }
 
 /// How the node writes its log.
@@ -421,6 +471,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             max_inflight_publishes: 64,
             demo: false,
+            hooks: hook_settings::Settings::default(),
         }
     }
 }
@@ -505,7 +556,7 @@ impl Args {
     /// Every setting given (by flag, variable or file), as `--flag=value`, secrets redacted: what
     /// the start-up line shows of how this node differs from the defaults.
     pub fn given(&self) -> Vec<String> {
-        const SECRETS: [&str; 2] = ["jwt_secret", "api_key"];
+        const SECRETS: [&str; 3] = ["jwt_secret", "api_key", "hook_secret"];
         let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(self) else {
             return Vec::new();
         };
@@ -598,6 +649,17 @@ impl Args {
             log_format: self.log_format.or(base.log_format),
             max_inflight_publishes: self.max_inflight_publishes.or(base.max_inflight_publishes),
             demo: self.demo.or(base.demo),
+            hook_connect: self.hook_connect.or(base.hook_connect),
+            hook_join: list(self.hook_join, base.hook_join),
+            hook_publish: list(self.hook_publish, base.hook_publish),
+            hook_disconnect: self.hook_disconnect.or(base.hook_disconnect),
+            hook_batch: self.hook_batch.or(base.hook_batch),
+            hook_forward_headers: list(self.hook_forward_headers, base.hook_forward_headers),
+            hook_timeout: self.hook_timeout.or(base.hook_timeout),
+            hook_on_error: list(self.hook_on_error, base.hook_on_error),
+            hook_max_inflight: self.hook_max_inflight.or(base.hook_max_inflight),
+            hook_join_cache: self.hook_join_cache.or(base.hook_join_cache),
+            hook_secret: self.hook_secret.or(base.hook_secret),
         }
     }
 
@@ -618,6 +680,7 @@ impl Args {
         self.parse_latest(&mut p);
         self.parse_wire(&mut p);
         self.parse_presence(&mut p);
+        self.parse_hooks(&mut p);
         let Parsing { config, mut errors } = p;
         errors.extend(config.validate());
         if errors.is_empty() {
@@ -726,6 +789,37 @@ impl Args {
         set!(p, "presence-tick", self.presence_tick, duration => presence_tick);
         set!(p, "presence-ttl", self.presence_ttl, duration => presence_ttl);
         set!(p, "presence-list-max", self.presence_list_max, |s| bounded_count(s, MAX_PRESENCE_LIST) => presence_list_max);
+    }
+}
+
+impl Args {
+    /// Backend hooks: their URLs, timeout, failure policies, bound, cache and signing key.
+    fn parse_hooks(&self, p: &mut Parsing) {
+        set!(p, "hook-connect", self.hook_connect, |s| hook_settings::url(s).map(Some) => hooks.connect);
+        p.each("hook-join", &self.hook_join, hook_settings::route, |c, r| {
+            c.hooks.join.push(r)
+        });
+        p.each("hook-publish", &self.hook_publish, hook_settings::route, |c, r| {
+            c.hooks.publish.push(r)
+        });
+        set!(p, "hook-disconnect", self.hook_disconnect, |s| hook_settings::url(s).map(Some) => hooks.disconnect);
+        set!(p, "hook-batch", self.hook_batch, duration => hooks.batch);
+        p.each(
+            "hook-forward-headers",
+            &self.hook_forward_headers,
+            hook_settings::header,
+            |c, h| c.hooks.forward_headers.push(h),
+        );
+        set!(p, "hook-timeout", self.hook_timeout, duration => hooks.timeout);
+        p.each(
+            "hook-on-error",
+            &self.hook_on_error,
+            hook_settings::on_error,
+            |c, (hook, policy)| c.hooks.on_error.set(hook, policy),
+        );
+        set!(p, "hook-max-inflight", self.hook_max_inflight, |s| bounded_count(s, 1_000_000) => hooks.max_inflight);
+        set!(p, "hook-join-cache", self.hook_join_cache, duration_or_zero => hooks.join_cache);
+        set!(p, "hook-secret", self.hook_secret, |s| secret(s).map(Some) => hooks.secret);
     }
 }
 
@@ -1189,6 +1283,52 @@ mod tests {
             let err = parse(&args).unwrap_err().to_string();
             assert!(err.contains(args[0]), "{err}");
         }
+    }
+
+    #[test]
+    fn hook_settings_parse_and_a_hook_url_that_is_not_http_fails_at_start() {
+        let c = parse(&[
+            "--hook-publish",
+            "chat:*=http://127.0.0.1:9000/publish",
+            "--hook-join",
+            "members:*=http://127.0.0.1:9000/join",
+            "--hook-on-error",
+            "publish=allow",
+            "--hook-timeout",
+            "250ms",
+            "--hook-join-cache",
+            "30s",
+            "--hook-forward-headers",
+            "Cookie,Authorization",
+            "--hook-secret",
+            "s3cret",
+        ])
+        .unwrap();
+        let h = &c.hooks;
+        assert!(h.publish[0].0.matches("chat:1") && h.connect.is_none());
+        assert_eq!(h.join[0].1.path(), "/join");
+        assert_eq!(h.on_error.publish, hook_settings::OnError::Allow);
+        assert_eq!(h.on_error.join, hook_settings::OnError::Deny, "deny unless set");
+        assert_eq!(
+            (h.timeout, h.join_cache),
+            (Duration::from_millis(250), Duration::from_secs(30))
+        );
+        assert_eq!(h.forward_headers, ["cookie", "authorization"]);
+        assert_eq!(h.secret.as_deref(), Some("s3cret"));
+        let err = parse(&[
+            "--hook-connect",
+            "ftp://127.0.0.1/x",
+            "--hook-publish",
+            "chat:*=redis://127.0.0.1:7000",
+            "--hook-disconnect",
+            "127.0.0.1:9000",
+            "--hook-on-error",
+            "everything=allow",
+            "--hook-timeout",
+            "0s",
+        ])
+        .unwrap_err();
+        assert_eq!(err.0.len(), 5, "{err}");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! [ version=1, kind, origin, target, from, ts_us, format, data ]
-//!   kind    0 = room message (target is the room), 1 = direct message (target is the user id)
+//!   kind    0 = room message (target is the room), 1 = direct message (target is the user id),
+//!           2 = disconnect (target is the user id: every socket of the user closes with 4010;
+//!           data is JSON, `{"reason":R}`, the app's reason, for the record)
 //!   origin  str, id of the publishing node (any string for a backend job)
 //!   from    str, sender id
 //!   ts_us   uint, publish time in microseconds since the Unix epoch
@@ -40,6 +42,8 @@ const NIL: u8 = 0xc0;
 pub enum Kind {
     Room = 0,
     Direct = 1,
+    /// Close every socket of the target user (`POST /disconnect`), on the user's inbox channel.
+    Disconnect = 2,
 }
 
 /// One message on the bus.
@@ -141,6 +145,7 @@ impl Envelope {
         let kind = match decode::read_int::<u8, _>(&mut rd) {
             Ok(0) => Kind::Room,
             Ok(1) => Kind::Direct,
+            Ok(2) => Kind::Disconnect,
             _ => return Err(DecodeError::Malformed("kind")),
         };
         let origin = read_str(&mut rd, "origin")?;

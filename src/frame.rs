@@ -79,6 +79,9 @@ pub struct FrameError {
     pub message: String,
     /// The position of a message published anyway (`unconfirmed`).
     pub pos: Option<Pos>,
+    /// The app's own `code` when its backend refused the command (a hook): sent instead of
+    /// `code`'s string, which stays the refusal's kind for the metrics.
+    pub app_code: Option<String>,
 }
 
 impl FrameError {
@@ -88,6 +91,7 @@ impl FrameError {
             code,
             message: message.into(),
             pos: None,
+            app_code: None,
         }
     }
 }

@@ -23,7 +23,8 @@ use indexmap::IndexMap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    envelope::Envelope,
+    close::code,
+    envelope::{Envelope, Kind},
     fanout::{
         delta::{Bases, Values},
         form::{Form, FORMS},
@@ -590,6 +591,12 @@ impl Hub {
             return;
         };
         if entry.members.is_empty() {
+            return;
+        }
+        if env.kind == Kind::Disconnect {
+            for seat in entry.members.values() {
+                seat.member.close(Some((code::REMOVED, "removed by the app")));
+            }
             return;
         }
         let tag: Tag = match (&env.key, &topic) {

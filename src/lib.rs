@@ -23,7 +23,8 @@
 //!   routes on one listener; [`upgrade`]: the WebSocket handshake, handing the TCP socket over,
 //!   and the bound on handshakes in progress;
 //!   [`throttle`]: the per-address rate of `POST /publish`; [`demo`]: the demo page.
-//! - [`auth`]: tokens and what they grant; [`names`]: what a room or user name may be.
+//! - [`auth`]: tokens and what they grant; [`names`]: what a room or user name may be;
+//!   [`hooks`]: the app's backend deciding connects, joins and publishes over HTTP.
 //! - [`session`]: one socket: its reader, rate limit, pings and the end of the session;
 //!   [`inflate`]: a socket's compressed frames (permessage-deflate) inflated for its reader.
 //! - [`cmd`]: one file per client command (join, leave, history, presence, ping) and the socket's
@@ -61,6 +62,7 @@ pub mod envelope;
 pub mod fanout;
 pub mod frame;
 pub mod history;
+pub mod hooks;
 pub mod hub;
 pub mod inflate;
 pub mod interest;
@@ -111,6 +113,8 @@ pub enum RunError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    #[error("hooks: {0}")]
+    Hooks(#[from] hooks::HookError),
 }
 
 /// Serves a node on `listener` until `shutdown` is cancelled, then drains and returns.
@@ -159,7 +163,11 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         .map(|key| auth::Verifier::new(key).map(|v| v.require_exp(config.require_exp)))
         .transpose()?;
     let limits = http_limits(&config);
-    let node = Node::new(config, hub, bus.clone(), naming, metrics, verifier);
+    let hooks = hooks::Hooks::new(config.hooks.clone())?;
+    let node = Node::new(config, hub, bus.clone(), naming, metrics, verifier, hooks);
+    if let Some(batches) = node.hooks().disconnects(internal.clone()) {
+        tracker.spawn(batches);
+    }
     if let Some(presence) = node.presence() {
         tracker.spawn(presence.clone().run(internal.clone()));
     }

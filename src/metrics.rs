@@ -80,6 +80,7 @@ pub fn handle() -> PrometheusHandle {
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOIN_WAIT.into()), SECONDS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PUBLISH_WAIT.into()), SECONDS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(WRITE_GATHER.into()), SECONDS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(HOOK_LATENCY.into()), SECONDS))
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(QUEUE_DEPTH.into()),
@@ -132,7 +133,7 @@ static HOT: OnceLock<HotPath> = OnceLock::new();
 // Every value the bounded labels take, so each series exists (at zero) from start-up. A variant
 // added to `CloseReason` or `ErrorCode` stops the `*_slot` matches compiling until it has a slot,
 // and the const checks below then fail until it is in the list at that slot.
-pub const CLOSE_REASONS: [CloseReason; 10] = [
+pub const CLOSE_REASONS: [CloseReason; 11] = [
     CloseReason::Normal,
     CloseReason::SlowConsumer,
     CloseReason::FrameTooLarge,
@@ -143,6 +144,7 @@ pub const CLOSE_REASONS: [CloseReason; 10] = [
     CloseReason::RateLimited,
     CloseReason::ProtocolError,
     CloseReason::InvalidPayload,
+    CloseReason::Removed,
 ];
 /// Codes a socket's command can fail with (`unauthorized` is HTTP only).
 pub const BAD_FRAME_CODES: [ErrorCode; 13] = [
@@ -187,6 +189,7 @@ const fn close_reason_slot(r: CloseReason) -> usize {
         CloseReason::RateLimited => 7,
         CloseReason::ProtocolError => 8,
         CloseReason::InvalidPayload => 9,
+        CloseReason::Removed => 10,
     }
 }
 
@@ -286,7 +289,7 @@ const METRICS: &[(Kind, &str, Unit, &str)] = &[
 /// Help text and units for every metric, and a zero for every series, so dashboards and `rate()`
 /// work before the first event.
 pub fn describe() {
-    for &(kind, name, unit, help) in METRICS {
+    for &(kind, name, unit, help) in METRICS.iter().chain(HOOK_METRICS) {
         match kind {
             Kind::Counter => describe_counter!(name, unit, help),
             Kind::Gauge => describe_gauge!(name, unit, help),
@@ -294,6 +297,7 @@ pub fn describe() {
         }
     }
     start_at_zero();
+    hooks_at_zero();
 }
 
 /// A zero for every counter series (each value of its bounded labels) and every gauge, and the
@@ -617,4 +621,57 @@ pub fn http_timeout(phase: &'static str) {
 
 pub fn publish_rate_limited() {
     counter!(PUBLISH_RATE_LIMITED).increment(1);
+}
+
+// Backend hooks (appended by the hooks work).
+pub const HOOK_REQUESTS: &str = "shardcast_hook_requests_total";
+pub const HOOK_LATENCY: &str = "shardcast_hook_latency_seconds";
+pub const HOOK_ERRORS: &str = "shardcast_hook_errors_total";
+pub const HOOK_BREAKERS_OPEN: &str = "shardcast_hook_breakers_open";
+
+/// The hooks, the `hook` label.
+pub const HOOKS: [&str; 4] = ["connect", "join", "publish", "disconnect"];
+/// Why a hook failed, the `kind` label ([`crate::hooks::HookError::kind`]).
+pub const HOOK_ERROR_KINDS: [&str; 8] = [
+    "timeout",
+    "request",
+    "redirect",
+    "status",
+    "too_large",
+    "answer",
+    "open",
+    "busy",
+];
+
+const HOOK_METRICS: &[(Kind, &str, Unit, &str)] = &[
+    (Kind::Counter, HOOK_REQUESTS, Unit::Count, "Requests sent to hook backends, by hook (connect, join, publish, disconnect)."),
+    (Kind::Histogram, HOOK_LATENCY, Unit::Seconds, "Time a hook backend took to answer (or to fail), by hook."),
+    (Kind::Counter, HOOK_ERRORS, Unit::Count, "Hook requests that had no usable answer, by hook and kind (timeout, request, redirect, status, too_large, answer; open: failed at once by an open circuit breaker; busy: --hook-max-inflight reached)."),
+    (Kind::Gauge, HOOK_BREAKERS_OPEN, Unit::Count, "Hook backends whose circuit breaker is open now (requests fail at once for a cool-down), by hook."),
+];
+
+fn hooks_at_zero() {
+    for hook in HOOKS {
+        counter!(HOOK_REQUESTS, "hook" => hook).increment(0);
+        for kind in HOOK_ERROR_KINDS {
+            counter!(HOOK_ERRORS, "hook" => hook, "kind" => kind).increment(0);
+        }
+        let _ = histogram!(HOOK_LATENCY, "hook" => hook);
+        gauge!(HOOK_BREAKERS_OPEN, "hook" => hook).increment(0.0);
+    }
+}
+
+/// A hook request answered or failed after `took`.
+pub fn hook_request(hook: &'static str, took: std::time::Duration) {
+    counter!(HOOK_REQUESTS, "hook" => hook).increment(1);
+    histogram!(HOOK_LATENCY, "hook" => hook).record(took.as_secs_f64());
+}
+
+pub fn hook_error(hook: &'static str, kind: &'static str) {
+    counter!(HOOK_ERRORS, "hook" => hook, "kind" => kind).increment(1);
+}
+
+/// A breaker of one of `hook`'s backends opened (`true`) or closed.
+pub fn hook_breaker(hook: &'static str, open: bool) {
+    gauge!(HOOK_BREAKERS_OPEN, "hook" => hook).increment(if open { 1.0 } else { -1.0 });
 }

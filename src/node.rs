@@ -1,5 +1,5 @@
 //! The handle every part of a running node shares: configuration, hub, bus, channel naming, the
-//! handshakes in progress and the drain flag. Cheap to clone.
+//! backend hooks, the handshakes in progress and the drain flag. Cheap to clone.
 
 use std::sync::{
     atomic::{AtomicBool, Ordering},
@@ -13,6 +13,7 @@ use crate::{
     bus::{Bus, Naming},
     config::Config,
     history::reads::Reads,
+    hooks::Hooks,
     hub::Hub,
     presence::Presence,
     upgrade::Handshakes,
@@ -30,6 +31,7 @@ struct Inner {
     naming: Naming,
     metrics: PrometheusHandle,
     verifier: Option<Verifier>,
+    hooks: Hooks,
     history: Arc<Reads>,
     presence: Option<Arc<Presence>>,
     handshakes: Handshakes,
@@ -44,6 +46,7 @@ impl Node {
         naming: Naming,
         metrics: PrometheusHandle,
         verifier: Option<Verifier>,
+        hooks: Hooks,
     ) -> Node {
         let draining = AtomicBool::new(false);
         let history = Reads::new(bus.clone());
@@ -59,6 +62,7 @@ impl Node {
                 naming,
                 metrics,
                 verifier,
+                hooks,
                 history,
                 presence,
                 handshakes,
@@ -85,6 +89,11 @@ impl Node {
     /// The token checker, when auth is configured.
     pub fn verifier(&self) -> Option<&Verifier> {
         self.inner.verifier.as_ref()
+    }
+
+    /// The app's backend hooks (each off unless configured).
+    pub fn hooks(&self) -> &Hooks {
+        &self.inner.hooks
     }
 
     pub fn config(&self) -> &Config {

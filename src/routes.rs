@@ -1,4 +1,4 @@
-//! HTTP and WebSocket on one listener: `/ws`, `/publish`, `/rooms/<room>/presence`,
+//! HTTP and WebSocket on one listener: `/ws`, `/publish`, `/disconnect`, `/rooms/<room>/presence`,
 //! `/users/<user>`, `/healthz`, `/readyz`, `/acceptz`, `/metrics`, and `/demo` with `--demo true`.
 //! Requests are checked here and turned into hub and bus calls; errors map to the wire here only.
 
@@ -22,12 +22,16 @@ use crate::{
     accept::Connection,
     auth::Grants,
     bus::BusError,
-    close::ErrorCode,
+    close::{code, ErrorCode},
     cmd::Membership,
     encoding::{Encoding, PROTOCOL_JSON, PROTOCOL_MSGPACK},
     envelope::Kind,
     fanout::{gate::Gate, writer::Outbound},
     frame::{data_depth_ok, Data},
+    hooks::{
+        connect::{self, Verdict},
+        publish::Moderated,
+    },
     metrics as m,
     node::Node,
     presence::{listed, Presence},
@@ -41,6 +45,7 @@ pub fn router(node: Node) -> Router {
     let router = Router::new()
         .route("/ws", get(upgrade))
         .route("/publish", post(publish_http).layer(Extension(throttle)))
+        .route("/disconnect", post(disconnect))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/acceptz", get(acceptz))
@@ -114,15 +119,25 @@ fn refuse(status: StatusCode, code: ErrorCode, reason: &'static str, message: St
 async fn upgrade(
     State(node): State<Node>,
     Query(query): Query<HashMap<String, String>>,
+    connection: Option<Extension<Connection>>,
     headers: HeaderMap,
     ws: Upgrade,
 ) -> Result<Response, Refused> {
     admit(&node, &headers)?;
-    // Held until the answer is ready: the token check and the inbox's subscription.
+    // Held until the answer is ready: the token check (or the connect hook) and the inbox's
+    // subscription.
     let Some(_handshake) = node.handshakes().start() else {
         return Ok(busy(node.config().max_handshakes));
     };
-    let grants = grants(&node, &query, &headers)?;
+    let grants = match (node.verifier(), grants(&node, &query, &headers)) {
+        // A valid token needs no hook.
+        (Some(_), Ok(grants)) => grants,
+        (_, result) if !node.hooks().connects() => result?,
+        _ => {
+            let addr = connection.map(|Extension(c)| c.peer().to_string()).unwrap_or_default();
+            connect_hook(&node, &query, &headers, addr).await?
+        }
+    };
     let protocol = ws.select(&[PROTOCOL_JSON, PROTOCOL_MSGPACK]);
     let encoding = protocol.and_then(Encoding::from_protocol).unwrap_or(Encoding::Json);
     // With `--compress false` no extension is answered, whatever the client offered.
@@ -188,18 +203,7 @@ fn grants(node: &Node, query: &HashMap<String, String>, headers: &HeaderMap) -> 
     let names = node.config().names;
     let unauthorized = |msg: String| refuse(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "auth", msg);
     let Some(verifier) = node.verifier() else {
-        return match query.get("user") {
-            Some(user) => match names.check(user) {
-                Ok(()) => Ok(Grants::open(user.as_str().into())),
-                Err(e) => Err(refuse(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::BadUser,
-                    "bad_user",
-                    format!("`user` {e}"),
-                )),
-            },
-            None => Ok(Grants::open(format!("anon-{:016x}", rand::random::<u64>()).into())),
-        };
+        return open(node, query);
     };
     let token = query.get("token").map(String::as_str).or_else(|| bearer(headers));
     let Some(token) = token else {
@@ -209,6 +213,59 @@ fn grants(node: &Node, query: &HashMap<String, String>, headers: &HeaderMap) -> 
         Ok(grants) if names.check(&grants.user).is_err() => Err(unauthorized("`sub` breaks the name rules".into())),
         Ok(grants) => Ok(grants),
         Err(e) => Err(unauthorized(e.to_string())),
+    }
+}
+
+/// Every right under the name the client gave (or an anonymous one): a node without auth.
+fn open(node: &Node, query: &HashMap<String, String>) -> Result<Grants, Refused> {
+    match query.get("user") {
+        Some(user) => match node.config().names.check(user) {
+            Ok(()) => Ok(Grants::open(user.as_str().into())),
+            Err(e) => Err(refuse(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadUser,
+                "bad_user",
+                format!("`user` {e}"),
+            )),
+        },
+        None => Ok(Grants::open(format!("anon-{:016x}", rand::random::<u64>()).into())),
+    }
+}
+
+/// What the connect hook grants an upgrade without a valid token: its grants, its refusal with
+/// its status, 503 when the backend failed (unless `--hook-on-error connect=allow`, which admits
+/// the socket as a node without auth would).
+async fn connect_hook(
+    node: &Node,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    addr: String,
+) -> Result<Grants, Refused> {
+    let upgrade = connect::Upgrade { addr, query, headers };
+    match node.hooks().connect(upgrade).await {
+        Verdict::Granted(grants) => match node.config().names.check(&grants.user) {
+            Ok(()) => Ok(grants),
+            Err(e) => Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "unavailable",
+                format!("connect hook: user {e}"),
+            )),
+        },
+        Verdict::Rejected { status, reason } => {
+            let (status, code) = match status {
+                403 => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+                _ => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
+            };
+            Err(refuse(status, code, "auth", reason))
+        }
+        Verdict::Unavailable(e) => Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "unavailable",
+            format!("connect hook: {e}"),
+        )),
+        Verdict::Allowed => open(node, query),
     }
 }
 
@@ -466,9 +523,14 @@ async fn publish_body(node: &Node, body: &[u8]) -> Result<Option<crate::history:
         let msg = format!("data nests deeper than {} levels", config.max_data_depth);
         return Err(bad(ErrorCode::BadData, msg));
     }
+    // Without an API key anyone may post here: a publish hook decides, as for a client's `pub`.
+    let data = match config.api_key {
+        None => moderated(node, &from, &body.room, body.data, body.key.as_deref()).await?,
+        Some(_) => Bytes::copy_from_slice(data),
+    };
     let data = Data {
         format: Encoding::Json,
-        bytes: Bytes::copy_from_slice(data),
+        bytes: data,
     };
     let pos = publish::publish(node, Kind::Room, body.room, &from, data, body.key)
         .await
@@ -488,6 +550,73 @@ async fn publish_body(node: &Node, body: &[u8]) -> Result<Option<crate::history:
         })?;
     m::published("http");
     Ok(pos)
+}
+
+/// `data` as the room's publish hook (if any) makes it, or the error answer: the app's refusal
+/// (403 with its own code) or, the backend failing, 503 `unavailable`.
+async fn moderated(node: &Node, from: &str, room: &str, data: &RawValue, key: Option<&str>) -> Result<Bytes, Response> {
+    match node.hooks().publish(from, room, data, key).await {
+        Ok(Moderated::AsIs) => Ok(Bytes::copy_from_slice(data.get().as_bytes())),
+        Ok(Moderated::Replaced(bytes)) => match publish::replaced(node, None, &bytes) {
+            Ok(()) => Ok(bytes),
+            Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.code, e.message).into_response()),
+        },
+        Err(refusal) => {
+            let e = refusal.frame_error(None, "publish");
+            let status = match e.code {
+                ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let code = e.app_code.as_deref().unwrap_or(e.code.as_str());
+            Err((status, Json(serde_json::json!({ "code": code, "message": e.message }))).into_response())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    user: String,
+    code: Option<u16>,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /disconnect {"user":U,"code":4010,"reason":R}`, for the app's backend (`--api-key`
+/// required): every socket of U, on every node, is closed with 4010, through U's inbox channel.
+async fn disconnect(State(node): State<Node>, headers: HeaderMap, body: Bytes) -> Response {
+    let config = node.config();
+    if config.api_key.is_none() {
+        let msg = "POST /disconnect needs --api-key".to_string();
+        return ApiError(StatusCode::FORBIDDEN, ErrorCode::Forbidden, msg).into_response();
+    }
+    if let Err(e) = api_key(config, &headers) {
+        return e.closing();
+    }
+    let bad = |code: ErrorCode, msg: String| ApiError(StatusCode::BAD_REQUEST, code, msg).into_response();
+    let body: DisconnectBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return bad(
+                ErrorCode::BadFrame,
+                format!("expected {{\"user\":U,\"code\":4010}}: {e}"),
+            )
+        }
+    };
+    if let Err(e) = config.names.check(&body.user) {
+        return bad(ErrorCode::BadUser, format!("`user` {e}"));
+    }
+    if body.code.is_some_and(|c| c != code::REMOVED) {
+        return bad(ErrorCode::BadField, format!("`code` must be {}", code::REMOVED));
+    }
+    let data = Data {
+        format: Encoding::Json,
+        bytes: serde_json::json!({ "reason": body.reason }).to_string().into(),
+    };
+    match publish::publish(&node, Kind::Disconnect, body.user, "server", data, None).await {
+        Ok(_) => StatusCode::ACCEPTED.into_response(),
+        Err(e) => ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string()).into_response(),
+    }
 }
 
 async fn readyz(State(node): State<Node>) -> (StatusCode, &'static str) {

@@ -195,6 +195,7 @@ pub async fn serve(
         .await;
     }
     counted.reason = reason;
+    node.hooks().disconnected(&membership.grants().user, reason.code());
     drop(membership);
 }
 

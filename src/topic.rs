@@ -18,7 +18,7 @@ impl Topic {
     pub fn of(kind: Kind, target: &str) -> Topic {
         match kind {
             Kind::Room => Topic::Room(target.into()),
-            Kind::Direct => Topic::User(target.into()),
+            Kind::Direct | Kind::Disconnect => Topic::User(target.into()),
         }
     }
 }

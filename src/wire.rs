@@ -255,7 +255,8 @@ fn write_message(
 ) -> Result<(), TranscodeError> {
     let op = match env.kind {
         Kind::Room => "msg",
-        Kind::Direct => "dm",
+        // Never framed: the hub closes the user's sockets instead.
+        Kind::Direct | Kind::Disconnect => "dm",
     };
     let room = env.kind == Kind::Room;
     let pos = env.pos.map(|p| p.to_string());
@@ -473,7 +474,7 @@ impl<'a> Reply<'a> {
 
     pub fn error(err: &'a FrameError) -> Reply<'a> {
         Reply {
-            code: Some(err.code.as_str()),
+            code: Some(err.app_code.as_deref().unwrap_or(err.code.as_str())),
             message: Some(&err.message),
             pos: err.pos.map(|p| Positions::One(p.to_string())),
             ..Reply::op("error", err.id)

@@ -415,7 +415,7 @@ fn ws_bytes() -> impl Strategy<Value = Vec<u8>> {
 }
 
 /// Close codes the node may send.
-const CONTRACT_CODES: [u16; 9] = [1000, 1002, 1007, 1008, 1009, 4001, 4002, 4003, 4008];
+const CONTRACT_CODES: [u16; 10] = [1000, 1002, 1007, 1008, 1009, 4001, 4002, 4003, 4008, 4010];
 
 /// Sends `bytes` on a socket upgraded with `query` and the extra `headers`, then shuts the write
 /// side: the node closes the socket, in whole frames, with a contract code if any, without

@@ -143,7 +143,7 @@ impl Naming {
                 let n: u32 = std::str::from_utf8(shard).ok()?.parse().ok()?;
                 (n < self.shards(target)).then_some(n)
             }
-            crate::envelope::Kind::Direct => {
+            crate::envelope::Kind::Direct | crate::envelope::Kind::Disconnect => {
                 let rest = channel.strip_prefix(self.user_prefix.as_bytes())?;
                 (rest == target.as_bytes()).then_some(0)
             }

@@ -3,7 +3,8 @@
 //! client missed after its `since` ([`crate::history::replay`]); with `latest: true` it sends the
 //! latest value of every key of the room before anything live (but where it recovered: the
 //! replay has what the client missed), and no key goes backwards across the switch to live;
-//! `presence: true` starts the room's presence events.
+//! `presence: true` starts the room's presence events. A room with a join hook is joined only once
+//! the app's backend said yes ([`crate::hooks::join`]).
 
 use std::sync::Arc;
 
@@ -69,6 +70,10 @@ pub async fn run(join: Join, node: &Node, membership: &mut Membership, out: &Out
             format!("a connection may be in at most {max} rooms"),
         ));
     }
+    node.hooks()
+        .join(&membership.grants().user, &room)
+        .await
+        .map_err(|refusal| refusal.frame_error(id, "join"))?;
     let keep = node.config().keep(&room);
     let answer = match keep {
         None if !latest && max_rate.is_none() => {

@@ -8,15 +8,19 @@
 
 pub mod outbox;
 
+use std::{future::Future, pin::Pin};
+
 use bytes::Bytes;
 
 use crate::{
     auth::Grants,
     bus::{BusError, Store},
     close::ErrorCode,
+    encoding::{msgpack_to_json, Encoding},
     envelope::{self, Envelope, Kind},
-    frame::{Command, Data, FrameError, Request},
+    frame::{data_depth_ok, Command, Data, FrameError, Request},
     history::pos::Pos,
+    hooks::publish::Moderated,
     latest::Latest,
     metrics as m,
     node::Node,
@@ -48,7 +52,7 @@ pub fn wrap(node: &Node, kind: Kind, target: String, from: &str, data: Data, key
                 max_keys: config.max_keys_per_room,
             }),
         },
-        Kind::Direct => Store::default(),
+        Kind::Direct | Kind::Disconnect => Store::default(),
     };
     let env = Envelope {
         kind,
@@ -88,7 +92,13 @@ pub struct Publish {
     pub id: Option<i64>,
     pub direct: bool,
     pub out: Outgoing,
+    /// The publish hook's answer to come, for a room that has one: the publish waits for it.
+    pub moderation: Option<Moderation>,
 }
+
+/// What the publish hook makes of a message: `None` to send it as it is, `Some` to send this
+/// instead, or the publisher's error.
+pub type Moderation = Pin<Box<dyn Future<Output = Result<Option<Outgoing>, FrameError>> + Send>>;
 
 /// Takes a `pub` or `dm` out of the commands: its names and the right to publish checked, wrapped
 /// in its envelope. Any other command comes back as it was.
@@ -112,11 +122,75 @@ pub fn take(request: Request, node: &Node, grants: &Grants) -> Result<Result<Pub
             "the token does not allow publishing",
         )));
     }
+    let moderation = match kind {
+        Kind::Room if node.hooks().moderates(&target) => match moderation(node, id, &grants.user, &target, &data, &key)
+        {
+            Ok(m) => Some(m),
+            Err(e) => return Ok(Err(e)),
+        },
+        _ => None,
+    };
     Ok(Ok(Publish {
         id,
         direct: kind == Kind::Direct,
         out: wrap(node, kind, target, &grants.user, data, key),
+        moderation,
     }))
+}
+
+/// The publish hook's answer to `data` from `user` to `room`, as the envelope to send instead or
+/// the publisher's error. Started when first polled: the outbox polls every publish it holds, so
+/// the hook's requests go out at once, one per message, and their answers are applied in order.
+fn moderation(
+    node: &Node,
+    id: Option<i64>,
+    user: &str,
+    room: &str,
+    data: &Data,
+    key: &Option<String>,
+) -> Result<Moderation, FrameError> {
+    let json = match data.format {
+        Encoding::Json => data.bytes.clone(),
+        Encoding::MsgPack => msgpack_to_json(&data.bytes)
+            .map(Bytes::from)
+            .map_err(|e| FrameError::new(id, ErrorCode::BadData, e.to_string()))?,
+    };
+    let (node, user, room, key) = (node.clone(), user.to_owned(), room.to_owned(), key.clone());
+    Ok(Box::pin(async move {
+        let raw: &serde_json::value::RawValue =
+            serde_json::from_slice(&json).map_err(|e| FrameError::new(id, ErrorCode::BadData, e.to_string()))?;
+        match node.hooks().publish(&user, &room, raw, key.as_deref()).await {
+            Ok(Moderated::AsIs) => Ok(None),
+            Ok(Moderated::Replaced(bytes)) => {
+                replaced(&node, id, &bytes)?;
+                let data = Data {
+                    format: Encoding::Json,
+                    bytes,
+                };
+                Ok(Some(wrap(&node, Kind::Room, room, &user, data, key)))
+            }
+            Err(refusal) => Err(refusal.frame_error(id, "publish")),
+        }
+    }))
+}
+
+/// Checks a message the publish hook sent instead, as a publisher's own would be: no larger than
+/// `--max-frame-bytes`, no deeper than `--max-data-depth`.
+pub fn replaced(node: &Node, id: Option<i64>, data: &[u8]) -> Result<(), FrameError> {
+    let config = node.config();
+    let (most, depth) = (config.max_frame_bytes, config.max_data_depth);
+    let wrong = if data.len() > most {
+        format!("over {most} bytes")
+    } else if !data_depth_ok(Encoding::Json, data, depth) {
+        format!("nested deeper than {depth} levels")
+    } else {
+        return Ok(());
+    };
+    Err(FrameError::new(
+        id,
+        ErrorCode::Unavailable,
+        format!("publish hook: the data it sent instead is {wrong}"),
+    ))
 }
 
 /// The answer to a publish once the bus has it: `ok` (with its position in a room with history)

@@ -12,6 +12,11 @@
 //! round trip), when quiet each publish goes out alone and at once. Answers come back in the
 //! order the publishes were sent, refused ones included. Past the window the reader stops
 //! reading (backpressure): nothing is dropped and the outbox never holds more than the window.
+//!
+//! A publish to a room with a publish hook waits here for the hook's answer, counted in the window
+//! like any publish: hook requests go out as the publishes are read, and a batch stops at the
+//! first publish still waiting, so every later one waits behind it and the sender's order holds
+//! whatever order the answers come in.
 
 use std::{
     collections::VecDeque,
@@ -82,11 +87,15 @@ impl Outbox {
     /// batch when none is on the bus. Pending while nothing waits (the reader polls again after
     /// it pushes). A poll rather than an async fn, so that the reader's idle state stays small.
     pub fn poll_answers(&mut self, cx: &mut Context<'_>, node: &Node, encoding: Encoding) -> Poll<Vec<Bytes>> {
+        self.poll_moderations(cx);
         if self.sending.is_none() {
-            if self.waiting.is_empty() {
+            // A batch stops at the first publish still waiting for its hook: what came after it
+            // waits too, so the sender's order holds.
+            let ready = self.waiting.iter().take_while(|e| !e.is_held()).count();
+            if ready == 0 {
                 return Poll::Pending;
             }
-            let batch: Vec<Entry> = self.waiting.drain(..).collect();
+            let batch: Vec<Entry> = self.waiting.drain(..ready).collect();
             self.sending = Some((batch.len(), Box::pin(send(node.clone(), encoding, batch))));
         }
         let (_, batch) = self.sending.as_mut().expect("a batch on the bus");
@@ -103,6 +112,41 @@ impl Outbox {
             }
         }
         Poll::Ready(answers)
+    }
+}
+
+impl Outbox {
+    /// Polls every publish waiting for its hook (each hook request starts at its first poll, so
+    /// they are in flight together) and applies the answers that came.
+    fn poll_moderations(&mut self, cx: &mut Context<'_>) {
+        for entry in &mut self.waiting {
+            let Entry::Publish(p) = entry else { continue };
+            let Some(moderation) = p.moderation.as_mut() else {
+                continue;
+            };
+            let Poll::Ready(answer) = moderation.as_mut().poll(cx) else {
+                continue;
+            };
+            p.moderation = None;
+            match answer {
+                Ok(None) => {}
+                Ok(Some(out)) => p.out = out,
+                Err(refused) => *entry = Entry::Refused(refused),
+            }
+        }
+    }
+}
+
+impl Entry {
+    /// Waiting for its publish hook's answer.
+    fn is_held(&self) -> bool {
+        matches!(
+            self,
+            Entry::Publish(Publish {
+                moderation: Some(_),
+                ..
+            })
+        )
     }
 }
 

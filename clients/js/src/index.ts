@@ -51,13 +51,15 @@ export interface DirectMessage {
 }
 
 /**
- * Every failure the SDK reports. `code` is the server's error code (`forbidden`, `bad_room`, …)
- * or one of the SDK's own: `disconnected` (the connection dropped before the answer came; the
- * command may or may not have been done), `closed`, `timeout`, `token_expired` (close 4003 and no
- * `getToken`), `policy` (close 1008 or 1009: a bug in the app, not retried), `max_attempts`,
- * `token` (`getToken` failed), `bad_frame` (the node sent something that is not a frame),
- * `bad_delta` (a delta that did not apply: the room is joined again and its keys' next values
- * come whole), `bad_url` (the URL cannot be opened).
+ * Every failure the SDK reports. `code` is the server's error code (`forbidden`, `bad_room`, …, or
+ * the app's own code when its backend refused a join or a publish through a hook) or one of the
+ * SDK's own: `disconnected` (the connection dropped before the answer came; the command may or may
+ * not have been done), `closed`, `timeout`, `token_expired` (close 4003 and no `getToken`),
+ * `policy` (close 1008 or 1009: a bug in the app, not retried), `removed` (close 4010: the app
+ * removed the user; not retried until the app calls `reconnect()`), `max_attempts`, `token`
+ * (`getToken` failed), `bad_frame` (the node sent something that is not a frame), `bad_delta` (a
+ * delta that did not apply: the room is joined again and its keys' next values come whole),
+ * `bad_url` (the URL cannot be opened).
  */
 export class ShardcastError extends Error {
   constructor(
@@ -378,6 +380,10 @@ export class Client extends Emitter<ClientEvents> {
     if (this.state === "closed") return;
     if (code === 4003 && !this.#options.getToken) {
       this.#stop(new ShardcastError("token_expired", "token expired (close 4003) and no getToken to renew it", code));
+      return;
+    }
+    if (code === 4010) {
+      this.#stop(new ShardcastError("removed", `removed by the app (close 4010): call reconnect() once the app allows it`, code));
       return;
     }
     if (code === 1008 || code === 1009) {

@@ -1,10 +1,12 @@
 // The SDK against the node's real binary and a real Redis Cluster: resume without loss after a
 // killed connection, duplicates dropped, a drain's reconnects spread over the node's window, token
 // refresh on 4003, no retry after 1008/1009, MessagePack, keyed messages (a join's latest values,
-// maxRate, latest asked again on a resume without positions).
+// maxRate, latest asked again on a resume without positions), a hook's refusal as any server error,
+// no retry after 4010 (removed by the app) without the app's consent.
 
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
+import { createServer } from "node:http";
 import { monitorEventLoopDelay } from "node:perf_hooks";
 import WebSocket from "ws";
 import { connect as connectMsgpack } from "../dist/msgpack.js";
@@ -539,6 +541,47 @@ test("a room joined with latest asks for it again on a re-join without positions
     feed.close();
     await lb.close();
     await node.stop();
+  }
+});
+
+test("a publish hook's refusal is an error like any; 4010 (removed by the app) is not retried without consent", async () => {
+  // The app's backend: refuses every line.
+  const backend = createServer((req, res) => {
+    req.resume();
+    req.on("end", () => {
+      res.setHeader("content-type", "application/json");
+      res.end(JSON.stringify({ error: { code: "slur", message: "mind your words" } }));
+    });
+  });
+  await new Promise((r) => backend.listen(0, "127.0.0.1", r));
+  const hook = `chat*=http://127.0.0.1:${backend.address().port}/publish`;
+  const node = await startNode(["--redis", cluster.url, ...prefixes(), "--api-key", "app-key", "--hook-publish", hook]);
+  const client = connect(node.ws, { user: "gone" });
+  try {
+    const seen = watch(client);
+    const room = client.join("chat");
+    await room.ready;
+    await assert.rejects(room.publish({ text: "x" }), (e) => e.code === "slur" && e.message === "mind your words");
+    assert.equal(client.state, "connected", "a refused line is no reason to reconnect");
+    const r = await fetch(`${node.http}/disconnect`, {
+      method: "POST",
+      headers: { authorization: "Bearer app-key", "content-type": "application/json" },
+      body: JSON.stringify({ user: "gone", code: 4010, reason: "banned" }),
+    });
+    assert.equal(r.status, 202);
+    await until("the 4010 surfaced", () => seen.errors.length > 0);
+    assert.equal(seen.errors[0].code, "removed");
+    assert.equal(seen.errors[0].closeCode, 4010);
+    assert.equal(client.state, "closed");
+    await new Promise((r) => setTimeout(r, 1500));
+    assert.equal(client.state, "closed", "not retried by itself");
+    // The app's consent: it reconnects and is in the room again.
+    client.reconnect();
+    await until("back after consent", () => client.state === "connected" && room.joined);
+  } finally {
+    client.close();
+    await node.stop();
+    backend.close();
   }
 });
 
