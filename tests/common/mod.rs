@@ -455,12 +455,15 @@ impl Client {
 /// What [`stalled_phone`]'s feed publishes: values of two keys, 2 KB each (6 MB, past a 256 KB
 /// budget and what the kernel's autotuned send buffer holds).
 pub const STALLED_VALUES: u64 = 3000;
+/// The first of them, each published once the previous one was acknowledged.
+const WARM_VALUES: u64 = 6;
 
 /// A phone on a weak link (a 4 KiB receive buffer) that joins `match:9` on `node` (the join's
 /// extra fields in `join`) and stops reading, while a feed publishes [`STALLED_VALUES`] values of
 /// the keys `score` (even `i`) and `clock` (odd `i`), `{"i":i,"pad":…}`, a chat line `{"chat":i}`
-/// every 750 of them and a last one `{"chat":"end"}`. With `conflating`, it returns once the node
-/// has conflated values. The phone's socket, for the test to read.
+/// every 750 of them and a last one `{"chat":"end"}`; a phone that joined with `delta` has been
+/// sent deltas before the burst. With `conflating`, it returns once the node has conflated
+/// values. The phone's socket, for the test to read.
 pub async fn stalled_phone(node: &Node, join: Value, conflating: bool) -> Ws {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -477,17 +480,31 @@ pub async fn stalled_phone(node: &Node, join: Value, conflating: bool) -> Ws {
     assert!(ok.to_text().unwrap().contains("\"ok\""), "{ok:?}");
     let mut feed = Client::connect(&node.ws("?user=feed")).await;
     let pad = "x".repeat(2000);
+    let metrics = node.url("/metrics");
     for i in 0..STALLED_VALUES {
         let key = if i % 2 == 0 { "score" } else { "clock" };
-        feed.send(json!({"op":"pub","room":"match:9","key":key,"data":{"i":i,"pad":pad}}))
+        let value = json!({"op":"pub","room":"match:9","key":key,"data":{"i":i,"pad":pad}});
+        if i < WARM_VALUES {
+            // Before the burst, while the phone keeps up: a socket that joined with `delta` has
+            // been sent deltas.
+            feed.request(value).await;
+        } else {
+            feed.send(value).await;
+        }
+        if i + 1 == WARM_VALUES && join["delta"] == true {
+            eventually("deltas to the phone", || async {
+                metric(&metrics, "shardcast_delta_values_total{form=\"delta\"}")
+                    .await
+                    .is_some_and(|v| v > 0.0)
+            })
             .await;
+        }
         if i % 750 == 0 {
             feed.publish("match:9", json!({"chat": i})).await;
         }
     }
     feed.publish("match:9", json!({"chat": "end"})).await;
     if conflating {
-        let metrics = node.url("/metrics");
         eventually("the socket to conflate", || async {
             metric(&metrics, "shardcast_conflated_values_total{reason=\"conflated\"}")
                 .await
