@@ -425,7 +425,9 @@ impl Conn<'_> {
                         let value = source.next(stamp);
                         let frame = match source.key() {
                             Some(key) => keyed::pub_frame(room, key, id, &value),
-                            None => Message::Text(format!(r#"{{"op":"pub","room":"{room}","id":{id},"data":{value}}}"#).into()),
+                            None => Message::Text(
+                                format!(r#"{{"op":"pub","room":"{room}","id":{id},"data":{value}}}"#).into(),
+                            ),
                         };
                         run.published.record(p.id, seq, value.into());
                         frame

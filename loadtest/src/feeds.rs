@@ -133,9 +133,34 @@ const FIRST: &[&str] = &[
     "A.", "B.", "C.", "D.", "E.", "F.", "G.", "H.", "J.", "K.", "L.", "M.", "N.", "O.", "P.", "R.", "S.", "T.",
 ];
 const LAST: &[&str] = &[
-    "Silva", "Okafor", "Lindqvist", "Moreau", "Kowalski", "Haddad", "Tanaka", "Brennan", "Costa", "Ivanov",
-    "Mensah", "Novak", "Ferreira", "Jansen", "Rossi", "Byrne", "Dubois", "Nakamura", "Santos", "Berg",
-    "Keller", "Petrov", "Walsh", "Andersen", "Romero", "Yilmaz", "Fischer", "Quinn",
+    "Silva",
+    "Okafor",
+    "Lindqvist",
+    "Moreau",
+    "Kowalski",
+    "Haddad",
+    "Tanaka",
+    "Brennan",
+    "Costa",
+    "Ivanov",
+    "Mensah",
+    "Novak",
+    "Ferreira",
+    "Jansen",
+    "Rossi",
+    "Byrne",
+    "Dubois",
+    "Nakamura",
+    "Santos",
+    "Berg",
+    "Keller",
+    "Petrov",
+    "Walsh",
+    "Andersen",
+    "Romero",
+    "Yilmaz",
+    "Fischer",
+    "Quinn",
 ];
 const CLUBS: &[(&str, &str)] = &[
     ("Northbridge Rovers", "NBR"),
@@ -149,7 +174,15 @@ const CLUBS: &[(&str, &str)] = &[
 const POSITIONS: [&str; 18] = [
     "GK", "RB", "CB", "CB", "LB", "DM", "CM", "CM", "RW", "ST", "LW", "GK", "DF", "DF", "MF", "MF", "FW", "FW",
 ];
-const KINDS: &[&str] = &["shot", "foul", "corner", "offside", "save", "yellow_card", "substitution"];
+const KINDS: &[&str] = &[
+    "shot",
+    "foul",
+    "corner",
+    "offside",
+    "save",
+    "yellow_card",
+    "substitution",
+];
 
 struct Side {
     name: &'static str,
@@ -171,7 +204,11 @@ struct Side {
 impl Side {
     fn new(rng: &mut Rng, club: (&'static str, &'static str)) -> Side {
         let mut player = |i: usize| {
-            let number = if i == 0 { 1 } else { 2 + i as u32 + 3 * rng.below(3) as u32 };
+            let number = if i == 0 {
+                1
+            } else {
+                2 + i as u32 + 3 * rng.below(3) as u32
+            };
             (number, format!("{} {}", rng.pick(FIRST), rng.pick(LAST)), POSITIONS[i])
         };
         let lineup = (0..11).map(&mut player).collect();
@@ -323,7 +360,10 @@ const MARKETS: &[(&str, &[&str])] = &[
     ("Total goals 3.5", &["Over", "Under"]),
     ("Half-time result", &["Home", "Draw", "Away"]),
     ("Next goal", &["Home", "No goal", "Away"]),
-    ("Correct score", &["1-0", "2-0", "2-1", "1-1", "0-0", "0-1", "0-2", "1-2"]),
+    (
+        "Correct score",
+        &["1-0", "2-0", "2-1", "1-1", "0-0", "0-1", "0-2", "1-2"],
+    ),
     ("Asian handicap -0.5", &["Home", "Away"]),
     ("Asian handicap +0.5", &["Home", "Away"]),
     ("Corners 9.5", &["Over", "Under"]),
@@ -383,7 +423,10 @@ impl Odds {
         );
         for (i, ((name, sels), prices)) in MARKETS.iter().zip(&self.prices).enumerate() {
             let sep = if i == 0 { "" } else { "," };
-            let _ = write!(out, r#"{sep}{{"id":"m{i}","name":"{name}","suspended":false,"selections":["#);
+            let _ = write!(
+                out,
+                r#"{sep}{{"id":"m{i}","name":"{name}","suspended":false,"selections":["#
+            );
             for (j, (sel, (price, trend))) in sels.iter().zip(prices).enumerate() {
                 let sep = if j == 0 { "" } else { "," };
                 let _ = write!(
@@ -403,25 +446,163 @@ impl Odds {
 // Chat.
 
 const OPENERS: &[&str] = &[
-    "honestly", "wow", "come on", "no way", "ok so", "lol", "right", "well", "look", "seriously",
+    "honestly",
+    "wow",
+    "come on",
+    "no way",
+    "ok so",
+    "lol",
+    "right",
+    "well",
+    "look",
+    "seriously",
 ];
 const WORDS: &[&str] = &[
-    "the", "keeper", "was", "never", "going", "to", "reach", "that", "one", "and", "referee", "needs",
-    "glasses", "what", "a", "pass", "from", "midfield", "we", "are", "playing", "so", "much", "better",
-    "since", "half", "time", "their", "defence", "looks", "tired", "if", "he", "scores", "again", "I",
-    "will", "buy", "everyone", "here", "drink", "tonight", "why", "did", "coach", "take", "off", "our",
-    "best", "striker", "this", "crowd", "is", "unbelievable", "can", "hear", "it", "on", "stream", "too",
-    "offside", "by", "mile", "VAR", "checking", "for", "ages", "corner", "should", "have", "been", "penalty",
-    "great", "save", "left", "back", "is", "having", "nightmare", "weather", "looks", "awful", "pitch",
-    "slippery", "anyone", "know", "who", "replaced", "number", "nine", "second", "yellow", "surely", "goal",
-    "line", "technology", "says", "in", "three", "points", "would", "be", "huge", "table", "title", "race",
-    "still", "open", "my", "heart", "cannot", "take", "more", "of", "minutes", "added", "on", "fans",
-    "singing", "away", "end", "has", "gone", "quiet", "shot", "over", "bar", "header", "wide", "post",
+    "the",
+    "keeper",
+    "was",
+    "never",
+    "going",
+    "to",
+    "reach",
+    "that",
+    "one",
+    "and",
+    "referee",
+    "needs",
+    "glasses",
+    "what",
+    "a",
+    "pass",
+    "from",
+    "midfield",
+    "we",
+    "are",
+    "playing",
+    "so",
+    "much",
+    "better",
+    "since",
+    "half",
+    "time",
+    "their",
+    "defence",
+    "looks",
+    "tired",
+    "if",
+    "he",
+    "scores",
+    "again",
+    "I",
+    "will",
+    "buy",
+    "everyone",
+    "here",
+    "drink",
+    "tonight",
+    "why",
+    "did",
+    "coach",
+    "take",
+    "off",
+    "our",
+    "best",
+    "striker",
+    "this",
+    "crowd",
+    "is",
+    "unbelievable",
+    "can",
+    "hear",
+    "it",
+    "on",
+    "stream",
+    "too",
+    "offside",
+    "by",
+    "mile",
+    "VAR",
+    "checking",
+    "for",
+    "ages",
+    "corner",
+    "should",
+    "have",
+    "been",
+    "penalty",
+    "great",
+    "save",
+    "left",
+    "back",
+    "is",
+    "having",
+    "nightmare",
+    "weather",
+    "looks",
+    "awful",
+    "pitch",
+    "slippery",
+    "anyone",
+    "know",
+    "who",
+    "replaced",
+    "number",
+    "nine",
+    "second",
+    "yellow",
+    "surely",
+    "goal",
+    "line",
+    "technology",
+    "says",
+    "in",
+    "three",
+    "points",
+    "would",
+    "be",
+    "huge",
+    "table",
+    "title",
+    "race",
+    "still",
+    "open",
+    "my",
+    "heart",
+    "cannot",
+    "take",
+    "more",
+    "of",
+    "minutes",
+    "added",
+    "on",
+    "fans",
+    "singing",
+    "away",
+    "end",
+    "has",
+    "gone",
+    "quiet",
+    "shot",
+    "over",
+    "bar",
+    "header",
+    "wide",
+    "post",
 ];
 const ENDS: &[&str] = &[".", "!", "?", "!!", "...", " :)", " haha", ""];
 const USERS: &[&str] = &[
-    "maria_k", "dan.the.fan", "ultras1907", "jo", "keeper_cam", "north_stand", "liv", "stats_guy", "bex",
-    "old_timer_63", "ninja_winger", "sam",
+    "maria_k",
+    "dan.the.fan",
+    "ultras1907",
+    "jo",
+    "keeper_cam",
+    "north_stand",
+    "liv",
+    "stats_guy",
+    "bex",
+    "old_timer_63",
+    "ninja_winger",
+    "sam",
 ];
 
 /// One chat line: `"user":…,"badge":…,"text":…` after the stamp in `out`, with the text sized so the whole value
@@ -550,19 +731,31 @@ mod tests {
         assert!(score.windows(2).all(|w| w[0] != w[1]));
 
         let odds = values(Feed::Odds, 1, 400);
-        assert!(odds.iter().all(|v| (2048..=4096).contains(&v.len())), "{}", odds[0].len());
+        assert!(
+            odds.iter().all(|v| (2048..=4096).contains(&v.len())),
+            "{}",
+            odds[0].len()
+        );
         // One to three prices with their trends (and the trends of the last ones settling), the
         // version and the time.
         let deltas: Vec<usize> = odds.windows(2).map(|w| changed(&w[0], &w[1])).collect();
         assert!(deltas.iter().all(|d| (10..400).contains(d)), "{deltas:?}");
         let mean = deltas.iter().sum::<usize>() as f64 / deltas.len() as f64;
-        assert!(mean < 0.05 * odds[0].len() as f64, "mean delta {mean} of {}", odds[0].len());
+        assert!(
+            mean < 0.05 * odds[0].len() as f64,
+            "mean delta {mean} of {}",
+            odds[0].len()
+        );
     }
 
     #[test]
     fn chat_lines_are_100_to_400_bytes_of_varied_text() {
         let lines = values(Feed::Chat, 3, 500);
-        assert!(lines.iter().all(|l| (100..=400).contains(&l.len())), "{:?}", lines.iter().map(String::len).min());
+        assert!(
+            lines.iter().all(|l| (100..=400).contains(&l.len())),
+            "{:?}",
+            lines.iter().map(String::len).min()
+        );
         let short = lines.iter().filter(|l| l.len() < 200).count();
         let long = lines.iter().filter(|l| l.len() > 300).count();
         assert!(short > 100 && long > 100, "spread: {short} short, {long} long");

@@ -364,15 +364,116 @@ mod tests {
         assert_eq!(inflate(&mut Decompress::new(false), payload, 1024).unwrap(), b"Hello");
         // A message of the node's, inflated on its own.
         let text = br#"{"op":"msg","room":"stadium","from":"lt-p0","data":{"a":[1,2,3],"b":"hello hello hello"}}"#;
-        assert_eq!(inflate(&mut Decompress::new(false), &deflated(text), 1024).unwrap(), text);
+        assert_eq!(
+            inflate(&mut Decompress::new(false), &deflated(text), 1024).unwrap(),
+            text
+        );
     }
 
     #[test]
     fn what_does_not_inflate_or_inflates_too_far_is_refused() {
-        assert_eq!(inflate(&mut Decompress::new(false), &[0xff, 0xff, 0xff, 0x00], 1024), None);
+        assert_eq!(
+            inflate(&mut Decompress::new(false), &[0xff, 0xff, 0xff, 0x00], 1024),
+            None
+        );
         let big = vec![b'a'; 100_000];
         assert_eq!(inflate(&mut Decompress::new(false), &deflated(&big), 10_000), None);
-        assert_eq!(inflate(&mut Decompress::new(false), &deflated(&big), 200_000).unwrap().len(), 100_000);
+        assert_eq!(
+            inflate(&mut Decompress::new(false), &deflated(&big), 200_000)
+                .unwrap()
+                .len(),
+            100_000
+        );
+    }
+
+    /// A node on loopback that answers the upgrade with `extensions` and sends `frames` as they
+    /// are; how many bytes it sent after its answer comes back once the client closes.
+    async fn node(extensions: &'static str, frames: Vec<Vec<u8>>) -> (NodeUrl, tokio::task::JoinHandle<usize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut req = Vec::new();
+            while memchr::memmem::find(&req, b"\r\n\r\n").is_none() {
+                let mut chunk = [0u8; 1024];
+                let n = s.read(&mut chunk).await.unwrap();
+                req.extend_from_slice(&chunk[..n]);
+            }
+            let req = String::from_utf8(req).unwrap();
+            let key = req
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .unwrap()
+                .trim();
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Accept: {}\r\n{extensions}\r\n",
+                derive_accept_key(key.as_bytes())
+            );
+            s.write_all(answer.as_bytes()).await.unwrap();
+            let sent: Vec<u8> = frames.concat();
+            s.write_all(&sent).await.unwrap();
+            // The client's close (or its end), then this end closes.
+            let _ = s.read(&mut [0u8; 1024]).await;
+            sent.len()
+        });
+        let node = NodeUrl {
+            ws: format!("ws://{addr}/ws"),
+            addr,
+            publish: String::new(),
+        };
+        (node, task)
+    }
+
+    /// A server frame: FIN, RSV1 if `compressed`, the opcode, the payload unmasked.
+    fn frame(opcode: u8, compressed: bool, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x80 | opcode | if compressed { 0x40 } else { 0 }];
+        if payload.len() < 126 {
+            out.push(payload.len() as u8);
+        } else {
+            out.push(126);
+            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[tokio::test]
+    async fn compressed_and_plain_messages_are_read_and_every_byte_counted() {
+        let big = br#"{"op":"msg","room":"stadium","data":"the keeper was never going to reach that one, the keeper was never"}"#;
+        let frames = vec![
+            frame(0x1, true, &deflated(big)),
+            frame(0x9, false, b"ping"),
+            frame(0x1, false, br#"{"op":"ok","id":1}"#),
+            frame(0x1, true, &deflated(b"second")),
+        ];
+        let ext = "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n";
+        let (node, task) = node(ext, frames).await;
+        let mut ws = open(&node, "127.0.0.1".parse().unwrap(), "u", true).await.unwrap();
+        assert_eq!(
+            ws.negotiated,
+            Negotiated {
+                deflate: true,
+                no_context: true
+            }
+        );
+        let m = ws.next().await.unwrap();
+        assert_eq!((m.text, m.compressed, &m.data[..]), (true, true, &big[..]));
+        let m = ws.next().await.unwrap();
+        assert_eq!((m.compressed, &m.data[..]), (false, &br#"{"op":"ok","id":1}"#[..]));
+        assert_eq!(ws.next().await.unwrap().data, b"second");
+        let read = ws.read_bytes;
+        ws.close().await;
+        assert_eq!(read, task.await.unwrap() as u64, "every byte after the answer");
+    }
+
+    #[tokio::test]
+    async fn a_node_that_declines_deflate_sends_plain_frames_and_rsv1_from_it_is_refused() {
+        let (node, _task) = node("", vec![frame(0x1, false, b"plain"), frame(0x1, true, b"x")]).await;
+        let mut ws = open(&node, "127.0.0.1".parse().unwrap(), "u", true).await.unwrap();
+        assert_eq!(ws.negotiated, Negotiated::default());
+        assert_eq!(ws.next().await.unwrap().data, b"plain");
+        assert!(matches!(ws.next().await, Err(ReadError::Protocol(_))));
     }
 
     #[test]

@@ -132,7 +132,10 @@ impl Reader<'_> {
         ws.send_text(&format!(r#"{{"op":"join","room":"{room}","id":{JOIN_ID}{delta}}}"#))
             .await?;
         loop {
-            let m = ws.next().await.map_err(|e| anyhow::anyhow!("closed during join: {}", why(&e)))?;
+            let m = ws
+                .next()
+                .await
+                .map_err(|e| anyhow::anyhow!("closed during join: {}", why(&e)))?;
             let text = std::str::from_utf8(&m.data).unwrap_or_default();
             match wire::scan_json(text) {
                 Inbound::Ok(JOIN_ID) => return Ok(()),

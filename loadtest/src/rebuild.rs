@@ -124,9 +124,16 @@ mod tests {
         let d = fossil_delta::delta(V2, V1);
         assert_eq!(read(&mut r, &keyed("match:0", &d, true)).unwrap_err(), Broken::NoBase);
         read(&mut r, &keyed("other", V1.as_bytes(), false)).unwrap();
-        assert_eq!(read(&mut r, &keyed("match:0", &d, true)).unwrap_err(), Broken::NoBase, "per key");
+        assert_eq!(
+            read(&mut r, &keyed("match:0", &d, true)).unwrap_err(),
+            Broken::NoBase,
+            "per key"
+        );
         read(&mut r, &keyed("match:0", br#"{"at":[0,0,1]}"#, false)).unwrap();
-        assert_eq!(read(&mut r, &keyed("match:0", &d, true)).unwrap_err(), Broken::DeltaFails);
+        assert_eq!(
+            read(&mut r, &keyed("match:0", &d, true)).unwrap_err(),
+            Broken::DeltaFails
+        );
     }
 
     #[test]

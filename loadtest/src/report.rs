@@ -115,7 +115,8 @@ impl WireRow {
         (
             format!("wire {}", self.reading),
             format!(
-                "{:.0} B read per message for {:.0} B of value = {:.1} %{vs}; {} readers (deflate agreed {});                  compressed {}, deltas {}, whole {}; corrupted {}, unchecked {}",
+                "{:.0} B read per message for {:.0} B of value = {:.1} %{vs}; {} readers (deflate agreed {}); \
+                 compressed {}, deltas {}, whole {}; corrupted {}, unchecked {}",
                 self.read_bytes_per_message,
                 self.payload_bytes_per_message,
                 100.0 * self.wire_per_payload,
