@@ -617,9 +617,9 @@ fn chat_line(rng: &mut Rng, out: &mut String) {
         let mut sentence = String::from(*rng.pick(OPENERS));
         for _ in 0..3 + rng.below(9) {
             sentence.push(' ');
-            sentence.push_str(*rng.pick(WORDS));
+            sentence.push_str(rng.pick::<&str>(WORDS));
         }
-        sentence.push_str(*rng.pick(ENDS));
+        sentence.push_str(rng.pick::<&str>(ENDS));
         if let Some(first) = sentence.get(..1) {
             let upper = first.to_uppercase();
             sentence.replace_range(..1, &upper);
