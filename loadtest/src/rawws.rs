@@ -131,7 +131,9 @@ pub async fn open(node: &NodeUrl, source: IpAddr, user: &str, deflate: bool) -> 
     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
     let answer = Answer::parse(&head).context("handshake: no HTTP answer")?;
     if answer.status != 101 {
-        bail!("handshake: HTTP error: {}", answer.status);
+        // Worded as tungstenite words it, so the report counts both clients' failures alike.
+        let status = head.lines().next().and_then(|l| l.split_once(' ')).map_or("", |(_, s)| s);
+        bail!("handshake: HTTP error: {status}");
     }
     if answer.header("sec-websocket-accept") != Some(derive_accept_key(key.as_bytes()).as_str()) {
         bail!("handshake: a wrong Sec-WebSocket-Accept");
