@@ -388,8 +388,9 @@ mod tests {
         );
     }
 
-    /// A node on loopback that answers the upgrade with `extensions` and sends `frames` as they
-    /// are; how many bytes it sent after its answer comes back once the client closes.
+    /// A node on loopback that answers the upgrade with `extensions` and, once the client has sent
+    /// something, sends `frames` as they are; how many bytes it sent after its answer comes back
+    /// once the client closes.
     async fn node(extensions: &'static str, frames: Vec<Vec<u8>>) -> (NodeUrl, tokio::task::JoinHandle<usize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -413,6 +414,9 @@ mod tests {
                 derive_accept_key(key.as_bytes())
             );
             s.write_all(answer.as_bytes()).await.unwrap();
+            // Nothing more until the client speaks: what it reads next comes from reads of its
+            // own, not with the answer.
+            let _ = s.read(&mut [0u8; 1024]).await;
             let sent: Vec<u8> = frames.concat();
             s.write_all(&sent).await.unwrap();
             // The client's close (or its end), then this end closes.
@@ -452,6 +456,7 @@ mod tests {
         let ext = "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n";
         let (node, task) = node(ext, frames).await;
         let mut ws = open(&node, "127.0.0.1".parse().unwrap(), "u", true).await.unwrap();
+        ws.send_text("go").await.unwrap();
         assert_eq!(
             ws.negotiated,
             Negotiated {
@@ -473,6 +478,7 @@ mod tests {
     async fn a_node_that_declines_deflate_sends_plain_frames_and_rsv1_from_it_is_refused() {
         let (node, _task) = node("", vec![frame(0x1, false, b"plain"), frame(0x1, true, b"x")]).await;
         let mut ws = open(&node, "127.0.0.1".parse().unwrap(), "u", true).await.unwrap();
+        ws.send_text("go").await.unwrap();
         assert_eq!(ws.negotiated, Negotiated::default());
         assert_eq!(ws.next().await.unwrap().data, b"plain");
         assert!(matches!(ws.next().await, Err(ReadError::Protocol(_))));
