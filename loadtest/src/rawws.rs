@@ -132,7 +132,11 @@ pub async fn open(node: &NodeUrl, source: IpAddr, user: &str, deflate: bool) -> 
     let answer = Answer::parse(&head).context("handshake: no HTTP answer")?;
     if answer.status != 101 {
         // Worded as tungstenite words it, so the report counts both clients' failures alike.
-        let status = head.lines().next().and_then(|l| l.split_once(' ')).map_or("", |(_, s)| s);
+        let status = head
+            .lines()
+            .next()
+            .and_then(|l| l.split_once(' '))
+            .map_or("", |(_, s)| s);
         bail!("handshake: HTTP error: {status}");
     }
     if answer.header("sec-websocket-accept") != Some(derive_accept_key(key.as_bytes()).as_str()) {

@@ -772,6 +772,41 @@ mod tests {
     }
 
     #[test]
+    fn feed_readers_read_one_way_or_four_ways_on_every_node() {
+        let one = plan(&args("lt stadium --clients 8 --feed odds --delta"), 2).unwrap();
+        let want = Reading {
+            deflate: false,
+            delta: true,
+        };
+        assert!(one.specs[..8].iter().all(|s| s.reading == Some(want)));
+        assert!(
+            one.specs[8..].iter().all(|s| s.reading.is_none()),
+            "publishers read nothing"
+        );
+        let split = plan(&args("lt stadium --clients 16 --feed chat --wire-split"), 2).unwrap();
+        for way in Reading::ALL {
+            let nodes: Vec<usize> = split.specs[..16]
+                .iter()
+                .filter(|s| s.reading == Some(way))
+                .map(|s| s.node)
+                .collect();
+            assert_eq!(nodes.len(), 4, "{}", way.name());
+            assert!(nodes.contains(&0) && nodes.contains(&1), "{} on both nodes", way.name());
+        }
+        assert!(plan(&args("lt stadium --clients 8"), 2)
+            .unwrap()
+            .specs
+            .iter()
+            .all(|s| s.reading.is_none()));
+        assert!(plan(&args("lt stadium --delta"), 2).is_err(), "--delta without a feed");
+        assert!(
+            plan(&args("lt chat --feed chat"), 2).is_err(),
+            "a feed is the stadium's"
+        );
+        assert!(plan(&args("lt stadium --feed chat --encoding msgpack"), 2).is_err());
+    }
+
+    #[test]
     fn chat_rooms_span_nodes_and_dm_partners_too() {
         let p = plan(&args("lt chat --clients 100 --rooms 10 --rate 50"), 2).unwrap();
         assert_eq!(p.fan, vec![10; 100]);
