@@ -42,8 +42,9 @@ pub struct Rebuild {
 }
 
 impl Rebuild {
-    /// The value a `msg` frame carries, whole, and how it came.
-    pub fn value<'a>(&mut self, frame: &'a str) -> Result<(Cow<'a, [u8]>, Form), Broken> {
+    /// The value a `msg` frame carries, whole, and how it came: borrowed from the frame, or from
+    /// the key's last value, which it now is (no copy of a value per message).
+    pub fn value<'a>(&'a mut self, frame: &'a str) -> Result<(Cow<'a, [u8]>, Form), Broken> {
         if !frame.starts_with(r#"{"op":"msg""#) {
             return Err(Broken::NoData);
         }
@@ -66,14 +67,13 @@ impl Rebuild {
         let (_, marks) = keyed::scan(frame);
         let slot = (room_of(frame).to_owned(), marks.key.unwrap_or_default().to_owned());
         if !delta {
-            let value = data.into_bytes();
-            self.last.insert(slot, value.clone());
-            return Ok((Cow::Owned(value), Form::Whole));
+            let last = self.last.entry(slot).or_default();
+            *last = data.into_bytes();
+            return Ok((Cow::Borrowed(&last[..]), Form::Whole));
         }
         let base = self.last.get_mut(&slot).ok_or(Broken::NoBase)?;
-        let value = fossil_delta::apply(&base[..], data.as_bytes()).map_err(|_| Broken::DeltaFails)?;
-        base.clone_from(&value);
-        Ok((Cow::Owned(value), Form::Delta))
+        *base = fossil_delta::apply(&base[..], data.as_bytes()).map_err(|_| Broken::DeltaFails)?;
+        Ok((Cow::Borrowed(&base[..]), Form::Delta))
     }
 }
 
