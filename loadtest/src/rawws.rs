@@ -5,11 +5,11 @@
 //! negotiated the extension send plain frames).
 //!
 //! Inflating: with `server_no_context_takeover` in the answer (the node's), each message is
-//! inflated on its own, a fresh window per message; without it the window carries over from one
+//! inflated on its own, by the thread's inflater reset for it; without it the window carries over from one
 //! message to the next, as the RFC's default. Frame headers are parsed by tungstenite's own
 //! [`FrameHeader::parse`]. What a message means is the viewer's business.
 
-use std::{io, net::IpAddr, net::SocketAddr};
+use std::{cell::RefCell, io, net::IpAddr, net::SocketAddr};
 
 use bytes::{Buf, BytesMut};
 use flate2::{Decompress, FlushDecompress, Status};
@@ -71,6 +71,12 @@ pub struct Message {
     pub compressed: bool,
 }
 
+thread_local! {
+    /// The inflater of messages compressed on their own, one per thread and reset per message:
+    /// its state (tens of KiB) is made once per thread, not per message or per socket.
+    static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+}
+
 /// An open WebSocket.
 pub struct RawWs {
     stream: TcpStream,
@@ -78,7 +84,8 @@ pub struct RawWs {
     pub negotiated: Negotiated,
     /// Bytes read from the TCP socket since the handshake's answer (its leftovers included).
     pub read_bytes: u64,
-    /// The window carried over from message to message, when the node keeps its context.
+    /// The window carried over from message to message, when the node keeps its context (else
+    /// [`INFLATER`] is used).
     inflater: Option<Decompress>,
     /// A fragmented message so far: whether it is text, compressed, and its bytes.
     partial: Option<(bool, bool, Vec<u8>)>,
@@ -285,14 +292,15 @@ impl RawWs {
             return Ok(None);
         }
         let data = if compressed {
-            let keep = !self.negotiated.no_context;
-            let mut fresh = Decompress::new(false);
-            let d = match &mut self.inflater {
-                Some(d) if keep => d,
-                slot if keep => slot.insert(Decompress::new(false)),
-                _ => &mut fresh,
+            let inflated = match &mut self.inflater {
+                _ if self.negotiated.no_context => INFLATER.with_borrow_mut(|d| {
+                    d.reset(false);
+                    inflate(d, &data, MAX_MESSAGE)
+                }),
+                Some(d) => inflate(d, &data, MAX_MESSAGE),
+                slot => inflate(slot.insert(Decompress::new(false)), &data, MAX_MESSAGE),
             };
-            inflate(d, &data, MAX_MESSAGE).ok_or(ReadError::Protocol("a message that does not inflate"))?
+            inflated.ok_or(ReadError::Protocol("a message that does not inflate"))?
         } else {
             data
         };
