@@ -11,6 +11,12 @@
 //!   lock, gather, hand over; no system call); throughput in frames, so criterion's "elem/s"
 //!   inverted is the user-space nanoseconds per delivered frame, all of it timed. One frame a turn
 //!   is a quiet room (each message written as it comes), 9 a busy one.
+//! - `bytes/<form>/10000`: the same turn, one frame a turn, for a 1 KB scoreboard state published
+//!   keyed (`state`), each update changing a few bytes: to sockets reading it `plain`, compressed
+//!   (`deflate`: permessage-deflate negotiated, the frame compressed once per message), and as
+//!   `delta+deflate` (joined with `delta` too). Compression and deltas are computed once per
+//!   message, so their cost spread over 10,000 sockets is what the per-frame time shows; the
+//!   bytes written per delivered frame are printed once per form.
 //! - `gate/push`: queueing one frame into a gate (timed 64 pushes at a time, flushed untimed);
 //!   `gate/push_flush`: one frame's whole trip through a gate, push and flush.
 //!
@@ -33,7 +39,7 @@ use shardcast::{
         writer::{Outbound, Scratch},
     },
     frame::{data_depth_ok, Encoding, DEFAULT_DATA_DEPTH},
-    hub::{Hub, Interest},
+    hub::{Hub, Interest, Joining},
     topic::Topic,
     wire::broadcast_frame,
 };
@@ -127,10 +133,10 @@ fn label(e: Encoding) -> &'static str {
     }
 }
 
-/// A hub whose topics are subscribed as soon as asked, with `SOCKETS` members in "stadium",
-/// every `msgpack_every`-th of them (if any) speaking MessagePack.
-/// Its topics are written on one lane: a turn writes every socket.
-fn stadium(rt: &tokio::runtime::Runtime, msgpack_every: Option<usize>) -> Hub {
+/// A hub whose topics are subscribed as soon as asked, with `SOCKETS` members in "stadium", the
+/// `i`-th of them as `member(i)` says. Its topics are written on one lane: a turn writes every
+/// socket.
+fn stadium(rt: &tokio::runtime::Runtime, member: impl Fn(usize) -> (Outbound, Joining)) -> Hub {
     let (hub, mut interest) = Hub::new(Lanes::new(1, 1));
     let subscriber = hub.clone();
     rt.spawn(async move {
@@ -140,16 +146,11 @@ fn stadium(rt: &tokio::runtime::Runtime, msgpack_every: Option<usize>) -> Hub {
             }
         }
     });
-    let topic = Topic::Room("stadium".into());
-    let gates: Vec<_> = (0..SOCKETS).map(|_| support::gate(BUDGET)).collect();
     rt.block_on(async {
-        for (i, gate) in gates.iter().enumerate() {
-            let encoding = match msgpack_every {
-                Some(n) if i % n == 0 => Encoding::MsgPack,
-                _ => Encoding::Json,
-            };
-            let id = hub.register(Outbound::new(gate.clone(), encoding));
-            hub.join(topic.clone(), id, Duration::from_secs(5))
+        for i in 0..SOCKETS {
+            let (out, joining) = member(i);
+            let id = hub.register(out);
+            hub.join_with(Topic::Room("stadium".into()), id, Duration::from_secs(5), joining)
                 .await
                 .expect("joins");
         }
@@ -157,15 +158,32 @@ fn stadium(rt: &tokio::runtime::Runtime, msgpack_every: Option<usize>) -> Hub {
     hub
 }
 
-fn bench_turn(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// A plain member: every `msgpack_every`-th (if any) speaking MessagePack.
+fn plain_member(i: usize, msgpack_every: Option<usize>) -> (Outbound, Joining) {
+    let encoding = match msgpack_every {
+        Some(n) if i % n == 0 => Encoding::MsgPack,
+        _ => Encoding::Json,
+    };
+    let joining = Joining {
+        hold: false,
+        delta: false,
+    };
+    (Outbound::new(support::gate(BUDGET), encoding), joining)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("runtime");
+        .expect("runtime")
+}
+
+fn bench_turn(c: &mut Criterion) {
+    let rt = runtime();
     let env = envelope(Encoding::Json);
     let mut g = c.benchmark_group("turn");
     for (name, msgpack_every) in [("json", None), ("mixed", Some(2))] {
-        let hub = stadium(&rt, msgpack_every);
+        let hub = stadium(&rt, |i| plain_member(i, msgpack_every));
         let mut scratch = Scratch::default();
         for frames in [1, 9] {
             g.throughput(Throughput::Elements((SOCKETS * frames) as u64));
@@ -179,6 +197,66 @@ fn bench_turn(c: &mut Criterion) {
                 })
             });
         }
+    }
+    g.finish();
+}
+
+/// A match's state, about 1 KB, of which update `i` changes a few bytes.
+fn scoreboard(i: u64) -> Envelope {
+    let players: Vec<String> = (0..22)
+        .map(|p| format!("{{\"n\":{p},\"name\":\"Player {p}\",\"touches\":{}}}", (i + p) / 5))
+        .collect();
+    let data = format!(
+        "{{\"home\":\"Arsenal\",\"away\":\"Chelsea\",\"score\":[{},{}],\"minute\":{},\"players\":[{}]}}",
+        i / 40,
+        i / 55,
+        i / 10,
+        players.join(",")
+    );
+    Envelope {
+        key: Some("state".into()),
+        key_seq: Some(i),
+        data: Bytes::from(data),
+        ..envelope(Encoding::Json)
+    }
+}
+
+fn bench_bytes(c: &mut Criterion) {
+    let rt = runtime();
+    let mut g = c.benchmark_group("bytes");
+    g.throughput(Throughput::Elements(SOCKETS as u64));
+    for (name, deflate, delta) in [
+        ("plain", false, false),
+        ("deflate", true, false),
+        ("delta+deflate", true, true),
+    ] {
+        let hub = stadium(&rt, |_| {
+            let out = Outbound::new(support::gate(BUDGET), Encoding::Json).deflating(deflate);
+            (out, Joining { hold: false, delta })
+        });
+        let mut scratch = Scratch::default();
+        let mut i = 0;
+        let (mut bytes, mut full) = (0, 0);
+        for _ in 0..200 {
+            i += 1;
+            hub.record(&scoreboard(i), 0);
+            let d = hub.write_lane(0, &mut scratch);
+            (bytes, full) = (bytes + d.bytes, full + d.full_bytes);
+        }
+        println!(
+            "bytes/{name}: {:.0} B written per delivered frame of {:.0} B ({:.1} %)",
+            bytes as f64 / (200 * SOCKETS) as f64,
+            full as f64 / (200 * SOCKETS) as f64,
+            100.0 * bytes as f64 / full as f64
+        );
+        g.bench_function(BenchmarkId::new(name, SOCKETS), |b| {
+            b.iter(|| {
+                i += 1;
+                hub.record(black_box(&scoreboard(i)), 0);
+                let d = hub.write_lane(0, &mut scratch);
+                assert_eq!(d.delivered, SOCKETS);
+            })
+        });
     }
     g.finish();
 }
@@ -213,5 +291,12 @@ fn bench_gate(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_envelope, bench_frame, bench_turn, bench_gate);
+criterion_group!(
+    benches,
+    bench_envelope,
+    bench_frame,
+    bench_turn,
+    bench_bytes,
+    bench_gate
+);
 criterion_main!(benches);

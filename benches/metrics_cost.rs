@@ -148,6 +148,9 @@ fn prometheus(c: &mut Criterion) {
         overflowed: 0,
         unencodable: 0,
         writes: 10_000,
+        full_bytes: 1_000_000,
+        deltas: 0,
+        wholes: 0,
     };
     c.bench_function("record_only", |b| {
         b.iter(|| {

@@ -11,9 +11,10 @@ pub mod code {
     /// set, an unknown opcode, a fragmented or oversized control frame, a continuation with
     /// nothing to continue, a malformed close frame.
     pub const PROTOCOL_ERROR: u16 = 1002;
-    /// A text frame (or a close frame's reason) that is not valid UTF-8.
+    /// A text frame (or a close frame's reason) that is not valid UTF-8, or a compressed message
+    /// that is not valid deflate.
     pub const INVALID_PAYLOAD: u16 = 1007;
-    /// A frame larger than `--max-frame-bytes` arrived.
+    /// A frame larger than `--max-frame-bytes` arrived, or a compressed message inflated past it.
     pub const FRAME_TOO_LARGE: u16 = 1009;
     /// Rate limit exceeded again and again (see `--command-rate`).
     pub const POLICY: u16 = 1008;
@@ -135,7 +136,7 @@ impl CloseReason {
             CloseReason::FrameTooLarge => Some((code::FRAME_TOO_LARGE, "frame too large")),
             CloseReason::RateLimited => Some((code::POLICY, "rate limited")),
             CloseReason::ProtocolError => Some((code::PROTOCOL_ERROR, "protocol error")),
-            CloseReason::InvalidPayload => Some((code::INVALID_PAYLOAD, "invalid UTF-8")),
+            CloseReason::InvalidPayload => Some((code::INVALID_PAYLOAD, "invalid payload")),
             _ => Some((code::NORMAL, "")),
         }
     }

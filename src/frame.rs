@@ -532,7 +532,20 @@ fn msgpack_frame_too_deep(frame: &[u8], max: usize) -> Option<Option<i64>> {
         return None;
     }
     let mut rd = frame;
-    let entries = rmp::decode::read_map_len(&mut rd).ok()?;
+    let Ok(entries) = rmp::decode::read_map_len(&mut rd) else {
+        // Not a map (an array of positional fields, say): decoding it recurses as deep as it
+        // nests, so it is measured whole; the frame itself is one level above where `data` is.
+        if msgpack_skip(frame, max.saturating_add(1)) != Skip::TooDeep {
+            return None;
+        }
+        // The id is the second positional field.
+        let mut rd = frame;
+        let id = rmp::decode::read_array_len(&mut rd)
+            .ok()
+            .filter(|n| *n >= 2)
+            .and_then(|_| rmp::decode::read_int::<i64, _>(&mut rd.get(msgpack_len(rd)?..)?).ok());
+        return Some(id);
+    };
     let (mut id, mut too_deep) = (None, false);
     for _ in 0..entries {
         let n = rmp::decode::read_str_len(&mut rd).ok()? as usize;
@@ -566,6 +579,18 @@ mod tests {
 
     fn err(text: &str) -> FrameError {
         decode_text(text, D).unwrap_err()
+    }
+
+    #[test]
+    fn a_frame_that_is_a_deep_array_is_refused_before_it_is_decoded() {
+        // Decoded, it would recurse once per level: 60,000 levels overflow a worker's stack.
+        let e = decode_binary(&[0x91; 60_000], D).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadData, "{e:?}");
+        // A shallow one is not refused as deep.
+        assert_ne!(
+            decode_binary(&[0x92, 0x01, 0x02], D).unwrap_err().code,
+            ErrorCode::BadData
+        );
     }
 
     #[test]

@@ -444,6 +444,28 @@ impl Hub {
     /// Sets a held socket's floors (what a join with `latest` sent it, so that neither what was
     /// held nor what comes live takes a key backwards) and pace (`max_rate`), before its release.
     pub fn set_keys(&self, topic: &Topic, id: SessionId, floors: Option<Floors>, rate: Option<Arc<Rate>>) {
+        self.with_seat(topic, id, |seat| {
+            seat.floors = floors.map(Arc::new);
+            // A paced socket's values are sent late or not at all: it gets them whole.
+            if rate.is_some() {
+                seat.bases = None;
+            }
+            seat.rate = rate;
+        });
+    }
+
+    /// Starts a socket's values of a topic over (a client whose delta did not apply joined again):
+    /// the next value of every key goes to it whole.
+    pub fn restart_values(&self, topic: &Topic, id: SessionId) {
+        self.with_seat(topic, id, |seat| {
+            if seat.bases.is_some() {
+                seat.bases = Some(Arc::default());
+            }
+        });
+    }
+
+    /// Changes a member's seat in a topic, if it has one.
+    fn with_seat(&self, topic: &Topic, id: SessionId, change: impl FnOnce(&mut Seat)) {
         if let Some(seat) = self
             .inner
             .topics
@@ -451,12 +473,7 @@ impl Hub {
             .as_mut()
             .and_then(|e| e.members.get_mut(&id))
         {
-            seat.floors = floors.map(Arc::new);
-            // A paced socket's values are sent late or not at all: it gets them whole.
-            if rate.is_some() {
-                seat.bases = None;
-            }
-            seat.rate = rate;
+            change(seat);
         }
     }
 
@@ -621,6 +638,9 @@ impl Hub {
                 total.bytes += d.bytes;
                 total.overflowed += d.overflowed;
                 total.writes += d.writes;
+                total.full_bytes += d.full_bytes;
+                total.deltas += d.deltas;
+                total.wholes += d.wholes;
             }
         }
         total
@@ -715,6 +735,7 @@ mod tests {
             Delivery {
                 delivered: 3,
                 bytes: 2 * json_frame.len() + msgpack_frame.len(),
+                full_bytes: 2 * json_frame.len() + msgpack_frame.len(),
                 writes: 3,
                 ..Delivery::default()
             }

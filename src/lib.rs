@@ -24,7 +24,8 @@
 //!   and the bound on handshakes in progress;
 //!   [`throttle`]: the per-address rate of `POST /publish`; [`demo`]: the demo page.
 //! - [`auth`]: tokens and what they grant; [`names`]: what a room or user name may be.
-//! - [`session`]: one socket: its reader, rate limit, pings and the end of the session.
+//! - [`session`]: one socket: its reader, rate limit, pings and the end of the session;
+//!   [`inflate`]: a socket's compressed frames (permessage-deflate) inflated for its reader.
 //! - [`cmd`]: one file per client command (join, leave, history, presence, ping) and the socket's
 //!   [`cmd::Membership`].
 //! - [`publish`]: a message wrapped in its envelope and handed to the bus; a client's publishes
@@ -61,6 +62,7 @@ pub mod fanout;
 pub mod frame;
 pub mod history;
 pub mod hub;
+pub mod inflate;
 pub mod interest;
 pub mod latest;
 pub mod metrics;

@@ -62,6 +62,8 @@ pub const BUS_RESUBSCRIPTIONS: &str = "shardcast_bus_resubscriptions_total";
 // Bad input.
 pub const BAD_FRAMES: &str = "shardcast_bad_frames_total";
 pub const AUTH_FAILURES: &str = "shardcast_auth_failures_total";
+// Client frames.
+pub const INFLATED_BYTES: &str = "shardcast_inflated_bytes_total";
 
 /// Buckets of the histograms in seconds.
 const SECONDS: &[f64] = &[
@@ -101,6 +103,7 @@ pub fn handle() -> PrometheusHandle {
                 socket_writes: counter!(SOCKET_WRITES),
                 unencodable: counter!(UNENCODABLE),
                 write_gather: histogram!(WRITE_GATHER),
+                inflated_bytes: counter!(INFLATED_BYTES),
             });
             handle
         })
@@ -121,6 +124,7 @@ struct HotPath {
     socket_writes: Counter,
     unencodable: Counter,
     write_gather: Histogram,
+    inflated_bytes: Counter,
 }
 
 static HOT: OnceLock<HotPath> = OnceLock::new();
@@ -257,6 +261,7 @@ const METRICS: &[(Kind, &str, Unit, &str)] = &[
     (Kind::Counter, BUS_RESUBSCRIPTIONS, Unit::Count, "Channels subscribed again after a reconnect or slot move."),
     (Kind::Counter, BAD_FRAMES, Unit::Count, "Client commands refused with an error frame, by error code."),
     (Kind::Counter, AUTH_FAILURES, Unit::Count, "Requests and upgrades refused for missing or wrong credentials."),
+    (Kind::Counter, INFLATED_BYTES, Unit::Bytes, "Bytes of compressed client messages (permessage-deflate) after inflating them."),
     (Kind::Counter, RATE_LIMITED, Unit::Count, "Client commands refused by the per-connection rate limit."),
     (Kind::Counter, RECOVERIES, Unit::Count, "Joins with `since`, by outcome: recovered (everything missed was replayed) or not_recovered."),
     (Kind::Counter, REPLAYED, Unit::Count, "Messages replayed to joins that recovered."),
@@ -316,6 +321,7 @@ fn start_at_zero() {
         PRESENCE_READS,
         PRESENCE_ERRORS,
         HANDSHAKES_REFUSED,
+        INFLATED_BYTES,
     ] {
         counter!(name).increment(0);
     }
@@ -465,6 +471,13 @@ pub fn delivered(d: &Delivery) {
         if d.unencodable > 0 {
             h.unencodable.increment(d.unencodable as u64);
         }
+    }
+}
+
+/// Bytes of a compressed client message handed on after inflating them.
+pub fn inflated(bytes: u64) {
+    if let Some(h) = HOT.get() {
+        h.inflated_bytes.increment(bytes);
     }
 }
 

@@ -125,8 +125,10 @@ async fn upgrade(
     let grants = grants(&node, &query, &headers)?;
     let protocol = ws.select(&[PROTOCOL_JSON, PROTOCOL_MSGPACK]);
     let encoding = protocol.and_then(Encoding::from_protocol).unwrap_or(Encoding::Json);
-    let (out, membership) = register(&node, grants, encoding).await?;
-    Ok(ws.accept(protocol, move |tcp, early| {
+    // With `--compress false` no extension is answered, whatever the client offered.
+    let deflate = node.config().compress && ws.deflate_offered();
+    let (out, membership) = register(&node, grants, encoding, deflate).await?;
+    Ok(ws.accept(protocol, deflate, move |tcp, early| {
         session::serve(tcp, early, node, out, membership)
     }))
 }
@@ -211,15 +213,21 @@ fn grants(node: &Node, query: &HashMap<String, String>, headers: &HeaderMap) -> 
 
 /// Registers the socket in the hub and subscribes its inbox. With the bus up, direct messages
 /// reach the socket from the moment its upgrade is answered; with it down the socket is still
-/// served, and its inbox is subscribed once the bus is back.
-async fn register(node: &Node, grants: Grants, encoding: Encoding) -> Result<(Outbound, Membership), Refused> {
+/// served, and its inbox is subscribed once the bus is back. `deflate`: the socket negotiated
+/// permessage-deflate.
+async fn register(
+    node: &Node,
+    grants: Grants,
+    encoding: Encoding,
+    deflate: bool,
+) -> Result<(Outbound, Membership), Refused> {
     let config = node.config();
     let above = if config.conflate.is_empty() {
         usize::MAX
     } else {
         config.conflate_above()
     };
-    let out = Outbound::new(Arc::new(Gate::conflating(config.max_buffered_bytes, above)), encoding);
+    let out = Outbound::new(Arc::new(Gate::conflating(config.max_buffered_bytes, above)), encoding).deflating(deflate);
     let id = node.hub().register(out.clone());
     let membership = Membership::new(node, id, grants);
     let joined = if node.bus().is_ready() {

@@ -33,6 +33,7 @@ use crate::{
     envelope,
     fanout::writer::{self, Outbound},
     frame::{decode_binary, decode_text, FrameError, Request},
+    inflate::{self, Inflating},
     metrics as m,
     node::Node,
     publish::{
@@ -51,17 +52,25 @@ const READ_BUFFER_BYTES: usize = 256;
 /// the socket meanwhile: a node keeping up fires its timers within milliseconds.
 const LATE: Duration = Duration::from_secs(1);
 
-/// The socket as tungstenite sees it: it reads the client's frames from the read half, and what it
-/// writes by itself (pongs, the answer to a client's close) goes through the gate, in order with
-/// every other frame. The node's own frames never pass through tungstenite (see [`crate::wire`]).
+/// The socket as tungstenite sees it: it reads the client's frames from the read half (through an
+/// [`Inflating`] when the socket negotiated permessage-deflate, which tungstenite does not read),
+/// and what it writes by itself (pongs, the answer to a client's close) goes through the gate, in
+/// order with every other frame. The node's own frames never pass through tungstenite (see
+/// [`crate::wire`]).
 struct Inbound {
     read: OwnedReadHalf,
+    /// Boxed: one word in every idle session's state.
+    inflating: Option<Box<Inflating>>,
     out: Outbound,
 }
 
 impl AsyncRead for Inbound {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.read).poll_read(cx, buf)
+        let this = &mut *self;
+        match this.inflating.as_mut() {
+            Some(inflating) => inflating.poll_read(&mut this.read, cx, buf),
+            None => Pin::new(&mut this.read).poll_read(cx, buf),
+        }
     }
 }
 
@@ -189,14 +198,19 @@ async fn open(tcp: TcpStream, early: Bytes, out: &Outbound, config: &Config) -> 
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(Some(config.max_frame_bytes))
         .max_frame_size(Some(config.max_frame_bytes));
-    let inbound = Inbound {
-        read: rx,
-        out: out.clone(),
-    };
     // Copied and dropped: `early` is a view of hyper's read buffer (kilobytes), which would
     // otherwise stay with the socket for its whole life.
-    let partial = early.to_vec();
+    let mut partial = early.to_vec();
     drop(early);
+    // What the client sent early may be compressed already: it is read through the inflater too.
+    let inflating = out
+        .deflates()
+        .then(|| Box::new(Inflating::new(config.max_frame_bytes, std::mem::take(&mut partial))));
+    let inbound = Inbound {
+        read: rx,
+        inflating,
+        out: out.clone(),
+    };
     // Boxed, like every future below that lives only for a moment: otherwise its state would stay
     // reserved in every idle session's.
     Box::pin(WebSocketStream::from_partially_read(
@@ -502,6 +516,8 @@ fn classify(e: WsError) -> CloseReason {
         WsError::Capacity(_) => CloseReason::FrameTooLarge,
         WsError::ConnectionClosed | WsError::AlreadyClosed => CloseReason::Normal,
         WsError::Utf8(_) => CloseReason::InvalidPayload,
+        // A compressed message the inflater refused.
+        WsError::Io(e) => inflate::Error::of(&e).map_or(CloseReason::Error, inflate::Error::reason),
         WsError::Protocol(
             P::NonZeroReservedBits
             | P::UnmaskedFrameFromClient

@@ -96,6 +96,8 @@ impl Drop for Handshake {
 pub struct Upgrade {
     key: HeaderValue,
     offered: Option<HeaderValue>,
+    /// The permessage-deflate answer to the client's extension offers, if one is acceptable.
+    deflate: Option<&'static str>,
     on_upgrade: OnUpgrade,
 }
 
@@ -138,6 +140,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             return bad("`Sec-WebSocket-Key` header missing");
         };
         let offered = headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
+        let extensions: Vec<&str> = headers
+            .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let deflate = deflate_answer(&extensions.join(","));
         let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
             return Err(NotWebSocket(
                 StatusCode::UPGRADE_REQUIRED,
@@ -147,6 +155,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
         Ok(Upgrade {
             key,
             offered,
+            deflate,
             on_upgrade,
         })
     }
@@ -162,9 +171,15 @@ impl Upgrade {
             .find_map(|p| supported.iter().copied().find(|s| *s == p))
     }
 
-    /// Answers 101 (with `protocol`, if any) and, once the connection is switched, runs `serve`
-    /// on the socket and the bytes the client sent after its request (if it did not wait).
-    pub fn accept<F, Fut>(self, protocol: Option<&'static str>, serve: F) -> Response
+    /// Whether the client offered permessage-deflate with parameters the node can honour.
+    pub fn deflate_offered(&self) -> bool {
+        self.deflate.is_some()
+    }
+
+    /// Answers 101 (with `protocol`, if any, and permessage-deflate if `deflate` and the client
+    /// offered it acceptably) and, once the connection is switched, runs `serve` on the socket and
+    /// the bytes the client sent after its request (if it did not wait).
+    pub fn accept<F, Fut>(self, protocol: Option<&'static str>, deflate: bool, serve: F) -> Response
     where
         F: FnOnce(TcpStream, Bytes) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -192,13 +207,171 @@ impl Upgrade {
         if let Some(p) = protocol {
             headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
         }
+        if let Some(answer) = self.deflate.filter(|_| deflate) {
+            headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(answer));
+        }
         response
     }
+}
+
+/// The answer to a client that offered permessage-deflate. Each server frame is compressed on its
+/// own (`server_no_context_takeover`), so one compressed frame serves every socket; the client may
+/// keep its context (old Safari breaks when told not to), which [`crate::inflate`] follows.
+const DEFLATE: &str = "permessage-deflate; server_no_context_takeover";
+/// The same, to an offer that asked for the window the node compresses with (15 bits), which the
+/// answer must then repeat (RFC 7692 §7.1.2.1).
+const DEFLATE_WINDOW_15: &str = "permessage-deflate; server_no_context_takeover; server_max_window_bits=15";
+
+/// The answer to the first acceptable permessage-deflate offer in a `Sec-WebSocket-Extensions`
+/// list (RFC 7692 §5, §7), or `None` when none is acceptable. An offer is declined when its
+/// parameters are unknown, repeated or malformed, when it asks for a window of fewer than 15 bits
+/// for the node's frames (the node compresses with 15), or when a window size is not 8 to 15.
+fn deflate_answer(offers: &str) -> Option<&'static str> {
+    split_unquoted(offers, ',').find_map(|offer| {
+        let mut parts = split_unquoted(offer, ';');
+        let name = parts.next()?.trim();
+        if !name.eq_ignore_ascii_case("permessage-deflate") {
+            return None;
+        }
+        let mut seen: Vec<String> = Vec::new();
+        let mut window_15 = false;
+        for param in parts {
+            let (key, value) = match param.split_once('=') {
+                Some((k, v)) => (k.trim(), Some(unquote(v.trim())?)),
+                None => (param.trim(), None),
+            };
+            let key = key.to_ascii_lowercase();
+            if seen.contains(&key) {
+                return None;
+            }
+            match (key.as_str(), value.as_deref()) {
+                ("server_no_context_takeover" | "client_no_context_takeover", None) => {}
+                ("server_max_window_bits", Some(v)) => {
+                    // The node's frames are compressed with a 15-bit window; a smaller one cannot
+                    // be honoured.
+                    if window_bits(v)? != 15 {
+                        return None;
+                    }
+                    window_15 = true;
+                }
+                // The client may use any window: the node inflates with the largest.
+                ("client_max_window_bits", None) => {}
+                ("client_max_window_bits", Some(v)) => {
+                    window_bits(v)?;
+                }
+                _ => return None,
+            }
+            seen.push(key);
+        }
+        Some(if window_15 { DEFLATE_WINDOW_15 } else { DEFLATE })
+    })
+}
+
+/// A window size parameter's value: 8 to 15, digits only, no leading zero.
+fn window_bits(v: &str) -> Option<u8> {
+    if v.is_empty() || v.starts_with('0') || !v.bytes().all(|b| b.is_ascii_digit()) || v.len() > 2 {
+        return None;
+    }
+    v.parse().ok().filter(|bits| (8..=15).contains(bits))
+}
+
+/// A parameter's value as a token or a quoted string (its escapes undone); `None` when it is
+/// neither.
+fn unquote(v: &str) -> Option<String> {
+    let Some(inner) = v.strip_prefix('"') else {
+        let token = !v.is_empty()
+            && v.bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+        return token.then(|| v.to_string());
+    };
+    let inner = inner.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.push(chars.next()?),
+            '"' => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+/// `s` split at each `sep` outside a quoted string (a backslash escapes the next character in one).
+fn split_unquoted(s: &str, sep: char) -> impl Iterator<Item = &str> {
+    let mut rest = Some(s);
+    std::iter::from_fn(move || {
+        let s = rest?;
+        let (mut quoted, mut escaped) = (false, false);
+        for (i, c) in s.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                c if c == sep && !quoted => {
+                    rest = Some(&s[i + 1..]);
+                    return Some(&s[..i]);
+                }
+                _ => {}
+            }
+        }
+        rest = None;
+        Some(s)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_acceptable_deflate_offer_is_answered() {
+        for (offers, answer) in [
+            ("permessage-deflate", Some(DEFLATE)),
+            // What browsers send.
+            ("permessage-deflate; client_max_window_bits", Some(DEFLATE)),
+            ("permessage-deflate; client_no_context_takeover", Some(DEFLATE)),
+            ("PerMessage-Deflate ; Server_No_Context_Takeover", Some(DEFLATE)),
+            ("permessage-deflate; client_max_window_bits=10", Some(DEFLATE)),
+            ("permessage-deflate; client_max_window_bits=\"9\"", Some(DEFLATE)),
+            ("permessage-deflate; server_max_window_bits=15", Some(DEFLATE_WINDOW_15)),
+            // Several offers: the first the node can honour wins.
+            (
+                "permessage-deflate; server_max_window_bits=10, permessage-deflate",
+                Some(DEFLATE),
+            ),
+            (
+                "x-webkit-deflate-frame, permessage-deflate; client_max_window_bits",
+                Some(DEFLATE),
+            ),
+            // A comma inside a quoted value does not split offers.
+            ("permessage-deflate; x=\"a,b\", permessage-deflate", Some(DEFLATE)),
+            ("", None),
+            ("x-webkit-deflate-frame", None),
+            ("permessage-deflate; server_max_window_bits=7", None),
+            ("permessage-deflate; server_max_window_bits=16", None),
+            ("permessage-deflate; server_max_window_bits=10", None),
+            ("permessage-deflate; server_max_window_bits", None),
+            ("permessage-deflate; server_max_window_bits=015", None),
+            ("permessage-deflate; client_max_window_bits=7", None),
+            ("permessage-deflate; client_max_window_bits=", None),
+            ("permessage-deflate; client_max_window_bits=abc", None),
+            ("permessage-deflate; client_max_window_bits=\"1 5\"", None),
+            ("permessage-deflate; unknown_parameter", None),
+            (
+                "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+                None,
+            ),
+            (
+                "permessage-deflate; client_max_window_bits; client_max_window_bits=10",
+                None,
+            ),
+            ("permessage-deflate; server_no_context_takeover=1", None),
+            ("permessage-deflate; client_max_window_bits=\"10", None),
+        ] {
+            assert_eq!(deflate_answer(offers), answer, "{offers:?}");
+        }
+    }
 
     #[test]
     fn a_refused_handshake_marks_a_storm_for_a_window() {

@@ -1,10 +1,12 @@
 //! Property-based fuzzing of everything that decodes bytes from outside: client frames in both
-//! encodings, the bus envelope, and building client frames from an envelope's data. Nothing may
-//! panic; what decodes must re-encode consistently. Cases per property: `PROPTEST_CASES` (default
+//! encodings, the bus envelope, building client frames from an envelope's data, and compressed
+//! client frames read through the inflater. Nothing may panic; what decodes must re-encode
+//! consistently; the inflater hands on no more than its limit allows. Cases per property: `PROPTEST_CASES` (default
 //! 2000 here), so CI runs each for a bounded time.
 //!
 //! Then the same over the network, against one live embedded node: random HTTP requests, and
-//! random bytes after a valid WebSocket handshake. The node must answer or close every connection,
+//! random bytes after a valid WebSocket handshake (with and without permessage-deflate negotiated).
+//! The node must answer or close every connection,
 //! send only close codes of the contract, never panic, and keep serving others. Cases per property:
 //! `FUZZ_NET_CASES` (default 64).
 
@@ -26,6 +28,7 @@ use shardcast::{
     encoding::json_to_msgpack,
     envelope::{Envelope, Kind},
     frame::{data_depth_ok, decode_binary, decode_text, Command, Encoding, DEFAULT_DATA_DEPTH},
+    inflate::{Inflating, CHUNK},
     wire::broadcast_frame,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -414,6 +417,31 @@ fn ws_bytes() -> impl Strategy<Value = Vec<u8>> {
 /// Close codes the node may send.
 const CONTRACT_CODES: [u16; 9] = [1000, 1002, 1007, 1008, 1009, 4001, 4002, 4003, 4008];
 
+/// Sends `bytes` on a socket upgraded with `query` and the extra `headers`, then shuts the write
+/// side: the node closes the socket, in whole frames, with a contract code if any, without
+/// panicking, and goes on serving.
+fn served_or_closed(query: &str, headers: &str, bytes: &[u8]) -> Result<(), TestCaseError> {
+    let live = live();
+    let panics = NODE_PANICS.load(Ordering::SeqCst);
+    let ending = live.runtime.block_on(async {
+        let mut ws = raw::connect(live.addr, query, headers).await;
+        let _ = ws.send(bytes).await;
+        let _ = ws.tcp.shutdown().await;
+        ws.read_to_end(ANSWER_WITHIN).await
+    });
+    prop_assert!(ending.closed, "the connection stayed open: {:?}", ending);
+    prop_assert!(ending.rest.is_empty(), "not whole frames: {:?}", ending);
+    if let Some((code, _)) = ending.close() {
+        prop_assert!(CONTRACT_CODES.contains(&code), "close code {}", code);
+    }
+    prop_assert_eq!(NODE_PANICS.load(Ordering::SeqCst), panics, "the node panicked");
+    prop_assert!(
+        live.runtime.block_on(still_serving(live.addr)),
+        "the node stopped serving"
+    );
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(net_cases())]
 
@@ -447,20 +475,192 @@ proptest! {
 
     #[test]
     fn websocket_bytes_are_served_or_closed_with_a_contract_code(bytes in ws_bytes()) {
-        let live = live();
-        let panics = NODE_PANICS.load(Ordering::SeqCst);
-        let ending = live.runtime.block_on(async {
-            let mut ws = raw::connect(live.addr, "?user=fuzz", "").await;
-            let _ = ws.send(&bytes).await;
-            let _ = ws.tcp.shutdown().await;
-            ws.read_to_end(ANSWER_WITHIN).await
-        });
-        prop_assert!(ending.closed, "the connection stayed open: {:?}", ending);
-        prop_assert!(ending.rest.is_empty(), "not whole frames: {:?}", ending);
-        if let Some((code, _)) = ending.close() {
-            prop_assert!(CONTRACT_CODES.contains(&code), "close code {}", code);
+        served_or_closed("?user=fuzz", "", &bytes)?;
+    }
+}
+
+/// The inflater's limit in the properties below, as `--max-frame-bytes`.
+const INFLATE_LIMIT: usize = 4096;
+
+/// A client's compressor with its context kept across messages, as browsers keep it: each message
+/// deflated with a sync flush, its `00 00 ff ff` dropped (RFC 7692 §7.2.1).
+struct Deflater(flate2::Compress);
+
+impl Deflater {
+    fn new() -> Deflater {
+        Deflater(flate2::Compress::new(flate2::Compression::fast(), false))
+    }
+
+    fn message(&mut self, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(data.len() / 2 + 64);
+        let start = self.0.total_in();
+        loop {
+            let at = (self.0.total_in() - start) as usize;
+            out.reserve(1024);
+            self.0
+                .compress_vec(&data[at..], &mut out, flate2::FlushCompress::Sync)
+                .unwrap();
+            if (self.0.total_in() - start) as usize == data.len() && out.len() < out.capacity() {
+                break;
+            }
         }
-        prop_assert_eq!(NODE_PANICS.load(Ordering::SeqCst), panics, "the node panicked");
-        prop_assert!(live.runtime.block_on(still_serving(live.addr)), "the node stopped serving");
+        out.truncate(out.len().saturating_sub(4));
+        out
+    }
+}
+
+/// What one message of a client that compresses is: its data, and how it is sent.
+#[derive(Debug, Clone)]
+struct Sent {
+    data: Vec<u8>,
+    compressed: bool,
+    /// Split into this many frames (1: one frame), with a ping after the first.
+    fragments: usize,
+}
+
+fn sent() -> impl Strategy<Value = Sent> {
+    let data = prop_oneof![
+        jsonish().prop_map(String::into_bytes),
+        (any::<u8>(), 0usize..3000).prop_map(|(b, n)| vec![b; n]),
+        prop::collection::vec(any::<u8>(), 0..600),
+    ];
+    (data, prop::bool::weighted(0.8), 1usize..4).prop_map(|(data, compressed, fragments)| Sent {
+        data,
+        compressed,
+        fragments,
+    })
+}
+
+/// The wire bytes of `messages` sent by one client, binary frames, with one compressor.
+fn wire_of(messages: &[Sent]) -> Vec<u8> {
+    let mut deflater = Deflater::new();
+    let mut wire = Vec::new();
+    for m in messages {
+        let payload = if m.compressed {
+            deflater.message(&m.data)
+        } else {
+            m.data.clone()
+        };
+        let rsv1 = if m.compressed { 0x40 } else { 0 };
+        let step = payload.len().div_ceil(m.fragments).max(1);
+        let parts: Vec<&[u8]> = if payload.is_empty() {
+            vec![&[][..]]
+        } else {
+            payload.chunks(step).collect()
+        };
+        for (i, part) in parts.iter().enumerate() {
+            let fin = if i + 1 == parts.len() { 0x80 } else { 0 };
+            let head = if i == 0 { fin | rsv1 | 0x2 } else { fin };
+            wire.extend(raw::masked(head, part));
+            if i == 0 {
+                wire.extend(raw::masked(0x89, b"p"));
+            }
+        }
+    }
+    wire
+}
+
+/// Reads `wire` through an [`Inflating`] (the first `early` bytes handed over as read before the
+/// socket), `read` bytes at a time: what it hands on, and whether it stopped on an error.
+fn inflate_all(wire: &[u8], early: usize, read: usize) -> (Vec<u8>, bool) {
+    let early = early.min(wire.len());
+    let mut inflating = Inflating::new(INFLATE_LIMIT, wire[..early].to_vec());
+    let mut socket = &wire[early..];
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; read.max(1)];
+    loop {
+        let mut rb = tokio::io::ReadBuf::new(&mut buf);
+        match inflating.poll_read(&mut socket, &mut cx, &mut rb) {
+            std::task::Poll::Ready(Ok(())) if rb.filled().is_empty() => return (out, false),
+            std::task::Poll::Ready(Ok(())) => out.extend_from_slice(rb.filled()),
+            std::task::Poll::Ready(Err(_)) => return (out, true),
+            // A slice never waits.
+            std::task::Poll::Pending => unreachable!("a slice is always ready"),
+        }
+    }
+}
+
+/// Frames a client may send once it negotiated the extension, good and bad: real compressed
+/// messages (whole, cut, with a byte flipped), noise with RSV1, control and continuation frames
+/// with RSV1, bombs, and any header at all.
+fn compressed_frames() -> impl Strategy<Value = Vec<u8>> {
+    let frame = prop_oneof![
+        3 => (prop::collection::vec(sent(), 1..4), any::<usize>(), any::<(usize, u8)>()).prop_map(|(msgs, cut, flip)| {
+            let mut wire = wire_of(&msgs);
+            match cut % 3 {
+                0 => {}
+                1 => wire.truncate(cut % (wire.len() + 1)),
+                _ => {
+                    let i = flip.0 % wire.len().max(1);
+                    if let Some(b) = wire.get_mut(i) {
+                        *b ^= flip.1;
+                    }
+                }
+            }
+            wire
+        }),
+        1 => (0usize..(1 << 20)).prop_map(|n| raw::masked(0xc2, &Deflater::new().message(&vec![0; n]))),
+        1 => (any::<u8>(), prop::collection::vec(any::<u8>(), 0..300), any::<bool>()).prop_map(|(head, payload, mask)| {
+            let head = head | 0x40;
+            if mask { raw::masked(head, &payload) } else { raw::unmasked(head, &payload) }
+        }),
+        1 => prop::collection::vec(any::<u8>(), 1..200),
+    ];
+    prop::collection::vec(frame, 1..4).prop_map(|f| f.concat())
+}
+
+proptest! {
+    #![proptest_config(cases())]
+
+    #[test]
+    fn compressed_messages_read_back_whole(msgs in prop::collection::vec(sent(), 1..6), early in any::<usize>(), read in 1usize..5000) {
+        let wire = wire_of(&msgs);
+        let (out, failed) = inflate_all(&wire, early % (wire.len() + 1), read);
+        let fits = msgs.iter().all(|m| m.data.len() <= INFLATE_LIMIT);
+        prop_assert_eq!(failed, !fits, "refused a message that fits, or let one through that does not");
+        if fits {
+            // Tungstenite reads the messages back as they were sent, between the pings.
+            let mut ws = WebSocket::from_raw_socket(std::io::Cursor::new(out), Role::Server, None);
+            let mut got = Vec::new();
+            while let Ok(msg) = ws.read() {
+                if let Message::Binary(b) = msg {
+                    got.push(b.to_vec());
+                }
+            }
+            let want: Vec<Vec<u8>> = msgs.iter().map(|m| m.data.clone()).collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn the_inflater_never_panics_and_hands_on_no_more_than_its_limit(wire in compressed_frames(), early in any::<usize>(), read in 1usize..5000) {
+        let (out, _) = inflate_all(&wire, early % (wire.len() + 1), read);
+        // What is handed on as it came, plus at most the limit (and frame headers) per message.
+        let messages = wire.len() / 2 + 1;
+        let bound = wire.len() + messages * (INFLATE_LIMIT + 14 * (INFLATE_LIMIT / CHUNK + 2));
+        prop_assert!(out.len() <= bound, "{} bytes out of {} in", out.len(), wire.len());
+        // Tungstenite, without a message limit of its own, reads it without panicking, and no
+        // message it reads is over the limit (every uncompressed frame here is under it). Its frame
+        // limit stays: the inflater hands on frames of at most `CHUNK`, and noise may declare any
+        // length.
+        let unlimited = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(None)
+            .max_frame_size(Some(CHUNK));
+        let mut ws = WebSocket::from_raw_socket(std::io::Cursor::new(out), Role::Server, Some(unlimited));
+        while let Ok(msg) = ws.read() {
+            prop_assert!(msg.len() <= INFLATE_LIMIT, "a message of {} bytes handed on", msg.len());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(net_cases())]
+
+    #[test]
+    fn compressed_websocket_bytes_are_served_or_closed_with_a_contract_code(bytes in compressed_frames()) {
+        let offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+        served_or_closed("?user=fuzz-deflate", offer, &bytes)?;
     }
 }

@@ -8,9 +8,8 @@ mod common;
 use std::{collections::HashMap, time::Duration};
 
 use common::{config, eventually, fleet, Client, Cluster, Node};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
-use shardcast::history::pos::Keep;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Joins with `latest` and returns the frames sent before the `ok`, and the `ok`.
@@ -52,13 +51,7 @@ async fn a_join_with_latest_gets_each_keys_current_value_first_then_live_embedde
 async fn a_join_with_latest_gets_each_keys_current_value_first_then_live_across_nodes() {
     let cluster = Cluster::shared();
     let mut cfg = config(Some(cluster), "latest-cluster");
-    cfg.history = vec![(
-        glob::Pattern::new("kept*").unwrap(),
-        Keep {
-            size: 100,
-            ttl: Duration::from_secs(600),
-        },
-    )];
+    cfg.history = common::kept("kept*");
     cfg.hot_rooms = HashMap::from([("kept-hot".to_string(), 4), ("hot".to_string(), 4)]);
     let configs = fleet(cfg, "latest-cluster", 2);
     let a = Node::start(configs[0].clone()).await;
@@ -183,13 +176,7 @@ async fn no_key_goes_backwards_across_the_switch_to_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_update_of_a_key_takes_one_shard_whoever_publishes_it() {
     let mut cfg = config(None, "key-shard");
-    cfg.history = vec![(
-        glob::Pattern::new("*").unwrap(),
-        Keep {
-            size: 100,
-            ttl: Duration::from_secs(600),
-        },
-    )];
+    cfg.history = common::kept("*");
     cfg.hot_rooms = HashMap::from([("stadium".to_string(), 8)]);
     let node = Node::start(cfg).await;
     let mut fan = Client::connect(&node.ws("?user=fan")).await;
@@ -319,23 +306,10 @@ async fn the_key_limit_and_bad_keys_publish_nothing_and_values_expire() {
     node.stop().await;
 }
 
-/// A WebSocket client whose kernel receive buffer is small, as a phone on a weak link: what it does
-/// not read backs up into the node.
-async fn weak_client(node: &Node, query: &str) -> common::Ws {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(node.addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(node.ws(query), tokio_tungstenite::MaybeTlsStream::Plain(stream))
-        .await
-        .unwrap();
-    ws
-}
-
-/// Publishes 3000 values of two keys, 2 KB each (6 MB, past the 256 KB budget and what the kernel's
-/// autotuned send buffer holds) and a few unkeyed lines to a room a socket joined and does not
-/// read; then it reads. With conflation it was never dropped and gets each key's last value;
-/// without, it was closed with 4008.
-const VALUES: u64 = 3000;
+/// A socket joins a room and stops reading while 3000 values go by ([`common::stalled_phone`]);
+/// then it reads. With conflation it was never dropped and gets each key's last value; without,
+/// it was closed with 4008.
+const VALUES: u64 = common::STALLED_VALUES;
 
 async fn stalled_reader(conflate: bool) -> (Vec<Value>, Option<u16>) {
     let mut cfg = config(None, "conflate");
@@ -345,34 +319,7 @@ async fn stalled_reader(conflate: bool) -> (Vec<Value>, Option<u16>) {
         cfg.conflate_above = Some(32 * 1024);
     }
     let node = Node::start(cfg).await;
-    let mut ws = weak_client(&node, "?user=phone").await;
-    ws.send(Message::Text(
-        json!({"op":"join","room":"match:9","id":1}).to_string().into(),
-    ))
-    .await
-    .unwrap();
-    let ok = ws.next().await.unwrap().unwrap();
-    assert!(ok.to_text().unwrap().contains("\"ok\""), "{ok:?}");
-    let mut feed = Client::connect(&node.ws("?user=feed")).await;
-    let pad = "x".repeat(2000);
-    for i in 0..VALUES {
-        let key = if i % 2 == 0 { "score" } else { "clock" };
-        feed.send(json!({"op":"pub","room":"match:9","key":key,"data":{"i":i,"pad":pad}}))
-            .await;
-        if i % 750 == 0 {
-            feed.publish("match:9", json!({"chat": i})).await;
-        }
-    }
-    feed.publish("match:9", json!({"chat": "end"})).await;
-    let metrics = node.url("/metrics");
-    if conflate {
-        eventually("the socket to conflate", || async {
-            common::metric(&metrics, "shardcast_conflated_values_total{reason=\"conflated\"}")
-                .await
-                .is_some_and(|v| v > 0.0)
-        })
-        .await;
-    }
+    let mut ws = common::stalled_phone(&node, json!({}), conflate).await;
     let mut got = Vec::new();
     let mut code = None;
     loop {
@@ -440,13 +387,7 @@ async fn without_conflation_a_socket_that_stops_reading_is_dropped() {
 async fn a_history_join_on_a_fresh_node_goes_live_though_some_shards_are_quiet() {
     let cluster = Cluster::shared();
     let mut cfg = config(Some(cluster), "fresh-hist");
-    cfg.history = vec![(
-        glob::Pattern::new("kept*").unwrap(),
-        Keep {
-            size: 100,
-            ttl: Duration::from_secs(600),
-        },
-    )];
+    cfg.history = common::kept("kept*");
     cfg.hot_rooms = HashMap::from([("kept-hot".to_string(), 4)]);
     let configs = fleet(cfg, "fresh-hist", 2);
     let a = Node::start(configs[0].clone()).await;
@@ -517,13 +458,7 @@ async fn max_rate_sends_at_most_that_many_values_per_key_a_second_and_the_last_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_since_the_replay_wins_where_it_recovers_and_the_latest_values_where_it_cannot() {
     let mut cfg = config(None, "since-latest");
-    cfg.history = vec![(
-        glob::Pattern::new("kept*").unwrap(),
-        Keep {
-            size: 100,
-            ttl: Duration::from_secs(600),
-        },
-    )];
+    cfg.history = common::kept("kept*");
     let node = Node::start(cfg).await;
     let mut feed = Client::connect(&node.ws("?user=feed")).await;
     let mut fan = Client::connect(&node.ws("?user=fan")).await;

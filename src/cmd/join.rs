@@ -50,9 +50,13 @@ pub async fn run(join: Join, node: &Node, membership: &mut Membership, out: &Out
     } = join;
     let room: Arc<str> = room.into();
     if membership.is_in(&room) {
-        // Joined already: asking for presence now starts the events.
+        // Joined already: asking for presence now starts the events; asking for deltas starts
+        // the socket's values over, so that a client whose delta did not apply gets whole ones.
         if presence {
             membership.watch(&room, out);
+        }
+        if delta {
+            node.hub().restart_values(&Topic::Room(room), membership.id());
         }
         return ok(id);
     }

@@ -77,18 +77,50 @@ impl Values {
 /// Per key, the update number of the last value one socket was sent from the shared frames (whole
 /// or as a delta): a delta based on that value is one it can apply. At most one entry per key of
 /// the room; it goes with the socket's membership.
+///
+/// Every delta socket of a stadium is asked once per keyed message, so the common case (a room
+/// of a few keys) is a short array inline, one cache line from the socket's seat, not a hash map
+/// behind pointers. Keys are known by a 64-bit hash of their name (the same for every socket), so
+/// nothing is allocated per socket per message.
 #[derive(Debug, Default)]
 pub struct Bases {
-    keys: Mutex<HashMap<Box<str>, u64, ahash::RandomState>>,
+    keys: Mutex<Keys>,
+}
+
+/// Keys kept inline before the rest go to a map.
+const NEAR: usize = 4;
+
+#[derive(Debug, Default)]
+struct Keys {
+    /// `(key hash, update number)`, the first `used` of them.
+    near: [(u64, u64); NEAR],
+    used: usize,
+    far: HashMap<u64, u64, ahash::RandomState>,
+}
+
+/// The hash a key is known by in [`Bases`]: one hasher for the process, so every socket agrees.
+fn key_hash(key: &str) -> u64 {
+    static HASHER: std::sync::OnceLock<ahash::RandomState> = std::sync::OnceLock::new();
+    HASHER.get_or_init(ahash::RandomState::new).hash_one(key)
 }
 
 impl Bases {
     /// Records that the socket gets the value numbered `seq` of `key`; true when its last value of
     /// the key is `base`, so the delta from `base` is one it can apply.
     pub fn take(&self, key: &str, seq: u64, base: Option<u64>) -> bool {
+        let hash = key_hash(key);
         // Each change under this lock is one step.
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        let had = keys.insert(key.into(), seq);
+        let keys = &mut *keys;
+        let had = match keys.near[..keys.used].iter_mut().find(|(h, _)| *h == hash) {
+            Some((_, had)) => Some(std::mem::replace(had, seq)),
+            None if keys.used < NEAR && keys.far.is_empty() => {
+                keys.near[keys.used] = (hash, seq);
+                keys.used += 1;
+                None
+            }
+            None => keys.far.insert(hash, seq),
+        };
         base.is_some() && had == base
     }
 }
@@ -130,5 +162,11 @@ mod tests {
         assert!(!bases.take("k", 8, Some(7)), "it missed 7");
         assert!(!bases.take("k", 9, None), "a whole value");
         assert!(bases.take("k", 10, Some(9)));
+        // Past the keys kept inline, as before.
+        for (i, key) in ["a", "b", "c", "d", "e", "f"].into_iter().enumerate() {
+            assert!(!bases.take(key, 1, Some(0)), "{key} is new");
+            assert!(bases.take(key, 2, Some(1)), "{key} ({i}) has 1");
+        }
+        assert!(bases.take("k", 11, Some(10)), "k kept its number");
     }
 }

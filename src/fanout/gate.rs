@@ -806,9 +806,16 @@ impl Gate {
     }
 
     /// Bytes counted against the budget now.
-    /// Whether the socket is conflating now: behind past its mark, its queued values replaceable.
-    pub fn is_conflating(&self) -> bool {
-        self.lock().conflation.is_some()
+    /// Whether the socket conflates a write of `incoming` bytes: it is behind past its mark, or
+    /// those bytes take it there (as [`Gate::write_through`] judges). Its queued values are then
+    /// replaceable, and a delta, which needs the value before it, must not be among them.
+    pub fn conflates(&self, incoming: usize) -> bool {
+        if self.conflate_above == usize::MAX {
+            return false;
+        }
+        let st = self.lock();
+        let unsent = self.outlet.get().map_or(0, Attached::unsent);
+        st.conflation.is_some() || st.queued + unsent + incoming > self.conflate_above
     }
 
     pub fn queued(&self) -> usize {

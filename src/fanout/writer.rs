@@ -218,7 +218,7 @@ pub fn write_turn(s: &mut Scratch) -> Delivery {
             t.clear();
             l.clear();
             // A conflating socket's queued values may be replaced: it gets whole values.
-            let conflating = bases.is_some() && member.gate.is_conflating();
+            let conflating = bases.is_some() && member.gate.conflates(full.iter().map(|l| *l as usize).sum());
             for (((frame, tag), len), delta) in frames.iter().zip(tags).zip(full).zip(share.deltas_since(since)) {
                 if floors.as_ref().is_some_and(|floors| !floors.admits(tag)) {
                     continue;

@@ -161,6 +161,15 @@ pub fn config(redis: Option<&Cluster>, test: &str) -> Config {
     }
 }
 
+/// History for the rooms `glob` names: their newest 100 messages, for 10 minutes.
+pub fn kept(glob: &str) -> Vec<(glob::Pattern, shardcast::history::pos::Keep)> {
+    let keep = shardcast::history::pos::Keep {
+        size: 100,
+        ttl: Duration::from_secs(600),
+    };
+    vec![(glob::Pattern::new(glob).unwrap(), keep)]
+}
+
 /// `nodes` configurations of one deployment: `base`'s prefixes and settings, each its own node id
 /// (`<test>-<i>`).
 pub fn fleet(base: Config, test: &str, nodes: usize) -> Vec<Config> {
@@ -441,6 +450,52 @@ impl Client {
             }
         }
     }
+}
+
+/// What [`stalled_phone`]'s feed publishes: values of two keys, 2 KB each (6 MB, past a 256 KB
+/// budget and what the kernel's autotuned send buffer holds).
+pub const STALLED_VALUES: u64 = 3000;
+
+/// A phone on a weak link (a 4 KiB receive buffer) that joins `match:9` on `node` (the join's
+/// extra fields in `join`) and stops reading, while a feed publishes [`STALLED_VALUES`] values of
+/// the keys `score` (even `i`) and `clock` (odd `i`), `{"i":i,"pad":…}`, a chat line `{"chat":i}`
+/// every 750 of them and a last one `{"chat":"end"}`. With `conflating`, it returns once the node
+/// has conflated values. The phone's socket, for the test to read.
+pub async fn stalled_phone(node: &Node, join: Value, conflating: bool) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(node.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(node.ws("?user=phone"), MaybeTlsStream::Plain(stream))
+        .await
+        .unwrap();
+    let mut cmd = json!({"op":"join","room":"match:9","id":1});
+    cmd.as_object_mut()
+        .unwrap()
+        .extend(join.as_object().cloned().unwrap_or_default());
+    ws.send(Message::Text(cmd.to_string().into())).await.unwrap();
+    let ok = ws.next().await.unwrap().unwrap();
+    assert!(ok.to_text().unwrap().contains("\"ok\""), "{ok:?}");
+    let mut feed = Client::connect(&node.ws("?user=feed")).await;
+    let pad = "x".repeat(2000);
+    for i in 0..STALLED_VALUES {
+        let key = if i % 2 == 0 { "score" } else { "clock" };
+        feed.send(json!({"op":"pub","room":"match:9","key":key,"data":{"i":i,"pad":pad}}))
+            .await;
+        if i % 750 == 0 {
+            feed.publish("match:9", json!({"chat": i})).await;
+        }
+    }
+    feed.publish("match:9", json!({"chat": "end"})).await;
+    if conflating {
+        let metrics = node.url("/metrics");
+        eventually("the socket to conflate", || async {
+            metric(&metrics, "shardcast_conflated_values_total{reason=\"conflated\"}")
+                .await
+                .is_some_and(|v| v > 0.0)
+        })
+        .await;
+    }
+    ws
 }
 
 /// A loopback port that was free a moment ago (and whose cluster-bus port, +10000, too).

@@ -62,6 +62,11 @@ pub struct RawWs {
 
 /// The opening handshake of `GET /ws{query}`, with `extra` header lines; panics unless 101.
 pub async fn connect(addr: SocketAddr, query: &str, extra: &str) -> RawWs {
+    connect_answered(addr, query, extra).await.0
+}
+
+/// The same, with the head of the node's answer (status line and headers).
+pub async fn connect_answered(addr: SocketAddr, query: &str, extra: &str) -> (RawWs, String) {
     let mut tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
         .await
         .expect("connect in time")
@@ -87,10 +92,19 @@ pub async fn connect(addr: SocketAddr, query: &str, extra: &str) -> RawWs {
     };
     let head = String::from_utf8_lossy(&buf[..end]).to_string();
     assert!(head.starts_with("HTTP/1.1 101"), "not upgraded: {head}");
-    RawWs {
+    let ws = RawWs {
         tcp,
         buf: buf[end..].to_vec(),
-    }
+    };
+    (ws, head)
+}
+
+/// A header's value in the head of an answer, if it is there once.
+pub fn answer_header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
 }
 
 /// A frame as a client sends it: `head` (FIN, RSV, opcode) as given, the payload masked.
@@ -126,28 +140,33 @@ fn header(head: u8, mask_bit: u8, len: usize) -> Vec<u8> {
 pub fn parse(buf: &[u8]) -> (Vec<Frame>, usize) {
     let mut frames = Vec::new();
     let mut at = 0;
-    loop {
-        let rest = &buf[at..];
-        if rest.len() < 2 {
-            break;
-        }
-        let (len, start) = match rest[1] & 0x7f {
-            126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
-            127 if rest.len() >= 10 => (u64::from_be_bytes(rest[2..10].try_into().unwrap()) as usize, 10),
-            126 | 127 => break,
-            n => (n as usize, 2),
-        };
-        // A server never masks; a mask bit here is a node bug the caller sees as leftover bytes.
-        if rest[1] & 0x80 != 0 || rest.len() < start + len {
-            break;
-        }
-        frames.push(Frame {
-            head: rest[0],
-            payload: rest[start..start + len].to_vec(),
-        });
-        at += start + len;
+    while let Some((frame, len)) = first(&buf[at..]) {
+        frames.push(frame);
+        at += len;
     }
     (frames, at)
+}
+
+/// The whole server frame at the front of `buf`, if there is one, and its length.
+fn first(rest: &[u8]) -> Option<(Frame, usize)> {
+    if rest.len() < 2 {
+        return None;
+    }
+    let (len, start) = match rest[1] & 0x7f {
+        126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+        127 if rest.len() >= 10 => (u64::from_be_bytes(rest[2..10].try_into().unwrap()) as usize, 10),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    // A server never masks; a mask bit here is a node bug the caller sees as leftover bytes.
+    if rest[1] & 0x80 != 0 || rest.len() < start + len {
+        return None;
+    }
+    let frame = Frame {
+        head: rest[0],
+        payload: rest[start..start + len].to_vec(),
+    };
+    Some((frame, start + len))
 }
 
 impl RawWs {
@@ -175,6 +194,22 @@ impl RawWs {
             frames,
             closed,
             rest: self.buf[used..].to_vec(),
+        }
+    }
+
+    /// The node's next frame, or `None` when none came within `within` (or the socket ended).
+    pub async fn next_frame(&mut self, within: Duration) -> Option<Frame> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some((frame, len)) = first(&self.buf) {
+                self.buf.drain(..len);
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout_at(deadline, self.tcp.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                _ => return None,
+            }
         }
     }
 

@@ -33,7 +33,8 @@ setInterval(() => {
 
 // `latest`: the score's current value comes before the join's answer, so a page opened mid-match
 // (or back after a reconnect without history) shows the score at once, not at the next update.
-const room = client.join(roomName, { latest: true });
+// `delta`: each new score comes as the few bytes that changed; the client rebuilds it.
+const room = client.join(roomName, { latest: true, delta: true });
 room.on("message", (m: Message) => {
   arrivals.push(performance.now());
   const d = m.data as { type?: string; [k: string]: unknown };

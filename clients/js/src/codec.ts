@@ -10,6 +10,13 @@ export interface Codec {
   encode(frame: Frame): string | Uint8Array;
   /** Throws on bytes that are not a frame. */
   decode(data: string | ArrayBuffer | Uint8Array): Frame;
+  /**
+   * In a room joined with `delta`: the bytes a keyed frame's `data` carries (a whole value's
+   * encoding, or a fossil delta between two of them). Throws when `data` is not such bytes.
+   */
+  bytesOf(data: unknown): Uint8Array;
+  /** The value a whole value's bytes encode. Throws on bytes that are not one. */
+  valueOf(bytes: Uint8Array): unknown;
 }
 
 export const json: Codec = {
@@ -23,4 +30,10 @@ export const json: Codec = {
     }
     return frame;
   },
+  // The value's JSON text, carried as a string.
+  bytesOf: (data) => {
+    if (typeof data !== "string") throw new TypeError("the data of a delta-mode frame is not a string");
+    return new TextEncoder().encode(data);
+  },
+  valueOf: (bytes) => JSON.parse(new TextDecoder().decode(bytes)),
 };

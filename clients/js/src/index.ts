@@ -1,7 +1,9 @@
 // shardcast-client: rooms, direct messages, reconnect with full jitter, and recovery from history
-// (docs/protocol.md is the contract this speaks). No runtime dependency: in the browser it uses the
-// global WebSocket; in Node pass `{ WebSocket }` from the `ws` package.
+// (docs/protocol.md is the contract this speaks). One runtime dependency, `fossil-delta`, to apply
+// the node's deltas: in the browser it uses the global WebSocket; in Node pass `{ WebSocket }` from
+// the `ws` package.
 
+import { applyDelta } from "fossil-delta";
 import { json, type Codec, type Frame } from "./codec.js";
 import { Emitter } from "./emitter.js";
 
@@ -35,6 +37,12 @@ export interface JoinOptions {
   latest?: boolean;
   /** At most this many messages per second per key to this socket (1 to 1000); the newest wins. */
   maxRate?: number;
+  /**
+   * Let the node send a key's new value as the difference to its previous one (a scoreboard's
+   * few changed bytes instead of the whole state). The app still gets whole values: the client
+   * applies each delta. Default false.
+   */
+  delta?: boolean;
 }
 
 export interface DirectMessage {
@@ -48,7 +56,8 @@ export interface DirectMessage {
  * command may or may not have been done), `closed`, `timeout`, `token_expired` (close 4003 and no
  * `getToken`), `policy` (close 1008 or 1009: a bug in the app, not retried), `max_attempts`,
  * `token` (`getToken` failed), `bad_frame` (the node sent something that is not a frame),
- * `bad_url` (the URL cannot be opened).
+ * `bad_delta` (a delta that did not apply: the room is joined again and its keys' next values
+ * come whole), `bad_url` (the URL cannot be opened).
  */
 export class ShardcastError extends Error {
   constructor(
@@ -190,7 +199,7 @@ export class Client extends Emitter<ClientEvents> {
     }
     let room = this.#rooms.get(name);
     if (!room) {
-      room = new Room(this, name, options.recover ?? true, options.latest ?? false, maxRate);
+      room = new Room(this, name, options.recover ?? true, options.latest ?? false, maxRate, options.delta ?? false);
       this.#rooms.set(name, room);
       if (this.#connected()) this.#join(room);
     }
@@ -316,7 +325,7 @@ export class Client extends Emitter<ClientEvents> {
   #onFrame(f: Frame): void {
     switch (f.op) {
       case "msg":
-        this.#rooms.get(f.room as string)?.deliver(f);
+        this.#rooms.get(f.room as string)?.deliver(f, this.#codec);
         return;
       case "dm":
         this.emit("dm", { from: f.from as string, data: f.data });
@@ -427,21 +436,27 @@ export class Client extends Emitter<ClientEvents> {
     }, period / 2);
   }
 
-  #join(room: Room): void {
+  /** Joins `room`; a `resync` join (the room is joined already) only starts its values over. */
+  #join(room: Room, resync = false): void {
     const frame: Frame = { op: "join", room: room.name };
     const resuming = room.everJoined;
-    if (resuming && room.recover && room.last) frame.since = room.last;
+    if (resuming && room.recover && room.last && !resync) frame.since = room.last;
     // With positions the node replays what was missed, the newer values of keys included; where it
     // cannot (no history, no recovery, or history lost in a failover) the current values catch the
     // room up instead: the node sends them only when the replay does not happen.
-    if (room.wantsLatest) frame.latest = true;
+    if (room.wantsLatest && !resync) frame.latest = true;
     // The rate is the socket's, so every connection is told again.
     if (room.maxRate !== undefined) frame.max_rate = room.maxRate;
+    if (room.delta) {
+      frame.delta = true;
+      // A new connection's socket has no values yet: deltas start from whole ones.
+      if (!room.joined) room.forgetValues();
+    }
     this.#request(frame, false).then(
       (ok) => {
         // Left while the join was on its way: leave on the node too.
         if (this.#rooms.get(room.name) !== room) this.request({ op: "leave", room: room.name }).catch(() => {});
-        else room.onJoined(ok, resuming);
+        else if (!resync) room.onJoined(ok, resuming);
       },
       (e: ShardcastError) => {
         if (e.code === "disconnected" || e.code === "closed") return;
@@ -456,6 +471,14 @@ export class Client extends Emitter<ClientEvents> {
         room.failed(e);
       },
     );
+  }
+
+  /**
+   * @internal A delta of `room` did not apply: joins it again, which starts the socket's values
+   * over on the node (the next value of every key comes whole) without a gap in the room.
+   */
+  resync(room: Room): void {
+    if (this.#rooms.get(room.name) === room && this.#connected() && room.joined) this.#join(room, true);
   }
 
   /** @internal */
@@ -476,6 +499,10 @@ export class Room extends Emitter<RoomEvents> {
   readonly #seen = new Set<string>();
   /** The newest message per key, for `latest()`. */
   readonly #latest = new Map<string, Message>();
+  /** With `delta`: per key, the bytes of the value a delta of that key applies to. */
+  readonly #values = new Map<string, Uint8Array>();
+  /** With `delta`: keys whose delta failed; their deltas are skipped until a whole value comes. */
+  readonly #broken = new Set<string>();
   readonly #client: Client;
   /** Resolves on the first join's `ok`, rejects with its error. */
   readonly ready: Promise<void>;
@@ -490,6 +517,8 @@ export class Room extends Emitter<RoomEvents> {
     readonly wantsLatest: boolean = false,
     /** @internal `join`'s `maxRate`. */
     readonly maxRate?: number,
+    /** @internal `join`'s `delta`. */
+    readonly delta: boolean = false,
   ) {
     super();
     this.#client = client;
@@ -552,8 +581,49 @@ export class Room extends Emitter<RoomEvents> {
     this.emit("error", e);
   }
 
+  /** @internal A new connection: the node sends whole values before any delta. */
+  forgetValues(): void {
+    this.#values.clear();
+    this.#broken.clear();
+  }
+
+  /**
+   * @internal A keyed frame of a `delta` join (`delta` true or false): the value it carries, whole
+   * or rebuilt from the key's previous one; `undefined` when it cannot be (an `error` event once,
+   * then the room is joined again and the key's deltas skipped until its next whole value).
+   */
+  #rebuild(f: Frame, key: string, codec: Codec): { value: unknown } | undefined {
+    try {
+      const carried = codec.bytesOf(f.data);
+      let bytes = carried;
+      if (f.delta === true) {
+        if (this.#broken.has(key)) return undefined;
+        const base = this.#values.get(key);
+        if (base === undefined) throw new Error(`no previous value of key ${key}`);
+        bytes = applyDelta(base, carried);
+      }
+      const value = codec.valueOf(bytes);
+      this.#values.set(key, bytes);
+      this.#broken.delete(key);
+      return { value };
+    } catch (e) {
+      this.#values.delete(key);
+      if (!this.#broken.has(key)) {
+        this.#broken.add(key);
+        this.emit("error", new ShardcastError("bad_delta", `a value of key ${key} in ${this.name} could not be rebuilt: ${e}`));
+        this.#client.resync(this);
+      }
+      return undefined;
+    }
+  }
+
   /** @internal A `msg` of this room: dropped when its position was delivered already. */
-  deliver(f: Frame): void {
+  deliver(f: Frame, codec: Codec): void {
+    if (typeof f.delta === "boolean" && typeof f.key === "string") {
+      const rebuilt = this.#rebuild(f, f.key, codec);
+      if (rebuilt === undefined) return;
+      f = { ...f, data: rebuilt.value };
+    }
     const m = message(f);
     if (m.pos !== undefined && m.shard !== undefined) {
       if (this.#seen.has(m.pos)) return;

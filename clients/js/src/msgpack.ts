@@ -17,6 +17,12 @@ export const msgpack: Codec = {
     }
     return frame;
   },
+  // The value's MessagePack bytes, carried as `bin`.
+  bytesOf: (data) => {
+    if (!(data instanceof Uint8Array)) throw new TypeError("the data of a delta-mode frame is not bin");
+    return data;
+  },
+  valueOf: (bytes) => decode(bytes),
 };
 
 /** `connect` whose `encoding` may also be `'msgpack'` (its default here). */

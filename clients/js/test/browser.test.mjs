@@ -175,3 +175,72 @@ test("a page opened mid-match shows the current score at once, with no publish a
     await node.stop();
   }
 });
+
+/** A counter or gauge of the node's `/metrics`, summed over its series that contain `labels`. */
+async function metric(node, name, labels = "") {
+  const text = await (await fetch(`${node.http}/metrics`)).text();
+  return text
+    .split("\n")
+    .filter((l) => l.startsWith(name) && (l[name.length] === " " || l[name.length] === "{") && l.includes(labels))
+    .reduce((sum, l) => sum + Number(l.split(" ").pop()), 0);
+}
+
+test("in Chromium the page negotiates permessage-deflate and joins with delta: it shows every score, rebuilt from deltas, and its own compressed frames are read", { timeout: 120_000 }, async () => {
+  const node = await startNode(demoArgs());
+  const { browser, close } = await launch();
+  const feed = connect(node.ws, { token: hs256({ sub: "feed", pub: true }) });
+  try {
+    const room = feed.join("demo");
+    await room.ready;
+    const page = await browser.newPage();
+    const problems = [];
+    page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+    await page.goto(`http://127.0.0.1:${node.port}/demo?token=${hs256({ sub: "viewer", pub: true })}`);
+    await page.waitForFunction(() => document.getElementById("state")?.textContent === "connected", { timeout: 20_000 });
+    // The match's state, with its line-ups: a few hundred bytes of which each update changes a few.
+    const lineup = (side) => Array.from({ length: 11 }, (_, i) => `${side} player number ${i + 1}`);
+    const score = (minute) => ({
+      type: "score",
+      home: "Lions",
+      away: "Tigers",
+      score: [Math.floor(minute / 30), Math.floor(minute / 40)],
+      minute,
+      lineups: { home: lineup("Lions"), away: lineup("Tigers") },
+    });
+    for (let minute = 1; minute <= 30; minute++) {
+      await room.publish(score(minute), { key: "score" });
+      await page.waitForFunction((m) => document.getElementById("minute")?.textContent === `${m}'`, { timeout: 20_000 }, minute);
+    }
+    const text = (selector) => page.$eval(selector, (e) => e.textContent);
+    assert.deepEqual([await text("#home-score"), await text("#away-score")], ["1", "0"]);
+    // Chromium compresses what it sends once the extension is on; the node inflates it.
+    const inflatedBefore = await metric(node, "shardcast_inflated_bytes_total");
+    await page.type("#text", "a chat line from the stands, long enough to be worth compressing ".repeat(3));
+    await page.click("#say button");
+    await page.waitForFunction(() => document.querySelectorAll("#chat li").length === 1, { timeout: 20_000 });
+    assert.ok((await metric(node, "shardcast_delta_values_total", 'form="delta"')) >= 25, "scores went as deltas");
+    const [sent, whole] = [await metric(node, "shardcast_delivered_bytes_total"), await metric(node, "shardcast_delivered_full_bytes_total")];
+    assert.ok(sent < whole / 2, `compressed and delta frames: ${sent} of ${whole} bytes`);
+    assert.ok((await metric(node, "shardcast_inflated_bytes_total")) > inflatedBefore, "the page's compressed frames were inflated");
+    // What Chromium itself was answered at the upgrade.
+    const extensions = await page.evaluate(
+      (url) =>
+        new Promise((resolve, reject) => {
+          const ws = new WebSocket(url);
+          ws.onopen = () => {
+            resolve(ws.extensions);
+            ws.close();
+          };
+          ws.onerror = () => reject(new Error("no socket"));
+        }),
+      `ws://127.0.0.1:${node.port}/ws?token=${hs256({ sub: "probe" })}`,
+    );
+    assert.equal(extensions, "permessage-deflate; server_no_context_takeover");
+    assert.deepEqual(problems, []);
+    assert.equal(await text("#said"), "", "no error on the page");
+  } finally {
+    feed.close();
+    await close();
+    await node.stop();
+  }
+});

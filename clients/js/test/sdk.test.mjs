@@ -8,6 +8,7 @@ import { after, before, test } from "node:test";
 import { monitorEventLoopDelay } from "node:perf_hooks";
 import WebSocket from "ws";
 import { connect as connectMsgpack } from "../dist/msgpack.js";
+import { json } from "../dist/index.js";
 import { connect, freePort, hs256, prefixes, startBalancer, startCluster, startNode, until } from "./harness.mjs";
 
 let cluster;
@@ -537,6 +538,75 @@ test("a room joined with latest asks for it again on a re-join without positions
     fan.close();
     feed.close();
     await lb.close();
+    await node.stop();
+  }
+});
+
+/** A match's state: each update changes a few bytes of it. */
+function matchState(i) {
+  return { home: "Arsenal", away: "Chelsea", minute: i, score: [Math.floor(i / 7), Math.floor(i / 11)], events: ["kick-off", "a long description of what happened so far"] };
+}
+
+test("delta: the app gets whole values in JSON and MessagePack while the node sends deltas; a value that cannot be rebuilt is an error, the room is joined again and its values come whole", async () => {
+  const node = await startNode(historyArgs(["--delta-full-every", "1000"]));
+  // Codecs that count the delta frames the node sent; the spoiling one corrupts the bytes of one
+  // value it carries, as a bad delta would: that value cannot be rebuilt.
+  let deltas = 0;
+  let calls = 0;
+  const counting = (codec, spoil) => ({
+    ...codec,
+    decode: (data) => {
+      const f = codec.decode(data);
+      if (f.delta === true) deltas++;
+      return f;
+    },
+    bytesOf: (data) => {
+      const bytes = codec.bytesOf(data);
+      if (spoil && ++calls === 10) return bytes.map((b) => b ^ 0x5a);
+      return bytes;
+    },
+  });
+  const feed = connect(node.ws, { user: "feed" });
+  const viewer = connect(node.ws, { user: "viewer", encoding: counting(json, false) });
+  const packed = connectMsgpack(node.ws, { user: "packed", WebSocket });
+  const spoiled = connect(node.ws, { user: "spoiled", encoding: counting(json, true) });
+  const spoiledSeen = watch(spoiled);
+  try {
+    const rooms = [viewer, packed, spoiled].map((c) => c.join("board", { delta: true }));
+    const got = rooms.map(record);
+    const roomErrors = [];
+    rooms[2].on("error", (e) => roomErrors.push(e));
+    await Promise.all(rooms.map((r) => r.ready));
+    const room = feed.join("board");
+    await room.ready;
+    const N = 30;
+    for (let i = 1; i <= N; i++) await room.publish(matchState(i), { key: "state" });
+    await until("every value on the JSON and MessagePack sockets", () => got[0].messages.length >= N && got[1].messages.length >= N);
+    for (const g of got.slice(0, 2)) {
+      assert.deepEqual(
+        g.messages.map((m) => m.data),
+        Array.from({ length: N }, (_, i) => matchState(i + 1)),
+        "every value whole, as published",
+      );
+    }
+    assert.ok(deltas >= N / 2, `the node sent deltas: ${deltas}`);
+    await until("the spoiled socket's last value", () => got[2].messages.at(-1)?.data.minute === N);
+    assert.deepEqual(roomErrors.map((e) => e.code), ["bad_delta"], "one error for the value that could not be rebuilt");
+    const minutes = got[2].messages.map((m) => m.data.minute);
+    assert.ok(minutes.length < N && minutes.length >= N - 4, `all but the unrebuildable values: ${minutes}`);
+    for (const m of got[2].messages) assert.deepEqual(m.data, matchState(m.data.minute), "never a wrong value");
+    assert.ok(minutes.every((v, i) => i === 0 || v > minutes[i - 1]), "in order");
+    assert.deepEqual(spoiledSeen.errors, [], "no client-level error");
+    // After the re-join the socket is back on deltas.
+    const before = deltas;
+    for (let i = N + 1; i <= N + 3; i++) await room.publish(matchState(i), { key: "state" });
+    await until("the next values", () => got[2].messages.at(-1)?.data.minute === N + 3 && got[0].messages.length >= N + 3);
+    assert.ok(deltas > before, "deltas again");
+  } finally {
+    feed.close();
+    viewer.close();
+    packed.close();
+    spoiled.close();
     await node.stop();
   }
 });
