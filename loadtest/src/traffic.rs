@@ -300,12 +300,18 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     Ok(report(args, &plan, &ctx, &clock, &usage, &drained, &counts))
 }
 
-/// The values a feed publisher may publish over the run, with room to spare: a publisher ticks
-/// once per period of the publishing window, and late ticks catch up, never exceed it.
+/// The values a feed publisher may publish over the run, with room to spare (a publisher ticks
+/// once per period of the publishing window, and late ticks catch up, never exceed it), and at
+/// most [`MAX_RECORDED`] for all publishers together: past that, values are counted unchecked.
 fn per_publisher(args: &Args, plan: &Plan) -> usize {
-    let publishers = plan.fan.len().max(1) as f64;
-    (args.duration.max(0.0) * plan.rate / publishers * 1.1) as usize + 64
+    let publishers = plan.fan.len().max(1);
+    let want = (args.duration.max(0.0) * plan.rate / publishers as f64 * 1.1) as usize + 64;
+    want.min(MAX_RECORDED / publishers)
 }
+
+/// Feed values recorded for the readers' checks, all publishers together: at most some 250 MB of
+/// odds tables (a run of 5 minutes at 200 msg/s).
+const MAX_RECORDED: usize = 65_536;
 
 /// The connections the ramp started, and how long it took.
 struct Ramped {
