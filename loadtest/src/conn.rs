@@ -1,5 +1,6 @@
 //! One client connection: connect from a chosen loopback source address, join, then read and
-//! (for publishers) publish on a timer until told to stop. Everything it saw comes back as an
+//! (for publishers) publish on a timer until told to stop; with a `--feed`, a publisher publishes
+//! the feed's values (and records each, for the feed readers to check against). Everything it saw comes back as an
 //! [`Outcome`]; a connection the node closes is counted, never a panic. Also the nodes connected
 //! to: a `--url`, checked to be a loopback `ws://` node ([`NodeUrl::resolve`]).
 
@@ -27,7 +28,9 @@ use tokio_tungstenite::{
 };
 
 use crate::{
-    stats::{Latencies, Pending, Stream, Tally},
+    feeds::{self, Feed, Published},
+    keyed,
+    stats::{Latencies, Pending, Reading, Stream, Tally, WireTally},
     wire::{self, Encoding, Inbound, Stamp, Target},
 };
 
@@ -118,6 +121,8 @@ pub struct Spec {
     pub publish: Option<Publisher>,
     /// Publishers whose every message this connection must receive.
     pub expect: Range<u32>,
+    /// A feed reader's way of reading (`--feed`), read by its own client.
+    pub reading: Option<Reading>,
 }
 
 #[cfg(test)]
@@ -134,6 +139,7 @@ impl Spec {
             join: None,
             publish: None,
             expect,
+            reading: None,
         }
     }
 }
@@ -160,6 +166,15 @@ pub struct Ctx {
     /// Publishing connections that publish no more (the run turned quiet, or they ended): what
     /// they sent is final once all have.
     pub stopped: AtomicUsize,
+    /// The feed publishers publish (`--feed`), its seed, and every value published.
+    pub feed: Option<FeedRun>,
+}
+
+/// A run's `--feed`.
+pub struct FeedRun {
+    pub feed: Feed,
+    pub seed: u64,
+    pub published: Published,
 }
 
 impl Ctx {
@@ -186,6 +201,7 @@ impl Ctx {
             failed: AtomicUsize::new(0),
             closed: AtomicUsize::new(0),
             stopped: AtomicUsize::new(0),
+            feed: None,
         })
     }
 }
@@ -208,13 +224,33 @@ pub struct Outcome {
     pub positioned: u64,
     pub reconnects: u64,
     pub unparsed: u64,
+    /// A feed reader's bytes on the wire beside its payloads, and how it read.
+    pub wire: Option<(Reading, WireTally)>,
+}
+
+impl Outcome {
+    /// A message of `stamp` received by connection `idx`: its latency, its place in its
+    /// publisher's stream, and the run's count of deliveries.
+    pub fn delivered(&mut self, ctx: &Ctx, idx: usize, stamp: Stamp) {
+        ctx.latencies.record(idx, wire::now_us().saturating_sub(stamp.ts_us));
+        let streams = &mut self.streams;
+        let i = match streams.iter().position(|(p, _)| *p == stamp.publisher) {
+            Some(i) => i,
+            None => {
+                streams.push((stamp.publisher, Stream::default()));
+                streams.len() - 1
+            }
+        };
+        self.tally.count(streams[i].1.observe(stamp.seq));
+        ctx.delivered.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 pub type Ws = WebSocketStream<TcpStream>;
 
 /// The pause before try `attempt + 1`: 250 ms to 1 s, spread over the connections so that those
 /// refused together do not come back together.
-fn retry_pause(idx: usize, attempt: u32) -> Duration {
+pub fn retry_pause(idx: usize, attempt: u32) -> Duration {
     let spread = (idx as u64)
         .wrapping_mul(7919)
         .wrapping_add(u64::from(attempt) * 104_729)
@@ -279,6 +315,8 @@ struct Conn<'a> {
     out: Outcome,
     /// Publishes sent over the socket and not answered yet.
     waiting: Pending,
+    /// A feed publisher's values to come.
+    source: Option<feeds::Source>,
 }
 
 /// The id of a publish: its sequence number past the join's id (1).
@@ -316,20 +354,7 @@ impl Conn<'_> {
         match inbound {
             Inbound::Msg(stamp, at) => {
                 self.out.positioned += u64::from(at.is_some());
-                let now = wire::now_us();
-                self.ctx
-                    .latencies
-                    .record(self.spec.idx, now.saturating_sub(stamp.ts_us));
-                let streams = &mut self.out.streams;
-                let i = match streams.iter().position(|(p, _)| *p == stamp.publisher) {
-                    Some(i) => i,
-                    None => {
-                        streams.push((stamp.publisher, Stream::default()));
-                        streams.len() - 1
-                    }
-                };
-                self.out.tally.count(streams[i].1.observe(stamp.seq));
-                self.ctx.delivered.fetch_add(1, Ordering::Relaxed);
+                self.out.delivered(self.ctx, self.spec.idx, stamp);
             }
             Inbound::Ok(id) => {
                 self.answered(id);
@@ -395,7 +420,20 @@ impl Conn<'_> {
         let accepted = match (p.via, ws) {
             (Via::Ws, Some(ws)) => {
                 let id = publish_id(seq);
-                let frame = wire::publish_frame(self.spec.encoding, &p.target, stamp, size, Some(id));
+                let frame = match (&self.ctx.feed, &mut self.source, &p.target) {
+                    (Some(run), Some(source), Target::Room(room)) => {
+                        let value = source.next(stamp);
+                        let frame = match source.key() {
+                            Some(key) => keyed::pub_frame(room, key, id, &value),
+                            None => Message::Text(
+                                format!(r#"{{"op":"pub","room":"{room}","id":{id},"data":{value}}}"#).into(),
+                            ),
+                        };
+                        run.published.record(p.id, seq, value.into());
+                        frame
+                    }
+                    _ => wire::publish_frame(self.spec.encoding, &p.target, stamp, size, Some(id)),
+                };
                 self.waiting.sent(id, Instant::now());
                 ws.send(frame).await.map_err(|_| "error".to_string())?;
                 true
@@ -466,6 +504,11 @@ async fn serve(spec: &Spec, ctx: &Ctx, mut phase: watch::Receiver<Phase>, stoppe
         ctx,
         out: Outcome::default(),
         waiting: Pending::default(),
+        source: ctx
+            .feed
+            .as_ref()
+            .zip(spec.publish.as_ref())
+            .map(|(run, p)| run.feed.source(run.seed, p.id)),
     };
     let mut ws = None;
     if spec.ws {

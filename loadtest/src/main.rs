@@ -10,6 +10,7 @@ mod capacity;
 mod churn;
 mod conn;
 mod demo;
+mod feeds;
 mod fleet;
 mod floor;
 mod keyed;
@@ -18,6 +19,9 @@ mod matchday;
 mod procfs;
 mod procs;
 mod progress;
+mod rawws;
+mod reader;
+mod rebuild;
 mod report;
 mod scrape;
 mod soak;
@@ -310,6 +314,24 @@ struct Args {
     /// kickoff: seconds the joins are spread over.
     #[arg(long, default_value_t = 10.0)]
     join_window: f64,
+    /// stadium: publish a realistic feed instead of padded data, `--publishers` of them (keyed
+    /// `match:P` and `odds:P`; chat unkeyed), and subscribe with feed readers that rebuild and
+    /// check every value and count the bytes their sockets read per message (JSON only).
+    #[arg(long, value_enum)]
+    feed: Option<feeds::Feed>,
+    /// The seed of the feed's values.
+    #[arg(long, default_value_t = 29)]
+    feed_seed: u64,
+    /// Feed readers offer permessage-deflate (plain frames when the node declines).
+    #[arg(long)]
+    deflate: bool,
+    /// Feed readers join with `"delta":true`.
+    #[arg(long)]
+    delta: bool,
+    /// Feed readers are split evenly over the four ways of reading (plain, delta, deflate,
+    /// delta+deflate), on every node, each reported apart: the comparison in one run.
+    #[arg(long)]
+    wire_split: bool,
     /// Adds the end-to-end latencies, as (microseconds, count) pairs, to the JSON report, so that
     /// reports of several processes can be merged.
     #[arg(long, hide = true)]

@@ -5,7 +5,11 @@ use std::{collections::BTreeMap, fmt::Write};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::procfs::Sample;
+use crate::{
+    feeds::Feed,
+    procfs::Sample,
+    stats::{Reading, WireTally},
+};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -35,8 +39,97 @@ pub struct Report {
     pub node_cpu_ns_per_frame: Option<f64>,
     /// Growth of the nodes' resident memory since before the first connection, per connection.
     pub node_rss_bytes_per_conn: Option<f64>,
+    /// The feed published (`--feed`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feed: Option<Feed>,
+    /// Feed readers' bytes on the wire beside their payloads, one row per way of reading.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub wire: Vec<WireRow>,
     pub aux: Vec<AuxUsage>,
     pub loadtest_cpu_s: f64,
+}
+
+/// What the sockets of one way of reading a feed carried.
+#[derive(Debug, Serialize)]
+pub struct WireRow {
+    /// `plain`, `delta`, `deflate` or `delta+deflate`.
+    pub reading: &'static str,
+    pub readers: u64,
+    /// Readers whose node agreed to permessage-deflate.
+    pub deflate_negotiated: u64,
+    /// Values rebuilt.
+    pub messages: u64,
+    /// Bytes the readers' sockets read (framing and envelope included), and of the values.
+    pub read_bytes: u64,
+    pub payload_bytes: u64,
+    pub read_bytes_per_message: f64,
+    pub payload_bytes_per_message: f64,
+    /// `read_bytes / payload_bytes`.
+    pub wire_per_payload: f64,
+    /// Bytes read per message over the plain readers' of the same run, when there are some.
+    pub vs_plain: Option<f64>,
+    pub compressed_messages: u64,
+    pub deltas: u64,
+    pub wholes: u64,
+    /// Values that could not be rebuilt or were not what was published.
+    pub corrupted: u64,
+    /// Values with nothing recorded to check them against.
+    pub unchecked: u64,
+}
+
+impl WireRow {
+    /// One row per way of reading, plain first.
+    pub fn all(tallies: &BTreeMap<Reading, WireTally>) -> Vec<WireRow> {
+        let per = |t: &WireTally, bytes: u64| bytes as f64 / t.messages.max(1) as f64;
+        let plain = tallies
+            .get(&Reading::default())
+            .filter(|t| t.messages > 0)
+            .map(|t| per(t, t.read_bytes));
+        tallies
+            .iter()
+            .map(|(r, t)| WireRow {
+                reading: r.name(),
+                readers: t.readers,
+                deflate_negotiated: t.negotiated,
+                messages: t.messages,
+                read_bytes: t.read_bytes,
+                payload_bytes: t.payload_bytes,
+                read_bytes_per_message: per(t, t.read_bytes),
+                payload_bytes_per_message: per(t, t.payload_bytes),
+                wire_per_payload: t.read_bytes as f64 / t.payload_bytes.max(1) as f64,
+                vs_plain: plain.map(|p| per(t, t.read_bytes) / p),
+                compressed_messages: t.compressed,
+                deltas: t.deltas,
+                wholes: t.wholes,
+                corrupted: t.corrupted,
+                unchecked: t.unchecked,
+            })
+            .collect()
+    }
+
+    /// Its row of a report table.
+    pub fn row(&self) -> (String, String) {
+        let vs = self
+            .vs_plain
+            .map_or(String::new(), |v| format!(" = {:.1} % of plain", 100.0 * v));
+        (
+            format!("wire {}", self.reading),
+            format!(
+                "{:.0} B read per message for {:.0} B of value = {:.1} %{vs}; {} readers (deflate agreed {}); \
+                 compressed {}, deltas {}, whole {}; corrupted {}, unchecked {}",
+                self.read_bytes_per_message,
+                self.payload_bytes_per_message,
+                100.0 * self.wire_per_payload,
+                self.readers,
+                self.deflate_negotiated,
+                self.compressed_messages,
+                self.deltas,
+                self.wholes,
+                self.corrupted,
+                self.unchecked
+            ),
+        )
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -239,6 +332,13 @@ impl Report {
                 d.error_frames, d.reconnect_frames, d.unparsed_frames, d.positioned
             ),
         );
+        if let Some(feed) = self.feed {
+            row("feed", format!("{feed:?}").to_lowercase());
+        }
+        for w in &self.wire {
+            let (label, figures) = w.row();
+            row(&label, figures);
+        }
         row("latency ms", l.full());
         let a = &self.publish_answer_ms;
         row("publish answer ms", a.brief());

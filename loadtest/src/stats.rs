@@ -1,5 +1,6 @@
 //! Delivery accounting: per-publisher sequence tracking on each subscriber (gaps, duplicates,
-//! reorders), publishes waiting for their answer, and the shared latency histograms.
+//! reorders), publishes waiting for their answer, the shared latency histograms, and what a feed
+//! reader's socket carried beside the payloads it rebuilt ([`WireTally`]).
 
 use std::{collections::VecDeque, ops::Range, sync::Mutex, time::Duration};
 
@@ -118,6 +119,85 @@ impl Tally {
         self.gap_missing += other.gap_missing;
         self.reordered += other.reordered;
         self.duplicates += other.duplicates;
+    }
+}
+
+/// How a feed reader reads: whether it offers permessage-deflate, and whether it joins with
+/// `delta`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Reading {
+    pub deflate: bool,
+    pub delta: bool,
+}
+
+impl Reading {
+    /// The four ways, plain first.
+    pub const ALL: [Reading; 4] = [
+        Reading {
+            deflate: false,
+            delta: false,
+        },
+        Reading {
+            deflate: false,
+            delta: true,
+        },
+        Reading {
+            deflate: true,
+            delta: false,
+        },
+        Reading {
+            deflate: true,
+            delta: true,
+        },
+    ];
+
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match (self.deflate, self.delta) {
+            (false, false) => "plain",
+            (false, true) => "delta",
+            (true, false) => "deflate",
+            (true, true) => "delta+deflate",
+        }
+    }
+}
+
+/// What feed readers' sockets carried, summed over readers: the bytes the kernel delivered
+/// (framing, envelope and all) beside the bytes of the values they rebuilt.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WireTally {
+    pub readers: u64,
+    /// Readers whose node agreed to permessage-deflate.
+    pub negotiated: u64,
+    /// Messages that gave a value.
+    pub messages: u64,
+    /// Bytes read from the sockets from the join's answer on.
+    pub read_bytes: u64,
+    /// Bytes of the values rebuilt (uncompressed, whole).
+    pub payload_bytes: u64,
+    /// Messages that came compressed (RSV1).
+    pub compressed: u64,
+    /// Keyed values that came as a delta, and whole as a delta's base.
+    pub deltas: u64,
+    pub wholes: u64,
+    /// Frames whose value could not be rebuilt, or was not the value published.
+    pub corrupted: u64,
+    /// Values rebuilt with nothing recorded to check them against.
+    pub unchecked: u64,
+}
+
+impl WireTally {
+    pub fn add(&mut self, o: &WireTally) {
+        self.readers += o.readers;
+        self.negotiated += o.negotiated;
+        self.messages += o.messages;
+        self.read_bytes += o.read_bytes;
+        self.payload_bytes += o.payload_bytes;
+        self.compressed += o.compressed;
+        self.deltas += o.deltas;
+        self.wholes += o.wholes;
+        self.corrupted += o.corrupted;
+        self.unchecked += o.unchecked;
     }
 }
 

@@ -18,11 +18,12 @@ use indicatif::ProgressBar;
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 use crate::{
-    conn::{self, Ctx, NodeUrl, Outcome, Phase, Publisher, Spec, Via},
+    conn::{self, Ctx, FeedRun, NodeUrl, Outcome, Phase, Publisher, Spec, Via},
+    feeds::Published,
     procfs::{self, Readings, Sample},
-    progress,
-    report::{AuxUsage, Connections, Delivery, Latency, NodeUsage, Publish, Report},
-    stats::Tally,
+    progress, reader,
+    report::{AuxUsage, Connections, Delivery, Latency, NodeUsage, Publish, Report, WireRow},
+    stats::{Reading, Tally, WireTally},
     wire::Target,
     Args, Scenario,
 };
@@ -60,6 +61,7 @@ pub fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
     if args.scenario == Scenario::Dm && args.publish_via == Via::Http {
         bail!("POST /publish only publishes to rooms: dm needs --publish-via ws");
     }
+    check_feed(args)?;
     // A multi-process stadium's publishing process has no subscribers.
     if clients == 0 && !(args.scenario == Scenario::Stadium && args.publishers > 0) {
         bail!("--clients must be positive");
@@ -83,6 +85,38 @@ pub fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
         }
     };
     Ok(Plan { specs, fan, rate })
+}
+
+/// A `--feed` is a stadium's, published over WebSockets and read in JSON; the ways of reading ask
+/// for one.
+fn check_feed(args: &Args) -> anyhow::Result<()> {
+    if args.feed.is_none() {
+        if args.deflate || args.delta || args.wire_split {
+            bail!("--deflate, --delta and --wire-split are for feed readers: give --feed");
+        }
+        return Ok(());
+    }
+    if args.scenario != Scenario::Stadium {
+        bail!("--feed is for the stadium");
+    }
+    if args.publish_via != Via::Ws || args.encoding != crate::Encodings::Json {
+        bail!("--feed publishes over WebSockets and reads JSON: --publish-via ws, --encoding json");
+    }
+    Ok(())
+}
+
+/// How subscriber `i` of a feed run reads: one way for all, or with `--wire-split` the four
+/// ways in turn over every `nodes` subscribers, so each way has readers on every node.
+fn reading(args: &Args, i: usize, nodes: usize) -> Option<Reading> {
+    args.feed?;
+    Some(if args.wire_split {
+        Reading::ALL[(i / nodes.max(1)) % Reading::ALL.len()]
+    } else {
+        Reading {
+            deflate: args.deflate,
+            delta: args.delta,
+        }
+    })
 }
 
 /// What every planned connection has in common, from the command line.
@@ -110,6 +144,7 @@ impl Base<'_> {
             join: None,
             publish: None,
             expect: 0..0,
+            reading: None,
         }
     }
 
@@ -139,6 +174,7 @@ fn stadium(base: &Base, clients: usize, rate: f64) -> anyhow::Result<Planned> {
         specs.push(Spec {
             join: Some(args.room()),
             expect: 0..expected,
+            reading: reading(args, i, base.nodes),
             ..base.spec(i, i, format!("{pre}-u{i}"))
         });
     }
@@ -234,7 +270,13 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     let nodes = NodeUrl::resolve_all(&args.urls).await?;
     let plan = plan(args, nodes.len())?;
     let connecting = (Duration::from_secs_f64(args.connect_timeout), args.connect_attempts);
-    let ctx = Arc::new(Ctx::new(nodes, args.payload_bytes, connecting, plan.fan.len())?);
+    let mut ctx = Ctx::new(nodes, args.payload_bytes, connecting, plan.fan.len())?;
+    ctx.feed = args.feed.map(|feed| FeedRun {
+        feed,
+        seed: args.feed_seed,
+        published: Published::new(plan.fan.len(), per_publisher(args, &plan)),
+    });
+    let ctx = Arc::new(ctx);
     let before = procfs::samples(&args.pids)?;
     let (phase_tx, phase_rx) = watch::channel(Phase::Ramp);
     let ramped = ramp(args, &plan.specs, &ctx, &phase_rx).await;
@@ -258,6 +300,19 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     Ok(report(args, &plan, &ctx, &clock, &usage, &drained, &counts))
 }
 
+/// The values a feed publisher may publish over the run, with room to spare (a publisher ticks
+/// once per period of the publishing window, and late ticks catch up, never exceed it), and at
+/// most [`MAX_RECORDED`] for all publishers together: past that, values are counted unchecked.
+fn per_publisher(args: &Args, plan: &Plan) -> usize {
+    let publishers = plan.fan.len().max(1);
+    let want = (args.duration.max(0.0) * plan.rate / publishers as f64 * 1.1) as usize + 64;
+    want.min(MAX_RECORDED / publishers)
+}
+
+/// Feed values recorded for the readers' checks, all publishers together: at most some 250 MB of
+/// odds tables (a run of 5 minutes at 200 msg/s).
+const MAX_RECORDED: usize = 65_536;
+
 /// The connections the ramp started, and how long it took.
 struct Ramped {
     handles: Vec<JoinHandle<Outcome>>,
@@ -279,7 +334,11 @@ async fn ramp(args: &Args, specs: &[Spec], ctx: &Arc<Ctx>, phase: &watch::Receiv
         let due = conn::ramp_due(ramp_start.elapsed(), args.ramp_per_sec, total);
         while handles.len() < due {
             let Some(spec) = specs.next() else { break };
-            handles.push(tokio::spawn(conn::run(spec.clone(), ctx.clone(), phase.clone())));
+            let (spec, ctx, phase) = (spec.clone(), ctx.clone(), phase.clone());
+            handles.push(match spec.reading {
+                Some(_) => tokio::spawn(reader::run(spec, ctx, phase)),
+                None => tokio::spawn(conn::run(spec, ctx, phase)),
+            });
         }
         let ready = ctx.ready.load(Ordering::Relaxed);
         let failed = ctx.failed.load(Ordering::Relaxed);
@@ -429,6 +488,8 @@ struct Counts {
     closed_by_node: BTreeMap<String, u64>,
     connected: usize,
     retried: u64,
+    /// Feed readers' bytes and payloads, per way of reading.
+    wire: BTreeMap<Reading, WireTally>,
 }
 
 impl Counts {
@@ -451,6 +512,9 @@ impl Counts {
         }
         self.connected += 1;
         self.tally.add(&out.tally);
+        if let Some((reading, wire)) = &out.wire {
+            self.wire.entry(*reading).or_default().add(wire);
+        }
         self.error_frames += out.error_frames;
         self.reconnect_frames += out.reconnects;
         self.unparsed_frames += out.unparsed;
@@ -601,6 +665,8 @@ fn report(
             .then(|| node_cpu_ns as f64 / c.tally.received as f64),
         node_rss_bytes_per_conn: (c.connected > 0 && measured_nodes)
             .then(|| usage.rss_growth() as f64 / c.connected as f64),
+        feed: args.feed,
+        wire: WireRow::all(&c.wire),
         aux: usage.aux(&args.aux_pids),
         loadtest_cpu_s: usage.own_cpu_s(),
     }
@@ -709,6 +775,41 @@ mod tests {
         let pubs: Vec<_> = p.specs[10..].iter().map(|s| s.publish.clone().unwrap()).collect();
         assert_eq!(pubs[0].period, Duration::from_millis(20));
         assert_eq!(pubs[1].offset, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn feed_readers_read_one_way_or_four_ways_on_every_node() {
+        let one = plan(&args("lt stadium --clients 8 --feed odds --delta"), 2).unwrap();
+        let want = Reading {
+            deflate: false,
+            delta: true,
+        };
+        assert!(one.specs[..8].iter().all(|s| s.reading == Some(want)));
+        assert!(
+            one.specs[8..].iter().all(|s| s.reading.is_none()),
+            "publishers read nothing"
+        );
+        let split = plan(&args("lt stadium --clients 16 --feed chat --wire-split"), 2).unwrap();
+        for way in Reading::ALL {
+            let nodes: Vec<usize> = split.specs[..16]
+                .iter()
+                .filter(|s| s.reading == Some(way))
+                .map(|s| s.node)
+                .collect();
+            assert_eq!(nodes.len(), 4, "{}", way.name());
+            assert!(nodes.contains(&0) && nodes.contains(&1), "{} on both nodes", way.name());
+        }
+        assert!(plan(&args("lt stadium --clients 8"), 2)
+            .unwrap()
+            .specs
+            .iter()
+            .all(|s| s.reading.is_none()));
+        assert!(plan(&args("lt stadium --delta"), 2).is_err(), "--delta without a feed");
+        assert!(
+            plan(&args("lt chat --feed chat"), 2).is_err(),
+            "a feed is the stadium's"
+        );
+        assert!(plan(&args("lt stadium --feed chat --encoding msgpack"), 2).is_err());
     }
 
     #[test]

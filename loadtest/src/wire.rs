@@ -257,6 +257,14 @@ pub fn http_body(room: &str, from: &str, stamp: Stamp, size: usize) -> String {
     format!(r#"{{"room":"{room}","from":"{from}","data":{data}}}"#)
 }
 
+/// The stamp a feed's value starts with (`{"at":[P,SEQ,TS],…`, see [`crate::feeds`]).
+pub fn value_stamp(value: &[u8]) -> Option<Stamp> {
+    value
+        .strip_prefix(br#"{"at":["#)
+        .and_then(three_numbers)
+        .and_then(stamp_of)
+}
+
 /// Reads `N,N,N` (three unsigned integers) from the start of `s`.
 fn three_numbers(s: &[u8]) -> Option<[u64; 3]> {
     let mut out = [0u64; 3];
