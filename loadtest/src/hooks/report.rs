@@ -1,0 +1,213 @@
+//! The `hooks` run's report: one [`RunReport`] per run, the targets of issue 30 held against them
+//! ([`Targets`]), as JSON and as a table.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::report::{counts, Latency};
+
+use super::{ledger::Outage, Plan, COOL_DOWN};
+
+#[derive(Debug, Serialize)]
+pub struct HooksReport {
+    pub scenario: &'static str,
+    pub clients: usize,
+    pub rooms: usize,
+    pub rate: f64,
+    pub payload_bytes: usize,
+    pub duration_s: f64,
+    pub hook_timeout_ms: f64,
+    pub cool_down_s: f64,
+    pub runs: Vec<RunReport>,
+    pub targets: Targets,
+}
+
+/// One run of the chat.
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub run: &'static str,
+    pub node_args: Vec<String>,
+    pub joined: usize,
+    pub failed: BTreeMap<String, u64>,
+    pub closed: BTreeMap<String, u64>,
+    pub published: u64,
+    /// Publishes answered `ok`.
+    pub acked: u64,
+    pub unavailable: u64,
+    pub refused: u64,
+    pub unanswered: u64,
+    pub delivered: u64,
+    /// Acknowledged lines a member that stayed open did not receive.
+    pub lost: u64,
+    /// Lines received whose publish was not acknowledged.
+    pub delivered_unacked: u64,
+    pub reordered: u64,
+    pub duplicates: u64,
+    pub masked: u64,
+    /// Deliveries of acknowledged lines the backend masks.
+    pub masked_expected: u64,
+    /// Lines masked that should not be, or not masked that should.
+    pub mask_wrong: u64,
+    /// End to end, publisher to member.
+    pub latency_ms: Latency,
+    pub backend: Option<BackendSide>,
+    /// End-to-end p99 less the backend's p99.
+    pub added_p99_ms: Option<f64>,
+    pub node_cpu_s: f64,
+    /// From the first publish to the end of the drain.
+    pub window_s: f64,
+    pub node_cpu_us_per_publish: Option<f64>,
+    pub outage: Option<OutageSide>,
+}
+
+/// The backend's side of a run.
+#[derive(Debug, Serialize)]
+pub struct BackendSide {
+    /// From a request's headers to its answer, as the backend timed it.
+    pub latency_ms: Latency,
+    pub allowed: u64,
+    pub masked: u64,
+    pub bad: u64,
+}
+
+/// The outage run's timeline.
+#[derive(Debug, Serialize)]
+pub struct OutageSide {
+    pub stop_at_s: f64,
+    pub back_at_s: f64,
+    pub publishing: Outage,
+    /// From the stop to the first scrape that saw a breaker open.
+    pub breaker_opened_after_ms: Option<f64>,
+    pub breakers_open_max: f64,
+    pub breakers_open_at_end: f64,
+}
+
+/// The targets of issue 30's "Measured" part, each `true` when met.
+#[derive(Debug, Serialize)]
+pub struct Targets {
+    /// Every run: no acknowledged line lost, none out of order or twice, none delivered unacknowledged.
+    pub nothing_lost_or_reordered: bool,
+    /// The hook runs: exactly the lines the backend masked arrived masked.
+    pub masks_right: bool,
+    /// The hooks run: end-to-end p99 within the backend's p99 + 5 ms.
+    pub added_p99_within_5ms: bool,
+    /// The outage run: every `unavailable` answered within the hook timeout.
+    pub unavailable_within_timeout: bool,
+    pub breaker_opened: bool,
+    /// The outage run: an `ok` within one cool-down of the backend's return.
+    pub resumed_within_cool_down: bool,
+}
+
+impl Targets {
+    fn of(plan: &Plan, runs: &[RunReport]) -> Targets {
+        let run = |name: &str| runs.iter().find(|r| r.run == name);
+        let outage = run("outage").and_then(|r| r.outage.as_ref());
+        let timeout_ms = plan.hook_timeout.as_secs_f64() * 1e3;
+        Targets {
+            nothing_lost_or_reordered: runs
+                .iter()
+                .all(|r| r.lost + r.reordered + r.duplicates + r.delivered_unacked == 0),
+            masks_right: runs
+                .iter()
+                .filter(|r| r.backend.is_some())
+                .all(|r| r.mask_wrong == 0 && r.masked == r.masked_expected),
+            added_p99_within_5ms: run("hooks").and_then(|r| r.added_p99_ms).is_some_and(|a| a <= 5.0),
+            unavailable_within_timeout: outage.is_some_and(|o| {
+                o.publishing.unavailable > 0 && o.publishing.unavailable_answer_max_ms.is_some_and(|m| m <= timeout_ms)
+            }),
+            breaker_opened: outage.is_some_and(|o| o.breakers_open_max > 0.0),
+            resumed_within_cool_down: outage.is_some_and(|o| {
+                o.publishing
+                    .resumed_after_ms
+                    .is_some_and(|r| r <= COOL_DOWN.as_secs_f64() * 1e3)
+            }),
+        }
+    }
+}
+
+impl HooksReport {
+    pub fn new(plan: &Plan, runs: Vec<RunReport>) -> HooksReport {
+        HooksReport {
+            scenario: "hooks",
+            clients: plan.clients,
+            rooms: plan.rooms,
+            rate: plan.rate,
+            payload_bytes: plan.payload_bytes,
+            duration_s: plan.duration.as_secs_f64(),
+            hook_timeout_ms: plan.hook_timeout.as_secs_f64() * 1e3,
+            cool_down_s: COOL_DOWN.as_secs_f64(),
+            targets: Targets::of(plan, &runs),
+            runs,
+        }
+    }
+
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "hooks: {} members in {} rooms, {} msg/s for {} s, hook timeout {} ms, cool-down {} s",
+            self.clients, self.rooms, self.rate, self.duration_s, self.hook_timeout_ms, self.cool_down_s
+        );
+        for r in &self.runs {
+            let _ = writeln!(t, "\n{}  {}", r.run, r.node_args.join(" "));
+            let _ = writeln!(
+                t,
+                "  members      joined {}; failed {}; closed {}",
+                r.joined,
+                counts(&r.failed),
+                counts(&r.closed)
+            );
+            let _ = writeln!(
+                t,
+                "  publishes    {} sent, {} ok, {} unavailable, {} refused, {} unanswered",
+                r.published, r.acked, r.unavailable, r.refused, r.unanswered
+            );
+            let _ = writeln!(
+                t,
+                "  deliveries   {} ({} lost among acked, {} unacked, {} reordered, {} duplicates)",
+                r.delivered, r.lost, r.delivered_unacked, r.reordered, r.duplicates
+            );
+            let _ = writeln!(
+                t,
+                "  masked       {} of {} expected, {} wrong",
+                r.masked, r.masked_expected, r.mask_wrong
+            );
+            let _ = writeln!(t, "  latency ms   {}", r.latency_ms.full());
+            if let Some(b) = &r.backend {
+                let _ = writeln!(t, "  backend ms   {}", b.latency_ms.brief());
+            }
+            if let Some(a) = r.added_p99_ms {
+                let _ = writeln!(t, "  added p99    {a:.2} ms");
+            }
+            let _ = writeln!(
+                t,
+                "  node CPU     {:.2} s over {:.1} s, {} µs/publish",
+                r.node_cpu_s,
+                r.window_s,
+                r.node_cpu_us_per_publish.map_or("-".into(), |c| format!("{c:.1}"))
+            );
+            if let Some(o) = &r.outage {
+                let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0} ms"));
+                let p = &o.publishing;
+                let _ = writeln!(
+                    t,
+                    "  outage       backend stopped at {:.1} s, back at {:.1} s; first unavailable {} after the \
+                     stop (slowest {}); breaker open {} after the stop (max {}, {} at the end); resumed {} after \
+                     the return",
+                    o.stop_at_s,
+                    o.back_at_s,
+                    ms(p.first_unavailable_after_ms),
+                    ms(p.unavailable_answer_max_ms),
+                    ms(o.breaker_opened_after_ms),
+                    o.breakers_open_max,
+                    o.breakers_open_at_end,
+                    ms(p.resumed_after_ms)
+                );
+            }
+        }
+        let _ = writeln!(t, "\ntargets      {}", serde_json::to_string(&self.targets).unwrap_or_default());
+        t
+    }
+}
