@@ -94,7 +94,7 @@ enum Scenario {
     Kickoff,
     /// The publish hook at chat rates: --clients members (10,000) in --rooms rooms (1,000)
     /// publishing --rate (2,000 msg/s) over a node it starts, three times: without hooks, with
-    /// `--hook-publish` to a backend it runs (allows, masks each sender's every tenth line), and
+    /// `--hook-publish` to a backend it runs (allows, masks every tenth line), and
     /// with that backend stopped from 30 % to 60 % of --duration; per run: lost, reorders, masked
     /// lines, latency beside the backend's, node CPU per publish, and the outage's timeline.
     /// Writes hooks.json to --out.

@@ -5,7 +5,7 @@
 //!
 //! - **plain**: no hook, the baseline for latency and the node's CPU per publish;
 //! - **hooks**: `--hook-publish` to a [`backend`] this process runs, which allows every line and
-//!   masks each sender's every tenth; the members check that exactly those arrive masked;
+//!   masks every tenth ([`backend::masks`]); the members check that exactly those arrive masked;
 //! - **outage**: the same, with the backend stopped from 30 % to 60 % of `--duration`: publishes
 //!   must be answered `unavailable` within `--hook-timeout-ms`, the node's breaker open (its
 //!   `shardcast_hook_breakers_open`, scraped every 100 ms), lines already acknowledged still
@@ -211,6 +211,7 @@ fn run_one(plan: &Plan, kind: Kind, runtime: &Runtime) -> anyhow::Result<RunRepo
         source_addrs: plan.source_addrs,
         period: Duration::from_secs_f64(plan.clients as f64 / plan.rate),
         payload_bytes: plan.payload_bytes,
+        masking: kind != Kind::Plain,
         connect_timeout: plan.connect_timeout,
         latencies: stats::Latencies::new(8),
         delivered: AtomicU64::new(0),
@@ -384,7 +385,9 @@ fn summarize(plan: &Plan, kind: Kind, node_args: Vec<String>, logs: &[Log], ctx:
         for p in plan.room_members(m) {
             let from: Vec<u64> = got.iter().filter(|(q, _)| *q as usize == p).map(|g| g.1).collect();
             lost += ledger::missed(&acked[p], &from);
-            masked_expected += acked[p].iter().filter(|s| masks(**s)).count() as u64;
+            if kind != Kind::Plain {
+                masked_expected += acked[p].iter().filter(|s| masks(p as u32, **s)).count() as u64;
+            }
         }
         delivered_unacked += log
             .received
