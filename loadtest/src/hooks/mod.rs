@@ -417,6 +417,7 @@ fn summarize(plan: &Plan, kind: Kind, node_args: Vec<String>, logs: &[Log], ctx:
         latency_ms: Latency::of(&ctx.latencies.merged()),
         backend: None,
         added_p99_ms: None,
+        over_plain_p99_ms: None,
         node_cpu_s: 0.0,
         window_s: 0.0,
         node_cpu_us_per_publish: None,
