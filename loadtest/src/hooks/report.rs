@@ -224,3 +224,69 @@ impl HooksReport {
         t
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Args;
+
+    fn latency(p99: f64) -> Latency {
+        Latency {
+            count: 1,
+            p50: p99,
+            p90: p99,
+            p99,
+            p999: p99,
+            max: p99,
+        }
+    }
+
+    fn run(name: &'static str, p99: f64, backend_p99: Option<f64>) -> RunReport {
+        RunReport {
+            run: name,
+            node_args: Vec::new(),
+            joined: 0,
+            failed: BTreeMap::new(),
+            closed: BTreeMap::new(),
+            published: 0,
+            acked: 0,
+            unavailable: 0,
+            refused: 0,
+            unanswered: 0,
+            delivered: 0,
+            lost: 0,
+            delivered_unacked: 0,
+            reordered: 0,
+            duplicates: 0,
+            masked: 0,
+            masked_expected: 0,
+            mask_wrong: 0,
+            latency_ms: latency(p99),
+            backend: backend_p99.map(|b| BackendSide {
+                latency_ms: latency(b),
+                allowed: 0,
+                masked: 0,
+                bad: 0,
+            }),
+            added_p99_ms: backend_p99.map(|b| p99 - b),
+            over_plain_p99_ms: None,
+            node_cpu_s: 0.0,
+            window_s: 0.0,
+            node_cpu_us_per_publish: None,
+            outage: None,
+        }
+    }
+
+    #[test]
+    fn the_hooks_p99_is_held_against_the_backends_and_the_plain_runs() {
+        let plan = Plan::from_args(&Args::of("lt hooks --node-bin /bin/true")).unwrap();
+        let report = HooksReport::new(&plan, vec![run("plain", 4.0, None), run("hooks", 9.5, Some(0.5))]);
+        assert_eq!(report.runs[1].over_plain_p99_ms, Some(5.5));
+        assert_eq!(report.runs[0].over_plain_p99_ms, None, "the plain run has no hook");
+        assert!(!report.targets.added_p99_within_5ms, "9.0 ms over the backend's");
+        assert!(report.targets.over_plain_p99_within_5ms, "5.0 ms over the plain run's and the backend's");
+        let slow = HooksReport::new(&plan, vec![run("plain", 4.0, None), run("hooks", 9.6, Some(0.5))]);
+        assert!(!slow.targets.over_plain_p99_within_5ms);
+        assert!(!report.targets.breaker_opened, "no outage run");
+    }
+}
