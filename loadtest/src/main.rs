@@ -505,7 +505,10 @@ fn dispatch(args: &Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<(S
             weak::WeakReport::table,
         ),
         // A node per run started from this thread, the members and the backend on the runtime.
-        Scenario::Hooks => shown(hooks::run(&hooks::Plan::from_args(args)?, runtime)?, hooks::HooksReport::table),
+        Scenario::Hooks => shown(
+            hooks::run(&hooks::Plan::from_args(args)?, runtime)?,
+            hooks::HooksReport::table,
+        ),
         Scenario::Kickoff => shown(
             kickoff::run(&kickoff::Plan::from_args(args)?, runtime)?,
             kickoff::KickoffReport::table,

@@ -164,7 +164,12 @@ async fn accept(listener: TcpListener, records: Arc<Mutex<Records>>, mut stopped
 /// One hook request: read whole, answered, timed from its headers to its answer.
 async fn serve(req: Request<Incoming>, records: Arc<Mutex<Records>>) -> Result<Response<Full<Bytes>>, Infallible> {
     let began = Instant::now();
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let answer = answer(&body);
     let took = began.elapsed().as_micros() as u64;
     {
@@ -174,7 +179,9 @@ async fn serve(req: Request<Incoming>, records: Arc<Mutex<Records>>) -> Result<R
             Some((_, false)) => r.allowed += 1,
             None => r.bad += 1,
         }
-        r.latency_us.get_or_insert_with(histogram).saturating_record(took.max(1));
+        r.latency_us
+            .get_or_insert_with(histogram)
+            .saturating_record(took.max(1));
     }
     let resp = match answer {
         Some((text, _)) => Response::builder()
@@ -199,9 +206,17 @@ mod tests {
             Some((r#"{"data":[3,6,17,"***"]}"#.into(), true)),
             "the stamp kept, the text masked"
         );
-        assert_eq!(answer(body(16).as_bytes()).map(|a| a.1), Some(true), "publisher 3's line 16");
+        assert_eq!(
+            answer(body(16).as_bytes()).map(|a| a.1),
+            Some(true),
+            "publisher 3's line 16"
+        );
         let lines = (0..1000u32).flat_map(|p| (0..4u64).map(move |s| (p, s)));
-        assert_eq!(lines.filter(|(p, s)| masks(*p, *s)).count(), 400, "a tenth of 1000 senders' 4 lines");
+        assert_eq!(
+            lines.filter(|(p, s)| masks(*p, *s)).count(),
+            400,
+            "a tenth of 1000 senders' 4 lines"
+        );
         assert_eq!(answer(br#"{"data":"text"}"#), None);
         assert_eq!(answer(b"not json"), None);
     }

@@ -25,7 +25,10 @@ use crate::{
     wire::{self, Encoding, Inbound, Stamp, Target},
 };
 
-use super::{backend::MASK, ledger::Answer};
+use super::{
+    backend::MASK,
+    ledger::{Answer, Sent},
+};
 
 /// What every member shares: the node, the chat's shape, and the run's counters.
 pub struct Ctx {
@@ -59,13 +62,6 @@ impl Ctx {
         let slot = (idx % self.per_room) * self.rooms + self.room_of(idx);
         self.period.mul_f64(slot as f64 / (self.per_room * self.rooms) as f64)
     }
-}
-
-/// One publish: when it went out (µs since the epoch) and its answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sent {
-    pub at_us: u64,
-    pub answer: Option<(u64, Answer)>,
 }
 
 /// What one member saw.
@@ -158,7 +154,12 @@ fn failed(ctx: &Ctx, mut log: Log, why: String) -> Log {
 
 /// Connects from its source address and joins its room.
 async fn establish(ctx: &Ctx, idx: usize, room: &str) -> anyhow::Result<Ws> {
-    let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (idx % usize::from(ctx.source_addrs)) as u8));
+    let source = IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        0,
+        2 + (idx % usize::from(ctx.source_addrs)) as u8,
+    ));
     let user = format!("{}-u{idx}", ctx.prefix);
     let mut ws = conn::open(&ctx.node, source, &user, Encoding::Json).await?;
     ws.send(wire::join_frame(Encoding::Json, room, 1, None)).await?;
@@ -203,10 +204,8 @@ fn on_frame(ctx: &Ctx, idx: usize, log: &mut Log, streams: &mut Vec<(u32, Stream
             log.mask_wrong += u64::from(masked != (ctx.masking && super::backend::masks(stamp.publisher, stamp.seq)));
             ctx.delivered.fetch_add(1, Ordering::Relaxed);
         }
-        Inbound::Ok(id) if id >= 2 => {
-            if answered(log, id, Answer::Ok) {
-                ctx.acked.fetch_add(1, Ordering::Relaxed);
-            }
+        Inbound::Ok(id) if id >= 2 && answered(log, id, Answer::Ok) => {
+            ctx.acked.fetch_add(1, Ordering::Relaxed);
         }
         Inbound::Error(Some(id)) if id >= 2 => {
             let code = if text.contains(r#""unavailable""#) {
@@ -241,6 +240,9 @@ mod tests {
         let line = |data: &str| format!(r#"{{"op":"msg","room":"lt-r1","from":"lt-u3","data":{data}}}"#);
         assert!(is_masked(&line(r#"[3,9,17,"***"]"#)));
         assert!(!is_masked(&line(r#"[3,8,17,"xxxx"]"#)));
-        assert!(!is_masked(&line(r#"[3,8,17,"***x"]"#)), "a text that starts like the mask");
+        assert!(
+            !is_masked(&line(r#"[3,8,17,"***x"]"#)),
+            "a text that starts like the mask"
+        );
     }
 }

@@ -1,8 +1,7 @@
-//! The checks of a `hooks` run over what its members kept, pure and tested without a node: which
+//! What a `hooks` run's members keep of their publishes ([`Sent`], [`Answer`]) and the checks over
+//! it, pure and tested without a node: which
 //! acknowledged lines a member missed, when publishing failed and resumed around a backend outage,
 //! and the report's arithmetic (CPU per publish, the latency the node adds to the backend's).
-
-use super::chatter::Sent;
 
 /// How the node answered a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,6 +12,13 @@ pub enum Answer {
     Unavailable,
     /// Any other `error`.
     Refused,
+}
+
+/// One publish: when it went out (µs since the epoch) and its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub at_us: u64,
+    pub answer: Option<(u64, Answer)>,
 }
 
 /// Sequence numbers of a publisher's acknowledged publishes, in order.

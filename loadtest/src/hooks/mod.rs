@@ -266,7 +266,9 @@ fn run_one(plan: &Plan, kind: Kind, runtime: &Runtime) -> anyhow::Result<RunRepo
         .as_ref()
         .map(|b| ledger::added_ms(r.latency_ms.p99, b.latency_ms.p99));
     r.outage = times.map(|(stop_us, back_us, back_at_s)| {
-        let opened = breakers.iter().find(|(t, open)| *t >= 0.3 * plan.duration.as_secs_f64() && *open > 0.0);
+        let opened = breakers
+            .iter()
+            .find(|(t, open)| *t >= 0.3 * plan.duration.as_secs_f64() && *open > 0.0);
         OutageSide {
             stop_at_s: 0.3 * plan.duration.as_secs_f64(),
             back_at_s,
@@ -281,7 +283,12 @@ fn run_one(plan: &Plan, kind: Kind, runtime: &Runtime) -> anyhow::Result<RunRepo
 
 /// Starts the members, `--ramp-per-sec` at a time; waits until all have joined or failed (or
 /// `--connect-timeout` after the last started).
-fn start_members(plan: &Plan, runtime: &Runtime, ctx: &Arc<Ctx>, phase: &watch::Receiver<Phase>) -> Vec<JoinHandle<Log>> {
+fn start_members(
+    plan: &Plan,
+    runtime: &Runtime,
+    ctx: &Arc<Ctx>,
+    phase: &watch::Receiver<Phase>,
+) -> Vec<JoinHandle<Log>> {
     let started = Instant::now();
     let mut handles = Vec::with_capacity(plan.clients);
     while handles.len() < plan.clients {

@@ -192,7 +192,10 @@ impl HooksReport {
             }
             if let Some(a) = r.added_p99_ms {
                 let over = r.over_plain_p99_ms.map_or("-".into(), |o| format!("{o:.2} ms"));
-                let _ = writeln!(t, "  added p99    {a:.2} ms over the backend's, {over} over the plain run's");
+                let _ = writeln!(
+                    t,
+                    "  added p99    {a:.2} ms over the backend's, {over} over the plain run's"
+                );
             }
             let _ = writeln!(
                 t,
@@ -220,7 +223,11 @@ impl HooksReport {
                 );
             }
         }
-        let _ = writeln!(t, "\ntargets      {}", serde_json::to_string(&self.targets).unwrap_or_default());
+        let _ = writeln!(
+            t,
+            "\ntargets      {}",
+            serde_json::to_string(&self.targets).unwrap_or_default()
+        );
         t
     }
 }
@@ -284,7 +291,10 @@ mod tests {
         assert_eq!(report.runs[1].over_plain_p99_ms, Some(5.5));
         assert_eq!(report.runs[0].over_plain_p99_ms, None, "the plain run has no hook");
         assert!(!report.targets.added_p99_within_5ms, "9.0 ms over the backend's");
-        assert!(report.targets.over_plain_p99_within_5ms, "5.0 ms over the plain run's and the backend's");
+        assert!(
+            report.targets.over_plain_p99_within_5ms,
+            "5.0 ms over the plain run's and the backend's"
+        );
         let slow = HooksReport::new(&plan, vec![run("plain", 4.0, None), run("hooks", 9.6, Some(0.5))]);
         assert!(!slow.targets.over_plain_p99_within_5ms);
         assert!(!report.targets.breaker_opened, "no outage run");
