@@ -1,7 +1,7 @@
 //! What a `hooks` run's members keep of their publishes ([`Sent`], [`Answer`]) and the checks over
-//! it, pure and tested without a node: which
-//! acknowledged lines a member missed, when publishing failed and resumed around a backend outage,
-//! and the report's arithmetic (CPU per publish, the latency the node adds to the backend's).
+//! it, pure and tested without a node: which acknowledged lines a member missed, when publishing
+//! failed and resumed around a backend outage, and the report's arithmetic (CPU per publish, the
+//! latency the node adds to the backend's).
 
 /// How the node answered a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
