@@ -343,6 +343,10 @@ struct Args {
     /// hooks: the nodes' --hook-timeout, milliseconds.
     #[arg(long, default_value_t = 1000)]
     hook_timeout_ms: u64,
+    /// hooks: what the publish hook's failure means on the nodes (`--hook-on-error publish=…`):
+    /// `deny` (publishes answered `unavailable`) or `allow` (published as sent).
+    #[arg(long, default_value = "deny", value_parser = ["deny", "allow"])]
+    hook_on_error: String,
     /// Adds the end-to-end latencies, as (microseconds, count) pairs, to the JSON report, so that
     /// reports of several processes can be merged.
     #[arg(long, hide = true)]

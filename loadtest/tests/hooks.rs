@@ -43,7 +43,7 @@ fn a_short_chat_through_the_publish_hook_survives_its_backends_outage() {
     for met in [
         "nothing_lost_or_reordered",
         "masks_right",
-        "unavailable_within_timeout",
+        "answered_within_timeout",
         "breaker_opened",
         "resumed_within_cool_down",
     ] {

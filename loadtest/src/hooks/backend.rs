@@ -1,13 +1,14 @@
 //! The app backend of the `hooks` run: an HTTP/1.1 server on loopback that answers the node's
 //! publish hook as a moderated chat's backend would. It allows every line (`{"ok":true}`) except
 //! every tenth ([`masks`]), which it masks (`{"data":…}` with the text replaced by
-//! [`MASK`]), and records how long it took over each answer, which is the latency the node may
-//! add to.
+//! [`MASK`]). It records which lines it masked, when it answered, and how long it took over each
+//! answer, which is the latency the node may add to.
 //!
 //! It can be stopped mid-run (listener and every kept-alive connection closed, so the node sees
 //! refused connections) and started again on the same port with the same records.
 
 use std::{
+    collections::HashSet,
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -32,17 +33,21 @@ pub fn masks(publisher: u32, seq: u64) -> bool {
 
 /// The answer to a publish hook's body `{"user":U,"room":R,"data":[publisher, seq, ts, text]}`:
 /// the line masked when [`masks`] says so, else allowed; `None` for a body of another shape.
-pub fn answer(body: &[u8]) -> Option<(String, bool)> {
+/// The answer comes with the line it masked, (publisher, seq).
+pub fn answer(body: &[u8]) -> Option<(String, Option<(u32, u64)>)> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let data = v.get("data")?.as_array()?;
     let publisher = u32::try_from(data.first()?.as_u64()?).ok()?;
     let seq = data.get(1)?.as_u64()?;
     if !masks(publisher, seq) {
-        return Some((r#"{"ok":true}"#.into(), false));
+        return Some((r#"{"ok":true}"#.into(), None));
     }
     let mut masked = data.clone();
     *masked.get_mut(3)? = MASK.into();
-    Some((serde_json::json!({ "data": masked }).to_string(), true))
+    Some((
+        serde_json::json!({ "data": masked }).to_string(),
+        Some((publisher, seq)),
+    ))
 }
 
 /// What the backend answered, over all its lives.
@@ -50,7 +55,9 @@ pub fn answer(body: &[u8]) -> Option<(String, bool)> {
 struct Records {
     latency_us: Option<Histogram<u64>>,
     allowed: u64,
-    masked: u64,
+    masked: HashSet<(u32, u64)>,
+    /// When it answered each request, µs since the epoch.
+    answered_at_us: Vec<u64>,
     bad: u64,
 }
 
@@ -58,7 +65,9 @@ struct Records {
 pub struct Answered {
     pub latency_us: Histogram<u64>,
     pub allowed: u64,
-    pub masked: u64,
+    /// The lines it masked, (publisher, seq).
+    pub masked: HashSet<(u32, u64)>,
+    pub answered_at_us: Vec<u64>,
     pub bad: u64,
 }
 
@@ -111,7 +120,8 @@ impl Backend {
         Answered {
             latency_us: r.latency_us.clone().unwrap_or_else(histogram),
             allowed: r.allowed,
-            masked: r.masked,
+            masked: r.masked.clone(),
+            answered_at_us: r.answered_at_us.clone(),
             bad: r.bad,
         }
     }
@@ -175,10 +185,13 @@ async fn serve(req: Request<Incoming>, records: Arc<Mutex<Records>>) -> Result<R
     {
         let mut r = records.lock().unwrap_or_else(|p| p.into_inner());
         match &answer {
-            Some((_, true)) => r.masked += 1,
-            Some((_, false)) => r.allowed += 1,
+            Some((_, Some(line))) => {
+                r.masked.insert(*line);
+            }
+            Some((_, None)) => r.allowed += 1,
             None => r.bad += 1,
         }
+        r.answered_at_us.push(crate::wire::now_us());
         r.latency_us
             .get_or_insert_with(histogram)
             .saturating_record(took.max(1));
@@ -199,16 +212,16 @@ mod tests {
     #[test]
     fn every_tenth_line_is_masked_and_the_rest_allowed() {
         let body = |seq: u64| format!(r#"{{"user":"u","room":"r","data":[3,{seq},17,"xxxx"]}}"#);
-        assert_eq!(answer(body(0).as_bytes()), Some((r#"{"ok":true}"#.into(), false)));
-        assert_eq!(answer(body(5).as_bytes()).map(|a| a.1), Some(false));
+        assert_eq!(answer(body(0).as_bytes()), Some((r#"{"ok":true}"#.into(), None)));
+        assert_eq!(answer(body(5).as_bytes()).map(|a| a.1), Some(None));
         assert_eq!(
             answer(body(6).as_bytes()),
-            Some((r#"{"data":[3,6,17,"***"]}"#.into(), true)),
+            Some((r#"{"data":[3,6,17,"***"]}"#.into(), Some((3, 6)))),
             "the stamp kept, the text masked"
         );
         assert_eq!(
             answer(body(16).as_bytes()).map(|a| a.1),
-            Some(true),
+            Some(Some((3, 16))),
             "publisher 3's line 16"
         );
         let lines = (0..1000u32).flat_map(|p| (0..4u64).map(move |s| (p, s)));

@@ -40,8 +40,6 @@ pub struct Ctx {
     /// Time between two publishes of one member.
     pub period: Duration,
     pub payload_bytes: usize,
-    /// Whether lines go through the backend, which masks some.
-    pub masking: bool,
     pub connect_timeout: Duration,
     pub latencies: Latencies,
     pub delivered: AtomicU64,
@@ -72,12 +70,9 @@ pub struct Log {
     pub closed: Option<String>,
     /// Its publishes, by sequence number.
     pub sent: Vec<Sent>,
-    /// The lines it received, (publisher, sequence number), in order of arrival.
-    pub received: Vec<(u32, u64)>,
+    /// The lines it received, (publisher, sequence number, whether masked), in order of arrival.
+    pub received: Vec<(u32, u64, bool)>,
     pub tally: Tally,
-    pub masked: u64,
-    /// Lines masked that should not be, or not masked that should.
-    pub mask_wrong: u64,
 }
 
 /// A publish's id: its sequence number past the join's id (1).
@@ -197,11 +192,8 @@ fn on_frame(ctx: &Ctx, idx: usize, log: &mut Log, streams: &mut Vec<(u32, Stream
             let seen = streams[i].1.observe(stamp.seq);
             log.tally.count(seen);
             if seen != Seen::Duplicate {
-                log.received.push((stamp.publisher, stamp.seq));
+                log.received.push((stamp.publisher, stamp.seq, is_masked(text)));
             }
-            let masked = is_masked(text);
-            log.masked += u64::from(masked);
-            log.mask_wrong += u64::from(masked != (ctx.masking && super::backend::masks(stamp.publisher, stamp.seq)));
             ctx.delivered.fetch_add(1, Ordering::Relaxed);
         }
         Inbound::Ok(id) if id >= 2 && answered(log, id, Answer::Ok) => {

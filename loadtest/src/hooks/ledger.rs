@@ -3,6 +3,8 @@
 //! failed and resumed around a backend outage, and the report's arithmetic (CPU per publish, the
 //! latency the node adds to the backend's).
 
+use std::collections::HashSet;
+
 /// How the node answered a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
@@ -38,6 +40,17 @@ pub fn missed(acked: &[u64], got: &[u64]) -> u64 {
     acked.iter().filter(|s| got.binary_search(s).is_err()).count() as u64
 }
 
+/// Of the lines a member received (publisher, seq, whether masked): how many were masked, and how
+/// many were masked though the backend did not mask them or plain though it did.
+pub fn masks_seen(received: &[(u32, u64, bool)], masked_by_backend: &HashSet<(u32, u64)>) -> (u64, u64) {
+    let masked = received.iter().filter(|r| r.2).count() as u64;
+    let wrong = received
+        .iter()
+        .filter(|(p, s, masked)| *masked != masked_by_backend.contains(&(*p, *s)))
+        .count() as u64;
+    (masked, wrong)
+}
+
 /// What happened to publishing around a backend outage, milliseconds.
 #[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
 pub struct Outage {
@@ -46,15 +59,28 @@ pub struct Outage {
     /// The longest an `unavailable` answer took after its publish.
     pub unavailable_answer_max_ms: Option<f64>,
     pub unavailable: u64,
+    /// Publishes sent while the backend was away and answered `ok` (`--hook-on-error publish=allow`).
+    pub allowed: u64,
+    /// The longest such an `ok` took after its publish.
+    pub allowed_answer_max_ms: Option<f64>,
     /// From the backend's return to the first `ok` to a publish sent after it.
     pub resumed_after_ms: Option<f64>,
+    /// From the backend's return to its first answer.
+    pub backend_back_after_ms: Option<f64>,
 }
 
 /// [`Outage`] over every publish of the run, the backend stopped at `stop_us` and back at
-/// `back_us` (µs since the epoch).
-pub fn outage<'a>(sent: impl Iterator<Item = &'a Sent>, stop_us: u64, back_us: u64) -> Outage {
+/// `back_us` (µs since the epoch), the backend answering at `answered_at_us`.
+pub fn outage<'a>(sent: impl Iterator<Item = &'a Sent>, stop_us: u64, back_us: u64, answered_at_us: &[u64]) -> Outage {
     let ms = |us: u64| us as f64 / 1e3;
-    let mut o = Outage::default();
+    let mut o = Outage {
+        backend_back_after_ms: answered_at_us
+            .iter()
+            .filter(|at| **at >= back_us)
+            .min()
+            .map(|at| ms(at - back_us)),
+        ..Outage::default()
+    };
     for s in sent {
         match s.answer {
             Some((at, Answer::Unavailable)) => {
@@ -65,6 +91,11 @@ pub fn outage<'a>(sent: impl Iterator<Item = &'a Sent>, stop_us: u64, back_us: u
                 }
                 let took = ms(at.saturating_sub(s.at_us));
                 o.unavailable_answer_max_ms = Some(o.unavailable_answer_max_ms.map_or(took, |m| m.max(took)));
+            }
+            Some((at, Answer::Ok)) if (stop_us..back_us).contains(&s.at_us) => {
+                o.allowed += 1;
+                let took = ms(at.saturating_sub(s.at_us));
+                o.allowed_answer_max_ms = Some(o.allowed_answer_max_ms.map_or(took, |m| m.max(took)));
             }
             Some((at, Answer::Ok)) if s.at_us >= back_us => {
                 let after = ms(at - back_us);
@@ -117,17 +148,31 @@ mod tests {
             sent(990, Some((1_400, Answer::Unavailable))),
             sent(1_500, Some((3_500, Answer::Unavailable))),
             sent(5_000, Some((5_100, Answer::Unavailable))),
-            // Sent before the return: not a resumption.
+            // Sent before the return: allowed, not a resumption.
             sent(5_900, Some((6_200, Answer::Ok))),
             sent(6_300, Some((6_400, Answer::Ok))),
             sent(7_000, Some((7_050, Answer::Ok))),
         ];
-        let o = outage(log.iter(), 1_000, 6_000);
+        let o = outage(log.iter(), 1_000, 6_000, &[900, 6_250, 6_100]);
         assert_eq!(o.unavailable, 3);
+        assert_eq!(
+            (o.allowed, o.allowed_answer_max_ms),
+            (1, Some(0.3)),
+            "the ok sent at 5,900"
+        );
+        assert_eq!(o.backend_back_after_ms, Some(0.1));
         assert_eq!(o.first_unavailable_after_ms, Some(0.4));
         assert_eq!(o.unavailable_answer_max_ms, Some(2.0));
         assert_eq!(o.resumed_after_ms, Some(0.4));
-        assert_eq!(outage(log[..1].iter(), 1_000, 6_000), Outage::default());
+        assert_eq!(outage(log[..1].iter(), 1_000, 6_000, &[]), Outage::default());
+    }
+
+    #[test]
+    fn a_line_is_wrong_when_masked_otherwise_than_the_backend_masked_it() {
+        let by_backend: HashSet<(u32, u64)> = [(1, 2), (4, 0)].into();
+        let got = [(1, 2, true), (1, 3, false), (4, 0, false), (5, 1, true)];
+        assert_eq!(masks_seen(&got, &by_backend), (2, 2));
+        assert_eq!(masks_seen(&got[..2], &by_backend), (1, 0));
     }
 
     #[test]

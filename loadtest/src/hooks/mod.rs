@@ -7,7 +7,8 @@
 //! - **hooks**: `--hook-publish` to a [`backend`] this process runs, which allows every line and
 //!   masks every tenth ([`backend::masks`]); the members check that exactly those arrive masked;
 //! - **outage**: the same, with the backend stopped from 30 % to 60 % of `--duration`: publishes
-//!   must be answered `unavailable` within `--hook-timeout-ms`, the node's breaker open (its
+//!   must be answered `unavailable` (or `ok`, with `--hook-on-error allow`) within
+//!   `--hook-timeout-ms`, the node's breaker open (its
 //!   `shardcast_hook_breakers_open`, scraped every 100 ms), lines already acknowledged still
 //!   delivered, and publishing back within one breaker cool-down ([`COOL_DOWN`]) of the return.
 //!
@@ -22,6 +23,7 @@ mod ledger;
 mod report;
 
 use std::{
+    collections::HashSet,
     path::PathBuf,
     process::{Command, Stdio},
     sync::{
@@ -45,7 +47,7 @@ use crate::{
 };
 
 use self::{
-    backend::{masks, Backend},
+    backend::Backend,
     chatter::{Ctx, Log},
     ledger::Answer,
     report::{BackendSide, OutageSide, RunReport},
@@ -92,6 +94,8 @@ pub struct Plan {
     pub connect_timeout: Duration,
     pub source_addrs: u8,
     pub hook_timeout: Duration,
+    /// `--hook-on-error publish=allow` rather than deny.
+    pub allow: bool,
     pub prefix: String,
     pub node_bin: PathBuf,
     pub out: PathBuf,
@@ -126,6 +130,7 @@ impl Plan {
             connect_timeout: Duration::from_secs_f64(positive(args.connect_timeout, "--connect-timeout")?),
             source_addrs: args.source_addrs,
             hook_timeout: Duration::from_millis(args.hook_timeout_ms.max(1)),
+            allow: args.hook_on_error == "allow",
             prefix: args.prefix.clone(),
             node_bin: args.node_bin()?,
             out: args.out(),
@@ -152,6 +157,8 @@ impl Plan {
                 format!("{}-r*={url}", self.prefix),
                 "--hook-timeout".into(),
                 format!("{}ms", self.hook_timeout.as_millis()),
+                "--hook-on-error".into(),
+                format!("publish={}", if self.allow { "allow" } else { "deny" }),
             ],
         }
     }
@@ -211,7 +218,6 @@ fn run_one(plan: &Plan, kind: Kind, runtime: &Runtime) -> anyhow::Result<RunRepo
         source_addrs: plan.source_addrs,
         period: Duration::from_secs_f64(plan.clients as f64 / plan.rate),
         payload_bytes: plan.payload_bytes,
-        masking: kind != Kind::Plain,
         connect_timeout: plan.connect_timeout,
         latencies: stats::Latencies::new(8),
         delivered: AtomicU64::new(0),
@@ -246,19 +252,21 @@ fn run_one(plan: &Plan, kind: Kind, runtime: &Runtime) -> anyhow::Result<RunRepo
     let _ = phase.send(Phase::Finish);
     let logs = collect(runtime, members);
     let answered = backend.as_ref().map(Backend::answered);
+    let masked_by_backend = answered.as_ref().map(|a| a.masked.clone()).unwrap_or_default();
     node.stop(Duration::from_secs(5));
     if let Some(b) = backend {
         runtime.block_on(b.stop());
     }
 
-    let mut r = summarize(plan, kind, node_args, &logs, &ctx);
+    let mut r = summarize(plan, kind, node_args, &logs, &ctx, &masked_by_backend);
     r.node_cpu_s = cpu_after.cpu_ns.saturating_sub(cpu_before.cpu_ns) as f64 / 1e9;
     r.window_s = window_s;
     r.node_cpu_us_per_publish = ledger::cpu_per_publish_us(cpu_after.cpu_ns.saturating_sub(cpu_before.cpu_ns), r.acked);
+    let answered_at_us = answered.as_ref().map(|a| a.answered_at_us.clone()).unwrap_or_default();
     r.backend = answered.map(|a| BackendSide {
         latency_ms: Latency::of(&a.latency_us),
         allowed: a.allowed,
-        masked: a.masked,
+        masked: a.masked.len() as u64,
         bad: a.bad,
     });
     r.added_p99_ms = r
@@ -272,7 +280,12 @@ fn run_one(plan: &Plan, kind: Kind, runtime: &Runtime) -> anyhow::Result<RunRepo
         OutageSide {
             stop_at_s: 0.3 * plan.duration.as_secs_f64(),
             back_at_s,
-            publishing: ledger::outage(logs.iter().flat_map(|l| l.sent.iter()), stop_us, back_us),
+            publishing: ledger::outage(
+                logs.iter().flat_map(|l| l.sent.iter()),
+                stop_us,
+                back_us,
+                &answered_at_us,
+            ),
             breaker_opened_after_ms: opened.map(|(t, _)| (t - 0.3 * plan.duration.as_secs_f64()) * 1e3),
             breakers_open_max: breakers.iter().map(|b| b.1).fold(0.0, f64::max),
             breakers_open_at_end: breakers.last().map_or(0.0, |b| b.1),
@@ -364,7 +377,14 @@ fn collect(runtime: &Runtime, handles: Vec<JoinHandle<Log>>) -> Vec<Log> {
 }
 
 /// The run's count over the members' logs (member `i` is publisher `i`).
-fn summarize(plan: &Plan, kind: Kind, node_args: Vec<String>, logs: &[Log], ctx: &Ctx) -> RunReport {
+fn summarize(
+    plan: &Plan,
+    kind: Kind,
+    node_args: Vec<String>,
+    logs: &[Log],
+    ctx: &Ctx,
+    masked_by_backend: &HashSet<(u32, u64)>,
+) -> RunReport {
     let mut failed = std::collections::BTreeMap::new();
     let mut closed = std::collections::BTreeMap::new();
     for l in logs {
@@ -382,24 +402,27 @@ fn summarize(plan: &Plan, kind: Kind, node_args: Vec<String>, logs: &[Log], ctx:
             .count() as u64
     };
     let acked: Vec<Vec<u64>> = logs.iter().map(|l| ledger::acked(&l.sent)).collect();
-    let (mut lost, mut masked_expected, mut delivered_unacked) = (0, 0, 0);
+    let (mut lost, mut masked_expected, mut delivered_unacked, mut masked, mut mask_wrong) = (0, 0, 0, 0, 0);
     for (m, log) in logs.iter().enumerate() {
         if log.failure.is_some() || log.closed.is_some() {
             continue;
         }
-        let mut got = log.received.clone();
+        let (seen, wrong) = ledger::masks_seen(&log.received, masked_by_backend);
+        (masked, mask_wrong) = (masked + seen, mask_wrong + wrong);
+        let mut got: Vec<(u32, u64)> = log.received.iter().map(|r| (r.0, r.1)).collect();
         got.sort_unstable();
         for p in plan.room_members(m) {
             let from: Vec<u64> = got.iter().filter(|(q, _)| *q as usize == p).map(|g| g.1).collect();
             lost += ledger::missed(&acked[p], &from);
-            if kind != Kind::Plain {
-                masked_expected += acked[p].iter().filter(|s| masks(p as u32, **s)).count() as u64;
-            }
+            masked_expected += acked[p]
+                .iter()
+                .filter(|s| masked_by_backend.contains(&(p as u32, **s)))
+                .count() as u64;
         }
         delivered_unacked += log
             .received
             .iter()
-            .filter(|(p, s)| acked.get(*p as usize).is_none_or(|a| a.binary_search(s).is_err()))
+            .filter(|(p, s, _)| acked.get(*p as usize).is_none_or(|a| a.binary_search(s).is_err()))
             .count() as u64;
     }
     RunReport {
@@ -418,9 +441,9 @@ fn summarize(plan: &Plan, kind: Kind, node_args: Vec<String>, logs: &[Log], ctx:
         delivered_unacked,
         reordered: logs.iter().map(|l| l.tally.reordered).sum(),
         duplicates: logs.iter().map(|l| l.tally.duplicates).sum(),
-        masked: logs.iter().map(|l| l.masked).sum(),
+        masked,
         masked_expected,
-        mask_wrong: logs.iter().map(|l| l.mask_wrong).sum(),
+        mask_wrong,
         latency_ms: Latency::of(&ctx.latencies.merged()),
         backend: None,
         added_p99_ms: None,
@@ -445,7 +468,14 @@ mod tests {
         assert!(plan.node_args(Kind::Plain, Some("http://b/publish")).is_empty());
         assert_eq!(
             plan.node_args(Kind::Outage, Some("http://b/publish")),
-            ["--hook-publish", "lt-r*=http://b/publish", "--hook-timeout", "1000ms"]
+            [
+                "--hook-publish",
+                "lt-r*=http://b/publish",
+                "--hook-timeout",
+                "1000ms",
+                "--hook-on-error",
+                "publish=deny"
+            ]
         );
         assert!(Plan::from_args(&Args::of("lt hooks --duration 90")).is_err());
     }

@@ -18,6 +18,8 @@ pub struct HooksReport {
     pub payload_bytes: usize,
     pub duration_s: f64,
     pub hook_timeout_ms: f64,
+    /// `--hook-on-error publish=…` on the nodes.
+    pub on_error: &'static str,
     pub cool_down_s: f64,
     pub runs: Vec<RunReport>,
     pub targets: Targets,
@@ -97,10 +99,12 @@ pub struct Targets {
     pub added_p99_within_5ms: bool,
     /// The hooks run: end-to-end p99 within the plain run's p99 + the backend's p99 + 5 ms.
     pub over_plain_p99_within_5ms: bool,
-    /// The outage run: every `unavailable` answered within the hook timeout.
-    pub unavailable_within_timeout: bool,
+    /// The outage run: publishes answered within the hook timeout while the backend was away:
+    /// `unavailable` when denied, `ok` (and none `unavailable`) when allowed.
+    pub answered_within_timeout: bool,
     pub breaker_opened: bool,
-    /// The outage run: an `ok` within one cool-down of the backend's return.
+    /// The outage run: within one cool-down of the backend's return, an `ok` to a publish sent
+    /// after it (denied) or the backend asked again (allowed).
     pub resumed_within_cool_down: bool,
 }
 
@@ -121,14 +125,23 @@ impl Targets {
             over_plain_p99_within_5ms: run("hooks")
                 .and_then(|r| Some(r.over_plain_p99_ms? - r.backend.as_ref()?.latency_ms.p99))
                 .is_some_and(|a| a <= 5.0),
-            unavailable_within_timeout: outage.is_some_and(|o| {
-                o.publishing.unavailable > 0 && o.publishing.unavailable_answer_max_ms.is_some_and(|m| m <= timeout_ms)
+            answered_within_timeout: outage.is_some_and(|o| {
+                let p = &o.publishing;
+                if plan.allow {
+                    p.unavailable == 0 && p.allowed > 0 && p.allowed_answer_max_ms.is_some_and(|m| m <= timeout_ms)
+                } else {
+                    p.unavailable > 0 && p.unavailable_answer_max_ms.is_some_and(|m| m <= timeout_ms)
+                }
             }),
             breaker_opened: outage.is_some_and(|o| o.breakers_open_max > 0.0),
             resumed_within_cool_down: outage.is_some_and(|o| {
-                o.publishing
-                    .resumed_after_ms
-                    .is_some_and(|r| r <= COOL_DOWN.as_secs_f64() * 1e3)
+                let p = &o.publishing;
+                let resumed = if plan.allow {
+                    p.backend_back_after_ms
+                } else {
+                    p.resumed_after_ms
+                };
+                resumed.is_some_and(|r| r <= COOL_DOWN.as_secs_f64() * 1e3)
             }),
         }
     }
@@ -148,6 +161,7 @@ impl HooksReport {
             payload_bytes: plan.payload_bytes,
             duration_s: plan.duration.as_secs_f64(),
             hook_timeout_ms: plan.hook_timeout.as_secs_f64() * 1e3,
+            on_error: if plan.allow { "allow" } else { "deny" },
             cool_down_s: COOL_DOWN.as_secs_f64(),
             targets: Targets::of(plan, &runs),
             runs,
@@ -159,8 +173,8 @@ impl HooksReport {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "hooks: {} members in {} rooms, {} msg/s for {} s, hook timeout {} ms, cool-down {} s",
-            self.clients, self.rooms, self.rate, self.duration_s, self.hook_timeout_ms, self.cool_down_s
+            "hooks: {} members in {} rooms, {} msg/s for {} s, hook timeout {} ms, on error {}, cool-down {} s",
+            self.clients, self.rooms, self.rate, self.duration_s, self.hook_timeout_ms, self.on_error, self.cool_down_s
         );
         for r in &self.runs {
             let _ = writeln!(t, "\n{}  {}", r.run, r.node_args.join(" "));
@@ -210,15 +224,18 @@ impl HooksReport {
                 let _ = writeln!(
                     t,
                     "  outage       backend stopped at {:.1} s, back at {:.1} s; first unavailable {} after the \
-                     stop (slowest {}); breaker open {} after the stop (max {}, {} at the end); resumed {} after \
-                     the return",
+                     stop (slowest {}); {} allowed meanwhile (slowest {}); breaker open {} after the stop (max \
+                     {}, {} at the end); backend asked again {} and an ok to a new publish {} after the return",
                     o.stop_at_s,
                     o.back_at_s,
                     ms(p.first_unavailable_after_ms),
                     ms(p.unavailable_answer_max_ms),
+                    p.allowed,
+                    ms(p.allowed_answer_max_ms),
                     ms(o.breaker_opened_after_ms),
                     o.breakers_open_max,
                     o.breakers_open_at_end,
+                    ms(p.backend_back_after_ms),
                     ms(p.resumed_after_ms)
                 );
             }
