@@ -5,12 +5,13 @@
 //!
 //! - **plain**: no hook, the baseline for latency and the node's CPU per publish;
 //! - **hooks**: `--hook-publish` to a [`backend`] this process runs, which allows every line and
-//!   masks every tenth ([`backend::masks`]); the members check that exactly those arrive masked;
+//!   masks every tenth ([`backend::masks`]); after the run the lines the members received are
+//!   held against the lines the backend masked: masked exactly when it masked them;
 //! - **outage**: the same, with the backend stopped from 30 % to 60 % of `--duration`: publishes
 //!   must be answered `unavailable` (or `ok`, with `--hook-on-error allow`) within
-//!   `--hook-timeout-ms`, the node's breaker open (its
-//!   `shardcast_hook_breakers_open`, scraped every 100 ms), lines already acknowledged still
-//!   delivered, and publishing back within one breaker cool-down ([`COOL_DOWN`]) of the return.
+//!   `--hook-timeout-ms`, the node's breaker open (its `shardcast_hook_breakers_open`, scraped
+//!   every 100 ms), lines already acknowledged still delivered, and publishing back within one
+//!   breaker cool-down ([`COOL_DOWN`]) of the return.
 //!
 //! Per run it reports deliveries, lines lost among the acknowledged, reorders and duplicates per
 //! sender, masked lines, end-to-end latency, the backend's own latency, and the node's CPU per
