@@ -13,6 +13,7 @@ mod demo;
 mod feeds;
 mod fleet;
 mod floor;
+mod hooks;
 mod keyed;
 mod kickoff;
 mod matchday;
@@ -91,6 +92,13 @@ enum Scenario {
     /// processes (2) on a 3-master cluster it starts; per join, the time to every latest value and
     /// the `ok`, and errors. Writes kickoff.json to --out. Run from the repository.
     Kickoff,
+    /// The publish hook at chat rates: --clients members (10,000) in --rooms rooms (1,000)
+    /// publishing --rate (2,000 msg/s) over a node it starts, three times: without hooks, with
+    /// `--hook-publish` to a backend it runs (allows, masks every tenth line), and
+    /// with that backend stopped from 30 % to 60 % of --duration; per run: lost, reorders, masked
+    /// lines, latency beside the backend's, node CPU per publish, and the outage's timeline.
+    /// Writes hooks.json to --out.
+    Hooks,
     /// No traffic: what a deployment needs (nodes, masters, shards per room, memory and egress
     /// per node) for --viewers over --rooms (default 1) at --rate messages/s per room (default 10),
     /// from the capacity model (docs/capacity.md).
@@ -332,6 +340,13 @@ struct Args {
     /// delta+deflate), on every node, each reported apart: the comparison in one run.
     #[arg(long)]
     wire_split: bool,
+    /// hooks: the nodes' --hook-timeout, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    hook_timeout_ms: u64,
+    /// hooks: what the publish hook's failure means on the nodes (`--hook-on-error publish=…`):
+    /// `deny` (publishes answered `unavailable`) or `allow` (published as sent).
+    #[arg(long, default_value = "deny", value_parser = ["deny", "allow"])]
+    hook_on_error: String,
     /// Adds the end-to-end latencies, as (microseconds, count) pairs, to the JSON report, so that
     /// reports of several processes can be merged.
     #[arg(long, hide = true)]
@@ -369,7 +384,7 @@ impl Args {
             Scenario::Stadium100k => 100_000,
             Scenario::Matchday => 2000,
             Scenario::Plan => 0,
-            Scenario::Chat => 10_000,
+            Scenario::Chat | Scenario::Hooks => 10_000,
             Scenario::Idle => 18_000,
             Scenario::Soak | Scenario::Floor | Scenario::Churn => 1000,
             Scenario::Demo => 0,
@@ -492,6 +507,11 @@ fn dispatch(args: &Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<(S
         Scenario::Weak => shown(
             weak::run(&weak::Plan::from_args(args)?, runtime)?,
             weak::WeakReport::table,
+        ),
+        // A node per run started from this thread, the members and the backend on the runtime.
+        Scenario::Hooks => shown(
+            hooks::run(&hooks::Plan::from_args(args)?, runtime)?,
+            hooks::HooksReport::table,
         ),
         Scenario::Kickoff => shown(
             kickoff::run(&kickoff::Plan::from_args(args)?, runtime)?,

@@ -48,7 +48,7 @@ pub fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
     let clients = args.clients();
     let rate = args.rate.unwrap_or(match args.scenario {
         Scenario::Stadium | Scenario::Churn => 200.0,
-        Scenario::Chat => 2000.0,
+        Scenario::Chat | Scenario::Hooks => 2000.0,
         Scenario::Dm => 1000.0,
         Scenario::Idle | Scenario::Floor | Scenario::Stadium100k | Scenario::Plan => 0.0,
         Scenario::Soak => 500.0,
@@ -80,6 +80,7 @@ pub fn plan(args: &Args, nodes: usize) -> anyhow::Result<Plan> {
         | Scenario::Matchday
         | Scenario::Weak
         | Scenario::Kickoff
+        | Scenario::Hooks
         | Scenario::Plan => {
             bail!("the {:?} scenario has its own runner", args.scenario)
         }
