@@ -330,6 +330,11 @@ pub struct Args {
     /// Key of the HMAC-SHA256 signature every hook request carries. [default: none, unsigned]
     #[arg(long, env = "SHARDCAST_HOOK_SECRET")]
     pub hook_secret: Option<String>,
+
+    /// PEM file of certificate authorities trusted for https hook URLs, besides the public ones
+    /// (a private CA). [default: none]
+    #[arg(long, env = "SHARDCAST_HOOK_CA_FILE")]
+    pub hook_ca_file: Option<String>,
 }
 
 /// The validated configuration every part of the node reads.
@@ -660,6 +665,7 @@ impl Args {
             hook_max_inflight: self.hook_max_inflight.or(base.hook_max_inflight),
             hook_join_cache: self.hook_join_cache.or(base.hook_join_cache),
             hook_secret: self.hook_secret.or(base.hook_secret),
+            hook_ca_file: self.hook_ca_file.or(base.hook_ca_file),
         }
     }
 
@@ -820,6 +826,7 @@ impl Args {
         set!(p, "hook-max-inflight", self.hook_max_inflight, |s| bounded_count(s, 1_000_000) => hooks.max_inflight);
         set!(p, "hook-join-cache", self.hook_join_cache, duration_or_zero => hooks.join_cache);
         set!(p, "hook-secret", self.hook_secret, |s| secret(s).map(Some) => hooks.secret);
+        set!(p, "hook-ca-file", self.hook_ca_file, |s| hook_settings::authorities(s).map(Some) => hooks.authorities);
     }
 }
 

@@ -49,11 +49,13 @@ struct Shared {
     most: AtomicUsize,
 }
 
-/// A hook backend: an HTTP server on a loopback port, stopped on drop.
+/// A hook backend: an HTTP server on a loopback port (or an HTTPS one, its certificate for
+/// 127.0.0.1 issued by `tests/keys/hook-test-ca.pem`), stopped on drop.
 struct Backend {
     addr: SocketAddr,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
+    tls: bool,
 }
 
 /// Counts a request in flight while it is answered.
@@ -82,6 +84,14 @@ async fn serve(State(shared): State<Arc<Shared>>, uri: axum::http::Uri, headers:
 
 impl Backend {
     async fn start(answer: Answer) -> Backend {
+        Backend::serve(answer, false).await
+    }
+
+    async fn start_tls(answer: Answer) -> Backend {
+        Backend::serve(answer, true).await
+    }
+
+    async fn serve(answer: Answer, tls: bool) -> Backend {
         let shared = Arc::new(Shared {
             answer: Mutex::new(answer),
             seen: Mutex::new(Vec::new()),
@@ -97,14 +107,24 @@ impl Backend {
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Backend { addr, shared, task }
+        let task = if tls {
+            tokio::spawn(serve_tls(listener, app))
+        } else {
+            tokio::spawn(async move {
+                axum::serve(listener, app).await.unwrap();
+            })
+        };
+        Backend {
+            addr,
+            shared,
+            task,
+            tls,
+        }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
     }
 
     fn answer(&self, answer: Answer) {
@@ -159,6 +179,42 @@ fn moderate() -> Answer {
             Json(json!({"ok":true})).into_response()
         }
     })
+}
+
+/// Serves `app` over TLS with the test certificate for 127.0.0.1.
+async fn serve_tls(listener: tokio::net::TcpListener, app: Router) {
+    use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let keys = common::repo().join("tests/keys");
+    let certs: Vec<_> = CertificateDer::pem_file_iter(keys.join("hook-test-cert.pem"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(keys.join("hook-test-key.pem")).unwrap();
+    // ring, as the node's client has it (reqwest's rustls-tls); that it has no post-quantum key
+    // exchange, for which rustls marks it deprecated, does not matter on loopback.
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { return };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            if let Ok(tls) = acceptor.accept(tcp).await {
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let io = hyper_util::rt::TokioIo::new(tls);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            }
+        });
+    }
 }
 
 const SECRET: &str = "hook-secret-for-tests";
@@ -711,4 +767,49 @@ async fn lines_waiting_for_the_hook_count_in_the_sockets_window_of_publishes() {
         "answered after {:?}, beside two pending hook answers",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_backend_is_asked_when_its_authority_is_trusted_and_refused_when_not() {
+    let backend = Backend::start_tls(moderate()).await;
+    let route_to = format!("chat:*={}", backend.url("/publish"));
+    let ca = common::repo().join("tests/keys/hook-test-ca.pem");
+    let trusting = Node::start(hooked("https-trusted", |h| {
+        h.publish = vec![route(&route_to)];
+        h.authorities = Some(settings::authorities(ca.to_str().unwrap()).unwrap());
+    }))
+    .await;
+    let mut c = Client::connect(&trusting.ws("?user=ann")).await;
+    c.join("chat:1").await;
+    let r = c
+        .request(json!({"op":"pub","room":"chat:1","data":{"text":"mask me"}}))
+        .await;
+    assert_eq!(r["op"], "ok", "{r}");
+    assert_eq!(
+        next_msg(&mut c).await["data"]["text"],
+        "***",
+        "the backend was asked over TLS"
+    );
+    trusting.stop().await;
+
+    // A node that does not trust the backend's authority never sends it the line: the hook fails
+    // (publish: deny) and nothing is published.
+    let doubting = Node::start(hooked("https-untrusted", |h| h.publish = vec![route(&route_to)])).await;
+    let mut c = Client::connect(&doubting.ws("?user=ann")).await;
+    c.join("chat:1").await;
+    let r = c
+        .request(json!({"op":"pub","room":"chat:1","data":{"text":"hello"}}))
+        .await;
+    assert_eq!(
+        (r["op"].as_str(), r["code"].as_str()),
+        (Some("error"), Some("unavailable")),
+        "{r}"
+    );
+    no_msg(&mut c, Duration::from_millis(300)).await;
+    assert_eq!(
+        backend.shared.seen.lock().unwrap().len(),
+        1,
+        "only the trusting node's line got through"
+    );
+    doubting.stop().await;
 }

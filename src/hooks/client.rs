@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use reqwest::{header, redirect, Url};
 
-use super::sign;
+use super::{settings::Settings, sign};
 
 /// The largest answer read from a backend: room for a replaced message (at most
 /// `--max-frame-bytes`, 64 KiB by default) escaped in JSON, and little more.
@@ -62,9 +62,18 @@ pub struct Client {
 }
 
 impl Client {
-    /// `idle_per_backend`: connections kept open to one backend between requests.
-    pub fn new(timeout: Duration, secret: Option<&str>, idle_per_backend: usize) -> Result<Client, HookError> {
-        let http = reqwest::Client::builder()
+    /// The client `settings` describe: their timeout and signing key; as many connections kept
+    /// open to one backend between requests as it may have in flight; for https backends, the
+    /// public certificate authorities and those of `--hook-ca-file`.
+    pub fn new(settings: &Settings) -> Result<Client, HookError> {
+        let (timeout, secret, idle_per_backend) = (settings.timeout, settings.secret.as_deref(), settings.max_inflight);
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = &settings.authorities {
+            for ca in reqwest::Certificate::from_pem_bundle(pem).map_err(|e| HookError::Request(e.to_string()))? {
+                builder = builder.add_root_certificate(ca);
+            }
+        }
+        let http = builder
             .http1_only()
             .redirect(redirect::Policy::none())
             // Never through a proxy named by the environment: hooks go where they are configured.

@@ -70,7 +70,7 @@ impl Refusal {
 
 impl Hooks {
     pub fn new(settings: Settings) -> Result<Hooks, HookError> {
-        let client = client::Client::new(settings.timeout, settings.secret.as_deref(), settings.max_inflight)?;
+        let client = client::Client::new(&settings)?;
         // One backend per URL, whichever hooks share it: one breaker, one bound.
         let mut backends: HashMap<String, Arc<Backend>> = HashMap::new();
         let mut uses: HashMap<String, Vec<Hook>> = HashMap::new();

@@ -48,6 +48,9 @@ pub struct Settings {
     pub join_cache: Duration,
     /// `--hook-secret`: the key each request's signature is made with.
     pub secret: Option<String>,
+    /// `--hook-ca-file`: certificate authorities trusted for https backends besides the public
+    /// ones, as PEM.
+    pub authorities: Option<Vec<u8>>,
 }
 
 impl Default for Settings {
@@ -68,6 +71,7 @@ impl Default for Settings {
             max_inflight: 1000,
             join_cache: Duration::ZERO,
             secret: None,
+            authorities: None,
         }
     }
 }
@@ -88,14 +92,23 @@ impl Settings {
     }
 }
 
-/// A backend URL: `http://HOST[:PORT]/PATH`. `https` is refused: this build carries no TLS, and
-/// a hook backend belongs on the node's private network (or behind a local proxy).
+/// A backend URL: `http://HOST[:PORT]/PATH` or `https://…` (its certificate checked against the
+/// public authorities and `--hook-ca-file`).
 pub fn url(s: &str) -> Result<reqwest::Url, String> {
     let url = reqwest::Url::parse(s).map_err(|e| format!("{e} (expected http://HOST:PORT/PATH)"))?;
     match url.scheme() {
-        "http" if url.host().is_some() => Ok(url),
-        "https" => Err("https is not supported: this build has no TLS; reach the backend over http on a private network or through a local proxy".into()),
-        _ => Err("expected an http:// URL".into()),
+        "http" | "https" if url.host().is_some() => Ok(url),
+        _ => Err("expected an http:// or https:// URL".into()),
+    }
+}
+
+/// `--hook-ca-file`: a PEM file of one or more CA certificates; read and checked at start-up.
+pub fn authorities(path: &str) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    match reqwest::Certificate::from_pem_bundle(&pem) {
+        Ok(certs) if !certs.is_empty() => Ok(pem),
+        Ok(_) => Err(format!("{path} holds no PEM certificate")),
+        Err(e) => Err(format!("{path}: {e}")),
     }
 }
 
@@ -162,7 +175,8 @@ mod tests {
         for bad in ["ftp://x/y", "127.0.0.1:9000", "http://", "unix:/tmp/s"] {
             assert!(url(bad).is_err(), "{bad}");
         }
-        assert!(url("https://app.example/hook").unwrap_err().contains("TLS"));
+        assert_eq!(url("https://app.example/hook").unwrap().scheme(), "https");
+        assert!(authorities("/nonexistent/ca.pem").unwrap_err().contains("cannot read"));
         let (glob, to) = route("chat:*=http://127.0.0.1:1/p?a=b").unwrap();
         assert!(glob.matches("chat:1") && !glob.matches("odds"));
         assert_eq!(to.query(), Some("a=b"));
