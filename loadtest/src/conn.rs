@@ -248,6 +248,22 @@ impl Outcome {
 
 pub type Ws = WebSocketStream<TcpStream>;
 
+/// The pause before try `attempt + 1` after `error`: what a node that refused the upgrade in a
+/// connect storm asked for (503 with `Retry-After`, whole seconds), then [`retry_pause`]'s spread
+/// on top, as a client that honours it with jitter would.
+pub fn pause_after(error: &anyhow::Error, idx: usize, attempt: u32) -> Duration {
+    let asked = error
+        .chain()
+        .find_map(|e| match e.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+            Some(tokio_tungstenite::tungstenite::Error::Http(answer)) if answer.status() == 503 => {
+                answer.headers().get("retry-after")?.to_str().ok()?.parse::<u64>().ok()
+            }
+            _ => None,
+        })
+        .map_or(Duration::ZERO, |secs| Duration::from_secs(secs.min(30)));
+    asked + retry_pause(idx, attempt)
+}
+
 /// The pause before try `attempt + 1`: 250 ms to 1 s, spread over the connections so that those
 /// refused together do not come back together.
 pub fn retry_pause(idx: usize, attempt: u32) -> Duration {
@@ -341,9 +357,9 @@ impl Conn<'_> {
             }
             .await;
             match tried {
-                Err(_) if attempt < ctx.connect_attempts => {
+                Err(e) if attempt < ctx.connect_attempts => {
                     self.out.retries += 1;
-                    tokio::time::sleep(retry_pause(spec.idx, attempt)).await;
+                    tokio::time::sleep(pause_after(&e, spec.idx, attempt)).await;
                 }
                 done => break done,
             }
@@ -608,6 +624,31 @@ mod tests {
     use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 
     use super::*;
+
+    #[test]
+    fn a_refusal_in_a_storm_is_retried_after_its_retry_after_with_jitter() {
+        use tokio_tungstenite::tungstenite::{http::Response, Error};
+        let refused = |status: u16| {
+            let answer = Response::builder()
+                .status(status)
+                .header("Retry-After", "2")
+                .body(None)
+                .unwrap();
+            anyhow::Error::new(Error::Http(Box::new(answer))).context("handshake")
+        };
+        for idx in 0..50 {
+            let pause = pause_after(&refused(503), idx, 1);
+            assert!(
+                pause >= Duration::from_millis(2250) && pause < Duration::from_secs(3),
+                "{pause:?}"
+            );
+            assert!(
+                pause_after(&refused(500), idx, 1) < Duration::from_secs(1),
+                "no storm: no wait asked"
+            );
+        }
+        assert!(pause_after(&anyhow::anyhow!("connect: refused"), 0, 1) < Duration::from_secs(1));
+    }
 
     /// A WebSocket server on loopback that closes its first `refuse` connections unanswered.
     // The handshake callback's error type is tungstenite's, whatever its size.

@@ -510,7 +510,9 @@ fn start_holders(me: &Path, plan: &Plan, url_args: &[String]) -> anyhow::Result<
                 ])
                 .args(["--ramp-per-sec", &(plan.ramp_per_sec / plan.procs as f64).to_string()])
                 .args(["--duration", &(secs + HOLD.as_secs_f64()).to_string(), "--drain", "0"])
-                .args(["--connect-timeout", "30", "--json", "--wait-for-go", "--export-latency"])
+                // Members refused in the connect storm (503) come back after its Retry-After.
+                .args(["--connect-timeout", "30", "--connect-attempts", "10"])
+                .args(["--json", "--wait-for-go", "--export-latency"])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null()),
