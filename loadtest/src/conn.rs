@@ -297,6 +297,20 @@ async fn connect(spec: &Spec, ctx: &Ctx) -> anyhow::Result<Ws> {
 
 /// Opens a WebSocket to `node` from the loopback address `source` as `user`.
 pub async fn open(node: &NodeUrl, source: IpAddr, user: &str, encoding: Encoding) -> anyhow::Result<Ws> {
+    let stream = connect_from(node, source).await?;
+    let sep = if node.ws.contains('?') { '&' } else { '?' };
+    let mut req = format!("{}{sep}user={user}", node.ws).into_client_request()?;
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(encoding.protocol()));
+    let (ws, _) = client_async_with_config(req, stream, Some(ws_config()))
+        .await
+        .context("handshake")?;
+    Ok(ws)
+}
+
+/// A TCP connection to `node` from the loopback address `source` (each with its own ephemeral
+/// ports), without Nagle's delay.
+pub async fn connect_from(node: &NodeUrl, source: IpAddr) -> anyhow::Result<TcpStream> {
     let socket = match source {
         IpAddr::V4(_) => TcpSocket::new_v4(),
         IpAddr::V6(_) => TcpSocket::new_v6(),
@@ -307,14 +321,7 @@ pub async fn open(node: &NodeUrl, source: IpAddr, user: &str, encoding: Encoding
         .with_context(|| format!("bind {source}"))?;
     let stream = socket.connect(node.addr).await.context("connect")?;
     stream.set_nodelay(true)?;
-    let sep = if node.ws.contains('?') { '&' } else { '?' };
-    let mut req = format!("{}{sep}user={user}", node.ws).into_client_request()?;
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(encoding.protocol()));
-    let (ws, _) = client_async_with_config(req, stream, Some(ws_config()))
-        .await
-        .context("handshake")?;
-    Ok(ws)
+    Ok(stream)
 }
 
 /// An error without its details in parentheses (OS error numbers, addresses), as a failure class:

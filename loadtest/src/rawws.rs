@@ -9,13 +9,13 @@
 //! message to the next, as the RFC's default. Frame headers are parsed by tungstenite's own
 //! [`FrameHeader::parse`]. What a message means is the viewer's business.
 
-use std::{cell::RefCell, io, net::IpAddr, net::SocketAddr};
+use std::{cell::RefCell, io, net::IpAddr};
 
 use bytes::{Buf, BytesMut};
 use flate2::{Decompress, FlushDecompress, Status};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
+    net::TcpStream,
 };
 use tokio_tungstenite::tungstenite::{
     client::IntoClientRequest,
@@ -96,16 +96,7 @@ pub struct RawWs {
 /// client never compresses).
 pub async fn open(node: &NodeUrl, source: IpAddr, user: &str, deflate: bool) -> anyhow::Result<RawWs> {
     use anyhow::{bail, Context};
-    let socket = match source {
-        IpAddr::V4(_) => TcpSocket::new_v4(),
-        IpAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .context("socket")?;
-    socket
-        .bind(SocketAddr::new(source, 0))
-        .with_context(|| format!("bind {source}"))?;
-    let mut stream = socket.connect(node.addr).await.context("connect")?;
-    stream.set_nodelay(true)?;
+    let mut stream = crate::conn::connect_from(node, source).await?;
     let sep = if node.ws.contains('?') { '&' } else { '?' };
     let req = format!("{}{sep}user={user}", node.ws).into_client_request()?;
     let uri = req.uri();
