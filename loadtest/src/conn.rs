@@ -29,7 +29,7 @@ use tokio_tungstenite::{
 
 use crate::{
     feeds::{self, Feed, Published},
-    keyed,
+    keyed, sockopt,
     stats::{Latencies, Pending, Reading, Stream, Tally, WireTally},
     wire::{self, Encoding, Inbound, Stamp, Target},
 };
@@ -316,9 +316,7 @@ pub async fn connect_from(node: &NodeUrl, source: IpAddr) -> anyhow::Result<TcpS
         IpAddr::V6(_) => TcpSocket::new_v6(),
     }
     .context("socket")?;
-    socket
-        .bind(SocketAddr::new(source, 0))
-        .with_context(|| format!("bind {source}"))?;
+    sockopt::bind_source(&socket, source).with_context(|| format!("bind {source}"))?;
     let stream = socket.connect(node.addr).await.context("connect")?;
     stream.set_nodelay(true)?;
     Ok(stream)
@@ -412,7 +410,7 @@ impl Conn<'_> {
             Some(Ok(Message::Binary(b))) => Ok(self.on_frame(wire::scan_msgpack(&b))),
             Some(Ok(Message::Close(frame))) => Err(frame.map_or("close".into(), |f| u16::from(f.code).to_string())),
             Some(Ok(_)) => Ok(None),
-            Some(Err(_)) => Err("error".into()),
+            Some(Err(e)) => Err(ended_by(&e)),
             None => Err("eof".into()),
         }
     }
@@ -488,6 +486,19 @@ impl Conn<'_> {
             self.ctx.publish_errors.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+/// How a connection that ended without a close frame ended, for its count: `error: ` and the
+/// kind of the failure (`ConnectionReset`, a protocol error's words), few and fixed.
+pub fn ended_by(e: &tokio_tungstenite::tungstenite::Error) -> String {
+    use tokio_tungstenite::tungstenite::Error;
+    match e {
+        Error::Io(io) => format!("error: {:?}", io.kind()),
+        Error::Protocol(p) => format!("error: {p}"),
+        Error::Capacity(_) => "error: capacity".into(),
+        Error::ConnectionClosed | Error::AlreadyClosed => "error: closed".into(),
+        _ => "error".into(),
     }
 }
 
@@ -631,6 +642,15 @@ mod tests {
     use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 
     use super::*;
+
+    #[test]
+    fn a_connection_ended_without_a_close_frame_is_counted_by_how() {
+        use tokio_tungstenite::tungstenite::{error::ProtocolError, Error};
+        let reset = Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(ended_by(&reset), "error: ConnectionReset");
+        let cut = Error::Protocol(ProtocolError::ResetWithoutClosingHandshake);
+        assert_eq!(ended_by(&cut), "error: Connection reset without closing handshake");
+    }
 
     #[test]
     fn a_refusal_in_a_storm_is_retried_after_its_retry_after_with_jitter() {

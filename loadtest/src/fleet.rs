@@ -65,8 +65,11 @@ impl Plan {
             payload_bytes: args.payload_bytes,
             duration,
             ramp_per_sec: args.ramp_per_sec,
-            // About 28,000 ports per source address, with room to spare.
-            source_addrs: args.source_addrs.max((members.div_ceil(20_000) + 1).min(250) as u8),
+            // About 28,000 ports per source address, but a connect searches them for one whose
+            // four-tuple is free, in the kernel and on the connecting thread, and the search grows
+            // with what the address holds: at 17,000 sockets an address it took most of the machine
+            // at the end of the ramp. Sparse addresses keep it short.
+            source_addrs: args.source_addrs.max((members.div_ceil(2_000) + 1).min(250) as u8),
             node_bin,
             out: args.out(),
         })
@@ -103,6 +106,12 @@ pub struct Step {
     /// Connections the nodes closed while the members connected because a request was not read
     /// in time (`shardcast_http_timeouts_total`: the headers within `--http-header-timeout`).
     pub node_http_timeouts: u64,
+    /// Handshakes the nodes answered 503 with Retry-After at `--max-handshakes` while the members
+    /// connected (`shardcast_handshakes_refused_total`): the storm turned away, to come back.
+    pub node_refused_handshakes: u64,
+    /// Failed tries of members before they connected or gave up: refusals and cut handshakes
+    /// that their members tried again.
+    pub retried: u64,
     /// From starting the generators to the last member joined.
     pub connect_s: f64,
     pub sent: u64,
@@ -112,8 +121,13 @@ pub struct Step {
     /// Deliveries missing, counted against what the publisher sent, at every member that
     /// connected (those the nodes closed during the step too).
     pub lost: u64,
-    /// Members the nodes closed during the step, by close code (`4008`: fell behind its budget).
+    /// Members the nodes closed during the step, by close code (`4008`: fell behind its budget),
+    /// as the members saw it; `error: …` when the connection ended without a close frame.
     pub closed_by_node: BTreeMap<String, u64>,
+    /// Connections the nodes ended from the members' connecting to the step's end, by the nodes'
+    /// own reason (`shardcast_connections_closed_total`; the members' own closes at the end,
+    /// `normal`, left out): the nodes' side of `closed_by_node`.
+    pub node_closed: BTreeMap<String, u64>,
     /// Of the lost: messages a member missed before one it received (the rest are at the end).
     pub lost_in_gaps: u64,
     /// Members that received none of the messages.
@@ -147,6 +161,8 @@ pub struct Step {
 
 /// The nodes' counter of connections shed at their HTTP connection cap.
 const SHED: &str = "shardcast_http_connections_shed_total";
+/// The nodes' counter of handshakes answered 503 at `--max-handshakes`.
+const REFUSED: &str = "shardcast_handshakes_refused_total";
 /// The nodes' counter of connections closed for a request not read in time.
 const TIMEOUTS: &str = "shardcast_http_timeouts_total";
 
@@ -174,6 +190,43 @@ fn node_latency(ports: &[u16]) -> BTreeMap<String, f64> {
         }
     }
     buckets
+}
+
+/// The nodes' counter of connections ended, by reason.
+const CLOSED: &str = "shardcast_connections_closed_total";
+
+/// Counter `name` summed over the nodes per value of its one label.
+fn node_counter_by_label(ports: &[u16], name: &str) -> BTreeMap<String, f64> {
+    let mut sums = BTreeMap::new();
+    for port in ports {
+        add_by_label(&get(*port, "/metrics"), name, &mut sums);
+    }
+    sums
+}
+
+/// Adds counter `name` of one scrape, `name{label="value"} count`, to `sums` by value.
+fn add_by_label(scrape: &str, name: &str, sums: &mut BTreeMap<String, f64>) {
+    for line in scrape.lines() {
+        let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
+            continue;
+        };
+        let Some((labels, count)) = rest.split_once("} ") else {
+            continue;
+        };
+        let value = labels
+            .split_once("=\"")
+            .map_or(labels, |(_, v)| v.trim_end_matches('"'));
+        *sums.entry(value.to_string()).or_insert(0.0) += count.trim().parse::<f64>().unwrap_or(0.0);
+    }
+}
+
+/// What each label value of a counter gained between two scrapes, those that gained.
+fn gained(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), (v - before.get(k).copied().unwrap_or(0.0)).max(0.0) as u64))
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// Counters summed over the nodes, each with all its label sets together: one scrape per node.
@@ -440,7 +493,8 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
         .iter()
         .flat_map(|u| ["--url".to_string(), u.clone()])
         .collect();
-    let before = node_counters(fleet.ports, [SHED, TIMEOUTS]);
+    let before = node_counters(fleet.ports, [SHED, TIMEOUTS, REFUSED]);
+    let closed_before = node_counter_by_label(fleet.ports, CLOSED);
     let started = Instant::now();
     let mut holders = start_holders(me, plan, &url_args)?;
     // Each says `ready N` once its members are connected (or its connect deadline passed).
@@ -452,8 +506,8 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
         }
     }
     let connect_s = started.elapsed().as_secs_f64();
-    let after = node_counters(fleet.ports, [SHED, TIMEOUTS]);
-    let [shed, timeouts] = [after[0] - before[0], after[1] - before[1]].map(|d| d as u64);
+    let after = node_counters(fleet.ports, [SHED, TIMEOUTS, REFUSED]);
+    let [shed, timeouts, refused] = [0, 1, 2].map(|i| (after[i] - before[i]) as u64);
     let idle = idle_cores(node_pids)?;
     let rss_connected = rss(node_pids)?;
     let latency_start = node_latency(fleet.ports);
@@ -462,7 +516,9 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
         writeln!(h.stdin, "go")?;
     }
     let published = publish(me, plan, &url_args, rate)?;
-    let reports = holders_reports(holders)?;
+    let reports = holders_reports(holders, &plan.out.join("run"))?;
+    let mut node_closed = gained(&closed_before, &node_counter_by_label(fleet.ports, CLOSED));
+    node_closed.remove("normal");
     // The work of the step spans its publishing and the last delivery after it (at most the time
     // the members were held for it): CPU over that window, not over the hold and the disconnects.
     let longest = reports
@@ -483,8 +539,10 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
             rss_growth: rss_connected as f64 - fleet.idle_rss as f64,
             shed,
             timeouts,
+            refused,
             node_idle_cores: idle,
             node_p99_ms: node_p99_ms(&latency_start, &node_latency(fleet.ports)),
+            node_closed,
         },
     )
 }
@@ -515,7 +573,9 @@ fn start_holders(me: &Path, plan: &Plan, url_args: &[String]) -> anyhow::Result<
                 .args(["--json", "--wait-for-go", "--export-latency"])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
-                .stderr(Stdio::null()),
+                .stderr(std::fs::File::create(
+                    plan.out.join("run").join(format!("generator-{k}.log")),
+                )?),
             format!("generator {k}"),
         )?;
         let stdin = proc.child.stdin.take().context("generator stdin")?;
@@ -555,10 +615,10 @@ fn publish(me: &Path, plan: &Plan, url_args: &[String], rate: f64) -> anyhow::Re
 }
 
 /// The generator processes' reports, once each has ended (a minute at most, together).
-fn holders_reports(holders: Vec<Holder>) -> anyhow::Result<Vec<Value>> {
+fn holders_reports(holders: Vec<Holder>, scratch: &Path) -> anyhow::Result<Vec<Value>> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut reports = Vec::new();
-    for h in holders {
+    for (k, h) in holders.into_iter().enumerate() {
         let Holder {
             proc,
             stdin,
@@ -568,6 +628,8 @@ fn holders_reports(holders: Vec<Holder>) -> anyhow::Result<Vec<Value>> {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut stdout, &mut text)?;
         proc.finish(deadline)?;
+        // Kept beside the nodes' logs: which process's members fared how.
+        std::fs::write(scratch.join(format!("generator-{k}.json")), &text)?;
         reports.push(serde_json::from_str::<Value>(&text).context("a generator's report")?);
     }
     Ok(reports)
@@ -628,8 +690,12 @@ struct Usage {
     shed: u64,
     /// Connections the nodes closed for a request not read in time, meanwhile.
     timeouts: u64,
+    /// Handshakes the nodes refused at `--max-handshakes`, meanwhile.
+    refused: u64,
     /// Publish to a node's worker taking the message, p99 over the nodes (bucket bound).
     node_p99_ms: Option<f64>,
+    /// Connections the nodes ended, by their reason (their members' own closes left out).
+    node_closed: BTreeMap<String, u64>,
 }
 
 fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyhow::Result<Step> {
@@ -638,7 +704,7 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
     let secs = published["duration_s"].as_f64().unwrap_or(0.0).max(1e-3);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let (mut connected, mut received, mut duplicates, mut reordered) = (0, 0, 0, 0);
-    let (mut gaps, mut silent) = (0, 0);
+    let (mut gaps, mut silent, mut retried) = (0, 0, 0);
     let (mut errors, mut closed) = (BTreeMap::new(), BTreeMap::new());
     let mut generator_s = 0.0;
     for r in reports {
@@ -648,6 +714,7 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
         reordered += n(&r["delivery"]["reordered"]);
         gaps += n(&r["delivery"]["gap_missing"]);
         silent += n(&r["delivery"]["silent_members"]);
+        retried += n(&r["connections"]["retried"]);
         generator_s += r["loadtest_cpu_s"].as_f64().unwrap_or(0.0);
         for (into, what) in [(&mut errors, "failed"), (&mut closed, "closed_by_node")] {
             for (why, count) in r["connections"][what].as_object().into_iter().flatten() {
@@ -671,6 +738,8 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
         connect_errors: errors,
         node_shed_handshakes: usage.shed,
         node_http_timeouts: usage.timeouts,
+        node_refused_handshakes: usage.refused,
+        retried,
         connect_s: usage.connect_s,
         sent,
         expected,
@@ -678,6 +747,7 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
         deliveries_per_sec: delivered as f64 / secs,
         lost: expected.saturating_sub(delivered),
         closed_by_node: closed,
+        node_closed: usage.node_closed,
         lost_in_gaps: gaps,
         silent_members: silent,
         duplicates,
@@ -831,20 +901,23 @@ impl FleetReport {
         );
         for s in &self.steps {
             t += &format!(
-                "rate {}/s: {} connected in {:.1} s ({:?} errors, {} shed and {} timed out by the nodes), {:.0} deliveries/s, lost {} (in gaps {}, {} members silent, closed by the nodes: {:?}), duplicates {}, \
+                "rate {}/s: {} connected in {:.1} s ({:?} errors, {} refused with 503, {} shed and {} timed out by the nodes, {} tries again), {:.0} deliveries/s, lost {} (in gaps {}, {} members silent, closed by the nodes: {:?}, by the nodes' count: {:?}), duplicates {}, \
                  latency {}, node {:.2} cores ({} µs/delivery, {} net of idle {:.2} cores, {} B RSS/conn), masters {:?} cores, generator {:.2} cores; \
                  the model: node {:.2} cores ({:+.0}%), {:.2} µs/delivery ({}), {:.0} B RSS/conn ({}); {}\n",
                 s.rate,
                 s.members_connected,
                 s.connect_s,
                 s.connect_errors,
+                s.node_refused_handshakes,
                 s.node_shed_handshakes,
                 s.node_http_timeouts,
+                s.retried,
                 s.deliveries_per_sec,
                 s.lost,
                 s.lost_in_gaps,
                 s.silent_members,
                 s.closed_by_node,
+                s.node_closed,
                 s.duplicates,
                 s.latency_ms.full(),
                 s.node_cores,
@@ -879,9 +952,9 @@ mod tests {
     fn fleet_plan_sizes_processes_and_addresses_for_the_members() {
         let p = Plan::from_args(&args("lt stadium-100k --node-bin /x/shardcast")).unwrap();
         assert_eq!((p.members, p.nodes, p.procs, p.shards), (100_000, 6, 7, 16));
-        assert_eq!((p.rates.clone(), p.source_addrs), (vec![1.0, 2.0, 5.0], 6));
+        assert_eq!((p.rates.clone(), p.source_addrs), (vec![1.0, 2.0, 5.0], 51));
         let small = Plan::from_args(&args("lt stadium-100k --clients 5000 --nodes 5 --rates 5")).unwrap();
-        assert_eq!((small.procs, small.source_addrs), (1, 2));
+        assert_eq!((small.procs, small.source_addrs), (1, 4));
         assert!(small.node_bin.ends_with("shardcast"));
     }
 
@@ -890,7 +963,7 @@ mod tests {
         let published = serde_json::json!({"publish": {"sent": 40}, "duration_s": 20.0});
         let holder = |connected: u64, received: u64, latencies: Value| {
             serde_json::json!({
-                "connections": {"connected": connected, "failed": {"timeout": 1}, "closed_by_node": {"4008": 1}},
+                "connections": {"connected": connected, "failed": {"timeout": 1}, "closed_by_node": {"4008": 1}, "retried": 3},
                 "delivery": {"received": received, "duplicates": 1, "reordered": 0, "gap_missing": 2, "silent_members": 1},
                 "loadtest_cpu_s": 2.0,
                 "latency_us": latencies,
@@ -909,7 +982,9 @@ mod tests {
             node_idle_cores: 0.1,
             shed: 7,
             timeouts: 3,
+            refused: 5,
             node_p99_ms: Some(5.0),
+            node_closed: BTreeMap::from([("idle".to_string(), 4)]),
         };
         let s = merge(2.0, &published, &reports, usage).unwrap();
         assert_eq!((s.members_connected, s.sent, s.expected), (15, 40, 600));
@@ -918,7 +993,12 @@ mod tests {
         assert_eq!(s.connect_errors.get("timeout"), Some(&2));
         assert_eq!(s.closed_by_node.get("4008"), Some(&2));
         assert_eq!((s.lost_in_gaps, s.silent_members), (4, 2));
-        assert_eq!((s.node_shed_handshakes, s.node_http_timeouts), (7, 3));
+        assert_eq!(
+            (s.node_shed_handshakes, s.node_http_timeouts, s.node_refused_handshakes),
+            (7, 3, 5)
+        );
+        assert_eq!(s.retried, 6, "the members' tries again, summed");
+        assert_eq!(s.node_closed.get("idle"), Some(&4));
         assert_eq!(s.latency_ms.count, 597);
         assert!((s.latency_ms.p50 - 1.0).abs() < 0.01);
         assert_eq!(s.node_rss_bytes_per_conn, Some(1000.0));
@@ -952,6 +1032,26 @@ mod tests {
             steps: vec![s],
         });
         assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn the_nodes_closes_are_summed_by_reason_and_what_they_gained_kept() {
+        let mut before = BTreeMap::new();
+        add_by_label(
+            "# TYPE shardcast_connections_closed_total counter\n\
+             shardcast_connections_closed_total{reason=\"idle\"} 2\n\
+             shardcast_connections_closed_total{reason=\"normal\"} 5\n\
+             shardcast_connections_closed_total_other{reason=\"idle\"} 9\n",
+            CLOSED,
+            &mut before,
+        );
+        let mut after = before.clone();
+        for node in ["idle\"} 7", "error\"} 3"] {
+            add_by_label(&format!("{CLOSED}{{reason=\"{node}\n"), CLOSED, &mut after);
+        }
+        assert_eq!(before, BTreeMap::from([("idle".into(), 2.0), ("normal".into(), 5.0)]));
+        let g = gained(&before, &after);
+        assert_eq!(g, BTreeMap::from([("idle".into(), 7), ("error".into(), 3)]));
     }
 
     #[test]

@@ -26,6 +26,7 @@ mod rebuild;
 mod report;
 mod scrape;
 mod soak;
+mod sockopt;
 mod stats;
 mod traffic;
 mod weak;

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::{net::TcpSocket, time::Instant};
 use tokio_tungstenite::{client_async, tungstenite::Message};
 
-use crate::{conn::NodeUrl, procfs, Args};
+use crate::{conn::NodeUrl, procfs, sockopt, Args};
 
 /// What a soak run is asked to do.
 pub struct Plan {
@@ -161,7 +161,7 @@ async fn session(
     counters: &Counters,
 ) -> anyhow::Result<()> {
     let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
+    sockopt::bind_source(&socket, source)?;
     let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(addr)).await??;
     let (ws, _) = client_async(format!("{url}?user={user}"), stream).await?;
     let (mut tx, mut rx) = ws.split();

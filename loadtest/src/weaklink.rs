@@ -34,7 +34,7 @@ use tokio_tungstenite::{
     WebSocketStream,
 };
 
-use crate::{conn::NodeUrl, wire::Encoding};
+use crate::{conn::NodeUrl, sockopt, wire::Encoding};
 
 /// Bytes a second, taken off the socket in grants of at most `burst` bytes.
 #[derive(Debug, Clone)]
@@ -157,23 +157,7 @@ pub struct Link {
 
 /// Asks for segments of at most `mss` bytes on `socket`, before it connects.
 fn clamp_mss(socket: &TcpSocket, mss: u32) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mss = mss as libc::c_int;
-    // SAFETY: a valid descriptor, and a pointer to an int of the size given, as TCP_MAXSEG takes.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_MAXSEG,
-            (&mss as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    sockopt::set_int(socket, libc::IPPROTO_TCP, libc::TCP_MAXSEG, mss as libc::c_int)
 }
 
 /// Opens a WebSocket to `node` from `source` as `user` over a weak `link`. Also the local address,
@@ -184,9 +168,7 @@ pub async fn open(node: &NodeUrl, source: IpAddr, user: &str, link: Link) -> any
     if link.mss > 0 {
         clamp_mss(&socket, link.mss).context("TCP_MAXSEG")?;
     }
-    socket
-        .bind(SocketAddr::new(source, 0))
-        .with_context(|| format!("bind {source}"))?;
+    sockopt::bind_source(&socket, source).with_context(|| format!("bind {source}"))?;
     let stream = socket.connect(node.addr).await.context("connect")?;
     stream.set_nodelay(true)?;
     let local = stream.local_addr()?;

@@ -29,9 +29,14 @@ fn five_thousand_members_over_five_nodes_get_every_message_and_the_run_cleans_up
     assert!(sent >= 15, "the feed published: {step}");
     assert_eq!(step["delivered"].as_u64().unwrap(), sent * 5000, "{step}");
     assert_eq!((&step["lost"], &step["duplicates"]), (&0.into(), &0.into()), "{step}");
+    // No member ended by a node (idle, slow, or cut), on the nodes' count as on the members'.
+    assert_eq!(step["node_closed"], serde_json::json!({}), "{step}");
+    assert_eq!(step["closed_by_node"], serde_json::json!({}), "{step}");
     assert!(step["latency_ms"]["count"].as_u64().unwrap() >= sent * 5000);
     assert!(step["node_cpu_us_per_delivery"].as_f64().unwrap() > 0.0);
     assert_eq!(step["master_cores"].as_array().unwrap().len(), 3);
+    // Each generator process's own report and log are kept beside the nodes' logs.
+    assert!(out.join("run/generator-0.json").exists() && out.join("run/generator-0.log").exists());
     let svg = std::fs::read_to_string(out.join("stadium-100k.svg")).unwrap();
     assert!(svg.contains("polyline"));
 
