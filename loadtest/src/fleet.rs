@@ -115,6 +115,9 @@ pub struct Step {
     /// From starting the generators to the last member joined.
     pub connect_s: f64,
     pub sent: u64,
+    /// Publishes the nodes answered with an error (`unavailable`: a Redis link down or too slow
+    /// for `--redis-timeout`), which reached nobody and are not expected of the members.
+    pub publish_refused: u64,
     pub expected: u64,
     pub delivered: u64,
     pub deliveries_per_sec: f64,
@@ -516,6 +519,10 @@ fn run_step(me: &Path, plan: &Plan, rate: f64, fleet: &Fleet) -> anyhow::Result<
         writeln!(h.stdin, "go")?;
     }
     let published = publish(me, plan, &url_args, rate)?;
+    std::fs::write(
+        plan.out.join("run").join(format!("publisher-{rate}.json")),
+        serde_json::to_string_pretty(&published)?,
+    )?;
     let reports = holders_reports(holders, &plan.out.join("run"))?;
     let mut node_closed = gained(&closed_before, &node_counter_by_label(fleet.ports, CLOSED));
     node_closed.remove("normal");
@@ -676,6 +683,7 @@ impl Model {
 }
 
 /// What `/proc` showed over a step.
+#[derive(Clone)]
 struct Usage {
     connect_s: f64,
     /// Seconds the step's work took: its publishing and its last delivery.
@@ -725,7 +733,9 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
             hist.saturating_record_n(n(&pair[0]).max(1), n(&pair[1]));
         }
     }
-    let expected = sent * connected as u64;
+    // A publish the node answered with an error went to nobody: no member was to receive it.
+    let refused = n(&published["delivery"]["error_frames"]);
+    let expected = sent.saturating_sub(refused) * connected as u64;
     let delivered = received - duplicates;
     let node_cores = usage.node / usage.took;
     let generator_cores = generator_s / usage.took;
@@ -742,6 +752,7 @@ fn merge(rate: f64, published: &Value, reports: &[Value], usage: Usage) -> anyho
         retried,
         connect_s: usage.connect_s,
         sent,
+        publish_refused: refused,
         expected,
         delivered,
         deliveries_per_sec: delivered as f64 / secs,
@@ -901,7 +912,7 @@ impl FleetReport {
         );
         for s in &self.steps {
             t += &format!(
-                "rate {}/s: {} connected in {:.1} s ({:?} errors, {} refused with 503, {} shed and {} timed out by the nodes, {} tries again), {:.0} deliveries/s, lost {} (in gaps {}, {} members silent, closed by the nodes: {:?}, by the nodes' count: {:?}), duplicates {}, \
+                "rate {}/s: {} connected in {:.1} s ({:?} errors, {} refused with 503, {} shed and {} timed out by the nodes, {} tries again), {:.0} deliveries/s ({} publishes refused), lost {} (in gaps {}, {} members silent, closed by the nodes: {:?}, by the nodes' count: {:?}), duplicates {}, \
                  latency {}, node {:.2} cores ({} µs/delivery, {} net of idle {:.2} cores, {} B RSS/conn), masters {:?} cores, generator {:.2} cores; \
                  the model: node {:.2} cores ({:+.0}%), {:.2} µs/delivery ({}), {:.0} B RSS/conn ({}); {}\n",
                 s.rate,
@@ -913,6 +924,7 @@ impl FleetReport {
                 s.node_http_timeouts,
                 s.retried,
                 s.deliveries_per_sec,
+                s.publish_refused,
                 s.lost,
                 s.lost_in_gaps,
                 s.silent_members,
@@ -986,8 +998,13 @@ mod tests {
             node_p99_ms: Some(5.0),
             node_closed: BTreeMap::from([("idle".to_string(), 4)]),
         };
-        let s = merge(2.0, &published, &reports, usage).unwrap();
+        let s = merge(2.0, &published, &reports, usage.clone()).unwrap();
         assert_eq!((s.members_connected, s.sent, s.expected), (15, 40, 600));
+        // A publish the node refused reached nobody: it is expected of no member.
+        let one_refused =
+            serde_json::json!({"publish": {"sent": 40}, "delivery": {"error_frames": 1}, "duration_s": 20.0});
+        let r = merge(2.0, &one_refused, &reports, usage).unwrap();
+        assert_eq!((r.publish_refused, r.expected, r.lost), (1, 585, 0));
         assert_eq!((s.delivered, s.duplicates), (596, 2), "duplicates are not deliveries");
         assert_eq!(s.lost, 4);
         assert_eq!(s.connect_errors.get("timeout"), Some(&2));
