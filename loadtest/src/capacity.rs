@@ -1050,15 +1050,15 @@ mod tests {
 
     #[test]
     fn the_model_holds_at_the_100k_run_within_a_quarter() {
-        // docs/performance.md#one-room-of-100000-members at 1 msg/s: 90,235 members, all on one
-        // machine with their nodes, which used 0.79 cores and 4,733 B of RSS per member.
+        // docs/performance.md#one-room-of-100000-members at 1 msg/s: 100,000 members, all on one
+        // machine with their nodes, which used 0.93 cores and 4,950 B of RSS per member.
         let c = Constants::default();
-        let cores = predict_cores_one_frame_per_write(90_235.0, 1.0, &c);
-        assert!((0.79 / cores - 1.0).abs() <= 0.25, "predicted {cores} cores");
-        // And per delivery (9.14 µs measured), the idle cost's share included.
-        let per_delivery = cores * 1e6 / 90_235.0;
-        assert!((9.14 / per_delivery - 1.0).abs() <= 0.25, "predicted {per_delivery} µs");
-        assert!((4_733.0 / c.bytes_per_conn - 1.0).abs() <= 0.25);
+        let cores = predict_cores_one_frame_per_write(100_000.0, 1.0, &c);
+        assert!((0.93 / cores - 1.0).abs() <= 0.25, "predicted {cores} cores");
+        // And per delivery (11.4 µs measured), the idle cost's share included.
+        let per_delivery = cores * 1e6 / 100_000.0;
+        assert!((11.4 / per_delivery - 1.0).abs() <= 0.25, "predicted {per_delivery} µs");
+        assert!((4_950.0 / c.bytes_per_conn - 1.0).abs() <= 0.25);
     }
 
     #[test]
