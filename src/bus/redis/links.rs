@@ -59,8 +59,9 @@ pub(super) struct Link {
     pub(super) subscriber: Client,
     /// The probe channel (a slot of this master).
     pub(super) probe: Mutex<Option<String>>,
-    /// A probe was sent and has not come back yet.
-    probing: AtomicBool,
+    /// When the probe out was sent (milliseconds since the bus started, at least 1); 0 when none
+    /// is out.
+    probe_sent_ms: AtomicU64,
     /// The last probe came back (or none was needed yet).
     pub(super) alive: AtomicBool,
     /// Milliseconds since the bus started when the subscriber last received anything.
@@ -93,7 +94,7 @@ impl Link {
             scripts,
             subscriber,
             probe: Mutex::new(None),
-            probing: AtomicBool::new(false),
+            probe_sent_ms: AtomicU64::new(0),
             alive: AtomicBool::new(true),
             heard_ms: AtomicU64::new(bus.now_ms()),
             confirm,
@@ -179,7 +180,7 @@ async fn read_messages(
         match msg {
             Ok(msg) => {
                 if msg.channel.starts_with(bus.probe_prefix.as_str()) {
-                    link.probing.store(false, Ordering::Relaxed);
+                    link.probe_sent_ms.store(0, Ordering::Relaxed);
                     link.alive.store(true, Ordering::Relaxed);
                     continue;
                 }
@@ -282,37 +283,77 @@ async fn announce_up(
     }
 }
 
-/// Publishes a probe on every link whose subscriber has been quiet; a link whose previous probe
-/// never came back is rebuilt.
+/// Publishes a probe on every link whose subscriber has been quiet; a link whose probe did not
+/// come back within the command timeout, nothing else heard meanwhile, is rebuilt.
 pub(super) async fn probe(bus: &Arc<Inner>) {
     let links: Vec<Arc<Link>> = lock(&bus.links).values().cloned().collect();
     let now = bus.now_ms();
     for link in links {
-        let quiet = now.saturating_sub(link.heard_ms.load(Ordering::Relaxed)) >= PROBE_WHEN_QUIET.as_millis() as u64;
-        if !quiet || !link.subscriber.is_connected() {
+        if !link.subscriber.is_connected() {
             continue;
         }
         let Some(channel) = lock(&link.probe).clone() else {
             continue;
         };
-        // Quiet for a whole period since the last probe was sent: it did not come back.
-        if link.probing.swap(false, Ordering::Relaxed) {
-            tracing::warn!(server = %link.server, "pub/sub probe lost; rebuilding the connection");
-            link.alive.store(false, Ordering::Relaxed);
-            let subscriber = link.subscriber.clone();
-            bus.tracker.spawn(async move { subscriber.force_reconnection().await });
-            link.heard_ms.store(now, Ordering::Relaxed);
-            continue;
+        let heard = link.heard_ms.load(Ordering::Relaxed);
+        let sent = link.probe_sent_ms.load(Ordering::Relaxed);
+        match verdict(now, heard, sent, bus.timeout) {
+            Probe::None | Probe::Out => continue,
+            Probe::Lost => {
+                tracing::warn!(server = %link.server, "pub/sub probe lost; rebuilding the connection");
+                link.probe_sent_ms.store(0, Ordering::Relaxed);
+                link.alive.store(false, Ordering::Relaxed);
+                let subscriber = link.subscriber.clone();
+                bus.tracker.spawn(async move { subscriber.force_reconnection().await });
+                link.heard_ms.store(now, Ordering::Relaxed);
+            }
+            Probe::Send => {
+                link.probe_sent_ms.store(now.max(1), Ordering::Relaxed);
+                let sent = bounded(
+                    bus.timeout,
+                    link.publisher
+                        .spublish::<Value, _, _>(channel, Bytes::from_static(b"probe")),
+                );
+                if sent.await.is_err() {
+                    link.alive.store(false, Ordering::Relaxed);
+                }
+            }
         }
-        link.probing.store(true, Ordering::Relaxed);
-        let sent = bounded(
-            bus.timeout,
-            link.publisher
-                .spublish::<Value, _, _>(channel, Bytes::from_static(b"probe")),
-        );
-        if sent.await.is_err() {
-            link.alive.store(false, Ordering::Relaxed);
-        }
+    }
+}
+
+/// What a link's probe calls for.
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    /// The subscriber heard something within [`PROBE_WHEN_QUIET`]: it is alive.
+    None,
+    /// A probe is out, sent less than the command timeout ago: wait for it.
+    Out,
+    /// A probe went out at least the command timeout ago and nothing came back since.
+    Lost,
+    /// Quiet, and no probe out (or something was heard since the last): send one.
+    Send,
+}
+
+/// The verdict on a link at `now`, its subscriber last heard at `heard` and its probe sent at
+/// `sent` (0: none), in milliseconds. Judged by the time the probe has been out, not by how many
+/// rounds of the reconciler passed: rounds come early when something wakes the reconciler (a
+/// thousand sockets leaving at once), and a probe judged at the next round was judged after a few
+/// milliseconds, on a node too busy to have read it yet; the link was rebuilt for nothing, and a
+/// plain room lost what was published meanwhile.
+fn verdict(now: u64, heard: u64, sent: u64, timeout: Duration) -> Probe {
+    let out = sent != 0 && heard < sent;
+    if out {
+        return if now.saturating_sub(sent) >= timeout.as_millis() as u64 {
+            Probe::Lost
+        } else {
+            Probe::Out
+        };
+    }
+    if now.saturating_sub(heard) < PROBE_WHEN_QUIET.as_millis() as u64 {
+        Probe::None
+    } else {
+        Probe::Send
     }
 }
 
@@ -398,4 +439,27 @@ async fn lost(bus: &Inner, link: &Link) -> Option<u64> {
         .parse()
         .ok()?;
     Some((held + probe).saturating_sub(subscribed + during))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(2);
+
+    #[test]
+    fn a_probe_is_judged_by_how_long_it_has_been_out_not_by_the_rounds_that_passed() {
+        // Heard at 0 ms: alive for a second, then quiet, and a probe goes out.
+        assert_eq!(verdict(500, 0, 0, TIMEOUT), Probe::None);
+        assert_eq!(verdict(1_000, 0, 0, TIMEOUT), Probe::Send);
+        // Sent at 1,000 ms: a round woken 5 ms later, or 1.9 s later, waits for it.
+        assert_eq!(verdict(1_005, 0, 1_000, TIMEOUT), Probe::Out);
+        assert_eq!(verdict(2_900, 0, 1_000, TIMEOUT), Probe::Out);
+        // The command timeout passed with nothing heard: lost.
+        assert_eq!(verdict(3_000, 0, 1_000, TIMEOUT), Probe::Lost);
+        // Anything heard since it was sent (the probe or a message) answers it; quiet again, a
+        // new probe goes out.
+        assert_eq!(verdict(1_200, 1_100, 1_000, TIMEOUT), Probe::None);
+        assert_eq!(verdict(2_100, 1_100, 1_000, TIMEOUT), Probe::Send);
+    }
 }
