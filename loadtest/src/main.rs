@@ -28,6 +28,7 @@ mod scrape;
 mod soak;
 mod sockopt;
 mod stats;
+mod tasks;
 mod traffic;
 mod weak;
 mod weaklink;

@@ -6,37 +6,15 @@
 //! cool-down of the backend's return. The latency and CPU figures are printed, not checked (they
 //! are the release build's, measured with `shardcast-loadtest hooks`).
 
-use std::{path::PathBuf, process::Command};
-
 use serde_json::Value;
+
+mod common;
 
 #[test]
 fn a_short_chat_through_the_publish_hook_survives_its_backends_outage() {
-    let me = PathBuf::from(env!("CARGO_BIN_EXE_shardcast-loadtest"));
-    let node = me.with_file_name("shardcast");
-    assert!(node.exists(), "build the node first: cargo build ({})", node.display());
-    let out = std::env::temp_dir().join(format!("shardcast-hooks-{}", std::process::id()));
-    let run = Command::new(&me)
-        .args([
-            "hooks",
-            "--clients",
-            "200",
-            "--rooms",
-            "20",
-            "--rate",
-            "200",
-            "--duration",
-            "8",
-        ])
-        .arg("--node-bin")
-        .arg(&node)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "the run failed: {stderr}");
-    eprintln!("{}", String::from_utf8_lossy(&run.stdout));
+    let common::Run { stdout, out } =
+        common::scenario("hooks", "hooks --clients 200 --rooms 20 --rate 200 --duration 8");
+    eprintln!("{}", String::from_utf8_lossy(&stdout));
     let report: Value = serde_json::from_str(&std::fs::read_to_string(out.join("hooks.json")).unwrap()).unwrap();
     let _ = std::fs::remove_dir_all(&out);
     let targets = &report["targets"];

@@ -5,32 +5,22 @@
 //! the end, that the deploy and the failover happened, and that the run stopped everything it
 //! started; prints the rest (the chat room's losses) with the table.
 
-use std::{path::PathBuf, process::Command};
-
 use serde_json::Value;
+
+mod common;
 
 const VIEWERS: u64 = 300;
 
 #[test]
 fn a_short_match_keeps_the_score_room_whole_and_every_viewer_comes_back() {
-    let me = PathBuf::from(env!("CARGO_BIN_EXE_shardcast-loadtest"));
-    let node = me.with_file_name("shardcast");
-    assert!(node.exists(), "build the node first: cargo build ({})", node.display());
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = std::env::temp_dir().join(format!("shardcast-matchday-{}", std::process::id()));
-    let run = Command::new(&me)
-        .current_dir(&repo)
-        .args(["matchday", "--clients", &VIEWERS.to_string(), "--rate", "10"])
-        .args(["--steady", "5", "--goal", "5", "--after-kill", "4", "--whistle", "3"])
-        .args(["--drain-jitter", "1", "--node-bin"])
-        .arg(&node)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "the run failed: {stderr}");
-    eprintln!("{}", String::from_utf8_lossy(&run.stdout));
+    let common::Run { stdout, out } = common::scenario(
+        "matchday",
+        &format!(
+            "matchday --clients {VIEWERS} --rate 10 --steady 5 --goal 5 --after-kill 4 --whistle 3 \
+             --drain-jitter 1"
+        ),
+    );
+    eprintln!("{}", String::from_utf8_lossy(&stdout));
     let report: Value = serde_json::from_str(&std::fs::read_to_string(out.join("matchday.json")).unwrap()).unwrap();
     let phases = report["phases"].as_array().unwrap();
     assert_eq!(phases.len(), 6);

@@ -2,27 +2,15 @@
 //! 3-master cluster it starts itself, one step at 5 msg/s. Checks the merged report (every member
 //! got every message once) and that the run stopped everything it started.
 
-use std::{path::PathBuf, process::Command};
+mod common;
 
 #[test]
 fn five_thousand_members_over_five_nodes_get_every_message_and_the_run_cleans_up() {
-    let me = PathBuf::from(env!("CARGO_BIN_EXE_shardcast-loadtest"));
-    let node = me.with_file_name("shardcast");
-    assert!(node.exists(), "build the node first: cargo build ({})", node.display());
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = std::env::temp_dir().join(format!("shardcast-fleet-smoke-{}", std::process::id()));
-    let run = Command::new(&me)
-        .current_dir(&repo)
-        .args(["stadium-100k", "--clients", "5000", "--nodes", "5", "--rates", "5"])
-        .args(["--duration", "4", "--json", "--node-bin"])
-        .arg(&node)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "the run failed: {stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let common::Run { stdout, out } = common::scenario(
+        "fleet-smoke",
+        "stadium-100k --clients 5000 --nodes 5 --rates 5 --duration 4 --json",
+    );
+    let report: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     let step = &report["steps"][0];
     assert_eq!(step["members_connected"], 5000, "{step}");
     let sent = step["sent"].as_u64().unwrap();

@@ -44,7 +44,7 @@ use crate::{
     procfs,
     procs::{free_port, ready, Proc},
     report::Latency,
-    scrape, stats, wire, Args,
+    scrape, stats, tasks, wire, Args,
 };
 
 use self::{
@@ -363,18 +363,15 @@ impl BreakerWatch {
 
 /// Waits for the members' tasks, [`LEAVE`] at most; one that did not end counts as a failure.
 fn collect(runtime: &Runtime, handles: Vec<JoinHandle<Log>>) -> Vec<Log> {
-    runtime.block_on(async {
-        let deadline = tokio::time::Instant::now() + LEAVE;
-        let mut logs = Vec::new();
-        for h in handles {
-            let log = tokio::time::timeout_at(deadline, h).await.ok().and_then(Result::ok);
-            logs.push(log.unwrap_or_else(|| Log {
+    let logs = runtime.block_on(tasks::join_by(handles, tokio::time::Instant::now() + LEAVE));
+    logs.into_iter()
+        .map(|log| {
+            log.unwrap_or_else(|| Log {
                 failure: Some("did not end".into()),
                 ..Log::default()
-            }));
-        }
-        logs
-    })
+            })
+        })
+        .collect()
 }
 
 /// The run's count over the members' logs (member `i` is publisher `i`).

@@ -40,7 +40,7 @@ use crate::{
     conn::{self, NodeUrl},
     keyed, procfs,
     procs::{free_port, get, ready, Cluster, Proc},
-    scrape,
+    scrape, tasks,
     wire::{self, Encoding, Inbound, Stamp},
     Args,
 };
@@ -199,17 +199,16 @@ fn play(
     let _ = go.send(Some(start));
     // Every join is due within the window, and each waits its answer and its leave's at most.
     let deadline = start + plan.window + 2 * ANSWER_TIMEOUT + Duration::from_secs(5);
-    let logs: Vec<SocketLog> = runtime.block_on(async {
-        let mut logs = Vec::new();
-        for h in handles {
-            let log = tokio::time::timeout_at(deadline, h).await.ok().and_then(Result::ok);
-            logs.push(log.unwrap_or_else(|| SocketLog {
+    let logs: Vec<SocketLog> = runtime
+        .block_on(tasks::join_by(handles, deadline))
+        .into_iter()
+        .map(|log| {
+            log.unwrap_or_else(|| SocketLog {
                 failure: Some("did not end in time".into()),
                 ..SocketLog::default()
-            }));
-        }
-        logs
-    });
+            })
+        })
+        .collect();
     let joins_took_s = start.elapsed().as_secs_f64();
     let after = procfs::Readings::take(&node_pids, &master_pids)?;
     let [sent_after] = scrape::sums(ports, [scrape::LATEST_SENT]);

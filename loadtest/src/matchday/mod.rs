@@ -39,7 +39,7 @@ use tokio::{runtime::Runtime, sync::watch, task::JoinHandle};
 
 pub use report::MatchReport;
 
-use crate::{conn::NodeUrl, report::Latency, wire::Encoding, Args};
+use crate::{conn::NodeUrl, report::Latency, tasks, wire::Encoding, Args};
 
 use self::{
     client::{Counts, Ctx},
@@ -285,15 +285,8 @@ fn play(plan: &Plan, runtime: &Runtime, venue: &mut Venue, ctx: &Arc<Ctx>) -> an
 
     let (viewers, publishers) = runtime.block_on(async {
         let deadline = tokio::time::Instant::now() + LEAVE;
-        let mut logs = Vec::new();
-        for h in viewers {
-            logs.push(tokio::time::timeout_at(deadline, h).await.ok().and_then(Result::ok));
-        }
-        let mut pubs = Vec::new();
-        for h in publishers {
-            pubs.push(tokio::time::timeout_at(deadline, h).await.ok().and_then(Result::ok));
-        }
-        (logs, pubs)
+        let viewers = tasks::join_by(viewers, deadline).await;
+        (viewers, tasks::join_by(publishers, deadline).await)
     });
     let publishers = publishers
         .into_iter()

@@ -46,7 +46,7 @@ use crate::{
     procfs,
     procs::{free_port, ready, Proc},
     report::{counts, Latency},
-    scrape,
+    scrape, tasks,
     weaklink::Link,
     wire, Args,
 };
@@ -449,15 +449,8 @@ impl NodeWatch {
 /// Waits for the viewers' tasks, [`LEAVE`] at most; one that did not end counts as a log of
 /// nothing.
 fn collect(runtime: &Runtime, handles: Vec<JoinHandle<ViewerLog>>) -> Vec<ViewerLog> {
-    runtime.block_on(async {
-        let deadline = tokio::time::Instant::now() + LEAVE;
-        let mut logs = Vec::new();
-        for h in handles {
-            let log = tokio::time::timeout_at(deadline, h).await.ok().and_then(Result::ok);
-            logs.push(log.unwrap_or_default());
-        }
-        logs
-    })
+    let logs = runtime.block_on(tasks::join_by(handles, tokio::time::Instant::now() + LEAVE));
+    logs.into_iter().map(Option::unwrap_or_default).collect()
 }
 
 /// What a mode left behind.
