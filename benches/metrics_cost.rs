@@ -151,6 +151,7 @@ fn prometheus(c: &mut Criterion) {
         full_bytes: 1_000_000,
         deltas: 0,
         wholes: 0,
+        linked: 0,
     };
     c.bench_function("record_only", |b| {
         b.iter(|| {

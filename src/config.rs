@@ -209,6 +209,14 @@ pub struct Args {
     #[arg(long, env = "SHARDCAST_COMPRESS_MIN_BYTES")]
     pub compress_min_bytes: Option<String>,
 
+    /// How far back a room's compressed frames may refer, SIZE of its last compressed messages
+    /// (at most 32KiB), for sockets whose offer let the node keep its context: such sockets are
+    /// answered without server_no_context_takeover and get a room's message compressed after the
+    /// messages before it, once per node, where they read those last. 0: every frame compressed
+    /// alone, every answer with server_no_context_takeover. [default: 0]
+    #[arg(long, env = "SHARDCAST_COMPRESS_CONTEXT")]
+    pub compress_context: Option<String>,
+
     /// For a socket that joined with `delta`: a key's value goes whole at least once every this
     /// many of its messages. [default: 50]
     #[arg(long, env = "SHARDCAST_DELTA_FULL_EVERY")]
@@ -386,6 +394,9 @@ pub struct Config {
     pub compress: bool,
     /// Payloads shorter than this are never compressed.
     pub compress_min_bytes: usize,
+    /// How many bytes of a room's last compressed messages its frames may refer to, for sockets
+    /// that keep the node's context; 0: none (every frame compressed alone).
+    pub compress_context: usize,
     /// A key's value goes whole at least once every this many of its messages (`delta` joins).
     pub delta_full_every: u32,
     pub publish_replicas: u32,
@@ -460,6 +471,7 @@ impl Default for Config {
             conflate_above: None,
             compress: true,
             compress_min_bytes: 200,
+            compress_context: 0,
             delta_full_every: 50,
             publish_replicas: 0,
             http_header_timeout: Duration::from_secs(5),
@@ -638,6 +650,7 @@ impl Args {
             conflate_above: self.conflate_above.or(base.conflate_above),
             compress: self.compress.or(base.compress),
             compress_min_bytes: self.compress_min_bytes.or(base.compress_min_bytes),
+            compress_context: self.compress_context.or(base.compress_context),
             delta_full_every: self.delta_full_every.or(base.delta_full_every),
             publish_replicas: self.publish_replicas.or(base.publish_replicas),
             http_header_timeout: self.http_header_timeout.or(base.http_header_timeout),
@@ -785,6 +798,7 @@ impl Args {
     fn parse_wire(&self, p: &mut Parsing) {
         set!(p, "compress", self.compress, boolean => compress);
         set!(p, "compress-min-bytes", self.compress_min_bytes, |s| size(s, 0) => compress_min_bytes);
+        set!(p, "compress-context", self.compress_context, context_size => compress_context);
         set!(p, "delta-full-every", self.delta_full_every, full_every => delta_full_every);
     }
 
@@ -1079,6 +1093,19 @@ pub fn size(s: &str, min: usize) -> Result<usize, String> {
     Ok(n)
 }
 
+/// `--compress-context`: a size of at most a client's window (32 KiB), which is all a frame can
+/// refer back to.
+fn context_size(s: &str) -> Result<usize, String> {
+    let n = size(s, 0)?;
+    if n > MAX_CONTEXT {
+        return Err(format!("at most {MAX_CONTEXT} bytes (a client's window is 32KiB)"));
+    }
+    Ok(n)
+}
+
+/// The most `--compress-context` may be: a 15-bit deflate window.
+const MAX_CONTEXT: usize = 32 << 10;
+
 /// A duration such as `500ms` or `10s`, above zero.
 pub fn duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (expected a duration such as 500ms or 10s)"))?;
@@ -1187,6 +1214,18 @@ mod tests {
             assert!(text.contains(name), "{name} missing from: {text}");
         }
         assert_eq!(err.0.len(), 8, "{text}");
+    }
+
+    #[test]
+    fn the_compression_context_is_off_by_default_and_at_most_a_window() {
+        assert_eq!(parse(&[]).unwrap().compress_context, 0);
+        assert_eq!(parse(&["--compress-context", "4KiB"]).unwrap().compress_context, 4096);
+        assert_eq!(
+            parse(&["--compress-context", "32KiB"]).unwrap().compress_context,
+            32 << 10
+        );
+        let err = parse(&["--compress-context", "33KiB"]).unwrap_err().to_string();
+        assert!(err.contains("--compress-context") && err.contains("32KiB"), "{err}");
     }
 
     #[test]

@@ -26,11 +26,11 @@ use crate::{
     close::code,
     envelope::{Envelope, Kind},
     fanout::{
-        delta::{Bases, Values},
+        delta::Bases,
         form::{Form, FORMS},
         gate::Push,
         keyed::{Keyed, Tag},
-        lanes::{frames_of, Lanes, Recent, Shaping},
+        lanes::{frames_of, Kept, Lanes, Recent, Shaping},
         rate::Rate,
         writer::{self, Floors, HeldFrame, Outbound, Scratch, Seated},
     },
@@ -157,8 +157,9 @@ struct Entry {
     members: IndexMap<SessionId, Seat, MemberHasher>,
     /// Members per form: the frames the topic builds for each message.
     forms: [u32; FORMS],
-    /// Per key, the last value framed for members that take deltas.
-    values: Option<Box<Values>>,
+    /// What the topic kept of the messages it framed: per key the last value, for members that
+    /// take deltas; its last compressed messages, for members that keep the node's context.
+    kept: Kept,
     /// Frames some lane has not had yet.
     recent: Option<Box<Recent>>,
     /// Members whose live frames are held back (see [`Held`]).
@@ -175,7 +176,6 @@ struct Entry {
 }
 
 impl Entry {
-    /// Adds a member; one already in keeps the frames it has not had yet.
     /// Adds a member; one already in keeps the frames it has not had yet, unless it now reads
     /// another form (with or without `delta`): it then gets frames from `since` on, as a new one.
     fn insert(&mut self, id: SessionId, member: Outbound, since: u64, hold: bool, delta: bool) {
@@ -368,7 +368,7 @@ impl Hub {
             // Most topics are one user's inbox with one socket: start small, rooms grow as needed.
             members: IndexMap::with_capacity_and_hasher(1, MemberHasher::default()),
             forms: [0; FORMS],
-            values: None,
+            kept: Kept::default(),
             recent: None,
             held: 0,
             releasing: 0,
@@ -616,7 +616,7 @@ impl Hub {
             &entry.forms,
             &topic,
             &tag,
-            &mut entry.values,
+            &mut entry.kept,
             self.inner.shaping,
         );
         if entry.held > 0 {
@@ -648,6 +648,7 @@ impl Hub {
                 total.full_bytes += d.full_bytes;
                 total.deltas += d.deltas;
                 total.wholes += d.wholes;
+                total.linked += d.linked;
             }
         }
         total

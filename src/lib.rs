@@ -128,6 +128,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         config.conflate.clone(),
         Shaping {
             compress_min_bytes: config.compress_min_bytes,
+            compress_context: config.compress_context,
             delta_full_every: config.delta_full_every,
         },
     );

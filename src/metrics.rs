@@ -31,6 +31,7 @@ pub const DELIVERIES: &str = "shardcast_deliveries_total";
 pub const DELIVERED_BYTES: &str = "shardcast_delivered_bytes_total";
 pub const DELIVERED_FULL_BYTES: &str = "shardcast_delivered_full_bytes_total";
 pub const DELTA_VALUES: &str = "shardcast_delta_values_total";
+pub const LINKED_FRAMES: &str = "shardcast_linked_frames_total";
 pub const SOCKET_WRITES: &str = "shardcast_socket_writes_total";
 pub const WRITE_GATHER: &str = "shardcast_write_gather_seconds";
 // History.
@@ -101,6 +102,7 @@ pub fn handle() -> PrometheusHandle {
                 delivered_full_bytes: counter!(DELIVERED_FULL_BYTES),
                 delta_values: counter!(DELTA_VALUES, "form" => "delta"),
                 whole_values: counter!(DELTA_VALUES, "form" => "whole"),
+                linked_frames: counter!(LINKED_FRAMES),
                 socket_writes: counter!(SOCKET_WRITES),
                 unencodable: counter!(UNENCODABLE),
                 write_gather: histogram!(WRITE_GATHER),
@@ -122,6 +124,7 @@ struct HotPath {
     delivered_full_bytes: Counter,
     delta_values: Counter,
     whole_values: Counter,
+    linked_frames: Counter,
     socket_writes: Counter,
     unencodable: Counter,
     write_gather: Histogram,
@@ -250,6 +253,7 @@ const METRICS: &[(Kind, &str, Unit, &str)] = &[
     (Kind::Counter, DELIVERED_BYTES, Unit::Bytes, "Bytes queued to local sockets."),
     (Kind::Counter, DELIVERED_FULL_BYTES, Unit::Bytes, "What the bytes queued to local sockets would have been uncompressed and without deltas; shardcast_delivered_bytes_total over this is the share of bytes that went on the wire."),
     (Kind::Counter, DELTA_VALUES, Unit::Count, "Keyed values queued to sockets that joined with delta, by form (delta: the difference to the socket's previous value; whole)."),
+    (Kind::Counter, LINKED_FRAMES, Unit::Count, "Frames queued compressed after their room's last messages (--compress-context) to sockets that keep the node's context; the rest of their compressed frames went compressed alone."),
     (Kind::Counter, SOCKET_WRITES, Unit::Count, "Writes of delivered frames to local sockets (one per socket per delivery batch or paced turn); deliveries per write is how well writes are coalesced."),
     (Kind::Counter, UNENCODABLE, Unit::Count, "Deliveries skipped because the message has no form in the socket's encoding."),
     (Kind::Histogram, LATENCY, Unit::Seconds, "Time from publish (envelope timestamp) to fan-out on this node."),
@@ -311,6 +315,7 @@ fn start_at_zero() {
         DELIVERIES,
         DELIVERED_BYTES,
         DELIVERED_FULL_BYTES,
+        LINKED_FRAMES,
         SOCKET_WRITES,
         UNENCODABLE,
         SLOW_CONSUMER_DROPS,
@@ -460,6 +465,8 @@ pub struct Delivery {
     /// Keyed values delivered to sockets that joined with `delta`: as deltas, and whole.
     pub deltas: usize,
     pub wholes: usize,
+    /// Frames delivered compressed after their room's last messages (`--compress-context`).
+    pub linked: usize,
 }
 
 pub fn delivered(d: &Delivery) {
@@ -470,6 +477,9 @@ pub fn delivered(d: &Delivery) {
         if d.deltas + d.wholes > 0 {
             h.delta_values.increment(d.deltas as u64);
             h.whole_values.increment(d.wholes as u64);
+        }
+        if d.linked > 0 {
+            h.linked_frames.increment(d.linked as u64);
         }
         h.socket_writes.increment(d.writes as u64);
         if d.unencodable > 0 {

@@ -142,11 +142,15 @@ async fn upgrade(
     let encoding = protocol.and_then(Encoding::from_protocol).unwrap_or(Encoding::Json);
     // With `--compress false` no extension is answered, whatever the client offered.
     let deflate = ws.deflate_offered().filter(|_| node.config().compress);
-    let (out, membership) = register(&node, grants, encoding, deflate.is_some()).await?;
+    // With `--compress-context`, a client that let the node keep its context keeps it.
+    let context = deflate.is_some_and(|d| d.allows_context()) && node.config().compress_context > 0;
+    let (out, membership) = register(&node, grants, encoding, deflate.is_some(), context).await?;
     let client_window_bits = deflate.map_or(0, |d| d.client_window_bits);
-    Ok(ws.accept(protocol, deflate.is_some(), move |tcp, early| {
-        session::serve(tcp, early, node, out, membership, client_window_bits)
-    }))
+    Ok(
+        ws.accept(protocol, deflate.map(|d| d.answer(context)), move |tcp, early| {
+            session::serve(tcp, early, node, out, membership, client_window_bits)
+        }),
+    )
 }
 
 /// The `Retry-After` of an upgrade refused at `--max-handshakes`, in whole seconds: drawn from this
@@ -272,12 +276,13 @@ async fn connect_hook(
 /// Registers the socket in the hub and subscribes its inbox. With the bus up, direct messages
 /// reach the socket from the moment its upgrade is answered; with it down the socket is still
 /// served, and its inbox is subscribed once the bus is back. `deflate`: the socket negotiated
-/// permessage-deflate.
+/// permessage-deflate, keeping the node's context or not.
 async fn register(
     node: &Node,
     grants: Grants,
     encoding: Encoding,
     deflate: bool,
+    context: bool,
 ) -> Result<(Outbound, Membership), Refused> {
     let config = node.config();
     let above = if config.conflate.is_empty() {
@@ -285,7 +290,9 @@ async fn register(
     } else {
         config.conflate_above()
     };
-    let out = Outbound::new(Arc::new(Gate::conflating(config.max_buffered_bytes, above)), encoding).deflating(deflate);
+    let out = Outbound::new(Arc::new(Gate::conflating(config.max_buffered_bytes, above)), encoding)
+        .deflating(deflate)
+        .keeping_context(context);
     let id = node.hub().register(out.clone());
     let membership = Membership::new(node, id, grants);
     let joined = if node.bus().is_ready() {

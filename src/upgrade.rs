@@ -176,10 +176,10 @@ impl Upgrade {
         self.deflate
     }
 
-    /// Answers 101 (with `protocol`, if any, and permessage-deflate if `deflate` and the client
-    /// offered it acceptably) and, once the connection is switched, runs `serve` on the socket and
-    /// the bytes the client sent after its request (if it did not wait).
-    pub fn accept<F, Fut>(self, protocol: Option<&'static str>, deflate: bool, serve: F) -> Response
+    /// Answers 101 (with `protocol`, if any, and `extensions`, the answer to the client's
+    /// permessage-deflate offer, if any) and, once the connection is switched, runs `serve` on the
+    /// socket and the bytes the client sent after its request (if it did not wait).
+    pub fn accept<F, Fut>(self, protocol: Option<&'static str>, extensions: Option<String>, serve: F) -> Response
     where
         F: FnOnce(TcpStream, Bytes) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -207,21 +207,23 @@ impl Upgrade {
         if let Some(p) = protocol {
             headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
         }
-        if let Some(agreed) = self.deflate.filter(|_| deflate) {
-            headers.insert(
-                header::SEC_WEBSOCKET_EXTENSIONS,
-                HeaderValue::from_static(agreed.answer),
-            );
+        if let Some(answer) = extensions.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, answer);
         }
         response
     }
 }
 
-/// permessage-deflate as agreed with one client: the answer to its offer, and the window it
-/// compresses its own messages with.
+/// permessage-deflate as one client offered it, acceptably: what the node answers, and the window
+/// the client compresses its own messages with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deflate {
-    answer: &'static str,
+    /// The client asked for the node's frames compressed alone (`server_no_context_takeover`).
+    alone_asked: bool,
+    /// The client asked for the node's window to be 15 bits (`server_max_window_bits=15`).
+    window_15: bool,
+    /// The client's window as the node answers it, where the client let the node choose.
+    client_bits: Option<u8>,
     /// The client's window, in bits: what [`crate::inflate`] keeps of what it sent.
     pub client_window_bits: u8,
 }
@@ -231,27 +233,32 @@ pub struct Deflate {
 /// every socket that compresses (a 15-bit one would be 32 KiB for each browser in a stadium).
 const CLIENT_WINDOW_BITS: u8 = 10;
 
-/// The answer to an acceptable offer. Each server frame is compressed on its own
-/// (`server_no_context_takeover`), so one compressed frame serves every socket; the client may
-/// keep its context (old Safari breaks when told not to), which [`crate::inflate`] follows. An
-/// offer that asked for the window the node compresses with (15 bits) gets it repeated (RFC 7692
-/// §7.1.2.1); one that offered `client_max_window_bits` is told the client's window.
-fn answer(window_15: bool, client_bits: Option<u8>) -> &'static str {
-    match (window_15, client_bits) {
-        (false, None) => "permessage-deflate; server_no_context_takeover",
-        (false, Some(8)) => "permessage-deflate; server_no_context_takeover; client_max_window_bits=8",
-        (false, Some(9)) => "permessage-deflate; server_no_context_takeover; client_max_window_bits=9",
-        (false, Some(_)) => "permessage-deflate; server_no_context_takeover; client_max_window_bits=10",
-        (true, None) => "permessage-deflate; server_no_context_takeover; server_max_window_bits=15",
-        (true, Some(8)) => {
-            "permessage-deflate; server_no_context_takeover; server_max_window_bits=15; client_max_window_bits=8"
+impl Deflate {
+    /// Whether the node may keep its context with this client: it did not ask otherwise.
+    pub fn allows_context(&self) -> bool {
+        !self.alone_asked
+    }
+
+    /// The answer to the offer. Each server frame is compressed on its own
+    /// (`server_no_context_takeover`), so one compressed frame serves every socket, unless the node
+    /// keeps its context (`context`, which [`Deflate::allows_context`] must allow): then the
+    /// client keeps the node's frames in its window and a room's frame may refer to the ones
+    /// before it ([`crate::fanout::context`]). The client may keep its own context (old Safari
+    /// breaks when told not to), which [`crate::inflate`] follows. An offer that asked for the
+    /// window the node compresses with (15 bits) gets it repeated (RFC 7692 §7.1.2.1); one that
+    /// offered `client_max_window_bits` is told the client's window.
+    pub fn answer(&self, context: bool) -> String {
+        let mut answer = String::from("permessage-deflate");
+        if !context || self.alone_asked {
+            answer.push_str("; server_no_context_takeover");
         }
-        (true, Some(9)) => {
-            "permessage-deflate; server_no_context_takeover; server_max_window_bits=15; client_max_window_bits=9"
+        if self.window_15 {
+            answer.push_str("; server_max_window_bits=15");
         }
-        (true, Some(_)) => {
-            "permessage-deflate; server_no_context_takeover; server_max_window_bits=15; client_max_window_bits=10"
+        if let Some(bits) = self.client_bits {
+            answer.push_str(&format!("; client_max_window_bits={bits}"));
         }
+        answer
     }
 }
 
@@ -267,6 +274,7 @@ fn deflate_answer(offers: &str) -> Option<Deflate> {
             return None;
         }
         let mut seen: Vec<String> = Vec::new();
+        let mut alone_asked = false;
         let mut window_15 = false;
         // The client's window as the node answers it, where the client let the node choose.
         let mut client_bits = None;
@@ -280,7 +288,8 @@ fn deflate_answer(offers: &str) -> Option<Deflate> {
                 return None;
             }
             match (key.as_str(), value.as_deref()) {
-                ("server_no_context_takeover" | "client_no_context_takeover", None) => {}
+                ("server_no_context_takeover", None) => alone_asked = true,
+                ("client_no_context_takeover", None) => {}
                 ("server_max_window_bits", Some(v)) => {
                     // The node's frames are compressed with a 15-bit window; a smaller one cannot
                     // be honoured.
@@ -299,7 +308,9 @@ fn deflate_answer(offers: &str) -> Option<Deflate> {
             seen.push(key);
         }
         Some(Deflate {
-            answer: answer(window_15, client_bits),
+            alone_asked,
+            window_15,
+            client_bits,
             client_window_bits: client_bits.unwrap_or(crate::inflate::WINDOW_BITS),
         })
     })
@@ -366,12 +377,7 @@ mod tests {
     fn the_first_acceptable_deflate_offer_is_answered() {
         const DEFLATE: &str = "permessage-deflate; server_no_context_takeover";
         const CLIENT_10: &str = "permessage-deflate; server_no_context_takeover; client_max_window_bits=10";
-        let agreed = |answer: &'static str, client_window_bits: u8| {
-            Some(Deflate {
-                answer,
-                client_window_bits,
-            })
-        };
+        let agreed = |answer: &'static str, client_window_bits: u8| Some((answer.to_string(), client_window_bits));
         for (offers, answer) in [
             ("permessage-deflate", agreed(DEFLATE, 15)),
             // What browsers send: the client's window is the node's to choose.
@@ -429,7 +435,30 @@ mod tests {
             ("permessage-deflate; server_no_context_takeover=1", None),
             ("permessage-deflate; client_max_window_bits=\"10", None),
         ] {
-            assert_eq!(deflate_answer(offers), answer, "{offers:?}");
+            let agreed = deflate_answer(offers);
+            assert_eq!(agreed.map(|d| (d.answer(false), d.client_window_bits)), answer, "{offers:?}");
+        }
+    }
+
+    #[test]
+    fn an_offer_that_lets_the_node_keep_its_context_is_answered_without_asking_it_not_to() {
+        for (offers, context) in [
+            ("permessage-deflate", Some("permessage-deflate")),
+            (
+                "permessage-deflate; client_max_window_bits",
+                Some("permessage-deflate; client_max_window_bits=10"),
+            ),
+            (
+                "permessage-deflate; server_max_window_bits=15; client_no_context_takeover",
+                Some("permessage-deflate; server_max_window_bits=15"),
+            ),
+            // The client asked for frames compressed alone: it gets them.
+            ("permessage-deflate; server_no_context_takeover", None),
+        ] {
+            let d = deflate_answer(offers).unwrap();
+            assert_eq!(d.allows_context(), context.is_some(), "{offers:?}");
+            let answer = context.map_or("permessage-deflate; server_no_context_takeover", |c| c);
+            assert_eq!(d.answer(true), answer, "{offers:?}");
         }
     }
 

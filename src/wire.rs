@@ -110,6 +110,35 @@ pub fn deflated(frame: &Bytes, min: usize) -> Option<Bytes> {
     (out.len() < frame.len()).then_some(out)
 }
 
+/// The frame a [`deflated`] frame of `frame` is for a socket whose inflater's window ends with
+/// `before` (the payloads of the compressed frames it was sent last): the same message compressed
+/// as their continuation, RSV1 set. `None` when `frame` is not a data frame the node built
+/// uncompressed.
+pub fn deflated_after(frame: &Bytes, before: &[u8]) -> Option<Bytes> {
+    let (header, payload) = unframe(frame)?;
+    if header.rsv1 || !matches!(header.opcode, OpCode::Data(_)) {
+        return None;
+    }
+    let small = compress::deflate_after(before, payload);
+    let mut out = Payload::with_capacity(small.len());
+    out.put(&small);
+    Some(out.finish(header.opcode, true))
+}
+
+/// The payload of a data frame the node built, as the client reads it once inflated (for a
+/// compressed frame's uncompressed form: the frame it was made from).
+pub fn payload_of(frame: &[u8]) -> Option<&[u8]> {
+    unframe(frame)
+        .filter(|(h, _)| !h.rsv1 && matches!(h.opcode, OpCode::Data(_)))
+        .map(|(_, payload)| payload)
+}
+
+/// Whether a frame is compressed (RSV1 set): the client inflates it, and its payload joins the
+/// client's window.
+pub fn is_compressed(frame: &[u8]) -> bool {
+    frame.first().is_some_and(|b| b & 0x40 != 0)
+}
+
 /// Builds the `msg` (room) or `dm` frame of an envelope in one encoding. A message with a
 /// position (a room with history) also carries its shard and position, a keyed one its key.
 pub fn broadcast_frame(encoding: Encoding, env: &Envelope, shard: u32) -> Result<Bytes, TranscodeError> {

@@ -21,7 +21,11 @@ use std::{
 
 use common::{config, metric, raw, repo, Client, Node, WAIT};
 use serde_json::{json, Value};
-use shardcast::{compress, metrics::INFLATED_BYTES};
+use shardcast::{
+    compress,
+    config::Config,
+    metrics::{INFLATED_BYTES, LINKED_FRAMES},
+};
 
 /// What a browser offers.
 const OFFER: &str = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
@@ -96,6 +100,77 @@ async fn python_websockets_with_its_default_deflate_reads_and_is_read() {
         "{summary}"
     );
     assert!(inflated(&node).await - before > 500_000.0);
+    node.stop().await;
+}
+
+/// Frames compressed after their room's last messages, as the node counts them.
+async fn linked(node: &Node) -> f64 {
+    metric(&node.url("/metrics"), LINKED_FRAMES).await.unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_compression_context_real_clients_read_every_frame_and_most_go_linked() {
+    let node = Node::start(Config {
+        compress_context: 8 << 10,
+        ..config(None, "ws-context")
+    })
+    .await;
+    // Node's `ws` in two rooms: each room's frames refer back to that room's last messages, with
+    // the other room's frames, small plain ones and replies between them on the one connection.
+    let script = repo().join("tests/clients/ws-deflate.cjs");
+    let modules = repo().join("clients/js/node_modules");
+    let url = node.ws("?user=node-ws");
+    let summary = run_client(
+        "node",
+        &[script.to_str().unwrap(), &url, "feed", "3000", "side"],
+        Some(("NODE_PATH", modules.display().to_string())),
+    )
+    .await;
+    assert_eq!(
+        (summary["received"].as_u64(), summary["bad"].as_u64()),
+        (Some(3000), Some(0)),
+        "{summary}"
+    );
+    // Two thirds of the 3,000 are large enough to compress; most follow their room's last
+    // message on the connection (four of five are in the first room).
+    let by_ws = linked(&node).await;
+    assert!(by_ws > 1000.0, "{by_ws} frames went linked");
+    // Python's `websockets`, told the node keeps its context.
+    let script = repo().join("tests/clients/websockets-deflate.py");
+    let url = node.ws("?user=py");
+    let summary = run_client("python3", &[script.to_str().unwrap(), &url, "feed2", "600"], None).await;
+    assert_eq!(
+        summary["extensions"], "permessage-deflate; client_max_window_bits=10",
+        "{summary}"
+    );
+    assert_eq!(
+        (summary["received"].as_u64(), summary["bad"].as_u64()),
+        (Some(600), Some(0)),
+        "{summary}"
+    );
+    assert!(linked(&node).await - by_ws > 200.0);
+    // A client that asks for frames compressed alone gets them, and no linked frame.
+    let before = linked(&node).await;
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n";
+    let (mut alone, head) = raw::connect_answered(node.addr, "?user=alone", offer).await;
+    assert_eq!(
+        raw::answer_header(&head, "Sec-WebSocket-Extensions"),
+        Some("permessage-deflate; server_no_context_takeover")
+    );
+    raw_join(&mut alone, "lines").await;
+    for i in 0..20 {
+        publish(
+            &node,
+            "lines",
+            json!({"line": i, "text": "what a pass from midfield ".repeat(12)}),
+        )
+        .await;
+        let (rsv1, payload) = next_msg(&mut alone).await;
+        assert!(rsv1, "compressed");
+        let v: Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(v["data"]["line"], i, "each inflates on its own");
+    }
+    assert_eq!(linked(&node).await, before);
     node.stop().await;
 }
 

@@ -23,6 +23,13 @@
 //! queue drains; the kernel buffer stays small for the socket's life. What conflation keeps is one
 //! slot per key queued: bounded by the keys of its rooms.
 //!
+//! # Context
+//! A socket that keeps the node's compression context ([`super::context`]) has a [`Window`]: what
+//! its inflater read last. The gate keeps it under the same lock as its queue, so it follows the
+//! order the frames go out in: every compressed frame queued or written counts, a room's linked
+//! frame goes only where the window has what it refers to ([`Gate::write_linked`]), and a conflated
+//! value never puts a compressed payload between frames already counted.
+//!
 //! A std `Mutex` guards the queue and every write, so frames reach the socket in queue order
 //! whoever writes them. It is per socket and held for a push or one non-blocking write, never across
 //! an `.await`.
@@ -42,7 +49,10 @@ use std::{collections::HashMap, sync::Arc};
 use bytes::{Buf, Bytes};
 use tokio::{net::tcp::OwnedWriteHalf, sync::Notify};
 
-use super::keyed::Tag;
+use super::{
+    context::{Link, Window},
+    keyed::Tag,
+};
 use crate::{metrics as m, wire};
 
 /// The kernel send buffer of a socket once conflated: small, so what waits is in the gate's queue,
@@ -236,6 +246,8 @@ struct State {
     status: Status,
     /// While conflating: where each key's queued value is.
     conflation: Option<Box<Conflation>>,
+    /// For a socket that keeps the node's compression context: what its inflater read last.
+    window: Option<Box<Window>>,
 }
 
 /// A room and a key.
@@ -343,6 +355,11 @@ impl State {
             let i = at.checked_sub(c.popped)? as usize;
             (i < self.frames.len() && !(i == 0 && self.partial)).then_some((i, skipped))
         });
+        // A compressed value in place of an uncompressed one would come between compressed frames
+        // the window counted as read in a row: it queues instead.
+        let place = place.filter(|&(i, _)| {
+            self.window.is_none() || !wire::is_compressed(frame) || wire::is_compressed(&self.frames[i])
+        });
         let Some((i, skipped)) = place else {
             let at = c.popped + self.frames.len() as u64;
             c.slots.insert(slot, (at, 0));
@@ -362,6 +379,15 @@ impl State {
             return false;
         }
         true
+    }
+
+    /// Frames go out in this order: a compressed one ends the window's run of a room's messages.
+    fn count(&mut self, frames: &[Bytes]) {
+        if let Some(w) = self.window.as_mut() {
+            if frames.iter().any(|f| wire::is_compressed(f)) {
+                w.broken();
+            }
+        }
     }
 
     /// Frees the queue, but for a partly written frame, which the socket needs whole.
@@ -468,6 +494,7 @@ impl Gate {
                 exempt: 0,
                 status: Status::Open,
                 conflation: None,
+                window: None,
             }),
             notify: Notify::new(),
             room: Notify::new(),
@@ -479,6 +506,12 @@ impl Gate {
 
     pub fn new(budget: usize) -> Gate {
         Gate::conflating(budget, usize::MAX)
+    }
+
+    /// The socket keeps the node's compression context: its window is followed from now on, and
+    /// [`Gate::write_linked`] may send it linked frames. Before its first frame.
+    pub fn keep_context(&self) {
+        self.lock().window = Some(Box::default());
     }
 
     /// Tells the writer something changed, and whoever waits for room.
@@ -536,6 +569,7 @@ impl Gate {
         if !matches!(st.status, Status::Open) {
             return Push::Closed;
         }
+        st.count(std::slice::from_ref(&frame));
         if !st.queue(frame, self.budget) {
             drop(st);
             self.wake();
@@ -555,11 +589,45 @@ impl Gate {
     /// `tags` are the frames' keys (one per frame, or none at all): with them a gate that conflates
     /// may conflate.
     pub fn write_through(&self, frames: &[Bytes], tags: &[Tag]) -> Push {
-        const DONE: Push = Push::Queued;
         let mut st = self.lock();
         if !matches!(st.status, Status::Open) {
             return Push::Closed;
         }
+        st.count(frames);
+        self.write_locked(st, frames, tags)
+    }
+
+    /// [`Gate::write_through`] for frames some of which are a room's messages with a linked form
+    /// (`links`, one per frame): each goes linked where the socket's window has what it refers to,
+    /// decided here, in the order the frames go out. Returns how many went linked. A socket that
+    /// does not keep the context gets `frames` as they are.
+    pub fn write_linked(&self, frames: &mut [Bytes], tags: &[Tag], links: &[Option<Link>]) -> (Push, usize) {
+        let mut st = self.lock();
+        if !matches!(st.status, Status::Open) {
+            return (Push::Closed, 0);
+        }
+        let mut linked = 0;
+        if let Some(w) = st.window.as_mut() {
+            for (frame, link) in frames.iter_mut().zip(links) {
+                match link {
+                    Some(link) => {
+                        // Taken whatever it goes as: the message joins the window either way.
+                        if let (true, Some(to)) = (w.take(link), &link.frame) {
+                            *frame = to.clone();
+                            linked += 1;
+                        }
+                    }
+                    None if wire::is_compressed(frame) => w.broken(),
+                    None => {}
+                }
+            }
+        }
+        (self.write_locked(st, frames, tags), linked)
+    }
+
+    /// [`Gate::write_through`]'s writing, the window counted and the gate open.
+    fn write_locked(&self, mut st: std::sync::MutexGuard<'_, State>, frames: &[Bytes], tags: &[Tag]) -> Push {
+        const DONE: Push = Push::Queued;
         if self.conflate_above != usize::MAX && tags.iter().flatten().any(|k| k.conflate) {
             return self.write_conflated(st, frames, tags);
         }
@@ -676,6 +744,7 @@ impl Gate {
             if !matches!(st.status, Status::Open) {
                 return Push::Closed;
             }
+            st.count(std::slice::from_ref(&frame));
             st.exempt += frame.len();
             st.queued += frame.len();
             st.frames.push_back(frame);
@@ -1182,5 +1251,142 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(got == big.concat(), "every byte once, in order");
+    }
+
+    /// What a client that keeps the node's compression context reads of the bytes a gate wrote:
+    /// each message's payload, inflated by one inflater for the whole connection where RSV1 is set.
+    fn read_keeping_context(bytes: &[u8]) -> Vec<Vec<u8>> {
+        let mut inflater = flate2::Decompress::new(false);
+        let (mut at, mut read) = (0, Vec::new());
+        while at < bytes.len() {
+            let (len, head) = match bytes[at + 1] & 0x7f {
+                126 => (usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]])), 4),
+                127 => panic!("no frame here is that long"),
+                n => (usize::from(n), 2),
+            };
+            let payload = &bytes[at + head..at + head + len];
+            if wire::is_compressed(&bytes[at..]) {
+                let mut message = Vec::with_capacity(1 << 16);
+                let input = [payload, &[0, 0, 0xff, 0xff]].concat();
+                inflater
+                    .decompress_vec(&input, &mut message, flate2::FlushDecompress::Sync)
+                    .expect("a deflate stream");
+                read.push(message);
+            } else {
+                read.push(payload.to_vec());
+            }
+            at += head + len;
+        }
+        read
+    }
+
+    /// A room's chat line number `i` (about 300 B): its uncompressed frame.
+    fn chat_line(i: usize) -> Bytes {
+        let text =
+            format!("line {i}: what a pass from midfield, the keeper was never going to reach that one; ").repeat(4);
+        let env = crate::envelope::Envelope::to_room("chat", Bytes::from(format!("{:?}", &text[..280])));
+        wire::broadcast_frame(crate::encoding::Encoding::Json, &env, 0).unwrap()
+    }
+
+    /// Lines `from..to` of `chain`: their uncompressed payloads, their frames compressed alone, and
+    /// their links.
+    fn chained(chain: &mut Chain, lines: std::ops::Range<usize>) -> (Vec<Vec<u8>>, Vec<Bytes>, Vec<Option<Link>>) {
+        let (mut payloads, mut frames, mut links) = (Vec::new(), Vec::new(), Vec::new());
+        for i in lines {
+            let plain = chat_line(i);
+            let alone = wire::deflated(&plain, 0).unwrap();
+            links.push(chain.add(&plain, &alone));
+            payloads.push(wire::payload_of(&plain).unwrap().to_vec());
+            frames.push(alone);
+        }
+        (payloads, frames, links)
+    }
+
+    use super::super::context::Chain;
+
+    #[tokio::test]
+    async fn a_socket_that_keeps_the_context_reads_every_frame_whatever_comes_between() {
+        let gate = Gate::new(1 << 20);
+        gate.keep_context();
+        let outlet = TestOutlet::with_room(1 << 20);
+        gate.attach(Box::new(outlet.clone()));
+        // About 300 B a line: the chain refers back to the last two.
+        let mut chain = Chain::new(700);
+        let mut want = Vec::new();
+        let (payloads, mut frames, links) = chained(&mut chain, 0..5);
+        assert_eq!(gate.write_linked(&mut frames, &[], &links).1, 4, "all but the first");
+        want.extend(payloads);
+        // Another room's compressed frame: the next line cannot refer past it.
+        let other = chat_line(99);
+        gate.push(wire::deflated(&other, 0).unwrap());
+        want.push(wire::payload_of(&other).unwrap().to_vec());
+        let (payloads, mut frames, links) = chained(&mut chain, 5..10);
+        assert_eq!(
+            gate.write_linked(&mut frames, &[], &links).1,
+            3,
+            "two read in a row first"
+        );
+        want.extend(payloads);
+        // An uncompressed frame (a reply) does not enter the client's window: the run goes on.
+        let mut reply = wire::Payload::with_capacity(16);
+        reply.put(br#"{"op":"ok","id":7}"#);
+        gate.send(reply.text());
+        want.push(br#"{"op":"ok","id":7}"#.to_vec());
+        let (payloads, mut frames, links) = chained(&mut chain, 10..15);
+        assert_eq!(gate.write_linked(&mut frames, &[], &links).1, 5);
+        want.extend(payloads);
+        gate.flush();
+        assert_eq!(read_keeping_context(&outlet.out()), want);
+        // A socket that does not keep the context gets the frames alone.
+        let plain = Gate::new(1 << 20);
+        let (_, mut frames, links) = chained(&mut chain, 15..17);
+        let alone = frames.clone();
+        assert_eq!(plain.write_linked(&mut frames, &[], &links).1, 0);
+        assert_eq!(frames, alone);
+    }
+
+    #[tokio::test]
+    async fn a_conflated_value_never_puts_a_compressed_frame_between_lines_read_in_a_row() {
+        let gate = Gate::conflating(1 << 20, 100);
+        gate.keep_context();
+        let outlet = TestOutlet::with_room(0);
+        gate.attach(Box::new(outlet.clone()));
+        let (clocks, clock_tags): (Vec<Bytes>, Vec<Tag>) = (0..3).map(|i| keyed("clock", i)).unzip();
+        assert_eq!(gate.write_through(&clocks, &clock_tags), Push::Queued, "past the mark");
+        let mut chain = Chain::new(700);
+        let (mut lines, mut frames, links) = chained(&mut chain, 0..2);
+        assert_eq!(gate.write_linked(&mut frames, &[], &links).1, 1);
+        // The key's value, small, goes uncompressed: it does not enter the client's window.
+        let (small, tag) = keyed("score", 1);
+        assert_eq!(gate.write_through(&[small], std::slice::from_ref(&tag)), Push::Queued);
+        let (payloads, mut frames, links) = chained(&mut chain, 2..4);
+        assert_eq!(gate.write_linked(&mut frames, &[], &links).1, 2, "the run goes on");
+        lines.extend(payloads);
+        // Its next value, large enough to go compressed, cannot take the small one's place between
+        // the lines: it queues behind them.
+        let mut env = crate::envelope::Envelope::to_room("m", Bytes::from(format!("{:?}", "2".repeat(400))));
+        env.key = Some("score".into());
+        let big = wire::broadcast_frame(crate::encoding::Encoding::Json, &env, 0).unwrap();
+        let big_z = wire::deflated(&big, 0).unwrap();
+        assert_eq!(gate.write_through(&[big_z], std::slice::from_ref(&tag)), Push::Queued);
+        let (payloads, mut frames, links) = chained(&mut chain, 4..7);
+        assert_eq!(
+            gate.write_linked(&mut frames, &[], &links).1,
+            1,
+            "after the value, two in a row again"
+        );
+        lines.extend(payloads);
+        outlet.open(1 << 20);
+        gate.drain().await.unwrap();
+        let read = read_keeping_context(&outlet.out());
+        let read_lines: Vec<Vec<u8>> = read
+            .iter()
+            .filter(|p| p.starts_with(br#"{"op":"msg","room":"chat""#))
+            .cloned()
+            .collect();
+        assert_eq!(read_lines, lines, "every line read whole");
+        let at = |payload: &[u8]| read.iter().position(|p| p == payload);
+        let big_at = at(wire::payload_of(&big).unwrap()).expect("the value read");
+        assert_eq!(Some(big_at), at(&lines[3]).map(|i| i + 1), "queued behind the lines");
     }
 }

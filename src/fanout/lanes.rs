@@ -14,8 +14,9 @@
 //! turns come is [`super::schedule`]'s.
 //!
 //! [`frames_of`] is where a message becomes bytes for the wire: one frame per encoding per node.
-//! Frames of another form for the same message (compressed, or a delta to the key's last value)
-//! are built there too, once, and shared the same way.
+//! Frames of another form for the same message (compressed, compressed after the room's last
+//! messages, or a delta to the key's last value) are built there too, once, and shared the same
+//! way.
 
 use std::{
     collections::VecDeque,
@@ -29,6 +30,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::{
+    context::{Chain, Link},
     delta::Values,
     form::{Form, FORMS},
     gate::Gate,
@@ -39,7 +41,7 @@ use crate::{
     envelope::Envelope,
     metrics::{self as m, Delivery},
     topic::Topic,
-    wire::{broadcast_frame, deflated, keyed_frame, value_of, Carried},
+    wire::{broadcast_frame, deflated, is_compressed, keyed_frame, value_of, Carried},
 };
 
 /// Lanes when workers are few: ticks `P / 8` apart spread a node's writes over the period.
@@ -50,10 +52,14 @@ pub fn lane_of(gate: &Arc<Gate>, lanes: usize) -> usize {
     ((Arc::as_ptr(gate) as usize as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % lanes
 }
 
-/// How frames are shaped for the wire: `--compress-min-bytes` and `--delta-full-every`.
+/// How frames are shaped for the wire: `--compress-min-bytes`, `--compress-context` and
+/// `--delta-full-every`.
 #[derive(Debug, Clone, Copy)]
 pub struct Shaping {
     pub compress_min_bytes: usize,
+    /// How far back a room's compressed frames may refer, in bytes of its last compressed
+    /// messages ([`super::context`]); 0: every frame is compressed alone.
+    pub compress_context: usize,
     pub delta_full_every: u32,
 }
 
@@ -61,9 +67,19 @@ impl Default for Shaping {
     fn default() -> Shaping {
         Shaping {
             compress_min_bytes: 200,
+            compress_context: 0,
             delta_full_every: 50,
         }
     }
+}
+
+/// What a topic keeps of the messages it framed, to frame the next ones: per key the last value
+/// (for deltas), and per encoding its last compressed messages (for frames compressed after them,
+/// [`super::context`]). Made as they are first needed; it goes with the topic.
+#[derive(Debug, Default)]
+pub struct Kept {
+    values: Option<Box<Values>>,
+    chains: Option<Box<[Option<Chain>; 2]>>,
 }
 
 /// One message's frame in one form.
@@ -74,6 +90,9 @@ pub struct Framed {
     /// In a delta form, for a keyed message: the delta frame and its key (which says what it is
     /// based on), for the sockets whose last value of the key is that base.
     pub delta: Option<(Bytes, Arc<Keyed>)>,
+    /// In a compressed form, with `--compress-context`: the message's place in the topic's chain,
+    /// and its frame compressed after the messages before it.
+    pub link: Option<Link>,
     /// The length of the message's frame uncompressed and whole, for the bytes-saved metrics.
     pub full: u32,
 }
@@ -83,16 +102,16 @@ pub struct Framed {
 pub type Frames = [Option<Framed>; FORMS];
 
 /// One message's frames for a topic whose members read `forms` (members per form): each form in
-/// use built once, shared by every socket of it; compression and deltas computed once. `values`
-/// holds the topic's last value per key, for deltas; `tag` is the message's key. What cannot be
-/// encoded is counted per member it misses.
+/// use built once, shared by every socket of it; compression and deltas computed once, from what
+/// the topic `kept`; `tag` is the message's key. What cannot be encoded is counted per member it
+/// misses.
 pub fn frames_of(
     env: &Envelope,
     shard: u32,
     forms: &[u32; FORMS],
     topic: &Topic,
     tag: &Tag,
-    values: &mut Option<Box<Values>>,
+    kept: &mut Kept,
     shaping: Shaping,
 ) -> Frames {
     let mut frames: Frames = Default::default();
@@ -114,9 +133,10 @@ pub fn frames_of(
     let (base, deltas) = match keyed {
         Some(k) if Encoding::ALL.into_iter().any(delta_users) => {
             let bytes = Encoding::ALL.map(|e| delta_users(e).then(|| value_of(e, env).ok()).flatten());
-            let next = values
-                .get_or_insert_with(Box::default)
-                .next(&k.key, k.seq, bytes, shaping.delta_full_every);
+            let next =
+                kept.values
+                    .get_or_insert_with(Box::default)
+                    .next(&k.key, k.seq, bytes, shaping.delta_full_every);
             (next.base, next.deltas)
         }
         _ => (None, [None, None]),
@@ -168,6 +188,7 @@ pub fn frames_of(
                 frames[form.index()] = Some(Framed {
                     whole: whole.clone(),
                     delta: delta.clone().zip(delta_tag.clone()),
+                    link: None,
                     full,
                 });
             }
@@ -178,9 +199,22 @@ pub fn frames_of(
                 } else {
                     squeeze(whole)
                 };
+                // A value a conflating socket may replace in its queue is no link of a chain.
+                let chained = shaping.compress_context > 0
+                    && !delta_form
+                    && is_compressed(&small)
+                    && !tag.as_ref().is_some_and(|k| k.conflate);
+                let link = chained
+                    .then(|| {
+                        kept.chains.get_or_insert_with(Box::default)[encoding.index()]
+                            .get_or_insert_with(|| Chain::new(shaping.compress_context))
+                            .add(&plain, &small)
+                    })
+                    .flatten();
                 frames[form.index()] = Some(Framed {
                     whole: small,
                     delta: delta.as_ref().map(squeeze).zip(delta_tag.clone()),
+                    link,
                     full,
                 });
             }
@@ -217,6 +251,7 @@ impl Recent {
                     share.tags.push(tag.clone());
                     share.full.push(framed.full);
                     share.deltas.push(framed.delta.clone());
+                    share.links.push(framed.link.clone());
                 }
             }
         }
@@ -241,6 +276,8 @@ pub struct Share {
     full: Vec<u32>,
     /// Per frame, in a delta form: the delta frame of a keyed message, and its key.
     deltas: Vec<Option<(Bytes, Arc<Keyed>)>>,
+    /// Per frame, in a compressed form with `--compress-context`: its link in the topic's chain.
+    links: Vec<Option<Link>>,
 }
 
 impl Share {
@@ -264,6 +301,11 @@ impl Share {
         &self.deltas[self.from(since)..]
     }
 
+    /// The links beside the frames [`Share::since`] gives.
+    pub fn links_since(&self, since: u64) -> &[Option<Link>] {
+        &self.links[self.from(since)..]
+    }
+
     fn from(&self, since: u64) -> usize {
         self.seqs.partition_point(|s| *s < since)
     }
@@ -274,6 +316,7 @@ impl Share {
         self.tags.clear();
         self.full.clear();
         self.deltas.clear();
+        self.links.clear();
     }
 }
 
@@ -375,6 +418,7 @@ mod tests {
             frames[0] = Some(Framed {
                 whole: Bytes::from_static(b),
                 delta: None,
+                link: None,
                 full: b.len() as u32,
             });
             frames

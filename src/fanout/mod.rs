@@ -7,6 +7,8 @@
 //!   topic and shared by every socket; which lane each socket is in.
 //! - [`form`]: the forms of a message's frames: per encoding, compressed or not, keyed values
 //!   whole or as deltas.
+//! - [`context`]: compression with context, once per message: a room's last compressed messages,
+//!   and what each socket's inflater read last of them.
 //! - [`delta`]: shared deltas per key: the last value per key a topic framed, and the values each
 //!   socket has.
 //! - [`keyed`]: a frame's key, shared by its copies on every lane.
@@ -22,6 +24,7 @@
 //! Who is in which topic is the hub's ([`crate::hub`]): a worker asks it to record a message
 //! and to write a lane, and the hub hands the lane's members to the writer.
 
+pub mod context;
 pub mod delta;
 pub mod form;
 pub mod gate;

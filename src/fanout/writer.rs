@@ -17,6 +17,7 @@ use std::{
 use bytes::Bytes;
 
 use super::{
+    context::Link,
     delta::Bases,
     form::{Form, FORMS},
     gate::{Gate, Next, Push},
@@ -32,13 +33,14 @@ use crate::{
     wire,
 };
 
-/// One socket as the node writes to it: its gate, the encoding it reads and whether it negotiated
-/// permessage-deflate. Cheap to clone.
+/// One socket as the node writes to it: its gate, the encoding it reads, whether it negotiated
+/// permessage-deflate and whether it keeps the node's compression context. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Outbound {
     gate: Arc<Gate>,
     encoding: Encoding,
     deflate: bool,
+    context: bool,
 }
 
 impl Outbound {
@@ -47,12 +49,23 @@ impl Outbound {
             gate,
             encoding,
             deflate: false,
+            context: false,
         }
     }
 
     /// The same socket, reading compressed frames (it negotiated permessage-deflate) or not.
     pub fn deflating(self, deflate: bool) -> Outbound {
         Outbound { deflate, ..self }
+    }
+
+    /// The same socket, keeping the node's compression context (it negotiated permessage-deflate
+    /// without `server_no_context_takeover`): it may be sent frames compressed after a room's
+    /// last messages ([`super::context`]). Before its first frame.
+    pub fn keeping_context(self, context: bool) -> Outbound {
+        if context {
+            self.gate.keep_context();
+        }
+        Outbound { context, ..self }
     }
 
     /// Whether the socket negotiated permessage-deflate: it takes the shared compressed frames.
@@ -185,8 +198,9 @@ pub struct Scratch {
     pub(crate) shares: [Share; FORMS],
     /// The topic's members in the lane.
     pub(crate) seats: Vec<Seated>,
-    /// The frames, keys and whole lengths of a seat with floors, a pace or deltas: those that go now.
-    passed: (Vec<Bytes>, Vec<Tag>, Vec<u32>),
+    /// The frames, keys, whole lengths and links of a seat with floors, a pace, deltas or a
+    /// compression context: those that go now.
+    passed: (Vec<Bytes>, Vec<Tag>, Vec<u32>, Vec<Option<Link>>),
 }
 
 impl Scratch {
@@ -198,7 +212,9 @@ impl Scratch {
 
 /// A lane's turn for one topic: every seat gets, in one write, the frames of its form it has not
 /// had (those numbered from its join on); a seat that takes deltas gets a key's delta where it has
-/// the delta's base and is not conflating, the whole value otherwise. Empties the seats.
+/// the delta's base and is not conflating, the whole value otherwise; a seat that keeps the
+/// compression context gets a message's linked frame where its window has what that refers to.
+/// Empties the seats.
 pub fn write_turn(s: &mut Scratch) -> Delivery {
     let mut out = Delivery::default();
     for Seated {
@@ -212,14 +228,23 @@ pub fn write_turn(s: &mut Scratch) -> Delivery {
     {
         let share = &s.shares[form.index()];
         let (mut frames, mut tags, mut full) = (share.since(since), share.tags_since(since), share.full_since(since));
-        if floors.is_some() || rate.is_some() || bases.is_some() {
-            let (f, t, l) = &mut s.passed;
+        let links = share.links_since(since);
+        let linking = member.context && links.iter().any(Option::is_some);
+        if floors.is_some() || rate.is_some() || bases.is_some() || linking {
+            let (f, t, l, k) = &mut s.passed;
             f.clear();
             t.clear();
             l.clear();
+            k.clear();
             // A conflating socket's queued values may be replaced: it gets whole values.
             let conflating = bases.is_some() && member.gate.conflates(full.iter().map(|l| *l as usize).sum());
-            for (((frame, tag), len), delta) in frames.iter().zip(tags).zip(full).zip(share.deltas_since(since)) {
+            let passing = frames
+                .iter()
+                .zip(tags)
+                .zip(full)
+                .zip(share.deltas_since(since))
+                .zip(links);
+            for ((((frame, tag), len), delta), link) in passing {
                 if floors.as_ref().is_some_and(|floors| !floors.admits(tag)) {
                     continue;
                 }
@@ -228,6 +253,8 @@ pub fn write_turn(s: &mut Scratch) -> Delivery {
                     None => Some(frame.clone()),
                 };
                 let Some(mut frame) = now else { continue };
+                // Paced, a keyed frame may be another one (marked with what it skipped): not the link's.
+                let link = link.as_ref().filter(|_| rate.is_none() || tag.is_none());
                 let mut tag = tag.clone();
                 if let (Some(bases), Some(keyed)) = (&bases, tag.clone()) {
                     let base = delta.as_ref().and_then(|(_, k)| k.delta_of);
@@ -244,24 +271,38 @@ pub fn write_turn(s: &mut Scratch) -> Delivery {
                 f.push(frame);
                 t.push(tag);
                 l.push(*len);
+                k.push(link.cloned());
+            }
+            if linking {
+                if !f.is_empty() {
+                    let (pushed, linked) = member.gate.write_linked(f, t, k);
+                    out.linked += linked;
+                    tally(&mut out, pushed, f, l);
+                }
+                continue;
             }
             (frames, tags, full) = (f, t, l);
         }
         if frames.is_empty() {
             continue;
         }
-        out.writes += 1;
-        match member.gate.write_through(frames, tags) {
-            Push::Queued => {
-                out.delivered += frames.len();
-                out.bytes += frames.iter().map(Bytes::len).sum::<usize>();
-                out.full_bytes += full.iter().map(|l| *l as usize).sum::<usize>();
-            }
-            Push::Overflow => out.overflowed += 1,
-            Push::Closed => {}
-        }
+        tally(&mut out, member.gate.write_through(frames, tags), frames, full);
     }
     out
+}
+
+/// Counts one socket's write of `frames` (their whole lengths `full`) as it went.
+fn tally(out: &mut Delivery, pushed: Push, frames: &[Bytes], full: &[u32]) {
+    out.writes += 1;
+    match pushed {
+        Push::Queued => {
+            out.delivered += frames.len();
+            out.bytes += frames.iter().map(Bytes::len).sum::<usize>();
+            out.full_bytes += full.iter().map(|l| *l as usize).sum::<usize>();
+        }
+        Push::Overflow => out.overflowed += 1,
+        Push::Closed => {}
+    }
 }
 
 /// A frame held back for a socket while its join sent it history or latest values: its shard, its
