@@ -17,6 +17,11 @@
 //!   `delta+deflate` (joined with `delta` too). Compression and deltas are computed once per
 //!   message, so their cost spread over 10,000 sockets is what the per-frame time shows; the
 //!   bytes written per delivered frame are printed once per form.
+//! - `chat/<form>/10000`: the same turn for unkeyed chat lines of 100 to 400 B, to sockets that
+//!   negotiated permessage-deflate: each line compressed `alone` (`server_no_context_takeover`), or
+//!   with the node keeping its `context` (`--compress-context 8KiB`): each line compressed a second
+//!   time after the room's last lines, once per message, and sent so to every socket that read
+//!   those last. Bytes written per delivered frame are printed once per form.
 //! - `gate/push`: queueing one frame into a gate (timed 64 pushes at a time, flushed untimed);
 //!   `gate/push_flush`: one frame's whole trip through a gate, push and flush.
 //!
@@ -35,7 +40,7 @@ use shardcast::{
     encoding::json_to_msgpack,
     envelope::{Envelope, Kind},
     fanout::{
-        lanes::Lanes,
+        lanes::{Lanes, Shaping},
         writer::{Outbound, Scratch},
     },
     frame::{data_depth_ok, Encoding, DEFAULT_DATA_DEPTH},
@@ -137,7 +142,16 @@ fn label(e: Encoding) -> &'static str {
 /// `i`-th of them as `member(i)` says. Its topics are written on one lane: a turn writes every
 /// socket.
 fn stadium(rt: &tokio::runtime::Runtime, member: impl Fn(usize) -> (Outbound, Joining)) -> Hub {
-    let (hub, mut interest) = Hub::new(Lanes::new(1, 1));
+    stadium_shaped(rt, Shaping::default(), member)
+}
+
+/// [`stadium`], its frames shaped as `shaping` says.
+fn stadium_shaped(
+    rt: &tokio::runtime::Runtime,
+    shaping: Shaping,
+    member: impl Fn(usize) -> (Outbound, Joining),
+) -> Hub {
+    let (hub, mut interest) = Hub::shaping(Lanes::new(1, 1), Vec::new(), shaping);
     let subscriber = hub.clone();
     rt.spawn(async move {
         while let Some(i) = interest.recv().await {
@@ -261,6 +275,80 @@ fn bench_bytes(c: &mut Criterion) {
     g.finish();
 }
 
+/// Chat line `i`: 100 to 400 B of text from a few dozen words, unkeyed.
+fn chat_line(i: u64) -> Envelope {
+    const WORDS: [&str; 24] = [
+        "what", "a", "pass", "from", "midfield", "the", "keeper", "was", "never", "going", "to", "reach", "that",
+        "one", "referee", "needs", "glasses", "come", "on", "lads", "we", "are", "so", "back",
+    ];
+    let size = 100 + (i * 37 % 300) as usize;
+    let mut text = String::new();
+    let mut k = i;
+    while text.len() < size {
+        k = k
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        text.push_str(WORDS[(k >> 33) as usize % WORDS.len()]);
+        text.push(' ');
+    }
+    Envelope {
+        data: Bytes::from(format!(
+            "{{\"user\":\"fan{}\",\"text\":\"{}\"}}",
+            i % 50,
+            text.trim_end()
+        )),
+        ..envelope(Encoding::Json)
+    }
+}
+
+fn bench_chat(c: &mut Criterion) {
+    let rt = runtime();
+    let mut g = c.benchmark_group("chat");
+    g.throughput(Throughput::Elements(SOCKETS as u64));
+    for (name, context) in [("alone", 0), ("context", 8 << 10)] {
+        let shaping = Shaping {
+            compress_context: context,
+            ..Shaping::default()
+        };
+        let hub = stadium_shaped(&rt, shaping, |_| {
+            let out = Outbound::new(support::gate(BUDGET), Encoding::Json)
+                .deflating(true)
+                .keeping_context(context > 0);
+            (
+                out,
+                Joining {
+                    hold: false,
+                    delta: false,
+                },
+            )
+        });
+        let mut scratch = Scratch::default();
+        let mut i = 0;
+        let (mut bytes, mut full) = (0, 0);
+        for _ in 0..200 {
+            i += 1;
+            hub.record(&chat_line(i), 0);
+            let d = hub.write_lane(0, &mut scratch);
+            (bytes, full) = (bytes + d.bytes, full + d.full_bytes);
+        }
+        println!(
+            "chat/{name}: {:.0} B written per delivered frame of {:.0} B ({:.1} %)",
+            bytes as f64 / (200 * SOCKETS) as f64,
+            full as f64 / (200 * SOCKETS) as f64,
+            100.0 * bytes as f64 / full as f64
+        );
+        g.bench_function(BenchmarkId::new(name, SOCKETS), |b| {
+            b.iter(|| {
+                i += 1;
+                hub.record(black_box(&chat_line(i)), 0);
+                let d = hub.write_lane(0, &mut scratch);
+                assert_eq!(d.delivered, SOCKETS);
+            })
+        });
+    }
+    g.finish();
+}
+
 fn bench_gate(c: &mut Criterion) {
     let frame = broadcast_frame(Encoding::Json, &envelope(Encoding::Json), 0).expect("encodes");
     let gate = support::gate(BUDGET);
@@ -297,6 +385,7 @@ criterion_group!(
     bench_frame,
     bench_turn,
     bench_bytes,
+    bench_chat,
     bench_gate
 );
 criterion_main!(benches);

@@ -8,10 +8,12 @@
 //! window holds the payloads of the last compressed frames it read, in order (32 KiB of them;
 //! uncompressed frames do not enter it). So a room keeps its last compressed messages' payloads
 //! ([`Chain`], at most `--compress-context` bytes), and each message it compresses is compressed
-//! twice, once per node and encoding: alone, as ever, and after those messages ([`Link`]). Every
-//! socket that read exactly those messages as its last compressed frames gets the linked frame,
-//! the same bytes for all of them; every other socket gets the frame compressed alone, which reads
-//! after anything.
+//! once per node and encoding alone, as ever, and again after the last 1, 4 and 16 of those
+//! messages (as many as it keeps: [`Link`]). Every socket that read the last N of them as its last
+//! compressed frames gets the frame compressed after the most of them it read, the same bytes as
+//! every other socket that read as many; every other socket gets the frame compressed alone, which
+//! reads after anything. The shorter links are for a socket whose run is short: one that just
+//! joined, or reads a chat and a scoreboard at once, whose values come between the lines.
 //!
 //! What a socket read last is [`Window`]'s, kept by its gate under the lock that orders its bytes
 //! ([`super::gate::Gate::write_linked`]): a message of the chain that follows the one before it
@@ -29,17 +31,24 @@ use bytes::Bytes;
 
 use crate::wire;
 
-/// A message of a room's chain in its linked form: the frame compressed after the `need` messages
-/// of chain `chain` before it (numbers `n - need` to `n - 1`).
+/// Message `n` of chain `chain` in its linked forms: `(need, frame)`, the frame compressed after
+/// the `need` messages of the chain before it (numbers `n - need` to `n - 1`), most first. Empty:
+/// the message is in the chain, but no linked frame would be smaller (or nothing is before it):
+/// every socket gets it compressed alone.
 #[derive(Debug, Clone)]
 pub struct Link {
     pub chain: u64,
     pub n: u64,
-    pub need: u32,
-    /// `None`: the message is in the chain, but its linked frame would not be smaller (or there is
-    /// nothing before it): every socket gets it compressed alone.
-    pub frame: Option<Bytes>,
+    pub frames: Vec<(u32, Bytes)>,
 }
+
+/// A message's link as its frames carry it on every lane: `None` for a message in no chain.
+pub type Linked = Option<std::sync::Arc<Link>>;
+
+/// How many of the last messages the linked frames of a message refer back to, at most: a frame
+/// for a socket that read the last one, the last four, the last sixteen (as many as the chain
+/// keeps). Each is one more compression of the message per node.
+const LEVELS: [usize; 3] = [16, 4, 1];
 
 /// One room's last compressed messages in one encoding, as the clients' windows hold them.
 #[derive(Debug)]
@@ -69,20 +78,32 @@ impl Chain {
     }
 
     /// Adds a message whose frame goes compressed (`alone`, made from `plain`): its link, with the
-    /// frame compressed after the chain's last messages where that is smaller. `None` for a frame
-    /// that is not a data frame the node built.
+    /// frames compressed after the chain's last messages ([`LEVELS`]) that are smaller than it,
+    /// and smaller than the ones after fewer messages. `None` for a frame that is not a data frame
+    /// the node built.
     pub fn add(&mut self, plain: &Bytes, alone: &Bytes) -> Option<Link> {
         let payload = wire::payload_of(plain)?;
         self.n += 1;
-        let frame = (!self.before.is_empty())
-            .then(|| wire::deflated_after(plain, &self.before))
-            .flatten()
-            .filter(|linked| linked.len() < alone.len());
+        let mut needs: Vec<usize> = LEVELS.iter().map(|l| (*l).min(self.lengths.len())).collect();
+        needs.dedup();
+        let mut frames: Vec<(u32, Bytes)> = Vec::with_capacity(needs.len());
+        // Fewest first, so each frame is kept only where it beats the one after fewer messages.
+        for need in needs.into_iter().rev().filter(|n| *n > 0) {
+            let from: usize = self.lengths.iter().rev().take(need).sum();
+            let before = &self.before[self.before.len() - from..];
+            let Some(linked) = wire::deflated_after(plain, before) else {
+                continue;
+            };
+            let best = frames.last().map_or(alone.len(), |(_, f)| f.len());
+            if linked.len() < best {
+                frames.push((need as u32, linked));
+            }
+        }
+        frames.reverse();
         let link = Link {
             chain: self.id,
             n: self.n,
-            need: self.lengths.len() as u32,
-            frame,
+            frames,
         };
         self.before.extend_from_slice(payload);
         self.lengths.push_back(payload.len());
@@ -110,15 +131,18 @@ impl Window {
         self.run = 0;
     }
 
-    /// Message `link` of a chain goes out, linked or alone (both inflate to the same payload):
-    /// true when the socket read every message it refers to, so the linked frame is the one.
-    pub fn take(&mut self, link: &Link) -> bool {
+    /// Message `link` of a chain goes out, linked or alone (every form inflates to the same
+    /// payload): the linked frame that refers to the most messages the socket read last, if any.
+    pub fn take<'a>(&mut self, link: &'a Link) -> Option<&'a Bytes> {
         let follows = self.chain == link.chain && self.last + 1 == link.n;
-        let linked = follows && self.run >= link.need && link.frame.is_some();
-        self.run = if follows { self.run.saturating_add(1) } else { 1 };
+        let run = if follows { self.run } else { 0 };
+        self.run = run.saturating_add(1);
         self.chain = link.chain;
         self.last = link.n;
-        linked
+        link.frames
+            .iter()
+            .find(|(need, _)| *need <= run)
+            .map(|(_, frame)| frame)
     }
 }
 
@@ -148,27 +172,36 @@ mod tests {
         ))
     }
 
+    /// `linked` inflated by an inflater whose window ends with `before`.
+    fn inflated_after(before: &[u8], linked: &[u8]) -> Vec<u8> {
+        let mut d = flate2::Decompress::new(false);
+        d.set_dictionary(before).unwrap();
+        let mut out = Vec::with_capacity(4096);
+        let payload = [body(linked), &[0, 0, 0xff, 0xff]].concat();
+        d.decompress_vec(&payload, &mut out, flate2::FlushDecompress::Sync)
+            .unwrap();
+        out
+    }
+
     #[test]
     fn a_chain_links_each_message_to_the_ones_before_within_its_bytes() {
+        // About 140 B a line: 600 B hold the last four, never more.
+        assert!((120..150).contains(&line(0).len()));
         let mut chain = Chain::new(600);
         let mut links = Vec::new();
         for i in 0..8 {
             let plain = line(i);
             let alone = wire::deflated(&plain, 0).unwrap();
             let link = chain.add(&plain, &alone).unwrap();
-            if let Some(linked) = &link.frame {
-                assert!(linked.len() * 2 < alone.len(), "{} of {}", linked.len(), alone.len());
-                // Read by an inflater that had the `need` messages before it, it is the message.
-                let before: Vec<u8> = (i - link.need as usize..i)
+            let mut larger = alone.len();
+            for (need, linked) in link.frames.iter().rev() {
+                assert!(linked.len() < larger, "each smaller than the one after fewer");
+                larger = linked.len();
+                // Read by an inflater that had the `need` lines before it, it is the line.
+                let before: Vec<u8> = (i - *need as usize..i)
                     .flat_map(|j| wire::payload_of(&line(j)).unwrap().to_vec())
                     .collect();
-                let mut d = flate2::Decompress::new(false);
-                d.set_dictionary(&before).unwrap();
-                let mut out = Vec::with_capacity(4096);
-                let payload = [body(linked), &[0, 0, 0xff, 0xff]].concat();
-                d.decompress_vec(&payload, &mut out, flate2::FlushDecompress::Sync)
-                    .unwrap();
-                assert_eq!(out, wire::payload_of(&plain).unwrap());
+                assert_eq!(inflated_after(&before, linked), wire::payload_of(&plain).unwrap());
             }
             links.push(link);
         }
@@ -176,40 +209,61 @@ mod tests {
             links.iter().map(|l| l.n).collect::<Vec<_>>(),
             (1..=8).collect::<Vec<_>>()
         );
-        assert!(links[0].frame.is_none(), "nothing before the first");
-        // About 140 B a line: 600 B hold the last four, never more.
-        assert!((120..150).contains(&line(0).len()));
-        assert_eq!(
-            links.iter().map(|l| l.need).collect::<Vec<_>>(),
-            [0, 1, 2, 3, 4, 4, 4, 4]
+        assert!(links[0].frames.is_empty(), "nothing before the first");
+        for link in &links[1..] {
+            let needs: Vec<u32> = link.frames.iter().map(|(n, _)| *n).collect();
+            assert_eq!(needs.last(), Some(&1), "one after the line before: {needs:?}");
+            assert!(needs.windows(2).all(|w| w[0] > w[1]), "most first: {needs:?}");
+            assert!(needs[0] <= 4, "never past the bytes kept: {needs:?}");
+            let (_, after_one) = link.frames.last().unwrap();
+            let alone = wire::deflated(&line(link.n as usize - 1), 0).unwrap();
+            assert!(
+                after_one.len() * 2 < alone.len(),
+                "{} of {}",
+                after_one.len(),
+                alone.len()
+            );
+        }
+        assert!(
+            links.iter().any(|l| l.frames.first().is_some_and(|(n, _)| *n == 4)),
+            "four lines before one of them"
         );
-        assert!(links[1..].iter().all(|l| l.frame.is_some()));
         let other = Chain::new(600);
         assert_ne!(other.id, chain.id, "chains are told apart");
     }
 
     #[test]
-    fn a_socket_gets_the_linked_frame_only_after_every_message_it_refers_to() {
-        let link = |chain, n, need| Link {
+    fn a_socket_gets_the_frame_linked_to_the_most_messages_it_read_last() {
+        let link = |chain, n| Link {
             chain,
             n,
-            need,
-            frame: Some(Bytes::from_static(b"linked")),
+            frames: vec![(4, Bytes::from_static(b"four")), (1, Bytes::from_static(b"one"))],
         };
         let mut w = Window::default();
-        assert!(!w.take(&link(1, 5, 2)), "a new socket had nothing before");
-        assert!(!w.take(&link(1, 6, 2)), "one before, two needed");
-        assert!(w.take(&link(1, 7, 2)));
-        assert!(w.take(&link(1, 8, 2)));
+        let mut take = |chain, n| w.take(&link(chain, n)).map(|b| b.to_vec());
+        assert_eq!(take(1, 5), None, "a new socket had nothing before");
+        assert_eq!(take(1, 6).as_deref(), Some(&b"one"[..]));
+        assert_eq!(take(1, 7).as_deref(), Some(&b"one"[..]));
+        assert_eq!(take(1, 8).as_deref(), Some(&b"one"[..]), "three before, four needed");
+        assert_eq!(take(1, 9).as_deref(), Some(&b"four"[..]));
+        assert_eq!(take(1, 10).as_deref(), Some(&b"four"[..]));
         w.broken();
-        assert!(!w.take(&link(1, 9, 1)), "another compressed frame came between");
-        assert!(w.take(&link(1, 10, 1)));
-        assert!(!w.take(&link(1, 12, 1)), "message 11 was not read");
-        assert!(!w.take(&link(2, 13, 0)), "another chain");
-        assert!(!w.take(&link(1, 13, 1)), "chain 2 came between");
-        let mut alone = link(1, 14, 0);
-        alone.frame = None;
-        assert!(!w.take(&alone), "no linked frame: alone");
-        assert!(w.take(&link(1, 15, 2)), "the message read alone still counts");
+        let mut take = |chain, n| w.take(&link(chain, n)).map(|b| b.to_vec());
+        assert_eq!(take(1, 11), None, "another compressed frame came between");
+        assert_eq!(take(1, 12).as_deref(), Some(&b"one"[..]));
+        assert_eq!(take(1, 14), None, "message 13 was not read");
+        assert_eq!(take(2, 15), None, "another chain");
+        assert_eq!(take(1, 15), None, "chain 2 came between");
+        let alone = Link {
+            chain: 1,
+            n: 16,
+            frames: Vec::new(),
+        };
+        assert_eq!(w.take(&alone), None, "no linked frame: alone");
+        assert_eq!(
+            w.take(&link(1, 17)).map(|b| b.to_vec()).as_deref(),
+            Some(&b"one"[..]),
+            "the message read alone still counts"
+        );
     }
 }

@@ -50,7 +50,7 @@ use bytes::{Buf, Bytes};
 use tokio::{net::tcp::OwnedWriteHalf, sync::Notify};
 
 use super::{
-    context::{Link, Window},
+    context::{Linked, Window},
     keyed::Tag,
 };
 use crate::{metrics as m, wire};
@@ -601,7 +601,7 @@ impl Gate {
     /// (`links`, one per frame): each goes linked where the socket's window has what it refers to,
     /// decided here, in the order the frames go out. Returns how many went linked. A socket that
     /// does not keep the context gets `frames` as they are.
-    pub fn write_linked(&self, frames: &mut [Bytes], tags: &[Tag], links: &[Option<Link>]) -> (Push, usize) {
+    pub fn write_linked(&self, frames: &mut [Bytes], tags: &[Tag], links: &[Linked]) -> (Push, usize) {
         let mut st = self.lock();
         if !matches!(st.status, Status::Open) {
             return (Push::Closed, 0);
@@ -612,7 +612,7 @@ impl Gate {
                 match link {
                     Some(link) => {
                         // Taken whatever it goes as: the message joins the window either way.
-                        if let (true, Some(to)) = (w.take(link), &link.frame) {
+                        if let Some(to) = w.take(link) {
                             *frame = to.clone();
                             linked += 1;
                         }
@@ -1290,12 +1290,12 @@ mod tests {
 
     /// Lines `from..to` of `chain`: their uncompressed payloads, their frames compressed alone, and
     /// their links.
-    fn chained(chain: &mut Chain, lines: std::ops::Range<usize>) -> (Vec<Vec<u8>>, Vec<Bytes>, Vec<Option<Link>>) {
+    fn chained(chain: &mut Chain, lines: std::ops::Range<usize>) -> (Vec<Vec<u8>>, Vec<Bytes>, Vec<Linked>) {
         let (mut payloads, mut frames, mut links) = (Vec::new(), Vec::new(), Vec::new());
         for i in lines {
             let plain = chat_line(i);
             let alone = wire::deflated(&plain, 0).unwrap();
-            links.push(chain.add(&plain, &alone));
+            links.push(chain.add(&plain, &alone).map(Arc::new));
             payloads.push(wire::payload_of(&plain).unwrap().to_vec());
             frames.push(alone);
         }
@@ -1310,7 +1310,7 @@ mod tests {
         gate.keep_context();
         let outlet = TestOutlet::with_room(1 << 20);
         gate.attach(Box::new(outlet.clone()));
-        // About 300 B a line: the chain refers back to the last two.
+        // About 300 B a line: the chain refers back to the last two at most.
         let mut chain = Chain::new(700);
         let mut want = Vec::new();
         let (payloads, mut frames, links) = chained(&mut chain, 0..5);
@@ -1323,8 +1323,8 @@ mod tests {
         let (payloads, mut frames, links) = chained(&mut chain, 5..10);
         assert_eq!(
             gate.write_linked(&mut frames, &[], &links).1,
-            3,
-            "two read in a row first"
+            4,
+            "the first after it goes alone"
         );
         want.extend(payloads);
         // An uncompressed frame (a reply) does not enter the client's window: the run goes on.
@@ -1372,8 +1372,8 @@ mod tests {
         let (payloads, mut frames, links) = chained(&mut chain, 4..7);
         assert_eq!(
             gate.write_linked(&mut frames, &[], &links).1,
-            1,
-            "after the value, two in a row again"
+            2,
+            "after the value, the first goes alone"
         );
         lines.extend(payloads);
         outlet.open(1 << 20);

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::{
-    context::{Chain, Link},
+    context::{Chain, Linked},
     delta::Values,
     form::{Form, FORMS},
     gate::Gate,
@@ -92,7 +92,7 @@ pub struct Framed {
     pub delta: Option<(Bytes, Arc<Keyed>)>,
     /// In a compressed form, with `--compress-context`: the message's place in the topic's chain,
     /// and its frame compressed after the messages before it.
-    pub link: Option<Link>,
+    pub link: Linked,
     /// The length of the message's frame uncompressed and whole, for the bytes-saved metrics.
     pub full: u32,
 }
@@ -177,6 +177,20 @@ pub fn frames_of(
         let squeeze = |frame: &Bytes| deflated(frame, shaping.compress_min_bytes).unwrap_or_else(|| frame.clone());
         let deflating = mine.iter().any(|f| f.deflate);
         let small_plain = deflating.then(|| squeeze(&plain));
+        // With a context, the message's link in the topic's chain, for every form whose frame is
+        // the compressed plain one. A value a conflating socket may replace in its queue is no
+        // link of a chain.
+        let link = small_plain
+            .as_ref()
+            .filter(|small| {
+                shaping.compress_context > 0 && is_compressed(small) && !tag.as_ref().is_some_and(|k| k.conflate)
+            })
+            .and_then(|small| {
+                kept.chains.get_or_insert_with(Box::default)[encoding.index()]
+                    .get_or_insert_with(|| Chain::new(shaping.compress_context))
+                    .add(&plain, small)
+                    .map(Arc::new)
+            });
         for delta_form in [false, true] {
             let form = Form {
                 encoding,
@@ -194,23 +208,11 @@ pub fn frames_of(
             }
             let form = Form { deflate: true, ..form };
             if let Some(small_plain) = small_plain.as_ref().filter(|_| used(form)) {
-                let small = if whole.as_ptr() == plain.as_ptr() {
-                    small_plain.clone()
+                let (small, link) = if whole.as_ptr() == plain.as_ptr() {
+                    (small_plain.clone(), link.clone())
                 } else {
-                    squeeze(whole)
+                    (squeeze(whole), None)
                 };
-                // A value a conflating socket may replace in its queue is no link of a chain.
-                let chained = shaping.compress_context > 0
-                    && !delta_form
-                    && is_compressed(&small)
-                    && !tag.as_ref().is_some_and(|k| k.conflate);
-                let link = chained
-                    .then(|| {
-                        kept.chains.get_or_insert_with(Box::default)[encoding.index()]
-                            .get_or_insert_with(|| Chain::new(shaping.compress_context))
-                            .add(&plain, &small)
-                    })
-                    .flatten();
                 frames[form.index()] = Some(Framed {
                     whole: small,
                     delta: delta.as_ref().map(squeeze).zip(delta_tag.clone()),
@@ -277,7 +279,7 @@ pub struct Share {
     /// Per frame, in a delta form: the delta frame of a keyed message, and its key.
     deltas: Vec<Option<(Bytes, Arc<Keyed>)>>,
     /// Per frame, in a compressed form with `--compress-context`: its link in the topic's chain.
-    links: Vec<Option<Link>>,
+    links: Vec<Linked>,
 }
 
 impl Share {
@@ -302,7 +304,7 @@ impl Share {
     }
 
     /// The links beside the frames [`Share::since`] gives.
-    pub fn links_since(&self, since: u64) -> &[Option<Link>] {
+    pub fn links_since(&self, since: u64) -> &[Linked] {
         &self.links[self.from(since)..]
     }
 
@@ -450,5 +452,74 @@ mod tests {
         assert!(r.take_for(0, &mut out));
         assert_eq!(out[0].seqs, [2]);
         assert_eq!(lanes.next_seq(), 3);
+    }
+
+    #[test]
+    fn with_a_context_a_message_is_linked_in_every_form_that_shares_its_compressed_frame() {
+        let json = |deflate, delta| Form {
+            encoding: Encoding::Json,
+            deflate,
+            delta,
+        };
+        let mut forms = [0; FORMS];
+        forms[json(true, false).index()] = 1;
+        forms[json(true, true).index()] = 1;
+        let shaping = Shaping {
+            compress_min_bytes: 0,
+            compress_context: 4096,
+            delta_full_every: 50,
+        };
+        let topic = Topic::Room("m".into());
+        let mut kept = Kept::default();
+        let line = |i: u64| {
+            format!(
+                "{:?}",
+                format!("line {i}: what a pass from midfield, the keeper never reached it")
+            )
+        };
+        let mut build = |i: u64, key: Option<(&str, bool)>| {
+            let mut env = Envelope::to_room("m", Bytes::from(line(i)));
+            env.key = key.map(|(k, _)| k.into());
+            env.key_seq = key.map(|_| i);
+            let tag: Tag = key.map(|(k, conflate)| {
+                Arc::new(Keyed {
+                    room: "m".into(),
+                    key: k.into(),
+                    seq: i,
+                    conflate,
+                    delta_of: None,
+                })
+            });
+            let frames = frames_of(&env, 0, &forms, &topic, &tag, &mut kept, shaping);
+            let link = |f: Form| frames[f.index()].as_ref().and_then(|f| f.link.clone());
+            (link(json(true, false)), link(json(true, true)))
+        };
+        for i in 1..=3 {
+            let (alone, delta) = build(i, None);
+            let (alone, delta) = (alone.expect("linked"), delta.expect("the same frame: linked too"));
+            assert_eq!((alone.n, delta.n, alone.frames.is_empty()), (i, i, i == 1));
+        }
+        // A keyed value: the delta form's frame is its own (whole, marked): not in the chain.
+        let (alone, delta) = build(4, Some(("score", false)));
+        assert_eq!((alone.map(|l| l.n), delta.map(|l| l.n)), (Some(4), None));
+        // A value a conflating socket may replace: in no chain.
+        let (alone, delta) = build(5, Some(("score", true)));
+        assert!(alone.is_none() && delta.is_none());
+        let (alone, _) = build(6, None);
+        let alone = alone.expect("linked");
+        let needs: Vec<u32> = alone.frames.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            (alone.n, needs.first()),
+            (5, Some(&4)),
+            "after the four before it: {needs:?}"
+        );
+        // Without a context nothing is chained.
+        let shaping = Shaping {
+            compress_context: 0,
+            ..shaping
+        };
+        let env = Envelope::to_room("m", Bytes::from(line(7)));
+        let frames = frames_of(&env, 0, &forms, &topic, &None, &mut Kept::default(), shaping);
+        assert!(frames.iter().flatten().all(|f| f.link.is_none()));
     }
 }

@@ -17,7 +17,7 @@ use std::{
 use bytes::Bytes;
 
 use super::{
-    context::Link,
+    context::Linked,
     delta::Bases,
     form::{Form, FORMS},
     gate::{Gate, Next, Push},
@@ -200,7 +200,7 @@ pub struct Scratch {
     pub(crate) seats: Vec<Seated>,
     /// The frames, keys, whole lengths and links of a seat with floors, a pace, deltas or a
     /// compression context: those that go now.
-    passed: (Vec<Bytes>, Vec<Tag>, Vec<u32>, Vec<Option<Link>>),
+    passed: (Vec<Bytes>, Vec<Tag>, Vec<u32>, Vec<Linked>),
 }
 
 impl Scratch {

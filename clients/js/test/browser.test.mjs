@@ -244,3 +244,77 @@ test("in Chromium the page negotiates permessage-deflate and joins with delta: i
     await node.stop();
   }
 });
+
+/** Chat line `i` of the context test: 100–400 B of text, every sixth a short one (sent plain). */
+function chatLine(i) {
+  const words = ["what", "a", "pass", "from", "midfield", "the", "keeper", "never", "reached", "it", "referee", "needs", "glasses", "come", "on", "lads"];
+  const size = i % 6 === 5 ? 20 + (i % 30) : 100 + ((i * 37) % 300);
+  let text = "";
+  for (let k = 0; text.length < size; k++) text += `${words[(i * 7 + k * 13) % words.length]} `;
+  return { i, user: `fan${i % 9}`, text: text.slice(0, size) };
+}
+
+test("in Chromium a page that lets the node keep its compression context reads every line of two rooms, most of them compressed after the lines before", { timeout: 120_000 }, async () => {
+  const node = await startNode(["--compress-context", "8KiB"]);
+  const { browser, close } = await launch();
+  try {
+    const page = await browser.newPage();
+    const count = 600;
+    const roomOf = (i) => (i % 5 === 4 ? "side" : "chat");
+    // The browser's own WebSocket and permessage-deflate: it keeps the node's frames in its window.
+    const read = page.evaluate(
+      (url, count) =>
+        new Promise((resolve, reject) => {
+          const ws = new WebSocket(url);
+          const got = [];
+          let oks = 0;
+          ws.onopen = () => {
+            ws.send(JSON.stringify({ op: "join", room: "chat", id: 1 }));
+            ws.send(JSON.stringify({ op: "join", room: "side", id: 2 }));
+          };
+          ws.onmessage = (e) => {
+            let v;
+            try {
+              v = JSON.parse(e.data);
+            } catch {
+              reject(new Error(`an unreadable frame after ${got.length} lines: ${String(e.data).slice(0, 80)}`));
+              return;
+            }
+            if (v.op === "ok" && ++oks === 2) window.joined = true;
+            if (v.op !== "msg") return;
+            got.push([v.room, v.data]);
+            if (got.length === count) {
+              resolve({ extensions: ws.extensions, got });
+              ws.close();
+            }
+          };
+          ws.onclose = (e) => reject(new Error(`closed ${e.code} after ${got.length}`));
+        }),
+      `${node.ws}?user=page`,
+      count,
+    );
+    await page.waitForFunction(() => window.joined === true, { timeout: 20_000 });
+    for (let i = 0; i < count; i++) {
+      const res = await fetch(`${node.http}/publish`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ room: roomOf(i), data: chatLine(i) }),
+      });
+      assert.equal(res.status, 202);
+    }
+    const { extensions, got } = await Promise.race([
+      read,
+      new Promise((_, reject) => setTimeout(() => reject(new Error("the page did not read every line in 30 s")), 30_000).unref()),
+    ]);
+    assert.equal(extensions, "permessage-deflate; client_max_window_bits=10", "no server_no_context_takeover");
+    for (const room of ["chat", "side"]) {
+      const want = Array.from({ length: count }, (_, i) => i).filter((i) => roomOf(i) === room).map(chatLine);
+      assert.deepEqual(got.filter(([r]) => r === room).map(([, d]) => d), want, `every line of ${room}, in order`);
+    }
+    const linked = await metric(node, "shardcast_linked_frames_total");
+    assert.ok(linked > 200, `${linked} lines went compressed after the lines before`);
+  } finally {
+    await close();
+    await node.stop();
+  }
+});
