@@ -35,7 +35,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{
+    criterion_group, criterion_main, measurement::WallTime, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
 use shardcast::{
     encoding::json_to_msgpack,
     envelope::{Envelope, Kind},
@@ -248,31 +250,43 @@ fn bench_bytes(c: &mut Criterion) {
             let out = Outbound::new(support::gate(BUDGET), Encoding::Json).deflating(deflate);
             (out, Joining { hold: false, delta })
         });
-        let mut scratch = Scratch::default();
-        let mut i = 0;
-        let (mut bytes, mut full) = (0, 0);
-        for _ in 0..200 {
-            i += 1;
-            hub.record(&scoreboard(i), 0);
-            let d = hub.write_lane(0, &mut scratch);
-            (bytes, full) = (bytes + d.bytes, full + d.full_bytes);
-        }
-        println!(
-            "bytes/{name}: {:.0} B written per delivered frame of {:.0} B ({:.1} %)",
-            bytes as f64 / (200 * SOCKETS) as f64,
-            full as f64 / (200 * SOCKETS) as f64,
-            100.0 * bytes as f64 / full as f64
-        );
-        g.bench_function(BenchmarkId::new(name, SOCKETS), |b| {
-            b.iter(|| {
-                i += 1;
-                hub.record(black_box(&scoreboard(i)), 0);
-                let d = hub.write_lane(0, &mut scratch);
-                assert_eq!(d.delivered, SOCKETS);
-            })
-        });
+        bench_messages(&mut g, &format!("bytes/{name}"), name, &hub, scoreboard);
     }
     g.finish();
+}
+
+/// Records 200 of `message`'s messages in `hub`, a lane's turn after each, and prints the bytes
+/// written per delivered frame (as `label`); then times one message and its turn (as `name`).
+fn bench_messages(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    label: &str,
+    name: &str,
+    hub: &Hub,
+    message: impl Fn(u64) -> Envelope,
+) {
+    let mut scratch = Scratch::default();
+    let mut i = 0;
+    let (mut bytes, mut full) = (0, 0);
+    for _ in 0..200 {
+        i += 1;
+        hub.record(&message(i), 0);
+        let d = hub.write_lane(0, &mut scratch);
+        (bytes, full) = (bytes + d.bytes, full + d.full_bytes);
+    }
+    println!(
+        "{label}: {:.0} B written per delivered frame of {:.0} B ({:.1} %)",
+        bytes as f64 / (200 * SOCKETS) as f64,
+        full as f64 / (200 * SOCKETS) as f64,
+        100.0 * bytes as f64 / full as f64
+    );
+    g.bench_function(BenchmarkId::new(name, SOCKETS), |b| {
+        b.iter(|| {
+            i += 1;
+            hub.record(black_box(&message(i)), 0);
+            let d = hub.write_lane(0, &mut scratch);
+            assert_eq!(d.delivered, SOCKETS);
+        })
+    });
 }
 
 /// Chat line `i`: 100 to 400 B of text from a few dozen words, unkeyed.
@@ -322,29 +336,7 @@ fn bench_chat(c: &mut Criterion) {
                 },
             )
         });
-        let mut scratch = Scratch::default();
-        let mut i = 0;
-        let (mut bytes, mut full) = (0, 0);
-        for _ in 0..200 {
-            i += 1;
-            hub.record(&chat_line(i), 0);
-            let d = hub.write_lane(0, &mut scratch);
-            (bytes, full) = (bytes + d.bytes, full + d.full_bytes);
-        }
-        println!(
-            "chat/{name}: {:.0} B written per delivered frame of {:.0} B ({:.1} %)",
-            bytes as f64 / (200 * SOCKETS) as f64,
-            full as f64 / (200 * SOCKETS) as f64,
-            100.0 * bytes as f64 / full as f64
-        );
-        g.bench_function(BenchmarkId::new(name, SOCKETS), |b| {
-            b.iter(|| {
-                i += 1;
-                hub.record(black_box(&chat_line(i)), 0);
-                let d = hub.write_lane(0, &mut scratch);
-                assert_eq!(d.delivered, SOCKETS);
-            })
-        });
+        bench_messages(&mut g, &format!("chat/{name}"), name, &hub, chat_line);
     }
     g.finish();
 }

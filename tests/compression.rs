@@ -174,6 +174,84 @@ async fn with_a_compression_context_real_clients_read_every_frame_and_most_go_li
     node.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_keeping_the_context_reads_every_line_between_values_its_pace_sends_later() {
+    let node = Node::start(Config {
+        compress_context: 8 << 10,
+        ..config(None, "ctx-paced")
+    })
+    .await;
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+    let (mut ws, head) = raw::connect_answered(node.addr, "?user=paced", offer).await;
+    assert_eq!(
+        raw::answer_header(&head, "Sec-WebSocket-Extensions"),
+        Some("permessage-deflate")
+    );
+    // Two values of the score a second at most: the others wait, and go from the socket's own
+    // pacing task, between the lines the room's turns write.
+    let join = json!({"op":"join","room":"match","id":1,"max_rate":2}).to_string();
+    ws.send(&raw::masked(0x81, join.as_bytes())).await.unwrap();
+    let mut inflater = flate2::Decompress::new(false);
+    let mut read = |frame: raw::Frame| -> Value {
+        let payload = if frame.head & 0x40 != 0 {
+            let mut out = Vec::with_capacity(1 << 16);
+            let input = [&frame.payload[..], &[0, 0, 0xff, 0xff]].concat();
+            inflater
+                .decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+                .expect("inflates with the window kept");
+            out
+        } else {
+            frame.payload
+        };
+        serde_json::from_slice(&payload).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&payload)))
+    };
+    assert_eq!(read(ws.next_frame(WAIT).await.unwrap())["op"], "ok");
+    let before = linked(&node).await;
+    let line = |i: usize| json!({"line": i, "text": format!("{i}: what a pass from midfield, the keeper never reached it; ").repeat(4)});
+    let score = |i: usize| json!({"minute": i, "lineup": "Lions: one two three four five six seven eight nine ten eleven ".repeat(4)});
+    // Ten lines 5 ms apart, then the score; the held scores go out at the pace's times, mostly
+    // between two lines.
+    let (rounds, per_round) = (30, 10);
+    let publisher = {
+        let url = node.url("/publish");
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for i in 0..rounds {
+                for l in per_round * i..per_round * (i + 1) {
+                    let body = json!({"room":"match","data":line(l)});
+                    assert_eq!(http.post(&url).json(&body).send().await.unwrap().status(), 202);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let body = json!({"room":"match","key":"score","data":score(i)});
+                assert_eq!(http.post(&url).json(&body).send().await.unwrap().status(), 202);
+            }
+        })
+    };
+    let (mut lines, mut last_score) = (0, None);
+    while lines < per_round * rounds || last_score != Some(score(rounds - 1)) {
+        let v = read(
+            ws.next_frame(WAIT)
+                .await
+                .expect("every line and the last score in time"),
+        );
+        if v["op"] != "msg" {
+            continue;
+        }
+        match v["key"].as_str() {
+            Some("score") => last_score = Some(v["data"].clone()),
+            _ => {
+                assert_eq!(v["data"], line(lines), "line {lines}, in order");
+                lines += 1;
+            }
+        }
+    }
+    publisher.await.unwrap();
+    let went = linked(&node).await - before;
+    // The first line after a score follows a gap (a value held back) or a value sent alone.
+    assert!(went >= 200.0, "{went} of {} lines went linked", per_round * rounds);
+    node.stop().await;
+}
+
 /// Joins `room` over a raw socket and waits for the `ok`.
 async fn raw_join(ws: &mut raw::RawWs, room: &str) {
     let join = json!({"op":"join","room":room,"id":1}).to_string();

@@ -201,12 +201,15 @@ pub struct Scratch {
     /// The frames, keys, whole lengths and links of a seat with floors, a pace, deltas or a
     /// compression context: those that go now.
     passed: (Vec<Bytes>, Vec<Tag>, Vec<u32>, Vec<Linked>),
+    /// The frames of a seat that keeps the compression context, as its gate linked them.
+    linked: Vec<Bytes>,
 }
 
 impl Scratch {
     pub(crate) fn clear(&mut self) {
         self.shares.iter_mut().for_each(Share::clear);
         self.seats.clear();
+        self.linked.clear();
     }
 }
 
@@ -228,9 +231,8 @@ pub fn write_turn(s: &mut Scratch) -> Delivery {
     {
         let share = &s.shares[form.index()];
         let (mut frames, mut tags, mut full) = (share.since(since), share.tags_since(since), share.full_since(since));
-        let links = share.links_since(since);
-        let linking = member.context && links.iter().any(Option::is_some);
-        if floors.is_some() || rate.is_some() || bases.is_some() || linking {
+        let mut links = Some(share.links_since(since)).filter(|l| member.context && l.iter().any(Option::is_some));
+        if floors.is_some() || rate.is_some() || bases.is_some() {
             let (f, t, l, k) = &mut s.passed;
             f.clear();
             t.clear();
@@ -243,18 +245,19 @@ pub fn write_turn(s: &mut Scratch) -> Delivery {
                 .zip(tags)
                 .zip(full)
                 .zip(share.deltas_since(since))
-                .zip(links);
-            for ((((frame, tag), len), delta), link) in passing {
+                .zip(share.links_since(since));
+            for ((((share_frame, tag), len), delta), link) in passing {
                 if floors.as_ref().is_some_and(|floors| !floors.admits(tag)) {
                     continue;
                 }
                 let now = match &rate {
-                    Some(rate) => rate.admit(frame, tag),
-                    None => Some(frame.clone()),
+                    Some(rate) => rate.admit(share_frame, tag),
+                    None => Some(share_frame.clone()),
                 };
                 let Some(mut frame) = now else { continue };
                 // Paced, a keyed frame may be another one (marked with what it skipped): not the link's.
-                let link = link.as_ref().filter(|_| rate.is_none() || tag.is_none());
+                let shared = frame.as_ptr() == share_frame.as_ptr();
+                let link = link.as_ref().filter(|_| shared);
                 let mut tag = tag.clone();
                 if let (Some(bases), Some(keyed)) = (&bases, tag.clone()) {
                     let base = delta.as_ref().and_then(|(_, k)| k.delta_of);
@@ -271,22 +274,29 @@ pub fn write_turn(s: &mut Scratch) -> Delivery {
                 f.push(frame);
                 t.push(tag);
                 l.push(*len);
-                k.push(link.cloned());
-            }
-            if linking {
-                if !f.is_empty() {
-                    let (pushed, linked) = member.gate.write_linked(f, t, k);
-                    out.linked += linked;
-                    tally(&mut out, pushed, f, l);
+                if links.is_some() {
+                    k.push(link.cloned());
                 }
-                continue;
             }
             (frames, tags, full) = (f, t, l);
+            links = links.map(|_| &k[..]);
         }
         if frames.is_empty() {
             continue;
         }
-        tally(&mut out, member.gate.write_through(frames, tags), frames, full);
+        let pushed = match links {
+            Some(links) => {
+                // The frames each socket gets may differ: copied, each then linked or not.
+                s.linked.clear();
+                s.linked.extend_from_slice(frames);
+                let (pushed, linked) = member.gate.write_linked(&mut s.linked, tags, links);
+                out.linked += linked;
+                frames = &s.linked;
+                pushed
+            }
+            None => member.gate.write_through(frames, tags),
+        };
+        tally(&mut out, pushed, frames, full);
     }
     out
 }
