@@ -116,6 +116,10 @@ struct Compressed {
     ended: bool,
     /// How much of [`END`] the inflater took.
     end_fed: usize,
+    /// Whether its frames carried any payload. None is an empty message: zlib does not repeat a
+    /// sync flush with nothing new, so a client's empty message right after another one comes as
+    /// an empty payload, which [`END`] would not end (RFC 7692 §7.2.3.6 suggests a single `00`).
+    fed: bool,
 }
 
 /// Whether a message is being read, and of which kind: continuation frames belong to it.
@@ -328,6 +332,7 @@ impl Inflating {
                     size: 0,
                     ended: false,
                     end_fed: 0,
+                    fed: false,
                 });
                 self.start_stream();
                 Some(mask)
@@ -434,6 +439,7 @@ impl Inflating {
                 *p = b ^ mask[((offset + i as u64) % 4) as usize];
             }
             let (used, _) = self.inflate(&mut msg, &plain[..n])?;
+            msg.fed = true;
             self.raw_at += used;
             self.message = Message::Compressed(msg);
             self.at = At::Inflate {
@@ -448,6 +454,9 @@ impl Inflating {
             self.message = Message::Compressed(msg);
             self.at = At::Header;
             return Ok(Step::Progress);
+        }
+        if !msg.fed {
+            msg.ended = true;
         }
         if !msg.ended {
             let room = self.out.len() < MAX_HEADER + CHUNK;
@@ -547,7 +556,8 @@ mod tests {
             Client(Compress::new(Compression::default(), false))
         }
 
-        /// One message's payload: deflated with a sync flush, its `00 00 ff ff` dropped.
+        /// One message's payload: deflated with a sync flush, its `00 00 ff ff` dropped. Nothing
+        /// for an empty message right after another flush: zlib does not repeat a flush.
         fn deflate(&mut self, data: &[u8]) -> Vec<u8> {
             let mut out = Vec::with_capacity(data.len() + 64);
             let start = self.0.total_in();
@@ -559,8 +569,11 @@ mod tests {
                     break;
                 }
             }
-            assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
-            out.truncate(out.len() - 4);
+            if out.ends_with(&[0, 0, 0xff, 0xff]) {
+                out.truncate(out.len() - 4);
+            } else {
+                assert!(data.is_empty() && out.is_empty(), "a flush ends with 00 00 ff ff");
+            }
             out
         }
     }
@@ -678,6 +691,26 @@ mod tests {
             })
             .collect();
         assert_eq!(got, texts);
+    }
+
+    #[tokio::test]
+    async fn an_empty_compressed_payload_is_an_empty_message_and_the_context_goes_on() {
+        let mut client = Client::new();
+        let mut wire = Vec::new();
+        let texts = ["the first line, the first line", "", "", "the first line again", ""];
+        let mut payloads = Vec::new();
+        for t in texts {
+            let payload = client.deflate(t.as_bytes());
+            wire.extend(frame(0xc1, &payload));
+            payloads.push(payload);
+        }
+        assert!(
+            payloads[2].is_empty(),
+            "zlib's second flush with nothing new: {payloads:?}"
+        );
+        let (msgs, err) = read(&wire, 1 << 20).await;
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(msgs, texts.map(WsMessage::text));
     }
 
     #[tokio::test]

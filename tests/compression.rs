@@ -103,6 +103,15 @@ async fn python_websockets_with_its_default_deflate_reads_and_is_read() {
     node.stop().await;
 }
 
+/// A node on the embedded bus that keeps its compression context (`--compress-context 8KiB`).
+async fn context_node(test: &str) -> Node {
+    Node::start(Config {
+        compress_context: 8 << 10,
+        ..config(None, test)
+    })
+    .await
+}
+
 /// Frames compressed after their room's last messages, as the node counts them.
 async fn linked(node: &Node) -> f64 {
     metric(&node.url("/metrics"), LINKED_FRAMES).await.unwrap_or(0.0)
@@ -110,11 +119,7 @@ async fn linked(node: &Node) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_compression_context_real_clients_read_every_frame_and_most_go_linked() {
-    let node = Node::start(Config {
-        compress_context: 8 << 10,
-        ..config(None, "ws-context")
-    })
-    .await;
+    let node = context_node("ws-context").await;
     // Node's `ws` in two rooms: each room's frames refer back to that room's last messages, with
     // the other room's frames, small plain ones and replies between them on the one connection.
     let script = repo().join("tests/clients/ws-deflate.cjs");
@@ -176,11 +181,7 @@ async fn with_a_compression_context_real_clients_read_every_frame_and_most_go_li
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_socket_keeping_the_context_reads_every_line_between_values_its_pace_sends_later() {
-    let node = Node::start(Config {
-        compress_context: 8 << 10,
-        ..config(None, "ctx-paced")
-    })
-    .await;
+    let node = context_node("ctx-paced").await;
     let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
     let (mut ws, head) = raw::connect_answered(node.addr, "?user=paced", offer).await;
     assert_eq!(
