@@ -12,8 +12,9 @@
 //! (`client_max_window_bits`, which browsers offer: their commands are small), else 32 KiB. The
 //! inflater (about 43 KiB) is made when the socket sends a compressed message and dropped when the
 //! socket goes quiet; what stays is the window's worth of what it inflated, which primes a fresh
-//! inflater as a stored block (flate2's default backend has no `set_dictionary`). Each message is inflated as a stream of its own ending with a final empty
-//! block, so a message that does not end on a block boundary (cut short) is seen at once.
+//! inflater as a stored block (read the same by every flate2 backend). Each message is inflated
+//! as a stream of its own ending with a final empty block, so a message that does not end on a
+//! block boundary (cut short) is seen at once; an empty compressed payload is an empty message.
 //!
 //! Sizes are checked as bytes come out of the inflater, a bounded chunk at a time: a message that
 //! inflates past `--max-frame-bytes` is refused (1009) without inflating the rest, and a stream
