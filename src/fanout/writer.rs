@@ -255,9 +255,6 @@ pub fn write_turn(s: &mut Scratch) -> Delivery {
                     None => Some(share_frame.clone()),
                 };
                 let Some(mut frame) = now else { continue };
-                // Paced, a keyed frame may be another one (marked with what it skipped): not the link's.
-                let shared = frame.as_ptr() == share_frame.as_ptr();
-                let link = link.as_ref().filter(|_| shared);
                 let mut tag = tag.clone();
                 if let (Some(bases), Some(keyed)) = (&bases, tag.clone()) {
                     let base = delta.as_ref().and_then(|(_, k)| k.delta_of);
@@ -271,12 +268,14 @@ pub fn write_turn(s: &mut Scratch) -> Delivery {
                         None => out.wholes += 1,
                     }
                 }
+                if links.is_some() {
+                    // Paced or sent as a delta, a keyed frame is another one: not the link's.
+                    let shared = frame.as_ptr() == share_frame.as_ptr();
+                    k.push(link.clone().filter(|_| shared));
+                }
                 f.push(frame);
                 t.push(tag);
                 l.push(*len);
-                if links.is_some() {
-                    k.push(link.cloned());
-                }
             }
             (frames, tags, full) = (f, t, l);
             links = links.map(|_| &k[..]);
