@@ -99,15 +99,10 @@ pub fn close(code: u16, reason: &str) -> Bytes {
 /// shorter than `min` or would not shrink: such a frame goes as it is, which the extension allows
 /// message by message.
 pub fn deflated(frame: &Bytes, min: usize) -> Option<Bytes> {
-    let (header, payload) = unframe(frame)?;
-    if payload.len() < min || header.rsv1 || !matches!(header.opcode, OpCode::Data(_)) {
+    if payload_of(frame)?.len() < min {
         return None;
     }
-    let small = compress::deflate(payload);
-    let mut out = Payload::with_capacity(small.len());
-    out.put(&small);
-    let out = out.finish(header.opcode, true);
-    (out.len() < frame.len()).then_some(out)
+    deflated_after(frame, &[]).filter(|out| out.len() < frame.len())
 }
 
 /// The frame a [`deflated`] frame of `frame` is for a socket whose inflater's window ends with
@@ -115,22 +110,27 @@ pub fn deflated(frame: &Bytes, min: usize) -> Option<Bytes> {
 /// as their continuation, RSV1 set. `None` when `frame` is not a data frame the node built
 /// uncompressed.
 pub fn deflated_after(frame: &Bytes, before: &[u8]) -> Option<Bytes> {
-    let (header, payload) = unframe(frame)?;
-    if header.rsv1 || !matches!(header.opcode, OpCode::Data(_)) {
-        return None;
-    }
+    let (header, payload) = data_frame(frame)?;
+    Some(compressed(header.opcode, before, payload))
+}
+
+/// A frame of `opcode` carrying `payload` compressed after `before` (alone when empty), RSV1 set.
+fn compressed(opcode: OpCode, before: &[u8], payload: &[u8]) -> Bytes {
     let small = compress::deflate_after(before, payload);
     let mut out = Payload::with_capacity(small.len());
     out.put(&small);
-    Some(out.finish(header.opcode, true))
+    out.finish(opcode, true)
 }
 
 /// The payload of a data frame the node built, as the client reads it once inflated (for a
 /// compressed frame's uncompressed form: the frame it was made from).
 pub fn payload_of(frame: &[u8]) -> Option<&[u8]> {
-    unframe(frame)
-        .filter(|(h, _)| !h.rsv1 && matches!(h.opcode, OpCode::Data(_)))
-        .map(|(_, payload)| payload)
+    data_frame(frame).map(|(_, payload)| payload)
+}
+
+/// A data frame the node built, uncompressed: its header and payload.
+fn data_frame(frame: &[u8]) -> Option<(FrameHeader, &[u8])> {
+    unframe(frame).filter(|(h, _)| !h.rsv1 && matches!(h.opcode, OpCode::Data(_)))
 }
 
 /// Whether a frame is compressed (RSV1 set): the client inflates it, and its payload joins the
@@ -219,9 +219,7 @@ pub fn with_skipped(frame: &[u8], skipped: u32) -> Option<Bytes> {
     // compressed again, for this socket alone. Only a conflating socket's frames come here.
     let plain = compress::inflate(payload, MAX_EDITED)?;
     let marked = skipped_added(header.opcode, &plain, skipped)?;
-    let mut out = Payload::with_capacity(marked.body().len() / 2);
-    out.put(&compress::deflate(marked.body()));
-    Some(out.finish(header.opcode, true))
+    Some(compressed(header.opcode, &[], marked.body()))
 }
 
 /// The largest frame [`with_skipped`] inflates to mark it: the node's own frames are never larger

@@ -18,9 +18,9 @@
 //! What a socket read last is [`Window`]'s, kept by its gate under the lock that orders its bytes
 //! ([`super::gate::Gate::write_linked`]): a message of the chain that follows the one before it
 //! lengthens its run; any other compressed frame (another room's, a replay's, a conflated value)
-//! ends it. A linked frame goes only where the run covers every message it refers to. A socket
-//! that just joined, or reads several busy rooms, gets frames compressed alone until it has read
-//! a room's last messages in a row. Nothing else is kept per socket: three numbers.
+//! ends it. A linked frame goes only where the run covers every message it refers to: a socket
+//! whose run was just ended gets the next message compressed alone, and the one after it linked
+//! to that one. Nothing else is kept per socket: three numbers.
 
 use std::{
     collections::VecDeque,
